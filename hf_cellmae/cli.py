@@ -1,0 +1,59 @@
+"""The ``cellmae`` command line: one sub-command per pipeline stage.
+
+Each stage package (``data``, ``training``, ``evaluation``, ``hub``) owns a ``commands`` module
+with a ``register(subparsers)`` function that adds its sub-commands and sets ``func`` on them.
+Run ``cellmae --help`` for the list, ``cellmae COMMAND --help`` for one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+
+# Stage command modules, in pipeline order (data -> model -> training -> evaluation -> hub).
+COMMAND_MODULES = (
+    "hf_cellmae.data.commands",
+    "hf_cellmae.model_commands",
+    "hf_cellmae.training.commands",
+    "hf_cellmae.evaluation.commands",
+    "hf_cellmae.hub.commands",
+)
+
+
+def _module_exists(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cellmae",
+        description="Channel-agnostic masked autoencoders for cell microscopy on the Hugging Face stack.",
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"hf_cellmae {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        if not _module_exists(name):  # a stage not present in this build
+            continue
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    result = args.func(args)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
