@@ -1,0 +1,382 @@
+"""The CA-MAE model: shapes, channel handling, masking, losses, saving/loading, errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForPreTraining
+
+from hf_cellmae import CellMAEConfig, CellMAEForPreTraining, CellMAEImageProcessor, CellMAEModel
+from hf_cellmae.modeling_cellmae import patchify, sincos_position_embedding, unpatchify
+
+
+def tiny(**overrides) -> CellMAEConfig:
+    """A few-thousand-parameter model on 32x32 crops (4x4 patches of 8 px)."""
+    return CellMAEConfig.from_preset("tiny", image_size=32, **overrides)
+
+
+def images(batch=2, channels=5, size=32, seed=0) -> torch.Tensor:
+    return torch.randn(batch, channels, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+# ----------------------------------------------------------------------------------------------- shapes
+@pytest.mark.parametrize("channels", range(1, 9))
+def test_output_shapes_for_every_channel_count_up_to_max(channels):
+    config = tiny()
+    model = CellMAEForPreTraining(config).eval()
+    tokens = channels * config.tokens_per_channel
+    out = model(images(channels=channels), mask_seed=0)
+    assert out.logits.shape == (2, tokens, config.patch_size**2)
+    assert out.mask.shape == (2, tokens)
+    assert int(out.mask[0].sum()) == tokens - int(tokens * (1 - config.mask_ratio))
+    enc = model.cellmae(images(channels=channels), output_channelwise_embeddings=True)
+    assert enc.last_hidden_state.shape == (2, 1 + tokens, config.hidden_size)
+    assert enc.pooler_output.shape == (2, config.hidden_size)
+    assert enc.channelwise_embeddings.shape == (2, channels, config.hidden_size)
+
+
+def test_pooled_embedding_is_mean_of_patch_tokens_and_of_channelwise_embeddings():
+    model = CellMAEModel(tiny()).eval()
+    out = model(images(), output_channelwise_embeddings=True)
+    torch.testing.assert_close(out.pooler_output, out.last_hidden_state[:, 1:].mean(1))
+    torch.testing.assert_close(out.pooler_output, out.channelwise_embeddings.mean(1))
+
+
+def test_other_image_sizes_use_a_position_code_for_their_own_grid():
+    model = CellMAEForPreTraining(tiny()).eval()
+    out = model(torch.randn(1, 3, 48, 80), mask_seed=0)  # 6 x 10 patches, not the 4 x 4 of image_size
+    assert out.logits.shape == (1, 3 * 60, 64)
+    code = sincos_position_embedding(6, 10, 64)
+    assert code.shape == (60, 64)
+    # Row i, column j: [sin(i w), cos(i w), sin(j w), cos(j w)] - patch (1, 2) is row 12.
+    omega = 1.0 / 10000 ** (torch.arange(16) / 16)
+    torch.testing.assert_close(code[12], torch.cat([(1 * omega).sin(), (1 * omega).cos(), (2 * omega).sin(), (2 * omega).cos()]))
+
+
+def test_patchify_and_unpatchify_are_inverse_and_channel_major():
+    x = images(channels=3)
+    patches = patchify(x, 8)  # (2, 3*16, 64)
+    assert torch.equal(patches[0, 16 + 5], x[0, 1, 8:16, 8:16].reshape(-1))  # channel 1, patch row 1, col 1
+    assert torch.equal(unpatchify(patches, 3, 8), x)
+
+
+# ------------------------------------------------------------------------------------ channel identity
+def test_embeddings_do_not_depend_on_channel_order_when_channel_embeddings_off():
+    model = CellMAEModel(tiny(use_channel_embeddings=False)).eval()
+    x = images(channels=5)
+    permuted = x[:, [3, 0, 4, 1, 2]]
+    torch.testing.assert_close(model(x).pooler_output, model(permuted).pooler_output, atol=1e-5, rtol=1e-5)
+
+
+def test_embeddings_depend_on_channel_order_when_channel_embeddings_on():
+    model = CellMAEModel(tiny(use_channel_embeddings=True)).eval()
+    x = images(channels=5)
+    order = [3, 0, 4, 1, 2]
+    moved = model(x[:, order]).pooler_output
+    assert (model(x).pooler_output - moved).abs().max() > 1e-3
+    # Telling the model which stain each channel is restores the embedding.
+    told = model(x[:, order], channel_ids=order).pooler_output
+    torch.testing.assert_close(model(x).pooler_output, told, atol=1e-5, rtol=1e-5)
+
+
+def test_channel_names_map_to_channel_ids():
+    config = tiny(channel_names=["DNA", "ER", "RNA", "AGP", "Mito"])
+    assert config.channel_index(["RNA", "DNA"]) == [2, 0]
+    with pytest.raises(ValueError, match="Unknown channel names \\['Actin'\\]"):
+        config.channel_index(["Actin"])
+
+
+# ---------------------------------------------------------------------------------------------- masking
+def test_mask_is_reproducible_from_a_seed_and_differs_between_seeds():
+    model = CellMAEForPreTraining(tiny()).eval()
+    x = images()
+    a, b, c = (model(x, mask_seed=s).mask for s in (7, 7, 8))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_mask_follows_an_explicit_noise_tensor():
+    config = tiny()
+    model = CellMAEForPreTraining(config).eval()
+    length = 5 * config.tokens_per_channel
+    noise = torch.rand(2, length)
+    out = model(images(), noise=noise)
+    keep = int(length * (1 - config.mask_ratio))
+    visible = torch.argsort(noise, dim=1)[:, :keep]
+    expected = torch.ones(2, length)
+    expected.scatter_(1, visible, 0.0)
+    assert torch.equal(out.mask, expected)
+
+
+def test_masking_is_joint_over_channels():
+    model = CellMAEForPreTraining(tiny()).eval()
+    mask = model(images(batch=1, channels=4), mask_seed=3).mask.reshape(4, -1)
+    # A location can be visible in one channel and masked in another.
+    assert (mask.sum(0) % 4 != 0).any()
+
+
+# ----------------------------------------------------------------------------------------------- losses
+def hand_patches(x: np.ndarray, p: int) -> np.ndarray:
+    """(B, C, H, W) -> (B, C*N, p*p) with explicit loops: channel, patch row, patch column."""
+    b, c, h, w = x.shape
+    out = []
+    for n in range(b):
+        rows = []
+        for ch in range(c):
+            for i in range(h // p):
+                for j in range(w // p):
+                    rows.append(x[n, ch, i * p : (i + 1) * p, j * p : (j + 1) * p].reshape(-1))
+        out.append(rows)
+    return np.asarray(out)
+
+
+def test_mse_loss_equals_hand_computation_over_masked_patches():
+    model = CellMAEForPreTraining(tiny(fourier_loss_weight=0.0)).eval()
+    x = images()
+    out = model(x, mask_seed=1)
+    target = hand_patches(x.numpy(), 8)
+    pred, mask = out.logits.detach().numpy(), out.mask.numpy()
+    per_patch = ((pred - target) ** 2).mean(-1)
+    expected = (per_patch * mask).sum() / mask.sum()
+    assert out.mse_loss.item() == pytest.approx(expected, rel=1e-5)
+    assert out.loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_norm_pix_loss_standardises_each_target_patch():
+    model = CellMAEForPreTraining(tiny(fourier_loss_weight=0.0, norm_pix_loss=True)).eval()
+    x = images()
+    out = model(x, mask_seed=1)
+    target = hand_patches(x.numpy(), 8)
+    target = (target - target.mean(-1, keepdims=True)) / np.sqrt(target.var(-1, ddof=1, keepdims=True) + 1e-6)
+    per_patch = ((out.logits.detach().numpy() - target) ** 2).mean(-1)
+    mask = out.mask.numpy()
+    assert out.mse_loss.item() == pytest.approx((per_patch * mask).sum() / mask.sum(), rel=1e-5)
+
+
+def test_patch_fourier_loss_equals_numpy_fft_of_each_masked_patch():
+    model = CellMAEForPreTraining(tiny(fourier_loss_weight=0.3, fourier_loss_scope="patch")).eval()
+    x = images()
+    out = model(x, mask_seed=2)
+    pred = out.logits.detach().numpy().reshape(2, -1, 8, 8)
+    target = hand_patches(x.numpy(), 8).reshape(2, -1, 8, 8)
+    per_patch = np.abs(np.abs(np.fft.fft2(pred)) - np.abs(np.fft.fft2(target))).mean(axis=(-2, -1))
+    mask = out.mask.numpy()
+    expected = (per_patch * mask).sum() / mask.sum()
+    assert out.fourier_loss.item() == pytest.approx(expected, rel=1e-5)
+    assert out.loss.item() == pytest.approx(0.7 * out.mse_loss.item() + 0.3 * expected, rel=1e-5)
+
+
+def test_image_fourier_loss_equals_numpy_fft_of_whole_channels_with_visible_patches_from_target():
+    model = CellMAEForPreTraining(tiny(fourier_loss_weight=0.5, fourier_loss_scope="image")).eval()
+    x = images()
+    out = model(x, mask_seed=2)
+    mask = out.mask.numpy()[..., None]
+    target = hand_patches(x.numpy(), 8)
+    composite = mask * out.logits.detach().numpy() + (1 - mask) * target
+    image = unpatchify(torch.from_numpy(composite).float(), 5, 8).numpy()
+    expected = np.abs(np.abs(np.fft.fft2(image)) - np.abs(np.fft.fft2(x.numpy()))).mean()
+    assert out.fourier_loss.item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_zero_mask_ratio_scores_every_token_instead_of_nan():
+    model = CellMAEForPreTraining(tiny(mask_ratio=0.0)).eval()
+    out = model(images(), mask_seed=0)
+    assert out.mask.sum() == 0
+    assert torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("decoder_type,block_type", [("shared", "parallel"), ("shared", "prenorm"), ("per_channel", "parallel")])
+def test_training_steps_reduce_the_loss_on_a_fixed_batch(decoder_type, block_type):
+    config = tiny(decoder_type=decoder_type, block_type=block_type, decoder_num_channels=5)
+    model = CellMAEForPreTraining(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    x = images()
+    losses = []
+    for _ in range(25):
+        loss = model(x, mask_seed=0).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+# ---------------------------------------------------------------------------------- saving and loading
+def test_save_and_load_round_trip_is_bit_exact_with_real_safetensors(tmp_path):
+    model = CellMAEForPreTraining(tiny(use_channel_embeddings=True)).eval()
+    model.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
+        assert "cellmae.embeddings.cls_token" in f.keys()
+    loaded = CellMAEForPreTraining.from_pretrained(tmp_path).eval()
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    x = images()
+    assert torch.equal(model(x, mask_seed=0).logits, loaded(x, mask_seed=0).logits)
+
+
+def test_auto_classes_load_a_checkpoint_when_the_package_is_imported(tmp_path):
+    model = CellMAEForPreTraining(tiny()).eval()
+    model.save_pretrained(tmp_path)
+    CellMAEImageProcessor(image_size=32).save_pretrained(tmp_path)
+    assert type(AutoConfig.from_pretrained(tmp_path)) is CellMAEConfig
+    encoder = AutoModel.from_pretrained(tmp_path).eval()
+    assert type(encoder) is CellMAEModel
+    assert type(AutoModelForPreTraining.from_pretrained(tmp_path)) is CellMAEForPreTraining
+    processor = AutoImageProcessor.from_pretrained(tmp_path)
+    assert type(processor) is CellMAEImageProcessor and processor.image_size == 32
+    x = images()
+    assert torch.equal(encoder(x).pooler_output, model.cellmae(x).pooler_output)
+
+
+def test_trust_remote_code_loads_without_the_package_and_gives_identical_embeddings(tmp_path):
+    model = CellMAEForPreTraining(tiny()).eval()
+    model.save_pretrained(tmp_path / "model")
+    CellMAEImageProcessor(image_size=32).save_pretrained(tmp_path / "model")
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config["auto_map"]["AutoModel"] == "modeling_cellmae.CellMAEModel"
+    raw = np.random.default_rng(0).integers(0, 65535, size=(2, 5, 40, 40), dtype=np.uint16)
+    np.save(tmp_path / "raw.npy", raw)
+    processor = CellMAEImageProcessor(image_size=32)
+    expected = model.cellmae(**processor(raw)).pooler_output.detach().numpy()
+    np.save(tmp_path / "expected.npy", expected)
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["hf_cellmae"] = None  # the package cannot be imported
+        import numpy as np, torch
+        from transformers import AutoImageProcessor, AutoModel
+        path = {str(tmp_path / "model")!r}
+        model = AutoModel.from_pretrained(path, trust_remote_code=True).eval()
+        processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=True)
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        raw = np.load({str(tmp_path / "raw.npy")!r})
+        with torch.no_grad():
+            got = model(**processor(raw)).pooler_output.numpy()
+        assert np.array_equal(got, np.load({str(tmp_path / "expected.npy")!r})), np.abs(got - np.load({str(tmp_path / "expected.npy")!r})).max()
+        print("REMOTE_OK", type(processor).__name__)
+        """
+    )
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert "REMOTE_OK CellMAEImageProcessor" in result.stdout, result.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------------------- execution
+def test_gradient_checkpointing_gives_the_same_gradients():
+    config = tiny(drop_path_rate=0.0)
+    model = CellMAEForPreTraining(config)
+    x = images()
+
+    def grads():
+        model.zero_grad()
+        model(x, mask_seed=0).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    model.activation_checkpointing_enable()
+    assert all(layer.gradient_checkpointing for layer in model.cellmae.encoder.layers)
+    checkpointed = grads()
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(plain[name], checkpointed[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_eager_and_sdpa_attention_give_the_same_embeddings():
+    config = tiny()
+    sdpa = CellMAEModel(config).eval()
+    eager_config = tiny()
+    eager_config._attn_implementation = "eager"
+    eager = CellMAEModel(eager_config).eval()
+    eager.load_state_dict(sdpa.state_dict())
+    x = images()
+    torch.testing.assert_close(sdpa(x).pooler_output, eager(x).pooler_output, atol=1e-5, rtol=1e-5)
+
+
+def test_stochastic_depth_is_active_in_training_and_off_in_eval():
+    model = CellMAEModel(tiny(drop_path_rate=0.5, num_hidden_layers=8))
+    x = images(batch=8)
+    model.train()
+    a, b = model(x).pooler_output, model(x).pooler_output
+    assert not torch.equal(a, b)
+    model.eval()
+    assert torch.equal(model(x).pooler_output, model(x).pooler_output)
+
+
+def test_bf16_autocast_forward_and_backward_give_finite_float32_losses():
+    model = CellMAEForPreTraining(tiny())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(images(), mask_seed=0)
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+# ------------------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize(
+    "pixels,message",
+    [
+        (torch.randn(1, 9, 32, 32), "9 channels but config.max_channels is 8"),
+        (torch.randn(1, 3, 36, 32), "36x32 is not divisible by patch_size=8"),
+        (torch.randn(3, 32, 32), r"shape \(batch, channels, height, width\), got \(3, 32, 32\)"),
+        (torch.zeros(1, 3, 32, 32, dtype=torch.int32), "dtype torch.int32"),
+        (np.zeros((1, 3, 32, 32), np.float32), "must be a torch.Tensor, got ndarray"),
+    ],
+)
+def test_bad_pixel_values_raise_a_clear_error(pixels, message):
+    model = CellMAEModel(tiny())
+    with pytest.raises((ValueError, TypeError), match=message):
+        model(pixels)
+
+
+def test_non_finite_pixels_raise_a_clear_error():
+    x = images()
+    x[0, 1, 3, 4] = float("nan")
+    x[1, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="2 non-finite values"):
+        CellMAEForPreTraining(tiny())(x)
+
+
+def test_bad_channel_ids_raise_a_clear_error():
+    model = CellMAEModel(tiny(use_channel_embeddings=True))
+    with pytest.raises(ValueError, match=r"channel_ids has shape \(4,\)"):
+        model(images(channels=5), channel_ids=[0, 1, 2, 3])
+    with pytest.raises(ValueError, match=r"must lie in \[0, 8\)"):
+        model(images(channels=2), channel_ids=[0, 8])
+
+
+def test_bad_configs_raise_a_clear_error():
+    with pytest.raises(ValueError, match="image_size=100 is not divisible by patch_size=16"):
+        CellMAEConfig(image_size=100, patch_size=16)
+    with pytest.raises(ValueError, match="block_type='swin'"):
+        CellMAEConfig(block_type="swin")
+    with pytest.raises(ValueError, match="Unknown preset 'vit_h14'"):
+        CellMAEConfig.from_preset("vit_h14")
+    with pytest.raises(ValueError, match="mask_ratio=1.0"):
+        CellMAEConfig(mask_ratio=1.0)
+
+
+def test_per_channel_decoder_rejects_channels_it_has_no_stack_for():
+    model = CellMAEForPreTraining(tiny(decoder_type="per_channel", decoder_num_channels=3))
+    with pytest.raises(ValueError, match=r"exceed this per-channel decoder's 3 channels"):
+        model(images(channels=4))
+    # A subset of its channels, named by channel_ids, works.
+    assert model(images(channels=2), channel_ids=[0, 2]).logits.shape[1] == 2 * 16
+
+
+def test_presets_have_the_paper_sizes():
+    sizes = {name: CellMAEConfig.from_preset(name) for name in ("vit_s16", "vit_b16", "vit_l16", "vit_l8")}
+    assert [(c.hidden_size, c.num_hidden_layers, c.patch_size) for c in sizes.values()] == [
+        (384, 12, 16), (768, 12, 16), (1024, 24, 16), (1024, 24, 8)]
+    assert sizes["vit_l8"].tokens_per_channel == (256 // 8) ** 2
