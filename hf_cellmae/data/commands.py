@@ -1,0 +1,130 @@
+"""``cellmae shard`` and ``cellmae synthetic``: the data stage's command-line entry points."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .layouts import LAYOUTS, PATTERN_PRESETS
+from .problems import ON_ERROR_CHOICES, BadInputError
+
+
+def _shard(args: argparse.Namespace) -> int:
+    from .shards import shard_folder
+
+    try:
+        manifest = shard_folder(
+            args.input,
+            args.output_dir,
+            layout=args.layout,
+            pattern=args.pattern,
+            channel_names=args.channels.split(",") if args.channels else None,
+            metadata=args.metadata,
+            on_error=args.on_error,
+            verify=args.verify,
+            progress=not args.quiet,
+            target_shard_size=args.shard_size,
+            fields_per_row_group=args.fields_per_row_group,
+            compression=args.compression,
+            num_workers=args.num_workers,
+            shuffle=not args.no_shuffle,
+            seed=args.seed,
+        )
+    except (BadInputError, FileNotFoundError, ValueError) as error:
+        print(f"cellmae shard: error: {error}", file=sys.stderr)
+        return 1
+    print(
+        f"wrote {manifest['num_fields']} fields ({', '.join(manifest['channels'])}; {manifest['dtypes']}) into "
+        f"{manifest['num_shards']} shard(s) in {args.output_dir} ({manifest['shards_reused']} reused from an earlier run)"
+    )
+    if manifest["num_skipped"]:
+        print(f"skipped {manifest['num_skipped']} input(s) (listed in {args.output_dir}/manifest.json under 'skipped'):")
+        for problem in manifest["skipped"][:20]:
+            where = ", ".join(part for part in (problem["file"], problem["field"]) if part)
+            print(f"  - {problem['reason']} ({where})")
+    if args.verify:
+        print("verified: every shard re-read, checksums match")
+    return 0
+
+
+def _synthetic(args: argparse.Namespace) -> int:
+    from .synthetic import make_synthetic_screen
+
+    try:
+        result = make_synthetic_screen(
+            args.output_dir,
+            num_workers=args.num_workers,
+            progress=not args.quiet,
+            num_plates=args.plates,
+            field_size=args.field_size,
+            sites_per_well=args.sites,
+            bit_depth=args.bit_depth,
+            effect_size=args.effect_size,
+            penetrance=args.penetrance,
+            cell_variability=args.cell_variability,
+            batch_effect=args.batch_effect,
+            noise=args.noise,
+            seed=args.seed,
+        )
+    except ValueError as error:
+        print(f"cellmae synthetic: error: {error}", file=sys.stderr)
+        return 1
+    print(
+        f"wrote {result['num_fields']} synthetic fields ({', '.join(result['channels'])}, {args.bit_depth}-bit) to "
+        f"{args.output_dir}; metadata: {result['metadata']}; relationships: {', '.join(result['relationships'].values())}"
+    )
+    print(
+        f"next: cellmae shard {result['images']} SHARD_DIR --layout rxrx --metadata {result['metadata']} "
+        f"--channels {','.join(result['channels'])}"
+    )
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add the ``shard`` and ``synthetic`` sub-commands to the ``cellmae`` parser."""
+    shard = subparsers.add_parser(
+        "shard",
+        help="write plate images into streaming shards (Parquet + manifest)",
+        description="Discover fields of view under INPUT, join a metadata table, and write Parquet shards that "
+        "hf_cellmae.data.streaming.stream_fields streams. Re-runs reuse finished shards.",
+    )
+    shard.add_argument("input", help="input folder, or a CellProfiler load_data CSV (--layout load_data)")
+    shard.add_argument("output_dir", help="shard folder to write")
+    shard.add_argument("--layout", choices=LAYOUTS, default="auto", help="how images are laid out (default: detect)")
+    shard.add_argument(
+        "--pattern",
+        help=f"regex with named groups (channel, plate, well or row+col, site) or a preset: {', '.join(PATTERN_PRESETS)}",
+    )
+    shard.add_argument("--channels", help="comma-separated channel names, in channel-id order (e.g. DNA,ER,RNA,AGP,Mito)")
+    shard.add_argument("--metadata", help="CSV/TSV/Parquet table joined on plate/well(/site)")
+    shard.add_argument("--shard-size", default="256MB", help="target pixel bytes per shard (default 256MB)")
+    shard.add_argument("--fields-per-row-group", type=int, default=8, help="fields per Parquet row group (default 8)")
+    shard.add_argument("--compression", default="none", help="Parquet codec: none (fastest to stream), zstd, snappy...")
+    shard.add_argument("--num-workers", type=int, default=None, help="processes reading images (default: all cores)")
+    shard.add_argument("--on-error", choices=ON_ERROR_CHOICES, default="skip", help="skip and count bad inputs, or fail on the first")
+    shard.add_argument("--verify", action="store_true", help="re-read every shard and check checksums afterwards")
+    shard.add_argument("--no-shuffle", action="store_true", help="keep the discovery order instead of mixing fields across shards")
+    shard.add_argument("--seed", type=int, default=0, help="seed of the order of fields across shards")
+    shard.add_argument("--quiet", action="store_true", help="no progress bars")
+    shard.set_defaults(func=_shard)
+
+    synthetic = subparsers.add_parser(
+        "synthetic",
+        help="render a synthetic Cell Painting screen with known gene relationships",
+        description="Render plates of synthetic 5-channel fields (RxRx layout), metadata.csv and the true "
+        "relationships (relationships/*.csv, entity1,entity2). Deterministic from --seed.",
+    )
+    synthetic.add_argument("output_dir", help="folder to write")
+    synthetic.add_argument("--plates", type=int, default=2, help="plates, one batch each (default 2)")
+    synthetic.add_argument("--field-size", type=int, default=128, help="field side in pixels (default 128)")
+    synthetic.add_argument("--sites", type=int, default=2, help="sites per well (default 2)")
+    synthetic.add_argument("--bit-depth", type=int, choices=(8, 16), default=16, help="PNG bit depth (default 16)")
+    synthetic.add_argument("--effect-size", type=float, default=0.6, help="phenotype strength (log units; default 0.6)")
+    synthetic.add_argument("--penetrance", type=float, default=0.8, help="fraction of cells showing the phenotype (default 0.8)")
+    synthetic.add_argument("--cell-variability", type=float, default=0.25, help="cell-to-cell variation (default 0.25)")
+    synthetic.add_argument("--batch-effect", type=float, default=0.3, help="plate gain/illumination effect (default 0.3)")
+    synthetic.add_argument("--noise", type=float, default=0.01, help="camera read noise (default 0.01)")
+    synthetic.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    synthetic.add_argument("--num-workers", type=int, default=None, help="processes (default: all cores)")
+    synthetic.add_argument("--quiet", action="store_true", help="no progress bar")
+    synthetic.set_defaults(func=_synthetic)

@@ -1,0 +1,347 @@
+"""Finding fields of view on disk: RxRx folders, file-name patterns, CellProfiler load_data CSVs, TIFF stacks.
+
+Every discoverer returns a list of :class:`~hf_cellmae.data.records.FieldRecord` (one per site, channels in
+a fixed order) and reports stray files and incomplete sites to a :class:`~hf_cellmae.data.problems.ProblemLog`.
+:func:`discover_fields` picks the layout (``layout="auto"`` guesses it) and is what ``cellmae shard`` calls.
+
+Layouts:
+
+- ``rxrx``: ``{experiment}/Plate{n}/{well}_s{site}_w{channel}.png`` (or ``{plate}/{well}_s{site}_w{channel}.*``);
+  plate = the folder holding the images, experiment = the folder above it when there is one.
+- ``pattern``: a regular expression with named groups matched against each file's path relative to the
+  root (or its file name). ``channel`` is required; ``plate``, ``well`` (or ``row`` + ``col``), ``site``
+  (or ``field``) and ``experiment`` are understood; any other named group (e.g. ``plane``) becomes part of
+  the field's identity and of its metadata. Presets: ``bbbc`` (``plate1_A14_site1_Ch1.tif``),
+  ``phenix`` (``r01c01f01p01-ch1sk1fk1fl1.tiff``), ``cellomics`` (``AS_09125_..._D03f00d0.tif``).
+- ``load_data``: a CellProfiler CSV with ``FileName_<Ch>`` / ``PathName_<Ch>`` pairs and ``Metadata_*``
+  columns (``Metadata_Plate``, ``Metadata_Well``, ``Metadata_Site``; the others go into the metadata).
+- ``stack``: one multi-page / multi-channel TIFF per field; plate/well/site from ``pattern`` when given
+  (no ``channel`` group then), otherwise plate = parent folder, well = file stem, site = 1.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import defaultdict
+from pathlib import Path
+
+from .image_io import is_image_path
+from .problems import ProblemLog
+from .records import FieldRecord, normalize_site, normalize_well, well_from_row_col
+
+LAYOUTS = ("auto", "rxrx", "pattern", "load_data", "stack")
+
+RXRX_PATTERN = r"(?:(?P<experiment>[^/]+)/)?(?P<plate>[^/]+)/(?P<well>[A-Za-z]{1,2}\d{1,3})_s(?P<site>\d+)_w(?P<channel>\d+)\.(?:png|tiff?|jpe?g)"
+
+# name -> (regular expression, prefix for numeric channel names)
+PATTERN_PRESETS: dict[str, tuple[str, str]] = {
+    "rxrx": (RXRX_PATTERN, "w"),
+    "bbbc": (r"(?P<plate>[^_/]+)_(?P<well>[A-Za-z]{1,2}\d{1,3})_s(?:ite)?(?P<site>\d+)_(?:Ch|w)(?P<channel>\d+)\.tiff?", "Ch"),
+    "phenix": (r"r(?P<row>\d+)c(?P<col>\d+)f(?P<site>\d+)p(?P<plane>\d+)-ch(?P<channel>\d+)sk\d+fk\d+fl\d+\.tiff?", "ch"),
+    "cellomics": (r"(?P<plate>[^/]+)_(?P<well>[A-Za-z]{1,2}\d{2})f(?P<site>\d+)d(?P<channel>\d+)\.tiff?", "d"),
+}
+
+_KNOWN_GROUPS = {"experiment", "plate", "well", "row", "col", "site", "field", "channel"}
+
+
+def _walk_files(root: Path, ignore: set[Path]) -> list[Path]:
+    files = []
+    for directory, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            path = Path(directory) / name
+            if name.startswith(".") or path.resolve() in ignore:
+                continue
+            files.append(path)
+    return files
+
+
+def _channel_sort_key(channel: str):
+    return (0, int(channel), "") if channel.isdigit() else (1, 0, channel)
+
+
+def _channel_name(raw: str, prefix: str) -> str:
+    return f"{prefix}{int(raw)}" if raw.isdigit() else raw
+
+
+def _resolve_pattern(pattern: str) -> tuple[re.Pattern, str]:
+    if pattern in PATTERN_PRESETS:
+        regex, prefix = PATTERN_PRESETS[pattern]
+    else:
+        regex, prefix = pattern, "ch"
+    try:
+        compiled = re.compile(regex)
+    except re.error as error:
+        raise ValueError(f"pattern {pattern!r} is not a valid regular expression: {error}") from error
+    return compiled, prefix
+
+
+def _assemble_records(
+    groups: dict[tuple, dict[str, str]],
+    identities: dict[tuple, dict],
+    problems: ProblemLog,
+    channel_names: list[str] | None,
+    prefix: str,
+) -> list[FieldRecord]:
+    """Turn {field key: {raw channel: file}} into records, reporting sites that miss a channel."""
+    all_channels = sorted({channel for files in groups.values() for channel in files}, key=_channel_sort_key)
+    if channel_names is not None and len(channel_names) != len(all_channels):
+        raise ValueError(
+            f"{len(channel_names)} channel names were given ({channel_names}) but the files hold "
+            f"{len(all_channels)} channels ({all_channels}); give one name per channel, in that order"
+        )
+    names = list(channel_names) if channel_names is not None else [_channel_name(c, prefix) for c in all_channels]
+    records = []
+    for key in sorted(groups):
+        files = groups[key]
+        identity = identities[key]
+        record = FieldRecord(channels=names, files=[files.get(c, "") for c in all_channels], **identity)
+        missing = [name for raw, name in zip(all_channels, names) if raw not in files]
+        if missing:
+            problems.report(
+                f"site is missing channel(s) {missing} (the layout has {names})",
+                file=next(iter(files.values())),
+                field=record.field_id,
+                stage="discover",
+            )
+            continue
+        records.append(record)
+    return records
+
+
+def discover_pattern(
+    root: str | Path,
+    pattern: str,
+    problems: ProblemLog | None = None,
+    channel_names: list[str] | None = None,
+    ignore: list[str | Path] = (),
+    channel_prefix: str | None = None,
+) -> list[FieldRecord]:
+    """Group per-channel files into fields with a named-group regular expression (or a preset name).
+
+    Args:
+        root: folder searched recursively.
+        pattern: regex or one of ``PATTERN_PRESETS`` (``rxrx``, ``bbbc``, ``phenix``, ``cellomics``).
+        problems: where stray files and incomplete sites go (default: a fresh ``skip`` log).
+        channel_names: names for the channels in sorted channel-id order (default: ``Ch1``... from the files).
+        ignore: files never reported as stray (e.g. the metadata table inside the folder).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"input folder {root} does not exist or is not a folder")
+    problems = problems if problems is not None else ProblemLog()
+    regex, prefix = _resolve_pattern(pattern)
+    if "channel" not in regex.groupindex:
+        raise ValueError(f"pattern {pattern!r} has no (?P<channel>...) group; per-channel layouts need one (or use layout='stack')")
+    prefix = channel_prefix or prefix
+    groups: dict[tuple, dict[str, str]] = defaultdict(dict)
+    identities: dict[tuple, dict] = {}
+    for path in _walk_files(root, {Path(p).resolve() for p in ignore}):
+        relative = path.relative_to(root).as_posix()
+        match = regex.fullmatch(relative) or regex.fullmatch(path.name)
+        if match is None:
+            reason = "stray file: not an image" if not is_image_path(path) else f"stray file: does not match the layout pattern {regex.pattern!r}"
+            problems.report(reason, file=str(path), stage="discover")
+            continue
+        identity = _identity_from_match(match, relative, root)
+        key = (identity["experiment"], identity["plate"], identity["well"], identity["site"], tuple(sorted(identity["tags"].items())))
+        channel = match.group("channel")
+        if channel in groups[key]:
+            problems.report(
+                f"two files for channel {channel} of one site: {groups[key][channel]} and {path}",
+                file=str(path), stage="discover",
+            )
+            continue
+        groups[key][channel] = str(path)
+        identities[key] = identity
+    return _assemble_records(groups, identities, problems, channel_names, prefix)
+
+
+def _identity_from_match(match: re.Match, relative: str, root: Path) -> dict:
+    found = {name: value for name, value in match.groupdict().items() if value is not None}
+    parent = Path(relative).parent
+    plate = found.get("plate") or (parent.name if parent.name else root.name)
+    if "well" in found:
+        well = normalize_well(found["well"])
+    elif "row" in found and "col" in found:
+        well = well_from_row_col(found["row"], found["col"])
+    else:
+        well = "A01"
+    site = normalize_site(found.get("site", found.get("field", "1")))
+    tags = {name: normalize_site(value) for name, value in found.items() if name not in _KNOWN_GROUPS}
+    return {"experiment": found.get("experiment", ""), "plate": plate, "well": well, "site": site, "tags": tags}
+
+
+def discover_rxrx(
+    root: str | Path,
+    problems: ProblemLog | None = None,
+    channel_names: list[str] | None = None,
+    ignore: list[str | Path] = (),
+) -> list[FieldRecord]:
+    """RxRx layout: ``[{experiment}/]{plate}/{well}_s{site}_w{channel}.png`` (8- or 16-bit PNG or TIFF)."""
+    return discover_pattern(root, "rxrx", problems, channel_names, ignore)
+
+
+def discover_load_data(
+    csv_path: str | Path,
+    problems: ProblemLog | None = None,
+    channel_names: list[str] | None = None,
+) -> list[FieldRecord]:
+    """CellProfiler load_data CSV: one row per site, ``FileName_<Ch>`` + ``PathName_<Ch>`` per channel.
+
+    ``PathName_*`` values that are relative are taken relative to the CSV's folder (a missing
+    ``PathName_*`` column means the CSV's folder). ``Metadata_Plate/Well/Site`` place the field;
+    every other ``Metadata_*`` column goes into the record's metadata (without the prefix).
+    Rows with an empty file name or without a plate/well are reported as unreadable metadata rows.
+    """
+    import pandas as pd
+
+    csv_path = Path(csv_path)
+    problems = problems if problems is not None else ProblemLog()
+    try:
+        table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except Exception as error:
+        raise ValueError(f"cannot read load_data CSV {csv_path}: {error}") from error
+    channels = [column[len("FileName_"):] for column in table.columns if column.startswith("FileName_")]
+    if not channels:
+        raise ValueError(f"{csv_path} has no FileName_<channel> columns; it is not a CellProfiler load_data CSV")
+    if channel_names is not None and len(channel_names) != len(channels):
+        raise ValueError(f"{len(channel_names)} channel names given but {csv_path} has {len(channels)} FileName_ columns ({channels})")
+    names = list(channel_names) if channel_names is not None else channels
+    records = []
+    for row_number, row in enumerate(table.to_dict("records"), start=2):  # line 1 is the header
+        where = f"{csv_path}:{row_number}"
+        plate, well = row.get("Metadata_Plate", "").strip(), row.get("Metadata_Well", "").strip()
+        files = []
+        for channel in channels:
+            name = row.get(f"FileName_{channel}", "").strip()
+            folder = row.get(f"PathName_{channel}", "").strip()
+            folder_path = Path(folder) if folder else csv_path.parent
+            if not folder_path.is_absolute():
+                folder_path = csv_path.parent / folder_path
+            files.append(str(folder_path / name) if name else "")
+        if not plate or not well or not all(files):
+            empty = [c for c, f in zip(channels, files) if not f]
+            reason = "unreadable load_data row: " + ("missing Metadata_Plate/Metadata_Well" if not plate or not well else f"empty FileName for channel(s) {empty}")
+            problems.report(reason, file=where, stage="metadata")
+            continue
+        metadata = {
+            column[len("Metadata_"):]: value
+            for column, value in row.items()
+            if column.startswith("Metadata_") and column not in ("Metadata_Plate", "Metadata_Well", "Metadata_Site")
+        }
+        records.append(
+            FieldRecord(
+                plate=plate, well=normalize_well(well), site=normalize_site(row.get("Metadata_Site", "1") or "1"),
+                channels=names, files=files, metadata=metadata,
+            )
+        )
+    return records
+
+
+def discover_stacks(
+    root: str | Path,
+    problems: ProblemLog | None = None,
+    channel_names: list[str] | None = None,
+    pattern: str | None = None,
+    ignore: list[str | Path] = (),
+) -> list[FieldRecord]:
+    """One multi-channel TIFF (multi-page, ImageJ/OME hyperstack or multi-sample) per field.
+
+    Channel names default to ``ch1..chC`` (C read from the first stack); the reader checks every
+    stack against that count, so a stack with a different number of channels is reported.
+    """
+    from .image_io import read_stack
+
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"input folder {root} does not exist or is not a folder")
+    problems = problems if problems is not None else ProblemLog()
+    regex = re.compile(pattern) if pattern else None
+    records = []
+    for path in _walk_files(root, {Path(p).resolve() for p in ignore}):
+        relative = path.relative_to(root).as_posix()
+        if not path.name.lower().endswith((".tif", ".tiff")):
+            problems.report("stray file: not a TIFF stack", file=str(path), stage="discover")
+            continue
+        if regex is not None:
+            match = regex.fullmatch(relative) or regex.fullmatch(path.name)
+            if match is None:
+                problems.report(f"stray file: does not match the layout pattern {regex.pattern!r}", file=str(path), stage="discover")
+                continue
+            identity = _identity_from_match(match, relative, root)
+        else:
+            parent = Path(relative).parent
+            identity = {"experiment": "", "plate": parent.name or root.name, "well": path.stem.split(".")[0], "site": "1", "tags": {}}
+        records.append(FieldRecord(channels=[], files=[str(path)], stack=True, **identity))
+    if records:
+        if channel_names is None:
+            try:
+                count = read_stack(records[0].files[0]).shape[0]
+            except Exception:
+                count = 0  # the unreadable first stack is reported when the shard writer reads it
+            channel_names = [f"ch{i + 1}" for i in range(count)]
+        for record in records:
+            record.channels = list(channel_names)
+    return records
+
+
+def detect_layout(root: str | Path) -> tuple[str, str | None]:
+    """Guess ``(layout, pattern)`` for a folder from the presets that match the most image files."""
+    root = Path(root)
+    if root.is_file() and root.suffix.lower() == ".csv":
+        return "load_data", None
+    images = [path for path in _walk_files(root, set()) if is_image_path(path)]
+    if not images:
+        raise ValueError(f"no image files found under {root}; check the path (supported: {', '.join(('.tif', '.tiff', '.png'))})")
+    best, best_count = None, 0
+    for name, (regex, _) in PATTERN_PRESETS.items():
+        compiled = re.compile(regex)
+        count = sum(bool(compiled.fullmatch(p.relative_to(root).as_posix()) or compiled.fullmatch(p.name)) for p in images)
+        if count > best_count:
+            best, best_count = name, count
+    if best is None:
+        raise ValueError(
+            f"could not detect the layout of {root}: no file matches the rxrx/bbbc/phenix/cellomics names "
+            f"(e.g. {images[0].name}); pass layout='pattern' with a regex (--layout pattern --pattern REGEX) or layout='stack'"
+        )
+    return ("rxrx", None) if best == "rxrx" else ("pattern", best)
+
+
+def discover_fields(
+    source: str | Path,
+    layout: str = "auto",
+    pattern: str | None = None,
+    channel_names: list[str] | None = None,
+    problems: ProblemLog | None = None,
+    ignore: list[str | Path] = (),
+) -> list[FieldRecord]:
+    """Discover the fields of view under ``source`` (a folder, or a load_data CSV).
+
+    Args:
+        source: input folder (rxrx / pattern / stack) or CSV (load_data).
+        layout: one of ``LAYOUTS``; ``"auto"`` tries the presets and keeps the best-matching one.
+        pattern: regex or preset name for ``layout="pattern"`` (and optionally ``"stack"``).
+        channel_names: names replacing the channel ids found in the files, in sorted id order.
+        problems: the skip/fail policy and log (default: skip).
+        ignore: files that are not stray even though they are not images of the layout.
+
+    Returns:
+        ``list[FieldRecord]`` sorted by (experiment, plate, well, site).
+    """
+    problems = problems if problems is not None else ProblemLog()
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} is not one of {LAYOUTS}")
+    if layout == "auto":
+        layout, detected = detect_layout(source)
+        pattern = pattern or detected
+    if layout == "rxrx":
+        return discover_rxrx(source, problems, channel_names, ignore)
+    if layout == "pattern":
+        if not pattern:
+            raise ValueError(f"layout='pattern' needs a pattern: a regex with named groups or one of {sorted(PATTERN_PRESETS)}")
+        return discover_pattern(source, pattern, problems, channel_names, ignore)
+    if layout == "load_data":
+        return discover_load_data(source, problems, channel_names)
+    return discover_stacks(source, problems, channel_names, pattern, ignore)

@@ -1,0 +1,415 @@
+"""Writing fields of view into Parquet shards that ``datasets`` streams, with a manifest.
+
+Why Parquet with a raw-bytes column: measured on 6 x 256 x 256 uint16 samples it streams as fast
+as WebDataset raw bytes (1,500-2,500 samples/s/core, see ``HF_NOTES.md``), keeps the bit depth and
+every channel by construction (no ``Image()`` auto-typing), and its row groups are the unit that
+the streaming reader permutes and splits across ranks and workers without reading whole files.
+
+Shard folder schema (``SHARD_FORMAT``):
+
+``shard-00000.parquet`` ... one row per field of view, columns
+    ``field_id`` (str, ``[experiment/]plate/well/s{site}``), ``experiment``, ``plate``, ``well``, ``site`` (str),
+    ``channels`` (list[str], C names), ``dtype`` (str, e.g. ``"uint16"``), ``shape`` (list[int32], ``[C, H, W]``),
+    ``pixels`` (large_binary: the C-order bytes of the ``(C, H, W)`` array at its original dtype),
+    ``crc32`` (int64, zlib CRC-32 of ``pixels``), ``metadata`` (str, JSON object of the joined metadata),
+    ``files`` (list[str], source files). Row groups hold ``fields_per_row_group`` rows.
+``shard-00000.json``: the shard's record (plan hash, counts, row-group sizes, sha256, skipped inputs);
+    a re-run skips a shard whose record matches its plan (idempotent).
+``manifest.json``: ``{"format", "created_with", "source", "layout", "num_fields", "num_shards",
+    "total_bytes", "channels" (list, the channels shared by all fields; union if they differ),
+    "channel_sets" ({"DNA,ER,..": count}), "dtypes" ({"uint16": count}), "shapes" ({"5x520x696": count}),
+    "metadata_columns", "metadata" (join summary), "shards": [{"file", "num_fields", "row_groups", "bytes",
+    "sha256"}], "num_skipped", "skipped": [{"reason", "file", "field", "stage"}], "options"}``.
+
+Decode a row with :func:`decode_pixels`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zlib
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from .image_io import read_field
+from .problems import BadInputError, Problem, ProblemLog
+from .records import FieldRecord
+
+SHARD_FORMAT = "hf_cellmae.parquet_shards/1"
+MANIFEST_NAME = "manifest.json"
+
+
+def parse_size(size: str | int) -> int:
+    """``"256MB"`` / ``"1.5GiB"`` / ``1000`` -> bytes."""
+    if isinstance(size, int):
+        return size
+    text = str(size).strip().upper().replace("IB", "B")
+    for suffix, factor in (("KB", 1 << 10), ("MB", 1 << 20), ("GB", 1 << 30), ("TB", 1 << 40), ("B", 1)):
+        if text.endswith(suffix):
+            return int(float(text[: -len(suffix)]) * factor)
+    return int(float(text))
+
+
+def decode_pixels(pixels: bytes, dtype: str, shape) -> np.ndarray:
+    """Raw shard bytes -> ``(C, H, W)`` array at the stored dtype (a read-only view, no copy)."""
+    return np.frombuffer(pixels, dtype=np.dtype(dtype)).reshape(tuple(shape))
+
+
+def shard_schema():
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("field_id", pa.string()),
+            ("experiment", pa.string()),
+            ("plate", pa.string()),
+            ("well", pa.string()),
+            ("site", pa.string()),
+            ("channels", pa.list_(pa.string())),
+            ("dtype", pa.string()),
+            ("shape", pa.list_(pa.int32())),
+            ("pixels", pa.large_binary()),
+            ("crc32", pa.int64()),
+            ("metadata", pa.string()),
+            ("files", pa.list_(pa.string())),
+        ]
+    )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _plan_hash(records: list[dict], options: dict) -> str:
+    text = json.dumps({"records": records, "options": options}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _write_shard(task: dict) -> dict:
+    """Read the task's fields and write one shard + its JSON record (runs in a worker process)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    output_dir = Path(task["output_dir"])
+    name = f"shard-{task['index']:05d}"
+    problems = ProblemLog(task["on_error"])
+    rows = {column: [] for column in shard_schema().names}
+    for record_dict in task["records"]:
+        record = FieldRecord.from_dict(record_dict)
+        try:
+            pixels = read_field(record)
+        except BadInputError as error:
+            problems.report(str(error), file=record.files[0] if record.files else "", field=record.field_id, stage="read")
+            continue
+        data = pixels.tobytes()
+        metadata = {**record.tags, **record.metadata}
+        rows["field_id"].append(record.field_id)
+        rows["experiment"].append(record.experiment)
+        rows["plate"].append(record.plate)
+        rows["well"].append(record.well)
+        rows["site"].append(record.site)
+        rows["channels"].append(list(record.channels))
+        rows["dtype"].append(pixels.dtype.name)
+        rows["shape"].append(list(pixels.shape))
+        rows["pixels"].append(data)
+        rows["crc32"].append(zlib.crc32(data))
+        rows["metadata"].append(json.dumps(metadata, default=str))
+        rows["files"].append(list(record.files))
+    shard = {
+        "file": f"{name}.parquet",
+        "index": task["index"],
+        "plan_hash": task["plan_hash"],
+        "num_fields": len(rows["field_id"]),
+        "row_groups": [],
+        "bytes": 0,
+        "sha256": "",
+        "field_ids": rows["field_id"],
+        "dtypes": rows["dtype"],
+        "shapes": ["x".join(map(str, s)) for s in rows["shape"]],
+        "channel_sets": [",".join(c) for c in rows["channels"]],
+        "metadata_columns": sorted({key for text in rows["metadata"] for key in json.loads(text)}),
+        "skipped": problems.as_dicts(),
+    }
+    if shard["num_fields"]:
+        table = pa.table(rows, schema=shard_schema())
+        partial = output_dir / f"{name}.parquet.partial"
+        per_group = task["fields_per_row_group"]
+        pq.write_table(table, partial, row_group_size=per_group, compression=task["compression"], use_dictionary=["field_id", "experiment", "plate", "well", "site", "dtype"])
+        os.replace(partial, output_dir / shard["file"])
+        count = shard["num_fields"]
+        shard["row_groups"] = [min(per_group, count - start) for start in range(0, count, per_group)]
+        shard["bytes"] = (output_dir / shard["file"]).stat().st_size
+        shard["sha256"] = _sha256(output_dir / shard["file"])
+    with open(output_dir / f"{name}.json.partial", "w") as handle:
+        json.dump(shard, handle)
+    os.replace(output_dir / f"{name}.json.partial", output_dir / f"{name}.json")
+    return shard
+
+
+def _shard_is_done(output_dir: Path, index: int, plan_hash: str) -> dict | None:
+    record_path = output_dir / f"shard-{index:05d}.json"
+    if not record_path.is_file():
+        return None
+    try:
+        shard = json.loads(record_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if shard.get("plan_hash") != plan_hash:
+        return None
+    if shard["num_fields"] and (not (output_dir / shard["file"]).is_file() or (output_dir / shard["file"]).stat().st_size != shard["bytes"]):
+        return None
+    return shard
+
+
+def write_shards(
+    records: list[FieldRecord],
+    output_dir: str | Path,
+    *,
+    target_shard_size: str | int = "256MB",
+    fields_per_row_group: int = 8,
+    compression: str = "none",
+    shuffle: bool = True,
+    seed: int = 0,
+    num_workers: int | None = None,
+    on_error: str = "skip",
+    problems: ProblemLog | None = None,
+    manifest_extra: dict | None = None,
+    progress: bool = True,
+) -> dict:
+    """Write ``records`` into Parquet shards + ``manifest.json`` (see the module docstring for the schema).
+
+    Args:
+        records: fields to write (from :func:`~hf_cellmae.data.layouts.discover_fields`).
+        output_dir: folder for the shards (created).
+        target_shard_size: approximate bytes of pixels per shard (``"256MB"``), estimated from the first field.
+        fields_per_row_group: rows per Parquet row group: the unit the streaming reader permutes and splits.
+        compression: Parquet codec for the whole shard (``"none"`` streams fastest; ``"zstd"`` is ~2x smaller).
+        shuffle: spread fields across shards in a seeded random order, so that every shard (and row group)
+            mixes plates and wells; the plan is still deterministic, so re-runs stay idempotent.
+        seed: seed of that order.
+        num_workers: processes reading images (default: all cores; 1 = in this process).
+        on_error: ``"skip"`` (count unreadable fields in the manifest) or ``"fail"`` (raise on the first).
+        problems: log holding skips from earlier stages (discovery, metadata); they go in the manifest.
+        manifest_extra: more keys for the manifest (source, layout, metadata summary).
+        progress: show a tqdm bar (fields).
+
+    Returns:
+        The manifest dict (also written to ``output_dir/manifest.json``).
+    """
+    from tqdm.auto import tqdm
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    problems = problems if problems is not None else ProblemLog(on_error)
+    if not records:
+        raise ValueError(f"no fields of view to write to {output_dir}; check the input path and layout ({len(problems)} input(s) skipped)")
+    if fields_per_row_group < 1:
+        raise ValueError(f"fields_per_row_group must be >= 1, got {fields_per_row_group}")
+    order = list(range(len(records)))
+    if shuffle:
+        order = list(np.random.default_rng(seed).permutation(len(records)))
+    fields_per_shard = _fields_per_shard(records, parse_size(target_shard_size), fields_per_row_group)
+    options = {"fields_per_row_group": fields_per_row_group, "compression": compression, "format": SHARD_FORMAT}
+    tasks = []
+    for index, start in enumerate(range(0, len(order), fields_per_shard)):
+        chunk = [records[i].to_dict() for i in order[start : start + fields_per_shard]]
+        tasks.append(
+            {
+                "index": index, "records": chunk, "output_dir": str(output_dir), "on_error": on_error,
+                "fields_per_row_group": fields_per_row_group, "compression": compression,
+                "plan_hash": _plan_hash(chunk, options),
+            }
+        )
+    for stale in sorted(output_dir.glob("shard-*.json")):  # shards of an earlier, longer plan
+        if int(stale.stem.split("-")[1]) >= len(tasks):
+            stale.unlink()
+            (output_dir / f"{stale.stem}.parquet").unlink(missing_ok=True)
+
+    shards: list[dict] = []
+    todo = []
+    for task in tasks:
+        done = _shard_is_done(output_dir, task["index"], task["plan_hash"])
+        if done is not None:
+            shards.append(done)
+        else:
+            todo.append(task)
+    bar = tqdm(total=len(records), unit="field", desc="sharding", disable=not progress)
+    bar.update(sum(len(task["records"]) for task in tasks) - sum(len(task["records"]) for task in todo))
+    workers = min(num_workers or os.cpu_count() or 1, max(1, len(todo)))
+    if workers == 1:
+        for task in todo:
+            shards.append(_write_shard(task))
+            bar.update(len(task["records"]))
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            for shard, task in zip(pool.map(_write_shard, todo), todo):
+                shards.append(shard)
+                bar.update(len(task["records"]))
+    bar.close()
+    shards.sort(key=lambda shard: shard["index"])
+    for shard in shards:
+        problems.extend(shard["skipped"])
+    manifest = _build_manifest(shards, problems, options, manifest_extra or {}, reused=len(tasks) - len(todo))
+    with open(output_dir / f"{MANIFEST_NAME}.partial", "w") as handle:
+        json.dump(manifest, handle, indent=1)
+    os.replace(output_dir / f"{MANIFEST_NAME}.partial", output_dir / MANIFEST_NAME)
+    return manifest
+
+
+def _fields_per_shard(records: list[FieldRecord], target_bytes: int, fields_per_row_group: int) -> int:
+    bytes_per_field = 0
+    for record in records[:8]:  # the first readable field sets the estimate
+        try:
+            bytes_per_field = read_field(record).nbytes
+            break
+        except BadInputError:
+            continue
+    if bytes_per_field == 0:
+        return max(fields_per_row_group, 1)
+    return max(1, target_bytes // bytes_per_field)
+
+
+def _count(values: list[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for value in values:
+        counts[value] = counts.get(value, 0) + 1
+    return counts
+
+
+def _build_manifest(shards: list[dict], problems: ProblemLog, options: dict, extra: dict, reused: int) -> dict:
+    from .. import __version__
+
+    channel_sets = _count([c for shard in shards for c in shard["channel_sets"]])
+    channels: list[str] = []
+    for channel_set in channel_sets:
+        channels += [c for c in channel_set.split(",") if c not in channels]
+    written = [shard for shard in shards if shard["num_fields"]]
+    return {
+        "format": SHARD_FORMAT,
+        "created_with": f"hf_cellmae {__version__}",
+        **extra,
+        "num_fields": sum(shard["num_fields"] for shard in shards),
+        "num_shards": len(written),
+        "total_bytes": sum(shard["bytes"] for shard in shards),
+        "channels": channels,
+        "channel_sets": channel_sets,
+        "dtypes": _count([d for shard in shards for d in shard["dtypes"]]),
+        "shapes": _count([s for shard in shards for s in shard["shapes"]]),
+        "metadata_columns": sorted({c for shard in shards for c in shard["metadata_columns"]}),
+        "shards": [
+            {key: shard[key] for key in ("file", "num_fields", "row_groups", "bytes", "sha256")} for shard in written
+        ],
+        "shards_reused": reused,
+        "num_skipped": len(problems),
+        "skipped": problems.as_dicts(),
+        "options": options,
+    }
+
+
+def load_manifest(shard_dir: str) -> dict:
+    """Read ``manifest.json`` from a local folder or any fsspec URL (``s3://``, ``hf://``...)."""
+    import fsspec
+
+    url = str(shard_dir).rstrip("/") + "/" + MANIFEST_NAME
+    try:
+        with fsspec.open(url, "r") as handle:
+            manifest = json.load(handle)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{url} not found: {shard_dir} is not a shard folder; write one with `cellmae shard INPUT {shard_dir}`") from error
+    if manifest.get("format") != SHARD_FORMAT:
+        raise ValueError(f"{url} has format {manifest.get('format')!r}, expected {SHARD_FORMAT!r}; re-shard with this version of hf_cellmae")
+    return manifest
+
+
+def verify_shards(shard_dir: str | Path, progress: bool = True) -> list[Problem]:
+    """Re-read every shard: file sha256, row count, and every field's byte count and CRC-32.
+
+    Returns:
+        The problems found (empty when the shards are intact).
+    """
+    import pyarrow.parquet as pq
+    from tqdm.auto import tqdm
+
+    shard_dir = Path(shard_dir)
+    manifest = load_manifest(str(shard_dir))
+    problems: list[Problem] = []
+    bar = tqdm(total=manifest["num_fields"], unit="field", desc="verifying", disable=not progress)
+    for shard in manifest["shards"]:
+        path = shard_dir / shard["file"]
+        if not path.is_file():
+            problems.append(Problem("shard file is missing", file=str(path), stage="verify"))
+            continue
+        if _sha256(path) != shard["sha256"]:
+            problems.append(Problem("shard sha256 differs from the manifest (file changed or corrupt)", file=str(path), stage="verify"))
+        try:
+            parquet = pq.ParquetFile(path)
+            count = 0
+            for group in range(parquet.num_row_groups):
+                table = parquet.read_row_group(group, columns=["field_id", "dtype", "shape", "pixels", "crc32"])
+                for row in table.to_pylist():
+                    expected = int(np.prod(row["shape"])) * np.dtype(row["dtype"]).itemsize
+                    if len(row["pixels"]) != expected:
+                        problems.append(Problem(f"pixel bytes {len(row['pixels'])} != {expected} for shape {row['shape']} {row['dtype']}", file=str(path), field=row["field_id"], stage="verify"))
+                    elif zlib.crc32(row["pixels"]) != row["crc32"]:
+                        problems.append(Problem("pixel CRC-32 mismatch", file=str(path), field=row["field_id"], stage="verify"))
+                    count += 1
+                    bar.update(1)
+            if count != shard["num_fields"]:
+                problems.append(Problem(f"shard holds {count} fields, manifest says {shard['num_fields']}", file=str(path), stage="verify"))
+        except Exception as error:  # unreadable Parquet
+            problems.append(Problem(f"cannot read shard: {type(error).__name__}: {error}", file=str(path), stage="verify"))
+    bar.close()
+    return problems
+
+
+def shard_folder(
+    source: str | Path,
+    output_dir: str | Path,
+    *,
+    layout: str = "auto",
+    pattern: str | None = None,
+    channel_names: list[str] | None = None,
+    metadata: str | Path | None = None,
+    on_error: str = "skip",
+    verify: bool = False,
+    progress: bool = True,
+    **write_options,
+) -> dict:
+    """Discover fields under ``source``, join ``metadata``, write shards (what ``cellmae shard`` runs).
+
+    Args:
+        source: input folder (or load_data CSV); see :func:`~hf_cellmae.data.layouts.discover_fields`.
+        output_dir: shard folder (created; re-runs reuse finished shards).
+        layout, pattern, channel_names: how to read ``source``.
+        metadata: CSV/TSV/Parquet joined on plate/well(/site) (:func:`~hf_cellmae.data.metadata.join_metadata`).
+        on_error: ``"skip"`` (count and report bad inputs) or ``"fail"`` (raise ``BadInputError`` on the first).
+        verify: re-read every shard afterwards; problems raise ``BadInputError``.
+        write_options: passed to :func:`write_shards` (``target_shard_size``, ``fields_per_row_group``,
+            ``compression``, ``num_workers``, ``shuffle``, ``seed``).
+
+    Returns:
+        The manifest dict.
+    """
+    from .layouts import discover_fields
+    from .metadata import join_metadata
+
+    problems = ProblemLog(on_error)
+    ignore = [metadata] if metadata else []
+    records = discover_fields(source, layout=layout, pattern=pattern, channel_names=channel_names, problems=problems, ignore=ignore)
+    extra: dict = {"source": str(source), "layout": layout if layout != "auto" else "auto"}
+    if metadata:
+        extra["metadata"] = join_metadata(records, metadata, problems, source=str(metadata))
+    manifest = write_shards(records, output_dir, on_error=on_error, problems=problems, manifest_extra=extra, progress=progress, **write_options)
+    if verify:
+        found = verify_shards(output_dir, progress=progress)
+        if found:
+            raise BadInputError(f"{len(found)} problem(s) in the shards of {output_dir}: " + "; ".join(p.message() for p in found[:5]))
+    return manifest

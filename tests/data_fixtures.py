@@ -1,0 +1,63 @@
+"""Helpers for the data-stage tests: the shared real-data folder and tiny RxRx plates written on the fly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def shared_folder(name: str) -> Path:
+    """``../shared/data/<name>`` beside the repo, or skip the test when it is absent."""
+    folder = SHARED_DATA / name
+    if not folder.is_dir():
+        pytest.skip(f"real test data not found: {folder} (the shared data folder sits beside the repository)")
+    return folder
+
+
+def write_png(path: Path, plane: np.ndarray) -> None:
+    import imagecodecs
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(imagecodecs.png_encode(plane))
+
+
+def make_rxrx_plate(
+    root: Path,
+    plates: int = 2,
+    wells: tuple[str, ...] = ("A01", "A02", "B01"),
+    sites: int = 2,
+    channels: int = 3,
+    size: tuple[int, int] = (24, 32),
+    dtype=np.uint16,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Write random fields in the RxRx layout ``root/exp/Plate{n}/{well}_s{site}_w{c}.png``.
+
+    Returns:
+        ``{field_id: (C, H, W) array}`` of exactly what was written.
+    """
+    rng = np.random.default_rng(seed)
+    fields = {}
+    top = np.iinfo(dtype).max
+    for plate in range(1, plates + 1):
+        for well in wells:
+            for site in range(1, sites + 1):
+                pixels = rng.integers(0, top, size=(channels, *size), dtype=dtype)
+                for c in range(channels):
+                    write_png(root / "exp" / f"Plate{plate}" / f"{well}_s{site}_w{c + 1}.png", pixels[c])
+                fields[f"exp/Plate{plate}/{well}/s{site}"] = pixels
+    return fields
+
+
+def write_plate_metadata(path: Path, fields: dict[str, np.ndarray]) -> None:
+    """One row per site: experiment, plate, well, site, perturbation, is_control."""
+    lines = ["experiment,plate,well,site,perturbation,is_control"]
+    for index, field_id in enumerate(sorted(fields)):
+        experiment, plate, well, site = field_id.split("/")
+        control = index % 3 == 0
+        lines.append(f"{experiment},{plate},{well},{site[1:]},{'non-targeting' if control else 'GENE' + str(index)},{control}")
+    path.write_text("\n".join(lines) + "\n")

@@ -1,0 +1,126 @@
+"""The synthetic screen: deterministic, relationships that match its phenotypes, batch effects, and the CLI."""
+
+from __future__ import annotations
+
+import itertools
+
+import imagecodecs
+import numpy as np
+import pandas as pd
+import pytest
+
+from hf_cellmae.cli import main
+from hf_cellmae.data.streaming import stream_fields
+from hf_cellmae.data.synthetic import make_synthetic_screen
+
+TINY = dict(num_plates=1, field_size=48, sites_per_well=1, num_pathways=1, complexes_per_pathway=2, genes_per_complex=2,
+            replicates_per_plate=1, control_wells_per_plate=2, num_workers=1, progress=False)
+
+
+def _read_field(root, row) -> np.ndarray:
+    folder = root / "images" / row.experiment / row.plate
+    return np.stack([imagecodecs.imread(folder / f"{row.well}_s{row.site}_w{c}.png") for c in range(1, 6)])
+
+
+def _images(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted((root / "images").rglob("*.png"))}
+
+
+def test_same_seed_gives_identical_screens(tmp_path):
+    make_synthetic_screen(tmp_path / "a", seed=7, **TINY)
+    make_synthetic_screen(tmp_path / "b", seed=7, **TINY)
+    assert _images(tmp_path / "a") == _images(tmp_path / "b")
+    assert (tmp_path / "a" / "metadata.csv").read_text() == (tmp_path / "b" / "metadata.csv").read_text()
+
+
+def test_different_seed_gives_a_different_screen(tmp_path):
+    make_synthetic_screen(tmp_path / "a", seed=7, **TINY)
+    make_synthetic_screen(tmp_path / "b", seed=8, **TINY)
+    assert _images(tmp_path / "a") != _images(tmp_path / "b")
+
+
+def test_eight_bit_option_writes_uint8(tmp_path):
+    make_synthetic_screen(tmp_path, bit_depth=8, **TINY)
+    row = next(pd.read_csv(tmp_path / "metadata.csv").itertuples())
+    field = _read_field(tmp_path, row)
+    assert field.dtype == np.uint8 and field.shape == (5, 48, 48)
+
+
+@pytest.fixture(scope="module")
+def screen(tmp_path_factory):
+    root = tmp_path_factory.mktemp("screen")
+    make_synthetic_screen(root, field_size=96, num_workers=2, progress=False)
+    return root, pd.read_csv(root / "metadata.csv")
+
+
+def test_metadata_labels_controls_and_genes(screen):
+    _, metadata = screen
+    controls = metadata[metadata.is_control]
+    assert set(controls.perturbation) == {"non-targeting"} and controls.gene.isna().all()
+    assert set(controls.plate) == {"Plate1", "Plate2"}
+    genes = metadata[~metadata.is_control]
+    assert (genes.perturbation == genes.gene).all() and genes.complex.notna().all()
+
+
+def test_relationship_files_list_the_genes_sharing_a_complex_or_pathway(screen):
+    root, metadata = screen
+    genes = metadata[~metadata.is_control].drop_duplicates("gene")
+    for level, name in (("complex", "complexes"), ("pathway", "pathways")):
+        expected = {tuple(sorted(pair)) for _, group in genes.groupby(level) for pair in itertools.combinations(group.gene, 2)}
+        pairs = pd.read_csv(root / "relationships" / f"{name}.csv")
+        assert list(pairs.columns) == ["entity1", "entity2"]
+        assert set(zip(pairs.entity1, pairs.entity2)) == expected
+
+
+def _features(field: np.ndarray) -> np.ndarray:
+    """Simple per-channel image statistics: log mean, log std, bright fraction, log edge energy."""
+    out = []
+    for channel in field.astype(np.float32):
+        mean, std = channel.mean(), channel.std()
+        edges = np.abs(4 * channel[1:-1, 1:-1] - channel[:-2, 1:-1] - channel[2:, 1:-1] - channel[1:-1, :-2] - channel[1:-1, 2:]).mean()
+        out += [np.log1p(mean), np.log1p(std), (channel > mean + std).mean(), np.log1p(edges)]
+    return np.array(out)
+
+
+def test_genes_of_one_complex_look_alike_and_others_do_not(screen):
+    root, metadata = screen
+    features = np.stack([_features(_read_field(root, row)) for row in metadata.itertuples()])
+    for plate in metadata.plate.unique():  # centre and scale on each plate's controls (batch correction)
+        on_plate = (metadata.plate == plate).values
+        controls = on_plate & metadata.is_control.values
+        features[on_plate] = (features[on_plate] - features[controls].mean(0)) / (features[controls].std(0) + 1e-6)
+    genes = metadata[~metadata.is_control].drop_duplicates("gene")[["gene", "complex"]].values
+    profiles = np.stack([features[(metadata.gene == gene).values].mean(0) for gene, _ in genes])
+    profiles /= np.linalg.norm(profiles, axis=1, keepdims=True)
+    similarity = profiles @ profiles.T
+    same = [similarity[i, j] for i, j in itertools.combinations(range(len(genes)), 2) if genes[i][1] == genes[j][1]]
+    other = [similarity[i, j] for i, j in itertools.combinations(range(len(genes)), 2) if genes[i][1] != genes[j][1]]
+    assert np.mean(same) > np.mean(other) + 0.4
+
+
+def test_plates_differ_by_a_batch_effect_that_knob_controls(tmp_path):
+    def control_ratio(batch_effect):
+        root = tmp_path / str(batch_effect)
+        make_synthetic_screen(root, batch_effect=batch_effect, **{**TINY, "num_plates": 2, "control_wells_per_plate": 12, "field_size": 96, "sites_per_well": 2})
+        metadata = pd.read_csv(root / "metadata.csv")
+        means = {plate: np.mean([_read_field(root, r).mean(axis=(1, 2)) for r in group.itertuples()], axis=0)
+                 for plate, group in metadata[metadata.is_control].groupby("plate")}
+        return np.abs(np.log(means["Plate1"] / means["Plate2"])).mean()
+
+    assert control_ratio(1.0) > 2 * control_ratio(0.0)
+
+
+def test_cli_synthetic_then_shard_then_stream(tmp_path, capsys):
+    assert main(["synthetic", str(tmp_path / "screen"), "--plates", "1", "--field-size", "64", "--sites", "1", "--quiet", "--num-workers", "1"]) == 0
+    assert "next: cellmae shard" in capsys.readouterr().out
+    code = main(["shard", str(tmp_path / "screen" / "images"), str(tmp_path / "shards"), "--metadata", str(tmp_path / "screen" / "metadata.csv"),
+                 "--channels", "DNA,ER,RNA,AGP,Mito", "--quiet", "--num-workers", "1", "--verify"])
+    assert code == 0 and "verified" in capsys.readouterr().out
+    sample = next(iter(stream_fields(str(tmp_path / "shards"), image_size=32, crops_per_field=2)))
+    assert sample["pixel_values"].shape == (5, 32, 32) and sample["perturbation"]
+    assert list(sample["channel_ids"]) == [0, 1, 2, 3, 4]
+
+
+def test_cli_shard_reports_a_missing_input_folder(tmp_path, capsys):
+    assert main(["shard", str(tmp_path / "nope"), str(tmp_path / "shards"), "--layout", "rxrx"]) == 1
+    assert "does not exist" in capsys.readouterr().err
