@@ -1,0 +1,108 @@
+"""``cellmae embed`` and ``cellmae evaluate``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from .relate import BENCHMARK_SOURCES
+
+
+def register(subparsers) -> None:
+    embed = subparsers.add_parser(
+        "embed",
+        help="embed fields of view (shards or an image folder) into a Parquet table",
+        description="Embed every field of DATA with MODEL (or raw pixel statistics) into Parquet parts in OUT: "
+        "Metadata_* columns + one column per feature. Re-running resumes, skipping finished parts.",
+    )
+    embed.add_argument("model", metavar="MODEL", help="model folder or Hub id; 'pixel_stats' for the pixel-statistics baseline")
+    embed.add_argument("data", metavar="DATA", help="shard folder (cellmae shard) or image folder / load_data CSV")
+    embed.add_argument("out", metavar="OUT", help="output folder")
+    embed.add_argument("--layout", default="auto", help="image folder layout: auto, rxrx, pattern, load_data, stack")
+    embed.add_argument("--pattern", default=None, help="file-name regex or preset for --layout pattern")
+    embed.add_argument("--metadata", default=None, help="metadata table (CSV/Parquet) joined on plate/well/site")
+    embed.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    embed.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    embed.add_argument("--batch-size", type=int, default=64, help="crops per forward pass (default: 64)")
+    embed.add_argument("--fields-per-batch", type=int, default=16, help="fields read and embedded together (default: 16)")
+    embed.add_argument("--fields-per-part", type=int, default=512, help="fields per output part for image folders")
+    embed.add_argument("--crop-mode", default="tile", choices=["tile", "center", "none"],
+                       help="tile: average the model-sized crops of each field (default)")
+    embed.add_argument("--image-size", type=int, default=None, help="crop size (default: the model's image_size)")
+    embed.add_argument("--channelwise", action="store_true", help="one vector per channel, concatenated")
+    embed.add_argument("--no-progress", action="store_true")
+    embed.set_defaults(func=run_embed)
+
+    evaluate = subparsers.add_parser(
+        "evaluate",
+        help="batch-correct embeddings, aggregate per perturbation, recall known relationships",
+        description="Align EMBEDDINGS on controls, aggregate per perturbation, measure recall of known "
+        "relationships, and write eval_results.json + PNG plots into --out.",
+    )
+    evaluate.add_argument("embeddings", metavar="EMBEDDINGS", help="embeddings table (cellmae embed folder, Parquet or CSV)")
+    evaluate.add_argument("--out", default=None, help="output folder (default: EMBEDDINGS folder + '_eval')")
+    evaluate.add_argument("--sources", nargs="+", default=list(BENCHMARK_SOURCES),
+                          help=f"relationship sources: names in efaar-benchmarking's annotations ({', '.join(BENCHMARK_SOURCES)}) "
+                          "or CSV files with columns entity1,entity2")
+    evaluate.add_argument("--synthetic-plate", default=None, help="use this synthetic plate's relationships/*.csv as sources")
+    evaluate.add_argument("--annotations", default=None, help="folder of named sources (default: efaar-benchmarking's)")
+    evaluate.add_argument("--perturbation-col", default="Metadata_perturbation")
+    evaluate.add_argument("--controls", nargs="+", default=None, help="control labels of the perturbation column")
+    evaluate.add_argument("--control-col", default=None, help="boolean control column (default: Metadata_is_control if present)")
+    evaluate.add_argument("--batch-col", default=None, help="batch column for per-batch alignment (e.g. Metadata_plate)")
+    evaluate.add_argument("--alignment", default="tvn", choices=["tvn", "pca_center_scale", "center_scale", "none"])
+    evaluate.add_argument("--coral", action="store_true", help="TVN: add the per-batch CORAL step")
+    evaluate.add_argument("--n-components", type=int, default=None, help="pca_center_scale: components kept")
+    evaluate.add_argument("--aggregation", default="mean", choices=["mean", "median"])
+    evaluate.add_argument("--baseline", nargs=2, action="append", metavar=("NAME", "TABLE"), default=[],
+                          help="also evaluate a baseline table (repeatable), e.g. --baseline pixel_stats px/")
+    evaluate.add_argument("--null-samples", type=int, default=None, help="sampled null of this many pairs (large maps)")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--skip-unusable", action="store_true", help="skip (and report) sources without usable pairs")
+    evaluate.add_argument("--dataset", default=None, help="dataset name for the report")
+    evaluate.add_argument("--no-plots", action="store_true")
+    evaluate.add_argument("--no-progress", action="store_true")
+    evaluate.set_defaults(func=run_evaluate)
+
+
+def run_embed(args: argparse.Namespace) -> int:
+    from .embed import ModelFeaturizer, PixelStatsFeaturizer, embed_dataset
+
+    if args.model == "pixel_stats":
+        featurizer = PixelStatsFeaturizer()
+    else:
+        featurizer = ModelFeaturizer(args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+                                     crop_mode=args.crop_mode, channelwise=args.channelwise, image_size=args.image_size)
+    info = embed_dataset(args.data, args.out, featurizer, layout=args.layout, pattern=args.pattern,
+                         metadata=args.metadata, fields_per_batch=args.fields_per_batch,
+                         fields_per_part=args.fields_per_part, progress=not args.no_progress)
+    print(f"embed: {info['num_rows']} fields in {len(info['parts'])} parts -> {args.out}")
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .report import RESULTS_NAME, evaluate_embeddings, relationship_files
+
+    sources = relationship_files(args.synthetic_plate) if args.synthetic_plate else args.sources
+    align_options = {}
+    if args.coral:
+        align_options["coral"] = True
+    if args.n_components is not None:
+        align_options["n_components"] = args.n_components
+    out = Path(args.out) if args.out else Path(str(Path(args.embeddings)).rstrip("/") + "_eval")
+    results = evaluate_embeddings(
+        args.embeddings, sources, out_dir=out, dataset=args.dataset, baselines=dict(args.baseline),
+        perturbation_col=args.perturbation_col, controls=args.controls, control_col=args.control_col,
+        batch_col=args.batch_col, alignment=args.alignment, aggregation=args.aggregation, align_options=align_options,
+        null_samples=args.null_samples, seed=args.seed, on_unusable="skip" if args.skip_unusable else "raise",
+        annotations=args.annotations, plots=not args.no_plots, progress=not args.no_progress,
+    )
+    print(f"evaluate: {results['n_perturbations']} perturbations, alignment {results['alignment']}")
+    for name, metrics in results["sources"].items():
+        cells = "  ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k.startswith("recall"))
+        print(f"  {name:<12} {cells}  (query {metrics['query_size']}, null {metrics['null_size']})")
+    print(f"  chance       {json.dumps(results['chance'])}")
+    print(f"evaluate: wrote {out / RESULTS_NAME}")
+    return 0

@@ -1,0 +1,366 @@
+"""Embeddings at scale: fields of view -> one row per field in a Parquet table (``cellmae embed``).
+
+Input: a shard folder (``cellmae shard``; read one Parquet row group at a time) or any folder layout
+that ``hf_cellmae.data.layouts.discover_fields`` reads (RxRx, file-name pattern, load_data CSV,
+stacks), optionally joined with a metadata table.
+
+Featurisers: a CA-MAE model (local folder or Hub id; ``ModelFeaturizer``), whose fields are tiled
+into model-sized crops (``crop_mode="tile"``, RxRx3-core's four 256 px crops of a 512 px image) and
+the crop embeddings averaged per field, pooled ``(D,)`` or channel-wise ``(C*D,)``; or raw pixel
+statistics (``PixelStatsFeaturizer``, a baseline).
+
+Output folder ``OUT``::
+
+    part-00000.parquet ...   one per input shard (or per ``fields_per_part`` fields of a layout):
+                             Metadata_field_id, Metadata_experiment, Metadata_plate, Metadata_well,
+                             Metadata_site, Metadata_num_crops, Metadata_<key> for every metadata key
+                             (perturbation, batch, is_control ...), then the feature columns
+                             (``feature_000`` ... or ``<channel>_feature_000`` ... channel-wise).
+    _embedding_info.json     model, data, options, the plan (units and their fields) and finished parts.
+
+Read it back with ``hf_cellmae.evaluation.read_embeddings(OUT)``. Each part is written to a hidden
+temporary file and renamed when complete, so an interrupted run resumes by skipping the finished
+parts; a run with different options into the same folder is refused. Memory is bounded by one
+batch of fields (and one shard row group), whatever the number of images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from .pixel_stats import DEFAULT_PERCENTILES, pixel_statistic_names, pixel_statistics
+
+INFO_NAME = "_embedding_info.json"
+MANIFEST_NAME = "manifest.json"
+IDENTITY_COLUMNS = ("field_id", "experiment", "plate", "well", "site")
+
+
+@dataclass
+class Field:
+    """One field of view to embed: pixels (C, H, W) at the stored dtype, channel names, identity."""
+
+    pixels: np.ndarray
+    channels: list[str]
+    identity: dict
+    metadata: dict = field(default_factory=dict)
+
+
+@dataclass
+class Unit:
+    """A resumable piece of work: an input shard, or a slice of a layout's fields."""
+
+    name: str
+    num_fields: int
+    read: callable  # () -> Iterator[Field]
+    field_ids: list[str] | None = None
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def _shard_units(shard_dir: Path) -> tuple[list[Unit], list[str], dict]:
+    import pyarrow.parquet as pq
+
+    from ..data.shards import decode_pixels, load_manifest
+
+    manifest = load_manifest(str(shard_dir))
+
+    def reader(path: Path):
+        def read() -> Iterator[Field]:
+            parquet = pq.ParquetFile(path)
+            for group in range(parquet.num_row_groups):  # one row group in memory at a time
+                rows = parquet.read_row_group(group).to_pylist()
+                for row in rows:
+                    yield Field(
+                        pixels=decode_pixels(row["pixels"], row["dtype"], row["shape"]),
+                        channels=list(row["channels"]),
+                        identity={key: row[key] for key in IDENTITY_COLUMNS},
+                        metadata=json.loads(row["metadata"] or "{}"),
+                    )
+
+        return read
+
+    units = [
+        Unit(Path(entry["file"]).stem, int(entry["num_fields"]), reader(shard_dir / entry["file"]))
+        for entry in manifest["shards"]
+    ]
+    source = {"kind": "shards", "path": str(shard_dir), "num_fields": manifest["num_fields"],
+              "shards": [[entry["file"], entry.get("sha256")] for entry in manifest["shards"]]}
+    return units, list(manifest.get("metadata_columns", [])), source
+
+
+def _layout_units(source: Path, layout: str, pattern: str | None, metadata: str | Path | None,
+                  fields_per_part: int) -> tuple[list[Unit], list[str], dict]:
+    from ..data.image_io import read_field
+    from ..data.layouts import discover_fields
+    from ..data.metadata import join_metadata, read_metadata_table
+    from ..data.problems import ProblemLog
+
+    problems = ProblemLog()
+    records = discover_fields(source, layout=layout, pattern=pattern, problems=problems)
+    if metadata is not None:
+        join_metadata(records, read_metadata_table(metadata), problems)
+    if len(problems):
+        print(f"embed: {len(problems)} input problems skipped while reading {source}:")
+        for problem in problems.as_dicts()[:20]:
+            print(f"  {problem}")
+    if not records:
+        raise ValueError(f"no field of view found in {source} (layout={layout!r}); check --layout/--pattern")
+
+    def reader(chunk):
+        def read() -> Iterator[Field]:
+            for record in chunk:
+                yield Field(
+                    pixels=read_field(record),
+                    channels=list(record.channels),
+                    identity={"field_id": record.field_id, "experiment": record.experiment, "plate": record.plate,
+                              "well": record.well, "site": record.site},
+                    metadata={**record.tags, **record.metadata},
+                )
+
+        return read
+
+    units = []
+    for k, start in enumerate(range(0, len(records), fields_per_part)):
+        chunk = records[start : start + fields_per_part]
+        units.append(Unit(f"part-{k:05d}", len(chunk), reader(chunk), [r.field_id for r in chunk]))
+    keys = sorted({key for record in records for key in (*record.tags, *record.metadata)})
+    info = {"kind": "layout", "path": str(source), "layout": layout, "pattern": pattern,
+            "metadata": str(metadata) if metadata else None, "num_fields": len(records)}
+    return units, keys, info
+
+
+def plan_units(data: str | Path, layout: str = "auto", pattern: str | None = None,
+               metadata: str | Path | None = None, fields_per_part: int = 512) -> tuple[list[Unit], list[str], dict]:
+    """The resumable units of an input: ``(units, metadata_keys, source_description)``."""
+    data = Path(data)
+    if not data.exists():
+        raise FileNotFoundError(f"DATA {data} does not exist; pass a shard folder (cellmae shard) or an image folder")
+    if (data / MANIFEST_NAME).is_file():
+        if metadata is not None:
+            raise ValueError(f"{data} is a shard folder: its metadata was joined when sharding; drop --metadata")
+        return _shard_units(data)
+    return _layout_units(data, layout, pattern, metadata, fields_per_part)
+
+
+# ---------------------------------------------------------------- featurisers
+
+
+class PixelStatsFeaturizer:
+    """Per-channel mean / std / percentiles of the rescaled pixels (a baseline, no model)."""
+
+    name = "pixel_stats"
+
+    def __init__(self, percentiles=DEFAULT_PERCENTILES):
+        self.percentiles = tuple(percentiles)
+
+    def describe(self) -> dict:
+        return {"featurizer": self.name, "percentiles": list(self.percentiles)}
+
+    def feature_names(self, channels: list[str]) -> list[str]:
+        return pixel_statistic_names(channels, self.percentiles)
+
+    def __call__(self, fields: list[Field]) -> tuple[np.ndarray, np.ndarray]:
+        features = np.stack([pixel_statistics(f.pixels, self.percentiles) for f in fields])
+        return features, np.ones(len(fields), dtype=np.int64)
+
+
+class ModelFeaturizer:
+    """CA-MAE encoder embeddings of fields, tiled into model-sized crops and averaged per field.
+
+    Args:
+        model: a model folder (``save_pretrained`` of ``CellMAEModel`` or ``CellMAEForPreTraining``)
+            or a Hub id; its ``preprocessor_config.json`` is used when present.
+        device: torch device ("cpu", "cuda", "cuda:1", ...).
+        dtype: "float32", "bfloat16" or "float16" (autocast on the device).
+        batch_size: crops per forward pass.
+        crop_mode: "tile" (non-overlapping model-sized crops, averaged), "center" or "none".
+        channelwise: one (D,) vector per channel, concatenated (C*D,), instead of the pooled (D,).
+        image_size: crop size (default: the model's ``image_size``).
+    """
+
+    name = "model"
+
+    def __init__(self, model: str | Path, device: str = "cpu", dtype: str = "float32", batch_size: int = 64,
+                 crop_mode: str = "tile", channelwise: bool = False, image_size: int | None = None):
+        import torch
+
+        from .. import CellMAEImageProcessor, CellMAEModel
+
+        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+        if dtype not in dtypes:
+            raise ValueError(f"dtype={dtype!r} is not one of {sorted(dtypes)}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model_path = str(model)
+        self.model = CellMAEModel.from_pretrained(model).to(device).eval()
+        self.config = self.model.config
+        self.image_size = image_size or self.config.image_size
+        try:
+            self.processor = CellMAEImageProcessor.from_pretrained(model)
+        except (OSError, ValueError):
+            self.processor = CellMAEImageProcessor(image_size=self.image_size)
+        self.device, self.dtype, self.torch_dtype = torch.device(device), dtype, dtypes[dtype]
+        self.batch_size, self.crop_mode, self.channelwise = batch_size, crop_mode, channelwise
+
+    def describe(self) -> dict:
+        return {"featurizer": self.name, "model": self.model_path, "dtype": self.dtype, "crop_mode": self.crop_mode,
+                "image_size": self.image_size, "channelwise": self.channelwise, "hidden_size": self.config.hidden_size}
+
+    def feature_names(self, channels: list[str]) -> list[str]:
+        width = self.config.hidden_size
+        if self.channelwise:
+            return [f"{channel}_feature_{i:03d}" for channel in channels for i in range(width)]
+        return [f"feature_{i:03d}" for i in range(width)]
+
+    def _channel_ids(self, channels: list[str]):
+        import torch
+
+        names = list(getattr(self.config, "channel_names", None) or [])
+        if names and all(c in names for c in channels):
+            return torch.tensor([names.index(c) for c in channels], device=self.device)
+        return None  # channels in order 0..C-1
+
+    def __call__(self, fields: list[Field]) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        channels = fields[0].channels
+        if any(f.channels != channels for f in fields):
+            raise ValueError("a batch of fields must share one channel list; group fields by channel set first")
+        batch = self.processor([f.pixels for f in fields], image_size=self.image_size, crop_mode=self.crop_mode,
+                               return_tensors="pt")
+        crops, index = batch["pixel_values"], batch["image_index"]  # (N, C, S, S), (N,)
+        channel_ids = self._channel_ids(channels)
+        outputs = []
+        autocast = torch.autocast(self.device.type, dtype=self.torch_dtype, enabled=self.torch_dtype != torch.float32)
+        with torch.inference_mode(), autocast:
+            for start in range(0, len(crops), self.batch_size):
+                pixel_values = crops[start : start + self.batch_size].to(self.device)
+                out = self.model(pixel_values, channel_ids=channel_ids, output_channelwise_embeddings=self.channelwise)
+                vectors = out.channelwise_embeddings.flatten(1) if self.channelwise else out.pooler_output  # (b, F)
+                outputs.append(vectors.float().cpu())
+        crop_vectors = torch.cat(outputs)  # (N, F)
+        sums = torch.zeros(len(fields), crop_vectors.shape[1]).index_add_(0, index, crop_vectors)
+        counts = torch.bincount(index, minlength=len(fields))
+        return (sums / counts[:, None]).numpy(), counts.numpy()
+
+
+# ---------------------------------------------------------------- writer
+
+
+def _plan_hash(units: list[Unit], source: dict, options: dict) -> str:
+    plan = {"source": source, "options": options,
+            "units": [[u.name, u.num_fields, u.field_ids] for u in units]}
+    return hashlib.sha256(json.dumps(plan, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _metadata_column(key: str) -> str:
+    return key if key.startswith("Metadata_") else f"Metadata_{key}"
+
+
+def _frame(fields: list[Field], features: np.ndarray, counts: np.ndarray, metadata_keys: list[str],
+           feature_names: list[str]) -> pd.DataFrame:
+    columns: dict[str, list] = {f"Metadata_{key}": [f.identity[key] for f in fields] for key in IDENTITY_COLUMNS}
+    columns["Metadata_num_crops"] = counts.tolist()
+    for key in metadata_keys:
+        column = _metadata_column(key)
+        if column not in columns:
+            columns[column] = [f.metadata.get(key) for f in fields]
+    if features.shape[1] != len(feature_names):
+        raise ValueError(f"featuriser returned {features.shape[1]} features, expected {len(feature_names)}")
+    frame = pd.DataFrame(columns)
+    return pd.concat([frame, pd.DataFrame(features.astype(np.float32), columns=feature_names)], axis=1)
+
+
+def embed_dataset(
+    data: str | Path,
+    out: str | Path,
+    featurizer,
+    layout: str = "auto",
+    pattern: str | None = None,
+    metadata: str | Path | None = None,
+    fields_per_batch: int = 16,
+    fields_per_part: int = 512,
+    progress: bool = True,
+) -> dict:
+    """Embed every field of ``data`` into Parquet parts under ``out``; resume a finished-part-wise run.
+
+    Args:
+        data: shard folder or image folder / load_data CSV.
+        out: output folder (created).
+        featurizer: ``ModelFeaturizer(...)`` or ``PixelStatsFeaturizer()`` (anything with
+            ``describe()``, ``feature_names(channels)`` and ``__call__(fields) -> (features, crop_counts)``).
+        layout, pattern, metadata: how to read an image folder (see ``discover_fields``).
+        fields_per_batch: fields read and featurised together (bounds memory with the crop batch).
+        fields_per_part: fields per output part for an image folder (a shard folder: one part per shard).
+
+    Returns:
+        The ``_embedding_info.json`` dict: ``{"source", "options", "plan_hash", "parts": {name: rows},
+        "num_rows", "feature_columns"}``.
+    """
+    out = Path(out)
+    units, metadata_keys, source = plan_units(data, layout, pattern, metadata, fields_per_part)
+    options = {**featurizer.describe(), "fields_per_part": fields_per_part}
+    plan_hash = _plan_hash(units, source, options)
+    info_path = out / INFO_NAME
+    if info_path.is_file():
+        info = json.loads(info_path.read_text())
+        if info.get("plan_hash") != plan_hash:
+            raise ValueError(
+                f"{out} holds embeddings of another input or other options ({info.get('options')}); "
+                "write into a new folder, or delete it to start over"
+            )
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        info = {"source": source, "options": options, "plan_hash": plan_hash, "parts": {}}
+    done = {name for name in info["parts"] if (out / f"{name}.parquet").is_file()}
+    todo = [unit for unit in units if unit.name not in done]
+    if done:
+        print(f"embed: resuming, {len(done)} of {len(units)} parts already written in {out}")
+    bar = tqdm(total=sum(u.num_fields for u in todo), desc="embed", unit="field", disable=not progress)
+    for unit in todo:
+        frames = []
+        for fields in _batches_by_channels(unit.read(), fields_per_batch):
+            features, counts = featurizer(fields)
+            names = featurizer.feature_names(fields[0].channels)
+            frames.append(_frame(fields, features, counts, metadata_keys, names))
+            bar.update(len(fields))
+        table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        temporary = out / f".{unit.name}.parquet.tmp"
+        table.to_parquet(temporary, index=False)
+        os.replace(temporary, out / f"{unit.name}.parquet")  # a part exists only once complete
+        info["parts"][unit.name] = len(table)
+        info["num_rows"] = sum(info["parts"].values())
+        info["feature_columns"] = [c for c in table.columns if not c.startswith("Metadata_")][:3] + ["..."]
+        _write_json(info_path, info)
+    bar.close()
+    info["num_rows"] = sum(info["parts"].values())
+    _write_json(info_path, info)
+    return info
+
+
+def _batches_by_channels(fields: Iterator[Field], size: int) -> Iterator[list[Field]]:
+    """Consecutive fields in lists of at most ``size`` sharing one channel list."""
+    batch: list[Field] = []
+    for item in fields:
+        if batch and (len(batch) == size or item.channels != batch[0].channels):
+            yield batch
+            batch = []
+        batch.append(item)
+    if batch:
+        yield batch
+
+
+def _write_json(path: Path, data: dict) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(temporary, path)

@@ -1,0 +1,153 @@
+"""`cellmae embed`: fields -> Parquet with Metadata_* + feature columns, tiling, resume, shards, real data."""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+
+from hf_cellmae.evaluation.embed import ModelFeaturizer, PixelStatsFeaturizer, embed_dataset
+from hf_cellmae.evaluation.pixel_stats import pixel_statistics
+from hf_cellmae.evaluation.report import read_embeddings
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+WELLS = ["A01", "A02", "B01", "B02", "C01"]
+
+
+@pytest.fixture(scope="module")
+def plate(tmp_path_factory):
+    """Five 3-channel uint16 fields of 64 x 128 px (two 64 px tiles each) + a metadata table."""
+    root = tmp_path_factory.mktemp("plate")
+    rng = np.random.default_rng(0)
+    for well in WELLS:
+        for channel in (1, 2, 3):
+            tifffile.imwrite(root / f"plate1_{well}_site1_Ch{channel}.tif", rng.integers(0, 4000, (64, 128), dtype=np.uint16))
+    metadata = root.parent / f"{root.name}_metadata.csv"
+    pd.DataFrame({"plate": "plate1", "well": WELLS, "perturbation": ["g1", "g2", "g3", "ctrl", "ctrl"],
+                  "is_control": [False, False, False, True, True]}).to_csv(metadata, index=False)
+    return root, metadata
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from hf_cellmae import CellMAEConfig, CellMAEForPreTraining
+
+    folder = tmp_path_factory.mktemp("tiny_model")
+    CellMAEForPreTraining(CellMAEConfig.from_preset("tiny")).save_pretrained(folder)
+    return folder
+
+
+class CountingFeaturizer(PixelStatsFeaturizer):
+    """Pixel statistics that count fields seen and can fail after a number of fields."""
+
+    def __init__(self, fail_after=None):
+        super().__init__()
+        self.seen, self.fail_after = 0, fail_after
+
+    def __call__(self, fields):
+        if self.fail_after is not None and self.seen + len(fields) > self.fail_after:
+            raise KeyboardInterrupt("simulated interruption")
+        self.seen += len(fields)
+        return super().__call__(fields)
+
+
+def test_model_embeddings_are_tile_means_with_metadata_columns(plate, tiny_model, tmp_path):
+    import torch
+
+    from hf_cellmae import CellMAEImageProcessor, CellMAEModel
+
+    root, metadata = plate
+    featurizer = ModelFeaturizer(tiny_model, batch_size=3)
+    embed_dataset(root, tmp_path / "emb", featurizer, metadata=metadata, progress=False)
+    table = read_embeddings(tmp_path / "emb")
+    assert table["Metadata_well"].tolist() == WELLS
+    assert table["Metadata_perturbation"].tolist() == ["g1", "g2", "g3", "ctrl", "ctrl"]
+    assert table["Metadata_num_crops"].tolist() == [2] * 5
+    features = table[[c for c in table.columns if not c.startswith("Metadata_")]].to_numpy()
+    assert features.shape == (5, featurizer.config.hidden_size)
+    # Direct computation for the first field: both 64 px tiles through the encoder, averaged.
+    pixels = np.stack([tifffile.imread(root / f"plate1_A01_site1_Ch{c}.tif") for c in (1, 2, 3)])
+    crops = CellMAEImageProcessor(image_size=64, crop_mode="tile")(pixels, return_tensors="pt")["pixel_values"]
+    with torch.inference_mode():
+        expected = CellMAEModel.from_pretrained(tiny_model)(crops).pooler_output.mean(0).numpy()
+    np.testing.assert_allclose(features[0], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_channelwise_embeddings_have_one_block_per_channel(plate, tiny_model, tmp_path):
+    root, _ = plate
+    featurizer = ModelFeaturizer(tiny_model, channelwise=True)
+    embed_dataset(root, tmp_path / "emb", featurizer, progress=False)
+    table = read_embeddings(tmp_path / "emb")
+    width = featurizer.config.hidden_size
+    features = table[[c for c in table.columns if not c.startswith("Metadata_")]].to_numpy()
+    assert features.shape == (5, 3 * width)
+    feature_columns = [c for c in table.columns if not c.startswith("Metadata_")]
+    assert feature_columns[0] == "Ch1_feature_000" and feature_columns[-1] == f"Ch3_feature_{width - 1:03d}"
+
+
+def test_interrupted_run_resumes_without_redoing_finished_parts(plate, tmp_path):
+    root, metadata = plate
+    out = tmp_path / "emb"
+    with pytest.raises(KeyboardInterrupt):
+        embed_dataset(root, out, CountingFeaturizer(fail_after=3), metadata=metadata, fields_per_part=2,
+                      fields_per_batch=1, progress=False)
+    assert sorted(p.name for p in out.glob("*.parquet")) == ["part-00000.parquet"]
+    resumed = CountingFeaturizer()
+    info = embed_dataset(root, out, resumed, metadata=metadata, fields_per_part=2, fields_per_batch=1, progress=False)
+    assert resumed.seen == 3  # the two fields of part 0 were not embedded again
+    assert info["num_rows"] == 5
+    fresh = tmp_path / "fresh"
+    embed_dataset(root, fresh, CountingFeaturizer(), metadata=metadata, fields_per_part=2, progress=False)
+    pd.testing.assert_frame_equal(read_embeddings(out), read_embeddings(fresh))
+
+
+def test_rerun_with_other_options_into_same_folder_is_refused(plate, tmp_path):
+    root, _ = plate
+    embed_dataset(root, tmp_path / "emb", PixelStatsFeaturizer(), progress=False)
+    with pytest.raises(ValueError, match="another input or other options"):
+        embed_dataset(root, tmp_path / "emb", PixelStatsFeaturizer(percentiles=(50,)), progress=False)
+
+
+def test_shard_folder_gives_the_same_rows_as_the_image_folder(plate, tmp_path):
+    from hf_cellmae.data.layouts import discover_fields
+    from hf_cellmae.data.metadata import join_metadata, read_metadata_table
+    from hf_cellmae.data.shards import write_shards
+
+    root, metadata = plate
+    records = discover_fields(root)
+    join_metadata(records, read_metadata_table(metadata))
+    write_shards(records, tmp_path / "shards", target_shard_size=1, fields_per_row_group=2, num_workers=1, progress=False)
+    embed_dataset(tmp_path / "shards", tmp_path / "from_shards", PixelStatsFeaturizer(), progress=False)
+    embed_dataset(root, tmp_path / "from_images", PixelStatsFeaturizer(), metadata=metadata, progress=False)
+    a = read_embeddings(tmp_path / "from_shards").sort_values("Metadata_field_id").reset_index(drop=True)
+    b = read_embeddings(tmp_path / "from_images")
+    columns = ["Metadata_field_id", "Metadata_perturbation"] + [c for c in b.columns if not c.startswith("Metadata_")]
+    pd.testing.assert_frame_equal(a[columns], b[columns], check_dtype=False)
+
+
+def test_pixel_statistics_of_a_hand_made_field():
+    field = np.array([[[0, 255], [255, 0]], [[51, 51], [51, 51]]], dtype=np.uint8)
+    stats = pixel_statistics(field, percentiles=(50,)).reshape(2, 3)
+    np.testing.assert_allclose(stats, [[0.5, 0.5, 0.5], [0.2, 0.0, 0.2]], atol=1e-6)
+
+
+def test_real_bbbc022_fields_embed_with_metadata(tmp_path):
+    folder = DATA / "cellpainting_bbbc022"
+    if not folder.is_dir():
+        pytest.skip(f"real data not found: {folder}")
+    info = embed_dataset(folder / "images", tmp_path / "emb", PixelStatsFeaturizer(), progress=False)
+    table = read_embeddings(tmp_path / "emb")
+    assert info["num_rows"] == len(table) == 10  # 5 wells x 2 sites; Not_an_Image.txt is reported, not embedded
+    assert table.filter(like="_mean").shape[1] == 5
+    assert table["Metadata_well"].nunique() == 5
+
+
+def test_cli_embed_writes_pixel_statistics_table(plate, tmp_path):
+    from hf_cellmae.cli import main
+
+    root, metadata = plate
+    code = main(["embed", "pixel_stats", str(root), str(tmp_path / "emb"), "--metadata", str(metadata), "--no-progress"])
+    assert code == 0
+    table = read_embeddings(tmp_path / "emb")
+    assert len(table) == 5 and "Ch1_mean" in table.columns and "Metadata_is_control" in table.columns

@@ -1,0 +1,95 @@
+"""`cellmae evaluate`: embeddings table -> eval_results.json (the model-card contract) + PNG plots."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from hf_cellmae.cli import main
+from hf_cellmae.evaluation.report import evaluate_embeddings, evaluate_synthetic
+
+CONTRACT_KEYS = {"dataset", "alignment", "aggregation", "n_perturbations", "embedding_dim", "sources", "chance", "plots"}
+
+
+def _table(signal, seed=0, groups=5, genes=4, fields_per_plate=3, width=8, controls_per_plate=30):
+    """Units on two plates with a plate shift; genes of a group share a direction scaled by ``signal``."""
+    rng = np.random.default_rng(seed)
+    directions = rng.standard_normal((groups, width))
+    rows, meta = [], []
+    for plate in ("P1", "P2"):
+        shift = 3 * rng.standard_normal(width)
+        for g in range(groups):
+            for k in range(genes):
+                for _ in range(fields_per_plate):
+                    rows.append(signal * directions[g] + rng.standard_normal(width) + shift)
+                    meta.append((f"G{g}_{k}", False, plate))
+        for _ in range(controls_per_plate):
+            rows.append(rng.standard_normal(width) + shift)
+            meta.append(("non-targeting", True, plate))
+    table = pd.DataFrame(meta, columns=["Metadata_perturbation", "Metadata_is_control", "Metadata_plate"])
+    features = pd.DataFrame(np.array(rows, dtype=np.float32), columns=[f"feature_{i:03d}" for i in range(width)])
+    pairs = pd.DataFrame(
+        [(f"G{g}_{a}", f"G{g}_{b}") for g in range(groups) for a in range(genes) for b in range(a + 1, genes)],
+        columns=["entity1", "entity2"],
+    )
+    return pd.concat([table, features], axis=1), pairs
+
+
+def test_results_follow_the_contract_and_plots_are_pngs(tmp_path):
+    table, pairs = _table(signal=1.5)
+    noise, _ = _table(signal=0.0, seed=1)
+    results = evaluate_embeddings(table, {"complexes": pairs}, out_dir=tmp_path, dataset="toy",
+                                  baselines={"random_init": noise}, batch_col="Metadata_plate", progress=False)
+    written = json.loads((tmp_path / "eval_results.json").read_text())
+    assert written == results
+    assert set(written) == CONTRACT_KEYS | {"baselines"}
+    assert written["chance"] == {"recall_0.05_0.95": 0.1, "recall_0.10_0.90": 0.2}
+    assert set(written["sources"]["complexes"]) == {"recall_0.05_0.95", "recall_0.10_0.90", "null_size", "query_size"}
+    assert (written["n_perturbations"], written["embedding_dim"]) == (20, 8)
+    assert set(written["baselines"]["random_init"]) == {"sources"}
+    for name in ("recall", "heatmap", "projection"):
+        assert (tmp_path / written["plots"][name]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_related_genes_are_recalled_above_chance_and_above_a_signal_free_baseline():
+    table, pairs = _table(signal=1.5)
+    noise, _ = _table(signal=0.0, seed=1)
+    results = evaluate_embeddings(table, {"complexes": pairs}, baselines={"noise": noise},
+                                  batch_col="Metadata_plate", progress=False)
+    model = results["sources"]["complexes"]["recall_0.10_0.90"]
+    assert model > 0.5
+    assert model > results["baselines"]["noise"]["sources"]["complexes"]["recall_0.10_0.90"] + 0.2
+
+
+def test_evaluate_synthetic_reads_the_plate_relationship_files(tmp_path):
+    table, pairs = _table(signal=1.0)
+    (tmp_path / "plate" / "relationships").mkdir(parents=True)
+    pairs.to_csv(tmp_path / "plate" / "relationships" / "complexes.csv", index=False)
+    results = evaluate_synthetic(table, tmp_path / "plate", batch_col="Metadata_plate", progress=False)
+    assert list(results["sources"]) == ["complexes"] and results["dataset"] == "synthetic:plate"
+    with pytest.raises(FileNotFoundError, match="no relationship files"):
+        evaluate_synthetic(table, tmp_path / "empty", progress=False)
+
+
+def test_cli_evaluate_writes_results_from_a_table_file(tmp_path, capsys):
+    table, pairs = _table(signal=1.0)
+    table.drop(columns="Metadata_is_control").to_parquet(tmp_path / "emb.parquet")
+    pairs.to_csv(tmp_path / "complexes.csv", index=False)
+    code = main(["evaluate", str(tmp_path / "emb.parquet"), "--sources", str(tmp_path / "complexes.csv"),
+                 "--controls", "non-targeting", "--batch-col", "Metadata_plate", "--alignment", "pca_center_scale",
+                 "--out", str(tmp_path / "eval"), "--no-plots", "--no-progress"])
+    assert code == 0
+    results = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
+    assert results["alignment"] == "pca_center_scale" and "complexes" in results["sources"]
+    assert "complexes" in capsys.readouterr().out
+
+
+def test_missing_control_definition_and_text_features_raise(tmp_path):
+    table, pairs = _table(signal=1.0)
+    with pytest.raises(ValueError, match="say which rows are controls"):
+        evaluate_embeddings(table.drop(columns="Metadata_is_control"), {"c": pairs}, progress=False)
+    with pytest.raises(ValueError, match="no row of Metadata_perturbation is one of the controls"):
+        evaluate_embeddings(table, {"c": pairs}, controls=["DMSO"], progress=False)
+    with pytest.raises(ValueError, match="feature columns must be numeric; \\['well'\\]"):
+        evaluate_embeddings(table.assign(well="A01"), {"c": pairs}, progress=False)
