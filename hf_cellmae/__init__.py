@@ -25,7 +25,7 @@ __version__ = "0.1.0"
 AutoConfig.register(CellMAEConfig.model_type, CellMAEConfig, exist_ok=True)
 AutoModel.register(CellMAEConfig, CellMAEModel, exist_ok=True)
 AutoModelForPreTraining.register(CellMAEConfig, CellMAEForPreTraining, exist_ok=True)
-AutoImageProcessor.register(CellMAEConfig, image_processor_classes={"torchvision": CellMAEImageProcessor}, exist_ok=True)
+AutoImageProcessor.register(CellMAEConfig, image_processor_classes={"pil": CellMAEImageProcessor, "torchvision": CellMAEImageProcessor}, exist_ok=True)
 PIPELINE_REGISTRY.register_pipeline(
     "cell-feature-extraction", pipeline_class=CellFeatureExtractionPipeline, pt_model=AutoModel, type="image"
 )

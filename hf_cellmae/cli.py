@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "hf_cellmae.training.commands",
     "hf_cellmae.evaluation.commands",
     "hf_cellmae.hub.commands",
+    "hf_cellmae.demo",
 )
 
 
@@ -47,7 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Commands with their own argument parser (pretrain: HfArgumentParser) take the remaining flags.
+    args, rest = parser.parse_known_args(argv)
+    if getattr(args, "passthrough", False):
+        args.rest = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2

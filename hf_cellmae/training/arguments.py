@@ -1,0 +1,128 @@
+"""Every knob of a pre-training run, in one dataclass saved beside each checkpoint.
+
+Load from YAML/JSON and override on the command line:
+
+    cellmae pretrain --config examples/configs/demo_cpu.yaml --max_steps 500 --learning_rate 3e-4
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+OPTIMIZERS = ("adamw", "lion")
+SCHEDULERS = ("one_cycle", "cosine", "constant")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+
+
+@dataclass
+class PretrainingArguments:
+    """Arguments of `cellmae pretrain` (see each field's help)."""
+
+    # ---- data
+    data: str = field(default=None, metadata={"help": "shard folder written by `cellmae shard` (local path or fsspec URL)"})
+    crops_per_field: int = field(default=1, metadata={"help": "random crops drawn from each field per epoch"})
+    channel_subset: int | None = field(default=None, metadata={"help": "train on this many randomly chosen channels per sample (channel-agnostic training); default all"})
+    augment: bool = field(default=True, metadata={"help": "random flips and 90-degree rotations"})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes per rank (>0 needs torchdata for exact resume)"})
+    # ---- model
+    model_preset: str = field(default="tiny", metadata={"help": "tiny | vit_s16 | vit_b16 | vit_l16 | vit_l8 | openphenom"})
+    model_overrides: str | None = field(default=None, metadata={"help": 'JSON of CellMAEConfig fields, e.g. \'{"image_size": 128, "fourier_loss_weight": 0.01}\''})
+    init_from: str | None = field(default=None, metadata={"help": "start from this model folder or Hub id instead of random weights"})
+    # ---- optimisation
+    max_steps: int = field(default=1000, metadata={"help": "optimizer steps to train for"})
+    per_device_train_batch_size: int = field(default=32, metadata={"help": "images per rank per micro-batch"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    optimizer: str = field(default="lion", metadata={"help": "lion (the paper) | adamw"})
+    learning_rate: float = field(default=1e-4, metadata={"help": "peak learning rate (paper: 1e-4 up to ViT-B, 3e-5 for ViT-L, with Lion)"})
+    weight_decay: float = field(default=0.05, metadata={"help": "decoupled weight decay; never applied to norms, biases and tokens"})
+    adam_beta1: float = field(default=0.9, metadata={"help": "first beta (Lion and AdamW)"})
+    adam_beta2: float = field(default=0.95, metadata={"help": "second beta (Lion and AdamW)"})
+    lr_scheduler: str = field(default="one_cycle", metadata={"help": "one_cycle (paper: warm-up then cosine anneal) | cosine (with warm-up) | constant"})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "share of max_steps spent warming up"})
+    max_grad_norm: float | None = field(default=1.0, metadata={"help": "clip the gradient norm to this; None disables"})
+    mixed_precision: str = field(default="no", metadata={"help": "no | bf16 | fp16"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute block activations in the backward pass"})
+    torch_compile: bool = field(default=False, metadata={"help": "compile the model with torch.compile"})
+    max_nonfinite_steps: int = field(default=10, metadata={"help": "skip steps with a NaN/inf loss; abort after this many in a row"})
+    seed: int = field(default=0, metadata={"help": "seed of weights, data order, crops and masks"})
+    # ---- checkpoints and output
+    output_dir: str = field(default="outputs/pretrain", metadata={"help": "run folder: checkpoints/, model/, logs/, figures/"})
+    save_steps: int = field(default=500, metadata={"help": "save a resumable checkpoint every N optimizer steps"})
+    save_total_limit: int = field(default=3, metadata={"help": "keep the newest K checkpoints"})
+    save_model_with_checkpoints: bool = field(default=False, metadata={"help": "also write a loadable model folder inside every checkpoint"})
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder to continue from"})
+    # ---- logging
+    logging_steps: int = field(default=10, metadata={"help": "log losses, lr, grad norm and throughput every N steps"})
+    figure_steps: int = field(default=200, metadata={"help": "save a reconstruction figure of a fixed field every N steps (0: only at the end)"})
+    report_to: str = field(default="tensorboard", metadata={"help": "accelerate tracker: tensorboard | wandb | all | none"})
+    progress_bar: bool = field(default=True, metadata={"help": "show a tqdm bar on the main process"})
+
+    def __post_init__(self) -> None:
+        def choice(name, allowed):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}.")
+
+        choice("optimizer", OPTIMIZERS)
+        choice("lr_scheduler", SCHEDULERS)
+        choice("mixed_precision", MIXED_PRECISION)
+        for name in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "save_steps", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1.")
+        if self.model_overrides is not None and isinstance(self.model_overrides, str):
+            try:
+                json.loads(self.model_overrides)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"model_overrides is not valid JSON ({error}): {self.model_overrides!r}") from None
+
+    @property
+    def overrides(self) -> dict:
+        if not self.model_overrides:
+            return {}
+        return dict(json.loads(self.model_overrides)) if isinstance(self.model_overrides, str) else dict(self.model_overrides)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def read_config_file(path: str | Path) -> dict:
+    """A YAML or JSON file of PretrainingArguments fields (unknown keys are an error)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"Training config {path} does not exist.")
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        values = yaml.safe_load(text) or {}
+    else:
+        values = json.loads(text)
+    if isinstance(values.get("model_overrides"), dict):
+        values["model_overrides"] = json.dumps(values["model_overrides"])
+    known = {f.name for f in fields(PretrainingArguments)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{path} has unknown keys {unknown}; valid keys are the PretrainingArguments fields (cellmae pretrain --help).")
+    return values
+
+
+def parse_pretraining_arguments(argv: list[str] | None = None) -> PretrainingArguments:
+    """`--config FILE` (YAML/JSON) gives the defaults; any `--field value` on the command line overrides them."""
+    from transformers import HfArgumentParser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(PretrainingArguments, prog="cellmae pretrain", description="Pre-train a CA-MAE on a shard folder.")
+    parser.add_argument("--config", default=None, help="YAML or JSON file of these arguments; command-line flags override it")
+    known, _ = parser.parse_known_args(argv)
+    if known.config:
+        parser.set_defaults(**read_config_file(known.config))
+    namespace = parser.parse_args(argv)
+    values = {k: v for k, v in vars(namespace).items() if k != "config"}
+    if values.get("data") is None:
+        parser.error("--data is required (a shard folder from `cellmae shard`), on the command line or in --config")
+    return PretrainingArguments(**values)

@@ -1,0 +1,309 @@
+"""The pre-training loop: streaming shards -> CA-MAE -> Accelerate, resumable at the exact sample.
+
+Single process:            cellmae pretrain --config run.yaml
+Many GPUs / nodes / FSDP:  accelerate launch [--config_file examples/accelerate/ddp.yaml] -m hf_cellmae.cli pretrain --config run.yaml
+
+Each rank streams its own disjoint share of the shards (`stream_fields(rank=..., world_size=...)`), so
+the DataLoader is not passed through `accelerator.prepare` (that would shard a second time).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from ..configuration_cellmae import CellMAEConfig
+from ..data.shards import load_manifest
+from ..data.streaming import stream_fields
+from ..image_processing_cellmae import CellMAEImageProcessor
+from ..modeling_cellmae import CellMAEForPreTraining
+from .arguments import PretrainingArguments
+from .checkpoints import load_data_state, resolve_checkpoint, save_checkpoint
+from .figures import reconstruction_figure, save_figure
+from .optimization import build_optimizer, build_scheduler
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised after too many consecutive steps with a NaN or infinite loss."""
+
+
+def build_model(args: PretrainingArguments, manifest: dict) -> CellMAEForPreTraining:
+    """A new model from `model_preset` + `model_overrides` (channel names from the shards), or `init_from`."""
+    if args.init_from:
+        return CellMAEForPreTraining.from_pretrained(args.init_from)
+    overrides = args.overrides
+    channels = list(manifest["channels"])
+    overrides.setdefault("channel_names", channels)
+    from ..configuration_cellmae import PRESETS
+
+    preset_max = PRESETS.get(args.model_preset, {}).get("max_channels", CellMAEConfig().max_channels)
+    overrides.setdefault("max_channels", max(preset_max, len(overrides["channel_names"])))
+    return CellMAEForPreTraining(CellMAEConfig.from_preset(args.model_preset, **overrides))
+
+
+def dataset_summary(args: PretrainingArguments, manifest: dict) -> dict:
+    return {
+        "name": Path(str(args.data).rstrip("/")).name,
+        "path": str(args.data),
+        "num_fields": manifest.get("num_fields"),
+        "channels": list(manifest.get("channels", [])),
+        "dtype": ",".join(sorted(manifest.get("dtypes", {}))),
+    }
+
+
+class DataPosition:
+    """The training stream and its DataLoader, whose position is saved in checkpoints.
+
+    With `num_workers=0` the stream's own `state_dict()` is exact; with workers, torchdata's
+    `StatefulDataLoader` holds each worker's stream state.
+    """
+
+    def __init__(self, stream, batch_size: int, num_workers: int):
+        self.stream = stream
+        self.num_workers = num_workers
+        # The loader draws a base seed when an iterator starts: from its own generator, never from the
+        # global RNG, whose state a resumed run restores from the checkpoint (masks depend on it).
+        options = dict(batch_size=batch_size, collate_fn=collate, generator=torch.Generator().manual_seed(0))
+        if num_workers > 0:
+            try:
+                from torchdata.stateful_dataloader import StatefulDataLoader
+            except ImportError as error:
+                raise ImportError(
+                    "dataloader_num_workers > 0 needs torchdata for exact resume: pip install torchdata "
+                    "(or use dataloader_num_workers=0)."
+                ) from error
+            self.loader = StatefulDataLoader(stream, num_workers=num_workers, **options)
+        else:
+            self.loader = torch.utils.data.DataLoader(stream, **options)
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict() if self.num_workers > 0 else self.stream.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        (self.loader if self.num_workers > 0 else self.stream).load_state_dict(state)
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack pixels `(B, C, S, S)` and channel ids `(B, C)`; metadata is not needed for pre-training."""
+    return {
+        "pixel_values": torch.stack([torch.as_tensor(s["pixel_values"]) for s in samples]),
+        "channel_ids": torch.stack([torch.as_tensor(s["channel_ids"]) for s in samples]),
+    }
+
+
+def training_stream(args: PretrainingArguments, config: CellMAEConfig, vocabulary: list[str], rank: int, world_size: int,
+                    metadata_fields: list[str] | None = None):
+    """This rank's endless, disjoint share of the shards, in an order fixed by `args.seed`."""
+    return stream_fields(
+        args.data, image_size=config.image_size, crops_per_field=args.crops_per_field, augment=args.augment,
+        channel_subset=args.channel_subset, channel_vocabulary=vocabulary, seed=args.seed, num_epochs=None,
+        rank=rank, world_size=world_size, num_workers=args.dataloader_num_workers,
+        metadata_fields=[] if metadata_fields is None else metadata_fields,
+    )
+
+
+def fixed_validation_field(args: PretrainingArguments, image_size: int, vocabulary: list[str]) -> dict:
+    """The first field of the shards, centre-cropped, no augmentation: the figure's subject."""
+    stream = stream_fields(
+        args.data, image_size=image_size, crops_per_field=1, augment=False, shuffle=False, num_epochs=1,
+        rank=0, world_size=1, channel_vocabulary=vocabulary, metadata_fields=[],
+    )
+    return collate([next(iter(stream))])
+
+
+def pretrain(args: PretrainingArguments) -> dict:
+    """Run (or resume) pre-training; returns a summary. Writes into `args.output_dir`:
+    `checkpoints/checkpoint-N/`, `model/` (loadable folder), `figures/`, `logs/`."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from tqdm.auto import tqdm
+
+    output_dir = Path(args.output_dir)
+    trackers = None if args.report_to == "none" else args.report_to
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=trackers,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        dynamo_backend="inductor" if args.torch_compile else None,
+    )
+    manifest = load_manifest(args.data)
+    set_seed(args.seed)  # identical initial weights on every rank
+    model = build_model(args, manifest)
+    config = model.config
+    if args.gradient_checkpointing:
+        model.activation_checkpointing_enable()
+    optimizer = build_optimizer(model, args.optimizer, args.learning_rate, args.weight_decay, (args.adam_beta1, args.adam_beta2))
+    scheduler = build_scheduler(optimizer, args.lr_scheduler, args.max_steps, args.warmup_ratio)
+    vocabulary = list(config.channel_names or manifest["channels"])
+    stream = training_stream(args, config, vocabulary, accelerator.process_index, accelerator.num_processes)
+    data = DataPosition(stream, args.per_device_train_batch_size, args.dataloader_num_workers)
+    validation = fixed_validation_field(args, config.image_size, vocabulary)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)  # stepped once per optimizer step, by us
+    set_seed(args.seed, device_specific=True)  # masks and drop-path differ between ranks
+
+    state = {"global_step": 0, "max_steps": args.max_steps, "images_seen": 0, "train_runtime_s": 0.0, "nonfinite_steps": 0,
+             "log_history": []}
+    checkpoint_root = output_dir / "checkpoints"
+    if args.resume_from_checkpoint:
+        checkpoint = resolve_checkpoint(args.resume_from_checkpoint, checkpoint_root)
+        if checkpoint is None:
+            accelerator.print(f"No checkpoint in {checkpoint_root}; starting from step 0.")
+        else:
+            saved = json.loads((checkpoint / "trainer_state.json").read_text())
+            if args.lr_scheduler == "one_cycle" and saved.get("max_steps", args.max_steps) != args.max_steps:
+                raise ValueError(
+                    f"{checkpoint} was written by a run with max_steps={saved['max_steps']}; the one-cycle schedule is "
+                    f"fixed by it. Resume with --max_steps {saved['max_steps']}, or fine-tune further with --init_from "
+                    f"{output_dir / 'model'} and a new output_dir."
+                )
+            accelerator.load_state(str(checkpoint))
+            state.update(saved)
+            data.load_state_dict(load_data_state(checkpoint, accelerator.process_index))
+            accelerator.print(f"Resumed from {checkpoint} at step {state['global_step']}.")
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        args.save(output_dir / "training_args.json")
+    if trackers:
+        accelerator.init_trackers("cellmae", config={k: v for k, v in args.to_dict().items() if isinstance(v, (int, float, str, bool))})
+
+    def save_reconstruction(step: int) -> Path | None:
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            out = model(validation["pixel_values"].to(accelerator.device), channel_ids=validation["channel_ids"].to(accelerator.device), mask_seed=0)
+        model.train(was_training)
+        if not accelerator.is_main_process:
+            return None
+        fig = reconstruction_figure(
+            validation["pixel_values"][0], out.logits[0].float().cpu(), out.mask[0].float().cpu(), config.patch_size,
+            channel_names=vocabulary, title=f"step {step}: masked-patch MSE {out.mse_loss.item():.3f}",
+        )
+        if trackers and "tensorboard" in str(trackers):
+            accelerator.get_tracker("tensorboard", unwrap=True).add_figure("reconstruction", fig, global_step=step)
+        return save_figure(fig, output_dir / "figures" / f"reconstruction-step{step:06d}.png")
+
+    def trainer_state() -> dict:
+        return {
+            **state,
+            "hardware": {"device": str(accelerator.device), "num_processes": accelerator.num_processes, "mixed_precision": args.mixed_precision},
+            "dataset": dataset_summary(args, manifest),
+        }
+
+    tokens_per_image = len(vocabulary if args.channel_subset is None else range(args.channel_subset)) * config.tokens_per_channel
+    images_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    progress = tqdm(total=args.max_steps, initial=state["global_step"], desc="pre-training", disable=not (accelerator.is_main_process and args.progress_bar))
+    window = {"loss": 0.0, "mse_loss": 0.0, "fourier_loss": 0.0, "count": 0, "data_s": 0.0, "start": time.perf_counter()}
+    consecutive_nonfinite, grad_norm = 0, None
+    model.train()
+    batches = iter(data.loader)
+    run_start = time.perf_counter()
+    runtime_before = state["train_runtime_s"]
+    while state["global_step"] < args.max_steps:
+        wait_start = time.perf_counter()
+        batch = next(batches)
+        window["data_s"] += time.perf_counter() - wait_start
+        with accelerator.accumulate(model):
+            out = model(batch["pixel_values"].to(accelerator.device), channel_ids=batch["channel_ids"].to(accelerator.device))
+            finite = torch.isfinite(out.loss.detach()).float()
+            if accelerator.num_processes > 1:
+                finite = accelerator.reduce(finite, reduction="min")
+            if finite.item() < 1:
+                consecutive_nonfinite += 1
+                state["nonfinite_steps"] += 1
+                accelerator.print(f"Non-finite loss at step {state['global_step']}: skipped ({consecutive_nonfinite} in a row).")
+                if consecutive_nonfinite > args.max_nonfinite_steps:
+                    raise NonFiniteLossError(
+                        f"{consecutive_nonfinite} consecutive non-finite losses (max_nonfinite_steps={args.max_nonfinite_steps}); "
+                        "lower the learning rate, enable gradient clipping or use bf16 instead of fp16."
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                continue
+            consecutive_nonfinite = 0
+            accelerator.backward(out.loss)
+            if accelerator.sync_gradients:
+                if args.max_grad_norm:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+        for key in ("loss", "mse_loss", "fourier_loss"):
+            window[key] += getattr(out, key).detach().float().item()
+        window["count"] += 1
+        if not accelerator.sync_gradients:
+            continue
+        state["global_step"] += 1
+        state["images_seen"] += images_per_step
+        step = state["global_step"]
+        progress.update(1)
+        if step % args.logging_steps == 0 or step == args.max_steps:
+            elapsed = time.perf_counter() - window["start"]
+            means = torch.tensor([window[k] / window["count"] for k in ("loss", "mse_loss", "fourier_loss")], device=accelerator.device)
+            means = accelerator.reduce(means, reduction="mean") if accelerator.num_processes > 1 else means
+            images = window["count"] * args.per_device_train_batch_size * accelerator.num_processes
+            record = {
+                "step": step,
+                "loss": means[0].item(),
+                "mse_loss": means[1].item(),
+                "fourier_loss": means[2].item(),
+                "learning_rate": scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "images_per_s": images / elapsed,
+                "tokens_per_s": images * tokens_per_image / elapsed,
+                "data_wait_share": window["data_s"] / elapsed,
+            }
+            state["log_history"].append(record)
+            accelerator.log({k: v for k, v in record.items() if v is not None and k != "step"}, step=step)
+            progress.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.1f}")
+            window.update(loss=0.0, mse_loss=0.0, fourier_loss=0.0, count=0, data_s=0.0, start=time.perf_counter())
+        if args.figure_steps and step % args.figure_steps == 0:
+            save_reconstruction(step)
+        if step % args.save_steps == 0 or step == args.max_steps:
+            state["train_runtime_s"] = runtime_before + time.perf_counter() - run_start
+            checkpoint = save_checkpoint(accelerator, checkpoint_root, step, data.state_dict(), trainer_state(), args.save_total_limit)
+            if args.save_model_with_checkpoints:
+                save_model_folder(accelerator, model, checkpoint / "model", args, trainer_state())
+    progress.close()
+    state["train_runtime_s"] = runtime_before + time.perf_counter() - run_start
+    model_dir = save_model_folder(accelerator, model, output_dir / "model", args, trainer_state())
+    figure = output_dir / "figures" / f"reconstruction-step{state['global_step']:06d}.png"
+    if not figure.exists():  # not already drawn at this step by figure_steps
+        figure = save_reconstruction(state["global_step"])
+    if accelerator.is_main_process and figure is not None:
+        (model_dir / "reconstruction.png").write_bytes(figure.read_bytes())
+    accelerator.end_training()
+    final = state["log_history"][-1] if state["log_history"] else {}
+    return {"model_dir": str(model_dir), "global_step": state["global_step"], "final_loss": final.get("loss"), "figure": str(figure) if figure else None}
+
+
+def save_model_folder(accelerator, model, path: Path, args: PretrainingArguments, trainer_state: dict) -> Path:
+    """A loadable folder: safetensors weights, config, processor, model code, training args and state."""
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    state_dict = accelerator.get_state_dict(model)
+    unwrapped.save_pretrained(path, state_dict=state_dict, is_main_process=accelerator.is_main_process, save_function=accelerator.save)
+    if accelerator.is_main_process:
+        config = unwrapped.config
+        CellMAEImageProcessor(image_size=config.image_size, crop_mode="tile", channel_names=config.channel_names).save_pretrained(path)
+        args.save(path / "training_args.json")
+        history = trainer_state["log_history"]
+        final = history[-1] if history else {}
+        summary = {**trainer_state, "final_losses": {k: final.get(k) for k in ("loss", "mse_loss", "fourier_loss")}}
+        (path / "trainer_state.json").write_text(json.dumps(summary, indent=2))
+    accelerator.wait_for_everyone()
+    return path
+
+
+def steps_per_epoch(args: PretrainingArguments, world_size: int = 1) -> int:
+    """Optimizer steps that one pass over the shards takes with these arguments."""
+    manifest = load_manifest(args.data)
+    images = manifest["num_fields"] * args.crops_per_field
+    return max(1, math.ceil(images / (args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size)))
