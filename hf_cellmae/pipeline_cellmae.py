@@ -32,6 +32,7 @@ class CellFeatureExtractionPipeline(Pipeline):
     _load_image_processor = True
     _load_feature_extractor = False
     _load_tokenizer = False
+    _load_video_processor = False
 
     def _sanitize_parameters(self, channelwise=None, crop_mode=None, channel_ids=None, **kwargs):
         preprocess = {"crop_mode": crop_mode} if crop_mode is not None else {}

@@ -109,3 +109,15 @@ def test_pipeline_embeds_a_real_16_bit_five_channel_cell_painting_site():
     embed = pipeline("cell-feature-extraction", model=model, image_processor=CellMAEImageProcessor(image_size=64, crop_mode="tile"))
     vector = embed(site)
     assert vector.shape == (model.config.hidden_size,) and np.isfinite(vector).all()
+
+
+def test_pipeline_loads_a_model_folder_by_path_without_asking_about_remote_code(tmp_path, monkeypatch):
+    model = CellMAEModel(CellMAEConfig.from_preset("tiny", image_size=32)).eval()
+    model.save_pretrained(tmp_path)
+    CellMAEImageProcessor(image_size=32).save_pretrained(tmp_path)
+
+    questions = []
+    monkeypatch.setattr("builtins.input", lambda *args, **kwargs: questions.append(args) or "n")
+    embed = pipeline("cell-feature-extraction", model=str(tmp_path))
+    assert questions == []
+    assert embed(np.zeros((3, 32, 32), np.uint8) + np.arange(32, dtype=np.uint8)).shape == (model.config.hidden_size,)
