@@ -115,6 +115,20 @@ def test_latest_checkpoint_ignores_partial_folders(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ the loop
+def test_raw_crops_are_standardised_on_the_device_exactly_as_the_processor_does():
+    from hf_cellmae.image_processing_cellmae import standardize_channels
+    from hf_cellmae.training.loop import collate, to_model_input
+
+    rng = np.random.default_rng(0)
+    crops16 = [rng.integers(0, 65535, (5, 16, 16)).astype(np.uint16) for _ in range(2)]
+    batch = collate([{"pixel_values": c, "channel_ids": np.arange(5)} for c in crops16])
+    assert batch["pixel_values"].dtype == torch.uint16  # 2 bytes per pixel through the loader
+    np.testing.assert_allclose(to_model_input(batch["pixel_values"], "cpu").numpy(), standardize_channels(np.stack(crops16)), atol=1e-5)
+    mixed = [crops16[0], (crops16[1] // 257).astype(np.uint8)]  # 16- and 8-bit plates in one batch
+    out = to_model_input(collate([{"pixel_values": c, "channel_ids": np.arange(5)} for c in mixed])["pixel_values"], "cpu")
+    np.testing.assert_allclose(out[1].numpy(), standardize_channels(mixed[1]), atol=1e-5)
+
+
 def test_pretraining_writes_a_loadable_model_folder_checkpoints_and_logs(synthetic_shards, tmp_path):
     summary = pretrain(parse_pretraining_arguments(run_args(synthetic_shards, tmp_path, figure_steps=6, save_total_limit=2)))
     model_dir = Path(summary["model_dir"])
@@ -197,7 +211,7 @@ PROBE = textwrap.dedent(
     import torch
     from accelerate import Accelerator
     from hf_cellmae.training.arguments import parse_pretraining_arguments
-    from hf_cellmae.training.loop import build_model, collate, training_stream
+    from hf_cellmae.training.loop import build_model, collate, to_model_input, training_stream
     from hf_cellmae.data.shards import load_manifest
 
     args = parse_pretraining_arguments(sys.argv[2:])
@@ -214,7 +228,7 @@ PROBE = textwrap.dedent(
     model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2))
     loader = torch.utils.data.DataLoader(training_stream(args, config, vocabulary, accelerator.process_index, accelerator.num_processes), batch_size=4, collate_fn=collate)
     for step, batch in zip(range(3), loader):
-        loss = model(batch["pixel_values"], channel_ids=batch["channel_ids"]).loss
+        loss = model(to_model_input(batch["pixel_values"], accelerator.device), channel_ids=batch["channel_ids"]).loss
         accelerator.backward(loss)
         optimizer.step(); optimizer.zero_grad()
     checksum = sum(float(p.detach().double().sum()) for p in model.parameters())

@@ -15,12 +15,13 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..configuration_cellmae import CellMAEConfig
 from ..data.shards import load_manifest
 from ..data.streaming import stream_fields
-from ..image_processing_cellmae import CellMAEImageProcessor
+from ..image_processing_cellmae import CellMAEImageProcessor, default_rescale_factor, standardize_channels
 from ..modeling_cellmae import CellMAEForPreTraining
 from .arguments import PretrainingArguments
 from .checkpoints import load_data_state, resolve_checkpoint, save_checkpoint
@@ -91,11 +92,24 @@ class DataPosition:
 
 
 def collate(samples: list[dict]) -> dict:
-    """Stack pixels `(B, C, S, S)` and channel ids `(B, C)`; metadata is not needed for pre-training."""
+    """Stack raw pixels `(B, C, S, S)` (at their stored dtype, or as [0, 1] floats when dtypes are mixed)
+    and channel ids `(B, C)`; metadata is not needed for pre-training."""
+    pixels = [np.asarray(s["pixel_values"]) for s in samples]
+    if len({p.dtype for p in pixels}) > 1:  # e.g. 8- and 16-bit plates in one batch
+        pixels = [p.astype(np.float32) * np.float32(default_rescale_factor(p.dtype)) for p in pixels]
     return {
-        "pixel_values": torch.stack([torch.as_tensor(s["pixel_values"]) for s in samples]),
+        "pixel_values": torch.from_numpy(np.stack(pixels)),
         "channel_ids": torch.stack([torch.as_tensor(s["channel_ids"]) for s in samples]),
     }
+
+
+def to_model_input(pixels: torch.Tensor, device) -> torch.Tensor:
+    """Raw crops -> standardised float32 on the device: half the bytes of float32 through the loader
+    for 16-bit data, and the per-channel arithmetic done on the accelerator instead of the data workers."""
+    pixels = pixels.to(device, non_blocking=True)
+    if pixels.dtype == torch.uint16:  # few torch ops take uint16: widen losslessly on the device first
+        return standardize_channels(pixels.to(torch.int32), rescale_factor=1.0 / 65535)
+    return standardize_channels(pixels)
 
 
 def training_stream(args: PretrainingArguments, config: CellMAEConfig, vocabulary: list[str], rank: int, world_size: int,
@@ -104,7 +118,7 @@ def training_stream(args: PretrainingArguments, config: CellMAEConfig, vocabular
     return stream_fields(
         args.data, image_size=config.image_size, crops_per_field=args.crops_per_field, augment=args.augment,
         channel_subset=args.channel_subset, channel_vocabulary=vocabulary, seed=args.seed, num_epochs=None,
-        rank=rank, world_size=world_size, num_workers=args.dataloader_num_workers,
+        rank=rank, world_size=world_size, num_workers=args.dataloader_num_workers, standardize=False,
         metadata_fields=[] if metadata_fields is None else metadata_fields,
     )
 
@@ -113,7 +127,7 @@ def fixed_validation_field(args: PretrainingArguments, image_size: int, vocabula
     """The first field of the shards, centre-cropped, no augmentation: the figure's subject."""
     stream = stream_fields(
         args.data, image_size=image_size, crops_per_field=1, augment=False, shuffle=False, num_epochs=1,
-        rank=0, world_size=1, channel_vocabulary=vocabulary, metadata_fields=[],
+        rank=0, world_size=1, channel_vocabulary=vocabulary, metadata_fields=[], standardize=False,
     )
     return collate([next(iter(stream))])
 
@@ -179,12 +193,13 @@ def pretrain(args: PretrainingArguments) -> dict:
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            out = model(validation["pixel_values"].to(accelerator.device), channel_ids=validation["channel_ids"].to(accelerator.device), mask_seed=0)
+            pixels = to_model_input(validation["pixel_values"], accelerator.device)
+            out = model(pixels, channel_ids=validation["channel_ids"].to(accelerator.device), mask_seed=0)
         model.train(was_training)
         if not accelerator.is_main_process:
             return None
         fig = reconstruction_figure(
-            validation["pixel_values"][0], out.logits[0].float().cpu(), out.mask[0].float().cpu(), config.patch_size,
+            pixels[0].cpu(), out.logits[0].float().cpu(), out.mask[0].float().cpu(), config.patch_size,
             channel_names=vocabulary, title=f"step {step}: masked-patch MSE {out.mse_loss.item():.3f}",
         )
         if trackers and "tensorboard" in str(trackers):
@@ -212,7 +227,7 @@ def pretrain(args: PretrainingArguments) -> dict:
         batch = next(batches)
         window["data_s"] += time.perf_counter() - wait_start
         with accelerator.accumulate(model):
-            out = model(batch["pixel_values"].to(accelerator.device), channel_ids=batch["channel_ids"].to(accelerator.device))
+            out = model(to_model_input(batch["pixel_values"], accelerator.device), channel_ids=batch["channel_ids"].to(accelerator.device))
             finite = torch.isfinite(out.loss.detach()).float()
             if accelerator.num_processes > 1:
                 finite = accelerator.reduce(finite, reduction="min")
