@@ -105,6 +105,7 @@ def main() -> None:
         crop = dict(image_size=args.crop, crops_per_field=4)
         print(f"stream, 1 core, decode+crop only            : {time_stream(shards, args.seconds, augment=False, standardize=False, **crop):8.0f} samples/s")
         print(f"stream, 1 core, decode+crop+augment          : {time_stream(shards, args.seconds, augment=True, standardize=False, **crop):8.0f} samples/s")
+        print(f"stream, 1 core, decode+crop+augment, views  : {time_stream(shards, args.seconds, augment=True, standardize=False, contiguous=False, **crop):8.0f} samples/s  (what `cellmae pretrain` streams; standardised on the device)")
         print(f"stream, 1 core, decode+crop+augment+standardise: {time_stream(shards, args.seconds, augment=True, standardize=True, **crop):8.0f} samples/s")
         print(f"stream, 1 core, + random 3-channel subsets    : {time_stream(shards, args.seconds, augment=True, standardize=True, channel_subset=3, **crop):8.0f} samples/s")
         print(f"DataLoader, {cores} workers, batch 32, standardised: {time_loader(shards, cores, args.seconds, args.crop):8.0f} samples/s")

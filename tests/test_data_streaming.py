@@ -105,6 +105,16 @@ def test_crops_are_the_original_pixels_after_the_reported_transform(plate):
         np.testing.assert_array_equal(sample["pixel_values"], _undo_nothing_crop(plate["fields"][sample["field_id"]], sample))
 
 
+def test_uncopied_views_hold_the_same_pixels_as_contiguous_copies(plate):
+    options = dict(image_size=SIZE, crops_per_field=CROPS, standardize=False, augment=True)
+    copies = list(stream_fields(plate["shards"], **options))
+    views = list(stream_fields(plate["shards"], contiguous=False, **options))
+    assert all(c["pixel_values"].flags["C_CONTIGUOUS"] for c in copies)
+    assert not all(v["pixel_values"].flags["C_CONTIGUOUS"] for v in views)
+    for copy, view in zip(copies, views):
+        np.testing.assert_array_equal(copy["pixel_values"], view["pixel_values"])
+
+
 def test_standardised_pixels_follow_the_normalisation_contract(plate):
     raw = list(stream_fields(plate["shards"], image_size=SIZE, crops_per_field=CROPS, standardize=False))
     standardised = list(stream_fields(plate["shards"], image_size=SIZE, crops_per_field=CROPS))

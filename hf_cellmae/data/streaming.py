@@ -63,7 +63,7 @@ from collections import OrderedDict
 import numpy as np
 
 from .shards import decode_pixels, load_manifest
-from .standardize import rescale_factor_for_dtype, standardize_field_inplace, to_float32_contiguous
+from .standardize import contiguous_copy, rescale_factor_for_dtype, standardize_field_inplace, to_float32_contiguous
 
 _DESCRIPTOR_KEYS = ["_path", "_group", "_unit", "_index", "_epoch"]
 
@@ -234,7 +234,7 @@ def _decode_sample(descriptor: dict, options: dict) -> dict:
     if options["standardize"]:
         pixel_values = standardize_field_inplace(to_float32_contiguous(crop), rescale_factor_for_dtype(crop.dtype))
     else:
-        pixel_values = np.ascontiguousarray(crop)
+        pixel_values = contiguous_copy(crop) if options["contiguous"] else crop
     vocabulary = options["channel_index"]
     try:
         channel_ids = np.array([vocabulary[channels[i]] for i in keep], dtype=np.int64)
@@ -269,6 +269,7 @@ def stream_fields(
     channel_subset: int | None = None,
     channel_vocabulary: list[str] | None = None,
     standardize: bool = True,
+    contiguous: bool = True,
     seed: int = 0,
     epoch: int = 0,
     num_epochs: int | None = 1,
@@ -293,6 +294,10 @@ def stream_fields(
             default ``manifest["channels"]``. A channel missing from it raises a clear error.
         standardize: yield ``pixel_values`` standardised per image and channel (the model's normalisation
             contract); ``False`` yields the raw crop at its stored dtype (uint8/uint16).
+        contiguous: with ``standardize=False``, ``False`` yields crops as strided views of the decoded field
+            (flipped/rotated views have negative strides) instead of copies: one copy less per sample when
+            your collate copies anyway (``np.stack``, as the training loop does). ``torch.as_tensor`` and
+            the default DataLoader collate reject negative strides, so keep the default unless you stack.
         seed, epoch: the order, crops and augmentations are a pure function of ``(seed, epoch)``.
         num_epochs: epochs this stream runs through, starting at ``epoch``, each in its own order;
             ``None`` = endless (for step-based training).
@@ -353,6 +358,7 @@ def stream_fields(
         "augment": augment,
         "channel_subset": channel_subset,
         "standardize": standardize,
+        "contiguous": contiguous,
         "channel_index": {name: index for index, name in enumerate(vocabulary)},
         "metadata_fields": metadata_fields,
         "storage_options": storage_options or {},

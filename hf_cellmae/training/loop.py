@@ -118,7 +118,7 @@ def training_stream(args: PretrainingArguments, config: CellMAEConfig, vocabular
     return stream_fields(
         args.data, image_size=config.image_size, crops_per_field=args.crops_per_field, augment=args.augment,
         channel_subset=args.channel_subset, channel_vocabulary=vocabulary, seed=args.seed, num_epochs=None,
-        rank=rank, world_size=world_size, num_workers=args.dataloader_num_workers, standardize=False,
+        rank=rank, world_size=world_size, num_workers=args.dataloader_num_workers, standardize=False, contiguous=False,
         metadata_fields=[] if metadata_fields is None else metadata_fields,
     )
 
