@@ -204,6 +204,20 @@ def test_a_killed_run_resumes_to_the_same_losses_and_weights(synthetic_shards, t
     assert history(interrupted) == history(tmp_path / "reference")
 
 
+def test_a_run_with_dataloader_workers_resumes_to_the_same_weights(synthetic_shards, tmp_path):
+    pytest.importorskip("torchdata", reason="exact resume with DataLoader workers needs torchdata (pip install torchdata)")
+    options = dict(max_steps=8, save_steps=4, dataloader_num_workers=1)
+    reference = cli("pretrain", *run_args(synthetic_shards, tmp_path / "reference", **options), timeout=600)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    run = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "reference" / "checkpoints" / "checkpoint-4", run / "checkpoints" / "checkpoint-4")
+    resumed = cli("pretrain", *run_args(synthetic_shards, run, **options), "--resume_from_checkpoint=latest", timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected = load_file(str(tmp_path / "reference" / "model" / "model.safetensors"))
+    got = load_file(str(run / "model" / "model.safetensors"))
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
 # ----------------------------------------------------------------------------------- two real processes
 PROBE = textwrap.dedent(
     """
