@@ -137,4 +137,9 @@ def register(subparsers) -> None:
     demo.add_argument("--out", default="cellmae-demo", help="output folder (default: ./cellmae-demo)")
     demo.add_argument("--max-steps", type=int, default=None, help="pre-training steps (default: the demo config's 400)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(func=lambda args: run_demo(args.out, max_steps=args.max_steps, seed=args.seed) and 0)
+    demo.set_defaults(func=_run_from_command_line)
+
+
+def _run_from_command_line(args) -> int:
+    run_demo(args.out, max_steps=args.max_steps, seed=args.seed)
+    return 0

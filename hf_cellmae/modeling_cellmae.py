@@ -684,10 +684,11 @@ class CellMAEForPreTraining(CellMAEPreTrainedModel):
             generator = torch.Generator(device=device).manual_seed(int(mask_seed))
         return torch.rand(batch, length, device=device, generator=generator)
 
-    def compute_loss(self, logits, pixel_values, mask, grid):
+    def compute_loss(self, logits, pixel_values, mask, grid, mask_ratio: float | None = None):
         """MSE over masked patches and Fourier loss, mixed `(1 - w) * mse + w * fourier`.
 
         `logits (B, L, p*p)`, `pixel_values (B, C, H, W)`, `mask (B, L)`; returns (loss, mse, fourier).
+        With nothing masked (`mask_ratio` 0) every token is scored instead of dividing by zero.
         """
         config = self.config
         target = self.patchify(pixel_values).float()  # (B, L, p*p)
@@ -696,8 +697,8 @@ class CellMAEForPreTraining(CellMAEPreTrainedModel):
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)
             target = (target - mean) / (var + 1e-6) ** 0.5
-        # Nothing masked (mask_ratio=0): score the reconstruction of every token instead of dividing by 0.
-        weights = mask if config.mask_ratio > 0 or mask.any() else torch.ones_like(mask)
+        ratio = config.mask_ratio if mask_ratio is None else mask_ratio
+        weights = mask if ratio > 0 else torch.ones_like(mask)
         mse = masked_mean(((prediction - target) ** 2).mean(dim=-1), weights)
         patch = config.patch_size
         if config.fourier_loss_scope == "patch":
@@ -747,7 +748,7 @@ class CellMAEForPreTraining(CellMAEPreTrainedModel):
         visible, mask, ids_restore = random_masking(tokens, ratio, noise)  # (B, K, D), (B, L), (B, L)
         latent, all_states = self.cellmae._run_encoder(visible, output_hidden_states)  # (B, 1 + K, D)
         logits = self.decoder(latent, ids_restore, ids, grid)  # (B, L, p*p)
-        loss, mse, fourier = self.compute_loss(logits, pixel_values, mask, grid)
+        loss, mse, fourier = self.compute_loss(logits, pixel_values, mask, grid, ratio)
         output = CellMAEForPreTrainingOutput(
             loss=loss,
             mse_loss=mse,

@@ -195,6 +195,9 @@ def test_zero_mask_ratio_scores_every_token_instead_of_nan():
     out = model(images(), mask_seed=0)
     assert out.mask.sum() == 0
     assert torch.isfinite(out.loss)
+    # The same when a model trained with masking is asked for no masking at call time.
+    overridden = CellMAEForPreTraining(tiny(mask_ratio=0.75)).eval()(images(), mask_seed=0, mask_ratio=0.0)
+    assert overridden.mask.sum() == 0 and torch.isfinite(overridden.loss)
 
 
 @pytest.mark.parametrize("decoder_type,block_type", [("shared", "parallel"), ("shared", "prenorm"), ("per_channel", "parallel")])

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..configuration_cellmae import CellMAEConfig
+from ..configuration_cellmae import PRESETS, CellMAEConfig
 from ..data.shards import load_manifest
 from ..data.streaming import stream_fields
 from ..image_processing_cellmae import CellMAEImageProcessor, default_rescale_factor, standardize_channels
@@ -42,8 +41,6 @@ def build_model(args: PretrainingArguments, manifest: dict) -> CellMAEForPreTrai
     overrides = args.overrides
     channels = list(manifest["channels"])
     overrides.setdefault("channel_names", channels)
-    from ..configuration_cellmae import PRESETS
-
     preset_max = PRESETS.get(args.model_preset, {}).get("max_channels", CellMAEConfig().max_channels)
     overrides.setdefault("max_channels", max(preset_max, len(overrides["channel_names"])))
     return CellMAEForPreTraining(CellMAEConfig.from_preset(args.model_preset, **overrides))
@@ -112,14 +109,13 @@ def to_model_input(pixels: torch.Tensor, device) -> torch.Tensor:
     return standardize_channels(pixels)
 
 
-def training_stream(args: PretrainingArguments, config: CellMAEConfig, vocabulary: list[str], rank: int, world_size: int,
-                    metadata_fields: list[str] | None = None):
+def training_stream(args: PretrainingArguments, config: CellMAEConfig, vocabulary: list[str], rank: int, world_size: int):
     """This rank's endless, disjoint share of the shards, in an order fixed by `args.seed`."""
     return stream_fields(
         args.data, image_size=config.image_size, crops_per_field=args.crops_per_field, augment=args.augment,
         channel_subset=args.channel_subset, channel_vocabulary=vocabulary, seed=args.seed, num_epochs=None,
         rank=rank, world_size=world_size, num_workers=args.dataloader_num_workers, standardize=False, contiguous=False,
-        metadata_fields=[] if metadata_fields is None else metadata_fields,
+        metadata_fields=[],
     )
 
 
@@ -213,7 +209,7 @@ def pretrain(args: PretrainingArguments) -> dict:
             "dataset": dataset_summary(args, manifest),
         }
 
-    tokens_per_image = len(vocabulary if args.channel_subset is None else range(args.channel_subset)) * config.tokens_per_channel
+    tokens_per_image = (args.channel_subset or len(vocabulary)) * config.tokens_per_channel
     images_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     progress = tqdm(total=args.max_steps, initial=state["global_step"], desc="pre-training", disable=not (accelerator.is_main_process and args.progress_bar))
     window = {"loss": 0.0, "mse_loss": 0.0, "fourier_loss": 0.0, "count": 0, "data_s": 0.0, "start": time.perf_counter()}
@@ -316,9 +312,3 @@ def save_model_folder(accelerator, model, path: Path, args: PretrainingArguments
     accelerator.wait_for_everyone()
     return path
 
-
-def steps_per_epoch(args: PretrainingArguments, world_size: int = 1) -> int:
-    """Optimizer steps that one pass over the shards takes with these arguments."""
-    manifest = load_manifest(args.data)
-    images = manifest["num_fields"] * args.crops_per_field
-    return max(1, math.ceil(images / (args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size)))
