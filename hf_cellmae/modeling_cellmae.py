@@ -480,8 +480,6 @@ class CellMAEPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["CellMAEParallelBlock", "CellMAEPreNormBlock"]
     _supports_sdpa = True
-    _supports_flex_attn = True
-    _supports_attention_backend = True
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
