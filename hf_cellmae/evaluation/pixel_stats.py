@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..data.standardize import rescale_factor_for_dtype
+
 DEFAULT_PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
-
-
-def _rescale_factor(dtype: np.dtype) -> float:
-    """The normalisation contract's rescale: 1/dtype max for integers, 1.0 for floats."""
-    if np.issubdtype(dtype, np.integer):
-        return 1.0 / float(np.iinfo(dtype).max)
-    return 1.0
 
 
 def pixel_statistic_names(channels: list[str], percentiles=DEFAULT_PERCENTILES) -> list[str]:
@@ -34,7 +29,7 @@ def pixel_statistics(field: np.ndarray, percentiles=DEFAULT_PERCENTILES) -> np.n
     field = np.asarray(field)
     if field.ndim != 3:
         raise ValueError(f"a field must be (C, H, W), got shape {field.shape}")
-    pixels = field.reshape(field.shape[0], -1).astype(np.float64) * _rescale_factor(field.dtype)  # (C, H*W)
+    pixels = field.reshape(field.shape[0], -1).astype(np.float64) * rescale_factor_for_dtype(field.dtype)  # (C, H*W)
     stats = [pixels.mean(axis=1, keepdims=True), pixels.std(axis=1, keepdims=True)]
     stats.append(np.percentile(pixels, percentiles, axis=1).T)  # (C, len(percentiles))
     return np.concatenate(stats, axis=1).reshape(-1).astype(np.float32)
