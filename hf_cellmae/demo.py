@@ -30,6 +30,7 @@ def run_demo(out: str | Path = "cellmae-demo", max_steps: int | None = None, see
     from .evaluation.embed import ModelFeaturizer, PixelStatsFeaturizer, embed_dataset
     from .evaluation.report import evaluate_synthetic
     from .hub.model_card import write_model_card
+    from .configuration_cellmae import CellMAEConfig
     from .modeling_cellmae import CellMAEForPreTraining
     from .training.arguments import PretrainingArguments, read_config_file
     from .training.loop import pretrain
@@ -63,8 +64,7 @@ def run_demo(out: str | Path = "cellmae-demo", max_steps: int | None = None, see
     _say("4/5 embedding every field and measuring recall of the true relationships (with two baselines)")
     step_start = time.perf_counter()
     random_dir = out / "random_init"
-    trained = CellMAEForPreTraining.from_pretrained(model_dir)
-    random_model = CellMAEForPreTraining(trained.config)  # same architecture, initial weights
+    random_model = CellMAEForPreTraining(CellMAEConfig.from_pretrained(model_dir))  # same architecture, initial weights
     random_model.save_pretrained(random_dir)
     shutil.copy(model_dir / "preprocessor_config.json", random_dir / "preprocessor_config.json")
     tables = {}
