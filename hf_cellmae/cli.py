@@ -12,6 +12,8 @@ import importlib
 import importlib.util
 import sys
 
+from .errors import USER_FACING_ERRORS
+
 # Stage command modules, in pipeline order (data -> model -> training -> evaluation -> hub).
 COMMAND_MODULES = (
     "hf_cellmae.data.commands",
@@ -38,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"hf_cellmae {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         if not _module_exists(name):  # a stage not present in this build
@@ -57,7 +60,17 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
-    result = args.func(args)
+    try:
+        result = args.func(args)
+    except KeyboardInterrupt:
+        print(f"cellmae {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except USER_FACING_ERRORS as error:
+        if args.debug:
+            raise
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"cellmae {args.command}: error: {message} (run `cellmae --debug {args.command} ...` for the traceback)", file=sys.stderr)
+        return 2
     return int(result or 0)
 
 
