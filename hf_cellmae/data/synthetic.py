@@ -13,22 +13,31 @@ actin fibres, ``Mito`` punctate mitochondria) on 384-well plates, and writes:
   ``entity1,entity2`` (the EFAAR benchmark annotation format);
 - ``OUT/synthetic_config.json``: every knob, so a dataset can be re-made bit for bit.
 
-The biology: 13 morphology parameters per cell (nucleus and cell size, density, elongation, the
-intensity of each stain, ER concentration around the nucleus, nucleoli, membrane-vs-fibre actin,
-mitochondrial puncta). Each pathway has a random direction in that space; each complex (a group of
-genes) inside a pathway has its own direction mixed with its pathway's; each gene applies its
-complex's phenotype at a gene-specific strength plus a small gene-specific deviation. So genes of the
-same complex look alike, genes of the same pathway look somewhat alike, and the relationship files
-list exactly those pairs. Controls have no phenotype.
+The biology (see ``docs/synthetic_screen.md`` for the reasoning): 16 parameters per cell. As in real
+Cell Painting, a perturbation's phenotype is mostly *morphology* (nucleus and cell size, elongation,
+nuclear irregularity, density), *texture and granularity* (chromatin condensation, mitochondrial
+fragmentation into puncta, actin fibres vs cortical membrane), *spatial organisation* (ER and
+mitochondria gathered around the nucleus) and *relative stain levels within a channel* (nucleolar vs
+cytoplasmic RNA); the absolute amount of each stain moves only weakly (``absolute_intensity_weight``),
+while plate, well and field staining/illumination variation (``batch_effect``, ``well_effect``,
+``field_effect``) dominate absolute intensity. Each pathway has a random direction in that space; each
+complex (a group of genes) inside a pathway has its own direction mixed with its pathway's; each gene
+applies its complex's phenotype at a gene-specific strength plus a small gene-specific deviation. So
+genes of the same complex look alike, genes of the same pathway look somewhat alike, and the
+relationship files list exactly those pairs. Controls have no phenotype.
 
 Signal-to-noise knobs (:class:`SyntheticScreenConfig`), from easiest to hardest to learn:
 
 - ``effect_size`` (0.6): size of a complex's phenotype, in log units of the morphology parameters.
 - ``penetrance`` (0.8): fraction of a perturbed well's cells that show the phenotype.
 - ``gene_specificity`` (0.35): a gene's own deviation from its complex, relative to ``effect_size``.
+- ``absolute_intensity_weight`` (0.25): how much of a phenotype moves the absolute amount of a stain
+  (``*_intensity`` parameters), relative to the other parameters.
 - ``cell_variability`` (0.25): cell-to-cell log-scale variation of every parameter (biological noise).
 - ``batch_effect`` (0.3): per plate and channel, gain spread (log sd), illumination gradient and
   background offset; plates are the batches, so TVN/control-based correction is needed.
+- ``well_effect`` (0.2) and ``field_effect`` (0.1): per well and per field, per-channel gain spread
+  (log sd): staining, seeding and focus differences that control wells cannot correct.
 - ``noise`` (0.01): camera read noise (fraction of a typical signal) on top of shot noise.
 
 Everything is deterministic from ``seed`` (each field has its own seed, so workers change nothing).
@@ -48,14 +57,17 @@ import numpy as np
 
 CHANNELS = ("DNA", "ER", "RNA", "AGP", "Mito")
 PARAMETERS = (
-    "nucleus_radius", "cell_radius", "density", "elongation", "dna_intensity", "er_intensity",
-    "er_perinuclear", "rna_intensity", "nucleoli", "agp_intensity", "membrane_vs_fibres",
-    "mito_intensity", "mito_puncta",
+    "nucleus_radius", "cell_radius", "density", "elongation", "nuclear_irregularity", "chromatin_condensation",
+    "dna_intensity", "er_intensity", "er_perinuclear", "rna_intensity", "nucleoli", "agp_intensity",
+    "membrane_vs_fibres", "mito_intensity", "mito_puncta", "mito_perinuclear",
 )
+# The absolute amount of a stain: weakly moved by phenotypes (``absolute_intensity_weight``).
+INTENSITY_PARAMETERS = ("dna_intensity", "er_intensity", "rna_intensity", "agp_intensity", "mito_intensity")
 _BASE = {
-    "nucleus_radius": 5.5, "cell_radius": 12.0, "density": 1.0, "elongation": 1.3, "dna_intensity": 1.0,
-    "er_intensity": 0.8, "er_perinuclear": 1.0, "rna_intensity": 0.6, "nucleoli": 1.0, "agp_intensity": 0.8,
-    "membrane_vs_fibres": 1.0, "mito_intensity": 0.9, "mito_puncta": 1.0,
+    "nucleus_radius": 5.5, "cell_radius": 12.0, "density": 1.0, "elongation": 1.3, "nuclear_irregularity": 1.0,
+    "chromatin_condensation": 1.0, "dna_intensity": 1.0, "er_intensity": 0.8, "er_perinuclear": 1.0,
+    "rna_intensity": 0.6, "nucleoli": 1.0, "agp_intensity": 0.8, "membrane_vs_fibres": 1.0, "mito_intensity": 0.9,
+    "mito_puncta": 1.0, "mito_perinuclear": 1.0,
 }
 CONTROL = "non-targeting"
 _ROWS, _COLS = 16, 24  # 384-well plate
@@ -78,8 +90,11 @@ class SyntheticScreenConfig:
     effect_size: float = 0.6
     penetrance: float = 0.8
     gene_specificity: float = 0.35
+    absolute_intensity_weight: float = 0.25
     cell_variability: float = 0.25
     batch_effect: float = 0.3
+    well_effect: float = 0.2
+    field_effect: float = 0.1
     noise: float = 0.01
     seed: int = 0
     experiment: str = "synthetic"
@@ -107,16 +122,22 @@ def design_screen(config: SyntheticScreenConfig) -> dict:
     rng = np.random.default_rng([config.seed, 1])
     dims = len(PARAMETERS)
     scale = config.effect_size * np.sqrt(3.0)  # as if ~3 parameters each moved by effect_size
+    # Phenotypes live mostly in morphology, texture and organisation: the stain amounts get a small weight.
+    weight = np.array([config.absolute_intensity_weight if name in INTENSITY_PARAMETERS else 1.0 for name in PARAMETERS])
+
+    def direction() -> np.ndarray:
+        return _unit(weight * rng.standard_normal(dims))
+
     genes = []
     for p in range(config.num_pathways):
-        pathway_direction = _unit(rng.standard_normal(dims))
+        pathway_direction = direction()
         pathway = f"PATH{p + 1}"
         for c in range(config.complexes_per_pathway):
             complex_name = f"CPLX{string.ascii_uppercase[p * config.complexes_per_pathway + c]}"
-            complex_direction = _unit(0.6 * pathway_direction + 0.8 * _unit(rng.standard_normal(dims)))
+            complex_direction = _unit(0.6 * pathway_direction + 0.8 * direction())
             for g in range(config.genes_per_complex):
                 strength = rng.uniform(0.7, 1.3)
-                own = config.gene_specificity * _unit(rng.standard_normal(dims))
+                own = config.gene_specificity * direction()
                 genes.append(
                     {
                         "gene": f"{complex_name}{g + 1}",
@@ -170,8 +191,18 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
-def render_field(config: SyntheticScreenConfig, phenotype: np.ndarray | None, effects: dict, field_seed: list[int]) -> tuple[np.ndarray, int]:
-    """Render one field of view: ``(C, S, S)`` at the configured bit depth, and its number of cells."""
+def well_gain(config: SyntheticScreenConfig, plate: int, well: str) -> np.ndarray:
+    """Per-channel staining gain of one well (log sd ``well_effect``): technical, not biological."""
+    rng = np.random.default_rng([config.seed, 5, plate, int(well[1:]) + 100 * (ord(well[0]) - 64)])
+    return np.exp(config.well_effect * rng.standard_normal(len(CHANNELS)))
+
+
+def render_field(config: SyntheticScreenConfig, phenotype: np.ndarray | None, effects: dict, field_seed: list[int],
+                 gain: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+    """Render one field of view: ``(C, S, S)`` at the configured bit depth, and its number of cells.
+
+    ``gain`` (C,) is the well's staining gain (:func:`well_gain`); each field adds its own (``field_effect``).
+    """
     rng = np.random.default_rng(field_seed)
     size = config.field_size
     dims = len(PARAMETERS)
@@ -180,8 +211,8 @@ def render_field(config: SyntheticScreenConfig, phenotype: np.ndarray | None, ef
     mean_params = dict(zip(PARAMETERS, base * np.exp(shift * (config.penetrance if phenotype is not None else 0.0))))
     num_cells = int(rng.poisson(config.cells_per_field * (size / 128) ** 2 * mean_params["density"]))
     # per-cell stain maps: DNA nucleus, plain nucleus, membrane, perinuclear ER, nucleoli, fibres,
-    # cytoplasmic ER, cytoplasmic RNA, cytoplasmic mitochondria
-    maps = np.zeros((9, size, size), dtype=np.float32)
+    # cytoplasmic ER, cytoplasmic RNA, cytoplasmic mitochondria, condensed chromatin
+    maps = np.zeros((10, size, size), dtype=np.float32)
     for _ in range(num_cells):
         affected = phenotype is not None and rng.random() < config.penetrance
         log_params = np.log(base) + (shift if affected else 0.0) + config.cell_variability * rng.standard_normal(dims)
@@ -200,12 +231,18 @@ def render_field(config: SyntheticScreenConfig, phenotype: np.ndarray | None, ef
         u = (dx * np.cos(angle) + dy * np.sin(angle)) / np.sqrt(elongation)
         v = (-dx * np.sin(angle) + dy * np.cos(angle)) * np.sqrt(elongation)
         radius = np.sqrt(u**2 + v**2)
-        wobble = 1.0 + 0.12 * np.sin(3 * np.arctan2(v, u) + rng.uniform(0, 2 * np.pi))
-        nucleus = _sigmoid((1.0 - radius / p["nucleus_radius"]) * 6.0)
+        theta = np.arctan2(v, u)
+        wobble = 1.0 + 0.12 * np.sin(3 * theta + rng.uniform(0, 2 * np.pi))
+        # irregular (lobed, blebbed) nuclei: a 5-fold boundary ripple whose depth is the parameter
+        nuclear_wobble = 1.0 + 0.1 * p["nuclear_irregularity"] * np.sin(5 * theta + rng.uniform(0, 2 * np.pi))
+        nucleus = _sigmoid((1.0 - radius * nuclear_wobble / p["nucleus_radius"]) * 6.0)
         body = _sigmoid((1.0 - radius * wobble / cell_radius) * 5.0)
         cytoplasm = np.clip(body - nucleus, 0.0, None)
         membrane = np.exp(-(((radius * wobble - cell_radius) / 1.3) ** 2))
-        perinuclear = cytoplasm * np.exp(-np.clip(radius - p["nucleus_radius"], 0, None) / (cell_radius * 0.3 * p["er_perinuclear"]))
+        beyond_nucleus = np.clip(radius - p["nucleus_radius"], 0, None)
+        perinuclear = cytoplasm * np.exp(-beyond_nucleus / (cell_radius * 0.3 * p["er_perinuclear"]))
+        # mitochondria spread through the cytoplasm or gathered around the nucleus (higher = closer)
+        mito_spread = cytoplasm * np.exp(-beyond_nucleus / (cell_radius * 0.6 / p["mito_perinuclear"]))
         nucleoli = np.zeros_like(nucleus)
         for _ in range(rng.poisson(2.0 * p["nucleoli"])):
             ny, nx = rng.normal(0, p["nucleus_radius"] * 0.35, 2)
@@ -220,22 +257,25 @@ def render_field(config: SyntheticScreenConfig, phenotype: np.ndarray | None, ef
             p["agp_intensity"] * cytoplasm / p["membrane_vs_fibres"],
             p["er_intensity"] * cytoplasm,
             p["rna_intensity"] * cytoplasm,
-            p["mito_intensity"] * cytoplasm,
+            p["mito_intensity"] * mito_spread,
+            p["dna_intensity"] * p["chromatin_condensation"] * nucleus,
         ]).astype(np.float32)
-    dna, nucleus, membrane, perinuclear, nucleoli, fibres, er_cytoplasm, rna_cytoplasm, mito_cytoplasm = maps
-    chromatin = 1.0 + 0.25 * _bandpass_noise(rng, size, 0.15, 0.08)
+    dna, nucleus, membrane, perinuclear, nucleoli, fibres, er_cytoplasm, rna_cytoplasm, mito_cytoplasm, condensed = maps
+    chromatin = _bandpass_noise(rng, size, 0.15, 0.08)  # condensed chromatin: texture whose depth is per cell
     reticulum = np.clip(1.0 + 0.6 * _bandpass_noise(rng, size, 0.12, 0.06), 0.0, None)
     puncta_frequency = float(np.clip(0.22 * mean_params["mito_puncta"], 0.05, 0.45))
     puncta = np.clip(_bandpass_noise(rng, size, puncta_frequency, 0.05), 0.0, None) ** 1.5
     fibre_texture = np.clip(1.0 + 0.8 * _bandpass_noise(rng, size, 0.1, 0.04), 0.0, None)
     signal = np.stack([
-        dna * chromatin,
+        dna + 0.3 * condensed * chromatin,
         (0.25 * er_cytoplasm + perinuclear) * reticulum,
         0.35 * rna_cytoplasm + 0.15 * nucleus + 0.8 * nucleoli,
         membrane + 0.4 * fibres * fibre_texture,
         mito_cytoplasm * puncta,
     ])  # (C, S, S)
-    image = signal * effects["gain"][:, None, None] * effects["illumination"] + effects["background"][:, None, None]
+    field_gain = np.exp(config.field_effect * rng.standard_normal(len(CHANNELS)))
+    gain = effects["gain"] * field_gain * (1.0 if gain is None else gain)  # (C,) plate x well x field
+    image = signal * gain[:, None, None] * effects["illumination"] + effects["background"][:, None, None]
     full_scale = 12000.0 if config.bit_depth == 16 else 110.0
     counts = image * full_scale
     # shot noise (~2000 photons at a typical signal) and camera read noise, as one Gaussian draw
@@ -257,7 +297,7 @@ def _render_plate_wells(task: dict) -> list[dict]:
         phenotype = None if gene is None else np.asarray(gene["phenotype"])
         for site in range(1, config.sites_per_well + 1):
             field_seed = [config.seed, 4, task["plate"], int(well[1:]) + 100 * (ord(well[0]) - 64), site]
-            pixels, num_cells = render_field(config, phenotype, effects, field_seed)
+            pixels, num_cells = render_field(config, phenotype, effects, field_seed, gain=well_gain(config, task["plate"], well))
             for index, plane in enumerate(pixels, start=1):
                 path = Path(task["plate_dir"]) / f"{well}_s{site}_w{index}.png"
                 path.write_bytes(imagecodecs.png_encode(plane, level=1))
