@@ -5,6 +5,8 @@
 - ``relate``: recall of known relationships, identical to efaar_benchmarking 1.0.
 - ``report``: the evaluation JSON and plots (``cellmae evaluate``); ``evaluate_synthetic`` for the demo.
 - ``pixel_stats``: per-channel pixel statistics, the baseline featuriser.
+- ``probe``: linear probe / kNN of any metadata column, split by plate (or well).
+- ``retrieval``: gene-set recall and copairs mean average precision.
 
 Only ``embed`` imports the model (lazily); the rest needs numpy, pandas and matplotlib.
 """
@@ -19,7 +21,9 @@ from .relate import (
     known_relationship_recall,
     load_relationships,
 )
+from .probe import plot_probe, probe_embeddings
 from .report import build_map, evaluate_embeddings, evaluate_synthetic, read_embeddings, relationship_files
+from .retrieval import consistency_map, gene_set_recall, replicate_map
 
 __all__ = [
     "BENCHMARK_SOURCES",
@@ -37,6 +41,11 @@ __all__ = [
     "pca_center_scale",
     "pixel_statistic_names",
     "pixel_statistics",
+    "plot_probe",
+    "probe_embeddings",
+    "consistency_map",
+    "gene_set_recall",
+    "replicate_map",
     "read_embeddings",
     "relationship_files",
     "tvn",
