@@ -80,6 +80,8 @@ def run_demo(out: str | Path = "cellmae-demo", max_steps: int | None = None, see
         baselines={"random_init": tables["random_init"], "pixel_stats": tables["pixel_stats"]},
         batch_col="Metadata_plate",
     )
+    probes = _probe_table(tables)
+    (out / "evaluation" / "probe_results.json").write_text(json.dumps(probes, indent=2) + "\n")
     timings["evaluate_s"] = time.perf_counter() - step_start
 
     _say("5/5 writing the model card")
@@ -95,11 +97,24 @@ def run_demo(out: str | Path = "cellmae-demo", max_steps: int | None = None, see
         "final_loss": summary["final_loss"],
         "steps": summary["global_step"],
         "recall": recall,
+        "probe": {name: {label: row[label]["accuracy"] for label in PROBE_LABELS} for name, row in probes.items()},
+        "probe_chance": {label: probes["pretrained"][label]["chance_uniform"] for label in PROBE_LABELS},
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
     }
     (out / "demo_report.json").write_text(json.dumps(report, indent=2) + "\n")
     _print_report(report)
     return report
+
+
+PROBE_LABELS = ("complex", "gene")
+
+
+def _probe_table(tables: dict) -> dict:
+    """Logistic-regression probe, leave one plate out, of each label from each feature table."""
+    from .evaluation import probe_embeddings, read_embeddings
+
+    return {name: {label: probe_embeddings(read_embeddings(path), label) for label in PROBE_LABELS}
+            for name, path in tables.items()}
 
 
 def _recall_table(results: dict) -> dict:
@@ -120,6 +135,12 @@ def _print_report(report: dict) -> None:
     print(f"  {'model':<14}" + "".join(f"{s:>12}" for s in sources))
     for name, row in recall.items():
         print(f"  {name:<14}" + "".join(f"{row[s]:>12.3f}" for s in sources))
+    print()
+    print("Linear probe (logistic regression on well profiles, leave one plate out), accuracy:")
+    print(f"  {'model':<14}" + "".join(f"{label:>12}" for label in PROBE_LABELS))
+    for name, row in report["probe"].items():
+        print(f"  {name:<14}" + "".join(f"{row[label]:>12.3f}" for label in PROBE_LABELS))
+    print(f"  {'chance':<14}" + "".join(f"{report['probe_chance'][label]:>12.3f}" for label in PROBE_LABELS))
     print()
     print(f"Wrote {report['model_dir']} (weights, config, processor, model code, model card README.md)")
     print(f"      {report['reconstruction_figure']}")
