@@ -127,3 +127,16 @@ def test_aggregate_mean_and_median_drop_controls():
     np.testing.assert_allclose(means[:, 0], [1.0, 4.0])
     _, medians = aggregate(features, labels, method="median", drop=["ctrl"])
     np.testing.assert_allclose(medians[:, 0], [1.0, 2.0])
+
+
+def test_tvn_with_n_components_whitens_a_table_wider_than_its_controls():
+    from hf_cellmae.evaluation.align import tvn
+
+    rng = np.random.default_rng(0)
+    features = rng.standard_normal((60, 40)) @ rng.standard_normal((40, 40))
+    is_control = np.arange(60) < 30  # 30 controls, 40 dimensions: plain TVN cannot whiten
+    with pytest.raises(ValueError, match="n_components < 30"):
+        tvn(features, is_control)
+    out = tvn(features, is_control, n_components=10)
+    assert out.shape == (60, 10)
+    np.testing.assert_allclose(np.cov(out[is_control], rowvar=False, ddof=0), np.eye(10), atol=1e-8)

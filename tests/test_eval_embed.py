@@ -86,6 +86,38 @@ def test_channelwise_embeddings_have_one_block_per_channel(plate, tiny_model, tm
     assert feature_columns[0] == "Ch1_feature_000" and feature_columns[-1] == f"Ch3_feature_{width - 1:03d}"
 
 
+@pytest.mark.parametrize("readout, layer", [("cls", None), ("mean_std", None), ("mean", 2), ("channelwise", -1)])
+def test_each_readout_is_the_documented_function_of_the_tokens(plate, tiny_model, readout, layer):
+    import torch
+
+    from hf_cellmae import CellMAEImageProcessor, CellMAEModel
+    from hf_cellmae.evaluation.embed import Field
+
+    root, _ = plate
+    pixels = np.stack([tifffile.imread(root / f"plate1_A01_site1_Ch{c}.tif") for c in (1, 2, 3)])
+    featurizer = ModelFeaturizer(tiny_model, readout=readout, layer=layer)
+    features, counts = featurizer([Field(pixels, ["Ch1", "Ch2", "Ch3"], {})])
+    assert features.shape[1] == len(featurizer.feature_names(["Ch1", "Ch2", "Ch3"]))
+    crops = CellMAEImageProcessor(image_size=64, crop_mode="tile")(pixels, return_tensors="pt")["pixel_values"]
+    with torch.inference_mode():
+        out = CellMAEModel.from_pretrained(tiny_model)(crops, output_hidden_states=True)
+    tokens = out.last_hidden_state if layer is None else out.hidden_states[layer % 5]  # (2, 1 + 3*64, D), 4 blocks
+    expected = {
+        "cls": lambda t: t[:, 0],
+        "mean_std": lambda t: torch.cat([t[:, 1:].mean(1), t[:, 1:].std(1)], 1),
+        "mean": lambda t: t[:, 1:].mean(1),
+        "channelwise": lambda t: t[:, 1:].reshape(2, 3, -1, t.shape[-1]).mean(2).flatten(1),
+    }[readout](tokens).mean(0).numpy()
+    np.testing.assert_allclose(features[0], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_unknown_readout_or_layer_is_refused_with_the_choices(tiny_model):
+    with pytest.raises(ValueError, match="readout='max'"):
+        ModelFeaturizer(tiny_model, readout="max")
+    with pytest.raises(ValueError, match="layer=9 is outside the encoder's blocks 1..4"):
+        ModelFeaturizer(tiny_model, layer=9)
+
+
 def test_interrupted_run_resumes_without_redoing_finished_parts(plate, tmp_path):
     root, metadata = plate
     out = tmp_path / "emb"

@@ -43,13 +43,15 @@ def test_results_follow_the_contract_and_plots_are_pngs(tmp_path):
                                   baselines={"random_init": noise}, batch_col="Metadata_plate", progress=False)
     written = json.loads((tmp_path / "eval_results.json").read_text())
     assert written == results
-    assert set(written) == CONTRACT_KEYS | {"baselines"}
+    assert set(written) == CONTRACT_KEYS | {"baselines", "suite"}
+    assert set(written["suite"]["featurizers"]) == {"model", "random_init"}
     assert written["chance"] == {"recall_0.05_0.95": 0.1, "recall_0.10_0.90": 0.2}
     assert set(written["sources"]["complexes"]) == {"recall_0.05_0.95", "recall_0.10_0.90", "null_size", "query_size"}
     assert (written["n_perturbations"], written["embedding_dim"]) == (20, 8)
     assert set(written["baselines"]["random_init"]) == {"sources"}
     for name in ("recall", "heatmap", "projection"):
         assert (tmp_path / written["plots"][name]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / written["suite"]["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_related_genes_are_recalled_above_chance_and_above_a_signal_free_baseline():

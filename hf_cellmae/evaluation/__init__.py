@@ -7,6 +7,9 @@
 - ``pixel_stats``: per-channel pixel statistics, the baseline featuriser.
 - ``probe``: linear probe / kNN of any metadata column, split by plate (or well).
 - ``retrieval``: gene-set recall and copairs mean average precision.
+- ``cellprofiler``: classical segmentation + cp-measure features (a baseline featuriser) and
+  cross-validated ridge R² of predicting them from embeddings.
+- ``suite``: all of the above for a model and its baselines side by side (``cellmae evaluate``).
 
 Only ``embed`` imports the model (lazily); the rest needs numpy, pandas and matplotlib.
 """
@@ -24,6 +27,7 @@ from .relate import (
 from .probe import plot_probe, probe_embeddings
 from .report import build_map, evaluate_embeddings, evaluate_synthetic, read_embeddings, relationship_files
 from .retrieval import consistency_map, gene_set_recall, replicate_map
+from .suite import evaluate_suite, plot_suite, suite_rows
 
 __all__ = [
     "BENCHMARK_SOURCES",
@@ -35,6 +39,7 @@ __all__ = [
     "chance_recall",
     "compute_recall",
     "evaluate_embeddings",
+    "evaluate_suite",
     "evaluate_synthetic",
     "known_relationship_recall",
     "load_relationships",
@@ -46,7 +51,9 @@ __all__ = [
     "consistency_map",
     "gene_set_recall",
     "replicate_map",
+    "plot_suite",
     "read_embeddings",
     "relationship_files",
+    "suite_rows",
     "tvn",
 ]

@@ -145,6 +145,7 @@ def tvn(
     coral: bool = False,
     coral_eps: float = 0.5,
     scale_per_batch: bool = True,
+    n_components: int | None = None,
 ) -> np.ndarray:
     """Typical variation normalisation on controls, with optional per-batch CORAL.
 
@@ -160,24 +161,27 @@ def tvn(
         coral: apply the per-batch CORAL step (needs ``batch``).
         coral_eps: ridge added to each batch's control covariance before the inverse square root.
         scale_per_batch: center-scale per batch (True) or pooled (False, efaar_benchmarking's choice).
+        n_components: keep at most this many principal components of the controls (the rotation
+            step then also reduces the width); lets tables wider than their controls be whitened,
+            and puts featurisers of different widths on an equal footing.
 
     Returns:
-        (n_units, D) float array.
+        (n_units, D) float array (D = min(D, n_components) when given).
     """
     features, is_control, batch_labels = _as_inputs(features, is_control, batch)
-    n_controls, width = int(is_control.sum()), features.shape[1]
+    n_controls, width = int(is_control.sum()), min(features.shape[1], n_components or features.shape[1])
     if n_controls <= width:
         raise ValueError(
             f"TVN needs more control units than embedding dimensions to whiten them: got {n_controls} controls "
-            f"for D={width}. Add controls, or reduce the width first (pca_center_scale with n_components < "
-            f"{n_controls}), or use method 'center_scale' / 'pca_center_scale'"
+            f"for D={width}. Add controls, or keep fewer principal components (n_components < {n_controls}; "
+            "--n-components in cellmae evaluate), or use method 'center_scale'"
         )
     if coral and batch is None:
         raise ValueError("coral=True needs batch labels (CORAL matches each batch's control covariance)")
     scale_batch = batch if scale_per_batch else None
     z = center_scale(features, is_control, scale_batch)
-    mean, axes = _fit_pca_rotation(z[is_control], None)
-    z = (z - mean) @ axes  # (n_units, D) rotated onto the controls' principal axes
+    mean, axes = _fit_pca_rotation(z[is_control], width if width < features.shape[1] else None)
+    z = (z - mean) @ axes  # (n_units, D) rotated onto the controls' principal axes (the first `width`)
     z = center_scale(z, is_control, scale_batch)
     if coral:
         identity = np.eye(z.shape[1], dtype=z.dtype)

@@ -15,7 +15,9 @@ def register(subparsers) -> None:
         description="Embed every field of DATA with MODEL (or raw pixel statistics) into Parquet parts in OUT: "
         "Metadata_* columns + one column per feature. Re-running resumes, skipping finished parts.",
     )
-    embed.add_argument("model", metavar="MODEL", help="model folder or Hub id; 'pixel_stats' for the pixel-statistics baseline")
+    embed.add_argument("model", metavar="MODEL",
+                       help="model folder or Hub id; 'pixel_stats' (pixel-statistics baseline) or 'cellprofiler' "
+                       "(classical segmentation + CellProfiler measurements with cp-measure)")
     embed.add_argument("data", metavar="DATA", help="shard folder (cellmae shard) or image folder / load_data CSV")
     embed.add_argument("out", metavar="OUT", help="output folder")
     embed.add_argument("--layout", default="auto", help="image folder layout: auto, rxrx, pattern, load_data, stack")
@@ -29,7 +31,18 @@ def register(subparsers) -> None:
     embed.add_argument("--crop-mode", default="tile", choices=["tile", "center", "none"],
                        help="tile: average the model-sized crops of each field (default)")
     embed.add_argument("--image-size", type=int, default=None, help="crop size (default: the model's image_size)")
-    embed.add_argument("--channelwise", action="store_true", help="one vector per channel, concatenated")
+    embed.add_argument("--channelwise", action="store_true", help="one vector per channel, concatenated (= --readout channelwise)")
+    embed.add_argument("--readout", default="mean", choices=["mean", "cls", "mean_std", "channelwise"],
+                       help="how a crop's tokens become one vector (default: mean of the patch tokens, OpenPhenom's)")
+    embed.add_argument("--layer", type=int, default=None,
+                       help="read the tokens after this encoder block (1-based, negative from the end; default: the output)")
+    cp = embed.add_argument_group("cellprofiler featuriser (MODEL = cellprofiler)")
+    cp.add_argument("--nuclei-channel", default=None, help="name of the DNA/Hoechst channel (default: found by name)")
+    cp.add_argument("--cell-channels", default=None, help="comma-separated stains filling the cell body (default: all others)")
+    cp.add_argument("--feature-set", default="fast", choices=["fast", "full"],
+                    help="fast (default): no Zernike, Feret, Costes/RWC/Manders; full: every cp-measure feature")
+    cp.add_argument("--nucleus-diameter", type=int, default=None, help="typical nucleus diameter in pixels")
+    cp.add_argument("--num-workers", type=int, default=1, help="processes measuring fields (0: all cores)")
     embed.add_argument("--no-progress", action="store_true")
     embed.set_defaults(func=run_embed)
 
@@ -52,7 +65,7 @@ def register(subparsers) -> None:
     evaluate.add_argument("--batch-col", default=None, help="batch column for per-batch alignment (e.g. Metadata_plate)")
     evaluate.add_argument("--alignment", default="tvn", choices=["tvn", "pca_center_scale", "center_scale", "none"])
     evaluate.add_argument("--coral", action="store_true", help="TVN: add the per-batch CORAL step")
-    evaluate.add_argument("--n-components", type=int, default=None, help="pca_center_scale: components kept")
+    evaluate.add_argument("--n-components", type=int, default=None, help="tvn / pca_center_scale: principal components of the controls kept (tvn: at most)")
     evaluate.add_argument("--aggregation", default="mean", choices=["mean", "median"])
     evaluate.add_argument("--baseline", nargs=2, action="append", metavar=("NAME", "TABLE"), default=[],
                           help="also evaluate a baseline table (repeatable), e.g. --baseline pixel_stats px/")
@@ -60,6 +73,15 @@ def register(subparsers) -> None:
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--skip-unusable", action="store_true", help="skip (and report) sources without usable pairs")
     evaluate.add_argument("--dataset", default=None, help="dataset name for the report")
+    suite = evaluate.add_argument_group("the rest of the paper's suite (model and every baseline side by side)")
+    suite.add_argument("--probe", nargs="+", default=[], metavar="COLUMN",
+                       help="linear probe + kNN of these metadata columns, leave one plate out (e.g. complex gene)")
+    suite.add_argument("--consistency-col", default=None,
+                       help="per-perturbation group column for consistency mAP (e.g. Metadata_complex)")
+    suite.add_argument("--cellprofiler", default=None, metavar="TABLE",
+                       help="CellProfiler features of the same fields (cellmae embed cellprofiler ...): report "
+                       "ridge R² of predicting them (default: a --baseline named cellprofiler)")
+    suite.add_argument("--no-suite", action="store_true", help="only the known-relationship recall")
     evaluate.add_argument("--no-plots", action="store_true")
     evaluate.add_argument("--no-progress", action="store_true")
     evaluate.set_defaults(func=run_evaluate)
@@ -70,13 +92,24 @@ def run_embed(args: argparse.Namespace) -> int:
 
     if args.model == "pixel_stats":
         featurizer = PixelStatsFeaturizer()
+    elif args.model == "cellprofiler":
+        from .cellprofiler import CellProfilerFeaturizer
+
+        featurizer = CellProfilerFeaturizer(
+            nuclei_channel=args.nuclei_channel, feature_set=args.feature_set, nucleus_diameter=args.nucleus_diameter,
+            cell_channels=args.cell_channels.split(",") if args.cell_channels else None, num_workers=args.num_workers,
+        )
     else:
         featurizer = ModelFeaturizer(args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
-                                     crop_mode=args.crop_mode, channelwise=args.channelwise, image_size=args.image_size)
+                                     crop_mode=args.crop_mode, channelwise=args.channelwise, image_size=args.image_size,
+                                     readout=args.readout, layer=args.layer)
     info = embed_dataset(args.data, args.out, featurizer, layout=args.layout, pattern=args.pattern,
                          metadata=args.metadata, fields_per_batch=args.fields_per_batch,
                          fields_per_part=args.fields_per_part, progress=not args.no_progress)
     print(f"embed: {info['num_rows']} fields in {len(info['parts'])} parts -> {args.out}")
+    if getattr(featurizer, "empty_fields", 0):
+        print(f"embed: {featurizer.empty_fields} field(s) had no segmented nucleus (all-zero features, "
+              "Metadata_num_crops 0); check --nuclei-channel / --nucleus-diameter")
     return 0
 
 
@@ -98,11 +131,22 @@ def run_evaluate(args: argparse.Namespace) -> int:
         batch_col=args.batch_col, alignment=args.alignment, aggregation=args.aggregation, align_options=align_options,
         null_samples=args.null_samples, seed=args.seed, on_unusable="skip" if args.skip_unusable else "raise",
         annotations=args.annotations, plots=not args.no_plots, progress=not args.no_progress,
+        suite=not args.no_suite, probe_labels=args.probe, consistency_col=args.consistency_col,
+        cellprofiler=args.cellprofiler,
     )
     print(f"evaluate: {results['n_perturbations']} perturbations, alignment {results['alignment']}")
     for name, metrics in results["sources"].items():
         cells = "  ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k.startswith("recall"))
         print(f"  {name:<12} {cells}  (query {metrics['query_size']}, null {metrics['null_size']})")
     print(f"  chance       {json.dumps(results['chance'])}")
+    if "suite" in results:
+        from .suite import suite_rows
+
+        rows = suite_rows(results["suite"])
+        metrics = list(dict.fromkeys(m for row in rows.values() for m in row))
+        print("evaluate: the suite (model and baselines)")
+        for metric in metrics:
+            cells = "  ".join(f"{name}={row[metric]:.3f}" for name, row in rows.items() if metric in row)
+            print(f"  {metric:<28} {cells}")
     print(f"evaluate: wrote {out / RESULTS_NAME}")
     return 0

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from .pixel_stats import DEFAULT_PERCENTILES, pixel_statistic_names, pixel_statistics
 
 INFO_NAME = "_embedding_info.json"
+READOUTS = ("mean", "cls", "mean_std", "channelwise")
 MANIFEST_NAME = "manifest.json"
 IDENTITY_COLUMNS = ("field_id", "experiment", "plate", "well", "site")
 
@@ -184,14 +185,21 @@ class ModelFeaturizer:
         dtype: "float32", "bfloat16" or "float16" (autocast on the device).
         batch_size: crops per forward pass.
         crop_mode: "tile" (non-overlapping model-sized crops, averaged), "center" or "none".
-        channelwise: one (D,) vector per channel, concatenated (C*D,), instead of the pooled (D,).
+        channelwise: one (D,) vector per channel, concatenated (C*D,), instead of the pooled (D,)
+            (the same as ``readout="channelwise"``).
         image_size: crop size (default: the model's ``image_size``).
+        readout: how a crop's tokens become one vector (see ``READOUTS``): ``"mean"`` (mean of the
+            patch tokens, OpenPhenom's, default), ``"cls"`` (the class token), ``"mean_std"`` (mean and
+            standard deviation of the patch tokens, 2D), ``"channelwise"`` (mean per channel, C*D).
+        layer: read the tokens after this encoder block (1-based; negative counts from the end;
+            ``None`` = the encoder's output, after its final norm).
     """
 
     name = "model"
 
     def __init__(self, model: str | Path, device: str = "cpu", dtype: str = "float32", batch_size: int = 64,
-                 crop_mode: str = "tile", channelwise: bool = False, image_size: int | None = None):
+                 crop_mode: str = "tile", channelwise: bool = False, image_size: int | None = None,
+                 readout: str = "mean", layer: int | None = None):
         import torch
 
         from .. import CellMAEImageProcessor, CellMAEModel
@@ -210,17 +218,46 @@ class ModelFeaturizer:
         except (OSError, ValueError):
             self.processor = CellMAEImageProcessor(image_size=self.image_size)
         self.device, self.dtype, self.torch_dtype = torch.device(device), dtype, dtypes[dtype]
-        self.batch_size, self.crop_mode, self.channelwise = batch_size, crop_mode, channelwise
+        if channelwise:
+            readout = "channelwise"
+        if readout not in READOUTS:
+            raise ValueError(f"readout={readout!r} is not one of {READOUTS}")
+        depth = self.config.num_hidden_layers
+        if layer is not None and not (1 <= abs(layer) <= depth):
+            raise ValueError(f"layer={layer} is outside the encoder's blocks 1..{depth} (or -1..-{depth}); "
+                             "omit it for the encoder's output")
+        self.batch_size, self.crop_mode = batch_size, crop_mode
+        self.readout, self.layer = readout, (None if layer is None else layer % (depth + 1) or depth)
+        self.channelwise = readout == "channelwise"
 
     def describe(self) -> dict:
-        return {"featurizer": self.name, "model": self.model_path, "dtype": self.dtype, "crop_mode": self.crop_mode,
+        info = {"featurizer": self.name, "model": self.model_path, "dtype": self.dtype, "crop_mode": self.crop_mode,
                 "image_size": self.image_size, "channelwise": self.channelwise, "hidden_size": self.config.hidden_size}
+        if self.readout not in ("mean", "channelwise") or self.layer is not None:
+            info.update(readout=self.readout, layer=self.layer)  # (absent from older plans: they stay resumable)
+        return info
 
     def feature_names(self, channels: list[str]) -> list[str]:
         width = self.config.hidden_size
-        if self.channelwise:
+        if self.readout == "channelwise":
             return [f"{channel}_feature_{i:03d}" for channel in channels for i in range(width)]
+        if self.readout == "mean_std":
+            return [f"{stat}_feature_{i:03d}" for stat in ("mean", "std") for i in range(width)]
         return [f"feature_{i:03d}" for i in range(width)]
+
+    def _read_out(self, out, channels: int):
+        """One vector per crop from the model output, by ``self.readout`` and ``self.layer``."""
+        import torch
+
+        hidden = out.last_hidden_state if self.layer is None else out.hidden_states[self.layer]  # (b, 1 + C*N, D)
+        patch_tokens = hidden[:, 1:]
+        if self.readout == "cls":
+            return hidden[:, 0]
+        if self.readout == "mean_std":
+            return torch.cat([patch_tokens.mean(1), patch_tokens.std(1)], dim=1)  # (b, 2D)
+        if self.readout == "channelwise":
+            return patch_tokens.reshape(len(hidden), channels, -1, hidden.shape[-1]).mean(2).flatten(1)  # (b, C*D)
+        return patch_tokens.mean(1)  # (b, D)
 
     def _channel_ids(self, channels: list[str]):
         import torch
@@ -245,8 +282,8 @@ class ModelFeaturizer:
         with torch.inference_mode(), autocast:
             for start in range(0, len(crops), self.batch_size):
                 pixel_values = crops[start : start + self.batch_size].to(self.device)
-                out = self.model(pixel_values, channel_ids=channel_ids, output_channelwise_embeddings=self.channelwise)
-                vectors = out.channelwise_embeddings.flatten(1) if self.channelwise else out.pooler_output  # (b, F)
+                out = self.model(pixel_values, channel_ids=channel_ids, output_hidden_states=self.layer is not None)
+                vectors = self._read_out(out, len(channels))  # (b, F)
                 outputs.append(vectors.float().cpu())
         crop_vectors = torch.cat(outputs)  # (N, F)
         sums = torch.zeros(len(fields), crop_vectors.shape[1]).index_add_(0, index, crop_vectors)

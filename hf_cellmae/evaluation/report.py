@@ -152,6 +152,10 @@ def evaluate_embeddings(
     annotations: str | Path | None = None,
     plots: bool = True,
     progress: bool = True,
+    suite: bool = True,
+    probe_labels: Sequence[str] = (),
+    consistency_col: str | None = None,
+    cellprofiler: str | Path | pd.DataFrame | None = None,
 ) -> dict:
     """Evaluate an embeddings table (and optional baseline tables) and return the metrics dict.
 
@@ -168,6 +172,13 @@ def evaluate_embeddings(
         align_options: extra options of the alignment (e.g. ``{"coral": True}``).
         thresholds, null_samples, seed, on_unusable, annotations: see ``known_relationship_recall``.
         plots: write the PNG plots (needs ``out_dir``).
+        suite: also run the rest of the paper's suite on the model and every baseline
+            (``suite.evaluate_suite``: gene-set recall, replicate mAP, and with the options below a
+            linear probe / kNN, consistency mAP and CellProfiler-feature prediction).
+        probe_labels: metadata columns to probe, e.g. ``["complex", "gene"]``.
+        consistency_col: per-perturbation group column for consistency mAP.
+        cellprofiler: CellProfiler features of the same fields (table or path), the target of the
+            CellProfiler-feature prediction (default: a baseline named ``"cellprofiler"``, if any).
 
     Returns:
         The ``eval_results.json`` dict (see the module docstring).
@@ -195,15 +206,31 @@ def evaluate_embeddings(
         "sources": recall["sources"],
         "chance": chance_recall(thresholds),
     }
-    if baselines:
+    baseline_tables = {name: baseline if isinstance(baseline, pd.DataFrame) else read_embeddings(baseline)
+                       for name, baseline in (baselines or {}).items()}
+    if baseline_tables:
         results["baselines"] = {}
-        for name, baseline in baselines.items():
-            baseline_table = baseline if isinstance(baseline, pd.DataFrame) else read_embeddings(baseline)
+        for name, baseline_table in baseline_tables.items():
             baseline_map = build_map(baseline_table, **options)
             baseline_recall = known_relationship_recall(baseline_map.vectors, baseline_map.labels, named_sources, **recall_options)
             results["baselines"][name] = {"sources": baseline_recall["sources"]}
     if recall["skipped_sources"]:
         results["skipped_sources"] = recall["skipped_sources"]
+    if suite:
+        from .suite import evaluate_suite
+
+        tables = {"model": table, **baseline_tables}
+        if cellprofiler is None and "cellprofiler" in tables:
+            cellprofiler = tables["cellprofiler"]
+        elif cellprofiler is not None and not isinstance(cellprofiler, pd.DataFrame):
+            cellprofiler = read_embeddings(cellprofiler)
+        usable = {name: named_sources[name] for name in recall["sources"]}
+        results["suite"] = evaluate_suite(
+            tables, usable, probe_labels=probe_labels, consistency_col=consistency_col, cellprofiler=cellprofiler,
+            perturbation_col=perturbation_col, controls=controls, control_col=control_col, batch_col=batch_col,
+            alignment=alignment, align_options=align_options, seed=seed,
+            out_dir=Path(out_dir) if (out_dir is not None and plots) else None,
+        )
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)

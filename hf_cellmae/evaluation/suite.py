@@ -1,0 +1,191 @@
+"""The paper's evaluation suite on any set of embedding tables, side by side.
+
+Kraus et al. (2024) judge a representation by more than one number. ``evaluate_suite`` runs, for a
+model's table and each baseline table (random-init encoder, pixel statistics, CellProfiler features):
+
+* **linear probe / kNN** of metadata columns, leave one plate out (``probe.probe_embeddings``);
+* **gene-set recall**: for each perturbation, the share of its annotated partners among its nearest
+  neighbours, on the aligned per-perturbation profiles (``retrieval.gene_set_recall``);
+* **replicate mAP**: copairs mean average precision of retrieving a perturbation's replicate wells
+  against control wells (phenotypic activity), and, with ``consistency_col``, of retrieving
+  same-group perturbations (phenotypic consistency; ``retrieval``);
+* **CellProfiler-feature prediction**: cross-validated ridge R² per CellProfiler category
+  (``cellprofiler.cellprofiler_prediction``), when a CellProfiler table of the same fields is given.
+
+It returns ``{"featurizers": {name: {"probe": {label: {"logistic", "knn", ...}}, "gene_set_recall":
+{source: {"recall", "chance"}}, "replicate_map": {...}, "consistency_map": {...},
+"cellprofiler_prediction": {...}}}, "plot": "suite.png"}`` (see ``evaluate_embeddings``, which
+embeds it under ``"suite"`` in ``eval_results.json``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .align import aggregate, align
+
+SUITE_PLOT = "suite.png"
+
+
+def _well_table(metadata: pd.DataFrame, aligned: np.ndarray, well_cols: Sequence[str]) -> tuple[pd.DataFrame, np.ndarray]:
+    """Aligned fields averaged per well: (first metadata row of each well, (n_wells, D)).
+
+    A table without all of ``well_cols`` (already one row per well, or per replicate) is used as is.
+    """
+    if not all(c in metadata.columns for c in well_cols):
+        return metadata, aligned
+    keys = metadata[list(well_cols)].astype(str).agg("/".join, axis=1).to_numpy()
+    names, vectors = aggregate(aligned, keys)
+    first = metadata.assign(_well=keys).groupby("_well", sort=False).first().loc[names]
+    return first.reset_index(drop=True), vectors
+
+
+def evaluate_suite(
+    tables: Mapping[str, pd.DataFrame],
+    pairs: Mapping[str, pd.DataFrame] | None = None,
+    probe_labels: Sequence[str] = (),
+    consistency_col: str | None = None,
+    cellprofiler: pd.DataFrame | None = None,
+    perturbation_col: str = "Metadata_perturbation",
+    controls: Sequence[str] | None = None,
+    control_col: str | None = None,
+    batch_col: str | None = None,
+    alignment: str = "tvn",
+    align_options: Mapping | None = None,
+    well_cols: Sequence[str] = ("Metadata_plate", "Metadata_well"),
+    null_size: int = 1000,
+    seed: int = 0,
+    out_dir: str | Path | None = None,
+) -> dict:
+    """Every evaluation of the suite for each table in ``tables`` (``{featuriser name: table}``).
+
+    Args:
+        tables: embedding tables (``Metadata_*`` + feature columns), the model's first.
+        pairs: ``{source: DataFrame with entity1, entity2}`` known relationships for gene-set recall.
+        probe_labels: metadata columns to probe (``Metadata_`` prefix optional), e.g. ``["complex"]``.
+        consistency_col: per-perturbation group column for consistency mAP (e.g. ``Metadata_complex``).
+        cellprofiler: CellProfiler features of the same fields (``cellmae embed cellprofiler``), the
+            target of the prediction; a table that *is* this one is not scored against itself.
+        perturbation_col, controls, control_col, batch_col, alignment, align_options: as ``build_map``.
+        well_cols: columns naming a well (the replicate unit).
+        null_size, seed: copairs null distribution.
+        out_dir: where to write the comparison plot ``suite.png`` (None: no plot).
+    """
+    from .cellprofiler import cellprofiler_prediction
+    from .probe import probe_embeddings
+    from .report import control_mask, split_table
+    from .retrieval import consistency_map, gene_set_recall, replicate_map
+
+    results = {}
+    for name, table in tables.items():
+        metadata, features = split_table(table)
+        is_control = control_mask(metadata, perturbation_col, controls, control_col)
+        batch = metadata[batch_col].astype(str).to_numpy() if batch_col else None
+        aligned = align(features, is_control, batch, method=alignment, **dict(align_options or {}))
+        entry: dict = {}
+        if probe_labels:
+            entry["probe"] = {}
+            for label in probe_labels:
+                logistic = probe_embeddings(table, label, batch_col=batch_col or "Metadata_plate",
+                                            control_col=control_col or "Metadata_is_control")
+                knn = probe_embeddings(table, label, classifier="knn", batch_col=batch_col or "Metadata_plate",
+                                       control_col=control_col or "Metadata_is_control")
+                entry["probe"][logistic["label"]] = {
+                    "logistic": logistic["accuracy"], "logistic_std": logistic["accuracy_std"],
+                    "knn": knn["accuracy"], "knn_std": knn["accuracy_std"], "chance": logistic["chance_uniform"],
+                    "n_classes": logistic["n_classes"], "n_wells": logistic["n_units"], "split": logistic["split"],
+                }
+        labels = metadata[perturbation_col].astype(str).to_numpy()
+        treated = ~np.isin(labels, np.unique(labels[is_control]))
+        genes, profiles = aggregate(aligned[treated], labels[treated])
+        if pairs:
+            entry["gene_set_recall"] = {}
+            for source, frame in pairs.items():
+                try:
+                    scored = gene_set_recall(profiles, list(genes), zip(frame["entity1"], frame["entity2"]))
+                except ValueError as error:  # no pair among these perturbations
+                    entry["gene_set_recall"][source] = {"skipped": str(error)}
+                    continue
+                entry["gene_set_recall"][source] = {k: scored[k] for k in ("recall", "chance", "n_genes_scored")}
+        wells, well_vectors = _well_table(metadata, aligned, well_cols)
+        well_controls = control_mask(wells, perturbation_col, controls, control_col)
+        if well_controls.any() and (~well_controls).any():
+            entry["replicate_map"] = replicate_map(wells, well_vectors, perturbation_col, well_controls,
+                                                   well_cols=tuple(well_cols), null_size=null_size, seed=seed)
+        if consistency_col:
+            column = consistency_col if consistency_col.startswith("Metadata_") else f"Metadata_{consistency_col}"
+            group_of = metadata[treated].groupby(perturbation_col)[column].first()
+            entry["consistency_map"] = consistency_map(profiles, list(genes), [group_of.get(g) for g in genes],
+                                                       null_size=null_size, seed=seed)
+        if cellprofiler is not None and table is not cellprofiler:
+            entry["cellprofiler_prediction"] = cellprofiler_prediction(table, cellprofiler, seed=seed)
+            entry["cellprofiler_prediction"].pop("per_feature")  # thousands of numbers; the categories are the read-out
+        results[name] = entry
+    report = {"featurizers": results}
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        plot_suite(report, out_dir / SUITE_PLOT)
+        report["plot"] = SUITE_PLOT
+    return report
+
+
+def suite_rows(report: dict) -> dict[str, dict[str, float]]:
+    """One flat row of headline numbers per featuriser: ``{name: {metric: value}}`` (for tables and plots)."""
+    rows = {}
+    for name, entry in report["featurizers"].items():
+        row = {}
+        for label, probe in entry.get("probe", {}).items():
+            short = label.removeprefix("Metadata_")
+            row[f"probe {short}"] = probe["logistic"]
+            row[f"kNN {short}"] = probe["knn"]
+        for source, scored in entry.get("gene_set_recall", {}).items():
+            if "recall" in scored:
+                row[f"gene-set recall {source}"] = scored["recall"]
+        if "replicate_map" in entry:
+            row["replicate mAP"] = entry["replicate_map"]["mean_map"]
+        if "consistency_map" in entry:
+            row["consistency mAP"] = entry["consistency_map"]["mean_map"]
+        if "cellprofiler_prediction" in entry:
+            row["CellProfiler R² (median)"] = entry["cellprofiler_prediction"]["median_r2"]
+        rows[name] = row
+    return rows
+
+
+def plot_suite(report: dict, path: str | Path) -> Path:
+    """Grouped bars, one group per metric, one bar per featuriser (chance drawn where defined)."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
+    rows = suite_rows(report)
+    names = list(rows)
+    metrics = list(dict.fromkeys(m for row in rows.values() for m in row))
+    fig = Figure(figsize=(max(6.0, 1.0 * len(metrics) * max(1, len(names)) * 0.45 + 2), 4.2))
+    ax = fig.subplots()
+    width = 0.8 / max(1, len(names))
+    for k, name in enumerate(names):
+        values = [rows[name].get(m, np.nan) for m in metrics]
+        positions = np.arange(len(metrics)) + (k - (len(names) - 1) / 2) * width
+        bars = ax.bar(positions, values, width, label=name, color=colormaps["tab10"](k))
+        ax.bar_label(bars, fmt="%.2f", fontsize=6, padding=1)
+    first = next(iter(report["featurizers"].values()), {})
+    chances = {f"probe {label.removeprefix('Metadata_')}": probe["chance"] for label, probe in first.get("probe", {}).items()}
+    chances.update({f"gene-set recall {s}": v["chance"] for s, v in first.get("gene_set_recall", {}).items() if "chance" in v})
+    for i, metric in enumerate(metrics):
+        if metric in chances:
+            ax.hlines(chances[metric], i - 0.45, i + 0.45, colors="black", linestyles="--", linewidth=1)
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.set_xticks(np.arange(len(metrics)), metrics, rotation=25, ha="right", fontsize=8)
+    ax.set_ylabel("score (dashed: chance)")
+    ax.set_title("Evaluation suite: model and baselines side by side")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return Path(path)
+
+
+__all__ = ["evaluate_suite", "plot_suite", "suite_rows"]

@@ -1,0 +1,192 @@
+"""Why does (or doesn't) pre-training beat random weights on the demo plate? Measure it.
+
+For each seed: render the demo's synthetic screen and shard it (once), then for each experiment
+pre-train the demo recipe with one change, embed every field with several read-outs, and score
+the embeddings with the test decided before any run (issue 9): a logistic-regression probe of the
+protein complex and of the gene, leave one plate out, on well profiles centred/scaled on each
+plate's controls (``hf_cellmae.evaluation.probe_embeddings``). Baselines measured beside them:
+random-init encoder (0 steps), raw pixel statistics, and pixel statistics of the crops the model
+sees (per-crop, per-channel standardised, OpenPhenom's ``SelfStandardize``): how much of the
+phenotype survives the standardisation.
+
+Every result is appended as one JSON line to ``OUT/results.jsonl`` (finished runs are skipped on
+re-run); ``--summarize`` prints mean +- std over seeds as a Markdown table.
+
+    python scripts/investigate_pretraining.py --out /tmp/investigate --seeds 0 1 2
+    python scripts/investigate_pretraining.py --out /tmp/investigate --summarize
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from hf_cellmae.demo import DEMO_CONFIG, DEMO_PLATE
+
+# name -> (pre-training overrides, model overrides). The demo recipe is the reference ("demo_400").
+EXPERIMENTS = {
+    "steps_0": ({"max_steps": 0}, {}),
+    "steps_100": ({"max_steps": 100}, {}),
+    "demo_400": ({}, {}),
+    "steps_1600": ({"max_steps": 1600}, {}),
+    "layer_scale_off": ({}, {"layer_scale_init": None}),
+    "layer_scale_0.1": ({}, {"layer_scale_init": 0.1}),
+    "mask_0.5": ({}, {"mask_ratio": 0.5}),
+    "mask_0.9": ({}, {"mask_ratio": 0.9}),
+    "lr_3e-4": ({"learning_rate": 3e-4}, {}),
+    "lr_3e-3": ({"learning_rate": 3e-3}, {}),
+    "patch4_crop32": ({}, {"patch_size": 4, "image_size": 32}),
+    "patch16_crop128": ({"crops_per_field": 1}, {"patch_size": 16, "image_size": 128}),
+}
+READOUTS = {  # name -> ModelFeaturizer options
+    "mean": {}, "cls": {"readout": "cls"}, "mean_std": {"readout": "mean_std"},
+    "channelwise": {"readout": "channelwise"}, "block2_mean": {"layer": 2},
+}
+LABELS = ("complex", "gene")
+
+
+class StandardizedCropStats:
+    """Pixel statistics of the model's input: model-sized tiles, each channel standardised per crop."""
+
+    name = "standardized_crop_stats"
+
+    def __init__(self, image_size: int):
+        from hf_cellmae import CellMAEImageProcessor
+        from hf_cellmae.evaluation.pixel_stats import DEFAULT_PERCENTILES
+
+        self.processor = CellMAEImageProcessor(image_size=image_size)
+        self.image_size, self.percentiles = image_size, DEFAULT_PERCENTILES
+
+    def describe(self) -> dict:
+        return {"featurizer": self.name, "image_size": self.image_size}
+
+    def feature_names(self, channels):
+        stats = ["absgrad", *[f"p{q}" for q in self.percentiles]]  # mean/std are 0/1 by construction
+        return [f"{c}_{s}" for c in channels for s in stats]
+
+    def __call__(self, fields):
+        batch = self.processor([f.pixels for f in fields], image_size=self.image_size, crop_mode="tile",
+                               return_tensors="np")
+        crops, index = np.asarray(batch["pixel_values"]), np.asarray(batch["image_index"])  # (N, C, S, S)
+        flat = crops.reshape(*crops.shape[:2], -1)
+        gradient = np.abs(np.diff(crops, axis=-1)).mean(-1).mean(-1)[..., None]  # (N, C, 1) texture
+        stats = np.concatenate([gradient, np.percentile(flat, self.percentiles, axis=-1).transpose(1, 2, 0)], -1)
+        stats = stats.reshape(len(crops), -1)
+        sums = np.zeros((len(fields), stats.shape[1]))
+        np.add.at(sums, index, stats)
+        counts = np.bincount(index, minlength=len(fields))
+        return sums / counts[:, None], counts
+
+
+def _append(path: Path, row: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _done(path: Path) -> set:
+    if not path.is_file():
+        return set()
+    return {(r["seed"], r["experiment"], r["features"]) for r in map(json.loads, path.read_text().splitlines())}
+
+
+def _score(table_dir: Path) -> dict:
+    from hf_cellmae.evaluation import probe_embeddings, read_embeddings
+
+    table = read_embeddings(table_dir)
+    scores = {}
+    for label in LABELS:
+        result = probe_embeddings(table, label)
+        scores[f"probe_{label}"] = result["accuracy"]
+        scores[f"chance_{label}"] = result["chance_uniform"]
+    scores["knn_complex"] = probe_embeddings(table, "complex", classifier="knn")["accuracy"]
+    return scores
+
+
+def run(out: Path, seeds: list[int], experiments: list[str]) -> None:
+    from hf_cellmae import CellMAEConfig, CellMAEForPreTraining
+    from hf_cellmae.data.shards import shard_folder
+    from hf_cellmae.data.synthetic import make_synthetic_screen
+    from hf_cellmae.evaluation.embed import ModelFeaturizer, PixelStatsFeaturizer, embed_dataset
+    from hf_cellmae.training.arguments import PretrainingArguments, read_config_file
+    from hf_cellmae.training.loop import pretrain
+
+    results = out / "results.jsonl"
+    for seed in seeds:
+        root = out / f"seed{seed}"
+        shards = root / "shards"
+        if not (shards / "manifest.json").is_file():
+            plate = make_synthetic_screen(root / "plate", seed=seed, progress=False, **DEMO_PLATE)
+            shard_folder(plate["images"], shards, metadata=plate["metadata"], channel_names=plate["channels"])
+        for name, featurizer in (("pixel_stats", PixelStatsFeaturizer()),
+                                 ("standardized_crop_stats", StandardizedCropStats(64))):
+            if (seed, "baseline", name) not in _done(results):
+                embed_dataset(shards, root / "baseline" / name, featurizer, progress=False)
+                _append(results, {"seed": seed, "experiment": "baseline", "features": name,
+                                  **_score(root / "baseline" / name)})
+        for experiment in experiments:
+            if all((seed, experiment, r) in _done(results) for r in READOUTS):
+                continue
+            train_overrides, model_overrides = EXPERIMENTS[experiment]
+            values = read_config_file(DEMO_CONFIG)
+            values["model_overrides"] = {**json.loads(values.get("model_overrides") or "{}"), **model_overrides}
+            values.update(data=str(shards), output_dir=str(root / experiment / "run"), seed=seed,
+                          report_to="none", figure_steps=0, **train_overrides)
+            start = time.perf_counter()
+            if values["max_steps"] > 0:
+                summary = pretrain(PretrainingArguments(**values))
+                model_dir, loss = Path(summary["model_dir"]), summary["final_loss"]
+            else:  # the random-init encoder: the same architecture, initial weights of this seed
+                import torch
+
+                torch.manual_seed(seed)
+                config = CellMAEConfig.from_preset(values["model_preset"], **values["model_overrides"])
+                model_dir, loss = root / experiment / "model", None
+                CellMAEForPreTraining(config).save_pretrained(model_dir)
+            train_s = time.perf_counter() - start
+            for readout, options in READOUTS.items():
+                if (seed, experiment, readout) in _done(results):
+                    continue
+                table = root / experiment / f"emb_{readout}"
+                embed_dataset(shards, table, ModelFeaturizer(model_dir, **options), progress=False)
+                _append(results, {"seed": seed, "experiment": experiment, "features": readout, "final_loss": loss,
+                                  "train_s": round(train_s, 1), **_score(table)})
+                print(f"seed {seed} {experiment:<16} {readout:<12} "
+                      + json.dumps({k: round(v, 3) for k, v in _score(table).items() if k.startswith(("probe", "knn"))}),
+                      flush=True)
+
+
+def summarize(out: Path) -> str:
+    import pandas as pd
+
+    rows = pd.DataFrame(map(json.loads, (out / "results.jsonl").read_text().splitlines()))
+    metrics = ["probe_complex", "probe_gene", "knn_complex"]
+    grouped = rows.groupby(["experiment", "features"], sort=False)[metrics]
+    mean, std, n = grouped.mean(), grouped.std().fillna(0), grouped.size()
+    lines = ["| experiment | features | seeds | " + " | ".join(metrics) + " |", "|---|---|---|" + "---|" * len(metrics)]
+    for key in mean.index:
+        cells = " | ".join(f"{mean.loc[key, m]:.3f} ± {std.loc[key, m]:.3f}" for m in metrics)
+        lines.append(f"| {key[0]} | {key[1]} | {n.loc[key]} | {cells} |")
+    chance = rows[["chance_complex", "chance_gene"]].iloc[0]
+    lines.append(f"\nChance (uniform): complex {chance['chance_complex']:.3f}, gene {chance['chance_gene']:.3f}.")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS), choices=list(EXPERIMENTS))
+    parser.add_argument("--summarize", action="store_true", help="print the table of finished results and exit")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.summarize:
+        run(args.out, args.seeds, args.experiments)
+    print(summarize(args.out))
+
+
+if __name__ == "__main__":
+    main()
