@@ -177,3 +177,28 @@ def test_card_command_copies_evaluation_results_and_plots_into_the_folder(folder
 def test_card_command_explains_a_folder_without_config(tmp_path, capsys):
     assert main(["card", str(tmp_path)]) == 1
     assert "has no config.json" in capsys.readouterr().err
+
+
+def test_card_labels_synthetic_results_as_synthetic_and_shows_the_suite(tmp_path):
+    """Numbers from the simulated screen are never published as a benchmark on real data."""
+    import json
+
+    from hf_cellmae import CellMAEConfig, CellMAEForPreTraining
+    from hf_cellmae.hub.model_card import write_model_card
+
+    model_dir = tmp_path / "model"
+    CellMAEForPreTraining(CellMAEConfig.from_preset("tiny")).save_pretrained(model_dir)
+    sources = {"complexes": {"recall_0.05_0.95": 0.4, "recall_0.10_0.90": 0.5, "null_size": 10, "query_size": 5}}
+    suite = {"featurizers": {"model": {"probe": {"Metadata_complex": {"logistic": 0.61, "knn": 0.5, "chance": 0.25}}},
+                             "pixel_stats": {"probe": {"Metadata_complex": {"logistic": 0.42, "knn": 0.3, "chance": 0.25}}}}}
+    for dataset, expected in (("synthetic:plate", "Recall of simulated relationships"),
+                              ("rxrx3-core", "Known-relationship recall (EFAAR benchmark)")):
+        results = {"dataset": dataset, "alignment": "tvn", "aggregation": "mean", "n_perturbations": 5,
+                   "embedding_dim": 64, "sources": sources, "chance": {"recall_0.05_0.95": 0.1}, "suite": suite}
+        (model_dir / "eval_results.json").write_text(json.dumps(results))
+        card = write_model_card(model_dir).read_text()
+        header, body = card.split("---", 2)[1:]
+        assert expected in header
+        assert ("**Synthetic data.**" in body) == dataset.startswith("synthetic:")
+        assert "EFAAR benchmark" not in header or not dataset.startswith("synthetic:")
+        assert "| probe complex | 0.610 | 0.420 |" in body

@@ -262,8 +262,20 @@ def evaluation_facts(model_dir: Path, eval_results: dict) -> dict:
     plots, missing_plots = [], []
     for kind, relative in (eval_results.get("plots") or {}).items():
         (plots if (model_dir / relative).is_file() else missing_plots).append({"kind": kind, "path": relative})
+    suite_header, suite_rows_ = [], []
+    if eval_results.get("suite", {}).get("featurizers"):
+        from ..evaluation.suite import suite_rows
+
+        table = suite_rows(eval_results["suite"])
+        suite_header = list(table)
+        metrics_ = list(dict.fromkeys(m for row in table.values() for m in row))
+        suite_rows_ = [{"metric": m, "cells": [f"{table[name][m]:.3f}" if m in table[name] else "—" for name in suite_header]}
+                       for m in metrics_]
     return {
         "dataset": eval_results.get("dataset"),
+        "synthetic": is_synthetic(eval_results),
+        "suite_header": suite_header,
+        "suite_rows": suite_rows_,
         "alignment": eval_results.get("alignment"),
         "aggregation": eval_results.get("aggregation"),
         "n_perturbations": eval_results.get("n_perturbations"),
@@ -277,9 +289,19 @@ def evaluation_facts(model_dir: Path, eval_results: dict) -> dict:
     }
 
 
+def is_synthetic(eval_results: dict) -> bool:
+    """Whether the evaluation ran on hf_cellmae's simulated screen (``evaluate_synthetic`` names it ``synthetic:...``)."""
+    return str(eval_results.get("dataset") or "").startswith("synthetic:")
+
+
 def eval_results_for_index(eval_results: dict) -> list[EvalResult]:
-    """One ``EvalResult`` per (relationship source, recall threshold): the card's ``model-index``."""
+    """One ``EvalResult`` per (relationship source, recall threshold): the card's ``model-index``.
+
+    Results on the simulated screen are named as such, never as a benchmark on real data.
+    """
     dataset = str(eval_results.get("dataset") or "unknown")
+    task_name = ("Recall of simulated relationships (hf_cellmae synthetic screen, not real data)"
+                 if is_synthetic(eval_results) else "Known-relationship recall (EFAAR benchmark)")
     dataset_type = re.sub(r"[^\w.-]+", "-", dataset).strip("-").lower() or "unknown"
     results = []
     for source, values in (eval_results.get("sources") or {}).items():
@@ -289,7 +311,7 @@ def eval_results_for_index(eval_results: dict) -> list[EvalResult]:
             results.append(
                 EvalResult(
                     task_type="image-feature-extraction",
-                    task_name="Known-relationship recall (EFAAR benchmark)",
+                    task_name=task_name,
                     dataset_type=dataset_type,
                     dataset_name=dataset,
                     dataset_config=source,
