@@ -97,11 +97,13 @@ def test_batch_without_controls_raises_naming_the_batch():
         center_scale(features, is_control, batch)
 
 
-def test_tvn_with_fewer_controls_than_dimensions_raises():
+def test_tvn_with_fewer_controls_than_dimensions_whitens_the_span_of_the_controls_and_says_so():
     features = np.random.default_rng(0).standard_normal((20, 8))
     is_control = np.arange(20) < 6
-    with pytest.raises(ValueError, match="6 controls for D=8"):
-        tvn(features, is_control)
+    with pytest.warns(UserWarning, match="6 control units for 8 dimensions"):
+        out = tvn(features, is_control)
+    assert out.shape == (20, 5)
+    np.testing.assert_allclose(out[is_control].mean(0), 0, atol=1e-10)
 
 
 def test_coral_without_batch_labels_raises():
@@ -135,8 +137,11 @@ def test_tvn_with_n_components_whitens_a_table_wider_than_its_controls():
     rng = np.random.default_rng(0)
     features = rng.standard_normal((60, 40)) @ rng.standard_normal((40, 40))
     is_control = np.arange(60) < 30  # 30 controls, 40 dimensions: plain TVN cannot whiten
+    with pytest.warns(UserWarning, match="whitening the first 29 principal components"):
+        reduced = tvn(features, is_control)
+    assert reduced.shape == (60, 29)
     with pytest.raises(ValueError, match="n_components < 30"):
-        tvn(features, is_control)
+        tvn(features, is_control, n_components=35)
     out = tvn(features, is_control, n_components=10)
     assert out.shape == (60, 10)
     np.testing.assert_allclose(np.cov(out[is_control], rowvar=False, ddof=0), np.eye(10), atol=1e-8)

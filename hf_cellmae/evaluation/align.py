@@ -21,13 +21,17 @@ Methods (``align(..., method=...)``):
   With ``batch=None`` or ``scale_per_batch=False`` this is efaar_benchmarking 1.0's
   ``tvn_on_controls`` (which uses the batch only for CORAL); with the default
   ``scale_per_batch=True`` the two center-scale steps are done per batch, which also removes
-  additive per-plate shifts that CORAL alone (a linear map) cannot remove.
+  additive per-plate shifts that CORAL alone (a linear map) cannot remove. With fewer controls
+  than dimensions the rotation keeps the principal components the controls span (a warning says
+  how many), or ``n_components`` of them.
 
 ``aggregate`` then averages (or takes the median of) the aligned units of each perturbation and
 drops the control labels.
 """
 
 from __future__ import annotations
+
+import warnings
 
 from collections.abc import Sequence
 
@@ -170,12 +174,20 @@ def tvn(
     """
     features, is_control, batch_labels = _as_inputs(features, is_control, batch)
     n_controls, width = int(is_control.sum()), min(features.shape[1], n_components or features.shape[1])
+    if n_controls < 2:
+        raise ValueError(f"TVN needs at least 2 control units to whiten on; got {n_controls}")
     if n_controls <= width:
-        raise ValueError(
-            f"TVN needs more control units than embedding dimensions to whiten them: got {n_controls} controls "
-            f"for D={width}. Add controls, or keep fewer principal components (n_components < {n_controls}; "
-            "--n-components in cellmae evaluate), or use method 'center_scale'"
+        if n_components is not None:
+            raise ValueError(
+                f"TVN keeps n_components={n_components} but there are only {n_controls} control units to whiten "
+                f"them; use n_components < {n_controls} (--n-components), add controls, or use 'center_scale'"
+            )
+        # As efaar_benchmarking does with a PCA fitted on the controls: whiten the directions they span.
+        warnings.warn(
+            f"TVN: {n_controls} control units for {width} dimensions; whitening the first {n_controls - 1} "
+            f"principal components of the controls (set n_components / --n-components to choose)", stacklevel=2,
         )
+        width = n_controls - 1
     if coral and batch is None:
         raise ValueError("coral=True needs batch labels (CORAL matches each batch's control covariance)")
     scale_batch = batch if scale_per_batch else None
