@@ -116,3 +116,47 @@ def test_parallel_writer_gives_the_same_shards_as_one_process(tmp_path):
     one = shard_folder(tmp_path / "images", tmp_path / "one", num_workers=1, **options)
     two = shard_folder(tmp_path / "images", tmp_path / "two", num_workers=2, **options)
     assert [s["sha256"] for s in one["shards"]] == [s["sha256"] for s in two["shards"]]
+
+
+def _load_data_folder(root, path_name=None):
+    """``root/ld/``: one B03 site (three PNGs) and ``load_data.csv`` naming them with FileName_ (+ PathName_)."""
+    fields = make_rxrx_plate(root / "ld", plates=1, wells=("B03",), sites=1)
+    for png in (root / "ld" / "exp" / "Plate1").glob("*.png"):
+        png.rename(root / "ld" / png.name)
+    columns = ",".join(f"FileName_w{c}" + (f",PathName_w{c}" if path_name is not None else "") for c in (1, 2, 3))
+    values = ",".join(f"B03_s1_w{c}.png" + (f",{path_name}" if path_name is not None else "") for c in (1, 2, 3))
+    (root / "ld" / "load_data.csv").write_text(f"{columns},Metadata_Plate,Metadata_Well,Metadata_Site\n{values},P1,B03,1\n")
+    return fields["exp/Plate1/B03/s1"]
+
+
+def test_load_data_without_path_names_resolves_files_beside_a_relative_csv(tmp_path, monkeypatch):
+    pixels = _load_data_folder(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    manifest = shard_folder("ld/load_data.csv", "shards", layout="load_data", num_workers=1, progress=False)
+    assert manifest["num_fields"] == 1 and manifest["skipped"] == []
+    (sample,) = _whole_fields(tmp_path / "shards").values()
+    np.testing.assert_array_equal(sample["pixel_values"], pixels)
+
+
+def test_load_data_files_resolve_the_same_from_any_current_folder(tmp_path, monkeypatch):
+    _load_data_folder(tmp_path)
+    expected = [str(tmp_path / "ld" / f"B03_s1_w{c}.png") for c in (1, 2, 3)]
+    for cwd, csv in ((tmp_path, "ld/load_data.csv"), (tmp_path / "ld", "load_data.csv"), (tmp_path / "ld", tmp_path / "ld" / "load_data.csv")):
+        monkeypatch.chdir(cwd)
+        (record,) = discover_load_data(csv)
+        assert record.files == expected, (cwd, csv)
+
+
+def test_load_data_relative_path_names_are_relative_to_the_csv_folder(tmp_path, monkeypatch):
+    _load_data_folder(tmp_path, path_name=".")
+    monkeypatch.chdir(tmp_path)
+    (record,) = discover_load_data("ld/load_data.csv")
+    assert record.files == [str(tmp_path / "ld" / f"B03_s1_w{c}.png") for c in (1, 2, 3)]
+
+
+def test_load_data_absolute_path_names_are_used_as_they_are(tmp_path, monkeypatch):
+    _load_data_folder(tmp_path, path_name=str(tmp_path / "ld"))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    (record,) = discover_load_data(tmp_path / "ld" / "load_data.csv")
+    assert record.files == [str(tmp_path / "ld" / f"B03_s1_w{c}.png") for c in (1, 2, 3)]
