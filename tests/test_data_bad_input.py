@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from data_fixtures import make_rxrx_plate, write_png
+from hf_cellmae.cli import main
 from hf_cellmae.data.problems import BadInputError
+from hf_cellmae.errors import UserError
 from hf_cellmae.data.shards import shard_folder
 
 
@@ -19,6 +21,7 @@ def plate(tmp_path):
 
 
 def _shard(tmp_path, on_error, **options):
+    options.setdefault("max_skipped_share", 0.5)  # these tests break one of four fields on purpose
     return shard_folder(tmp_path / "images", tmp_path / "shards", layout="rxrx", on_error=on_error, num_workers=1, progress=False, **options)
 
 
@@ -134,3 +137,53 @@ def test_unknown_on_error_policy_is_rejected(plate):
     tmp_path, _ = plate
     with pytest.raises(ValueError, match="on_error='ignore'"):
         _shard(tmp_path, "ignore")
+
+
+def test_skipping_more_than_five_percent_of_fields_fails_with_the_reasons_tallied(plate):
+    tmp_path, _ = plate
+    _truncate(tmp_path / "images" / "exp" / "Plate1" / "A02_s1_w2.png")
+    with pytest.raises(UserError, match=r"skipped 1 of 4 fields \(25%\).*max_skipped_share=0.05.*1 x cannot read image") as error:
+        shard_folder(tmp_path / "images", tmp_path / "shards", layout="rxrx", num_workers=1, progress=False)
+    assert "--max-skipped-share" in str(error.value) and "\n" not in str(error.value)
+    manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    assert manifest["num_fields"] == 3 and manifest["skipped"][0]["field"] == "exp/Plate1/A02/s1"
+
+
+def test_skipped_share_up_to_the_stated_limit_is_accepted(plate):
+    tmp_path, fields = plate
+    _truncate(tmp_path / "images" / "exp" / "Plate1" / "A02_s1_w2.png")
+    manifest = _shard(tmp_path, "skip", max_skipped_share=0.25)
+    assert manifest["num_fields"] == len(fields) - 1 and manifest["num_skipped"] == 1
+
+
+def test_stray_files_are_not_lost_fields(plate):
+    tmp_path, fields = plate
+    for name in ("notes.txt", "thumbnail.jpg"):
+        (tmp_path / "images" / "exp" / "Plate1" / name).write_text("not part of the layout")
+    manifest = _shard(tmp_path, "skip", max_skipped_share=0.0)
+    assert manifest["num_fields"] == len(fields) and manifest["num_skipped"] == 2
+
+
+def test_a_run_that_writes_no_field_fails_even_when_every_skip_is_allowed(plate):
+    tmp_path, _ = plate
+    for png in (tmp_path / "images" / "exp" / "Plate1").glob("*_w1.png"):
+        _truncate(png)
+    with pytest.raises(UserError, match=r"wrote 0 fields.*4 x cannot read image"):
+        _shard(tmp_path, "skip", max_skipped_share=1.0)
+    assert json.loads((tmp_path / "shards" / "manifest.json").read_text())["num_skipped"] == 4
+
+
+def test_max_skipped_share_outside_zero_to_one_is_rejected(plate):
+    tmp_path, _ = plate
+    with pytest.raises(UserError, match="max_skipped_share=5"):
+        _shard(tmp_path, "skip", max_skipped_share=5)
+
+
+def test_shard_command_exits_non_zero_when_too_many_fields_are_skipped(plate, capsys):
+    tmp_path, _ = plate
+    _truncate(tmp_path / "images" / "exp" / "Plate1" / "A02_s1_w2.png")
+    command = ["shard", str(tmp_path / "images"), str(tmp_path / "shards"), "--layout", "rxrx", "--num-workers", "1", "--quiet"]
+    assert main(command) != 0
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "1 of 4 fields" in line and "--max-skipped-share" in line
+    assert main(command + ["--max-skipped-share", "0.25"]) == 0

@@ -230,10 +230,13 @@ def discover_load_data(
             name = row.get(f"FileName_{channel}", "").strip()
             folder = row.get(f"PathName_{channel}", "").strip()
             files.append(str(_load_data_folder(folder, csv_folder) / name) if name else "")
+        site = normalize_site(row.get("Metadata_Site", "1") or "1")
         if not plate or not well or not all(files):
             empty = [c for c, f in zip(channels, files) if not f]
             reason = "unreadable load_data row: " + ("missing Metadata_Plate/Metadata_Well" if not plate or not well else f"empty FileName for channel(s) {empty}")
-            problems.report(reason, file=where, stage="metadata")
+            # Naming the field counts the row as a lost field (ProblemLog.skipped_fields).
+            field_id = f"{plate}/{normalize_well(well)}/s{site}" if plate and well else f"row {row_number}"
+            problems.report(reason, file=where, field=field_id, stage="metadata")
             continue
         metadata = {
             column[len("Metadata_"):]: value
@@ -242,7 +245,7 @@ def discover_load_data(
         }
         records.append(
             FieldRecord(
-                plate=plate, well=normalize_well(well), site=normalize_site(row.get("Metadata_Site", "1") or "1"),
+                plate=plate, well=normalize_well(well), site=site,
                 channels=names, files=files, metadata=metadata,
             )
         )

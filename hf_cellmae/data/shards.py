@@ -35,12 +35,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import UserError
 from .image_io import read_field
 from .problems import BadInputError, Problem, ProblemLog
 from .records import FieldRecord
 
 SHARD_FORMAT = "hf_cellmae.parquet_shards/1"
 MANIFEST_NAME = "manifest.json"
+MAX_SKIPPED_SHARE = 0.05  # a run that loses more of its fields than this fails (after writing its manifest)
 
 
 def parse_size(size: str | int) -> int:
@@ -180,6 +182,7 @@ def write_shards(
     seed: int = 0,
     num_workers: int | None = None,
     on_error: str = "skip",
+    max_skipped_share: float = MAX_SKIPPED_SHARE,
     problems: ProblemLog | None = None,
     manifest_extra: dict | None = None,
     progress: bool = True,
@@ -197,6 +200,9 @@ def write_shards(
         seed: seed of that order.
         num_workers: processes reading images (default: all cores; 1 = in this process).
         on_error: ``"skip"`` (count unreadable fields in the manifest) or ``"fail"`` (raise on the first).
+        max_skipped_share: the share of fields (skipped / (written + skipped)) a run may lose; above it, or
+            when no field was written, ``UserError`` is raised with the reasons tallied, after the manifest
+            (with every skip) is written. Stray files and unreadable metadata rows lose no field.
         problems: log holding skips from earlier stages (discovery, metadata); they go in the manifest.
         manifest_extra: more keys for the manifest (source, layout, metadata summary).
         progress: show a tqdm bar (fields).
@@ -209,8 +215,11 @@ def write_shards(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     problems = problems if problems is not None else ProblemLog(on_error)
+    if not 0 <= max_skipped_share <= 1:
+        raise UserError(f"max_skipped_share={max_skipped_share} is not a share between 0 and 1; e.g. 0.05 accepts losing up to 5% of the fields")
     if not records:
-        raise ValueError(f"no fields of view to write to {output_dir}; check the input path and layout ({len(problems)} input(s) skipped)")
+        skipped = f"; {len(problems)} input(s) skipped: {problems.tally()}" if len(problems) else ""
+        raise UserError(f"no fields of view to write to {output_dir}; check the input path and --layout/--pattern{skipped}")
     if fields_per_row_group < 1:
         raise ValueError(f"fields_per_row_group must be >= 1, got {fields_per_row_group}")
     order = list(range(len(records)))
@@ -261,7 +270,28 @@ def write_shards(
     with open(output_dir / f"{MANIFEST_NAME}.partial", "w") as handle:
         json.dump(manifest, handle, indent=1)
     os.replace(output_dir / f"{MANIFEST_NAME}.partial", output_dir / MANIFEST_NAME)
+    _check_skipped_share(manifest["num_fields"], problems, max_skipped_share, output_dir)
     return manifest
+
+
+def _check_skipped_share(written: int, problems: ProblemLog, max_skipped_share: float, output_dir: Path) -> None:
+    """Raise ``UserError`` when no field was written or more than ``max_skipped_share`` of them were skipped."""
+    lost = problems.skipped_fields()
+    total = written + len(lost)
+    listed = f"every skip is listed in {output_dir / MANIFEST_NAME} under 'skipped'"
+    if written == 0:
+        raise UserError(
+            f"wrote 0 fields to {output_dir}: all {total} were skipped; reasons: {problems.tally(lost)}; {listed}; "
+            "fix the inputs (path, --layout, --pattern, --channels) and re-run"
+        )
+    share = len(lost) / total
+    if share > max_skipped_share:
+        needed = np.ceil(share * 100) / 100
+        raise UserError(
+            f"skipped {len(lost)} of {total} fields ({share:.0%}), more than max_skipped_share={max_skipped_share} allows; "
+            f"reasons: {problems.tally(lost)}; {listed}; fix those inputs and re-run, or accept the loss with "
+            f"--max-skipped-share {needed:g} (max_skipped_share={needed:g})"
+        )
 
 
 def _fields_per_shard(records: list[FieldRecord], target_bytes: int, fields_per_row_group: int) -> int:
@@ -393,7 +423,7 @@ def shard_folder(
         on_error: ``"skip"`` (count and report bad inputs) or ``"fail"`` (raise ``BadInputError`` on the first).
         verify: re-read every shard afterwards; problems raise ``BadInputError``.
         write_options: passed to :func:`write_shards` (``target_shard_size``, ``fields_per_row_group``,
-            ``compression``, ``num_workers``, ``shuffle``, ``seed``).
+            ``compression``, ``num_workers``, ``shuffle``, ``seed``, ``max_skipped_share``).
 
     Returns:
         The manifest dict.
