@@ -187,3 +187,42 @@ def test_shard_command_exits_non_zero_when_too_many_fields_are_skipped(plate, ca
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "1 of 4 fields" in line and "--max-skipped-share" in line
     assert main(command + ["--max-skipped-share", "0.25"]) == 0
+
+
+@pytest.fixture
+def float_stacks(tmp_path):
+    """Three 2-channel float32 TIFF stacks: A01 clean, A02 with a NaN in channel 2, A03 with +inf in channel 1."""
+    import tifffile
+
+    (tmp_path / "stacks").mkdir()
+    for well, (channel, value) in {"A01": (0, 1.0), "A02": (1, np.nan), "A03": (0, np.inf)}.items():
+        pixels = np.ones((2, 32, 40), np.float32)
+        pixels[channel, 5, 7] = value
+        tifffile.imwrite(tmp_path / "stacks" / f"{well}.tiff", pixels)
+    return tmp_path
+
+
+def _shard_stacks(tmp_path, on_error="skip", **options):
+    return shard_folder(tmp_path / "stacks", tmp_path / "shards", layout="stack", on_error=on_error, num_workers=1, progress=False, **options)
+
+
+def test_non_finite_pixels_skip_their_field_and_name_field_and_file(float_stacks):
+    manifest = _shard_stacks(float_stacks, max_skipped_share=1.0)
+    assert manifest["num_fields"] == 1
+    skipped = {p["field"]: p for p in _skipped(manifest, "read")}
+    assert set(skipped) == {"stacks/A02/s1", "stacks/A03/s1"}
+    for field, problem in skipped.items():
+        well = field.split("/")[1]
+        assert problem["file"].endswith(f"{well}.tiff") and f"{well}.tiff" in problem["reason"]
+        assert "non-finite" in problem["reason"] and field in problem["reason"]
+    assert "channel(s) ['ch2']" in skipped["stacks/A02/s1"]["reason"] and "NaN" in skipped["stacks/A02/s1"]["reason"]
+
+
+def test_non_finite_pixels_fail_under_fail_policy(float_stacks):
+    with pytest.raises(BadInputError, match=r"field stacks/A0[23]/s1 .*non-finite"):
+        _shard_stacks(float_stacks, on_error="fail")
+
+
+def test_non_finite_pixels_count_towards_the_skipped_share(float_stacks):
+    with pytest.raises(UserError, match=r"skipped 2 of 3 fields.*non-finite"):
+        _shard_stacks(float_stacks)

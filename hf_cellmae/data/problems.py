@@ -19,7 +19,16 @@ _PATH_IN_REASON = re.compile(r"[^\s'\"]*/[^\s'\":;,)]*")
 
 
 class BadInputError(ValueError):
-    """An input file, field of view or metadata row that cannot be used as it is."""
+    """An input file, field of view or metadata row that cannot be used as it is.
+
+    Args:
+        message: what is wrong, naming the input, and what to do.
+        file: the offending file when it is known (the skip's ``file`` in the manifest).
+    """
+
+    def __init__(self, message: str, file: str = "") -> None:
+        super().__init__(message)
+        self.file = str(file)
 
 
 @dataclass

@@ -95,6 +95,33 @@ def _plan_hash(records: list[dict], options: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def check_field_pixels(record: FieldRecord, pixels: np.ndarray) -> None:
+    """Raise ``BadInputError`` for a field that reads but would break training or embedding later.
+
+    Float images with NaN or inf pixels are refused here, naming the field, the channel(s) and the file(s),
+    because normalisation would spread them over the whole field.
+
+    Args:
+        record: the field (its id, channel names and files go in the message).
+        pixels: ``(C, H, W)`` array from :func:`~hf_cellmae.data.image_io.read_field`.
+    """
+    if not np.issubdtype(pixels.dtype, np.inexact):
+        return  # integer images are always finite
+    finite = np.isfinite(pixels)  # (C, H, W)
+    if finite.all():
+        return
+    names = record.channels or [f"ch{c + 1}" for c in range(pixels.shape[0])]
+    bad = ~finite.all(axis=(1, 2))  # (C,) channels holding a non-finite pixel
+    files = record.files[:1] if record.stack else [path for path, is_bad in zip(record.files, bad) if is_bad]
+    kinds = " and ".join(kind for kind, present in (("NaN", np.isnan(pixels).any()), ("inf", np.isinf(pixels).any())) if present)
+    raise BadInputError(
+        f"field {record.field_id} has {int((~finite).sum())} non-finite pixel(s) ({kinds}) in channel(s) "
+        f"{[name for name, is_bad in zip(names, bad) if is_bad]} of {', '.join(files)}; replace them with finite values "
+        "(e.g. numpy.nan_to_num) or remove the field's files",
+        file=files[0],
+    )
+
+
 def _write_shard(task: dict) -> dict:
     """Read the task's fields and write one shard + its JSON record (runs in a worker process)."""
     import pyarrow as pa
@@ -107,9 +134,10 @@ def _write_shard(task: dict) -> dict:
     for record_dict in task["records"]:
         record = FieldRecord.from_dict(record_dict)
         try:
-            pixels = read_field(record)
+            pixels = read_field(record)  # (C, H, W)
+            check_field_pixels(record, pixels)
         except BadInputError as error:
-            problems.report(str(error), file=record.files[0] if record.files else "", field=record.field_id, stage="read")
+            problems.report(str(error), file=error.file or (record.files[0] if record.files else ""), field=record.field_id, stage="read")
             continue
         data = pixels.tobytes()
         metadata = {**record.tags, **record.metadata}
