@@ -101,7 +101,7 @@ def test_mixed_sizes_within_a_site_are_reported(plate):
 
 def test_mixed_dtypes_within_a_site_are_reported(plate):
     tmp_path, _ = plate
-    write_png(tmp_path / "images" / "exp" / "Plate1" / "A02_s2_w1.png", np.zeros((24, 32), np.uint8))
+    write_png(tmp_path / "images" / "exp" / "Plate1" / "A02_s2_w1.png", np.zeros((32, 40), np.uint8))
     with pytest.raises(BadInputError, match="uint8"):
         _shard(tmp_path, "fail")
 
@@ -226,3 +226,46 @@ def test_non_finite_pixels_fail_under_fail_policy(float_stacks):
 def test_non_finite_pixels_count_towards_the_skipped_share(float_stacks):
     with pytest.raises(UserError, match=r"skipped 2 of 3 fields.*non-finite"):
         _shard_stacks(float_stacks)
+
+
+def _shrink_site(tmp_path, site="A01_s2", size=(16, 16)):
+    for channel in (1, 2, 3):
+        write_png(tmp_path / "images" / "exp" / "Plate1" / f"{site}_w{channel}.png", np.ones(size, np.uint16))
+
+
+def test_fields_smaller_than_min_field_size_are_skipped_with_their_size(plate):
+    tmp_path, fields = plate
+    _shrink_site(tmp_path)
+    manifest = _shard(tmp_path, "skip")
+    assert manifest["num_fields"] == len(fields) - 1
+    (problem,) = _skipped(manifest, "read")
+    assert problem["field"] == "exp/Plate1/A01/s2" and problem["file"].endswith("A01_s2_w1.png")
+    assert "16x16" in problem["reason"] and "min_field_size=32" in problem["reason"] and "--min-field-size" in problem["reason"]
+
+
+def test_small_fields_fail_under_fail_policy(plate):
+    tmp_path, _ = plate
+    _shrink_site(tmp_path, size=(16, 48))
+    with pytest.raises(BadInputError, match=r"exp/Plate1/A01/s2 is 16x48 px"):
+        _shard(tmp_path, "fail")
+
+
+def test_min_field_size_can_be_lowered(plate):
+    tmp_path, fields = plate
+    _shrink_site(tmp_path)
+    manifest = _shard(tmp_path, "skip", min_field_size=16)
+    assert manifest["num_fields"] == len(fields) and manifest["shapes"]["3x16x16"] == 1
+
+
+def test_min_field_size_below_one_pixel_is_rejected(plate):
+    tmp_path, _ = plate
+    with pytest.raises(UserError, match="min_field_size=0"):
+        _shard(tmp_path, "skip", min_field_size=0)
+
+
+def test_shard_command_takes_min_field_size(plate):
+    tmp_path, fields = plate
+    _shrink_site(tmp_path)
+    command = ["shard", str(tmp_path / "images"), str(tmp_path / "shards"), "--layout", "rxrx", "--num-workers", "1", "--quiet"]
+    assert main(command + ["--min-field-size", "16"]) == 0
+    assert json.loads((tmp_path / "shards" / "manifest.json").read_text())["num_fields"] == len(fields)

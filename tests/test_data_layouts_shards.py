@@ -39,7 +39,7 @@ def test_multipage_tiff_stack_keeps_every_channel(tmp_path):
     stacks = {}
     (tmp_path / "in").mkdir()
     for well in ("A01", "A02"):
-        stacks[well] = rng.integers(0, 65535, size=(6, 20, 24), dtype=np.uint16)
+        stacks[well] = rng.integers(0, 65535, size=(6, 32, 40), dtype=np.uint16)
         tifffile.imwrite(tmp_path / "in" / f"{well}.tiff", stacks[well], compression="zlib")
     manifest = shard_folder(tmp_path / "in", tmp_path / "shards", layout="stack", num_workers=1, progress=False)
     assert manifest["channels"] == [f"ch{c}" for c in range(1, 7)]
@@ -70,18 +70,18 @@ def test_undetectable_layout_is_a_clear_error(tmp_path):
 
 def test_manifest_counts_channels_dtypes_and_checksums(tmp_path):
     fields = make_rxrx_plate(tmp_path / "images", plates=2, wells=("A01", "A02"), sites=1)
-    manifest = shard_folder(tmp_path / "images", tmp_path / "shards", target_shard_size=3 * 24 * 32 * 2 * 2, num_workers=1, progress=False)
+    manifest = shard_folder(tmp_path / "images", tmp_path / "shards", target_shard_size=3 * 32 * 40 * 2 * 2, num_workers=1, progress=False)
     written = json.loads((tmp_path / "shards" / "manifest.json").read_text())
     assert written == manifest
     assert manifest["num_fields"] == len(fields) == sum(s["num_fields"] for s in manifest["shards"])
     assert manifest["num_shards"] == 2 and manifest["channels"] == ["w1", "w2", "w3"]
-    assert manifest["dtypes"] == {"uint16": 4} and manifest["shapes"] == {"3x24x32": 4}
+    assert manifest["dtypes"] == {"uint16": 4} and manifest["shapes"] == {"3x32x40": 4}
     assert all(len(s["sha256"]) == 64 for s in manifest["shards"])
 
 
 def test_rerun_reuses_finished_shards(tmp_path):
     make_rxrx_plate(tmp_path / "images", plates=2, wells=("A01", "A02"), sites=1)
-    options = dict(target_shard_size=3 * 24 * 32 * 2 * 2, num_workers=1, progress=False)
+    options = dict(target_shard_size=3 * 32 * 40 * 2 * 2, num_workers=1, progress=False)
     shard_folder(tmp_path / "images", tmp_path / "shards", **options)
     stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "shards").glob("shard-*.parquet")}
     again = shard_folder(tmp_path / "images", tmp_path / "shards", **options)
@@ -91,7 +91,7 @@ def test_rerun_reuses_finished_shards(tmp_path):
 
 def test_rerun_rewrites_a_shard_whose_file_is_gone(tmp_path):
     make_rxrx_plate(tmp_path / "images", plates=2, wells=("A01", "A02"), sites=1)
-    options = dict(target_shard_size=3 * 24 * 32 * 2 * 2, num_workers=1, progress=False)
+    options = dict(target_shard_size=3 * 32 * 40 * 2 * 2, num_workers=1, progress=False)
     shard_folder(tmp_path / "images", tmp_path / "shards", **options)
     (tmp_path / "shards" / "shard-00001.parquet").unlink()
     again = shard_folder(tmp_path / "images", tmp_path / "shards", **options)
@@ -112,7 +112,7 @@ def test_verify_passes_on_intact_shards_and_finds_a_flipped_byte(tmp_path):
 
 def test_parallel_writer_gives_the_same_shards_as_one_process(tmp_path):
     make_rxrx_plate(tmp_path / "images", plates=2, wells=("A01", "A02"), sites=1)
-    options = dict(target_shard_size=3 * 24 * 32 * 2, progress=False)
+    options = dict(target_shard_size=3 * 32 * 40 * 2, progress=False)
     one = shard_folder(tmp_path / "images", tmp_path / "one", num_workers=1, **options)
     two = shard_folder(tmp_path / "images", tmp_path / "two", num_workers=2, **options)
     assert [s["sha256"] for s in one["shards"]] == [s["sha256"] for s in two["shards"]]

@@ -43,6 +43,7 @@ from .records import FieldRecord
 SHARD_FORMAT = "hf_cellmae.parquet_shards/1"
 MANIFEST_NAME = "manifest.json"
 MAX_SKIPPED_SHARE = 0.05  # a run that loses more of its fields than this fails (after writing its manifest)
+MIN_FIELD_SIZE = 32  # px: a field narrower than the crops it is trained on fails later, in pretrain or embed
 
 
 def parse_size(size: str | int) -> int:
@@ -95,16 +96,26 @@ def _plan_hash(records: list[dict], options: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def check_field_pixels(record: FieldRecord, pixels: np.ndarray) -> None:
+def check_field_pixels(record: FieldRecord, pixels: np.ndarray, min_field_size: int = MIN_FIELD_SIZE) -> None:
     """Raise ``BadInputError`` for a field that reads but would break training or embedding later.
 
-    Float images with NaN or inf pixels are refused here, naming the field, the channel(s) and the file(s),
-    because normalisation would spread them over the whole field.
+    Refused here, naming the field and its file(s): fields whose height or width is below ``min_field_size``
+    (they cannot give the crops a model is trained on), and float images with NaN or inf pixels (normalisation
+    would spread them over the whole field).
 
     Args:
         record: the field (its id, channel names and files go in the message).
         pixels: ``(C, H, W)`` array from :func:`~hf_cellmae.data.image_io.read_field`.
+        min_field_size: smallest accepted height and width, in pixels.
     """
+    height, width = pixels.shape[-2:]
+    if min(height, width) < min_field_size:
+        raise BadInputError(
+            f"field {record.field_id} is {height}x{width} px, smaller than min_field_size={min_field_size} px "
+            f"({record.files[0]}); pretrain and embed crop fields to image_size, so it would fail there: remove it, "
+            "or lower min_field_size (--min-field-size) to the crop size you use",
+            file=record.files[0],
+        )
     if not np.issubdtype(pixels.dtype, np.inexact):
         return  # integer images are always finite
     finite = np.isfinite(pixels)  # (C, H, W)
@@ -135,7 +146,7 @@ def _write_shard(task: dict) -> dict:
         record = FieldRecord.from_dict(record_dict)
         try:
             pixels = read_field(record)  # (C, H, W)
-            check_field_pixels(record, pixels)
+            check_field_pixels(record, pixels, task["min_field_size"])
         except BadInputError as error:
             problems.report(str(error), file=error.file or (record.files[0] if record.files else ""), field=record.field_id, stage="read")
             continue
@@ -211,6 +222,7 @@ def write_shards(
     num_workers: int | None = None,
     on_error: str = "skip",
     max_skipped_share: float = MAX_SKIPPED_SHARE,
+    min_field_size: int = MIN_FIELD_SIZE,
     problems: ProblemLog | None = None,
     manifest_extra: dict | None = None,
     progress: bool = True,
@@ -231,6 +243,8 @@ def write_shards(
         max_skipped_share: the share of fields (skipped / (written + skipped)) a run may lose; above it, or
             when no field was written, ``UserError`` is raised with the reasons tallied, after the manifest
             (with every skip) is written. Stray files and unreadable metadata rows lose no field.
+        min_field_size: fields whose height or width (px) is below this are skipped (or fatal under
+            ``on_error="fail"``); set it to the smallest crop (``image_size``) you will train or embed with.
         problems: log holding skips from earlier stages (discovery, metadata); they go in the manifest.
         manifest_extra: more keys for the manifest (source, layout, metadata summary).
         progress: show a tqdm bar (fields).
@@ -245,6 +259,8 @@ def write_shards(
     problems = problems if problems is not None else ProblemLog(on_error)
     if not 0 <= max_skipped_share <= 1:
         raise UserError(f"max_skipped_share={max_skipped_share} is not a share between 0 and 1; e.g. 0.05 accepts losing up to 5% of the fields")
+    if not isinstance(min_field_size, (int, np.integer)) or min_field_size < 1:
+        raise UserError(f"min_field_size={min_field_size} is not a whole number of pixels >= 1; give the smallest crop size you will use (default {MIN_FIELD_SIZE})")
     if not records:
         skipped = f"; {len(problems)} input(s) skipped: {problems.tally()}" if len(problems) else ""
         raise UserError(f"no fields of view to write to {output_dir}; check the input path and --layout/--pattern{skipped}")
@@ -254,14 +270,14 @@ def write_shards(
     if shuffle:
         order = list(np.random.default_rng(seed).permutation(len(records)))
     fields_per_shard = _fields_per_shard(records, parse_size(target_shard_size), fields_per_row_group)
-    options = {"fields_per_row_group": fields_per_row_group, "compression": compression, "format": SHARD_FORMAT}
+    options = {"fields_per_row_group": fields_per_row_group, "compression": compression, "min_field_size": int(min_field_size), "format": SHARD_FORMAT}
     tasks = []
     for index, start in enumerate(range(0, len(order), fields_per_shard)):
         chunk = [records[i].to_dict() for i in order[start : start + fields_per_shard]]
         tasks.append(
             {
                 "index": index, "records": chunk, "output_dir": str(output_dir), "on_error": on_error,
-                "fields_per_row_group": fields_per_row_group, "compression": compression,
+                "fields_per_row_group": fields_per_row_group, "compression": compression, "min_field_size": int(min_field_size),
                 "plan_hash": _plan_hash(chunk, options),
             }
         )
@@ -451,7 +467,7 @@ def shard_folder(
         on_error: ``"skip"`` (count and report bad inputs) or ``"fail"`` (raise ``BadInputError`` on the first).
         verify: re-read every shard afterwards; problems raise ``BadInputError``.
         write_options: passed to :func:`write_shards` (``target_shard_size``, ``fields_per_row_group``,
-            ``compression``, ``num_workers``, ``shuffle``, ``seed``, ``max_skipped_share``).
+            ``compression``, ``num_workers``, ``shuffle``, ``seed``, ``max_skipped_share``, ``min_field_size``).
 
     Returns:
         The manifest dict.
