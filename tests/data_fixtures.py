@@ -31,7 +31,7 @@ def make_rxrx_plate(
     wells: tuple[str, ...] = ("A01", "A02", "B01"),
     sites: int = 2,
     channels: int = 3,
-    size: tuple[int, int] = (24, 32),
+    size: tuple[int, int] = (32, 40),  # at least the shard writer's default min_field_size
     dtype=np.uint16,
     seed: int = 0,
 ) -> dict[str, np.ndarray]:

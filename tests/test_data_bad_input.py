@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from data_fixtures import make_rxrx_plate, write_png
+from hf_cellmae.cli import main
 from hf_cellmae.data.problems import BadInputError
+from hf_cellmae.errors import UserError
 from hf_cellmae.data.shards import shard_folder
 
 
@@ -19,6 +21,7 @@ def plate(tmp_path):
 
 
 def _shard(tmp_path, on_error, **options):
+    options.setdefault("max_skipped_share", 0.5)  # these tests break one of four fields on purpose
     return shard_folder(tmp_path / "images", tmp_path / "shards", layout="rxrx", on_error=on_error, num_workers=1, progress=False, **options)
 
 
@@ -98,7 +101,7 @@ def test_mixed_sizes_within_a_site_are_reported(plate):
 
 def test_mixed_dtypes_within_a_site_are_reported(plate):
     tmp_path, _ = plate
-    write_png(tmp_path / "images" / "exp" / "Plate1" / "A02_s2_w1.png", np.zeros((24, 32), np.uint8))
+    write_png(tmp_path / "images" / "exp" / "Plate1" / "A02_s2_w1.png", np.zeros((32, 40), np.uint8))
     with pytest.raises(BadInputError, match="uint8"):
         _shard(tmp_path, "fail")
 
@@ -134,3 +137,135 @@ def test_unknown_on_error_policy_is_rejected(plate):
     tmp_path, _ = plate
     with pytest.raises(ValueError, match="on_error='ignore'"):
         _shard(tmp_path, "ignore")
+
+
+def test_skipping_more_than_five_percent_of_fields_fails_with_the_reasons_tallied(plate):
+    tmp_path, _ = plate
+    _truncate(tmp_path / "images" / "exp" / "Plate1" / "A02_s1_w2.png")
+    with pytest.raises(UserError, match=r"skipped 1 of 4 fields \(25%\).*max_skipped_share=0.05.*1 x cannot read image") as error:
+        shard_folder(tmp_path / "images", tmp_path / "shards", layout="rxrx", num_workers=1, progress=False)
+    assert "--max-skipped-share" in str(error.value) and "\n" not in str(error.value)
+    manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    assert manifest["num_fields"] == 3 and manifest["skipped"][0]["field"] == "exp/Plate1/A02/s1"
+
+
+def test_skipped_share_up_to_the_stated_limit_is_accepted(plate):
+    tmp_path, fields = plate
+    _truncate(tmp_path / "images" / "exp" / "Plate1" / "A02_s1_w2.png")
+    manifest = _shard(tmp_path, "skip", max_skipped_share=0.25)
+    assert manifest["num_fields"] == len(fields) - 1 and manifest["num_skipped"] == 1
+
+
+def test_stray_files_are_not_lost_fields(plate):
+    tmp_path, fields = plate
+    for name in ("notes.txt", "thumbnail.jpg"):
+        (tmp_path / "images" / "exp" / "Plate1" / name).write_text("not part of the layout")
+    manifest = _shard(tmp_path, "skip", max_skipped_share=0.0)
+    assert manifest["num_fields"] == len(fields) and manifest["num_skipped"] == 2
+
+
+def test_a_run_that_writes_no_field_fails_even_when_every_skip_is_allowed(plate):
+    tmp_path, _ = plate
+    for png in (tmp_path / "images" / "exp" / "Plate1").glob("*_w1.png"):
+        _truncate(png)
+    with pytest.raises(UserError, match=r"wrote 0 fields.*4 x cannot read image"):
+        _shard(tmp_path, "skip", max_skipped_share=1.0)
+    assert json.loads((tmp_path / "shards" / "manifest.json").read_text())["num_skipped"] == 4
+
+
+def test_max_skipped_share_outside_zero_to_one_is_rejected(plate):
+    tmp_path, _ = plate
+    with pytest.raises(UserError, match="max_skipped_share=5"):
+        _shard(tmp_path, "skip", max_skipped_share=5)
+
+
+def test_shard_command_exits_non_zero_when_too_many_fields_are_skipped(plate, capsys):
+    tmp_path, _ = plate
+    _truncate(tmp_path / "images" / "exp" / "Plate1" / "A02_s1_w2.png")
+    command = ["shard", str(tmp_path / "images"), str(tmp_path / "shards"), "--layout", "rxrx", "--num-workers", "1", "--quiet"]
+    assert main(command) != 0
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "1 of 4 fields" in line and "--max-skipped-share" in line
+    assert main(command + ["--max-skipped-share", "0.25"]) == 0
+
+
+@pytest.fixture
+def float_stacks(tmp_path):
+    """Three 2-channel float32 TIFF stacks: A01 clean, A02 with a NaN in channel 2, A03 with +inf in channel 1."""
+    import tifffile
+
+    (tmp_path / "stacks").mkdir()
+    for well, (channel, value) in {"A01": (0, 1.0), "A02": (1, np.nan), "A03": (0, np.inf)}.items():
+        pixels = np.ones((2, 32, 40), np.float32)
+        pixels[channel, 5, 7] = value
+        tifffile.imwrite(tmp_path / "stacks" / f"{well}.tiff", pixels)
+    return tmp_path
+
+
+def _shard_stacks(tmp_path, on_error="skip", **options):
+    return shard_folder(tmp_path / "stacks", tmp_path / "shards", layout="stack", on_error=on_error, num_workers=1, progress=False, **options)
+
+
+def test_non_finite_pixels_skip_their_field_and_name_field_and_file(float_stacks):
+    manifest = _shard_stacks(float_stacks, max_skipped_share=1.0)
+    assert manifest["num_fields"] == 1
+    skipped = {p["field"]: p for p in _skipped(manifest, "read")}
+    assert set(skipped) == {"stacks/A02/s1", "stacks/A03/s1"}
+    for field, problem in skipped.items():
+        well = field.split("/")[1]
+        assert problem["file"].endswith(f"{well}.tiff") and f"{well}.tiff" in problem["reason"]
+        assert "non-finite" in problem["reason"] and field in problem["reason"]
+    assert "channel(s) ['ch2']" in skipped["stacks/A02/s1"]["reason"] and "NaN" in skipped["stacks/A02/s1"]["reason"]
+
+
+def test_non_finite_pixels_fail_under_fail_policy(float_stacks):
+    with pytest.raises(BadInputError, match=r"field stacks/A0[23]/s1 .*non-finite"):
+        _shard_stacks(float_stacks, on_error="fail")
+
+
+def test_non_finite_pixels_count_towards_the_skipped_share(float_stacks):
+    with pytest.raises(UserError, match=r"skipped 2 of 3 fields.*non-finite"):
+        _shard_stacks(float_stacks)
+
+
+def _shrink_site(tmp_path, site="A01_s2", size=(16, 16)):
+    for channel in (1, 2, 3):
+        write_png(tmp_path / "images" / "exp" / "Plate1" / f"{site}_w{channel}.png", np.ones(size, np.uint16))
+
+
+def test_fields_smaller_than_min_field_size_are_skipped_with_their_size(plate):
+    tmp_path, fields = plate
+    _shrink_site(tmp_path)
+    manifest = _shard(tmp_path, "skip")
+    assert manifest["num_fields"] == len(fields) - 1
+    (problem,) = _skipped(manifest, "read")
+    assert problem["field"] == "exp/Plate1/A01/s2" and problem["file"].endswith("A01_s2_w1.png")
+    assert "16x16" in problem["reason"] and "min_field_size=32" in problem["reason"] and "--min-field-size" in problem["reason"]
+
+
+def test_small_fields_fail_under_fail_policy(plate):
+    tmp_path, _ = plate
+    _shrink_site(tmp_path, size=(16, 48))
+    with pytest.raises(BadInputError, match=r"exp/Plate1/A01/s2 is 16x48 px"):
+        _shard(tmp_path, "fail")
+
+
+def test_min_field_size_can_be_lowered(plate):
+    tmp_path, fields = plate
+    _shrink_site(tmp_path)
+    manifest = _shard(tmp_path, "skip", min_field_size=16)
+    assert manifest["num_fields"] == len(fields) and manifest["shapes"]["3x16x16"] == 1
+
+
+def test_min_field_size_below_one_pixel_is_rejected(plate):
+    tmp_path, _ = plate
+    with pytest.raises(UserError, match="min_field_size=0"):
+        _shard(tmp_path, "skip", min_field_size=0)
+
+
+def test_shard_command_takes_min_field_size(plate):
+    tmp_path, fields = plate
+    _shrink_site(tmp_path)
+    command = ["shard", str(tmp_path / "images"), str(tmp_path / "shards"), "--layout", "rxrx", "--num-workers", "1", "--quiet"]
+    assert main(command + ["--min-field-size", "16"]) == 0
+    assert json.loads((tmp_path / "shards" / "manifest.json").read_text())["num_fields"] == len(fields)

@@ -39,7 +39,7 @@ def test_multipage_tiff_stack_keeps_every_channel(tmp_path):
     stacks = {}
     (tmp_path / "in").mkdir()
     for well in ("A01", "A02"):
-        stacks[well] = rng.integers(0, 65535, size=(6, 20, 24), dtype=np.uint16)
+        stacks[well] = rng.integers(0, 65535, size=(6, 32, 40), dtype=np.uint16)
         tifffile.imwrite(tmp_path / "in" / f"{well}.tiff", stacks[well], compression="zlib")
     manifest = shard_folder(tmp_path / "in", tmp_path / "shards", layout="stack", num_workers=1, progress=False)
     assert manifest["channels"] == [f"ch{c}" for c in range(1, 7)]
@@ -70,18 +70,18 @@ def test_undetectable_layout_is_a_clear_error(tmp_path):
 
 def test_manifest_counts_channels_dtypes_and_checksums(tmp_path):
     fields = make_rxrx_plate(tmp_path / "images", plates=2, wells=("A01", "A02"), sites=1)
-    manifest = shard_folder(tmp_path / "images", tmp_path / "shards", target_shard_size=3 * 24 * 32 * 2 * 2, num_workers=1, progress=False)
+    manifest = shard_folder(tmp_path / "images", tmp_path / "shards", target_shard_size=3 * 32 * 40 * 2 * 2, num_workers=1, progress=False)
     written = json.loads((tmp_path / "shards" / "manifest.json").read_text())
     assert written == manifest
     assert manifest["num_fields"] == len(fields) == sum(s["num_fields"] for s in manifest["shards"])
     assert manifest["num_shards"] == 2 and manifest["channels"] == ["w1", "w2", "w3"]
-    assert manifest["dtypes"] == {"uint16": 4} and manifest["shapes"] == {"3x24x32": 4}
+    assert manifest["dtypes"] == {"uint16": 4} and manifest["shapes"] == {"3x32x40": 4}
     assert all(len(s["sha256"]) == 64 for s in manifest["shards"])
 
 
 def test_rerun_reuses_finished_shards(tmp_path):
     make_rxrx_plate(tmp_path / "images", plates=2, wells=("A01", "A02"), sites=1)
-    options = dict(target_shard_size=3 * 24 * 32 * 2 * 2, num_workers=1, progress=False)
+    options = dict(target_shard_size=3 * 32 * 40 * 2 * 2, num_workers=1, progress=False)
     shard_folder(tmp_path / "images", tmp_path / "shards", **options)
     stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "shards").glob("shard-*.parquet")}
     again = shard_folder(tmp_path / "images", tmp_path / "shards", **options)
@@ -91,7 +91,7 @@ def test_rerun_reuses_finished_shards(tmp_path):
 
 def test_rerun_rewrites_a_shard_whose_file_is_gone(tmp_path):
     make_rxrx_plate(tmp_path / "images", plates=2, wells=("A01", "A02"), sites=1)
-    options = dict(target_shard_size=3 * 24 * 32 * 2 * 2, num_workers=1, progress=False)
+    options = dict(target_shard_size=3 * 32 * 40 * 2 * 2, num_workers=1, progress=False)
     shard_folder(tmp_path / "images", tmp_path / "shards", **options)
     (tmp_path / "shards" / "shard-00001.parquet").unlink()
     again = shard_folder(tmp_path / "images", tmp_path / "shards", **options)
@@ -112,7 +112,51 @@ def test_verify_passes_on_intact_shards_and_finds_a_flipped_byte(tmp_path):
 
 def test_parallel_writer_gives_the_same_shards_as_one_process(tmp_path):
     make_rxrx_plate(tmp_path / "images", plates=2, wells=("A01", "A02"), sites=1)
-    options = dict(target_shard_size=3 * 24 * 32 * 2, progress=False)
+    options = dict(target_shard_size=3 * 32 * 40 * 2, progress=False)
     one = shard_folder(tmp_path / "images", tmp_path / "one", num_workers=1, **options)
     two = shard_folder(tmp_path / "images", tmp_path / "two", num_workers=2, **options)
     assert [s["sha256"] for s in one["shards"]] == [s["sha256"] for s in two["shards"]]
+
+
+def _load_data_folder(root, path_name=None):
+    """``root/ld/``: one B03 site (three PNGs) and ``load_data.csv`` naming them with FileName_ (+ PathName_)."""
+    fields = make_rxrx_plate(root / "ld", plates=1, wells=("B03",), sites=1)
+    for png in (root / "ld" / "exp" / "Plate1").glob("*.png"):
+        png.rename(root / "ld" / png.name)
+    columns = ",".join(f"FileName_w{c}" + (f",PathName_w{c}" if path_name is not None else "") for c in (1, 2, 3))
+    values = ",".join(f"B03_s1_w{c}.png" + (f",{path_name}" if path_name is not None else "") for c in (1, 2, 3))
+    (root / "ld" / "load_data.csv").write_text(f"{columns},Metadata_Plate,Metadata_Well,Metadata_Site\n{values},P1,B03,1\n")
+    return fields["exp/Plate1/B03/s1"]
+
+
+def test_load_data_without_path_names_resolves_files_beside_a_relative_csv(tmp_path, monkeypatch):
+    pixels = _load_data_folder(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    manifest = shard_folder("ld/load_data.csv", "shards", layout="load_data", num_workers=1, progress=False)
+    assert manifest["num_fields"] == 1 and manifest["skipped"] == []
+    (sample,) = _whole_fields(tmp_path / "shards").values()
+    np.testing.assert_array_equal(sample["pixel_values"], pixels)
+
+
+def test_load_data_files_resolve_the_same_from_any_current_folder(tmp_path, monkeypatch):
+    _load_data_folder(tmp_path)
+    expected = [str(tmp_path / "ld" / f"B03_s1_w{c}.png") for c in (1, 2, 3)]
+    for cwd, csv in ((tmp_path, "ld/load_data.csv"), (tmp_path / "ld", "load_data.csv"), (tmp_path / "ld", tmp_path / "ld" / "load_data.csv")):
+        monkeypatch.chdir(cwd)
+        (record,) = discover_load_data(csv)
+        assert record.files == expected, (cwd, csv)
+
+
+def test_load_data_relative_path_names_are_relative_to_the_csv_folder(tmp_path, monkeypatch):
+    _load_data_folder(tmp_path, path_name=".")
+    monkeypatch.chdir(tmp_path)
+    (record,) = discover_load_data("ld/load_data.csv")
+    assert record.files == [str(tmp_path / "ld" / f"B03_s1_w{c}.png") for c in (1, 2, 3)]
+
+
+def test_load_data_absolute_path_names_are_used_as_they_are(tmp_path, monkeypatch):
+    _load_data_folder(tmp_path, path_name=str(tmp_path / "ld"))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    (record,) = discover_load_data(tmp_path / "ld" / "load_data.csv")
+    assert record.files == [str(tmp_path / "ld" / f"B03_s1_w{c}.png") for c in (1, 2, 3)]

@@ -19,12 +19,12 @@ SIZE = 16
 
 @pytest.fixture(scope="module")
 def plate(tmp_path_factory):
-    """12 random 3 x 24 x 32 uint16 fields in 4 shards of row groups of 2 fields, with metadata."""
+    """12 random 3 x 32 x 40 uint16 fields in 4 shards of row groups of 2 fields, with metadata."""
     root = tmp_path_factory.mktemp("plate")
     fields = make_rxrx_plate(root / "images")
     write_plate_metadata(root / "metadata.csv", fields)
     shards = root / "shards"
-    shard_folder(root / "images", shards, metadata=root / "metadata.csv", target_shard_size=3 * 24 * 32 * 2 * 3,
+    shard_folder(root / "images", shards, metadata=root / "metadata.csv", target_shard_size=3 * 32 * 40 * 2 * 3,
                  fields_per_row_group=2, num_workers=1, progress=False)
     return {"fields": fields, "shards": str(shards)}
 

@@ -7,6 +7,7 @@ import sys
 
 from .layouts import LAYOUTS, PATTERN_PRESETS
 from .problems import ON_ERROR_CHOICES, BadInputError
+from .shards import MAX_SKIPPED_SHARE, MIN_FIELD_SIZE
 
 
 def _shard(args: argparse.Namespace) -> int:
@@ -21,6 +22,8 @@ def _shard(args: argparse.Namespace) -> int:
             channel_names=args.channels.split(",") if args.channels else None,
             metadata=args.metadata,
             on_error=args.on_error,
+            max_skipped_share=args.max_skipped_share,
+            min_field_size=args.min_field_size,
             verify=args.verify,
             progress=not args.quiet,
             target_shard_size=args.shard_size,
@@ -102,6 +105,14 @@ def register(subparsers) -> None:
     shard.add_argument("--compression", default="none", help="Parquet codec: none (fastest to stream), zstd, snappy...")
     shard.add_argument("--num-workers", type=int, default=None, help="processes reading images (default: all cores)")
     shard.add_argument("--on-error", choices=ON_ERROR_CHOICES, default="skip", help="skip and count bad inputs, or fail on the first")
+    shard.add_argument(
+        "--max-skipped-share", type=float, default=MAX_SKIPPED_SHARE,
+        help=f"fail (after writing the manifest) when more than this share of fields is skipped, or none written (default {MAX_SKIPPED_SHARE})",
+    )
+    shard.add_argument(
+        "--min-field-size", type=int, default=MIN_FIELD_SIZE,
+        help=f"skip fields narrower or shorter than this many pixels; set it to your crop size (default {MIN_FIELD_SIZE})",
+    )
     shard.add_argument("--verify", action="store_true", help="re-read every shard and check checksums afterwards")
     shard.add_argument("--no-shuffle", action="store_true", help="keep the discovery order instead of mixing fields across shards")
     shard.add_argument("--seed", type=int, default=0, help="seed of the order of fields across shards")

@@ -183,6 +183,16 @@ def discover_rxrx(
     return discover_pattern(root, "rxrx", problems, channel_names, ignore)
 
 
+def _load_data_folder(path_name: str, csv_folder: Path) -> Path:
+    """The folder of a load_data file, as CellProfiler resolves it.
+
+    An absolute ``PathName_<Ch>`` is used as it is; a relative one is taken relative to the CSV's folder;
+    an empty or missing one means the CSV's folder itself. ``csv_folder`` is absolute, so the CSV's folder
+    is never joined twice (``ld/ld/...``) and the result does not depend on the current folder.
+    """
+    return csv_folder / path_name if path_name else csv_folder
+
+
 def discover_load_data(
     csv_path: str | Path,
     problems: ProblemLog | None = None,
@@ -191,13 +201,15 @@ def discover_load_data(
     """CellProfiler load_data CSV: one row per site, ``FileName_<Ch>`` + ``PathName_<Ch>`` per channel.
 
     ``PathName_*`` values that are relative are taken relative to the CSV's folder (a missing
-    ``PathName_*`` column means the CSV's folder). ``Metadata_Plate/Well/Site`` place the field;
+    ``PathName_*`` column means the CSV's folder), as in CellProfiler; the files are absolute paths, whatever
+    the current folder and whether ``csv_path`` is relative. ``Metadata_Plate/Well/Site`` place the field;
     every other ``Metadata_*`` column goes into the record's metadata (without the prefix).
     Rows with an empty file name or without a plate/well are reported as unreadable metadata rows.
     """
     import pandas as pd
 
     csv_path = Path(csv_path)
+    csv_folder = Path(os.path.abspath(csv_path)).parent  # absolute: the records must not depend on the current folder
     problems = problems if problems is not None else ProblemLog()
     try:
         table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
@@ -217,14 +229,14 @@ def discover_load_data(
         for channel in channels:
             name = row.get(f"FileName_{channel}", "").strip()
             folder = row.get(f"PathName_{channel}", "").strip()
-            folder_path = Path(folder) if folder else csv_path.parent
-            if not folder_path.is_absolute():
-                folder_path = csv_path.parent / folder_path
-            files.append(str(folder_path / name) if name else "")
+            files.append(str(_load_data_folder(folder, csv_folder) / name) if name else "")
+        site = normalize_site(row.get("Metadata_Site", "1") or "1")
         if not plate or not well or not all(files):
             empty = [c for c, f in zip(channels, files) if not f]
             reason = "unreadable load_data row: " + ("missing Metadata_Plate/Metadata_Well" if not plate or not well else f"empty FileName for channel(s) {empty}")
-            problems.report(reason, file=where, stage="metadata")
+            # Naming the field counts the row as a lost field (ProblemLog.skipped_fields).
+            field_id = f"{plate}/{normalize_well(well)}/s{site}" if plate and well else f"row {row_number}"
+            problems.report(reason, file=where, field=field_id, stage="metadata")
             continue
         metadata = {
             column[len("Metadata_"):]: value
@@ -233,7 +245,7 @@ def discover_load_data(
         }
         records.append(
             FieldRecord(
-                plate=plate, well=normalize_well(well), site=normalize_site(row.get("Metadata_Site", "1") or "1"),
+                plate=plate, well=normalize_well(well), site=site,
                 channels=names, files=files, metadata=metadata,
             )
         )

@@ -8,14 +8,27 @@ that ends up in the shard manifest and in the command's closing summary. Nothing
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 ON_ERROR_CHOICES = ("skip", "fail")
 
+# A path or field id inside a reason ("cannot read image plate/A01_s1_w1.png: ..."): masked when tallying.
+_PATH_IN_REASON = re.compile(r"[^\s'\"]*/[^\s'\":;,)]*")
+
 
 class BadInputError(ValueError):
-    """An input file, field of view or metadata row that cannot be used as it is."""
+    """An input file, field of view or metadata row that cannot be used as it is.
+
+    Args:
+        message: what is wrong, naming the input, and what to do.
+        file: the offending file when it is known (the skip's ``file`` in the manifest).
+    """
+
+    def __init__(self, message: str, file: str = "") -> None:
+        super().__init__(message)
+        self.file = str(file)
 
 
 @dataclass
@@ -62,6 +75,17 @@ class ProblemLog:
 
     def __len__(self) -> int:
         return len(self.problems)
+
+    def skipped_fields(self) -> list[Problem]:
+        """The skips that cost a field of view (they name it); stray files and metadata rows cost none."""
+        return [problem for problem in self.problems if problem.field]
+
+    def tally(self, problems: list[Problem] | None = None, top: int = 5) -> str:
+        """``"3 x cannot read image <path>: ...; 1 x ..."``: count per reason (paths masked), most common first."""
+        problems = self.problems if problems is None else problems
+        counts = Counter(" ".join(_PATH_IN_REASON.sub("<path>", problem.reason).split()) for problem in problems)
+        text = "; ".join(f"{count} x {reason}" for reason, count in counts.most_common(top))
+        return text + (f"; and {len(counts) - top} other reason(s)" if len(counts) > top else "")
 
     def summary(self) -> str:
         """One line per stage with counts, then the first few messages; '' when nothing was skipped."""

@@ -35,12 +35,15 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import UserError
 from .image_io import read_field
 from .problems import BadInputError, Problem, ProblemLog
 from .records import FieldRecord
 
 SHARD_FORMAT = "hf_cellmae.parquet_shards/1"
 MANIFEST_NAME = "manifest.json"
+MAX_SKIPPED_SHARE = 0.05  # a run that loses more of its fields than this fails (after writing its manifest)
+MIN_FIELD_SIZE = 32  # px: a field narrower than the crops it is trained on fails later, in pretrain or embed
 
 
 def parse_size(size: str | int) -> int:
@@ -93,6 +96,43 @@ def _plan_hash(records: list[dict], options: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def check_field_pixels(record: FieldRecord, pixels: np.ndarray, min_field_size: int = MIN_FIELD_SIZE) -> None:
+    """Raise ``BadInputError`` for a field that reads but would break training or embedding later.
+
+    Refused here, naming the field and its file(s): fields whose height or width is below ``min_field_size``
+    (they cannot give the crops a model is trained on), and float images with NaN or inf pixels (normalisation
+    would spread them over the whole field).
+
+    Args:
+        record: the field (its id, channel names and files go in the message).
+        pixels: ``(C, H, W)`` array from :func:`~hf_cellmae.data.image_io.read_field`.
+        min_field_size: smallest accepted height and width, in pixels.
+    """
+    height, width = pixels.shape[-2:]
+    if min(height, width) < min_field_size:
+        raise BadInputError(
+            f"field {record.field_id} is {height}x{width} px, smaller than min_field_size={min_field_size} px "
+            f"({record.files[0]}); pretrain and embed crop fields to image_size, so it would fail there: remove it, "
+            "or lower min_field_size (--min-field-size) to the crop size you use",
+            file=record.files[0],
+        )
+    if not np.issubdtype(pixels.dtype, np.inexact):
+        return  # integer images are always finite
+    finite = np.isfinite(pixels)  # (C, H, W)
+    if finite.all():
+        return
+    names = record.channels or [f"ch{c + 1}" for c in range(pixels.shape[0])]
+    bad = ~finite.all(axis=(1, 2))  # (C,) channels holding a non-finite pixel
+    files = record.files[:1] if record.stack else [path for path, is_bad in zip(record.files, bad) if is_bad]
+    kinds = " and ".join(kind for kind, present in (("NaN", np.isnan(pixels).any()), ("inf", np.isinf(pixels).any())) if present)
+    raise BadInputError(
+        f"field {record.field_id} has {int((~finite).sum())} non-finite pixel(s) ({kinds}) in channel(s) "
+        f"{[name for name, is_bad in zip(names, bad) if is_bad]} of {', '.join(files)}; replace them with finite values "
+        "(e.g. numpy.nan_to_num) or remove the field's files",
+        file=files[0],
+    )
+
+
 def _write_shard(task: dict) -> dict:
     """Read the task's fields and write one shard + its JSON record (runs in a worker process)."""
     import pyarrow as pa
@@ -105,9 +145,10 @@ def _write_shard(task: dict) -> dict:
     for record_dict in task["records"]:
         record = FieldRecord.from_dict(record_dict)
         try:
-            pixels = read_field(record)
+            pixels = read_field(record)  # (C, H, W)
+            check_field_pixels(record, pixels, task["min_field_size"])
         except BadInputError as error:
-            problems.report(str(error), file=record.files[0] if record.files else "", field=record.field_id, stage="read")
+            problems.report(str(error), file=error.file or (record.files[0] if record.files else ""), field=record.field_id, stage="read")
             continue
         data = pixels.tobytes()
         metadata = {**record.tags, **record.metadata}
@@ -180,6 +221,8 @@ def write_shards(
     seed: int = 0,
     num_workers: int | None = None,
     on_error: str = "skip",
+    max_skipped_share: float = MAX_SKIPPED_SHARE,
+    min_field_size: int = MIN_FIELD_SIZE,
     problems: ProblemLog | None = None,
     manifest_extra: dict | None = None,
     progress: bool = True,
@@ -197,6 +240,11 @@ def write_shards(
         seed: seed of that order.
         num_workers: processes reading images (default: all cores; 1 = in this process).
         on_error: ``"skip"`` (count unreadable fields in the manifest) or ``"fail"`` (raise on the first).
+        max_skipped_share: the share of fields (skipped / (written + skipped)) a run may lose; above it, or
+            when no field was written, ``UserError`` is raised with the reasons tallied, after the manifest
+            (with every skip) is written. Stray files and unreadable metadata rows lose no field.
+        min_field_size: fields whose height or width (px) is below this are skipped (or fatal under
+            ``on_error="fail"``); set it to the smallest crop (``image_size``) you will train or embed with.
         problems: log holding skips from earlier stages (discovery, metadata); they go in the manifest.
         manifest_extra: more keys for the manifest (source, layout, metadata summary).
         progress: show a tqdm bar (fields).
@@ -209,22 +257,27 @@ def write_shards(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     problems = problems if problems is not None else ProblemLog(on_error)
+    if not 0 <= max_skipped_share <= 1:
+        raise UserError(f"max_skipped_share={max_skipped_share} is not a share between 0 and 1; e.g. 0.05 accepts losing up to 5% of the fields")
+    if not isinstance(min_field_size, (int, np.integer)) or min_field_size < 1:
+        raise UserError(f"min_field_size={min_field_size} is not a whole number of pixels >= 1; give the smallest crop size you will use (default {MIN_FIELD_SIZE})")
     if not records:
-        raise ValueError(f"no fields of view to write to {output_dir}; check the input path and layout ({len(problems)} input(s) skipped)")
+        skipped = f"; {len(problems)} input(s) skipped: {problems.tally()}" if len(problems) else ""
+        raise UserError(f"no fields of view to write to {output_dir}; check the input path and --layout/--pattern{skipped}")
     if fields_per_row_group < 1:
         raise ValueError(f"fields_per_row_group must be >= 1, got {fields_per_row_group}")
     order = list(range(len(records)))
     if shuffle:
         order = list(np.random.default_rng(seed).permutation(len(records)))
     fields_per_shard = _fields_per_shard(records, parse_size(target_shard_size), fields_per_row_group)
-    options = {"fields_per_row_group": fields_per_row_group, "compression": compression, "format": SHARD_FORMAT}
+    options = {"fields_per_row_group": fields_per_row_group, "compression": compression, "min_field_size": int(min_field_size), "format": SHARD_FORMAT}
     tasks = []
     for index, start in enumerate(range(0, len(order), fields_per_shard)):
         chunk = [records[i].to_dict() for i in order[start : start + fields_per_shard]]
         tasks.append(
             {
                 "index": index, "records": chunk, "output_dir": str(output_dir), "on_error": on_error,
-                "fields_per_row_group": fields_per_row_group, "compression": compression,
+                "fields_per_row_group": fields_per_row_group, "compression": compression, "min_field_size": int(min_field_size),
                 "plan_hash": _plan_hash(chunk, options),
             }
         )
@@ -261,7 +314,28 @@ def write_shards(
     with open(output_dir / f"{MANIFEST_NAME}.partial", "w") as handle:
         json.dump(manifest, handle, indent=1)
     os.replace(output_dir / f"{MANIFEST_NAME}.partial", output_dir / MANIFEST_NAME)
+    _check_skipped_share(manifest["num_fields"], problems, max_skipped_share, output_dir)
     return manifest
+
+
+def _check_skipped_share(written: int, problems: ProblemLog, max_skipped_share: float, output_dir: Path) -> None:
+    """Raise ``UserError`` when no field was written or more than ``max_skipped_share`` of them were skipped."""
+    lost = problems.skipped_fields()
+    total = written + len(lost)
+    listed = f"every skip is listed in {output_dir / MANIFEST_NAME} under 'skipped'"
+    if written == 0:
+        raise UserError(
+            f"wrote 0 fields to {output_dir}: all {total} were skipped; reasons: {problems.tally(lost)}; {listed}; "
+            "fix the inputs (path, --layout, --pattern, --channels) and re-run"
+        )
+    share = len(lost) / total
+    if share > max_skipped_share:
+        needed = np.ceil(share * 100) / 100
+        raise UserError(
+            f"skipped {len(lost)} of {total} fields ({share:.0%}), more than max_skipped_share={max_skipped_share} allows; "
+            f"reasons: {problems.tally(lost)}; {listed}; fix those inputs and re-run, or accept the loss with "
+            f"--max-skipped-share {needed:g} (max_skipped_share={needed:g})"
+        )
 
 
 def _fields_per_shard(records: list[FieldRecord], target_bytes: int, fields_per_row_group: int) -> int:
@@ -393,7 +467,7 @@ def shard_folder(
         on_error: ``"skip"`` (count and report bad inputs) or ``"fail"`` (raise ``BadInputError`` on the first).
         verify: re-read every shard afterwards; problems raise ``BadInputError``.
         write_options: passed to :func:`write_shards` (``target_shard_size``, ``fields_per_row_group``,
-            ``compression``, ``num_workers``, ``shuffle``, ``seed``).
+            ``compression``, ``num_workers``, ``shuffle``, ``seed``, ``max_skipped_share``, ``min_field_size``).
 
     Returns:
         The manifest dict.
