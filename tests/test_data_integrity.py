@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import warnings
 
-import pyarrow.parquet as pq
 import pytest
 
-from data_fixtures import make_rxrx_plate
+from data_fixtures import damage_page_header, flip_pixel_byte, make_rxrx_plate
 from hf_cellmae.data.problems import BadInputError
 from hf_cellmae.data.shards import shard_folder, verify_shards
 from hf_cellmae.data.streaming import CorruptFieldWarning, skipped_fields, stream_fields
@@ -21,26 +20,6 @@ def shards(tmp_path):
     fields = make_rxrx_plate(tmp_path / "images", plates=2, wells=("A01", "A02"), sites=1)
     shard_folder(tmp_path / "images", tmp_path / "shards", **SHARD_OPTIONS)
     return tmp_path, fields
-
-
-def flip_pixel_byte(shard_path) -> str:
-    """Flip one byte inside the first field's pixels of an uncompressed shard; returns that field's id."""
-    row = pq.read_table(shard_path, columns=["field_id", "pixels"]).to_pylist()[0]
-    data = bytearray(shard_path.read_bytes())
-    start = data.find(row["pixels"][:256])
-    assert start > 0
-    data[start + 100] ^= 0xFF
-    shard_path.write_bytes(bytes(data))
-    return row["field_id"]
-
-
-def damage_page_header(shard_path) -> None:
-    """Overwrite the bytes just before the first field's pixels: the data page header of the pixels column."""
-    row = pq.read_table(shard_path, columns=["pixels"]).to_pylist()[0]
-    data = bytearray(shard_path.read_bytes())
-    start = data.find(row["pixels"][:256])
-    data[start - 24 : start] = b"\xff" * 24
-    shard_path.write_bytes(bytes(data))
 
 
 def _read_all(shard_dir, **options):
