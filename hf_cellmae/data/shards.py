@@ -26,9 +26,14 @@ Decode a row with :func:`decode_pixels`.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
+import signal
+import sys
+import threading
+import time
 import zlib
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -156,6 +161,33 @@ def check_field_pixels(record: FieldRecord, pixels: np.ndarray, min_field_size: 
         "(e.g. numpy.nan_to_num) or remove the field's files",
         file=files[0],
     )
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with_parent() -> None:
+    """Worker initializer: end this process when the one that started it ends, even by ``kill -9``.
+
+    On Linux the kernel sends SIGKILL on the parent's death (``prctl(PR_SET_PDEATHSIG)``); everywhere a daemon
+    thread also watches for the worker being re-parented. Otherwise killed runs leave workers reading images
+    and writing into the shard folder beside the re-run.
+    """
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass  # the watcher below still ends the worker
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True, name="watch-parent").start()
+
+
+def _watch_parent(parent: int, interval: float = 0.5) -> None:
+    while os.getppid() == parent:
+        time.sleep(interval)
+    os._exit(1)
 
 
 def _write_shard(task: dict) -> dict:
@@ -341,7 +373,7 @@ def write_shards(
             shards.append(_write_shard(task))
             bar.update(len(task["records"]))
     else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        with ProcessPoolExecutor(max_workers=workers, initializer=_die_with_parent) as pool:
             for shard, task in zip(pool.map(_write_shard, todo), todo):
                 shards.append(shard)
                 bar.update(len(task["records"]))
