@@ -72,3 +72,20 @@ def test_verify_failure_says_how_to_repair(shards, monkeypatch):
     monkeypatch.setattr(shards_module, "verify_shards", verify_after_damage)
     with pytest.raises(BadInputError, match="to repair, re-run the same `cellmae shard` command"):
         shard_folder(tmp_path / "images", tmp_path / "shards", verify=True, **SHARD_OPTIONS)
+
+
+def test_stream_under_skip_resumes_at_the_exact_sample(shards):
+    tmp_path, _ = shards
+    flip_pixel_byte(tmp_path / "shards" / "shard-00000.parquet")
+    options = dict(image_size=16, crops_per_field=3, on_error="skip", seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CorruptFieldWarning)
+        full = [(s["field_id"], s["crop_index"]) for s in stream_fields(str(tmp_path / "shards"), **options)]
+        stream = stream_fields(str(tmp_path / "shards"), **options)
+        iterator = iter(stream)
+        head = [next(iterator) for _ in range(4)]
+        state = stream.state_dict()
+        resumed = stream_fields(str(tmp_path / "shards"), **options)
+        resumed.load_state_dict(state)
+        rest = [(s["field_id"], s["crop_index"]) for s in resumed]
+    assert [(s["field_id"], s["crop_index"]) for s in head] + rest == full and len(full) == 3 * 3
