@@ -89,3 +89,12 @@ def test_stream_under_skip_resumes_at_the_exact_sample(shards):
         resumed.load_state_dict(state)
         rest = [(s["field_id"], s["crop_index"]) for s in resumed]
     assert [(s["field_id"], s["crop_index"]) for s in head] + rest == full and len(full) == 3 * 3
+
+
+def test_verify_reports_a_damaged_parquet_structure_in_one_line(shards):
+    tmp_path, _ = shards
+    damage_page_header(tmp_path / "shards" / "shard-00001.parquet")
+    problems = verify_shards(tmp_path / "shards", progress=False)
+    unreadable = [p for p in problems if p.reason.startswith("cannot read shard")]
+    assert unreadable and unreadable[0].file.endswith("shard-00001.parquet")
+    assert all("\n" not in p.message() and "\x0f" not in p.message() for p in problems)

@@ -510,7 +510,8 @@ def verify_shards(shard_dir: str | Path, progress: bool = True) -> list[Problem]
             if count != shard["num_fields"]:
                 problems.append(Problem(f"shard holds {count} fields, manifest says {shard['num_fields']}", file=str(path), stage="verify"))
         except Exception as error:  # unreadable Parquet
-            problems.append(Problem(f"cannot read shard: {type(error).__name__}: {error}", file=str(path), stage="verify"))
+            detail = " ".join("".join(ch if ch.isprintable() else " " for ch in str(error)).split())
+            problems.append(Problem(f"cannot read shard: {type(error).__name__}: {detail}", file=str(path), stage="verify"))
     bar.close()
     return problems
 
