@@ -262,3 +262,15 @@ def test_embed_on_an_image_folder_fails_in_one_line_naming_the_file_and_keeps_wr
     message = str(error.value)
     assert "plate1_B01_site1_Ch2.tif" in message and "\n" not in message and "on_error='skip'" in message
     assert [p.name for p in (tmp_path / "emb").glob("*.parquet")] == ["part-00000.parquet"]
+
+
+def test_cli_embed_of_a_corrupt_shard_exits_non_zero_with_one_line_naming_shard_and_field(plate_copy, tmp_path, capsys):
+    from data_fixtures import flip_pixel_byte
+    from hf_cellmae.cli import main
+
+    shards = _shards_of(plate_copy[0], tmp_path / "shards")
+    field_id = flip_pixel_byte(shards / "shard-00000.parquet")
+    code = main(["embed", "pixel_stats", str(shards), str(tmp_path / "emb"), "--no-progress"])
+    error = capsys.readouterr().err.strip()
+    assert code != 0 and len(error.splitlines()) == 1
+    assert field_id in error and "shard-00000.parquet" in error and "CRC-32" in error
