@@ -61,3 +61,27 @@ def write_plate_metadata(path: Path, fields: dict[str, np.ndarray]) -> None:
         control = index % 3 == 0
         lines.append(f"{experiment},{plate},{well},{site[1:]},{'non-targeting' if control else 'GENE' + str(index)},{control}")
     path.write_text("\n".join(lines) + "\n")
+
+
+def flip_pixel_byte(shard_path) -> str:
+    """Flip one byte inside the first field's pixels of an uncompressed shard; returns that field's id."""
+    import pyarrow.parquet as pq
+
+    row = pq.read_table(shard_path, columns=["field_id", "pixels"]).to_pylist()[0]
+    data = bytearray(shard_path.read_bytes())
+    start = data.find(row["pixels"][:256])
+    assert start > 0
+    data[start + 100] ^= 0xFF
+    shard_path.write_bytes(bytes(data))
+    return row["field_id"]
+
+
+def damage_page_header(shard_path) -> None:
+    """Overwrite the bytes just before the first field's pixels: the data page header of the pixels column."""
+    import pyarrow.parquet as pq
+
+    row = pq.read_table(shard_path, columns=["pixels"]).to_pylist()[0]
+    data = bytearray(shard_path.read_bytes())
+    start = data.find(row["pixels"][:256])
+    data[start - 24 : start] = b"\xff" * 24
+    shard_path.write_bytes(bytes(data))

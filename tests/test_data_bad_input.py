@@ -269,3 +269,25 @@ def test_shard_command_takes_min_field_size(plate):
     command = ["shard", str(tmp_path / "images"), str(tmp_path / "shards"), "--layout", "rxrx", "--num-workers", "1", "--quiet"]
     assert main(command + ["--min-field-size", "16"]) == 0
     assert json.loads((tmp_path / "shards" / "manifest.json").read_text())["num_fields"] == len(fields)
+
+
+def test_a_skipped_field_names_the_broken_channels_file_in_the_manifest(plate):
+    tmp_path, _ = plate
+    _truncate(tmp_path / "images" / "exp" / "Plate1" / "A02_s1_w2.png")
+    manifest = _shard(tmp_path, "skip")
+    (problem,) = _skipped(manifest, "read")
+    assert problem["file"].endswith("A02_s1_w2.png")
+
+
+@pytest.mark.parametrize("suffix", ["tif", "jpg"])
+def test_errors_never_echo_the_first_bytes_of_a_non_image_file(plate, suffix):
+    tmp_path, _ = plate
+    folder = tmp_path / "images" / "exp" / "Plate1"
+    (folder / "A01_s1_w1.png").unlink()
+    (folder / f"A01_s1_w1.{suffix}").write_text("API_TOKEN=hunter2-secret\n")
+    with pytest.raises(BadInputError) as error:
+        _shard(tmp_path, "fail")
+    message = str(error.value)
+    assert f"A01_s1_w1.{suffix}" in message and "\n" not in message
+    for leak in ("API_", "hunter2", "0x41", "b'"):
+        assert leak not in message

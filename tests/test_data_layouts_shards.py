@@ -10,6 +10,7 @@ import tifffile
 
 from data_fixtures import make_rxrx_plate
 from hf_cellmae.data.layouts import discover_fields, discover_load_data, discover_pattern
+from hf_cellmae.data.problems import ProblemLog
 from hf_cellmae.data.shards import shard_folder, verify_shards
 from hf_cellmae.data.streaming import stream_fields
 
@@ -160,3 +161,23 @@ def test_load_data_absolute_path_names_are_used_as_they_are(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path / "elsewhere")
     (record,) = discover_load_data(tmp_path / "ld" / "load_data.csv")
     assert record.files == [str(tmp_path / "ld" / f"B03_s1_w{c}.png") for c in (1, 2, 3)]
+
+
+def test_symlinked_plate_folder_is_followed(tmp_path):
+    fields = make_rxrx_plate(tmp_path / "elsewhere", plates=1, wells=("A01", "A02"), sites=1)
+    (tmp_path / "images" / "exp").mkdir(parents=True)
+    (tmp_path / "images" / "exp" / "Plate1").symlink_to(tmp_path / "elsewhere" / "exp" / "Plate1", target_is_directory=True)
+    problems = ProblemLog()
+    records = discover_fields(tmp_path / "images", layout="rxrx", problems=problems)
+    assert sorted(r.field_id for r in records) == sorted(fields) and len(problems) == 0
+
+
+def test_a_symlink_loop_is_walked_once_and_reported(tmp_path):
+    fields = make_rxrx_plate(tmp_path / "images", plates=1, wells=("A01",), sites=1)
+    loop = tmp_path / "images" / "exp" / "Plate1" / "again"
+    loop.symlink_to(tmp_path / "images" / "exp", target_is_directory=True)
+    problems = ProblemLog()
+    records = discover_fields(tmp_path / "images", layout="rxrx", problems=problems)
+    assert [r.field_id for r in records] == list(fields)
+    (problem,) = problems.problems
+    assert problem.file == str(loop) and "already read" in problem.reason

@@ -183,3 +183,94 @@ def test_cli_embed_writes_pixel_statistics_table(plate, tmp_path):
     assert code == 0
     table = read_embeddings(tmp_path / "emb")
     assert len(table) == 5 and "Ch1_mean" in table.columns and "Metadata_is_control" in table.columns
+
+
+@pytest.fixture
+def plate_copy(plate, tmp_path):
+    """A private copy of the plate (these tests damage it)."""
+    import shutil
+
+    root, metadata = plate
+    shutil.copytree(root, tmp_path / "images")
+    return tmp_path / "images", metadata
+
+
+def _shards_of(images, out):
+    from hf_cellmae.data.shards import shard_folder
+
+    shard_folder(images, out, target_shard_size=1, num_workers=1, shuffle=False, progress=False)  # one field per shard
+    return out
+
+
+def test_embed_fails_on_a_corrupt_shard_field_naming_shard_and_field(plate_copy, tmp_path):
+    from data_fixtures import flip_pixel_byte
+    from hf_cellmae.data.problems import BadInputError
+
+    shards = _shards_of(plate_copy[0], tmp_path / "shards")
+    field_id = flip_pixel_byte(shards / "shard-00002.parquet")
+    with pytest.raises(BadInputError, match=f"field {field_id} in shard .*shard-00002.parquet fails its CRC-32 check.*2 part\\(s\\) already written .* are kept"):
+        embed_dataset(shards, tmp_path / "emb", PixelStatsFeaturizer(), progress=False)
+    assert sorted(p.name for p in (tmp_path / "emb").glob("*.parquet")) == ["shard-00000.parquet", "shard-00001.parquet"]
+
+
+def test_embed_skips_and_counts_a_corrupt_shard_field_under_skip(plate_copy, tmp_path, capsys):
+    from data_fixtures import flip_pixel_byte
+
+    shards = _shards_of(plate_copy[0], tmp_path / "shards")
+    field_id = flip_pixel_byte(shards / "shard-00002.parquet")
+    info = embed_dataset(shards, tmp_path / "emb", PixelStatsFeaturizer(), progress=False, on_error="skip")
+    assert info["num_rows"] == 4 and info["num_skipped"] == 1
+    assert field_id not in set(read_embeddings(tmp_path / "emb")["Metadata_field_id"])
+    assert info["skipped"]["shard-00002"][0]["field"] == field_id
+    assert f"skipped 1 field(s)" in capsys.readouterr().out
+
+
+def test_embed_names_the_shard_and_the_repair_when_its_parquet_structure_is_damaged(plate_copy, tmp_path):
+    from data_fixtures import damage_page_header
+    from hf_cellmae.data.problems import BadInputError
+
+    shards = _shards_of(plate_copy[0], tmp_path / "shards")
+    damage_page_header(shards / "shard-00001.parquet")
+    with pytest.raises(BadInputError, match=r"cannot read shard .*shard-00001.parquet .*re-run the same `cellmae shard`"):
+        embed_dataset(shards, tmp_path / "emb", PixelStatsFeaturizer(), progress=False, on_error="skip")
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+
+
+def test_embed_on_an_image_folder_skips_and_counts_a_truncated_image_under_skip(plate_copy, tmp_path, capsys):
+    images, metadata = plate_copy
+    _truncate(images / "plate1_B01_site1_Ch2.tif")
+    info = embed_dataset(images, tmp_path / "emb", PixelStatsFeaturizer(), metadata=metadata, fields_per_part=2,
+                         progress=False, on_error="skip")
+    assert info["num_rows"] == 4 and info["num_skipped"] == 1
+    (skip,) = info["skipped"]["part-00001"]
+    assert skip["field"] == "plate1/B01/s1" and skip["file"].endswith("plate1_B01_site1_Ch2.tif")
+    assert "plate1_B01_site1_Ch2.tif" in capsys.readouterr().out
+    assert len(read_embeddings(tmp_path / "emb")) == 4
+
+
+def test_embed_on_an_image_folder_fails_in_one_line_naming_the_file_and_keeps_written_parts(plate_copy, tmp_path):
+    from hf_cellmae.data.problems import BadInputError
+
+    images, metadata = plate_copy
+    _truncate(images / "plate1_B01_site1_Ch2.tif")
+    with pytest.raises(BadInputError) as error:
+        embed_dataset(images, tmp_path / "emb", PixelStatsFeaturizer(), metadata=metadata, fields_per_part=2, progress=False)
+    message = str(error.value)
+    assert "plate1_B01_site1_Ch2.tif" in message and "\n" not in message and "on_error='skip'" in message
+    assert [p.name for p in (tmp_path / "emb").glob("*.parquet")] == ["part-00000.parquet"]
+
+
+def test_cli_embed_of_a_corrupt_shard_exits_non_zero_with_one_line_naming_shard_and_field(plate_copy, tmp_path, capsys):
+    from data_fixtures import flip_pixel_byte
+    from hf_cellmae.cli import main
+
+    shards = _shards_of(plate_copy[0], tmp_path / "shards")
+    field_id = flip_pixel_byte(shards / "shard-00000.parquet")
+    code = main(["embed", "pixel_stats", str(shards), str(tmp_path / "emb"), "--no-progress"])
+    error = capsys.readouterr().err.strip()
+    assert code != 0 and len(error.splitlines()) == 1
+    assert field_id in error and "shard-00000.parquet" in error and "CRC-32" in error

@@ -26,7 +26,7 @@ def _read_tiff(path: str) -> tuple[np.ndarray, str]:
 
     with tifffile.TiffFile(path) as tif:
         if not tif.series:
-            raise BadInputError(f"{path}: TIFF holds no image series")
+            raise BadInputError(f"{path}: TIFF holds no image series; replace the file or remove it", file=path)
         series = tif.series[0]
         return series.asarray(), series.axes
 
@@ -56,9 +56,15 @@ def read_stack(path: str | Path) -> np.ndarray:
     except BadInputError:
         raise
     except Exception as error:  # corrupt or truncated files raise many different types
-        raise BadInputError(f"cannot read image {path}: {type(error).__name__}: {error}") from error
+        # The decoders' own text can quote the file's first bytes (header=b'...', "starts with 0x41 0x57"): a
+        # non-image file may hold secrets, so only the error type is kept.
+        raise BadInputError(
+            f"cannot read image {path} ({type(error).__name__}): the file is truncated, corrupt or not a "
+            f"{Path(path).suffix.lstrip('.').upper() or 'known'} image; replace it or remove it",
+            file=path,
+        ) from None
     if array.ndim < 2:
-        raise BadInputError(f"{path}: expected an image, got an array of shape {array.shape}")
+        raise BadInputError(f"{path}: expected an image, got an array of shape {array.shape}", file=path)
     return np.ascontiguousarray(array.reshape((-1,) + array.shape[-2:]))  # (C, H, W)
 
 
@@ -68,7 +74,8 @@ def read_plane(path: str | Path) -> np.ndarray:
     if stack.shape[0] != 1:
         raise BadInputError(
             f"{path}: expected one channel per file but found {stack.shape[0]} planes of {stack.shape[1:]}; "
-            "for multi-channel files use the 'stack' layout"
+            "for multi-channel files use the 'stack' layout",
+            file=str(path),
         )
     return stack[0]
 
@@ -84,7 +91,8 @@ def read_field(record: FieldRecord) -> np.ndarray:
         if len(record.channels) and pixels.shape[0] != len(record.channels):
             raise BadInputError(
                 f"{record.files[0]}: stack has {pixels.shape[0]} channels but {len(record.channels)} channel names "
-                f"were given ({record.channels}); fix the channel names"
+                f"were given ({record.channels}); fix the channel names",
+                file=record.files[0],
             )
         return pixels
     planes = [read_plane(path) for path in record.files]
@@ -94,6 +102,7 @@ def read_field(record: FieldRecord) -> np.ndarray:
             raise BadInputError(
                 f"field {record.field_id}: channel {name} ({path}) is {plane.shape[0]}x{plane.shape[1]} {plane.dtype} "
                 f"but channel {record.channels[0]} ({record.files[0]}) is {first_shape[0]}x{first_shape[1]} {first_dtype}; "
-                "all channels of a site must share size and dtype"
+                "all channels of a site must share size and dtype",
+                file=path,
             )
     return np.stack(planes)  # (C, H, W)

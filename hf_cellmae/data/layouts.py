@@ -45,10 +45,26 @@ PATTERN_PRESETS: dict[str, tuple[str, str]] = {
 _KNOWN_GROUPS = {"experiment", "plate", "well", "row", "col", "site", "field", "channel"}
 
 
-def _walk_files(root: Path, ignore: set[Path]) -> list[Path]:
+def _walk_files(root: Path, ignore: set[Path], problems: ProblemLog | None = None) -> list[Path]:
+    """Every non-hidden file under ``root``, sorted, following symlinked folders (each real folder once).
+
+    A symlink to a folder already on the walk (a loop, or a second link to the same plate) is not entered
+    again; it is reported to ``problems`` as a skip naming the link and its target.
+    """
     files = []
-    for directory, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    seen = {os.path.realpath(root)}
+    for directory, dirnames, filenames in os.walk(root, followlinks=True):
+        kept = []
+        for name in sorted(d for d in dirnames if not d.startswith(".")):
+            real = os.path.realpath(os.path.join(directory, name))
+            if real in seen:  # the loop guard: each real folder is walked once
+                if problems is not None:
+                    problems.report(f"symlinked folder leads to {real}, which is already read (a loop or a second link); "
+                                    "not read twice", file=os.path.join(directory, name), stage="discover")
+                continue
+            seen.add(real)
+            kept.append(name)
+        dirnames[:] = kept
         for name in sorted(filenames):
             path = Path(directory) / name
             if name.startswith(".") or path.resolve() in ignore:
@@ -137,7 +153,7 @@ def discover_pattern(
     prefix = channel_prefix or prefix
     groups: dict[tuple, dict[str, str]] = defaultdict(dict)
     identities: dict[tuple, dict] = {}
-    for path in _walk_files(root, {Path(p).resolve() for p in ignore}):
+    for path in _walk_files(root, {Path(p).resolve() for p in ignore}, problems):
         relative = path.relative_to(root).as_posix()
         match = regex.fullmatch(relative) or regex.fullmatch(path.name)
         if match is None:
@@ -272,7 +288,7 @@ def discover_stacks(
     problems = problems if problems is not None else ProblemLog()
     regex = re.compile(pattern) if pattern else None
     records = []
-    for path in _walk_files(root, {Path(p).resolve() for p in ignore}):
+    for path in _walk_files(root, {Path(p).resolve() for p in ignore}, problems):
         relative = path.relative_to(root).as_posix()
         if not path.name.lower().endswith((".tif", ".tiff")):
             problems.report("stray file: not a TIFF stack", file=str(path), stage="discover")

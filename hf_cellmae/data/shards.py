@@ -26,9 +26,14 @@ Decode a row with :func:`decode_pixels`.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
+import signal
+import sys
+import threading
+import time
 import zlib
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -60,6 +65,31 @@ def parse_size(size: str | int) -> int:
 def decode_pixels(pixels: bytes, dtype: str, shape) -> np.ndarray:
     """Raw shard bytes -> ``(C, H, W)`` array at the stored dtype (a read-only view, no copy)."""
     return np.frombuffer(pixels, dtype=np.dtype(dtype)).reshape(tuple(shape))
+
+
+REPAIR_HINT = (
+    "re-run the same `cellmae shard` command (it rewrites every shard whose checksum differs from the manifest; "
+    "the source images must still be there), or `cellmae shard ... --verify` to list every damaged field"
+)
+
+
+def check_field_crc(pixels, crc32: int, shard: str | Path, field_id: str) -> None:
+    """Raise ``BadInputError`` naming the shard and the field when ``pixels`` does not match its stored CRC-32.
+
+    Args:
+        pixels: the field's raw bytes as stored in the shard (bytes or a memoryview).
+        crc32: the CRC-32 written next to them when the shard was made.
+        shard: the shard file (named in the message).
+        field_id: the field (named in the message).
+    """
+    if zlib.crc32(pixels) != crc32:
+        raise BadInputError(f"field {field_id} in shard {shard} fails its CRC-32 check (the shard is corrupt); {REPAIR_HINT}", file=str(shard))
+
+
+def corrupt_shard_error(shard: str | Path, error: Exception) -> BadInputError:
+    """The error for a shard whose Parquet structure cannot be read: names the file and how to repair it."""
+    detail = " ".join("".join(ch if ch.isprintable() else " " for ch in str(error)).split())  # one line, no raw bytes
+    return BadInputError(f"cannot read shard {shard} ({type(error).__name__}: {detail}); the file is damaged: {REPAIR_HINT}", file=str(shard))
 
 
 def shard_schema():
@@ -133,6 +163,33 @@ def check_field_pixels(record: FieldRecord, pixels: np.ndarray, min_field_size: 
     )
 
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with_parent() -> None:
+    """Worker initializer: end this process when the one that started it ends, even by ``kill -9``.
+
+    On Linux the kernel sends SIGKILL on the parent's death (``prctl(PR_SET_PDEATHSIG)``); everywhere a daemon
+    thread also watches for the worker being re-parented. Otherwise killed runs leave workers reading images
+    and writing into the shard folder beside the re-run.
+    """
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass  # the watcher below still ends the worker
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True, name="watch-parent").start()
+
+
+def _watch_parent(parent: int, interval: float = 0.5) -> None:
+    while os.getppid() == parent:
+        time.sleep(interval)
+    os._exit(1)
+
+
 def _write_shard(task: dict) -> dict:
     """Read the task's fields and write one shard + its JSON record (runs in a worker process)."""
     import pyarrow as pa
@@ -196,6 +253,8 @@ def _write_shard(task: dict) -> dict:
 
 
 def _shard_is_done(output_dir: Path, index: int, plan_hash: str) -> dict | None:
+    """The record of shard ``index`` when an earlier run finished it with this plan and its bytes are intact
+    (sha256 as in the manifest), else ``None`` (the shard is written again)."""
     record_path = output_dir / f"shard-{index:05d}.json"
     if not record_path.is_file():
         return None
@@ -205,9 +264,21 @@ def _shard_is_done(output_dir: Path, index: int, plan_hash: str) -> dict | None:
         return None
     if shard.get("plan_hash") != plan_hash:
         return None
-    if shard["num_fields"] and (not (output_dir / shard["file"]).is_file() or (output_dir / shard["file"]).stat().st_size != shard["bytes"]):
-        return None
+    if shard["num_fields"]:
+        path = output_dir / shard["file"]
+        if not path.is_file() or path.stat().st_size != shard["bytes"] or _sha256(path) != _manifest_sha256(output_dir, shard):
+            return None  # missing, truncated or corrupt: written again
     return shard
+
+
+def _manifest_sha256(output_dir: Path, shard: dict) -> str:
+    """The shard's sha256 as the manifest of the earlier run lists it (its own record's when there is no manifest)."""
+    try:
+        manifest = json.loads((output_dir / MANIFEST_NAME).read_text())
+        listed = {entry["file"]: entry["sha256"] for entry in manifest["shards"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return shard["sha256"]
+    return listed.get(shard["file"], shard["sha256"])
 
 
 def write_shards(
@@ -302,7 +373,7 @@ def write_shards(
             shards.append(_write_shard(task))
             bar.update(len(task["records"]))
     else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        with ProcessPoolExecutor(max_workers=workers, initializer=_die_with_parent) as pool:
             for shard, task in zip(pool.map(_write_shard, todo), todo):
                 shards.append(shard)
                 bar.update(len(task["records"]))
@@ -439,7 +510,8 @@ def verify_shards(shard_dir: str | Path, progress: bool = True) -> list[Problem]
             if count != shard["num_fields"]:
                 problems.append(Problem(f"shard holds {count} fields, manifest says {shard['num_fields']}", file=str(path), stage="verify"))
         except Exception as error:  # unreadable Parquet
-            problems.append(Problem(f"cannot read shard: {type(error).__name__}: {error}", file=str(path), stage="verify"))
+            detail = " ".join("".join(ch if ch.isprintable() else " " for ch in str(error)).split())
+            problems.append(Problem(f"cannot read shard: {type(error).__name__}: {detail}", file=str(path), stage="verify"))
     bar.close()
     return problems
 
@@ -485,5 +557,9 @@ def shard_folder(
     if verify:
         found = verify_shards(output_dir, progress=progress)
         if found:
-            raise BadInputError(f"{len(found)} problem(s) in the shards of {output_dir}: " + "; ".join(p.message() for p in found[:5]))
+            raise BadInputError(
+                f"{len(found)} problem(s) in the shards of {output_dir}: " + "; ".join(p.message() for p in found[:5])
+                + "; to repair, re-run the same `cellmae shard` command: it rewrites every shard whose checksum differs "
+                "from the manifest (the source images must still be there)"
+            )
     return manifest

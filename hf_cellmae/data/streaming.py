@@ -49,6 +49,11 @@ or ``accelerator.skip_first_batches(loader, n)``, which is exact here because th
 For several passes, prefer ``num_epochs`` (or ``None``) over re-iterating: a second ``for`` over the same
 stream repeats the same epoch unless you build it with ``epoch=`` the next one.
 
+Integrity: every field's pixels are checked against their stored CRC-32 when their row group is read (one
+CRC pass per field and read, measured in ``scripts/benchmark_data.py``); a corrupt field raises ``BadInputError``
+naming shard and field (``on_error="fail"``, the default) or is skipped, warned about and counted
+(``on_error="skip"``, :func:`skipped_fields`). A shard with damaged Parquet structure raises, naming the file.
+
 Throughput: with ``standardize=False`` samples stay uint16 (half the bytes of float32 through the
 DataLoader's shared memory); standardise the batch on the GPU with
 ``hf_cellmae.data.standardize.standardize_channels(batch["pixel_values"].to(device))``: same contract.
@@ -58,11 +63,14 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
+import zlib
 from collections import OrderedDict
 
 import numpy as np
 
-from .shards import decode_pixels, load_manifest
+from .problems import BadInputError, ProblemLog
+from .shards import check_field_crc, corrupt_shard_error, decode_pixels, load_manifest
 from .standardize import contiguous_copy, rescale_factor_for_dtype, standardize_field_inplace, to_float32_contiguous
 
 _DESCRIPTOR_KEYS = ["_path", "_group", "_unit", "_index", "_epoch"]
@@ -177,12 +185,21 @@ class _RowGroupCache:
         return self.files[path]
 
     def get(self, path: str, group: int, storage_options: dict) -> dict:
+        """The decoded columns of one row group; ``"intact"`` says, per field, whether its CRC-32 matches."""
         key = (path, group)
         if key not in self.groups:
-            table = self._parquet(path, storage_options).read_row_group(group)
+            try:
+                table = self._parquet(path, storage_options).read_row_group(group)
+            except FileNotFoundError:
+                raise
+            except (OSError, ValueError) as error:  # pyarrow: "Invalid page header", truncated footer...
+                self.files.pop(path, None)
+                raise corrupt_shard_error(path, error) from error
             columns = {name: table.column(name).to_pylist() for name in table.column_names if name not in ("pixels", "files")}
             columns["pixels"] = [view for chunk in table.column("pixels").chunks for view in _binary_views(chunk)]
             columns["metadata"] = [json.loads(text) for text in columns["metadata"]]
+            # Checked once per row group load (every crop of a field reuses it): the cost is one CRC pass per field.
+            columns["intact"] = [zlib.crc32(view) == crc for view, crc in zip(columns["pixels"], columns["crc32"])]
             self.groups[key] = columns
             while len(self.groups) > self.size:
                 self.groups.popitem(last=False)
@@ -190,6 +207,35 @@ class _RowGroupCache:
 
 
 _CACHE = _RowGroupCache()
+_SKIPPED: dict[tuple[str, str], str] = {}  # (shard, field_id) -> reason, for this process
+
+
+def skipped_fields() -> list[dict]:
+    """Fields this process skipped as corrupt (``on_error="skip"``): ``[{"file", "field", "reason", "stage"}]``.
+
+    Each is also reported once, when first met, as a ``CorruptFieldWarning``; DataLoader workers keep their own lists.
+    """
+    return [{"reason": reason, "file": shard, "field": field_id, "stage": "stream"} for (shard, field_id), reason in _SKIPPED.items()]
+
+
+class CorruptFieldWarning(UserWarning):
+    """A field skipped by the stream because its pixels fail their CRC-32 check (``on_error="skip"``)."""
+
+
+def _check_intact(columns: dict, row: int, path: str, on_error: str) -> bool:
+    """``True`` for an intact field; a corrupt one raises (``fail``) or is counted, warned about once, and dropped (``skip``)."""
+    if columns["intact"][row]:
+        return True
+    field_id = columns["field_id"][row]
+    try:
+        check_field_crc(columns["pixels"][row], columns["crc32"][row], path, field_id)
+    except BadInputError as error:
+        if on_error == "fail":
+            raise BadInputError(f"{error} [or stream with on_error='skip' (--on-error skip) to skip and count corrupt fields]", file=path) from None
+        if (path, field_id) not in _SKIPPED:
+            _SKIPPED[(path, field_id)] = "pixel CRC-32 mismatch"
+            warnings.warn(f"skipping {error} ({len(_SKIPPED)} corrupt field(s) skipped so far)", CorruptFieldWarning, stacklevel=2)
+    return False
 
 
 def _metadata_value(value):
@@ -204,6 +250,8 @@ def _decode_sample(descriptor: dict, options: dict) -> dict:
     """Descriptor -> training sample: decode the field, crop, augment, pick channels, standardise."""
     columns = _CACHE.get(descriptor["_path"], descriptor["_group"], options["storage_options"])
     row, crop_index = divmod(descriptor["_index"], options["crops_per_field"])
+    if not _check_intact(columns, row, descriptor["_path"], options["on_error"]):
+        return None
     field = decode_pixels(columns["pixels"][row], columns["dtype"][row], columns["shape"][row])  # (C, H, W)
     channels = columns["channels"][row]
     num_channels, height, width = field.shape
@@ -260,6 +308,14 @@ def _decode_sample(descriptor: dict, options: dict) -> dict:
     return sample
 
 
+def _decode_batch(batch: dict, options: dict) -> dict:
+    """Batched form of :func:`_decode_sample` for ``on_error="skip"``: corrupt fields give no sample."""
+    descriptors = [dict(zip(batch, values)) for values in zip(*batch.values())]
+    samples = [sample for sample in (_decode_sample(d, options) for d in descriptors) if sample is not None]
+    keys = samples[0].keys() if samples else []
+    return {key: [sample[key] for sample in samples] for key in keys}
+
+
 def stream_fields(
     shard_dir: str,
     *,
@@ -279,6 +335,7 @@ def stream_fields(
     num_workers: int = 1,
     metadata_fields: list[str] | None = None,
     storage_options: dict | None = None,
+    on_error: str = "fail",
 ):
     """Stream random crops of the fields in a shard folder as a ``datasets.IterableDataset``.
 
@@ -309,6 +366,10 @@ def stream_fields(
         metadata_fields: metadata columns to yield (default: all of ``manifest["metadata_columns"]``;
             missing values become ``""``, lists become JSON text, so that batches collate).
         storage_options: passed to fsspec for remote URLs.
+        on_error: what a field whose pixels fail their CRC-32 check (checked on every read) does: ``"fail"``
+            raises ``BadInputError`` naming the shard and the field; ``"skip"`` drops its samples, warns once per
+            field (``CorruptFieldWarning``) and counts it (:func:`skipped_fields`). A shard whose Parquet
+            structure is damaged always raises, naming the file and the repair.
 
     Returns:
         ``datasets.IterableDataset`` whose examples are dicts:
@@ -321,6 +382,7 @@ def stream_fields(
     import datasets
 
     manifest = load_manifest(shard_dir)
+    ProblemLog(on_error)  # refuses an unknown policy
     if crops_per_field < 1:
         raise ValueError(f"crops_per_field must be >= 1, got {crops_per_field}")
     if image_size is not None and image_size < 1:
@@ -362,7 +424,10 @@ def stream_fields(
         "channel_index": {name: index for index, name in enumerate(vocabulary)},
         "metadata_fields": metadata_fields,
         "storage_options": storage_options or {},
+        "on_error": on_error,
     }
+    if on_error == "skip":  # a batched map may return fewer samples than it was given
+        return stream.map(_decode_batch, batched=True, batch_size=1, fn_kwargs={"options": options}, remove_columns=_DESCRIPTOR_KEYS)
     return stream.map(_decode_sample, fn_kwargs={"options": options}, remove_columns=_DESCRIPTOR_KEYS)
 
 

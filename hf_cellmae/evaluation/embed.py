@@ -68,25 +68,42 @@ class Unit:
 # ---------------------------------------------------------------- inputs
 
 
-def _shard_units(shard_dir: Path) -> tuple[list[Unit], list[str], dict]:
+def _shard_units(shard_dir: Path, problems) -> tuple[list[Unit], list[str], dict]:
+    """One unit per shard; every field's pixels are checked against their CRC-32 as they are read."""
     import pyarrow.parquet as pq
 
-    from ..data.shards import decode_pixels, load_manifest
+    from ..data.problems import BadInputError
+    from ..data.shards import check_field_crc, corrupt_shard_error, decode_pixels, load_manifest
 
     manifest = load_manifest(str(shard_dir))
 
     def reader(path: Path):
         def read() -> Iterator[Field]:
-            parquet = pq.ParquetFile(path)
+            try:
+                parquet = pq.ParquetFile(path)
+            except FileNotFoundError:
+                raise
+            except (OSError, ValueError) as error:
+                raise corrupt_shard_error(path, error) from error
             for group in range(parquet.num_row_groups):  # one row group in memory at a time
-                rows = parquet.read_row_group(group).to_pylist()
-                for row in rows:
+                try:
+                    table = parquet.read_row_group(group)
+                except (OSError, ValueError) as error:  # pyarrow: "Invalid page header"...
+                    raise corrupt_shard_error(path, error) from error
+                for row in range(table.num_rows):  # one field's Python objects at a time
+                    values = {name: table.column(name)[row].as_py() for name in table.column_names if name != "files"}
+                    try:
+                        check_field_crc(values["pixels"], values["crc32"], path, values["field_id"])
+                    except BadInputError as error:
+                        problems.report(str(error), file=str(path), field=values["field_id"], stage="embed")
+                        continue
                     yield Field(
-                        pixels=decode_pixels(row["pixels"], row["dtype"], row["shape"]),
-                        channels=list(row["channels"]),
-                        identity={key: row[key] for key in IDENTITY_COLUMNS},
-                        metadata=json.loads(row["metadata"] or "{}"),
+                        pixels=decode_pixels(values["pixels"], values["dtype"], values["shape"]),
+                        channels=list(values["channels"]),
+                        identity={key: values[key] for key in IDENTITY_COLUMNS},
+                        metadata=json.loads(values["metadata"] or "{}"),
                     )
+                del table
 
         return read
 
@@ -100,19 +117,20 @@ def _shard_units(shard_dir: Path) -> tuple[list[Unit], list[str], dict]:
 
 
 def _layout_units(source: Path, layout: str, pattern: str | None, metadata: str | Path | None,
-                  fields_per_part: int) -> tuple[list[Unit], list[str], dict]:
+                  fields_per_part: int, problems) -> tuple[list[Unit], list[str], dict]:
+    """Units of ``fields_per_part`` discovered fields; an unreadable field follows the ``problems`` policy."""
     from ..data.image_io import read_field
     from ..data.layouts import discover_fields
     from ..data.metadata import join_metadata, read_metadata_table
-    from ..data.problems import ProblemLog
+    from ..data.problems import BadInputError, ProblemLog
 
-    problems = ProblemLog()
-    records = discover_fields(source, layout=layout, pattern=pattern, problems=problems)
+    found = ProblemLog()  # stray files and incomplete sites lose no readable field: always listed, never fatal
+    records = discover_fields(source, layout=layout, pattern=pattern, problems=found)
     if metadata is not None:
-        join_metadata(records, read_metadata_table(metadata), problems)
-    if len(problems):
-        print(f"embed: {len(problems)} input problems skipped while reading {source}:")
-        for problem in problems.as_dicts()[:20]:
+        join_metadata(records, read_metadata_table(metadata), found)
+    if len(found):
+        print(f"embed: {len(found)} input problems skipped while reading {source}:")
+        for problem in found.as_dicts()[:20]:
             print(f"  {problem}")
     if not records:
         raise ValueError(f"no field of view found in {source} (layout={layout!r}); check --layout/--pattern")
@@ -120,8 +138,13 @@ def _layout_units(source: Path, layout: str, pattern: str | None, metadata: str 
     def reader(chunk):
         def read() -> Iterator[Field]:
             for record in chunk:
+                try:
+                    pixels = read_field(record)  # (C, H, W)
+                except BadInputError as error:
+                    problems.report(str(error), file=error.file or record.files[0], field=record.field_id, stage="embed")
+                    continue
                 yield Field(
-                    pixels=read_field(record),
+                    pixels=pixels,
                     channels=list(record.channels),
                     identity={"field_id": record.field_id, "experiment": record.experiment, "plate": record.plate,
                               "well": record.well, "site": record.site},
@@ -141,16 +164,25 @@ def _layout_units(source: Path, layout: str, pattern: str | None, metadata: str 
 
 
 def plan_units(data: str | Path, layout: str = "auto", pattern: str | None = None,
-               metadata: str | Path | None = None, fields_per_part: int = 512) -> tuple[list[Unit], list[str], dict]:
-    """The resumable units of an input: ``(units, metadata_keys, source_description)``."""
+               metadata: str | Path | None = None, fields_per_part: int = 512,
+               problems=None) -> tuple[list[Unit], list[str], dict]:
+    """The resumable units of an input: ``(units, metadata_keys, source_description)``.
+
+    ``problems`` (a :class:`~hf_cellmae.data.problems.ProblemLog`, default ``fail``) decides what a field that
+    cannot be read does when a unit is read: a corrupt shard field (CRC-32) or an unreadable image raises
+    ``BadInputError`` naming it, or is skipped and recorded in the log.
+    """
+    from ..data.problems import ProblemLog
+
+    problems = problems if problems is not None else ProblemLog("fail")
     data = Path(data)
     if not data.exists():
         raise FileNotFoundError(f"DATA {data} does not exist; pass a shard folder (cellmae shard) or an image folder")
     if (data / MANIFEST_NAME).is_file():
         if metadata is not None:
             raise ValueError(f"{data} is a shard folder: its metadata was joined when sharding; drop --metadata")
-        return _shard_units(data)
-    return _layout_units(data, layout, pattern, metadata, fields_per_part)
+        return _shard_units(data, problems)
+    return _layout_units(data, layout, pattern, metadata, fields_per_part, problems)
 
 
 # ---------------------------------------------------------------- featurisers
@@ -328,6 +360,7 @@ def embed_dataset(
     fields_per_batch: int = 16,
     fields_per_part: int = 512,
     progress: bool = True,
+    on_error: str = "fail",
 ) -> dict:
     """Embed every field of ``data`` into Parquet parts under ``out``; resume a finished-part-wise run.
 
@@ -339,13 +372,20 @@ def embed_dataset(
         layout, pattern, metadata: how to read an image folder (see ``discover_fields``).
         fields_per_batch: fields read and featurised together (bounds memory with the crop batch).
         fields_per_part: fields per output part for an image folder (a shard folder: one part per shard).
+        on_error: a field that cannot be read (an unreadable image, a shard field failing its CRC-32 check):
+            ``"fail"`` raises ``BadInputError`` naming it (the parts already written are kept and a re-run resumes
+            after them); ``"skip"`` leaves it out, counts it and lists it in ``_embedding_info.json`` under
+            ``"skipped"``. Stray files and incomplete sites of an image folder are always listed and skipped.
 
     Returns:
         The ``_embedding_info.json`` dict: ``{"source", "options", "plan_hash", "parts": {name: rows},
-        "num_rows", "feature_columns"}``.
+        "num_rows", "feature_columns", "skipped": {part: [{"reason", "file", "field", "stage"}]}, "num_skipped"}``.
     """
+    from ..data.problems import BadInputError, ProblemLog
+
     out = Path(out)
-    units, metadata_keys, source = plan_units(data, layout, pattern, metadata, fields_per_part)
+    problems = ProblemLog(on_error)
+    units, metadata_keys, source = plan_units(data, layout, pattern, metadata, fields_per_part, problems)
     options = {**featurizer.describe(), "fields_per_part": fields_per_part}
     plan_hash = _plan_hash(units, source, options)
     info_path = out / INFO_NAME
@@ -364,24 +404,41 @@ def embed_dataset(
     if done:
         print(f"embed: resuming, {len(done)} of {len(units)} parts already written in {out}")
     bar = tqdm(total=sum(u.num_fields for u in todo), desc="embed", unit="field", disable=not progress)
+    info.setdefault("skipped", {})
     for unit in todo:
         frames = []
-        for fields in _batches_by_channels(unit.read(), fields_per_batch):
-            features, counts = featurizer(fields)
-            names = featurizer.feature_names(fields[0].channels)
-            frames.append(_frame(fields, features, counts, metadata_keys, names))
-            bar.update(len(fields))
+        skipped_before = len(problems)
+        try:
+            for fields in _batches_by_channels(unit.read(), fields_per_batch):
+                features, counts = featurizer(fields)
+                names = featurizer.feature_names(fields[0].channels)
+                frames.append(_frame(fields, features, counts, metadata_keys, names))
+                bar.update(len(fields))
+        except BadInputError as error:
+            kept = len([name for name in info["parts"] if (out / f"{name}.parquet").is_file()])
+            raise BadInputError(f"{error}; the {kept} part(s) already written in {out} are kept and a re-run resumes after them",
+                                file=error.file) from None
+        skips = problems.as_dicts()[skipped_before:]
+        bar.update(len(skips))
         table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
         temporary = out / f".{unit.name}.parquet.tmp"
         table.to_parquet(temporary, index=False)
         os.replace(temporary, out / f"{unit.name}.parquet")  # a part exists only once complete
         info["parts"][unit.name] = len(table)
+        info["skipped"][unit.name] = skips
         info["num_rows"] = sum(info["parts"].values())
-        info["feature_columns"] = [c for c in table.columns if not c.startswith("Metadata_")][:3] + ["..."]
+        if frames:
+            info["feature_columns"] = [c for c in table.columns if not c.startswith("Metadata_")][:3] + ["..."]
         _write_json(info_path, info)
     bar.close()
     info["num_rows"] = sum(info["parts"].values())
+    info["num_skipped"] = sum(len(skips) for skips in info["skipped"].values())
     _write_json(info_path, info)
+    if info["num_skipped"]:
+        listed = [skip for skips in info["skipped"].values() for skip in skips]
+        print(f"embed: skipped {info['num_skipped']} field(s) that could not be read (listed in {info_path} under 'skipped'):")
+        for skip in listed[:20]:
+            print(f"  - {skip['reason']} (field {skip['field']})")
     return info
 
 
