@@ -393,6 +393,19 @@ def test_a_checkpoint_that_cannot_be_written_after_training_says_how_to_resume(s
     assert "resume from checkpoint-2 with --resume_from_checkpoint latest" in message
 
 
+def test_a_model_folder_that_cannot_be_written_after_training_says_how_to_resume(synthetic_shards, tmp_path, monkeypatch, capsys):
+    from hf_cellmae.cli import main
+
+    def refused(self, path, **kwargs):
+        raise PermissionError(13, "Permission denied", str(Path(path) / "model.safetensors"))
+
+    monkeypatch.setattr(CellMAEForPreTraining, "save_pretrained", refused)
+    assert main(["pretrain", *run_args(synthetic_shards, tmp_path, max_steps=2, save_steps=2)]) == 2
+    message = one_line_error(capsys)
+    assert f"could not write the model folder {tmp_path / 'model'}: Permission denied" in message
+    assert "--resume_from_checkpoint latest (checkpoint-2 holds the trained weights)" in message
+
+
 # --------------------------------------------------------------------------------------- real images
 def test_the_same_command_line_pretrains_on_real_cell_painting_images(tmp_path):
     source = DATA / "cellpainting_bbbc022" / "images"
