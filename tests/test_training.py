@@ -406,6 +406,26 @@ def test_a_model_folder_that_cannot_be_written_after_training_says_how_to_resume
     assert "--resume_from_checkpoint latest (checkpoint-2 holds the trained weights)" in message
 
 
+def test_no_code_in_the_package_loads_a_pickle_unsafely():
+    """No `weights_only=False`, no `pickle.load(s)`, and nothing registered for accelerate's custom (unsafe) checkpoints."""
+    import ast
+
+    package = Path(__file__).resolve().parents[1] / "hf_cellmae"
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.Call):
+                continue
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            unsafe_keyword = any(k.arg == "weights_only" and not (isinstance(k.value, ast.Constant) and k.value.value is True)
+                                 for k in node.keywords)
+            if unsafe_keyword or name in ("register_for_checkpointing", "load_custom_state") or (
+                    name in ("load", "loads") and getattr(node.func, "value", None) is not None
+                    and getattr(node.func.value, "id", "") in ("pickle", "joblib", "dill")):
+                found.append(f"{path.relative_to(package.parent)}:{node.lineno}")
+    assert not found, found
+
+
 # --------------------------------------------------------------------------------------- real images
 def test_the_same_command_line_pretrains_on_real_cell_painting_images(tmp_path):
     source = DATA / "cellpainting_bbbc022" / "images"
