@@ -347,6 +347,18 @@ def test_resuming_from_a_crafted_checkpoint_runs_none_of_its_code_and_says_why_i
     assert "weights_only=False" not in message
 
 
+def test_a_checkpoint_with_the_pickled_scheduler_of_earlier_versions_still_resumes_exactly(finished_run, synthetic_shards, tmp_path):
+    run = tmp_path / "run"
+    checkpoint = Path(shutil.copytree(finished_run / "checkpoints" / "checkpoint-2", run / "checkpoints" / "checkpoint-2"))
+    scheduler_state = json.loads((checkpoint / "scheduler_state.json").read_text())
+    (checkpoint / "scheduler_state.json").unlink()
+    torch.save(scheduler_state, checkpoint / "custom_checkpoint_0.pkl")  # as accelerate's register_for_checkpointing wrote it
+    pretrain(parse_pretraining_arguments(run_args(synthetic_shards, run, max_steps=4, save_steps=2, resume_from_checkpoint="latest")))
+    expected = load_file(str(finished_run / "model" / "model.safetensors"))
+    got = load_file(str(run / "model" / "model.safetensors"))
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
 def read_only_folder(tmp_path: Path) -> Path:
     """A folder this process cannot write to (a 0o555 folder, or /sys when running as root, which ignores modes)."""
     folder = tmp_path / "read-only"
