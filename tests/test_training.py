@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -357,6 +358,29 @@ def test_a_checkpoint_with_the_pickled_scheduler_of_earlier_versions_still_resum
     expected = load_file(str(finished_run / "model" / "model.safetensors"))
     got = load_file(str(run / "model" / "model.safetensors"))
     assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_sharded_fsdp_metadata_is_checked_with_an_allow_list_before_torch_unpickles_it(tmp_path):
+    """torch.distributed.checkpoint reads `.metadata` with plain pickle.load: a genuine one passes, a crafted one is refused."""
+    import torch.distributed.checkpoint as dcp
+
+    from hf_cellmae.errors import UntrustedFileError
+    from hf_cellmae.training.checkpoints import check_distributed_checkpoint_metadata
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(1, 3)).sum().backward()
+    optimizer.step()
+    folder = tmp_path / "pytorch_model_fsdp_0"
+    with pytest.warns(UserWarning, match="single process"):  # no process group: DCP's single-process mode
+        dcp.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, checkpoint_id=str(folder))
+    check_distributed_checkpoint_metadata(folder / ".metadata")
+
+    marker = tmp_path / "code-ran"
+    (folder / ".metadata").write_bytes(pickle.dumps({"payload": _CreatesMarkerWhenUnpickled(marker)}))
+    with pytest.raises(UntrustedFileError, match=r"\.metadata is not trusted: it asks for io\.open"):
+        check_distributed_checkpoint_metadata(folder / ".metadata")
+    assert not marker.exists()
 
 
 def read_only_folder(tmp_path: Path) -> Path:

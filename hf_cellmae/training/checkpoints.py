@@ -9,7 +9,8 @@ while saving never leaves a broken newest checkpoint.
 Resuming never runs code from the folder: every pickle in it is read with `weights_only=True`
 (tensors and plain values only), and one that asks for more is refused with `UntrustedFileError`.
 The scheduler is not registered with accelerate, whose `custom_checkpoint_*.pkl` files are always
-read with `weights_only=False`.
+read with `weights_only=False`. FSDP's sharded checkpoints hold `.metadata` files that torch reads
+with plain `pickle.load`; they are first checked with an allow-list unpickler.
 """
 
 from __future__ import annotations
@@ -107,6 +108,8 @@ def load_checkpoint(accelerator, checkpoint: Path, scheduler) -> None:
     from accelerate.utils import load as accelerate_load  # torch.load with weights_only=True and a numpy allow-list
 
     scheduler_state = _load_scheduler_state(checkpoint)
+    for metadata in sorted(checkpoint.rglob(".metadata")):  # FSDP sharded state (torch.distributed.checkpoint)
+        check_distributed_checkpoint_metadata(metadata)
     rng_file = checkpoint / f"random_states_{accelerator.process_index}.pkl"
     if rng_file.exists():  # accelerate swallows any error loading it, which would silently change the masks
         try:
@@ -119,6 +122,46 @@ def load_checkpoint(accelerator, checkpoint: Path, scheduler) -> None:
         except pickle.UnpicklingError as error:
             raise untrusted_pickle_error(_untrusted_state_file(checkpoint), error, NOT_TRUSTED_FIX) from error
     scheduler.load_state_dict(scheduler_state)
+
+
+# What torch.distributed.checkpoint's `.metadata` pickle may name, besides its own metadata classes.
+_DCP_METADATA_MODULE = "torch.distributed.checkpoint.metadata"
+_DCP_METADATA_GLOBALS = {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"), ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles only what a `torch.distributed.checkpoint` `.metadata` file holds: its dataclasses, dtypes, sizes, paths."""
+
+    def find_class(self, module: str, name: str):
+        import torch
+
+        allowed = (
+            (module == _DCP_METADATA_MODULE and isinstance(getattr(torch.distributed.checkpoint.metadata, name, None), type))
+            or (module, name) in _DCP_METADATA_GLOBALS
+            or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+        )
+        if not allowed:
+            raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {module}.{name}")
+        return super().find_class(module, name)
+
+
+def check_distributed_checkpoint_metadata(path: Path) -> None:
+    """Raise `UntrustedFileError` unless the `.metadata` pickle at `path` names only torch's checkpoint metadata types.
+
+    torch reads this file with plain `pickle.load` (when accelerate loads an FSDP sharded state), so it is
+    checked first with an allow-list unpickler that builds nothing else.
+    """
+    import torch.distributed.checkpoint.metadata  # noqa: F401  (the classes the allow-list names)
+
+    try:
+        with open(path, "rb") as handle:
+            _MetadataUnpickler(handle).load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as error:
+        raise untrusted_pickle_error(path, error, NOT_TRUSTED_FIX) from error
 
 
 def _untrusted_state_file(checkpoint: Path) -> Path | str:
