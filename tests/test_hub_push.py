@@ -242,6 +242,22 @@ def test_edited_model_code_is_pushed_only_when_allowed_and_then_named_in_a_warni
     assert local_hub.files("org/edited")["modeling_cellmae.py"].decode() == edited
 
 
+def test_a_model_folder_where_the_card_cannot_be_written_is_one_line_with_the_fix(local_hub, model_folder, tmp_path, monkeypatch, capsys):
+    folder = Path(shutil.copytree(model_folder, tmp_path / "model"))
+    (folder / "README.md").unlink(missing_ok=True)
+
+    def read_only(model_dir, **kwargs):
+        raise PermissionError(13, "Permission denied", str(Path(model_dir) / "README.md"))
+
+    monkeypatch.setattr("hf_cellmae.hub.push.write_model_card", read_only)
+    code = main(["push", str(folder), "org/read-only"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("cellmae push")]
+    assert code == 2 and len(lines) == 1, err[-3000:]
+    assert f"cannot write the model card {folder / 'README.md'}: Permission denied" in lines[0] and "--no-card" in lines[0]
+    assert "org/read-only" not in local_hub.repos
+
+
 def test_model_push_to_hub_gives_the_same_model_files(pushed, hub, hf_home, model_folder):
     """``model.push_to_hub`` + ``processor.push_to_hub`` (transformers' own path) give the same model repo."""
     code = """

@@ -15,6 +15,7 @@ cannot be reached is a one-line ``UserError`` naming the endpoint.
 
 from __future__ import annotations
 
+import errno
 import glob
 import importlib
 import logging
@@ -36,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 WEIGHT_PATTERNS = ["*.safetensors", "model.safetensors.index.json"]
+# OS errors that mean "this folder cannot be written" (not a missing input file).
+CANNOT_WRITE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -133,7 +136,7 @@ def push_model_folder(
     Raises:
         FolderCheckError: the folder must not be pushed (each reason listed with its fix).
         PermissionError: no token is available.
-        UserError: the Hub cannot be reached.
+        UserError: the Hub cannot be reached, or the card cannot be written into the folder.
     """
     model_dir = Path(model_dir)
     max_bytes = parse_size(max_shard_size)
@@ -145,7 +148,15 @@ def push_model_folder(
     readme = model_dir / "README.md"
     if write_card:
         if not readme.is_file() or is_generated_card(readme):
-            write_model_card(model_dir, repo_id=repo_id, license=license)
+            try:
+                write_model_card(model_dir, repo_id=repo_id, license=license)
+            except OSError as error:
+                if error.errno not in CANNOT_WRITE:
+                    raise
+                raise UserError(
+                    f"cannot write the model card {readme}: {error.strerror or error}; make {model_dir} writable, or pass "
+                    "--no-card (write_card=False) to upload the folder's README.md as it is"
+                ) from error
             report.files = sorted({*report.files, "README.md", *card_images(model_dir)})
         else:
             logger.warning("keeping the hand-written %s (delete it or run `cellmae card --force` to regenerate)", readme)
