@@ -52,7 +52,9 @@ def register(subparsers) -> None:
 
 
 def run_card(args: argparse.Namespace) -> int:
+    from ..errors import UserError
     from .model_card import write_model_card
+    from .push import CANNOT_WRITE
 
     try:
         readme = write_model_card(
@@ -61,6 +63,13 @@ def run_card(args: argparse.Namespace) -> int:
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"cellmae card: {err}", file=sys.stderr)
         return 1
+    except OSError as err:
+        if err.errno not in CANNOT_WRITE:
+            raise
+        raise UserError(
+            f"cannot write the model card into {args.model_dir}: {err.strerror}; make the folder writable (or free space) "
+            "and run `cellmae card` again"
+        ) from err
     print(f"wrote {readme}")
     return 0
 
