@@ -165,10 +165,10 @@ def check_distributed_checkpoint_metadata(path: Path) -> None:
 
 
 def _untrusted_state_file(checkpoint: Path) -> Path | str:
-    """The `*.bin` state file that asks for globals beyond torch's allow-list (found without loading it), to name it."""
+    """The state file (`*.bin`, `*.pt`) that asks for globals beyond torch's allow-list (found without loading it), to name it."""
     import torch
 
-    for path in sorted(checkpoint.glob("*.bin")):
+    for path in sorted([*checkpoint.glob("*.bin"), *checkpoint.glob("*.pt")]):
         try:
             if torch.serialization.get_unsafe_globals_in_checkpoint(path):
                 return path
