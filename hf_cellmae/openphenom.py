@@ -10,12 +10,14 @@ The weights are under Recursion's non-commercial licence and are not redistribut
 
 from __future__ import annotations
 
+import pickle
 import re
 from pathlib import Path
 
 import torch
 
 from .configuration_cellmae import CellMAEConfig
+from .errors import ensure_writable_folder, untrusted_pickle_error
 from .modeling_cellmae import CellMAEForPreTraining, sincos_position_embedding
 
 # OpenPhenom key (regex) -> hf_cellmae key (format string over the groups).
@@ -82,7 +84,9 @@ def convert_openphenom_state_dict(state_dict: dict[str, torch.Tensor]) -> tuple[
 
 def load_openphenom_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read OpenPhenom weights from a file or folder: the zip pickle published as `model.safetensors`
-    (read with `torch.load(weights_only=True)`), a genuine safetensors file, or a `.pt`/`.ckpt`."""
+    (read with `torch.load(weights_only=True)`), a genuine safetensors file, or a `.pt`/`.ckpt`.
+
+    A pickle asking for more than tensors is refused with `UntrustedFileError` (a `UserError`), never loaded."""
     path = Path(path)
     if path.is_dir():
         candidates = [path / n for n in ("model.safetensors", "pytorch_model.bin", "model.pt")]
@@ -93,7 +97,12 @@ def load_openphenom_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         is_torch_zip = handle.read(4) == b"PK\x03\x04"  # torch.save's zip container, whatever the name
         handle.seek(0)
         # A file object, not the path: recent torch.load hands any "*.safetensors" path to safetensors.
-        loaded = torch.load(handle, map_location="cpu", weights_only=True) if is_torch_zip else None
+        try:
+            loaded = torch.load(handle, map_location="cpu", weights_only=True) if is_torch_zip else None
+        except pickle.UnpicklingError as error:
+            raise untrusted_pickle_error(
+                path, error, "OpenPhenom's weights hold only tensors: download model.safetensors again from recursionpharma/OpenPhenom"
+            ) from error
     if not is_torch_zip:
         from safetensors.torch import load_file
 
@@ -136,8 +145,8 @@ def convert_openphenom_folder(src: str | Path, dst: str | Path) -> Path:
     safetensors, config, image processor for 256 px crops, model code for `trust_remote_code`)."""
     from .image_processing_cellmae import CellMAEImageProcessor
 
+    dst = ensure_writable_folder(dst, "the converted model")
     model = load_openphenom(src)
-    dst = Path(dst)
     model.save_pretrained(dst)
     CellMAEImageProcessor(image_size=model.config.image_size, crop_mode="tile").save_pretrained(dst)
     return dst

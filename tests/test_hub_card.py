@@ -202,3 +202,14 @@ def test_card_labels_synthetic_results_as_synthetic_and_shows_the_suite(tmp_path
         assert ("**Synthetic data.**" in body) == dataset.startswith("synthetic:")
         assert "EFAAR benchmark" not in header or not dataset.startswith("synthetic:")
         assert "| probe complex | 0.610 | 0.420 |" in body
+
+
+def test_card_command_in_a_read_only_folder_is_one_line_with_the_fix(folder, monkeypatch, capsys):
+    def read_only(model_dir, **kwargs):
+        raise PermissionError(13, "Permission denied", str(Path(model_dir) / "README.md"))
+
+    monkeypatch.setattr("hf_cellmae.hub.model_card.write_model_card", read_only)
+    assert main(["card", str(folder)]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("cellmae card")]
+    assert len(lines) == 1 and f"cannot write the model card into {folder}: Permission denied" in lines[0], lines
+    assert "writable" in lines[0]

@@ -88,6 +88,27 @@ def test_folder_without_the_model_code_for_remote_loading_is_refused(folder):
     assert "modeling_cellmae.py (needed by trust_remote_code loading) is missing" in refusal(folder)
 
 
+def test_model_code_that_differs_from_the_installed_package_is_refused_naming_the_file(folder):
+    with (folder / "modeling_cellmae.py").open("a") as source:
+        source.write("\n# edited by hand\n")
+    message = refusal(folder)
+    assert "modeling_cellmae.py differs from the installed hf_cellmae" in message and "--allow-modified-code" in message
+    assert "configuration_cellmae.py" not in message
+
+
+def test_python_files_that_are_not_hf_cellmaes_are_refused_naming_them(folder):
+    (folder / "helpers.py").write_text("print('hello')\n")
+    assert "helpers.py is not part of hf_cellmae" in refusal(folder)
+
+
+def test_edited_model_code_passes_with_a_warning_when_allowed(folder):
+    with (folder / "modeling_cellmae.py").open("a") as source:
+        source.write("\n# edited by hand\n")
+    report = check_model_folder(folder, allow_modified_code=True)
+    assert [w for w in report.warnings if w.startswith("modeling_cellmae.py differs")]
+    assert list(report.modified_code) == ["modeling_cellmae.py"]
+
+
 def test_folder_without_processor_config_is_refused(folder):
     (folder / "preprocessor_config.json").unlink()
     assert "preprocessor_config.json is missing" in refusal(folder)

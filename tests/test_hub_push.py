@@ -12,6 +12,8 @@ import io
 import json
 import logging
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -209,6 +211,51 @@ def test_pushing_again_replaces_stale_weight_shards(local_hub, model_folder):
     push_model_folder(model_folder, "org/repushed")
     weights = sorted(name for name in local_hub.files("org/repushed") if "safetensors" in name)
     assert weights == ["model.safetensors"]
+
+
+def test_push_to_an_unreachable_hub_is_one_line_naming_the_endpoint(model_folder, tmp_path, monkeypatch, capsys):
+    folder = Path(shutil.copytree(model_folder, tmp_path / "model"))
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", endpoint)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    code = main(["push", str(folder), "org/unreachable"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("cellmae push")]
+    assert code == 2 and "Traceback" not in err and len(lines) == 1, err[-3000:]
+    assert f"cannot reach the Hub at {endpoint}" in lines[0] and "HF_ENDPOINT" in lines[0]
+    assert TOKEN not in err
+
+
+def test_edited_model_code_is_pushed_only_when_allowed_and_then_named_in_a_warning(local_hub, model_folder, tmp_path, caplog, capsys):
+    folder = Path(shutil.copytree(model_folder, tmp_path / "model"))
+    edited = (folder / "modeling_cellmae.py").read_text() + "\n# edited by hand after training\n"
+    (folder / "modeling_cellmae.py").write_text(edited)
+    assert main(["push", str(folder), "org/edited"]) == 1
+    assert "modeling_cellmae.py differs from the installed hf_cellmae" in capsys.readouterr().err
+    assert "org/edited" not in local_hub.repos
+    with caplog.at_level(logging.WARNING, logger="hf_cellmae"):
+        assert main(["push", str(folder), "org/edited", "--allow-modified-code"]) == 0
+    assert "modeling_cellmae.py differs from the installed hf_cellmae" in caplog.text
+    assert "configuration_cellmae.py" not in caplog.text
+    assert local_hub.files("org/edited")["modeling_cellmae.py"].decode() == edited
+
+
+def test_a_model_folder_where_the_card_cannot_be_written_is_one_line_with_the_fix(local_hub, model_folder, tmp_path, monkeypatch, capsys):
+    folder = Path(shutil.copytree(model_folder, tmp_path / "model"))
+    (folder / "README.md").unlink(missing_ok=True)
+
+    def read_only(model_dir, **kwargs):
+        raise PermissionError(13, "Permission denied", str(Path(model_dir) / "README.md"))
+
+    monkeypatch.setattr("hf_cellmae.hub.push.write_model_card", read_only)
+    code = main(["push", str(folder), "org/read-only"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("cellmae push")]
+    assert code == 2 and len(lines) == 1, err[-3000:]
+    assert f"cannot write the model card {folder / 'README.md'}: Permission denied" in lines[0] and "--no-card" in lines[0]
+    assert "org/read-only" not in local_hub.repos
 
 
 def test_model_push_to_hub_gives_the_same_model_files(pushed, hub, hf_home, model_folder):

@@ -108,3 +108,45 @@ def test_convert_script_writes_a_folder_auto_model_loads(openphenom_weights, con
     assert inputs["pixel_values"].shape == (4, 3, 256, 256)  # RxRx3-core recipe: 4 crops of a 512 px field
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).pooler_output, converted.cellmae(**inputs).pooler_output)
+
+
+class _CreatesMarkerWhenUnpickled:
+    """A pickled object that creates `path` when loaded: what a crafted weights file could do."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_crafted_pickle_is_refused_in_one_line_without_running_or_advising_an_unsafe_load(tmp_path, capsys):
+    from hf_cellmae.cli import main
+
+    marker = tmp_path / "code-ran"
+    torch.save({"state_dict": {"payload": _CreatesMarkerWhenUnpickled(marker)}}, tmp_path / "model.safetensors")
+    assert main(["convert-openphenom", str(tmp_path / "model.safetensors"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert not marker.exists()
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert f"{tmp_path / 'model.safetensors'} is not trusted: it asks for io.open" in err
+    assert "weights_only=False" not in err and "OpenPhenom" in err
+
+
+def test_a_read_only_output_folder_is_refused_before_the_weights_are_read(openphenom_weights, tmp_path, capsys):
+    from hf_cellmae.cli import main
+
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    for output in (folder / "out", Path("/sys/cellmae-read-only-test")):  # root ignores folder modes; /sys is not writable
+        try:
+            output.mkdir()
+        except OSError:
+            break
+        output.rmdir()
+    else:
+        pytest.skip("no read-only folder available on this machine")
+    assert main(["convert-openphenom", str(openphenom_weights[1]), str(output)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"cannot write the converted model to {output}" in err, err

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -293,6 +294,172 @@ def test_resuming_a_one_cycle_run_with_other_max_steps_is_refused(synthetic_shar
     pretrain(parse_pretraining_arguments(run_args(synthetic_shards, tmp_path, max_steps=4, save_steps=2)))
     with pytest.raises(ValueError, match="max_steps=4; the one-cycle schedule is fixed by it"):
         pretrain(parse_pretraining_arguments(run_args(synthetic_shards, tmp_path, max_steps=8, resume_from_checkpoint="latest")))
+
+
+# ------------------------------------------------------------------------ untrusted checkpoints, clean failures
+class _CreatesMarkerWhenUnpickled:
+    """A pickled object that creates `path` when loaded: what a crafted checkpoint could do."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.fixture(scope="module")
+def finished_run(synthetic_shards, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("finished")
+    pretrain(parse_pretraining_arguments(run_args(synthetic_shards, run, max_steps=4, save_steps=2)))
+    return run
+
+
+def one_line_error(capsys) -> str:
+    """The one line `cellmae` printed for an error (no traceback)."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("cellmae ")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    return lines[0]
+
+
+def test_checkpoints_keep_the_scheduler_state_as_json_and_no_accelerate_custom_pickle(finished_run):
+    checkpoint = finished_run / "checkpoints" / "checkpoint-2"
+    names = {p.name for p in checkpoint.iterdir()}
+    assert "scheduler_state.json" in names and not [n for n in names if n.startswith("custom_checkpoint_")]
+    assert json.loads((checkpoint / "scheduler_state.json").read_text())["last_epoch"] == 2
+
+
+@pytest.mark.parametrize("crafted", ["custom_checkpoint_0.pkl", "optimizer.bin", "random_states_0.pkl"])
+def test_resuming_from_a_crafted_checkpoint_runs_none_of_its_code_and_says_why_in_one_line(
+        crafted, finished_run, synthetic_shards, tmp_path, capsys):
+    from hf_cellmae.cli import main
+
+    run = tmp_path / "run"
+    checkpoint = Path(shutil.copytree(finished_run / "checkpoints" / "checkpoint-2", run / "checkpoints" / "checkpoint-2"))
+    if crafted == "custom_checkpoint_0.pkl":  # how earlier versions stored the scheduler; the JSON state takes precedence
+        (checkpoint / "scheduler_state.json").unlink(missing_ok=True)
+    marker = tmp_path / "code-ran"
+    torch.save({"state": _CreatesMarkerWhenUnpickled(marker)}, checkpoint / crafted)
+    code = main(["pretrain", *run_args(synthetic_shards, run, max_steps=4, save_steps=2, resume_from_checkpoint="latest")])
+    assert not marker.exists(), f"resuming ran code from {crafted}"
+    message = one_line_error(capsys)
+    assert code == 2
+    assert f"{checkpoint / crafted} is not trusted" in message and "io.open" in message and "--resume_from_checkpoint" in message
+    assert "weights_only=False" not in message
+
+
+def test_a_checkpoint_with_the_pickled_scheduler_of_earlier_versions_still_resumes_exactly(finished_run, synthetic_shards, tmp_path):
+    run = tmp_path / "run"
+    checkpoint = Path(shutil.copytree(finished_run / "checkpoints" / "checkpoint-2", run / "checkpoints" / "checkpoint-2"))
+    scheduler_state = json.loads((checkpoint / "scheduler_state.json").read_text())
+    (checkpoint / "scheduler_state.json").unlink()
+    torch.save(scheduler_state, checkpoint / "custom_checkpoint_0.pkl")  # as accelerate's register_for_checkpointing wrote it
+    pretrain(parse_pretraining_arguments(run_args(synthetic_shards, run, max_steps=4, save_steps=2, resume_from_checkpoint="latest")))
+    expected = load_file(str(finished_run / "model" / "model.safetensors"))
+    got = load_file(str(run / "model" / "model.safetensors"))
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_sharded_fsdp_metadata_is_checked_with_an_allow_list_before_torch_unpickles_it(tmp_path):
+    """torch.distributed.checkpoint reads `.metadata` with plain pickle.load: a genuine one passes, a crafted one is refused."""
+    import torch.distributed.checkpoint as dcp
+
+    from hf_cellmae.errors import UntrustedFileError
+    from hf_cellmae.training.checkpoints import check_distributed_checkpoint_metadata
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(1, 3)).sum().backward()
+    optimizer.step()
+    folder = tmp_path / "pytorch_model_fsdp_0"
+    with pytest.warns(UserWarning, match="single process"):  # no process group: DCP's single-process mode
+        dcp.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, checkpoint_id=str(folder))
+    check_distributed_checkpoint_metadata(folder / ".metadata")
+
+    marker = tmp_path / "code-ran"
+    (folder / ".metadata").write_bytes(pickle.dumps({"payload": _CreatesMarkerWhenUnpickled(marker)}))
+    with pytest.raises(UntrustedFileError, match=r"\.metadata is not trusted: it asks for io\.open"):
+        check_distributed_checkpoint_metadata(folder / ".metadata")
+    assert not marker.exists()
+
+
+def read_only_folder(tmp_path: Path) -> Path:
+    """A folder this process cannot write to (a 0o555 folder, or /sys when running as root, which ignores modes)."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    for candidate in (folder / "out", Path("/sys/cellmae-read-only-test")):
+        try:
+            candidate.mkdir(parents=True)
+        except OSError:
+            return candidate
+        candidate.rmdir()
+    pytest.skip("no read-only folder available on this machine")
+
+
+def test_a_read_only_output_folder_fails_in_one_line_before_training(synthetic_shards, tmp_path, monkeypatch, capsys):
+    from hf_cellmae.cli import main
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started although the output folder cannot be written")
+
+    monkeypatch.setattr(CellMAEForPreTraining, "forward", no_training)
+    output_dir = read_only_folder(tmp_path)
+    assert main(["pretrain", *run_args(synthetic_shards, output_dir)]) == 2
+    message = one_line_error(capsys)
+    assert f"cannot write the run's outputs to {output_dir}" in message and "output folder you can write to" in message
+
+
+def test_a_checkpoint_that_cannot_be_written_after_training_says_how_to_resume(synthetic_shards, tmp_path, monkeypatch, capsys):
+    from accelerate import Accelerator
+
+    from hf_cellmae.cli import main
+
+    original = Accelerator.save_state
+
+    def refused_at_step_4(self, output_dir=None, **kwargs):
+        if "checkpoint-4" in str(output_dir):
+            raise PermissionError(13, "Permission denied", str(Path(output_dir) / "model.safetensors"))
+        return original(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", refused_at_step_4)
+    assert main(["pretrain", *run_args(synthetic_shards, tmp_path, max_steps=4, save_steps=2)]) == 2
+    message = one_line_error(capsys)
+    assert "could not write checkpoint-4" in message and "Permission denied" in message
+    assert "resume from checkpoint-2 with --resume_from_checkpoint latest" in message
+
+
+def test_a_model_folder_that_cannot_be_written_after_training_says_how_to_resume(synthetic_shards, tmp_path, monkeypatch, capsys):
+    from hf_cellmae.cli import main
+
+    def refused(self, path, **kwargs):
+        raise PermissionError(13, "Permission denied", str(Path(path) / "model.safetensors"))
+
+    monkeypatch.setattr(CellMAEForPreTraining, "save_pretrained", refused)
+    assert main(["pretrain", *run_args(synthetic_shards, tmp_path, max_steps=2, save_steps=2)]) == 2
+    message = one_line_error(capsys)
+    assert f"could not write the model folder {tmp_path / 'model'}: Permission denied" in message
+    assert "--resume_from_checkpoint latest (checkpoint-2 holds the trained weights)" in message
+
+
+def test_no_code_in_the_package_loads_a_pickle_unsafely():
+    """No `weights_only=False`, no `pickle.load(s)`, and nothing registered for accelerate's custom (unsafe) checkpoints."""
+    import ast
+
+    package = Path(__file__).resolve().parents[1] / "hf_cellmae"
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.Call):
+                continue
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            unsafe_keyword = any(k.arg == "weights_only" and not (isinstance(k.value, ast.Constant) and k.value.value is True)
+                                 for k in node.keywords)
+            if unsafe_keyword or name in ("register_for_checkpointing", "load_custom_state") or (
+                    name in ("load", "loads") and getattr(node.func, "value", None) is not None
+                    and getattr(node.func.value, "id", "") in ("pickle", "joblib", "dill")):
+                found.append(f"{path.relative_to(package.parent)}:{node.lineno}")
+    assert not found, found
 
 
 # --------------------------------------------------------------------------------------- real images

@@ -44,11 +44,17 @@ def register(subparsers) -> None:
     push.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="do not upload files matching GLOB (repeatable)")
     push.add_argument("--license", help="licence id for the generated card (default: apache-2.0)")
     push.add_argument("--no-card", action="store_true", help="upload README.md as it is instead of regenerating it")
+    push.add_argument(
+        "--allow-modified-code", action="store_true",
+        help="upload *.py files that are not the installed hf_cellmae's own (edited model code), with a warning naming them",
+    )
     push.set_defaults(func=run_push)
 
 
 def run_card(args: argparse.Namespace) -> int:
+    from ..errors import UserError
     from .model_card import write_model_card
+    from .push import CANNOT_WRITE
 
     try:
         readme = write_model_card(
@@ -57,6 +63,13 @@ def run_card(args: argparse.Namespace) -> int:
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"cellmae card: {err}", file=sys.stderr)
         return 1
+    except OSError as err:
+        if err.errno not in CANNOT_WRITE:
+            raise
+        raise UserError(
+            f"cannot write the model card into {args.model_dir}: {err.strerror}; make the folder writable (or free space) "
+            "and run `cellmae card` again"
+        ) from err
     print(f"wrote {readme}")
     return 0
 
@@ -64,6 +77,7 @@ def run_card(args: argparse.Namespace) -> int:
 def run_push(args: argparse.Namespace) -> int:
     from huggingface_hub.errors import HfHubHTTPError
 
+    from ..errors import UserError
     from .push import push_model_folder
 
     print(f"checking {args.model_dir} and pushing it to {args.repo_id} ...", flush=True)
@@ -78,7 +92,10 @@ def run_push(args: argparse.Namespace) -> int:
             exclude=args.exclude,
             license=args.license,
             write_card=not args.no_card,
+            allow_modified_code=args.allow_modified_code,
         )
+    except UserError:  # one line with the --debug hint, printed by `cellmae`
+        raise
     except (ValueError, PermissionError, FileNotFoundError) as err:  # FolderCheckError is a ValueError
         print(f"cellmae push: {err}", file=sys.stderr)
         return 1

@@ -3,8 +3,10 @@
 A pushed folder must load with the installed hf_cellmae (no missing or unexpected weights), keep
 its weights in safetensors, hold no pickle files (they run code when loaded), carry the model code
 that ``trust_remote_code=True`` imports, and hold no secrets (access tokens, private keys, or the
-current Hub token anywhere in a file). ``check_model_folder`` raises ``FolderCheckError`` listing
-every problem with its fix, or returns the list of files that would be uploaded.
+current Hub token anywhere in a file). Its ``*.py`` files must be the installed hf_cellmae's own,
+byte for byte (whoever loads the repo with ``trust_remote_code=True`` runs them), unless edited code
+is allowed, and then they are named in a warning. ``check_model_folder`` raises ``FolderCheckError``
+listing every problem with its fix, or returns the list of files that would be uploaded.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class FolderReport:
     weight_files: list[str]
     remote_code_files: list[str]
     warnings: list[str] = field(default_factory=list)
+    modified_code: dict[str, str] = field(default_factory=dict)  # *.py files that are not the installed hf_cellmae's -> why
 
 
 def list_upload_files(model_dir: Path, exclude: list[str] | tuple[str, ...] = ()) -> list[str]:
@@ -169,6 +172,26 @@ def check_remote_code(model_dir: Path, config: dict) -> tuple[list[str], list[st
     return sorted(f"{m}.py" for m in seen), problems
 
 
+def find_modified_code(model_dir: Path, files: list[str]) -> dict[str, str]:
+    """``*.py`` files to upload that are not byte-identical to the installed hf_cellmae's file of that name.
+
+    Returns ``{file: what is wrong with it}``; the files are what ``trust_remote_code=True`` would run.
+    """
+    import hf_cellmae
+
+    package = Path(hf_cellmae.__file__).parent
+    found = {}
+    for relative in files:
+        if not relative.endswith(".py"):
+            continue
+        own = package / relative
+        if not own.is_file():
+            found[relative] = f"{relative} is not part of hf_cellmae {hf_cellmae.__version__}"
+        elif own.read_bytes() != (model_dir / relative).read_bytes():
+            found[relative] = f"{relative} differs from the installed hf_cellmae {hf_cellmae.__version__}'s {own.name}"
+    return found
+
+
 def check_loads(model_dir: Path, config: dict) -> tuple[str, list[str]]:
     """Load the folder with the installed hf_cellmae classes; every saved tensor must be used and none missing."""
     import transformers
@@ -197,19 +220,31 @@ def check_loads(model_dir: Path, config: dict) -> tuple[str, list[str]]:
     return architecture, problems
 
 
-def check_model_folder(model_dir: str | Path, exclude: list[str] | tuple[str, ...] = (), token: str | None = None) -> FolderReport:
+def check_model_folder(
+    model_dir: str | Path, exclude: list[str] | tuple[str, ...] = (), token: str | None = None, allow_modified_code: bool = False
+) -> FolderReport:
     """Check a model folder before pushing it; raise ``FolderCheckError`` listing every problem.
 
     Args:
         model_dir: the folder to push.
         exclude: glob patterns (relative to the folder) of files not to upload and not to check.
         token: the Hub token that will be used; a file containing it is refused.
+        allow_modified_code: accept ``*.py`` files that are not the installed hf_cellmae's own (edited model
+            code); they are then listed in ``warnings`` and ``modified_code`` instead of refused.
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FolderCheckError(model_dir, [f"{model_dir} is not a folder"])
     files = list_upload_files(model_dir, exclude)
     problems = find_pickles(model_dir, files) + find_secrets(model_dir, files, token)
+    modified_code = find_modified_code(model_dir, files)
+    if not allow_modified_code:
+        problems += [
+            f"{what}: whoever loads the repo with trust_remote_code=True runs it; re-save the model with the installed "
+            "hf_cellmae (from_pretrained, then save_pretrained copies its code), exclude the file, or pass "
+            "--allow-modified-code (allow_modified_code=True) to upload it as it is"
+            for what in modified_code.values()
+        ]
 
     config_path = model_dir / "config.json"
     if not config_path.is_file():
@@ -239,4 +274,5 @@ def check_model_folder(model_dir: str | Path, exclude: list[str] | tuple[str, ..
     if problems:
         raise FolderCheckError(model_dir, problems)
     warnings = [] if "README.md" in files else ["README.md is missing; it will be generated (cellmae card)"]
-    return FolderReport(model_dir, files, architecture, [w.name for w in weights], remote_code, warnings)
+    warnings += [f"{what}; uploading it as it is (allowed)" for what in modified_code.values()]
+    return FolderReport(model_dir, files, architecture, [w.name for w in weights], remote_code, warnings, modified_code)

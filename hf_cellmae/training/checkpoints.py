@@ -1,20 +1,40 @@
 """Resumable checkpoints: written atomically, the newest K kept, `latest` found by scanning.
 
-A checkpoint is a folder `checkpoint-{step}` holding accelerate's `save_state` (model, optimizer,
-scheduler, RNG states of every rank), the data position of every rank (`data_state_rank{r}.json`)
-and `trainer_state.json`. It is written under a temporary name and renamed when complete, so a crash
+A checkpoint is a folder `checkpoint-{step}` holding accelerate's `save_state` (model weights in
+safetensors, optimizer and RNG states of every rank), the learning-rate schedule's position
+(`scheduler_state.json`), the data position of every rank (`data_state_rank{r}.json`) and
+`trainer_state.json`. It is written under a temporary name and renamed when complete, so a crash
 while saving never leaves a broken newest checkpoint.
+
+Resuming never runs code from the folder: every pickle in it is read with `weights_only=True`
+(tensors and plain values only), and one that asks for more is refused with `UntrustedFileError`.
+The scheduler is not registered with accelerate, whose `custom_checkpoint_*.pkl` files are always
+read with `weights_only=False`. FSDP's sharded checkpoints hold `.metadata` files that torch reads
+with plain `pickle.load`; they are first checked with an allow-list unpickler.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+
+from ..errors import UserError, untrusted_pickle_error
 
 PREFIX = "checkpoint-"
 _NAME = re.compile(rf"{PREFIX}(\d+)")
+SCHEDULER_STATE = "scheduler_state.json"
+# Written by hf_cellmae before the scheduler state became JSON: the scheduler, pickled by accelerate.
+LEGACY_SCHEDULER_STATE = "custom_checkpoint_0.pkl"
+_ACCELERATE_CUSTOM_STATE = re.compile(r"custom_checkpoint_\d+\.pkl")
+NOT_TRUSTED_FIX = (
+    "resume only from checkpoints your own runs wrote: pass another checkpoint-N to --resume_from_checkpoint, "
+    "or start afresh in a new output_dir"
+)
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
@@ -37,9 +57,27 @@ def resolve_checkpoint(spec: str, root: str | Path) -> Path | None:
     return path
 
 
-def save_checkpoint(accelerator, root: str | Path, step: int, data_state: dict, trainer_state: dict, keep: int) -> Path:
-    """Save a resumable checkpoint for `step` on every rank (call it on all ranks)."""
-    root = Path(root)
+def save_checkpoint(accelerator, root: str | Path, step: int, data_state: dict, trainer_state: dict, keep: int, scheduler=None) -> Path:
+    """Save a resumable checkpoint for `step` on every rank (call it on all ranks).
+
+    `scheduler`'s state goes to `scheduler_state.json` (never a pickle). A failure to write (permissions,
+    a full disk) raises `UserError` naming the checkpoint and saying how to resume from the last complete one.
+    """
+    try:
+        return _save_checkpoint(accelerator, Path(root), step, data_state, trainer_state, keep, scheduler)
+    except OSError as error:
+        complete = list_checkpoints(root)
+        resume = (
+            f"then resume from {complete[-1].name} with --resume_from_checkpoint latest" if complete
+            else "then run again (no complete checkpoint exists yet)"
+        )
+        raise UserError(
+            f"could not write checkpoint-{step} under {root}: {error.strerror or error}"
+            f"{f' ({error.filename})' if error.filename else ''}; make the folder writable or free space, {resume}"
+        ) from error
+
+
+def _save_checkpoint(accelerator, root: Path, step: int, data_state: dict, trainer_state: dict, keep: int, scheduler) -> Path:
     final = root / f"{PREFIX}{step}"
     partial = root / f".partial-{PREFIX}{step}"
     if accelerator.is_main_process:
@@ -50,6 +88,8 @@ def save_checkpoint(accelerator, root: str | Path, step: int, data_state: dict, 
     (partial / f"data_state_rank{accelerator.process_index}.json").write_text(json.dumps(data_state))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if scheduler is not None:
+            (partial / SCHEDULER_STATE).write_text(json.dumps(scheduler.state_dict()))
         (partial / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
         if final.exists():
             shutil.rmtree(final)
@@ -58,6 +98,116 @@ def save_checkpoint(accelerator, root: str | Path, step: int, data_state: dict, 
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def load_checkpoint(accelerator, checkpoint: Path, scheduler) -> None:
+    """Restore model, optimizer, RNG (through accelerate) and `scheduler` from `checkpoint`, running no code from it.
+
+    Raises `UntrustedFileError` (a `UserError`) when a pickle in the folder asks for more than tensors and plain values.
+    """
+    from accelerate.utils import load as accelerate_load  # torch.load with weights_only=True and a numpy allow-list
+
+    scheduler_state = _load_scheduler_state(checkpoint)
+    for metadata in sorted(checkpoint.rglob(".metadata")):  # FSDP sharded state (torch.distributed.checkpoint)
+        check_distributed_checkpoint_metadata(metadata)
+    rng_file = checkpoint / f"random_states_{accelerator.process_index}.pkl"
+    if rng_file.exists():  # accelerate swallows any error loading it, which would silently change the masks
+        try:
+            accelerate_load(rng_file, weights_only=True)
+        except pickle.UnpicklingError as error:
+            raise untrusted_pickle_error(rng_file, error, NOT_TRUSTED_FIX) from error
+    with _without_accelerate_custom_states(checkpoint) as folder:
+        try:
+            accelerator.load_state(str(folder), load_kwargs={"weights_only": True})
+        except pickle.UnpicklingError as error:
+            raise untrusted_pickle_error(_untrusted_state_file(checkpoint), error, NOT_TRUSTED_FIX) from error
+    scheduler.load_state_dict(scheduler_state)
+
+
+# What torch.distributed.checkpoint's `.metadata` pickle may name, besides its own metadata classes.
+_DCP_METADATA_MODULE = "torch.distributed.checkpoint.metadata"
+_DCP_METADATA_GLOBALS = {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"), ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles only what a `torch.distributed.checkpoint` `.metadata` file holds: its dataclasses, dtypes, sizes, paths."""
+
+    def find_class(self, module: str, name: str):
+        import torch
+
+        allowed = (
+            (module == _DCP_METADATA_MODULE and isinstance(getattr(torch.distributed.checkpoint.metadata, name, None), type))
+            or (module, name) in _DCP_METADATA_GLOBALS
+            or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+        )
+        if not allowed:
+            raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {module}.{name}")
+        return super().find_class(module, name)
+
+
+def check_distributed_checkpoint_metadata(path: Path) -> None:
+    """Raise `UntrustedFileError` unless the `.metadata` pickle at `path` names only torch's checkpoint metadata types.
+
+    torch reads this file with plain `pickle.load` (when accelerate loads an FSDP sharded state), so it is
+    checked first with an allow-list unpickler that builds nothing else.
+    """
+    import torch.distributed.checkpoint.metadata  # noqa: F401  (the classes the allow-list names)
+
+    try:
+        with open(path, "rb") as handle:
+            _MetadataUnpickler(handle).load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as error:
+        raise untrusted_pickle_error(path, error, NOT_TRUSTED_FIX) from error
+
+
+def _untrusted_state_file(checkpoint: Path) -> Path | str:
+    """The state file (`*.bin`, `*.pt`) that asks for globals beyond torch's allow-list (found without loading it), to name it."""
+    import torch
+
+    for path in sorted([*checkpoint.glob("*.bin"), *checkpoint.glob("*.pt")]):
+        try:
+            if torch.serialization.get_unsafe_globals_in_checkpoint(path):
+                return path
+        except Exception:  # not even a readable torch file: as untrustworthy
+            return path
+    return f"a state file in {checkpoint}"
+
+
+def _load_scheduler_state(checkpoint: Path) -> dict:
+    """`scheduler_state.json`, or the pickle older versions wrote, read with `weights_only=True`."""
+    import torch
+
+    if (checkpoint / SCHEDULER_STATE).exists():
+        return json.loads((checkpoint / SCHEDULER_STATE).read_text())
+    legacy = checkpoint / LEGACY_SCHEDULER_STATE
+    if not legacy.exists():
+        raise UserError(f"{checkpoint} has no {SCHEDULER_STATE}, so the learning-rate schedule cannot resume; pass a complete checkpoint-N")
+    try:
+        return torch.load(legacy, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise untrusted_pickle_error(legacy, error, NOT_TRUSTED_FIX) from error
+
+
+@contextmanager
+def _without_accelerate_custom_states(checkpoint: Path):
+    """`checkpoint`, or a temporary view of it (symlinks) without `custom_checkpoint_*.pkl`.
+
+    accelerate reads those with `weights_only=False`, and refuses a folder holding more of them than
+    registered objects (none here), so they must not be where it looks.
+    """
+    entries = list(checkpoint.iterdir())
+    if not any(_ACCELERATE_CUSTOM_STATE.fullmatch(entry.name) for entry in entries):
+        yield checkpoint
+        return
+    with tempfile.TemporaryDirectory(prefix=f"cellmae-{checkpoint.name}-") as view:
+        for entry in entries:
+            if not _ACCELERATE_CUSTOM_STATE.fullmatch(entry.name):
+                (Path(view) / entry.name).symlink_to(entry.resolve())
+        yield Path(view)
 
 
 def load_data_state(checkpoint: Path, rank: int) -> dict:

@@ -20,10 +20,11 @@ import torch
 from ..configuration_cellmae import PRESETS, CellMAEConfig
 from ..data.shards import load_manifest
 from ..data.streaming import stream_fields
+from ..errors import UserError, ensure_writable_folder
 from ..image_processing_cellmae import CellMAEImageProcessor, default_rescale_factor, standardize_channels
 from ..modeling_cellmae import CellMAEForPreTraining
 from .arguments import PretrainingArguments
-from .checkpoints import load_data_state, resolve_checkpoint, save_checkpoint
+from .checkpoints import load_checkpoint, load_data_state, resolve_checkpoint, save_checkpoint
 from .figures import reconstruction_figure, save_figure
 from .optimization import build_optimizer, build_scheduler
 
@@ -136,6 +137,9 @@ def pretrain(args: PretrainingArguments) -> dict:
     from tqdm.auto import tqdm
 
     output_dir = Path(args.output_dir)
+    # Fail in seconds, not after hours at the first checkpoint (every rank checks: they may not share a disk).
+    ensure_writable_folder(output_dir, "the run's outputs")
+    ensure_writable_folder(output_dir / "checkpoints", "checkpoints")
     trackers = None if args.report_to == "none" else args.report_to
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
@@ -157,7 +161,8 @@ def pretrain(args: PretrainingArguments) -> dict:
     data = DataPosition(stream, args.per_device_train_batch_size, args.dataloader_num_workers)
     validation = fixed_validation_field(args, config.image_size, vocabulary)
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)  # stepped once per optimizer step, by us
+    # The scheduler (stepped once per optimizer step, by us) is saved as JSON by save_checkpoint, not registered
+    # with accelerate: accelerate loads registered objects' pickles with weights_only=False.
     set_seed(args.seed, device_specific=True)  # masks and drop-path differ between ranks
 
     state = {"global_step": 0, "max_steps": args.max_steps, "images_seen": 0, "train_runtime_s": 0.0, "nonfinite_steps": 0,
@@ -175,7 +180,7 @@ def pretrain(args: PretrainingArguments) -> dict:
                     f"fixed by it. Resume with --max_steps {saved['max_steps']}, or fine-tune further with --init_from "
                     f"{output_dir / 'model'} and a new output_dir."
                 )
-            accelerator.load_state(str(checkpoint))
+            load_checkpoint(accelerator, checkpoint, scheduler)
             state.update(saved)
             data.load_state_dict(load_data_state(checkpoint, accelerator.process_index))
             accelerator.print(f"Resumed from {checkpoint} at step {state['global_step']}.")
@@ -279,12 +284,18 @@ def pretrain(args: PretrainingArguments) -> dict:
             save_reconstruction(step)
         if step % args.save_steps == 0 or step == args.max_steps:
             state["train_runtime_s"] = runtime_before + time.perf_counter() - run_start
-            checkpoint = save_checkpoint(accelerator, checkpoint_root, step, data.state_dict(), trainer_state(), args.save_total_limit)
+            checkpoint = save_checkpoint(accelerator, checkpoint_root, step, data.state_dict(), trainer_state(), args.save_total_limit, scheduler)
             if args.save_model_with_checkpoints:
                 save_model_folder(accelerator, model, checkpoint / "model", args, trainer_state())
     progress.close()
     state["train_runtime_s"] = runtime_before + time.perf_counter() - run_start
-    model_dir = save_model_folder(accelerator, model, output_dir / "model", args, trainer_state())
+    try:
+        model_dir = save_model_folder(accelerator, model, output_dir / "model", args, trainer_state())
+    except OSError as error:
+        raise UserError(
+            f"could not write the model folder {output_dir / 'model'}: {error.strerror or error}; make it writable or free "
+            f"space, then run again with --resume_from_checkpoint latest (checkpoint-{state['global_step']} holds the trained weights)"
+        ) from error
     figure = output_dir / "figures" / f"reconstruction-step{state['global_step']:06d}.png"
     if not figure.exists():  # not already drawn at this step by figure_steps
         figure = save_reconstruction(state["global_step"])
