@@ -274,3 +274,18 @@ def test_cli_embed_of_a_corrupt_shard_exits_non_zero_with_one_line_naming_shard_
     error = capsys.readouterr().err.strip()
     assert code != 0 and len(error.splitlines()) == 1
     assert field_id in error and "shard-00000.parquet" in error and "CRC-32" in error
+
+
+def test_cli_embed_on_error_skip_skips_counts_and_lists_a_corrupt_field(plate_copy, tmp_path, capsys):
+    import json
+
+    from data_fixtures import flip_pixel_byte
+    from hf_cellmae.cli import main
+
+    shards = _shards_of(plate_copy[0], tmp_path / "shards")
+    field_id = flip_pixel_byte(shards / "shard-00000.parquet")
+    code = main(["embed", "pixel_stats", str(shards), str(tmp_path / "emb"), "--no-progress", "--on-error", "skip"])
+    assert code == 0
+    assert "skipped 1 field(s)" in capsys.readouterr().out
+    info = json.loads((tmp_path / "emb" / "_embedding_info.json").read_text())
+    assert info["num_skipped"] == 1 and info["skipped"]["shard-00000"][0]["field"] == field_id

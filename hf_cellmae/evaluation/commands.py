@@ -43,6 +43,9 @@ def register(subparsers) -> None:
                     help="fast (default): no Zernike, Feret, Costes/RWC/Manders; full: every cp-measure feature")
     cp.add_argument("--nucleus-diameter", type=int, default=None, help="typical nucleus diameter in pixels")
     cp.add_argument("--num-workers", type=int, default=1, help="processes measuring fields (0: all cores)")
+    embed.add_argument("--on-error", choices=["fail", "skip"], default="fail",
+                       help="a field that cannot be read (bad image, shard field failing its checksum): stop with "
+                       "one line naming it (fail, default) or skip it, count it and list it in _embedding_info.json")
     embed.add_argument("--no-progress", action="store_true")
     embed.set_defaults(func=run_embed)
 
@@ -105,7 +108,7 @@ def run_embed(args: argparse.Namespace) -> int:
                                      readout=args.readout, layer=args.layer)
     info = embed_dataset(args.data, args.out, featurizer, layout=args.layout, pattern=args.pattern,
                          metadata=args.metadata, fields_per_batch=args.fields_per_batch,
-                         fields_per_part=args.fields_per_part, progress=not args.no_progress)
+                         fields_per_part=args.fields_per_part, progress=not args.no_progress, on_error=args.on_error)
     print(f"embed: {info['num_rows']} fields in {len(info['parts'])} parts -> {args.out}")
     if getattr(featurizer, "empty_fields", 0):
         print(f"embed: {featurizer.empty_fields} field(s) had no segmented nucleus (all-zero features, "
