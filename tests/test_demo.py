@@ -26,8 +26,15 @@ def test_demo_runs_the_whole_pipeline_and_writes_a_loadable_model_with_card_and_
     with safe_open(str(model_dir / "model.safetensors"), framework="pt") as weights:
         assert len(list(weights.keys())) > 10
     report = json.loads((out / "demo_report.json").read_text())
-    assert set(report["recall"]) == {"pretrained", "random_init", "pixel_stats", "chance"}
+    assert set(report["recall"]) == {"pretrained", "random_init", "pixel_stats", "cellprofiler", "chance"}
     assert set(report["recall"]["pretrained"]) == {"complexes", "pathways"}
+    # the paper's suite, for the model and the three baselines, with a one-line reading
+    assert set(report["suite"]) == {"pretrained", "random_init", "pixel_stats", "cellprofiler"}
+    for metric in ("probe complex", "probe gene", "kNN complex", "gene-set recall complexes", "replicate mAP"):
+        assert all(metric in row for row in report["suite"].values()), metric
+    assert "CellProfiler R² (median)" in report["suite"]["pretrained"]
+    assert "The paper's suite" in result.stdout and "Reading: " in result.stdout
+    assert (out / "evaluation" / "suite.png").is_file()
     card = (model_dir / "README.md").read_text()
     results = json.loads((model_dir / "eval_results.json").read_text())
     assert f"{results['sources']['complexes']['recall_0.05_0.95']:.3f}"[:4] in card
