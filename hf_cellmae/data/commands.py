@@ -78,7 +78,7 @@ def _synthetic(args: argparse.Namespace) -> int:
     )
     print(
         f"next: cellmae shard {result['images']} SHARD_DIR --layout rxrx --metadata {result['metadata']} "
-        f"--channels {','.join(result['channels'])}"
+        f"--channels {','.join(f'w{index}={name}' for index, name in enumerate(result['channels'], start=1))}"
     )
     return 0
 
