@@ -145,3 +145,20 @@ def test_load_data_columns_name_the_channels_and_refuse_a_contradicting_order(tm
     assert _shard(tmp_path / "load_data.csv", tmp_path / "ok", channel_names="AGP,DNA")["channels"] == ["AGP", "DNA"]
     with pytest.raises(UserError, match="OrigAGP=DNA,OrigDNA=AGP"):
         _shard(tmp_path / "load_data.csv", tmp_path / "bad", channel_names="DNA,AGP")
+
+
+def test_explicit_mapping_is_used_even_when_the_table_names_a_token_two_ways(plate, tmp_path):
+    images, metadata = plate
+    table = pd.read_csv(metadata)
+    table.loc[0, "compartment"] = "RNA"
+    table.to_csv(metadata, index=False)
+    manifest = _shard(images, tmp_path / "shards", metadata=metadata, channel_names="w1=Mito,w2=DNA,w3=ER")
+    assert manifest["channels"] == ["Mito", "DNA", "ER"]
+
+
+def test_channel_column_of_tokens_links_a_table_without_file_names(tmp_path):
+    fields = make_rxrx_plate(tmp_path / "images", plates=1, wells=("A01",), sites=1)
+    experiment, plate, well, site = sorted(fields)[0].split("/")
+    pd.DataFrame({"plate": plate, "well": well, "site": 1, "channel": ["w1", "w2", "w3"],
+                  "channel_name": ["ER", "RNA", "DNA"]}).to_csv(tmp_path / "channels.csv", index=False)
+    assert _shard(tmp_path / "images", tmp_path / "shards", metadata=tmp_path / "channels.csv")["channels"] == ["ER", "RNA", "DNA"]

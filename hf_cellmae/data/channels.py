@@ -132,11 +132,14 @@ def channel_names_from_table(records: list[FieldRecord], table, source: str = "m
                     names_by_token[token].add(name)
     if not any(names_by_token.values()) and "channel" in columns and name_column != columns["channel"]:
         by_number = {_token_number(token): token for token in tokens}
-        for number, name in zip(table[columns["channel"]], table[name_column]):
-            try:
-                token = by_number.get(int(float(number)))
-            except (TypeError, ValueError):
-                continue
+        by_text = {token.lower(): token for token in tokens}
+        for value, name in zip(table[columns["channel"]], table[name_column]):
+            token = by_text.get(str(value).strip().lower())  # "w1", or the number 1 for the token w1
+            if token is None:
+                try:
+                    token = by_number.get(int(float(value)))
+                except (TypeError, ValueError):
+                    continue
             if token is not None and name is not None and str(name) not in ("", "nan"):
                 names_by_token[token].add(str(name).strip())
     if not any(names_by_token.values()):
@@ -233,10 +236,12 @@ def name_channels(records: list[FieldRecord], given=None, table=None, source: st
     if not records:
         return {"channel_map": {}, "channels_named_by": None}
     tokens = list(records[0].channels)
-    from_data = channel_names_from_table(records, table, source, root) if table is not None else None
+    given = parse_channels_option(given)
+    from_data = None  # an explicit token=name mapping wins over the data: it is also how stains are renamed
+    if table is not None and not isinstance(given, dict):
+        from_data = channel_names_from_table(records, table, source, root)
     if from_data is None and layout == "load_data" and not any(is_channel_token(t) for t in tokens):
         from_data = ({token: token for token in tokens}, "the load_data CSV's FileName_<channel> columns")
-    given = parse_channels_option(given)
     names = resolve_channel_names(tokens, given, from_data)
     if isinstance(given, dict):
         named_by = "--channels TOKEN=NAME"
