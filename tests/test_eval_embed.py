@@ -373,3 +373,28 @@ def test_jump_shards_embed_with_each_stain_fed_as_the_models_stain(tmp_path, nam
     expected = _direct_embedding(named_model, sample["pixel_values"], [3, 0, 1, 4, 2])
     got = table.loc["BR00123947/G01/s1", [c for c in table.columns if not c.startswith("Metadata_")]].to_numpy(float)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_jump_stain_names_flow_from_metadata_to_shards_model_folder_and_embeddings(tmp_path):
+    import json
+
+    from hf_cellmae.data.shards import shard_folder
+    from hf_cellmae.training.arguments import parse_pretraining_arguments
+    from hf_cellmae.training.loop import pretrain
+
+    source = DATA / "cellpainting_jump_rab30"
+    if not source.is_dir():
+        pytest.skip(f"real data not found: {source}")
+    jump = ["AGP", "DNA", "ER", "Mito", "RNA"]
+    assert shard_folder(source, tmp_path / "shards", metadata=source / "metadata.csv", num_workers=1,
+                        progress=False)["channels"] == jump
+    values = dict(data=tmp_path / "shards", output_dir=tmp_path / "run", model_preset="tiny", max_steps=2,
+                  per_device_train_batch_size=2, save_steps=2, logging_steps=1, figure_steps=0, report_to="none",
+                  progress_bar=False, crops_per_field=1)
+    model_dir = Path(pretrain(parse_pretraining_arguments([f"--{k}={v}" for k, v in values.items()]))["model_dir"])
+    assert json.loads((model_dir / "config.json").read_text())["channel_names"] == jump
+    assert json.loads((model_dir / "preprocessor_config.json").read_text())["channel_names"] == jump
+    featurizer = ModelFeaturizer(model_dir)
+    assert featurizer._channel_ids(["RNA", "AGP"]).tolist() == [4, 0]
+    info = embed_dataset(tmp_path / "shards", tmp_path / "emb", featurizer, progress=False)
+    assert info["num_rows"] == 2
