@@ -39,6 +39,7 @@ def test_bbbc022_tiff_pattern_layout_round_trips_pixel_exact(tmp_path):
     manifest = shard_folder(source / "images", tmp_path, metadata=source / "metadata.csv", num_workers=1, progress=False, fields_per_row_group=3)
     samples = _stream_whole_fields(tmp_path)
     assert len(samples) == 10 and manifest["dtypes"] == {"uint16": 10}
+    assert manifest["channels"] == ["DNA", "ER", "RNA", "AGP", "Mito"]  # the table's compartment, not its stain column
     for field_id, sample in samples.items():
         plate, well, site = field_id.split("/")
         files = [str(source / "images" / f"{plate}_{well}_site{site[1:]}_Ch{c}.tif") for c in range(1, 6)]
@@ -64,7 +65,8 @@ def test_six_channel_lzw_tiff_site_keeps_all_six_channels(tmp_path):
     source = shared_folder("cellpainting_6ch_pediatric")
     manifest = shard_folder(source / "images", tmp_path, layout="pattern", pattern="phenix", metadata=source / "metadata.csv",
                             num_workers=1, progress=False)
-    assert manifest["channels"] == [f"ch{c}" for c in range(1, 7)]
+    assert manifest["channels"] == ["Brightfield", "ER", "AGP", "Mito", "DNA", "RNA"]  # named by metadata.csv, per file
+    assert manifest["channel_map"]["ch1"] == "Brightfield"
     (sample,) = _stream_whole_fields(tmp_path).values()
     _assert_pixel_exact(sample, [str(source / "images" / f"r03c03f03p01-ch{c}sk1fk1fl1.tiff") for c in range(1, 7)])
     assert json.loads(sample["compartment"]) == ["Brightfield", "ER", "AGP", "Mito", "DNA", "RNA"]

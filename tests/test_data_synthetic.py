@@ -112,9 +112,10 @@ def test_plates_differ_by_a_batch_effect_that_knob_controls(tmp_path):
 
 def test_cli_synthetic_then_shard_then_stream(tmp_path, capsys):
     assert main(["synthetic", str(tmp_path / "screen"), "--plates", "1", "--field-size", "64", "--sites", "1", "--quiet", "--num-workers", "1"]) == 0
-    assert "next: cellmae shard" in capsys.readouterr().out
+    hint = capsys.readouterr().out
+    assert "next: cellmae shard" in hint and "--channels w1=DNA,w2=ER,w3=RNA,w4=AGP,w5=Mito" in hint  # per file token
     code = main(["shard", str(tmp_path / "screen" / "images"), str(tmp_path / "shards"), "--metadata", str(tmp_path / "screen" / "metadata.csv"),
-                 "--channels", "DNA,ER,RNA,AGP,Mito", "--quiet", "--num-workers", "1", "--verify"])
+                 "--channels", "w1=DNA,w2=ER,w3=RNA,w4=AGP,w5=Mito", "--quiet", "--num-workers", "1", "--verify"])
     assert code == 0 and "verified" in capsys.readouterr().out
     sample = next(iter(stream_fields(str(tmp_path / "shards"), image_size=32, crops_per_field=2)))
     assert sample["pixel_values"].shape == (5, 32, 32) and sample["perturbation"]

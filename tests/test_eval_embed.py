@@ -289,3 +289,112 @@ def test_cli_embed_on_error_skip_skips_counts_and_lists_a_corrupt_field(plate_co
     assert "skipped 1 field(s)" in capsys.readouterr().out
     info = json.loads((tmp_path / "emb" / "_embedding_info.json").read_text())
     assert info["num_skipped"] == 1 and info["skipped"]["shard-00000"][0]["field"] == field_id
+
+
+# ---------------------------------------------------------------- channels matched by name (issue 10, item 1)
+
+MODEL_STAINS = ["DNA", "ER", "RNA", "AGP", "Mito"]  # RxRx order, as a model trained on RxRx shards records it
+
+
+@pytest.fixture(scope="module")
+def named_model(tmp_path_factory):
+    from hf_cellmae import CellMAEConfig, CellMAEForPreTraining
+
+    folder = tmp_path_factory.mktemp("named_model")
+    CellMAEForPreTraining(CellMAEConfig.from_preset("tiny", channel_names=MODEL_STAINS)).save_pretrained(folder)
+    return folder
+
+
+def _direct_embedding(model_folder, pixels, channel_ids):
+    """The tile-mean pooled embedding of one field with explicit channel ids (the model, without embed)."""
+    import torch
+
+    from hf_cellmae import CellMAEImageProcessor, CellMAEModel
+
+    crops = CellMAEImageProcessor(image_size=64, crop_mode="tile")(pixels, return_tensors="pt")["pixel_values"]
+    with torch.inference_mode():
+        out = CellMAEModel.from_pretrained(model_folder)(crops, channel_ids=torch.tensor(channel_ids))
+    return out.last_hidden_state[:, 1:].mean(1).mean(0).numpy()
+
+
+def test_plate_channels_in_another_order_and_a_subset_are_fed_by_stain_name(named_model):
+    from hf_cellmae.evaluation.embed import Field
+
+    pixels = np.random.default_rng(1).integers(0, 4000, (2, 64, 128), dtype=np.uint16)
+    featurizer = ModelFeaturizer(named_model)
+    features, _ = featurizer([Field(pixels, ["Mito", "DNA"], {})])
+    np.testing.assert_allclose(features[0], _direct_embedding(named_model, pixels, [4, 0]), rtol=1e-4, atol=1e-5)
+
+
+def test_an_unknown_stain_is_refused_naming_it_and_the_models_channels(named_model):
+    from hf_cellmae.errors import UserError
+    from hf_cellmae.evaluation.embed import Field
+
+    pixels = np.zeros((2, 64, 64), dtype=np.uint16)
+    with pytest.raises(UserError) as refused:
+        ModelFeaturizer(named_model)([Field(pixels, ["DNA", "Actin"], {})])
+    message = str(refused.value)
+    assert "'Actin'" in message and "DNA, ER, RNA, AGP, Mito" in message and "--channels" in message
+
+
+def test_channels_without_names_are_fed_by_position_with_one_warning(plate, named_model, tmp_path):
+    root, _ = plate  # files Ch1..Ch3: tokens, no stain names
+    with pytest.warns(UserWarning, match="matched by position") as caught:
+        embed_dataset(root, tmp_path / "emb", ModelFeaturizer(named_model), fields_per_batch=2, progress=False)
+    assert len([w for w in caught if "matched by position" in str(w.message)]) == 1
+
+
+def test_image_folder_channels_are_named_by_a_per_file_table(plate, tmp_path):
+    root, _ = plate
+    rows = [{"file": f"plate1_{well}_site1_Ch{c}.tif", "plate": "plate1", "well": well, "site": 1, "channel": c,
+             "compartment": stain} for well in WELLS for c, stain in zip((1, 2, 3), ("Mito", "DNA", "ER"))]
+    table = tmp_path / "per_file.csv"
+    pd.DataFrame(rows).to_csv(table, index=False)
+    # The table sits outside the image folder: its relative file names resolve from the image folder.
+    embed_dataset(root, tmp_path / "emb", PixelStatsFeaturizer(percentiles=(50,)), metadata=table, progress=False)
+    columns = [c for c in read_embeddings(tmp_path / "emb").columns if not c.startswith("Metadata_")]
+    assert columns[0].startswith("Mito_") and columns[-1].startswith("ER_")
+
+
+def test_jump_shards_embed_with_each_stain_fed_as_the_models_stain(tmp_path, named_model):
+    from hf_cellmae.data.shards import shard_folder
+    from hf_cellmae.data.streaming import stream_fields
+
+    source = DATA / "cellpainting_jump_rab30"
+    if not source.is_dir():
+        pytest.skip(f"real data not found: {source}")
+    shard_folder(source, tmp_path / "shards", metadata=source / "metadata.csv", num_workers=1, progress=False)
+    featurizer = ModelFeaturizer(named_model, batch_size=64)
+    assert featurizer._channel_ids(["AGP", "DNA", "ER", "Mito", "RNA"]).tolist() == [3, 0, 1, 4, 2]
+    embed_dataset(tmp_path / "shards", tmp_path / "emb", featurizer, progress=False)
+    table = read_embeddings(tmp_path / "emb").set_index("Metadata_field_id")
+    sample = next(s for s in stream_fields(str(tmp_path / "shards"), image_size=None, augment=False, standardize=False,
+                                         shuffle=False) if s["field_id"] == "BR00123947/G01/s1")
+    expected = _direct_embedding(named_model, sample["pixel_values"], [3, 0, 1, 4, 2])
+    got = table.loc["BR00123947/G01/s1", [c for c in table.columns if not c.startswith("Metadata_")]].to_numpy(float)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_jump_stain_names_flow_from_metadata_to_shards_model_folder_and_embeddings(tmp_path):
+    import json
+
+    from hf_cellmae.data.shards import shard_folder
+    from hf_cellmae.training.arguments import parse_pretraining_arguments
+    from hf_cellmae.training.loop import pretrain
+
+    source = DATA / "cellpainting_jump_rab30"
+    if not source.is_dir():
+        pytest.skip(f"real data not found: {source}")
+    jump = ["AGP", "DNA", "ER", "Mito", "RNA"]
+    assert shard_folder(source, tmp_path / "shards", metadata=source / "metadata.csv", num_workers=1,
+                        progress=False)["channels"] == jump
+    values = dict(data=tmp_path / "shards", output_dir=tmp_path / "run", model_preset="tiny", max_steps=2,
+                  per_device_train_batch_size=2, save_steps=2, logging_steps=1, figure_steps=0, report_to="none",
+                  progress_bar=False, crops_per_field=1)
+    model_dir = Path(pretrain(parse_pretraining_arguments([f"--{k}={v}" for k, v in values.items()]))["model_dir"])
+    assert json.loads((model_dir / "config.json").read_text())["channel_names"] == jump
+    assert json.loads((model_dir / "preprocessor_config.json").read_text())["channel_names"] == jump
+    featurizer = ModelFeaturizer(model_dir)
+    assert featurizer._channel_ids(["RNA", "AGP"]).tolist() == [4, 0]
+    info = embed_dataset(tmp_path / "shards", tmp_path / "emb", featurizer, progress=False)
+    assert info["num_rows"] == 2

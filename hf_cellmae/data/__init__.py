@@ -2,6 +2,7 @@
 
 - :mod:`~hf_cellmae.data.layouts`: find fields of view (RxRx, file-name patterns, load_data CSV, TIFF stacks).
 - :mod:`~hf_cellmae.data.metadata`: join a metadata table (perturbation, batch, control flag...).
+- :mod:`~hf_cellmae.data.channels`: which stain each file channel holds (metadata table or ``w1=AGP``, not position).
 - :mod:`~hf_cellmae.data.shards`: write / verify shards with a manifest (``cellmae shard``).
 - :mod:`~hf_cellmae.data.streaming`: :func:`stream_fields`, the training stream (ranks, workers, exact resume).
 - :mod:`~hf_cellmae.data.standardize`: the per-channel standardisation the model expects.

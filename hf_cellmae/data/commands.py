@@ -19,7 +19,7 @@ def _shard(args: argparse.Namespace) -> int:
             args.output_dir,
             layout=args.layout,
             pattern=args.pattern,
-            channel_names=args.channels.split(",") if args.channels else None,
+            channel_names=args.channels,
             metadata=args.metadata,
             on_error=args.on_error,
             max_skipped_share=args.max_skipped_share,
@@ -78,7 +78,7 @@ def _synthetic(args: argparse.Namespace) -> int:
     )
     print(
         f"next: cellmae shard {result['images']} SHARD_DIR --layout rxrx --metadata {result['metadata']} "
-        f"--channels {','.join(result['channels'])}"
+        f"--channels {','.join(f'w{index}={name}' for index, name in enumerate(result['channels'], start=1))}"
     )
     return 0
 
@@ -98,7 +98,12 @@ def register(subparsers) -> None:
         "--pattern",
         help=f"regex with named groups (channel, plate, well or row+col, site) or a preset: {', '.join(PATTERN_PRESETS)}",
     )
-    shard.add_argument("--channels", help="comma-separated channel names, in channel-id order (e.g. DNA,ER,RNA,AGP,Mito)")
+    shard.add_argument(
+        "--channels",
+        help="the stain of each file channel, as FILE_TOKEN=NAME (e.g. w1=AGP,w2=DNA,w3=ER,w4=Mito,w5=RNA for JUMP); "
+        "default: the names a per-file --metadata table gives (column compartment/channel_name/stain), else the tokens. "
+        "Plain names (DNA,ER,...) are taken in file-token order and refused when the metadata says otherwise",
+    )
     shard.add_argument("--metadata", help="CSV/TSV/Parquet table joined on plate/well(/site)")
     shard.add_argument("--shard-size", default="256MB", help="target pixel bytes per shard (default 256MB)")
     shard.add_argument("--fields-per-row-group", type=int, default=8, help="fields per Parquet row group (default 8)")

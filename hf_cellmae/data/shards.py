@@ -15,8 +15,9 @@ Shard folder schema (``SHARD_FORMAT``):
     ``files`` (list[str], source files). Row groups hold ``fields_per_row_group`` rows.
 ``shard-00000.json``: the shard's record (plan hash, counts, row-group sizes, sha256, skipped inputs);
     a re-run skips a shard whose record matches its plan (idempotent).
-``manifest.json``: ``{"format", "created_with", "source", "layout", "num_fields", "num_shards",
-    "total_bytes", "channels" (list, the channels shared by all fields; union if they differ),
+``manifest.json``: ``{"format", "created_with", "source", "layout", "channel_map" ({file token: stain name},
+    e.g. ``{"w1": "AGP"}``), "channels_named_by" (the metadata column, ``--channels``, or the file tokens),
+    "num_fields", "num_shards", "total_bytes", "channels" (list, the channels shared by all fields; union if they differ),
     "channel_sets" ({"DNA,ER,..": count}), "dtypes" ({"uint16": count}), "shapes" ({"5x520x696": count}),
     "metadata_columns", "metadata" (join summary), "shards": [{"file", "num_fields", "row_groups", "bytes",
     "sha256"}], "num_skipped", "skipped": [{"reason", "file", "field", "stage"}], "options"}``.
@@ -522,7 +523,7 @@ def shard_folder(
     *,
     layout: str = "auto",
     pattern: str | None = None,
-    channel_names: list[str] | None = None,
+    channel_names: list[str] | dict[str, str] | str | None = None,
     metadata: str | Path | None = None,
     on_error: str = "skip",
     verify: bool = False,
@@ -534,8 +535,13 @@ def shard_folder(
     Args:
         source: input folder (or load_data CSV); see :func:`~hf_cellmae.data.layouts.discover_fields`.
         output_dir: shard folder (created; re-runs reuse finished shards).
-        layout, pattern, channel_names: how to read ``source``.
-        metadata: CSV/TSV/Parquet joined on plate/well(/site) (:func:`~hf_cellmae.data.metadata.join_metadata`).
+        layout, pattern: how to read ``source``.
+        channel_names: the stain of each file channel: ``{"w1": "AGP", ...}`` or ``"w1=AGP,w2=DNA,..."`` (file
+            token = stain name), or names by position (``["DNA", "ER", ...]``, refused when the metadata table
+            names the files' channels differently). Default: the names the metadata table (or load_data
+            columns) gives each file, else the file tokens (see :mod:`~hf_cellmae.data.channels`).
+        metadata: CSV/TSV/Parquet joined on plate/well(/site) (:func:`~hf_cellmae.data.metadata.join_metadata`);
+            a per-file table with a ``compartment`` / ``channel_name`` / ``stain`` column also names the channels.
         on_error: ``"skip"`` (count and report bad inputs) or ``"fail"`` (raise ``BadInputError`` on the first).
         verify: re-read every shard afterwards; problems raise ``BadInputError``.
         write_options: passed to :func:`write_shards` (``target_shard_size``, ``fields_per_row_group``,
@@ -544,15 +550,20 @@ def shard_folder(
     Returns:
         The manifest dict.
     """
+    from .channels import name_channels, parse_channels_option
     from .layouts import discover_fields
-    from .metadata import join_metadata
+    from .metadata import join_metadata, read_metadata_table
 
     problems = ProblemLog(on_error)
+    given = parse_channels_option(channel_names)  # refuse a malformed --channels before reading anything
     ignore = [metadata] if metadata else []
-    records = discover_fields(source, layout=layout, pattern=pattern, channel_names=channel_names, problems=problems, ignore=ignore)
-    extra: dict = {"source": str(source), "layout": layout if layout != "auto" else "auto"}
+    records = discover_fields(source, layout=layout, pattern=pattern, channel_names=None, problems=problems, ignore=ignore)
+    table = read_metadata_table(metadata) if metadata else None
+    read_layout = "load_data" if layout == "load_data" or (layout == "auto" and str(source).lower().endswith(".csv")) else layout
+    naming = name_channels(records, given, table, source=str(metadata) if metadata else "metadata", root=source, layout=read_layout)
+    extra: dict = {"source": str(source), "layout": layout if layout != "auto" else "auto", **naming}
     if metadata:
-        extra["metadata"] = join_metadata(records, metadata, problems, source=str(metadata))
+        extra["metadata"] = join_metadata(records, table, problems, source=str(metadata))
     manifest = write_shards(records, output_dir, on_error=on_error, problems=problems, manifest_extra=extra, progress=progress, **write_options)
     if verify:
         found = verify_shards(output_dir, progress=progress)

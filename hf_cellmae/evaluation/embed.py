@@ -119,6 +119,7 @@ def _shard_units(shard_dir: Path, problems) -> tuple[list[Unit], list[str], dict
 def _layout_units(source: Path, layout: str, pattern: str | None, metadata: str | Path | None,
                   fields_per_part: int, problems) -> tuple[list[Unit], list[str], dict]:
     """Units of ``fields_per_part`` discovered fields; an unreadable field follows the ``problems`` policy."""
+    from ..data.channels import name_channels
     from ..data.image_io import read_field
     from ..data.layouts import discover_fields
     from ..data.metadata import join_metadata, read_metadata_table
@@ -126,8 +127,12 @@ def _layout_units(source: Path, layout: str, pattern: str | None, metadata: str 
 
     found = ProblemLog()  # stray files and incomplete sites lose no readable field: always listed, never fatal
     records = discover_fields(source, layout=layout, pattern=pattern, problems=found)
-    if metadata is not None:
-        join_metadata(records, read_metadata_table(metadata), found)
+    table = read_metadata_table(metadata) if metadata is not None else None
+    # The same stain names `cellmae shard` would record: a per-file table (or load_data columns) names the channels.
+    read_layout = "load_data" if layout == "load_data" or (layout == "auto" and source.suffix.lower() == ".csv") else layout
+    name_channels(records, table=table, source=str(metadata) if metadata else "metadata", root=source, layout=read_layout)
+    if table is not None:
+        join_metadata(records, table, found, source=str(metadata))
     if len(found):
         print(f"embed: {len(found)} input problems skipped while reading {source}:")
         for problem in found.as_dicts()[:20]:
@@ -210,6 +215,9 @@ class PixelStatsFeaturizer:
 class ModelFeaturizer:
     """CA-MAE encoder embeddings of fields, tiled into model-sized crops and averaged per field.
 
+    A field's channels are matched to the model's by stain name (``config.channel_names``): another order or a
+    subset of the model's stains works, an unknown stain is refused; see :meth:`_channel_ids`.
+
     Args:
         model: a model folder (``save_pretrained`` of ``CellMAEModel`` or ``CellMAEForPreTraining``)
             or a Hub id; its ``preprocessor_config.json`` is used when present.
@@ -261,6 +269,8 @@ class ModelFeaturizer:
         self.batch_size, self.crop_mode = batch_size, crop_mode
         self.readout, self.layer = readout, (None if layer is None else layer % (depth + 1) or depth)
         self.channelwise = readout == "channelwise"
+        self._channel_id_cache: dict[tuple, object] = {}
+        self._warned_positional = False
 
     def describe(self) -> dict:
         info = {"featurizer": self.name, "model": self.model_path, "dtype": self.dtype, "crop_mode": self.crop_mode,
@@ -292,12 +302,54 @@ class ModelFeaturizer:
         return patch_tokens.mean(1)  # (b, D)
 
     def _channel_ids(self, channels: list[str]):
+        """The model's channel id of each of the plate's channels, matched by stain name (``(C,)``, or ``None``).
+
+        A plate may hold the model's stains in another order, or a subset of them: each is fed with the id the
+        model learnt for that stain. A stain the model does not know is refused (``UserError`` naming it and the
+        model's names). Only when either side has no names (file tokens such as ``w1``, or a model without
+        ``channel_names``) are channels fed by position (``None`` = ids ``0..C-1``), with a one-time warning.
+        """
         import torch
 
-        names = list(getattr(self.config, "channel_names", None) or [])
-        if names and all(c in names for c in channels):
-            return torch.tensor([names.index(c) for c in channels], device=self.device)
-        return None  # channels in order 0..C-1
+        from ..data.channels import is_channel_token
+        from ..errors import UserError
+
+        key = tuple(channels)
+        if key in self._channel_id_cache:
+            return self._channel_id_cache[key]
+        model_names = [str(name) for name in (getattr(self.config, "channel_names", None) or [])]
+        if not model_names or all(is_channel_token(n) for n in model_names) or all(is_channel_token(c) for c in channels):
+            self._warn_positional(channels, model_names)
+            self._channel_id_cache[key] = None
+            return None
+        ids = []
+        for channel in channels:
+            exact = [i for i, name in enumerate(model_names) if name == channel]
+            folded = [i for i, name in enumerate(model_names) if name.lower() == str(channel).lower()]
+            if not (exact or folded):
+                raise UserError(
+                    f"the plate's channel {channel!r} is not one of the model's channels ({', '.join(model_names)}); "
+                    f"if it is one of those stains under another name, rename it when sharding "
+                    f"(cellmae shard ... --channels TOKEN=NAME, e.g. w1={model_names[0]}), otherwise use a model trained on {channel}"
+                )
+            ids.append((exact or folded)[0])
+        self._channel_id_cache[key] = torch.tensor(ids, device=self.device)  # (C,)
+        return self._channel_id_cache[key]
+
+    def _warn_positional(self, channels: list[str], model_names: list[str]) -> None:
+        """Warn once per featuriser that channels are matched by position because names are missing."""
+        import warnings
+
+        if self._warned_positional:
+            return
+        self._warned_positional = True
+        model = f"the model's are {', '.join(model_names)}" if model_names else "the model's config has no channel_names"
+        warnings.warn(
+            f"channels are matched by position, not by stain: the plate's channels are {', '.join(channels)} and "
+            f"{model}; plate channel i is fed as model channel i. Name the plate's stains when sharding "
+            "(cellmae shard ... --channels w1=NAME,... or a per-file metadata table) so they are matched by name",
+            UserWarning, stacklevel=3,
+        )
 
     def __call__(self, fields: list[Field]) -> tuple[np.ndarray, np.ndarray]:
         import torch
