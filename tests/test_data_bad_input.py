@@ -291,3 +291,21 @@ def test_errors_never_echo_the_first_bytes_of_a_non_image_file(plate, suffix):
     assert f"A01_s1_w1.{suffix}" in message and "\n" not in message
     for leak in ("API_", "hunter2", "0x41", "b'"):
         assert leak not in message
+
+
+def test_shard_and_embed_into_an_unwritable_folder_fail_in_one_line_before_reading_images(tmp_path, capsys):
+    """Issue 12 item 9: an output folder that cannot be written is refused up front, with the fix."""
+    from hf_cellmae.cli import main
+    from hf_cellmae.data.synthetic import make_synthetic_screen
+
+    plate = make_synthetic_screen(tmp_path / "plate", num_plates=1, field_size=32, num_pathways=1,
+                                  complexes_per_pathway=1, genes_per_complex=2, control_wells_per_plate=1,
+                                  sites_per_well=1, num_workers=1, progress=False)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")  # unwritable for every user, root included (a read-only mount behaves alike)
+    for argv in (["shard", str(plate["images"]), str(blocker / "shards")],
+                 ["embed", "pixel_stats", str(plate["images"]), str(blocker / "emb"), "--no-progress"]):
+        code = main(argv)
+        error = capsys.readouterr().err.strip()
+        assert code != 0 and len(error.splitlines()) == 1 and "cannot write" in error, (argv, error)
+    assert not any(blocker.parent.glob("**/*.parquet"))

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import UserError, ensure_writable_folder
 from .image_io import read_field
 from .problems import BadInputError, Problem, ProblemLog
 from .records import FieldRecord
@@ -326,8 +326,7 @@ def write_shards(
     """
     from tqdm.auto import tqdm
 
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = ensure_writable_folder(output_dir, "shards")  # before any image is read
     problems = problems if problems is not None else ProblemLog(on_error)
     if not 0 <= max_skipped_share <= 1:
         raise UserError(f"max_skipped_share={max_skipped_share} is not a share between 0 and 1; e.g. 0.05 accepts losing up to 5% of the fields")

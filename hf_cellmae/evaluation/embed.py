@@ -37,6 +37,8 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from ..errors import ensure_writable_folder
+
 from .pixel_stats import DEFAULT_PERCENTILES, pixel_statistic_names, pixel_statistics
 
 INFO_NAME = "_embedding_info.json"
@@ -449,8 +451,8 @@ def embed_dataset(
                 "write into a new folder, or delete it to start over"
             )
     else:
-        out.mkdir(parents=True, exist_ok=True)
         info = {"source": source, "options": options, "plan_hash": plan_hash, "parts": {}}
+    ensure_writable_folder(out, "embeddings")  # before any field is embedded
     done = {name for name in info["parts"] if (out / f"{name}.parquet").is_file()}
     todo = [unit for unit in units if unit.name not in done]
     if done:
