@@ -309,3 +309,17 @@ def test_shard_and_embed_into_an_unwritable_folder_fail_in_one_line_before_readi
         error = capsys.readouterr().err.strip()
         assert code != 0 and len(error.splitlines()) == 1 and "cannot write" in error, (argv, error)
     assert not any(blocker.parent.glob("**/*.parquet"))
+
+
+def test_a_binary_metadata_table_is_refused_without_quoting_its_bytes(tmp_path):
+    """Issue 12 item 10: error messages never echo a file's bytes (a mistaken 'CSV' can hold secrets)."""
+    import pytest
+
+    from hf_cellmae.data.metadata import read_metadata_table
+
+    table = tmp_path / "plate_map.csv"
+    table.write_bytes(b"AWS_SECRET=\x89\xfe\xff" * 20)
+    with pytest.raises(ValueError) as raised:
+        read_metadata_table(table)
+    message = str(raised.value)
+    assert "not UTF-8" in message and "0x89" not in message and "\\x89" not in message and "AWS_SECRET" not in message

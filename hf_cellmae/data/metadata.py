@@ -33,6 +33,11 @@ def read_metadata_table(path: str | Path):
         if suffix in (".parquet", ".pq"):
             return pd.read_parquet(path)
         return pd.read_csv(path, sep="\t" if suffix in (".tsv", ".tab") else ",")
+    except UnicodeDecodeError as error:  # the decoder's text quotes the file's bytes (they can be secrets)
+        raise ValueError(
+            f"cannot read metadata table {path}: it is not UTF-8 text (UnicodeDecodeError at byte {error.start}); "
+            "save it as a UTF-8 CSV/TSV or as Parquet"
+        ) from error
     except Exception as error:
         raise ValueError(f"cannot read metadata table {path}: {type(error).__name__}: {error}") from error
 
