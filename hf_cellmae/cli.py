@@ -32,6 +32,29 @@ def _module_exists(name: str) -> bool:
         return False
 
 
+def accept_both_spellings(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Show every long option with dashes (``--output-dir``) and accept it with underscores too.
+
+    accelerate and transformers users type ``--output_dir``; the other commands are spelled
+    ``--batch-col``. Each option answers to both, ``--help`` shows the dashed one. Applied to
+    sub-command parsers too. argparse looks options up in ``_option_string_actions`` (the only
+    way to add a spelling to an existing action), while help and errors read ``option_strings``.
+    """
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in dict.fromkeys(action.choices.values()):
+                accept_both_spellings(subparser)
+            continue
+        for option in action.option_strings:
+            if option.startswith("--"):
+                body = option[2:]
+                for spelling in ("--" + body.replace("_", "-"), "--" + body.replace("-", "_")):
+                    parser._option_string_actions.setdefault(spelling, action)
+        shown = [("--" + option[2:].replace("_", "-")) if option.startswith("--") else option for option in action.option_strings]
+        action.option_strings = list(dict.fromkeys(shown))
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cellmae",
@@ -46,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         if not _module_exists(name):  # a stage not present in this build
             continue
         importlib.import_module(name).register(subparsers)
-    return parser
+    return accept_both_spellings(parser)
 
 
 def main(argv: list[str] | None = None) -> int:
