@@ -72,6 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
     return accept_both_spellings(parser)
 
 
+def one_line(error: BaseException) -> str:
+    """The message of a user error on one line: its first line, then any listed problems joined by '; '."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    if getattr(error, "problems", None):  # e.g. FolderCheckError: a headline, then one reason per line
+        return "; ".join([lines[0], *(line.lstrip("- ") for line in lines[1:])])
+    return lines[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Commands with their own argument parser (pretrain: HfArgumentParser) take the remaining flags.
@@ -91,8 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     except USER_FACING_ERRORS as error:
         if args.debug:
             raise
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"cellmae {args.command}: error: {message} (run `cellmae --debug {args.command} ...` for the traceback)", file=sys.stderr)
+        print(f"cellmae {args.command}: error: {one_line(error)} (run `cellmae --debug {args.command} ...` for the traceback)", file=sys.stderr)
         return 2
     return int(result or 0)
 
