@@ -94,3 +94,13 @@ def test_options_accept_the_underscore_spelling_accelerate_users_type():
     underscored = parse_pretraining_arguments(["--data", "shards", "--output_dir", "run", "--max_steps", "3", "--no_augment"])
     assert dashed == underscored
     assert (dashed.output_dir, dashed.max_steps, dashed.augment) == ("run", 3, False)
+
+
+def test_cellmae_embed_reads_the_folder_cellmae_synthetic_wrote(tmp_path, capsys):
+    from hf_cellmae.cli import main
+
+    assert main(["synthetic", str(tmp_path / "plate"), "--plates", "1", "--field-size", "64", "--sites", "1",
+                 "--quiet", "--num-workers", "1"]) == 0
+    code = main(["embed", "pixel_stats", str(tmp_path / "plate"), str(tmp_path / "emb"), "--no-progress", "--on-error", "fail"])
+    assert code == 0, capsys.readouterr().err
+    assert "embed: 60 fields" in capsys.readouterr().out
