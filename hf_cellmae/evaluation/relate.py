@@ -255,7 +255,7 @@ def known_relationship_recall(
     if len(labels) < min_perturbations:
         raise ValueError(
             f"the map has {len(labels)} perturbations; at least min_perturbations={min_perturbations} are needed "
-            "for a meaningful null (lower min_perturbations if you accept a coarse estimate)"
+            "for a meaningful null; lower it with --min-perturbations N (min_perturbations=N) if you accept a coarse estimate"
         )
     named = _name_sources(sources)
     index = pd.Index(labels)
