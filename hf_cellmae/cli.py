@@ -32,6 +32,19 @@ def _module_exists(name: str) -> bool:
         return False
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse, counting an option's two spellings as one when the user abbreviates it (``--batch``).
+
+    Sub-command parsers are made with the same class (argparse's default ``parser_class``).
+    """
+
+    def _get_option_tuples(self, option_string):
+        unique = {}
+        for option_tuple in super()._get_option_tuples(option_string):  # (action, spelling, ...) per match
+            unique.setdefault(id(option_tuple[0]), option_tuple)
+        return list(unique.values())
+
+
 def accept_both_spellings(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Show every long option with dashes (``--output-dir``) and accept it with underscores too.
 
@@ -56,7 +69,7 @@ def accept_both_spellings(parser: argparse.ArgumentParser) -> argparse.ArgumentP
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         prog="cellmae",
         description="Channel-agnostic masked autoencoders for cell microscopy on the Hugging Face stack.",
     )

@@ -90,6 +90,7 @@ def test_options_accept_the_underscore_spelling_accelerate_users_type():
 
     args = build_parser().parse_args(["evaluate", "emb", "--batch_col", "Metadata_plate", "--perturbation-col", "Metadata_gene"])
     assert args.batch_col == "Metadata_plate" and args.perturbation_col == "Metadata_gene"
+    assert build_parser().parse_args(["evaluate", "emb", "--batch", "P"]).batch_col == "P"  # abbreviations still work
     dashed = parse_pretraining_arguments(["--data", "shards", "--output-dir", "run", "--max-steps", "3", "--no-augment"])
     underscored = parse_pretraining_arguments(["--data", "shards", "--output_dir", "run", "--max_steps", "3", "--no_augment"])
     assert dashed == underscored
