@@ -105,3 +105,13 @@ def test_cellmae_embed_reads_the_folder_cellmae_synthetic_wrote(tmp_path, capsys
     code = main(["embed", "pixel_stats", str(tmp_path / "plate"), str(tmp_path / "emb"), "--no-progress", "--on-error", "fail"])
     assert code == 0, capsys.readouterr().err
     assert "embed: 60 fields" in capsys.readouterr().out
+
+
+def test_cellmae_embed_with_a_missing_model_folder_says_so_in_one_line(tmp_path, capsys):
+    from hf_cellmae.cli import main
+
+    (tmp_path / "images").mkdir()
+    assert main(["embed", str(tmp_path / "run" / "model"), str(tmp_path / "images"), str(tmp_path / "emb")]) == 2
+    err = capsys.readouterr().err
+    assert f"model folder {tmp_path / 'run' / 'model'} does not exist" in err and "cellmae pretrain" in err
+    assert len(err.strip().splitlines()) == 1

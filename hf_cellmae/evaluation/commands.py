@@ -117,8 +117,23 @@ def register(subparsers) -> None:
     evaluate.set_defaults(func=run_evaluate)
 
 
+def _looks_like_a_local_path(model: str) -> bool:
+    """A path the user means on this machine (not a Hub id ``org/name``): absolute, ./ ../ ~, or deeper than org/name."""
+    return model.startswith(("/", ".", "~")) or model.endswith("/") or model.count("/") > 1
+
+
 def run_embed(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..errors import UserError
     from .embed import ModelFeaturizer, PixelStatsFeaturizer, embed_dataset
+
+    if args.model not in ("pixel_stats", "cellprofiler") and _looks_like_a_local_path(args.model) \
+            and not Path(args.model).expanduser().exists():
+        raise UserError(
+            f"model folder {args.model} does not exist; pass the model/ folder a `cellmae pretrain` run wrote "
+            "(RUN/model), a converted folder, or a Hub id org/name"
+        )
 
     if args.model == "pixel_stats":
         featurizer = PixelStatsFeaturizer()
