@@ -115,3 +115,12 @@ def test_cellmae_embed_with_a_missing_model_folder_says_so_in_one_line(tmp_path,
     err = capsys.readouterr().err
     assert f"model folder {tmp_path / 'run' / 'model'} does not exist" in err and "cellmae pretrain" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_every_public_name_of_the_package_and_its_stages_resolves():
+    import importlib
+
+    for name in ("hf_cellmae", "hf_cellmae.data", "hf_cellmae.evaluation", "hf_cellmae.hub", "hf_cellmae.training"):
+        module = importlib.import_module(name)
+        for public in module.__all__:
+            assert getattr(module, public) is not None, f"{name}.{public}"

@@ -24,6 +24,12 @@ from .align import aggregate, align, center_scale, pca_center_scale, tvn
 _EXPORTS = {
     "pixel_statistic_names": ".pixel_stats",
     "pixel_statistics": ".pixel_stats",
+    "BENCHMARK_SOURCES": ".relate",
+    "RECALL_THRESHOLDS": ".relate",
+    "chance_recall": ".relate",
+    "compute_recall": ".relate",
+    "known_relationship_recall": ".relate",
+    "load_relationships": ".relate",
     "plot_probe": ".probe",
     "probe_embeddings": ".probe",
     "build_map": ".report",
