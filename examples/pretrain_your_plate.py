@@ -13,7 +13,7 @@
 Every step is one call of hf_cellmae's Python API; each has a `cellmae` command that does the same:
 
     1 shards      hf_cellmae.data.shard_folder              cellmae shard IMAGES OUT/shards --metadata CSV
-    2 pre-train   hf_cellmae.training.pretrain              cellmae pretrain --config CFG --data OUT/shards --output_dir OUT/run
+    2 pre-train   hf_cellmae.training.pretrain              cellmae pretrain --config CFG --data OUT/shards --output-dir OUT/run
     3 embed       hf_cellmae.evaluation.embed.embed_dataset cellmae embed OUT/run/model OUT/shards OUT/embeddings/model
     4 evaluate    hf_cellmae.evaluation.evaluate_embeddings cellmae evaluate OUT/embeddings/model --out OUT/evaluation
     5 card        hf_cellmae.hub.write_model_card           cellmae card OUT/run/model

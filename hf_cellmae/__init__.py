@@ -2,38 +2,40 @@
 
 Importing the package registers the model with the transformers Auto classes, so
 `AutoModel.from_pretrained(path)` and `AutoImageProcessor.from_pretrained(path)` work on any
-hf_cellmae checkpoint.
+hf_cellmae checkpoint. The registration (and torch/transformers) is deferred until transformers is
+imported, and the classes below are imported on first use, so the `cellmae` command line starts fast.
 """
 
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForPreTraining
+import importlib
 
-from transformers.pipelines import PIPELINE_REGISTRY
-
-from .configuration_cellmae import PRESETS, CellMAEConfig
-from .image_processing_cellmae import CellMAEImageProcessor, standardize_channels
-from .modeling_cellmae import (
-    CellMAEForPreTraining,
-    CellMAEForPreTrainingOutput,
-    CellMAEModel,
-    CellMAEModelOutput,
-    CellMAEPreTrainedModel,
-)
-from .pipeline_cellmae import CellFeatureExtractionPipeline
+from .auto_registration import register_when_transformers_loads
 
 __version__ = "0.1.0"
 
-AutoConfig.register(CellMAEConfig.model_type, CellMAEConfig, exist_ok=True)
-AutoModel.register(CellMAEConfig, CellMAEModel, exist_ok=True)
-AutoModelForPreTraining.register(CellMAEConfig, CellMAEForPreTraining, exist_ok=True)
-AutoImageProcessor.register(CellMAEConfig, image_processor_classes={"pil": CellMAEImageProcessor, "torchvision": CellMAEImageProcessor}, exist_ok=True)
-PIPELINE_REGISTRY.register_pipeline(
-    "cell-feature-extraction", pipeline_class=CellFeatureExtractionPipeline, pt_model=AutoModel, type="image"
-)
-# save_pretrained copies the model code next to the weights for trust_remote_code loading.
-CellMAEConfig.register_for_auto_class()
-CellMAEModel.register_for_auto_class("AutoModel")
-CellMAEForPreTraining.register_for_auto_class("AutoModelForPreTraining")
-CellMAEImageProcessor.register_for_auto_class("AutoImageProcessor")
+# Public names and the module defining each, imported on first access (PEP 562).
+_EXPORTS = {
+    "PRESETS": ".configuration_cellmae",
+    "CellMAEConfig": ".configuration_cellmae",
+    "CellMAEImageProcessor": ".image_processing_cellmae",
+    "standardize_channels": ".image_processing_cellmae",
+    "CellMAEForPreTraining": ".modeling_cellmae",
+    "CellMAEForPreTrainingOutput": ".modeling_cellmae",
+    "CellMAEModel": ".modeling_cellmae",
+    "CellMAEModelOutput": ".modeling_cellmae",
+    "CellMAEPreTrainedModel": ".modeling_cellmae",
+    "CellFeatureExtractionPipeline": ".pipeline_cellmae",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+register_when_transformers_loads()
 
 __all__ = [
     "PRESETS",

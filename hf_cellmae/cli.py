@@ -32,8 +32,44 @@ def _module_exists(name: str) -> bool:
         return False
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse, counting an option's two spellings as one when the user abbreviates it (``--batch``).
+
+    Sub-command parsers are made with the same class (argparse's default ``parser_class``).
+    """
+
+    def _get_option_tuples(self, option_string):
+        unique = {}
+        for option_tuple in super()._get_option_tuples(option_string):  # (action, spelling, ...) per match
+            unique.setdefault(id(option_tuple[0]), option_tuple)
+        return list(unique.values())
+
+
+def accept_both_spellings(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Show every long option with dashes (``--output-dir``) and accept it with underscores too.
+
+    accelerate and transformers users type ``--output_dir``; the other commands are spelled
+    ``--batch-col``. Each option answers to both, ``--help`` shows the dashed one. Applied to
+    sub-command parsers too. argparse looks options up in ``_option_string_actions`` (the only
+    way to add a spelling to an existing action), while help and errors read ``option_strings``.
+    """
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in dict.fromkeys(action.choices.values()):
+                accept_both_spellings(subparser)
+            continue
+        for option in action.option_strings:
+            if option.startswith("--"):
+                body = option[2:]
+                for spelling in ("--" + body.replace("_", "-"), "--" + body.replace("-", "_")):
+                    parser._option_string_actions.setdefault(spelling, action)
+        shown = [("--" + option[2:].replace("_", "-")) if option.startswith("--") else option for option in action.option_strings]
+        action.option_strings = list(dict.fromkeys(shown))
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         prog="cellmae",
         description="Channel-agnostic masked autoencoders for cell microscopy on the Hugging Face stack.",
     )
@@ -46,7 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
         if not _module_exists(name):  # a stage not present in this build
             continue
         importlib.import_module(name).register(subparsers)
-    return parser
+    return accept_both_spellings(parser)
+
+
+def one_line(error: BaseException) -> str:
+    """The message of a user error on one line: its first line, then any listed problems joined by '; '."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    if getattr(error, "problems", None):  # e.g. FolderCheckError: a headline, then one reason per line
+        return "; ".join([lines[0], *(line.lstrip("- ") for line in lines[1:])])
+    return lines[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,8 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     except USER_FACING_ERRORS as error:
         if args.debug:
             raise
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"cellmae {args.command}: error: {message} (run `cellmae --debug {args.command} ...` for the traceback)", file=sys.stderr)
+        print(f"cellmae {args.command}: error: {one_line(error)} (run `cellmae --debug {args.command} ...` for the traceback)", file=sys.stderr)
         return 2
     return int(result or 0)
 

@@ -31,17 +31,17 @@ def _skipped(manifest, stage):
 
 def test_stray_file_is_counted_as_skip(plate):
     tmp_path, fields = plate
-    (tmp_path / "images" / "exp" / "Plate1" / "notes.txt").write_text("not an image")
+    (tmp_path / "images" / "exp" / "Plate1" / "archive.zip").write_text("not an image")  # a note (.txt) would be a sidecar
     manifest = _shard(tmp_path, "skip")
     assert manifest["num_fields"] == len(fields)
     (problem,) = manifest["skipped"]
-    assert problem["file"].endswith("notes.txt") and "stray file" in problem["reason"]
+    assert problem["file"].endswith("archive.zip") and "stray file" in problem["reason"]
 
 
 def test_stray_file_fails_under_fail_policy(plate):
     tmp_path, _ = plate
-    (tmp_path / "images" / "exp" / "Plate1" / "notes.txt").write_text("not an image")
-    with pytest.raises(BadInputError, match="notes.txt"):
+    (tmp_path / "images" / "exp" / "Plate1" / "archive.zip").write_text("not an image")
+    with pytest.raises(BadInputError, match="archive.zip"):
         _shard(tmp_path, "fail")
 
 
@@ -158,7 +158,7 @@ def test_skipped_share_up_to_the_stated_limit_is_accepted(plate):
 
 def test_stray_files_are_not_lost_fields(plate):
     tmp_path, fields = plate
-    for name in ("notes.txt", "thumbnail.jpg"):
+    for name in ("archive.zip", "thumbnail.jpg"):
         (tmp_path / "images" / "exp" / "Plate1" / name).write_text("not part of the layout")
     manifest = _shard(tmp_path, "skip", max_skipped_share=0.0)
     assert manifest["num_fields"] == len(fields) and manifest["num_skipped"] == 2

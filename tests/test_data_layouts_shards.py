@@ -181,3 +181,30 @@ def test_a_symlink_loop_is_walked_once_and_reported(tmp_path):
     assert [r.field_id for r in records] == list(fields)
     (problem,) = problems.problems
     assert problem.file == str(loop) and "already read" in problem.reason
+
+
+def test_the_folder_cellmae_synthetic_writes_is_detected_and_read_from_its_root(tmp_path):
+    from hf_cellmae.data.synthetic import make_synthetic_screen
+
+    plate = make_synthetic_screen(tmp_path / "plate", num_plates=1, field_size=64, sites_per_well=1, num_workers=1, progress=False)
+    problems = ProblemLog(on_error="fail")  # metadata.csv and relationships/*.csv sit beside the images
+    from_root = discover_fields(tmp_path / "plate", problems=problems)
+    from_images = discover_fields(plate["images"])
+    assert len(from_root) == plate["num_fields"] and len(problems) == 0
+    assert [r.field_id for r in from_root] == [r.field_id for r in from_images]
+
+
+@pytest.mark.parametrize("sidecar", ["metadata.csv", "README", "README.md", "notes.txt", "plate_map.json", "layout.tsv"])
+def test_sidecar_tables_and_notes_beside_images_are_not_errors_under_fail(tmp_path, sidecar):
+    fields = make_rxrx_plate(tmp_path / "images", plates=1, wells=("A01",), sites=1)
+    (tmp_path / "images" / "exp" / "Plate1" / sidecar).write_text("plate,well\n")
+    problems = ProblemLog(on_error="fail")
+    assert len(discover_fields(tmp_path / "images", problems=problems)) == len(fields)
+    assert len(problems) == 0
+
+
+def test_an_image_that_does_not_fit_the_layout_is_still_a_stray_file_under_fail(tmp_path):
+    make_rxrx_plate(tmp_path / "images", plates=1, wells=("A01",), sites=1)
+    (tmp_path / "images" / "exp" / "Plate1" / "thumbnail.png").write_bytes(b"not read at discovery")
+    with pytest.raises(ValueError, match="thumbnail.png"):
+        discover_fields(tmp_path / "images", layout="rxrx", problems=ProblemLog(on_error="fail"))

@@ -122,6 +122,7 @@ def test_cli_synthetic_then_shard_then_stream(tmp_path, capsys):
     assert list(sample["channel_ids"]) == [0, 1, 2, 3, 4]
 
 
-def test_cli_shard_reports_a_missing_input_folder(tmp_path, capsys):
-    assert main(["shard", str(tmp_path / "nope"), str(tmp_path / "shards"), "--layout", "rxrx"]) == 1
-    assert "does not exist" in capsys.readouterr().err
+def test_cli_shard_reports_a_missing_input_folder_in_one_line_with_exit_2(tmp_path, capsys):
+    assert main(["shard", str(tmp_path / "nope"), str(tmp_path / "shards"), "--layout", "rxrx"]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and err.startswith("cellmae shard: error:") and len(err.strip().splitlines()) == 1

@@ -95,3 +95,56 @@ def test_missing_control_definition_and_text_features_raise(tmp_path):
         evaluate_embeddings(table, {"c": pairs}, controls=["DMSO"], progress=False)
     with pytest.raises(ValueError, match="feature columns must be numeric; \\['well'\\]"):
         evaluate_embeddings(table.assign(well="A01"), {"c": pairs}, progress=False)
+
+
+def test_cli_evaluate_with_alignment_none_needs_no_controls(tmp_path, capsys):
+    table, pairs = _table(signal=1.5, controls_per_plate=0)
+    table.drop(columns="Metadata_is_control").to_parquet(tmp_path / "emb.parquet")
+    pairs.to_csv(tmp_path / "complexes.csv", index=False)
+    code = main(["evaluate", str(tmp_path / "emb.parquet"), "--sources", str(tmp_path / "complexes.csv"),
+                 "--alignment", "none", "--out", str(tmp_path / "eval"), "--no-plots", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    results = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
+    assert results["alignment"] == "none" and results["n_perturbations"] == 20
+
+
+def test_cli_evaluate_min_perturbations_flag_reaches_the_benchmark(tmp_path, capsys):
+    table, pairs = _table(signal=1.5, groups=2, genes=4)  # 8 perturbations, below the default minimum of 10
+    table.to_parquet(tmp_path / "emb.parquet")
+    pairs.to_csv(tmp_path / "complexes.csv", index=False)
+    command = ["evaluate", str(tmp_path / "emb.parquet"), "--sources", str(tmp_path / "complexes.csv"),
+               "--out", str(tmp_path / "eval"), "--no-plots", "--no-progress", "--no-suite", "--alignment", "center_scale"]
+    assert main(command) == 2
+    assert "--min-perturbations" in capsys.readouterr().err
+    assert main([*command, "--min-perturbations", "8"]) == 0
+    assert json.loads((tmp_path / "eval" / "eval_results.json").read_text())["n_perturbations"] == 8
+
+
+def test_every_parameter_of_evaluate_embeddings_has_a_cellmae_evaluate_option():
+    import argparse
+    import inspect
+
+    from hf_cellmae.cli import build_parser
+
+    parser = build_parser()
+    evaluate = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["evaluate"]
+    destinations = {action.dest for action in evaluate._actions}
+    # parameters whose option is spelled differently on the command line
+    spelled = {"out_dir": "out", "baselines": "baseline", "on_unusable": "skip_unusable", "plots": "no_plots",
+               "progress": "no_progress", "suite": "no_suite", "probe_labels": "probe", "align_options": "coral"}
+    for name in inspect.signature(evaluate_embeddings).parameters:
+        assert spelled.get(name, name) in destinations, f"evaluate_embeddings({name}=...) has no cellmae evaluate option"
+
+
+def test_cellmae_evaluate_help_states_each_default():
+    import argparse
+
+    from hf_cellmae.cli import build_parser
+
+    parser = build_parser()
+    evaluate = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["evaluate"]
+    help_text = " ".join(evaluate.format_help().split())
+    assert "default: Metadata_perturbation" in help_text and "perturbation" in help_text
+    for action in evaluate._actions:
+        if action.default not in (None, False, [], argparse.SUPPRESS) and action.option_strings:
+            assert action.help and "default" in action.help, f"{action.option_strings[0]} does not state its default"

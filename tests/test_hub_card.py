@@ -156,8 +156,8 @@ def test_card_command_writes_readme(folder):
 
 def test_card_command_keeps_a_hand_written_readme_unless_forced(folder, capsys):
     (folder / "README.md").write_text("# my own notes\n")
-    assert main(["card", str(folder)]) == 1
-    assert "written by hand" in capsys.readouterr().err
+    assert main(["card", str(folder)]) == 2
+    assert "written by hand" in capsys.readouterr().err.splitlines()[0]
     assert (folder / "README.md").read_text() == "# my own notes\n"
     assert main(["card", str(folder), "--force"]) == 0
     assert GENERATED_MARKER in (folder / "README.md").read_text()
@@ -175,8 +175,8 @@ def test_card_command_copies_evaluation_results_and_plots_into_the_folder(folder
 
 
 def test_card_command_explains_a_folder_without_config(tmp_path, capsys):
-    assert main(["card", str(tmp_path)]) == 1
-    assert "has no config.json" in capsys.readouterr().err
+    assert main(["card", str(tmp_path)]) == 2
+    assert "has no config.json" in capsys.readouterr().err.splitlines()[0]
 
 
 def test_card_labels_synthetic_results_as_synthetic_and_shows_the_suite(tmp_path):

@@ -137,12 +137,13 @@ def test_push_without_a_token_says_how_to_log_in(folder, monkeypatch, tmp_path):
         push_model_folder(folder, "org/name")
 
 
-def test_push_command_refuses_with_every_reason_and_exit_code_1(folder, monkeypatch, capsys):
+def test_push_command_refuses_with_every_reason_on_one_line_and_exit_code_2(folder, monkeypatch, capsys):
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
     torch.save({"step": 3}, folder / "optimizer.pt")
     (folder / "modeling_cellmae.py").unlink()
-    assert main(["push", str(folder), "org/name"]) == 1
+    assert main(["push", str(folder), "org/name"]) == 2
     err = capsys.readouterr().err
+    assert len([line for line in err.splitlines() if line.startswith("cellmae push: error:")]) == 1, err
     assert "refusing to push" in err and "2 problem(s)" in err
     assert "optimizer.pt" in err and "modeling_cellmae.py" in err
     assert FAKE_TOKEN not in err

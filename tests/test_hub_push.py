@@ -232,7 +232,7 @@ def test_edited_model_code_is_pushed_only_when_allowed_and_then_named_in_a_warni
     folder = Path(shutil.copytree(model_folder, tmp_path / "model"))
     edited = (folder / "modeling_cellmae.py").read_text() + "\n# edited by hand after training\n"
     (folder / "modeling_cellmae.py").write_text(edited)
-    assert main(["push", str(folder), "org/edited"]) == 1
+    assert main(["push", str(folder), "org/edited"]) == 2
     assert "modeling_cellmae.py differs from the installed hf_cellmae" in capsys.readouterr().err
     assert "org/edited" not in local_hub.repos
     with caplog.at_level(logging.WARNING, logger="hf_cellmae"):

@@ -344,7 +344,7 @@ def test_resuming_from_a_crafted_checkpoint_runs_none_of_its_code_and_says_why_i
     assert not marker.exists(), f"resuming ran code from {crafted}"
     message = one_line_error(capsys)
     assert code == 2
-    assert f"{checkpoint / crafted} is not trusted" in message and "io.open" in message and "--resume_from_checkpoint" in message
+    assert f"{checkpoint / crafted} is not trusted" in message and "io.open" in message and "--resume-from-checkpoint" in message
     assert "weights_only=False" not in message
 
 
@@ -426,7 +426,7 @@ def test_a_checkpoint_that_cannot_be_written_after_training_says_how_to_resume(s
     assert main(["pretrain", *run_args(synthetic_shards, tmp_path, max_steps=4, save_steps=2)]) == 2
     message = one_line_error(capsys)
     assert "could not write checkpoint-4" in message and "Permission denied" in message
-    assert "resume from checkpoint-2 with --resume_from_checkpoint latest" in message
+    assert "resume from checkpoint-2 with --resume-from-checkpoint latest" in message
 
 
 def test_a_model_folder_that_cannot_be_written_after_training_says_how_to_resume(synthetic_shards, tmp_path, monkeypatch, capsys):
@@ -439,7 +439,7 @@ def test_a_model_folder_that_cannot_be_written_after_training_says_how_to_resume
     assert main(["pretrain", *run_args(synthetic_shards, tmp_path, max_steps=2, save_steps=2)]) == 2
     message = one_line_error(capsys)
     assert f"could not write the model folder {tmp_path / 'model'}: Permission denied" in message
-    assert "--resume_from_checkpoint latest (checkpoint-2 holds the trained weights)" in message
+    assert "--resume-from-checkpoint latest (checkpoint-2 holds the trained weights)" in message
 
 
 def test_no_code_in_the_package_loads_a_pickle_unsafely():

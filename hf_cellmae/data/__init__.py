@@ -11,14 +11,37 @@
 This package never imports the model.
 """
 
-from .layouts import discover_fields
-from .metadata import join_metadata
-from .problems import BadInputError, ProblemLog
-from .records import FieldRecord
-from .shards import decode_pixels, load_manifest, shard_folder, verify_shards, write_shards
-from .standardize import rescale_factor_for_dtype, standardize_channels
-from .streaming import count_samples, stream_fields
-from .synthetic import SyntheticScreenConfig, make_synthetic_screen
+import importlib
+
+# Public names and the module defining each: imported on first use, so `cellmae --help`
+# (which imports every stage's commands module) stays fast.
+_EXPORTS = {
+    "discover_fields": ".layouts",
+    "join_metadata": ".metadata",
+    "BadInputError": ".problems",
+    "ProblemLog": ".problems",
+    "FieldRecord": ".records",
+    "decode_pixels": ".shards",
+    "load_manifest": ".shards",
+    "shard_folder": ".shards",
+    "verify_shards": ".shards",
+    "write_shards": ".shards",
+    "rescale_factor_for_dtype": ".standardize",
+    "standardize_channels": ".standardize",
+    "count_samples": ".streaming",
+    "stream_fields": ".streaming",
+    "SyntheticScreenConfig": ".synthetic",
+    "make_synthetic_screen": ".synthetic",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "BadInputError",

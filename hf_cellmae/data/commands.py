@@ -3,39 +3,34 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from .layouts import LAYOUTS, PATTERN_PRESETS
-from .problems import ON_ERROR_CHOICES, BadInputError
+from .problems import ON_ERROR_CHOICES
 from .shards import MAX_SKIPPED_SHARE, MIN_FIELD_SIZE
 
 
 def _shard(args: argparse.Namespace) -> int:
     from .shards import shard_folder
 
-    try:
-        manifest = shard_folder(
-            args.input,
-            args.output_dir,
-            layout=args.layout,
-            pattern=args.pattern,
-            channel_names=args.channels,
-            metadata=args.metadata,
-            on_error=args.on_error,
-            max_skipped_share=args.max_skipped_share,
-            min_field_size=args.min_field_size,
-            verify=args.verify,
-            progress=not args.quiet,
-            target_shard_size=args.shard_size,
-            fields_per_row_group=args.fields_per_row_group,
-            compression=args.compression,
-            num_workers=args.num_workers,
-            shuffle=not args.no_shuffle,
-            seed=args.seed,
-        )
-    except (BadInputError, FileNotFoundError, ValueError) as error:
-        print(f"cellmae shard: error: {error}", file=sys.stderr)
-        return 1
+    manifest = shard_folder(
+        args.input,
+        args.output_dir,
+        layout=args.layout,
+        pattern=args.pattern,
+        channel_names=args.channels,
+        metadata=args.metadata,
+        on_error=args.on_error,
+        max_skipped_share=args.max_skipped_share,
+        min_field_size=args.min_field_size,
+        verify=args.verify,
+        progress=not args.quiet,
+        target_shard_size=args.shard_size,
+        fields_per_row_group=args.fields_per_row_group,
+        compression=args.compression,
+        num_workers=args.num_workers,
+        shuffle=not args.no_shuffle,
+        seed=args.seed,
+    )
     print(
         f"wrote {manifest['num_fields']} fields ({', '.join(manifest['channels'])}; {manifest['dtypes']}) into "
         f"{manifest['num_shards']} shard(s) in {args.output_dir} ({manifest['shards_reused']} reused from an earlier run)"
@@ -53,25 +48,21 @@ def _shard(args: argparse.Namespace) -> int:
 def _synthetic(args: argparse.Namespace) -> int:
     from .synthetic import make_synthetic_screen
 
-    try:
-        result = make_synthetic_screen(
-            args.output_dir,
-            num_workers=args.num_workers,
-            progress=not args.quiet,
-            num_plates=args.plates,
-            field_size=args.field_size,
-            sites_per_well=args.sites,
-            bit_depth=args.bit_depth,
-            effect_size=args.effect_size,
-            penetrance=args.penetrance,
-            cell_variability=args.cell_variability,
-            batch_effect=args.batch_effect,
-            noise=args.noise,
-            seed=args.seed,
-        )
-    except ValueError as error:
-        print(f"cellmae synthetic: error: {error}", file=sys.stderr)
-        return 1
+    result = make_synthetic_screen(
+        args.output_dir,
+        num_workers=args.num_workers,
+        progress=not args.quiet,
+        num_plates=args.plates,
+        field_size=args.field_size,
+        sites_per_well=args.sites,
+        bit_depth=args.bit_depth,
+        effect_size=args.effect_size,
+        penetrance=args.penetrance,
+        cell_variability=args.cell_variability,
+        batch_effect=args.batch_effect,
+        noise=args.noise,
+        seed=args.seed,
+    )
     print(
         f"wrote {result['num_fields']} synthetic fields ({', '.join(result['channels'])}, {args.bit_depth}-bit) to "
         f"{args.output_dir}; metadata: {result['metadata']}; relationships: {', '.join(result['relationships'].values())}"

@@ -42,11 +42,37 @@ PATTERN_PRESETS: dict[str, tuple[str, str]] = {
     "cellomics": (r"(?P<plate>[^/]+)_(?P<well>[A-Za-z]{1,2}\d{2})f(?P<site>\d+)d(?P<channel>\d+)\.tiff?", "d"),
 }
 
+# Tables and notes that sit beside images (metadata.csv, README, plate maps): not part of any layout,
+# never an error. Other files that are not images (an archive, an unsupported format) stay stray files.
+SIDECAR_SUFFIXES = (".csv", ".tsv", ".txt", ".json", ".md", ".rst", ".yaml", ".yml", ".parquet", ".xlsx", ".xls", ".xml", ".html", ".pdf", ".log")
+SIDECAR_NAMES = ("readme", "license", "licence", "notice", "changelog")
+
+
+def is_sidecar_path(path: str | Path) -> bool:
+    """A table or note beside the images (``metadata.csv``, ``README``, ``*.txt``, ``*.json``...)."""
+    name = Path(path).name.lower()
+    return name.endswith(SIDECAR_SUFFIXES) or name.split(".")[0] in SIDECAR_NAMES
+
+
+def _match_path(regex: re.Pattern, path: Path, root: Path) -> re.Match | None:
+    """Match ``path`` relative to ``root``, else its shorter tails down to the file name (longest first).
+
+    So a layout is found under wrapper folders too: ``cellmae synthetic``'s ``images/synthetic/Plate1/
+    A01_s1_w1.png`` matches rxrx's ``{experiment}/{plate}/{file}`` from the plate's own root.
+    """
+    parts = path.relative_to(root).parts
+    for start in range(len(parts)):
+        match = regex.fullmatch("/".join(parts[start:]))
+        if match is not None:
+            return match
+    return None
+
+
 _KNOWN_GROUPS = {"experiment", "plate", "well", "row", "col", "site", "field", "channel"}
 
 
 def _walk_files(root: Path, ignore: set[Path], problems: ProblemLog | None = None) -> list[Path]:
-    """Every non-hidden file under ``root``, sorted, following symlinked folders (each real folder once).
+    """Every non-hidden file under ``root`` but sidecar tables/notes, sorted, following symlinked folders (each real folder once).
 
     A symlink to a folder already on the walk (a loop, or a second link to the same plate) is not entered
     again; it is reported to ``problems`` as a skip naming the link and its target.
@@ -67,7 +93,7 @@ def _walk_files(root: Path, ignore: set[Path], problems: ProblemLog | None = Non
         dirnames[:] = kept
         for name in sorted(filenames):
             path = Path(directory) / name
-            if name.startswith(".") or path.resolve() in ignore:
+            if name.startswith(".") or path.resolve() in ignore or is_sidecar_path(path):
                 continue
             files.append(path)
     return files
@@ -155,7 +181,7 @@ def discover_pattern(
     identities: dict[tuple, dict] = {}
     for path in _walk_files(root, {Path(p).resolve() for p in ignore}, problems):
         relative = path.relative_to(root).as_posix()
-        match = regex.fullmatch(relative) or regex.fullmatch(path.name)
+        match = _match_path(regex, path, root)
         if match is None:
             reason = "stray file: not an image" if not is_image_path(path) else f"stray file: does not match the layout pattern {regex.pattern!r}"
             problems.report(reason, file=str(path), stage="discover")
@@ -326,7 +352,7 @@ def detect_layout(root: str | Path) -> tuple[str, str | None]:
     best, best_count = None, 0
     for name, (regex, _) in PATTERN_PRESETS.items():
         compiled = re.compile(regex)
-        count = sum(bool(compiled.fullmatch(p.relative_to(root).as_posix()) or compiled.fullmatch(p.name)) for p in images)
+        count = sum(_match_path(compiled, p, root) is not None for p in images)
         if count > best_count:
             best, best_count = name, count
     if best is None:

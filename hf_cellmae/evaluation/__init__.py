@@ -14,20 +14,45 @@
 Only ``embed`` imports the model (lazily); the rest needs numpy, pandas and matplotlib.
 """
 
+import importlib
+
+# numpy only; eager because the function `align` shares its module's name.
 from .align import aggregate, align, center_scale, pca_center_scale, tvn
-from .pixel_stats import pixel_statistic_names, pixel_statistics
-from .relate import (
-    BENCHMARK_SOURCES,
-    RECALL_THRESHOLDS,
-    chance_recall,
-    compute_recall,
-    known_relationship_recall,
-    load_relationships,
-)
-from .probe import plot_probe, probe_embeddings
-from .report import build_map, evaluate_embeddings, evaluate_synthetic, read_embeddings, relationship_files
-from .retrieval import consistency_map, gene_set_recall, replicate_map
-from .suite import evaluate_suite, plot_suite, suite_rows
+
+# Public names and the module defining each: imported on first use, so `cellmae --help`
+# (which imports every stage's commands module) stays fast.
+_EXPORTS = {
+    "pixel_statistic_names": ".pixel_stats",
+    "pixel_statistics": ".pixel_stats",
+    "BENCHMARK_SOURCES": ".relate",
+    "RECALL_THRESHOLDS": ".relate",
+    "chance_recall": ".relate",
+    "compute_recall": ".relate",
+    "known_relationship_recall": ".relate",
+    "load_relationships": ".relate",
+    "plot_probe": ".probe",
+    "probe_embeddings": ".probe",
+    "build_map": ".report",
+    "evaluate_embeddings": ".report",
+    "evaluate_synthetic": ".report",
+    "read_embeddings": ".report",
+    "relationship_files": ".report",
+    "consistency_map": ".retrieval",
+    "gene_set_recall": ".retrieval",
+    "replicate_map": ".retrieval",
+    "evaluate_suite": ".suite",
+    "plot_suite": ".suite",
+    "suite_rows": ".suite",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "BENCHMARK_SOURCES",

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 
-from .relate import BENCHMARK_SOURCES
+from .align import tvn
+from .relate import BENCHMARK_SOURCES, MIN_PERTURBATIONS, RECALL_THRESHOLDS
+
+_TVN_DEFAULTS = inspect.signature(tvn).parameters  # the help states tvn's own defaults
 
 
 def register(subparsers) -> None:
@@ -52,46 +56,84 @@ def register(subparsers) -> None:
     evaluate = subparsers.add_parser(
         "evaluate",
         help="batch-correct embeddings, aggregate per perturbation, recall known relationships",
-        description="Align EMBEDDINGS on controls, aggregate per perturbation, measure recall of known "
-        "relationships, and write eval_results.json + PNG plots into --out.",
+        description="Align EMBEDDINGS on control rows (--alignment; 'none' needs no controls), average the rows "
+        "of each perturbation into one profile, measure how often known related pairs (--sources) are among the "
+        "most similar profiles, and write eval_results.json + PNG plots into --out. Metadata columns are the "
+        "table's Metadata_* columns: a metadata table's 'perturbation' column becomes Metadata_perturbation in "
+        "`cellmae embed`'s output.",
     )
     evaluate.add_argument("embeddings", metavar="EMBEDDINGS", help="embeddings table (cellmae embed folder, Parquet or CSV)")
-    evaluate.add_argument("--out", default=None, help="output folder (default: EMBEDDINGS folder + '_eval')")
+    evaluate.add_argument("--out", default=None, help="output folder (default: the EMBEDDINGS path + '_eval')")
     evaluate.add_argument("--sources", nargs="+", default=list(BENCHMARK_SOURCES),
-                          help=f"relationship sources: names in efaar-benchmarking's annotations ({', '.join(BENCHMARK_SOURCES)}) "
-                          "or CSV files with columns entity1,entity2")
-    evaluate.add_argument("--synthetic-plate", default=None, help="use this synthetic plate's relationships/*.csv as sources")
+                          help="relationship sources: names in efaar-benchmarking's annotations (pip install efaar-benchmarking) "
+                          "or CSV files with columns entity1,entity2 (default: %(default)s)")
+    evaluate.add_argument("--synthetic-plate", default=None,
+                          help="use this synthetic plate's relationships/*.csv as sources (default: --sources)")
     evaluate.add_argument("--annotations", default=None, help="folder of named sources (default: efaar-benchmarking's)")
-    evaluate.add_argument("--perturbation-col", default="Metadata_perturbation")
-    evaluate.add_argument("--controls", nargs="+", default=None, help="control labels of the perturbation column")
-    evaluate.add_argument("--control-col", default=None, help="boolean control column (default: Metadata_is_control if present)")
-    evaluate.add_argument("--batch-col", default=None, help="batch column for per-batch alignment (e.g. Metadata_plate)")
-    evaluate.add_argument("--alignment", default="tvn", choices=["tvn", "pca_center_scale", "center_scale", "none"])
+    evaluate.add_argument("--perturbation-col", default="Metadata_perturbation",
+                          help="column naming what was done to each row (gene, compound...); rows with the same value are "
+                          "averaged into one profile and related pairs are looked up by these names (default: %(default)s)")
+    evaluate.add_argument("--controls", nargs="+", default=None,
+                          help="control labels of the perturbation column, e.g. non-targeting DMSO (default: use --control-col)")
+    evaluate.add_argument("--control-col", default=None,
+                          help="boolean control column (default: Metadata_is_control if present; needed unless --controls "
+                          "is given or --alignment none)")
+    evaluate.add_argument("--batch-col", default=None,
+                          help="batch column for per-batch alignment, e.g. Metadata_plate (default: one batch)")
+    evaluate.add_argument("--alignment", default="tvn", choices=["tvn", "pca_center_scale", "center_scale", "none"],
+                          help="batch correction fitted on the controls; none uses no controls (default: %(default)s)")
     evaluate.add_argument("--coral", action="store_true", help="TVN: add the per-batch CORAL step")
-    evaluate.add_argument("--n-components", type=int, default=None, help="tvn / pca_center_scale: principal components of the controls kept (tvn: at most)")
-    evaluate.add_argument("--aggregation", default="mean", choices=["mean", "median"])
+    evaluate.add_argument("--coral-eps", type=float, default=None,
+                          help=f"TVN + CORAL: ridge added to each batch covariance (default: {_TVN_DEFAULTS['coral_eps'].default})")
+    evaluate.add_argument("--no-scale-per-batch", action="store_true",
+                          help="TVN: center-scale on all controls at once instead of per batch")
+    evaluate.add_argument("--n-components", type=int, default=None,
+                          help="tvn / pca_center_scale: principal components of the controls kept (tvn: at most; default: all)")
+    evaluate.add_argument("--aggregation", default="mean", choices=["mean", "median"],
+                          help="how the rows of a perturbation become its profile (default: %(default)s)")
+    evaluate.add_argument("--thresholds", nargs="+", default=[f"{lo},{hi}" for lo, hi in RECALL_THRESHOLDS], metavar="LO,HI",
+                          help="recall counts a related pair whose similarity is below the LO or above the HI quantile of "
+                          "all pairs (default: %(default)s)")
+    evaluate.add_argument("--min-perturbations", type=int, default=MIN_PERTURBATIONS,
+                          help="fewest perturbation profiles accepted for a meaningful null (default: %(default)s)")
     evaluate.add_argument("--baseline", nargs=2, action="append", metavar=("NAME", "TABLE"), default=[],
-                          help="also evaluate a baseline table (repeatable), e.g. --baseline pixel_stats px/")
-    evaluate.add_argument("--null-samples", type=int, default=None, help="sampled null of this many pairs (large maps)")
-    evaluate.add_argument("--seed", type=int, default=0)
+                          help="also evaluate a baseline table (repeatable), e.g. --baseline pixel_stats px/ (default: none)")
+    evaluate.add_argument("--null-samples", type=int, default=None,
+                          help="sample a null of this many pairs, for large maps (default: every pair)")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the sampled null and the suite (default: %(default)s)")
     evaluate.add_argument("--skip-unusable", action="store_true", help="skip (and report) sources without usable pairs")
-    evaluate.add_argument("--dataset", default=None, help="dataset name for the report")
+    evaluate.add_argument("--dataset", default=None, help="dataset name for the report (default: the EMBEDDINGS file name)")
     suite = evaluate.add_argument_group("the rest of the paper's suite (model and every baseline side by side)")
     suite.add_argument("--probe", nargs="+", default=[], metavar="COLUMN",
-                       help="linear probe + kNN of these metadata columns, leave one plate out (e.g. complex gene)")
+                       help="linear probe + kNN of these metadata columns, leave one plate out, e.g. complex gene (default: none)")
     suite.add_argument("--consistency-col", default=None,
-                       help="per-perturbation group column for consistency mAP (e.g. Metadata_complex)")
+                       help="per-perturbation group column for consistency mAP, e.g. Metadata_complex (default: none)")
     suite.add_argument("--cellprofiler", default=None, metavar="TABLE",
                        help="CellProfiler features of the same fields (cellmae embed cellprofiler ...): report "
                        "ridge R² of predicting them (default: a --baseline named cellprofiler)")
     suite.add_argument("--no-suite", action="store_true", help="only the known-relationship recall")
-    evaluate.add_argument("--no-plots", action="store_true")
-    evaluate.add_argument("--no-progress", action="store_true")
+    evaluate.add_argument("--no-plots", action="store_true", help="write eval_results.json only")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
     evaluate.set_defaults(func=run_evaluate)
 
 
+def _looks_like_a_local_path(model: str) -> bool:
+    """A path the user means on this machine (not a Hub id ``org/name``): absolute, ./ ../ ~, or deeper than org/name."""
+    return model.startswith(("/", ".", "~")) or model.endswith("/") or model.count("/") > 1
+
+
 def run_embed(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..errors import UserError
     from .embed import ModelFeaturizer, PixelStatsFeaturizer, embed_dataset
+
+    if args.model not in ("pixel_stats", "cellprofiler") and _looks_like_a_local_path(args.model) \
+            and not Path(args.model).expanduser().exists():
+        raise UserError(
+            f"model folder {args.model} does not exist; pass the model/ folder a `cellmae pretrain` run wrote "
+            "(RUN/model), a converted folder, or a Hub id org/name"
+        )
 
     if args.model == "pixel_stats":
         featurizer = PixelStatsFeaturizer()
@@ -116,6 +158,18 @@ def run_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _thresholds(values: list[str]) -> list[tuple[float, float]]:
+    """``["0.05,0.95", ...]`` -> ``[(0.05, 0.95), ...]``; a malformed pair is a one-line error."""
+    pairs = []
+    for value in values:
+        try:
+            lo, hi = (float(part) for part in value.split(","))
+        except ValueError:
+            raise ValueError(f"--thresholds {value!r} is not a pair LO,HI of quantiles; write e.g. 0.05,0.95") from None
+        pairs.append((lo, hi))
+    return pairs
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -127,11 +181,16 @@ def run_evaluate(args: argparse.Namespace) -> int:
         align_options["coral"] = True
     if args.n_components is not None:
         align_options["n_components"] = args.n_components
+    if args.coral_eps is not None:
+        align_options["coral_eps"] = args.coral_eps
+    if args.no_scale_per_batch:
+        align_options["scale_per_batch"] = False
     out = Path(args.out) if args.out else Path(str(Path(args.embeddings)).rstrip("/") + "_eval")
     results = evaluate_embeddings(
         args.embeddings, sources, out_dir=out, dataset=args.dataset, baselines=dict(args.baseline),
         perturbation_col=args.perturbation_col, controls=args.controls, control_col=args.control_col,
         batch_col=args.batch_col, alignment=args.alignment, aggregation=args.aggregation, align_options=align_options,
+        thresholds=_thresholds(args.thresholds), min_perturbations=args.min_perturbations,
         null_samples=args.null_samples, seed=args.seed, on_unusable="skip" if args.skip_unusable else "raise",
         annotations=args.annotations, plots=not args.no_plots, progress=not args.no_progress,
         suite=not args.no_suite, probe_labels=args.probe, consistency_col=args.consistency_col,

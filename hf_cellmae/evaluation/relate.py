@@ -34,9 +34,13 @@ import importlib.util
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from typing import TYPE_CHECKING, Union
+
 import numpy as np
-import pandas as pd
 from tqdm.auto import tqdm
+
+if TYPE_CHECKING:  # pandas is imported where it is used: `cellmae --help` (which reads BENCHMARK_SOURCES) stays fast
+    import pandas as pd
 
 BENCHMARK_SOURCES = ("CORUM", "HuMAP", "Reactome", "SIGNOR", "StringDB")
 RECALL_THRESHOLDS = ((0.05, 0.95), (0.10, 0.90))
@@ -44,7 +48,7 @@ MIN_PERTURBATIONS = 10
 # A full null larger than this (bytes) is refused with a pointer to null_samples.
 MAX_FULL_NULL_BYTES = 16 * 2**30
 
-SourceSpec = str | Path | pd.DataFrame
+SourceSpec = Union[str, Path, "pd.DataFrame"]
 
 
 def recall_key(lo: float, hi: float) -> str:
@@ -74,6 +78,8 @@ def annotations_dir() -> Path:
 
 def canonical_pairs(pairs: pd.DataFrame, origin: str = "pairs") -> pd.DataFrame:
     """Pairs sorted within each row by name, without self-pairs and duplicates (efaar's filter)."""
+    import pandas as pd
+
     missing = {"entity1", "entity2"} - set(pairs.columns)
     if missing:
         raise ValueError(f"{origin} needs columns entity1,entity2; missing {sorted(missing)} in {list(pairs.columns)}")
@@ -93,6 +99,8 @@ def canonical_pairs(pairs: pd.DataFrame, origin: str = "pairs") -> pd.DataFrame:
 
 def load_relationships(source: SourceSpec, folder: str | Path | None = None) -> pd.DataFrame:
     """Canonical pair list of a source: a name in ``folder`` (default: efaar's annotations) or a CSV path."""
+    import pandas as pd
+
     if isinstance(source, pd.DataFrame):
         return canonical_pairs(source)
     path = Path(source)
@@ -230,6 +238,8 @@ def known_relationship_recall(
         "skipped_sources": {name: reason}, "null": {"kind": "full"|"sampled", "size": int, "seed": int|None},
         "n_perturbations": int}``.
     """
+    import pandas as pd
+
     if on_unusable not in ("raise", "skip"):
         raise ValueError(f"on_unusable must be 'raise' or 'skip', got {on_unusable!r}")
     thresholds = _check_thresholds(thresholds)
@@ -245,7 +255,7 @@ def known_relationship_recall(
     if len(labels) < min_perturbations:
         raise ValueError(
             f"the map has {len(labels)} perturbations; at least min_perturbations={min_perturbations} are needed "
-            "for a meaningful null (lower min_perturbations if you accept a coarse estimate)"
+            "for a meaningful null; lower it with --min-perturbations N (min_perturbations=N) if you accept a coarse estimate"
         )
     named = _name_sources(sources)
     index = pd.Index(labels)
@@ -297,6 +307,8 @@ def known_relationship_recall(
 
 
 def _name_sources(sources) -> dict[str, SourceSpec]:
+    import pandas as pd
+
     if isinstance(sources, (str, Path, pd.DataFrame)):
         sources = [sources]
     if isinstance(sources, Mapping):

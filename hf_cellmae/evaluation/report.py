@@ -28,7 +28,7 @@ import pandas as pd
 
 from .align import aggregate, align
 from .plots import pick_complex, plot_complex_heatmap, plot_projection, plot_recall, relationship_groups
-from .relate import BENCHMARK_SOURCES, RECALL_THRESHOLDS, chance_recall, known_relationship_recall, load_relationships
+from .relate import BENCHMARK_SOURCES, MIN_PERTURBATIONS, RECALL_THRESHOLDS, chance_recall, known_relationship_recall, load_relationships
 
 METADATA_PREFIX = "Metadata_"
 RESULTS_NAME = "eval_results.json"
@@ -70,9 +70,14 @@ def control_mask(
     perturbation_col: str,
     controls: Sequence[str] | None = None,
     control_col: str | None = None,
+    required: bool = True,
 ) -> np.ndarray:
     """Which rows are controls: ``controls`` labels of the perturbation column, or a boolean column
-    (``control_col``, default ``Metadata_is_control`` when present)."""
+    (``control_col``, default ``Metadata_is_control`` when present).
+
+    With ``required=False`` (``alignment="none"``: nothing is fitted on controls) a table that names no
+    controls has none: every row is a perturbation. Otherwise that is an error saying how to name them.
+    """
     if controls:
         mask = metadata[perturbation_col].astype(str).isin([str(c) for c in controls]).to_numpy()
         if not mask.any():
@@ -81,8 +86,10 @@ def control_mask(
         return mask
     control_col = control_col or (f"{METADATA_PREFIX}is_control" if f"{METADATA_PREFIX}is_control" in metadata else None)
     if control_col is None:
+        if not required:
+            return np.zeros(len(metadata), dtype=bool)
         raise ValueError(
-            "say which rows are controls: --controls LABEL [LABEL ...] (values of the perturbation column) "
+            "say which rows are controls (the alignment is fitted on them; --alignment none needs none): --controls LABEL [LABEL ...] (values of the perturbation column) "
             f"or --control-col COLUMN (a boolean column such as {METADATA_PREFIX}is_control)"
         )
     _require_columns(metadata, [control_col])
@@ -122,7 +129,7 @@ def build_map(
     """Align the units of an embeddings table on its controls and aggregate per perturbation."""
     metadata, features = split_table(table)
     _require_columns(metadata, [perturbation_col, batch_col])
-    is_control = control_mask(metadata, perturbation_col, controls, control_col)
+    is_control = control_mask(metadata, perturbation_col, controls, control_col, required=alignment != "none")
     batch = metadata[batch_col].astype(str).to_numpy() if batch_col else None
     aligned = align(features, is_control, batch, method=alignment, **dict(align_options or {}))
     labels = metadata[perturbation_col].astype(str).to_numpy()
@@ -150,6 +157,7 @@ def evaluate_embeddings(
     seed: int = 0,
     on_unusable: str = "raise",
     annotations: str | Path | None = None,
+    min_perturbations: int = MIN_PERTURBATIONS,
     plots: bool = True,
     progress: bool = True,
     suite: bool = True,
@@ -170,7 +178,8 @@ def evaluate_embeddings(
         alignment: "tvn" (default), "pca_center_scale", "center_scale" or "none".
         aggregation: "mean" or "median".
         align_options: extra options of the alignment (e.g. ``{"coral": True}``).
-        thresholds, null_samples, seed, on_unusable, annotations: see ``known_relationship_recall``.
+        thresholds, null_samples, seed, on_unusable, annotations, min_perturbations: see
+            ``known_relationship_recall``.
         plots: write the PNG plots (needs ``out_dir``).
         suite: also run the rest of the paper's suite on the model and every baseline
             (``suite.evaluate_suite``: gene-set recall, replicate mAP, and with the options below a
@@ -189,7 +198,7 @@ def evaluate_embeddings(
     )
     recall_options = dict(
         thresholds=thresholds, null_samples=null_samples, seed=seed, on_unusable=on_unusable,
-        annotations=annotations, progress=progress,
+        annotations=annotations, min_perturbations=min_perturbations, progress=progress,
     )
     named_sources = _named_sources(sources, annotations)
     table = embeddings if isinstance(embeddings, pd.DataFrame) else read_embeddings(embeddings)

@@ -83,7 +83,7 @@ def evaluate_suite(
     results = {}
     for name, table in tables.items():
         metadata, features = split_table(table)
-        is_control = control_mask(metadata, perturbation_col, controls, control_col)
+        is_control = control_mask(metadata, perturbation_col, controls, control_col, required=alignment != "none")
         batch = metadata[batch_col].astype(str).to_numpy() if batch_col else None
         aligned = align(features, is_control, batch, method=alignment, **dict(align_options or {}))
         entry: dict = {}
@@ -112,7 +112,7 @@ def evaluate_suite(
                     continue
                 entry["gene_set_recall"][source] = {k: scored[k] for k in ("recall", "chance", "n_genes_scored")}
         wells, well_vectors = _well_table(metadata, aligned, well_cols)
-        well_controls = control_mask(wells, perturbation_col, controls, control_col)
+        well_controls = control_mask(wells, perturbation_col, controls, control_col, required=alignment != "none")
         if well_controls.any() and (~well_controls).any():
             entry["replicate_map"] = replicate_map(wells, well_vectors, perturbation_col, well_controls,
                                                    well_cols=tuple(well_cols), null_size=null_size, seed=seed)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from .push import DEFAULT_MAX_SHARD_SIZE
@@ -60,10 +59,7 @@ def run_card(args: argparse.Namespace) -> int:
         readme = write_model_card(
             args.model_dir, repo_id=args.repo_id, license=args.license, eval_results=args.eval_results, overwrite=args.force
         )
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"cellmae card: {err}", file=sys.stderr)
-        return 1
-    except OSError as err:
+    except OSError as err:  # a missing config.json or a hand-written README.md goes to `cellmae`'s handler as it is
         if err.errno not in CANNOT_WRITE:
             raise
         raise UserError(
@@ -94,13 +90,7 @@ def run_push(args: argparse.Namespace) -> int:
             write_card=not args.no_card,
             allow_modified_code=args.allow_modified_code,
         )
-    except UserError:  # one line with the --debug hint, printed by `cellmae`
-        raise
-    except (ValueError, PermissionError, FileNotFoundError) as err:  # FolderCheckError is a ValueError
-        print(f"cellmae push: {err}", file=sys.stderr)
-        return 1
-    except HfHubHTTPError as err:
-        print(f"cellmae push: the Hub refused the upload to {args.repo_id}: {err}", file=sys.stderr)
-        return 1
+    except HfHubHTTPError as err:  # other user errors (FolderCheckError, no token...) go to `cellmae`'s handler
+        raise UserError(f"the Hub refused the upload to {args.repo_id}: {str(err).splitlines()[0]}") from err
     print(f"pushed {args.model_dir} to {args.repo_id} (commit {commit.oid[:10]}): {commit.commit_url}")
     return 0

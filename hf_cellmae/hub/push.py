@@ -25,13 +25,15 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-
-from huggingface_hub import CommitInfo, HfApi, get_token, save_torch_state_dict
+from typing import TYPE_CHECKING
 
 from .. import __version__
 from ..errors import UserError
 from .folder_checks import check_model_folder
 from .model_card import LOSS_CURVE_FILE, is_generated_card, write_model_card
+
+if TYPE_CHECKING:  # huggingface_hub is imported where it is used, so `cellmae --help` stays fast
+    from huggingface_hub import CommitInfo, HfApi
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +67,8 @@ def connection_errors() -> tuple[type[BaseException], ...]:
 
 def resolve_token(token: str | None = None) -> str:
     """The Hub token to use: the argument, else ``HF_TOKEN`` or the saved login; a clear error when none."""
+    from huggingface_hub import get_token
+
     token = token or get_token()
     if not token:
         raise PermissionError(
@@ -94,6 +98,8 @@ def sharded_copy(model_dir: Path, files: list[str], max_shard_size: int):
             except OSError:
                 shutil.copy2(model_dir / relative, target)
         state_dict = load_file(model_dir / "model.safetensors")
+        from huggingface_hub import save_torch_state_dict
+
         save_torch_state_dict(state_dict, staging, max_shard_size=max_shard_size, metadata={"format": "pt"})
         yield staging
 
@@ -160,6 +166,8 @@ def push_model_folder(
             report.files = sorted({*report.files, "README.md", *card_images(model_dir)})
         else:
             logger.warning("keeping the hand-written %s (delete it or run `cellmae card --force` to regenerate)", readme)
+
+    from huggingface_hub import HfApi
 
     api = HfApi(token=token, library_name="hf_cellmae", library_version=__version__)
     try:

@@ -2,7 +2,9 @@
 
 Load from YAML/JSON and override on the command line:
 
-    cellmae pretrain --config examples/configs/demo_cpu.yaml --max_steps 500 --learning_rate 3e-4
+    cellmae pretrain --config examples/configs/demo_cpu.yaml --max-steps 500 --learning-rate 3e-4
+
+(``--max_steps`` is accepted too: every option has a dashed and an underscored spelling.)
 """
 
 from __future__ import annotations
@@ -115,9 +117,12 @@ def parse_pretraining_arguments(argv: list[str] | None = None) -> PretrainingArg
     """`--config FILE` (YAML/JSON) gives the defaults; any `--field value` on the command line overrides them."""
     from transformers import HfArgumentParser
 
+    from ..cli import accept_both_spellings
+
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(PretrainingArguments, prog="cellmae pretrain", description="Pre-train a CA-MAE on a shard folder.")
     parser.add_argument("--config", default=None, help="YAML or JSON file of these arguments; command-line flags override it")
+    accept_both_spellings(parser)  # --output-dir (shown) and --output_dir (accelerate's spelling)
     known, _ = parser.parse_known_args(argv)
     if known.config:
         parser.set_defaults(**read_config_file(known.config))

@@ -32,7 +32,7 @@ SCHEDULER_STATE = "scheduler_state.json"
 LEGACY_SCHEDULER_STATE = "custom_checkpoint_0.pkl"
 _ACCELERATE_CUSTOM_STATE = re.compile(r"custom_checkpoint_\d+\.pkl")
 NOT_TRUSTED_FIX = (
-    "resume only from checkpoints your own runs wrote: pass another checkpoint-N to --resume_from_checkpoint, "
+    "resume only from checkpoints your own runs wrote: pass another checkpoint-N to --resume-from-checkpoint, "
     "or start afresh in a new output_dir"
 )
 
@@ -68,7 +68,7 @@ def save_checkpoint(accelerator, root: str | Path, step: int, data_state: dict, 
     except OSError as error:
         complete = list_checkpoints(root)
         resume = (
-            f"then resume from {complete[-1].name} with --resume_from_checkpoint latest" if complete
+            f"then resume from {complete[-1].name} with --resume-from-checkpoint latest" if complete
             else "then run again (no complete checkpoint exists yet)"
         )
         raise UserError(

@@ -177,7 +177,7 @@ def pretrain(args: PretrainingArguments) -> dict:
             if args.lr_scheduler == "one_cycle" and saved.get("max_steps", args.max_steps) != args.max_steps:
                 raise ValueError(
                     f"{checkpoint} was written by a run with max_steps={saved['max_steps']}; the one-cycle schedule is "
-                    f"fixed by it. Resume with --max_steps {saved['max_steps']}, or fine-tune further with --init_from "
+                    f"fixed by it. Resume with --max-steps {saved['max_steps']}, or fine-tune further with --init-from "
                     f"{output_dir / 'model'} and a new output_dir."
                 )
             load_checkpoint(accelerator, checkpoint, scheduler)
@@ -294,7 +294,7 @@ def pretrain(args: PretrainingArguments) -> dict:
     except OSError as error:
         raise UserError(
             f"could not write the model folder {output_dir / 'model'}: {error.strerror or error}; make it writable or free "
-            f"space, then run again with --resume_from_checkpoint latest (checkpoint-{state['global_step']} holds the trained weights)"
+            f"space, then run again with --resume-from-checkpoint latest (checkpoint-{state['global_step']} holds the trained weights)"
         ) from error
     figure = output_dir / "figures" / f"reconstruction-step{state['global_step']:06d}.png"
     if not figure.exists():  # not already drawn at this step by figure_steps

@@ -1,0 +1,126 @@
+"""The ``cellmae`` command line as a whole: start-up cost, option spelling, and how user errors look."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+
+def run_python(code: str, cwd=None) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter that imports this checkout's hf_cellmae."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env, cwd=cwd)
+
+
+def test_building_the_cellmae_parser_imports_neither_torch_nor_transformers_nor_pandas():
+    result = run_python(
+        """
+        import sys
+        import hf_cellmae.cli
+        hf_cellmae.cli.build_parser()
+        print(sorted(m for m in ("torch", "transformers", "datasets", "pandas") if m in sys.modules))
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_import_hf_cellmae_still_registers_the_auto_classes_in_a_fresh_process(tmp_path):
+    from hf_cellmae.configuration_cellmae import CellMAEConfig
+    from hf_cellmae.modeling_cellmae import CellMAEForPreTraining
+
+    CellMAEForPreTraining(CellMAEConfig.from_preset("tiny", image_size=32)).save_pretrained(tmp_path)
+    result = run_python(
+        f"""
+        import hf_cellmae
+        from transformers import AutoModel, AutoModelForPreTraining
+        print(type(AutoModel.from_pretrained({str(tmp_path)!r})).__name__,
+              type(AutoModelForPreTraining.from_pretrained({str(tmp_path)!r})).__name__)
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["CellMAEModel", "CellMAEForPreTraining"]
+
+
+def test_a_model_class_imported_first_registers_the_auto_classes_too():
+    result = run_python(
+        """
+        from hf_cellmae.modeling_cellmae import CellMAEModel
+        from transformers import AutoConfig
+        print(type(AutoConfig.for_model("cellmae")).__name__)
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "CellMAEConfig"
+
+
+def test_every_option_is_shown_with_dashes_in_every_commands_help():
+    import argparse
+    import re
+
+    from hf_cellmae.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, command in commands.items():
+        if name == "pretrain":
+            continue  # its options come from a dataclass, checked below
+        assert not re.findall(r"--[a-z0-9-]*_[a-z0-9_-]*", command.format_help()), name
+
+
+def test_pretrain_help_shows_dashed_options(capsys):
+    import re
+
+    import pytest
+
+    from hf_cellmae.training.arguments import parse_pretraining_arguments
+
+    with pytest.raises(SystemExit):
+        parse_pretraining_arguments(["--help"])
+    help_text = capsys.readouterr().out
+    assert "--output-dir" in help_text and "--no-augment" in help_text
+    assert not re.findall(r"--[a-z0-9-]*_[a-z0-9_-]*", help_text)
+
+
+def test_options_accept_the_underscore_spelling_accelerate_users_type():
+    from hf_cellmae.cli import build_parser
+    from hf_cellmae.training.arguments import parse_pretraining_arguments
+
+    args = build_parser().parse_args(["evaluate", "emb", "--batch_col", "Metadata_plate", "--perturbation-col", "Metadata_gene"])
+    assert args.batch_col == "Metadata_plate" and args.perturbation_col == "Metadata_gene"
+    assert build_parser().parse_args(["evaluate", "emb", "--batch", "P"]).batch_col == "P"  # abbreviations still work
+    dashed = parse_pretraining_arguments(["--data", "shards", "--output-dir", "run", "--max-steps", "3", "--no-augment"])
+    underscored = parse_pretraining_arguments(["--data", "shards", "--output_dir", "run", "--max_steps", "3", "--no_augment"])
+    assert dashed == underscored
+    assert (dashed.output_dir, dashed.max_steps, dashed.augment) == ("run", 3, False)
+
+
+def test_cellmae_embed_reads_the_folder_cellmae_synthetic_wrote(tmp_path, capsys):
+    from hf_cellmae.cli import main
+
+    assert main(["synthetic", str(tmp_path / "plate"), "--plates", "1", "--field-size", "64", "--sites", "1",
+                 "--quiet", "--num-workers", "1"]) == 0
+    code = main(["embed", "pixel_stats", str(tmp_path / "plate"), str(tmp_path / "emb"), "--no-progress", "--on-error", "fail"])
+    assert code == 0, capsys.readouterr().err
+    assert "embed: 60 fields" in capsys.readouterr().out
+
+
+def test_cellmae_embed_with_a_missing_model_folder_says_so_in_one_line(tmp_path, capsys):
+    from hf_cellmae.cli import main
+
+    (tmp_path / "images").mkdir()
+    assert main(["embed", str(tmp_path / "run" / "model"), str(tmp_path / "images"), str(tmp_path / "emb")]) == 2
+    err = capsys.readouterr().err
+    assert f"model folder {tmp_path / 'run' / 'model'} does not exist" in err and "cellmae pretrain" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_every_public_name_of_the_package_and_its_stages_resolves():
+    import importlib
+
+    for name in ("hf_cellmae", "hf_cellmae.data", "hf_cellmae.evaluation", "hf_cellmae.hub", "hf_cellmae.training"):
+        module = importlib.import_module(name)
+        for public in module.__all__:
+            assert getattr(module, public) is not None, f"{name}.{public}"
