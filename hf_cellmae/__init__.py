@@ -6,7 +6,7 @@ hf_cellmae checkpoint. The registration (and torch/transformers) is deferred unt
 imported, and the classes below are imported on first use, so the `cellmae` command line starts fast.
 """
 
-import importlib
+from .lazy_exports import lazy_exports
 
 from .auto_registration import register_when_transformers_loads
 
@@ -27,12 +27,7 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 
 register_when_transformers_loads()

@@ -14,7 +14,7 @@
 Only ``embed`` imports the model (lazily); the rest needs numpy, pandas and matplotlib.
 """
 
-import importlib
+from ..lazy_exports import lazy_exports
 
 # numpy only; eager because the function `align` shares its module's name.
 from .align import aggregate, align, center_scale, pca_center_scale, tvn
@@ -46,12 +46,7 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 
 __all__ = [

@@ -1,6 +1,6 @@
 """Pre-training: arguments, optimisers and schedules, the Accelerate loop, checkpoints, the demo."""
 
-import importlib
+from ..lazy_exports import lazy_exports
 
 # Public names and the module defining each: imported on first use, so `cellmae --help`
 # (which imports every stage's commands module) stays fast.
@@ -11,12 +11,7 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 
 __all__ = ["PretrainingArguments", "parse_pretraining_arguments", "pretrain"]
