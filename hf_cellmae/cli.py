@@ -86,13 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def one_line(error: BaseException) -> str:
-    """The message of a user error on one line: its first line, then any listed problems joined by '; '."""
-    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-    if not lines:
-        return type(error).__name__
-    if getattr(error, "problems", None):  # e.g. FolderCheckError: a headline, then one reason per line
-        return "; ".join([lines[0], *(line.lstrip("- ") for line in lines[1:])])
-    return lines[0]
+    """The message of a user error on one line: its lines joined by '; ' (a headline, then reasons,
+    mappings or the fix: none of them is dropped)."""
+    lines = [line.strip().lstrip("- ") for line in str(error).strip().splitlines() if line.strip()]
+    return "; ".join(lines) if lines else type(error).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
