@@ -58,6 +58,15 @@ def test_cellprofiler_table_is_predicted_by_the_others_and_not_scored_against_it
     assert "cellprofiler_prediction" not in report["featurizers"]["cellprofiler"]
 
 
+def test_suite_writes_a_comparison_plot_and_a_per_category_cellprofiler_plot(tmp_path):
+    model, pairs = screen(signal=2.0)
+    target = model.rename(columns={f"f{i}": f"Cells_Intensity_Feature{i}__DNA" for i in range(12)})
+    report = evaluate_suite({"model": model, "cellprofiler": target}, {"complexes": pairs}, cellprofiler=target,
+                            batch_col="Metadata_plate", null_size=200, out_dir=tmp_path)
+    for key in ("plot", "cellprofiler_plot"):
+        assert (tmp_path / report[key]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_cli_evaluate_runs_the_suite_on_the_model_and_each_baseline(tmp_path, capsys):
     model, pairs = screen(signal=2.0)
     noise, _ = screen(signal=0.0, seed=1)

@@ -245,8 +245,9 @@ def evaluate_embeddings(
         out_dir.mkdir(parents=True, exist_ok=True)
         if plots:
             results["plots"] = _write_plots(results, profile, named_sources, annotations, out_dir)
-            if "plot" in results.get("suite", {}):
-                results["plots"]["suite"] = results["suite"]["plot"]
+            for kind, key in (("suite", "plot"), ("cellprofiler", "cellprofiler_plot")):
+                if key in results.get("suite", {}):
+                    results["plots"][kind] = results["suite"][key]
         (out_dir / RESULTS_NAME).write_text(json.dumps(results, indent=2) + "\n")
     return results
 

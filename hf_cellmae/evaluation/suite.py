@@ -14,7 +14,7 @@ model's table and each baseline table (random-init encoder, pixel statistics, Ce
 
 It returns ``{"featurizers": {name: {"probe": {label: {"logistic", "knn", ...}}, "gene_set_recall":
 {source: {"recall", "chance"}}, "replicate_map": {...}, "consistency_map": {...},
-"cellprofiler_prediction": {...}}}, "plot": "suite.png"}`` (see ``evaluate_embeddings``, which
+"cellprofiler_prediction": {...}}}, "plot": "suite.png", "cellprofiler_plot": "cellprofiler_r2.png"}`` (see ``evaluate_embeddings``, which
 embeds it under ``"suite"`` in ``eval_results.json``).
 """
 
@@ -29,6 +29,7 @@ import pandas as pd
 from .align import aggregate, align
 
 SUITE_PLOT = "suite.png"
+CELLPROFILER_PLOT = "cellprofiler_r2.png"  # median R² per CellProfiler category, one bar per featuriser
 
 
 def _well_table(metadata: pd.DataFrame, aligned: np.ndarray, well_cols: Sequence[str]) -> tuple[pd.DataFrame, np.ndarray]:
@@ -131,6 +132,13 @@ def evaluate_suite(
         out_dir.mkdir(parents=True, exist_ok=True)
         plot_suite(report, out_dir / SUITE_PLOT)
         report["plot"] = SUITE_PLOT
+        predicted = {name: entry["cellprofiler_prediction"] for name, entry in results.items()
+                     if "cellprofiler_prediction" in entry}
+        if predicted:
+            from .cellprofiler import plot_cellprofiler_prediction
+
+            plot_cellprofiler_prediction(predicted, out_dir / CELLPROFILER_PLOT)
+            report["cellprofiler_plot"] = CELLPROFILER_PLOT
     return report
 
 
