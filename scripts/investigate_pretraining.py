@@ -27,7 +27,9 @@ import numpy as np
 
 from hf_cellmae.demo import DEMO_CONFIG, DEMO_PLATE
 
-# name -> (pre-training overrides, model overrides). The demo recipe is the reference ("demo_400").
+# name -> (pre-training overrides, model overrides). The reference ("demo_400") is the demo recipe as it
+# was before this investigation: the shipped demo config with mask ratio 0.75 (the config now says 0.5).
+REFERENCE_MODEL = {"mask_ratio": 0.75}
 EXPERIMENTS = {
     "steps_0": ({"max_steps": 0}, {}),
     "steps_100": ({"max_steps": 100}, {}),
@@ -133,7 +135,8 @@ def run(out: Path, seeds: list[int], experiments: list[str], readouts: list[str]
                 continue
             train_overrides, model_overrides = EXPERIMENTS[experiment]
             values = read_config_file(DEMO_CONFIG)
-            values["model_overrides"] = {**json.loads(values.get("model_overrides") or "{}"), **model_overrides}
+            values["model_overrides"] = {**json.loads(values.get("model_overrides") or "{}"), **REFERENCE_MODEL,
+                                         **model_overrides}
             values.update(data=str(shards), output_dir=str(root / experiment / "run"), seed=seed,
                           report_to="none", figure_steps=0, **train_overrides)
             start = time.perf_counter()
