@@ -98,7 +98,7 @@ def segment_field(
     from scipy import ndimage as ndi
     from skimage.feature import peak_local_max
     from skimage.filters import gaussian, sobel, threshold_otsu
-    from skimage.segmentation import watershed
+    from skimage.segmentation import relabel_sequential, watershed
 
     pixels = np.asarray(pixels)
     if pixels.ndim != 3:
@@ -124,7 +124,7 @@ def segment_field(
     nuclei = watershed(-distance, markers, mask=foreground)
     areas = np.bincount(nuclei.ravel())
     nuclei[areas[nuclei] < min_area] = 0  # debris
-    nuclei = _relabel(nuclei)
+    nuclei = relabel_sequential(nuclei)[0].astype(np.int32)
     if nuclei.max() == 0:
         return nuclei, cells
 
@@ -134,14 +134,6 @@ def segment_field(
     cell_mask = (body > threshold_otsu(body) if np.ptp(body) > 0 else np.zeros_like(body, bool)) | (nuclei > 0)
     cells = watershed(sobel(body), markers=nuclei, mask=cell_mask).astype(np.int32)
     return nuclei, cells
-
-
-def _relabel(labels: np.ndarray) -> np.ndarray:
-    values = np.unique(labels)
-    values = values[values > 0]
-    lookup = np.zeros(labels.max() + 1, dtype=np.int32)
-    lookup[values] = np.arange(1, len(values) + 1)
-    return lookup[labels]
 
 
 def _measure(task) -> tuple[np.ndarray | None, int]:
