@@ -27,6 +27,8 @@ import numpy as np
 
 from hf_cellmae.demo import DEMO_CONFIG, DEMO_PLATE
 
+SMALL_CONFIG = DEMO_CONFIG.with_name("small_cpu.yaml")
+
 # name -> (pre-training overrides, model overrides). The reference ("demo_400") is the demo recipe as it
 # was before this investigation: the shipped demo config with mask ratio 0.75 (the config now says 0.5).
 REFERENCE_MODEL = {"mask_ratio": 0.75}
@@ -40,6 +42,8 @@ EXPERIMENTS = {
     "mask_0.5": ({}, {"mask_ratio": 0.5}),
     "mask_0.9": ({}, {"mask_ratio": 0.9}),
     "mask_0.5_steps_800": ({"max_steps": 800}, {"mask_ratio": 0.5}),
+    "mask_0.5_steps_1600": ({"max_steps": 1600}, {"mask_ratio": 0.5}),
+    "small": ({}, {}),  # the shipped `small` config as it is (hf_cellmae/configs/small_cpu.yaml)
     "lr_3e-4": ({"learning_rate": 3e-4}, {}),
     "lr_3e-3": ({"learning_rate": 3e-3}, {}),
     "patch4_crop32": ({}, {"patch_size": 4, "image_size": 32}),
@@ -134,9 +138,13 @@ def run(out: Path, seeds: list[int], experiments: list[str], readouts: list[str]
             if all((seed, experiment, r) in _done(results) for r in readouts):
                 continue
             train_overrides, model_overrides = EXPERIMENTS[experiment]
-            values = read_config_file(DEMO_CONFIG)
-            values["model_overrides"] = {**json.loads(values.get("model_overrides") or "{}"), **REFERENCE_MODEL,
-                                         **model_overrides}
+            if experiment == "small":  # a shipped config, measured exactly as shipped
+                values = read_config_file(SMALL_CONFIG)
+                values["model_overrides"] = json.loads(values.get("model_overrides") or "{}")
+            else:
+                values = read_config_file(DEMO_CONFIG)
+                values["model_overrides"] = {**json.loads(values.get("model_overrides") or "{}"), **REFERENCE_MODEL,
+                                             **model_overrides}
             values.update(data=str(shards), output_dir=str(root / experiment / "run"), seed=seed,
                           report_to="none", figure_steps=0, **train_overrides)
             start = time.perf_counter()
