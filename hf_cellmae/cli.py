@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import re
 import sys
 
 from .errors import USER_FACING_ERRORS
@@ -68,6 +69,58 @@ def accept_both_spellings(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     return parser
 
 
+def parse_bool(text: str) -> bool:
+    """``true/false``, ``yes/no``, ``1/0`` (any case) as a bool; anything else is an argparse error."""
+    value = str(text).strip().lower()
+    if value in ("true", "yes", "1", "on"):
+        return True
+    if value in ("false", "no", "0", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _optional(kind):
+    """A converter that reads ``none`` as None and anything else with ``kind`` (for ``int | None`` fields)."""
+
+    def convert(text: str):
+        return None if str(text).strip().lower() == "none" else kind(text)
+
+    convert.__name__ = kind.__name__  # argparse names the type in its errors
+    return convert
+
+
+def add_dataclass_options(parser: argparse.ArgumentParser, options_class) -> argparse.ArgumentParser:
+    """One ``--field`` per field of the dataclass ``options_class``: its default, type and ``help`` metadata.
+
+    The dataclass is the one place a command's defaults live: ``parser.parse_args`` gives a namespace
+    that ``options_class(**vars(namespace))`` turns into the options. ``bool`` fields take ``--field``,
+    ``--field true|false`` and, when true by default, ``--no-field``; ``X | None`` fields take ``none``.
+    Only the standard library is imported, so ``--help`` stays fast.
+    """
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(options_class)
+    for field in dataclasses.fields(options_class):
+        kind = hints[field.name]
+        optional = type(None) in typing.get_args(kind)
+        if optional:
+            kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
+        default = field.default if field.default is not dataclasses.MISSING else None
+        help_text = field.metadata.get("help", "")
+        shown = f"{help_text} (default: {default})" if help_text else f"(default: {default})"
+        name = "--" + field.name.replace("_", "-")
+        if kind is bool:
+            parser.add_argument(name, type=parse_bool, nargs="?", const=True, default=default, metavar="{true,false}", help=shown)
+            if default is True:
+                parser.add_argument("--no-" + field.name.replace("_", "-"), dest=field.name, action="store_false",
+                                    help=f"set {name} false")
+            continue
+        converter = _optional(kind) if optional else kind
+        parser.add_argument(name, type=converter, default=default, help=shown)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(
         prog="cellmae",
@@ -85,10 +138,34 @@ def build_parser() -> argparse.ArgumentParser:
     return accept_both_spellings(parser)
 
 
+# torch re-raises an error from a DataLoader worker with the worker's whole traceback in its message.
+_WORKER_ERROR = re.compile(r"Caught \w+ in DataLoader worker process (\d+)\.\s*\nOriginal Traceback")
+
+
+def _worker_error_message(text: str) -> str | None:
+    """The original message of an error torch re-raised from a DataLoader worker (None for other errors).
+
+    The message is what follows the traceback's last frame line (frames are indented), without the
+    exception's type name.
+    """
+    match = _WORKER_ERROR.search(text)
+    if match is None:
+        return None
+    lines = text.splitlines()
+    last_frame = max((i for i, line in enumerate(lines) if line.startswith((" ", "\t"))), default=0)
+    original = "\n".join(lines[last_frame + 1:]).strip()
+    original = re.sub(r"^[A-Za-z_][\w.]*: ", "", original, count=1)
+    return (f"in DataLoader worker process {match.group(1)}: {original}\n"
+            "(workers hide the traceback: --debug with --dataloader-num-workers 0 shows it)")
+
+
 def one_line(error: BaseException) -> str:
     """The message of a user error on one line: its lines joined by '; ' (a headline, then reasons,
-    mappings or the fix: none of them is dropped)."""
-    lines = [line.strip().lstrip("- ") for line in str(error).strip().splitlines() if line.strip()]
+    mappings or the fix: none of them is dropped). An error from a DataLoader worker gives its original
+    message, not the worker's traceback."""
+    text = str(error).strip()
+    text = _worker_error_message(text) or text
+    lines = [line.strip().lstrip("- ") for line in text.splitlines() if line.strip()]
     return "; ".join(lines) if lines else type(error).__name__
 
 

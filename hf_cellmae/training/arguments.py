@@ -1,10 +1,13 @@
 """Every knob of a pre-training run, in one dataclass saved beside each checkpoint.
 
-Load from YAML/JSON and override on the command line:
+Load from YAML/JSON, or a shipped config by name, and override on the command line:
 
-    cellmae pretrain --config examples/configs/demo_cpu.yaml --max-steps 500 --learning-rate 3e-4
+    cellmae pretrain --config demo_cpu --data shards/ --max-steps 500 --learning-rate 3e-4
+    cellmae pretrain --config my_run.yaml --data shards/
 
-(``--max_steps`` is accepted too: every option has a dashed and an underscored spelling.)
+(``--max_steps`` is accepted too: every option has a dashed and an underscored spelling.) The shipped
+configs live in ``hf_cellmae/configs/`` (``examples/configs/`` links to them); ``cellmae pretrain
+--list-configs`` lists them with the hardware each is sized for.
 """
 
 from __future__ import annotations
@@ -17,6 +20,13 @@ from pathlib import Path
 OPTIMIZERS = ("adamw", "lion")
 SCHEDULERS = ("one_cycle", "cosine", "constant")
 MIXED_PRECISION = ("no", "bf16", "fp16")
+SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# model_overrides keys that set the model's size: a --model-preset given on the command line replaces the
+# config's values of these (unless --model-overrides sets them too).
+SIZE_KEYS = (
+    "image_size", "patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "mlp_ratio",
+    "decoder_hidden_size", "decoder_num_hidden_layers", "decoder_num_attention_heads", "decoder_mlp_ratio",
+)
 
 
 @dataclass
@@ -61,6 +71,7 @@ class PretrainingArguments:
     figure_steps: int = field(default=200, metadata={"help": "save a reconstruction figure of a fixed field every N steps (0: only at the end)"})
     report_to: str = field(default="tensorboard", metadata={"help": "accelerate tracker: tensorboard | wandb | all | none"})
     progress_bar: bool = field(default=True, metadata={"help": "show a tqdm bar on the main process"})
+    check_memory: bool = field(default=True, metadata={"help": "on a CPU, refuse a batch whose estimated memory (hf_cellmae.training.memory) exceeds the available RAM"})
 
     def __post_init__(self) -> None:
         def choice(name, allowed):
@@ -92,11 +103,37 @@ class PretrainingArguments:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
 
+def shipped_configs() -> dict[str, Path]:
+    """The configs shipped in the package, by name (file name without ``.yaml``)."""
+    return {path.stem: path for path in sorted(SHIPPED_CONFIGS.glob("*.yaml"))}
+
+
+def config_hardware(path: str | Path) -> str:
+    """The ``# Hardware:`` line of a config file (what it is sized for), or "not stated"."""
+    for line in Path(path).read_text().splitlines():
+        if line.lower().startswith("# hardware:"):
+            return line.split(":", 1)[1].strip()
+    return "not stated"
+
+
+def resolve_config(spec: str | Path) -> Path:
+    """A config file: a path that exists, else a shipped config's name (``camae_vit_b16_cellpainting``)."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    shipped = shipped_configs()
+    name = path.name.removesuffix(".yaml").removesuffix(".yml")
+    if name in shipped and (path.parent == Path(".") or path.parent.name == "configs"):
+        return shipped[name]
+    raise FileNotFoundError(
+        f"training config {spec} does not exist; pass a YAML/JSON file or the name of a shipped config: "
+        f"{', '.join(shipped)} (cellmae pretrain --list-configs)"
+    )
+
+
 def read_config_file(path: str | Path) -> dict:
-    """A YAML or JSON file of PretrainingArguments fields (unknown keys are an error)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"Training config {path} does not exist.")
+    """A YAML or JSON file of PretrainingArguments fields, or a shipped config's name (unknown keys are an error)."""
+    path = resolve_config(path)
     text = path.read_text()
     if path.suffix in (".yaml", ".yml"):
         import yaml
@@ -113,21 +150,83 @@ def read_config_file(path: str | Path) -> dict:
     return values
 
 
+def build_pretraining_parser():
+    """The `cellmae pretrain` argument parser: one option per PretrainingArguments field (standard library only)."""
+    import argparse
+
+    from ..cli import _ArgumentParser, accept_both_spellings, add_dataclass_options
+
+    parser = _ArgumentParser(
+        prog="cellmae pretrain",
+        description="Pre-train a CA-MAE on a shard folder. Options come from --config (a YAML/JSON file or a shipped "
+        "config's name) and are overridden by flags.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="shipped configs (--config NAME):\n" + "\n".join(
+            f"  {name:<30} {config_hardware(path)}" for name, path in shipped_configs().items()),
+    )
+    parser.add_argument("--config", default=None, help="YAML/JSON file of these options, or a shipped config's name; flags override it")
+    parser.add_argument("--list-configs", action="store_true", help="list the shipped configs and the hardware each is sized for, then exit")
+    add_dataclass_options(parser, PretrainingArguments)
+    return accept_both_spellings(parser)  # --output-dir (shown) and --output_dir (accelerate's spelling)
+
+
+_NOT_GIVEN = object()
+
+
+def _given_on_command_line(parser, argv: list[str]) -> set[str]:
+    """The options the user typed (argparse leaves an attribute it already holds alone unless the option is given)."""
+    import argparse
+
+    namespace = argparse.Namespace(**{a.dest: _NOT_GIVEN for a in parser._actions if a.dest != "help"})
+    parsed, _ = parser.parse_known_args(argv, namespace=namespace)
+    return {name for name, value in vars(parsed).items() if value is not _NOT_GIVEN}
+
+
+def merge_model_overrides(config_values: dict, given: set[str], command_line: dict) -> tuple[dict, dict]:
+    """The model overrides of a run: the config's, with the command line's on top.
+
+    A `--model-preset` typed on the command line sets the model's size, so the config's size keys
+    (`SIZE_KEYS`) are dropped unless `--model-overrides` sets them too. Returns the merged overrides
+    and the dropped ones (to tell the user).
+    """
+    from_config = config_values.get("model_overrides") or {}
+    from_config = json.loads(from_config) if isinstance(from_config, str) else dict(from_config)
+    typed = command_line.get("model_overrides") if "model_overrides" in given else None
+    typed = (json.loads(typed) if isinstance(typed, str) else dict(typed)) if typed else {}
+    dropped = {}
+    if "model_preset" in given:
+        dropped = {key: value for key, value in from_config.items() if key in SIZE_KEYS and key not in typed}
+        from_config = {key: value for key, value in from_config.items() if key not in dropped}
+    return {**from_config, **typed}, dropped
+
+
 def parse_pretraining_arguments(argv: list[str] | None = None) -> PretrainingArguments:
-    """`--config FILE` (YAML/JSON) gives the defaults; any `--field value` on the command line overrides them."""
-    from transformers import HfArgumentParser
+    """`--config FILE|NAME` (YAML/JSON) gives the defaults; any `--field value` on the command line overrides them.
 
-    from ..cli import accept_both_spellings
-
+    `model_overrides` merge key by key (the command line's win); a `--model-preset` on the command line
+    drops the config's size overrides (`SIZE_KEYS`) it did not repeat, and says which on stderr.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(PretrainingArguments, prog="cellmae pretrain", description="Pre-train a CA-MAE on a shard folder.")
-    parser.add_argument("--config", default=None, help="YAML or JSON file of these arguments; command-line flags override it")
-    accept_both_spellings(parser)  # --output-dir (shown) and --output_dir (accelerate's spelling)
+    parser = build_pretraining_parser()
     known, _ = parser.parse_known_args(argv)
-    if known.config:
-        parser.set_defaults(**read_config_file(known.config))
+    if known.list_configs:
+        for name, path in shipped_configs().items():
+            print(f"{name:<30} {config_hardware(path)}")
+        parser.exit()
+    config_values = read_config_file(known.config) if known.config else {}
+    if config_values:
+        parser.set_defaults(**config_values)
     namespace = parser.parse_args(argv)
-    values = {k: v for k, v in vars(namespace).items() if k != "config"}
+    values = {k: v for k, v in vars(namespace).items() if k not in ("config", "list_configs")}
+    given = _given_on_command_line(parser, argv)
+    if config_values.get("model_overrides") or "model_overrides" in given:
+        overrides, dropped = merge_model_overrides(config_values, given, values)
+        values["model_overrides"] = json.dumps(overrides) if overrides else None
+        if dropped:
+            print(f"cellmae pretrain: --model-preset {values['model_preset']} sets the model size, so the config's "
+                  f"model_overrides {', '.join(f'{k}={json.dumps(v)}' for k, v in dropped.items())} "
+                  f"were dropped (repeat them in --model-overrides to keep them)", file=sys.stderr)
     if values.get("data") is None:
         parser.error("--data is required (a shard folder from `cellmae shard`), on the command line or in --config")
     return PretrainingArguments(**values)
+

@@ -7,8 +7,8 @@ def register(subparsers) -> None:
     pretrain = subparsers.add_parser(
         "pretrain",
         help="pre-train a CA-MAE on a shard folder (runs on many GPUs under `accelerate launch`)",
-        description="Pre-train a channel-agnostic MAE. Arguments come from --config (YAML/JSON) and are "
-        "overridden by flags; run `cellmae pretrain --help-all` for every flag.",
+        description="Pre-train a channel-agnostic MAE. Arguments come from --config (a YAML/JSON file or a shipped "
+        "config's name) and are overridden by flags; run `cellmae pretrain --help` for every flag.",
         add_help=False,
     )
     pretrain.set_defaults(func=_pretrain, passthrough=True)
@@ -16,10 +16,16 @@ def register(subparsers) -> None:
 
 def _pretrain(args) -> int:
     from .arguments import parse_pretraining_arguments
+
+    # --help and --list-configs exit inside the parser, before torch or transformers are imported.
+    training_args = parse_pretraining_arguments(args.rest)
+    if training_args.check_memory:
+        from .memory import check_training_memory
+
+        check_training_memory(training_args)
     from .loop import pretrain
 
-    rest = ["--help"] if any(flag in args.rest for flag in ("--help-all", "-h", "--help")) else args.rest
-    summary = pretrain(parse_pretraining_arguments(rest))
+    summary = pretrain(training_args)
     print(f"Model written to {summary['model_dir']} after {summary['global_step']} steps (loss {summary['final_loss']}).")
     print(f"Load it with: AutoModel.from_pretrained({summary['model_dir']!r})  (after `import hf_cellmae`)")
     return 0

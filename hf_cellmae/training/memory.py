@@ -1,0 +1,197 @@
+"""How much memory one training step needs, estimated before the run starts (no model is built).
+
+The estimate is approximate, on purpose simple, and written out so a user can check it:
+
+    total = parameters x 4 B                      (fp32 master weights)
+          + parameters x 4 B                      (gradients)
+          + parameters x 4 B x optimizer_states   (AdamW: 2, Lion: 1)
+          + activations
+          + RUNTIME_BYTES                         (torch, the interpreter, the DataLoader's batch)
+          + workers x WORKER_BYTES                (each DataLoader worker is a process of its own)
+
+    activations = batch x [ (encoder_tokens x hidden_size x encoder_blocks)
+                            + (decoder_tokens x decoder_hidden_size x decoder_blocks) ]
+                        x VALUES_PER_TOKEN_WIDTH x bytes_per_value
+                + batch x channels x image_size^2 x PIXEL_VALUES x 4 B
+
+    encoder_tokens = 1 + ceil((1 - mask_ratio) x channels x tokens_per_channel)   (visible tokens only)
+    decoder_tokens = 1 + channels x tokens_per_channel                             (every token)
+
+`VALUES_PER_TOKEN_WIDTH` (values a transformer block keeps for the backward pass, per token and per unit
+of width, with mlp_ratio 4 and SDPA attention, which stores no token x token matrix) and `PIXEL_VALUES`
+(copies of the pixels held by patchify, the targets and the Fourier loss) were fitted on measured
+steps on a CPU (`scripts/measure_train_memory.py`; the figures are in the README). bf16/fp16 halve the
+activation bytes; gradient checkpointing keeps one block's activations plus each block's input.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..configuration_cellmae import CellMAEConfig
+
+# Fitted on measured CPU steps (scripts/measure_train_memory.py); see the module docstring.
+VALUES_PER_TOKEN_WIDTH = 24
+PIXEL_VALUES = 24
+RUNTIME_BYTES = 600 * 2**20
+WORKER_BYTES = 500 * 2**20
+OPTIMIZER_STATES = {"adamw": 2, "lion": 1}
+
+
+@dataclass
+class MemoryEstimate:
+    """The terms of the estimate, in bytes."""
+
+    parameters: int
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    runtime: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.runtime
+
+    def describe(self) -> str:
+        gib = 2**30
+        return (
+            f"{self.total / gib:.1f} GiB (weights {self.weights / gib:.2f} + gradients {self.gradients / gib:.2f} + "
+            f"optimizer {self.optimizer / gib:.2f} + activations {self.activations / gib:.2f} + runtime and workers "
+            f"{self.runtime / gib:.2f}; {self.parameters / 1e6:.1f} M parameters)"
+        )
+
+
+def count_parameters(config: CellMAEConfig) -> int:
+    """Parameters of `CellMAEForPreTraining(config)`, counted with empty (meta) weights: no memory allocated."""
+    from accelerate import init_empty_weights
+
+    from ..modeling_cellmae import CellMAEForPreTraining
+
+    with init_empty_weights():
+        model = CellMAEForPreTraining(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def activation_bytes(config: CellMAEConfig, batch_size: int, num_channels: int, mixed_precision: str = "no",
+                     gradient_checkpointing: bool = False) -> int:
+    """The activations term of the module docstring's formula."""
+    tokens_per_channel = config.tokens_per_channel
+    encoder_tokens = 1 + math.ceil((1 - config.mask_ratio) * num_channels * tokens_per_channel)
+    decoder_tokens = 1 + num_channels * tokens_per_channel
+    encoder_blocks, decoder_blocks = config.num_hidden_layers, config.decoder_num_hidden_layers
+    if gradient_checkpointing:  # one block's activations in flight, plus each block's saved input
+        encoder_blocks = 1 + encoder_blocks / VALUES_PER_TOKEN_WIDTH
+        decoder_blocks = 1 + decoder_blocks / VALUES_PER_TOKEN_WIDTH
+    bytes_per_value = 2 if mixed_precision in ("bf16", "fp16") else 4
+    per_image = (encoder_tokens * config.hidden_size * encoder_blocks
+                 + decoder_tokens * config.decoder_hidden_size * decoder_blocks) * VALUES_PER_TOKEN_WIDTH * bytes_per_value
+    pixels = num_channels * config.image_size**2 * PIXEL_VALUES * 4
+    return int(batch_size * (per_image + pixels))
+
+
+def estimate_training_memory(config: CellMAEConfig, batch_size: int, num_channels: int, optimizer: str = "adamw",
+                             mixed_precision: str = "no", gradient_checkpointing: bool = False, num_workers: int = 0,
+                             parameters: int | None = None) -> MemoryEstimate:
+    """The memory one training process needs for a step of `batch_size` images (module docstring)."""
+    parameters = count_parameters(config) if parameters is None else parameters
+    return MemoryEstimate(
+        parameters=parameters,
+        weights=4 * parameters,
+        gradients=4 * parameters,
+        optimizer=4 * parameters * OPTIMIZER_STATES.get(optimizer, 2),
+        activations=activation_bytes(config, batch_size, num_channels, mixed_precision, gradient_checkpointing),
+        runtime=RUNTIME_BYTES + num_workers * WORKER_BYTES,
+    )
+
+
+def available_memory_bytes() -> int | None:
+    """Memory this process may still use: the kernel's MemAvailable, lowered by a cgroup (container) limit."""
+    available = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:  # cgroup v2: a container's limit can be far below the machine's memory
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            room = int(limit) - used
+            available = room if available is None else min(available, room)
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+def largest_batch_that_fits(estimate_for, available: int, start: int) -> int:
+    """The largest batch below `start` whose estimate (`estimate_for(batch).total`) fits in `available`; 0 if none."""
+    batch = start
+    while batch >= 1:
+        if estimate_for(batch).total <= available:
+            return batch
+        batch //= 2
+    return 0
+
+
+def processes_on_this_machine() -> int:
+    """Training processes sharing this machine's memory (`accelerate launch` sets LOCAL_WORLD_SIZE)."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def check_training_memory(args, announce=print) -> MemoryEstimate | None:
+    """Refuse (``UserError``) a CPU run whose estimated memory exceeds what the machine has available.
+
+    The message gives the estimate and what fits: a smaller `--per-device-train-batch-size`, or the CPU
+    config. On a GPU machine nothing is checked here (the device's memory is the limit there, and
+    PyTorch's own out-of-memory error names it). Returns the estimate, or None when not checked.
+    """
+    import torch
+
+    from ..data.shards import load_manifest
+    from ..errors import UserError
+
+    if torch.cuda.is_available():
+        return None
+    available = available_memory_bytes()
+    if available is None:
+        return None
+    if args.init_from:
+        config = CellMAEConfig.from_pretrained(args.init_from)
+    else:
+        config = CellMAEConfig.from_preset(args.model_preset, **args.overrides)
+    channels = args.channel_subset or len(load_manifest(args.data)["channels"])
+    parameters = count_parameters(config)
+    processes = processes_on_this_machine()
+
+    def estimate_for(batch: int, workers: int = args.dataloader_num_workers) -> MemoryEstimate:
+        return estimate_training_memory(config, batch, channels, args.optimizer, args.mixed_precision,
+                                        args.gradient_checkpointing, workers, parameters)
+
+    batch = args.per_device_train_batch_size
+    estimate = estimate_for(batch)
+    gib = 2**30
+    crops = f"batch {batch} of {channels} x {config.image_size} x {config.image_size} px crops"
+    if estimate.total * processes <= available:
+        announce(f"memory: estimated {estimate.total / gib:.1f} GiB per process for {crops}; {available / gib:.1f} GiB available")
+        return estimate
+    suggestion = "no batch of this model fits: use a smaller model (--model-preset tiny, or --config demo_cpu)"
+    for workers in dict.fromkeys((args.dataloader_num_workers, 0)):  # fewer worker processes free memory too
+        fits = largest_batch_that_fits(lambda b: estimate_for(b, workers), available // processes, batch)
+        if fits:
+            accumulate = math.ceil(batch / fits) * args.gradient_accumulation_steps
+            suggestion = (f"pass --per-device-train-batch-size {fits}"
+                          f"{' --dataloader-num-workers 0' if workers != args.dataloader_num_workers else ''} "
+                          f"(estimated {estimate_for(fits, workers).total / gib:.1f} GiB; --gradient-accumulation-steps "
+                          f"{accumulate} keeps the effective batch)")
+            break
+    raise UserError(
+        f"this run would need about {estimate.describe()} per process for {crops}"
+        f"{f' x {processes} processes' if processes > 1 else ''}, but this CPU machine has {available / gib:.1f} GiB "
+        f"available; {suggestion}, or train on a GPU; --no-check-memory runs it anyway (the estimate is approximate: "
+        "hf_cellmae/training/memory.py)"
+    )

@@ -1,0 +1,130 @@
+"""`cellmae pretrain` before training starts: shipped configs by name, `--model-preset` against a config's
+sizes, the memory estimate (checked against a measured step) and the refusal of a run a CPU cannot hold."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from hf_cellmae import CellMAEConfig
+from hf_cellmae.training import memory
+from hf_cellmae.training.arguments import parse_pretraining_arguments, shipped_configs
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_every_shipped_config_is_reachable_by_name_and_states_its_hardware():
+    shipped = shipped_configs()
+    assert {"camae_vit_b16_cellpainting", "vit_s16_rxrx1", "vit_l8_scale", "demo_cpu", "small_cpu"} <= set(shipped)
+    for name, path in shipped.items():
+        assert path.parent == REPO / "hf_cellmae" / "configs"  # inside the package: in the wheel (package-data)
+        args = parse_pretraining_arguments(["--config", name, "--data", "shards"])
+        CellMAEConfig.from_preset(args.model_preset, **args.overrides)
+        assert any(line.startswith("# Hardware: ") for line in path.read_text().splitlines()), name
+
+
+def test_examples_configs_are_links_to_the_shipped_files_not_copies():
+    for example in (REPO / "examples" / "configs").glob("*.yaml"):
+        assert example.is_symlink(), example
+        assert example.resolve() == shipped_configs()[example.stem].resolve()
+
+
+def test_an_unknown_config_name_lists_the_shipped_ones():
+    with pytest.raises(FileNotFoundError, match="camae_vit_b16_cellpainting"):
+        parse_pretraining_arguments(["--config", "no_such_config", "--data", "shards"])
+
+
+def test_model_preset_on_the_command_line_drops_the_configs_size_overrides_and_says_so(capsys):
+    args = parse_pretraining_arguments(["--config", "camae_vit_b16_cellpainting", "--data", "shards", "--model-preset", "tiny"])
+    assert args.model_preset == "tiny"
+    assert "image_size" not in args.overrides  # the config's 256 px no longer wins over the tiny preset's 64 px
+    assert args.overrides["decoder_type"] == "shared" and args.overrides["fourier_loss_weight"] == 0.01  # not size: kept
+    assert CellMAEConfig.from_preset(args.model_preset, **args.overrides).image_size == 64
+    err = capsys.readouterr().err
+    assert "image_size=256" in err and "dropped" in err
+
+
+def test_model_overrides_typed_with_the_preset_are_kept_and_merge_with_the_configs():
+    args = parse_pretraining_arguments(["--config", "camae_vit_b16_cellpainting", "--data", "shards", "--model-preset", "tiny",
+                                        "--model-overrides", '{"image_size": 32}'])
+    assert args.overrides["image_size"] == 32 and args.overrides["decoder_type"] == "shared"
+    same_preset = parse_pretraining_arguments(["--config", "camae_vit_b16_cellpainting", "--data", "shards"])
+    assert same_preset.overrides["image_size"] == 256  # without --model-preset the config stays as written
+
+
+def test_pretrain_help_imports_neither_torch_nor_transformers():
+    code = textwrap.dedent(
+        """
+        import sys
+        from hf_cellmae.cli import main
+        try:
+            main(["pretrain", "--help"])
+        except SystemExit:
+            pass
+        print(sorted(m for m in ("torch", "transformers", "datasets") if m in sys.modules))
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "--model-preset" in result.stdout and "camae_vit_b16_cellpainting" in result.stdout
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+MEASURE_STEP = textwrap.dedent(
+    """
+    import json, resource, sys
+    import torch
+    from hf_cellmae import CellMAEConfig, CellMAEForPreTraining
+    config = CellMAEConfig.from_preset("tiny", image_size=128)
+    model = CellMAEForPreTraining(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    pixels = torch.randn(16, 5, 128, 128)
+    before = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS:")) * 1024
+    for _ in range(2):
+        model(pixels).loss.backward(); optimizer.step(); optimizer.zero_grad(set_to_none=True)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"step": peak - before, "parameters": sum(p.numel() for p in model.parameters())}))
+    """
+)
+
+
+def test_memory_estimate_is_within_a_quarter_of_a_measured_cpu_step():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", MEASURE_STEP], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    estimate = memory.estimate_training_memory(CellMAEConfig.from_preset("tiny", image_size=128), 16, 5, "adamw",
+                                               parameters=measured["parameters"])
+    assert estimate.parameters == measured["parameters"] == memory.count_parameters(CellMAEConfig.from_preset("tiny", image_size=128))
+    step = estimate.gradients + estimate.optimizer + estimate.activations
+    assert 0.75 < step / measured["step"] < 1.25, (step, measured["step"])
+
+
+def test_a_cpu_run_that_cannot_fit_is_refused_with_the_estimate_and_a_batch_that_fits(synthetic_shards, tmp_path, monkeypatch, capsys):
+    from hf_cellmae.cli import main
+
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: 4 * 2**30)
+    code = main(["pretrain", "--config", "camae_vit_b16_cellpainting", "--data", str(synthetic_shards),
+                 "--output-dir", str(tmp_path / "run"), "--mixed-precision", "no"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "GiB" in err and "4.0 GiB available" in err and "--per-device-train-batch-size" in err
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before anything was written
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: 1 * 2**30)
+    assert main(["pretrain", "--config", "vit_l8_scale", "--data", str(synthetic_shards), "--output-dir", str(tmp_path / "run")]) == 2
+    assert "--model-preset tiny" in capsys.readouterr().err
+
+
+def test_the_cpu_demo_config_fits_the_memory_it_states():
+    config = shipped_configs()["demo_cpu"]
+    args = parse_pretraining_arguments(["--config", str(config), "--data", "shards"])
+    estimate = memory.estimate_training_memory(CellMAEConfig.from_preset(args.model_preset, **args.overrides), args.per_device_train_batch_size, 5, args.optimizer)
+    assert estimate.total < 1.0 * 2**30
