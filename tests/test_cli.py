@@ -124,3 +124,30 @@ def test_every_public_name_of_the_package_and_its_stages_resolves():
         module = importlib.import_module(name)
         for public in module.__all__:
             assert getattr(module, public) is not None, f"{name}.{public}"
+
+
+class _FailsInTheWorker:
+    """A dataset whose every item is a user error, raised inside a DataLoader worker process."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        from hf_cellmae.errors import UserError
+
+        raise UserError("shard-00000.parquet field P1/A01/1: pixels fail their CRC-32 check; re-shard it")
+
+
+def test_an_error_in_a_dataloader_worker_is_one_line_with_its_cause_and_fix():
+    import pytest
+    import torch
+
+    from hf_cellmae.cli import one_line
+
+    with pytest.raises(ValueError) as caught:
+        next(iter(torch.utils.data.DataLoader(_FailsInTheWorker(), num_workers=1)))
+    assert "Traceback" in str(caught.value)  # torch's wrapped message: the worker's whole traceback
+    line = one_line(caught.value)
+    assert "\n" not in line and "Traceback" not in line and 'File "' not in line
+    assert line.startswith("in DataLoader worker process 0: shard-00000.parquet field P1/A01/1: pixels fail their CRC-32 check; re-shard it")
+    assert "--dataloader-num-workers 0" in line

@@ -87,6 +87,21 @@ def test_cli_evaluate_writes_results_from_a_table_file(tmp_path, capsys):
     assert "complexes" in capsys.readouterr().out
 
 
+def test_cli_evaluate_names_the_file_each_relationship_source_was_read_from(tmp_path, capsys, monkeypatch):
+    table, pairs = _table(signal=1.0)
+    (tmp_path / "work" / "annotations").mkdir(parents=True)
+    table.to_parquet(tmp_path / "work" / "emb.parquet")
+    pairs.to_csv(tmp_path / "outside.csv", index=False)  # outside --annotations, reached with ../..
+    pairs.to_csv(tmp_path / "work" / "annotations" / "CORUM.txt", index=False)
+    monkeypatch.chdir(tmp_path / "work" / "annotations")
+    code = main(["evaluate", "../emb.parquet", "--sources", "../../outside.csv", "CORUM", "--annotations", ".",
+                 "--batch-col", "Metadata_plate", "--out", "../eval", "--no-plots", "--no-progress", "--no-suite"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert f"relationship source outside read from {tmp_path / 'outside.csv'}" in out
+    assert f"relationship source CORUM read from {tmp_path / 'work' / 'annotations' / 'CORUM.txt'}" in out
+
+
 def test_missing_control_definition_and_text_features_raise(tmp_path):
     table, pairs = _table(signal=1.0)
     with pytest.raises(ValueError, match="say which rows are controls"):

@@ -173,6 +173,7 @@ def _thresholds(values: list[str]) -> list[tuple[float, float]]:
 def run_evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from .relate import relationship_source_file
     from .report import RESULTS_NAME, evaluate_embeddings, relationship_files
 
     sources = relationship_files(args.synthetic_plate) if args.synthetic_plate else args.sources
@@ -186,6 +187,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.no_scale_per_batch:
         align_options["scale_per_batch"] = False
     out = Path(args.out) if args.out else Path(str(Path(args.embeddings)).rstrip("/") + "_eval")
+    named = sources if isinstance(sources, dict) else {Path(s).stem if Path(s).suffix else s: s for s in sources}
+    for name, source in named.items():  # a source may be any path (`--sources ../../x.csv`): say which file is read
+        print(f"evaluate: relationship source {name} read from {relationship_source_file(source, args.annotations)}")
     results = evaluate_embeddings(
         args.embeddings, sources, out_dir=out, dataset=args.dataset, baselines=dict(args.baseline),
         perturbation_col=args.perturbation_col, controls=args.controls, control_col=args.control_col,

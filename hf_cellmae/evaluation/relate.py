@@ -97,12 +97,12 @@ def canonical_pairs(pairs: pd.DataFrame, origin: str = "pairs") -> pd.DataFrame:
     return canonical.reset_index(drop=True)
 
 
-def load_relationships(source: SourceSpec, folder: str | Path | None = None) -> pd.DataFrame:
-    """Canonical pair list of a source: a name in ``folder`` (default: efaar's annotations) or a CSV path."""
-    import pandas as pd
+def relationship_source_file(source: str | Path, folder: str | Path | None = None) -> Path:
+    """The file a source is read from, resolved: a path to a file as given, else ``folder/<name>.txt``.
 
-    if isinstance(source, pd.DataFrame):
-        return canonical_pairs(source)
+    A path may lead anywhere (``../../x.csv`` is read if it exists); the caller can show the resolved
+    path so the user sees which file was used.
+    """
     path = Path(source)
     if not path.is_file():
         base = Path(folder) if folder is not None else annotations_dir()
@@ -110,6 +110,16 @@ def load_relationships(source: SourceSpec, folder: str | Path | None = None) -> 
         if not path.is_file():
             known = sorted(p.stem for p in base.glob("*.txt"))
             raise FileNotFoundError(f"no relationship source {source!r}: {path} does not exist; known sources: {known}")
+    return path.resolve()
+
+
+def load_relationships(source: SourceSpec, folder: str | Path | None = None) -> pd.DataFrame:
+    """Canonical pair list of a source: a name in ``folder`` (default: efaar's annotations) or a CSV path."""
+    import pandas as pd
+
+    if isinstance(source, pd.DataFrame):
+        return canonical_pairs(source)
+    path = relationship_source_file(source, folder)
     table = pd.read_csv(path, dtype=str, keep_default_na=False)
     return canonical_pairs(table, origin=str(path))
 
