@@ -91,10 +91,43 @@ def test_card_counts_parameters_from_the_safetensors_weights(folder):
     assert f"| parameters (all tensors) | {total:,} |" in str(render_model_card(folder))
 
 
-def test_card_lists_training_channels_with_their_stains(folder):
+def test_card_lists_training_channels_by_recorded_name_and_infers_no_stain(folder):
     text = str(render_model_card(folder))
-    assert "| 1 | DNA | Hoechst 33342 (nucleus) |" in text
-    assert "| 3 | Mito | MitoTracker Deep Red (mitochondria) |" in text
+    assert "| 1 | DNA |" in text and "| 3 | Mito |" in text
+    assert "Hoechst" not in text and "MitoTracker" not in text
+
+
+def test_card_of_a_model_evaluated_on_the_simulated_screen_says_its_channels_are_simulated(folder):
+    results = json.loads((folder / "eval_results.json").read_text())
+    (folder / "eval_results.json").write_text(json.dumps({**results, "dataset": "synthetic:plate"}))
+    text = str(render_model_card(folder))
+    assert "simulated channels" in text and "Hoechst" not in text
+
+
+def test_card_holds_no_machine_path_and_an_install_line_that_works(folder, tmp_path):
+    machine = tmp_path / "home" / "alice" / "screens"
+    args = json.loads((folder / "training_args.json").read_text())
+    args.update(data=str(machine / "shards"), output_dir=str(machine / "runs" / "b16"), init_from=str(machine / "base"),
+                resume_from_checkpoint=str(machine / "runs" / "b16" / "checkpoints" / "checkpoint-4"), model_preset="tiny")
+    (folder / "training_args.json").write_text(json.dumps(args))
+    state = json.loads((folder / "trainer_state.json").read_text())
+    state["dataset"] = {"name": "shards", "path": str(machine / "shards"), "num_fields": 2, "channels": ["DNA", "ER"]}
+    (folder / "trainer_state.json").write_text(json.dumps(state))
+    text = str(render_model_card(folder))
+    assert str(tmp_path) not in text and "alice" not in text and str(folder) not in text
+    assert "| data | shards |" in text and "| output_dir | b16 |" in text
+    assert "pip install hf-cellmae" not in text and "pip install ./hf_cellmae" in text
+
+
+def test_card_is_named_after_the_run_not_the_generic_model_folder(folder, tmp_path):
+    assert folder.name == "model"
+    args = json.loads((folder / "training_args.json").read_text())
+    (folder / "training_args.json").write_text(json.dumps({**args, "output_dir": "runs/camae-b16-jump", "model_preset": "tiny"}))
+    assert str(render_model_card(folder)).splitlines()[0] == "---"
+    assert "\n# camae-b16-jump\n" in str(render_model_card(folder))
+    (folder / "training_args.json").write_text(json.dumps({**args, "output_dir": "run", "model_preset": "tiny"}))
+    assert "\n# cellmae-tiny\n" in str(render_model_card(folder))
+    assert "\n# cellmae-vit-s\n" in str(render_model_card(folder, repo_id="org/cellmae-vit-s"))
 
 
 def test_card_for_a_folder_without_training_or_evaluation_files_says_what_is_unknown(folder):

@@ -36,25 +36,12 @@ DEFAULT_LICENSE = "apache-2.0"
 CARD_TAGS = ["microscopy", "cell-painting", "masked-autoencoder", "biology", "channel-agnostic", "self-supervised", "hf_cellmae"]
 LOSS_CURVE_FILE = "training_loss.png"
 
-# The stain (and compartment) behind common Cell Painting / RxRx channel names, keyed by lower-case name.
-STAINS = {
-    "dna": "Hoechst 33342 (nucleus)",
-    "hoechst": "Hoechst 33342 (nucleus)",
-    "nucleus": "Hoechst 33342 (nucleus)",
-    "er": "Concanavalin A (endoplasmic reticulum)",
-    "cona": "Concanavalin A (endoplasmic reticulum)",
-    "rna": "SYTO 14 (nucleoli, cytoplasmic RNA)",
-    "syto14": "SYTO 14 (nucleoli, cytoplasmic RNA)",
-    "agp": "WGA + phalloidin (actin, Golgi, plasma membrane)",
-    "actin": "phalloidin (actin)",
-    "phalloidin": "phalloidin (actin)",
-    "golgi": "WGA (Golgi, plasma membrane)",
-    "wga": "WGA (Golgi, plasma membrane)",
-    "mito": "MitoTracker Deep Red (mitochondria)",
-    "mitotracker": "MitoTracker Deep Red (mitochondria)",
-    "brightfield": "none (transmitted light)",
-    "bf": "none (transmitted light)",
-}
+# Folder names that say nothing about the model: the card is then named after the run or the preset.
+GENERIC_FOLDER_NAMES = re.compile(r"(model|run|runs|output|outputs|pretrain|final|checkpoint-\d+|tmp.*|\.)", re.IGNORECASE)
+# Training arguments that hold local paths: the card shows only the last component (no machine paths).
+PATH_ARGUMENTS = ("data", "output_dir", "init_from", "resume_from_checkpoint", "config", "data_path", "logging_dir")
+# What a user types to install hf_cellmae: it is not on a package index, so from its source tree.
+INSTALL_LINE = "pip install ./hf_cellmae"
 
 # Architecture fields shown in the card, in order: (config key, label).
 ARCHITECTURE_FIELDS = [
@@ -136,9 +123,43 @@ def count_parameters(model_dir: Path) -> dict | None:
 
 
 def channel_rows(config: dict, trainer_state: dict | None) -> list[dict]:
-    """One row per training channel: index, name, stain (from config.channel_names or the training data)."""
+    """One row per training channel: index and name, as the run recorded them (config.channel_names or the
+    training data). No stain is inferred from a name: the same name can stand for another dye, and the
+    simulated screen's channels are named after stains they are not."""
     names = config.get("channel_names") or ((trainer_state or {}).get("dataset") or {}).get("channels") or []
-    return [{"index": i, "name": name, "stain": STAINS.get(str(name).lower(), "not recorded")} for i, name in enumerate(names)]
+    return [{"index": i, "name": name} for i, name in enumerate(names)]
+
+
+def is_hub_id(value: str) -> bool:
+    """"org/name" that is not a local path."""
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", value)) and not value.startswith(".") and not Path(value).exists()
+
+
+def public_value(key: str, value: Any) -> Any:
+    """A value fit for a public card: a local path becomes its last component (no user names, no machine layout)."""
+    if not isinstance(value, str) or not value:
+        return value
+    looks_local = value.startswith(("/", "~", "\\")) or re.match(r"[A-Za-z]:[\\/]", value) or ("/" in value and not is_hub_id(value))
+    if key in PATH_ARGUMENTS or looks_local:
+        if is_hub_id(value) and not looks_local:
+            return value
+        return Path(value.rstrip("/\\")).name or value
+    return value
+
+
+def model_name_for(model_dir: Path, repo_id: str | None, training_args: dict | None) -> str:
+    """The card's title: the Hub repo's name; else the model folder's or the run folder's name when it says
+    something ("b16", not "model"); else ``cellmae-<preset>``."""
+    if repo_id:
+        return repo_id.split("/")[-1]
+    args = training_args or {}
+    run = Path(str(args["output_dir"])).name if args.get("output_dir") else model_dir.resolve().parent.name
+    candidates = [model_dir.resolve().name, run]
+    for name in candidates:
+        if name and not GENERIC_FOLDER_NAMES.fullmatch(name):
+            return name
+    preset = args.get("model_preset") or args.get("preset")
+    return f"cellmae-{preset}" if preset else "cellmae"
 
 
 def licence_for(config: dict, training_args: dict | None, license: str | None) -> dict:
@@ -357,7 +378,7 @@ def collect_card_facts(model_dir: str | Path, repo_id: str | None = None, licens
         unknown.append("`eval_results.json` is missing: this model has not been evaluated (run `cellmae evaluate`).")
 
     licence = licence_for(config, training_args, license)
-    model_name = repo_id.split("/")[-1] if repo_id else model_dir.resolve().name
+    model_name = model_name_for(model_dir, repo_id, training_args)
     index_results = eval_results_for_index(eval_results) if eval_results else []
     dataset_info = (trainer_state or {}).get("dataset") or {}
     hub_dataset = dataset_info.get("name") if re.fullmatch(r"[\w.-]+/[\w.-]+", str(dataset_info.get("name", ""))) else None
@@ -375,7 +396,8 @@ def collect_card_facts(model_dir: str | Path, repo_id: str | None = None, licens
         eval_results=index_results or None,
     )
 
-    architecture = [(label, format_value(config[key])) for key, label in ARCHITECTURE_FIELDS if config.get(key) is not None]
+    architecture = [(label, format_value(public_value(key, config[key]))) for key, label in ARCHITECTURE_FIELDS
+                    if config.get(key) is not None]
     image_size, patch_size = config.get("image_size"), config.get("patch_size")
     if image_size and patch_size:
         architecture.append(("tokens per channel", f"{(image_size // patch_size) ** 2:,}"))
@@ -386,7 +408,7 @@ def collect_card_facts(model_dir: str | Path, repo_id: str | None = None, licens
         "marker": GENERATED_MARKER,
         "model_name": model_name,
         "repo_id": repo_id,
-        "load_id": repo_id or str(model_dir),
+        "load_id": repo_id or "path/to/this/folder",  # never this machine's path
         "config": config,
         "architectures": ", ".join(config.get("architectures") or []) or "not recorded",
         "architecture_rows": architecture,
@@ -398,9 +420,10 @@ def collect_card_facts(model_dir: str | Path, repo_id: str | None = None, licens
         "custom_pipelines": sorted((config.get("custom_pipelines") or {}).keys()),
         "preprocessor": preprocessor,
         "preprocessor_rows": [(k, format_value(v)) for k, v in (preprocessor or {}).items() if k != "auto_map"],
-        "training_args_rows": [(k, format_value(v)) for k, v in (training_args or {}).items()],
+        "training_args_rows": [(k, format_value(public_value(k, v))) for k, v in (training_args or {}).items()],
         "trainer_state": trainer_state,
-        "dataset": {k: format_value(v) for k, v in dataset_info.items()},
+        "dataset": {k: format_value(public_value(k, v)) for k, v in dataset_info.items() if k != "path"},
+        "install_line": INSTALL_LINE,
         "compute_rows": compute_rows(trainer_state) if trainer_state else [],
         "loss_curve": loss_curve,
         "evaluation": evaluation_facts(model_dir, eval_results) if eval_results else None,
