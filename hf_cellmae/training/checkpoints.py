@@ -80,24 +80,56 @@ def save_checkpoint(accelerator, root: str | Path, step: int, data_state: dict, 
 def _save_checkpoint(accelerator, root: Path, step: int, data_state: dict, trainer_state: dict, keep: int, scheduler) -> Path:
     final = root / f"{PREFIX}{step}"
     partial = root / f".partial-{PREFIX}{step}"
-    if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    (partial / f"data_state_rank{accelerator.process_index}.json").write_text(json.dumps(data_state))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if scheduler is not None:
-            (partial / SCHEDULER_STATE).write_text(json.dumps(scheduler.state_dict()))
-        (partial / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        partial.rename(final)  # atomic on one file system: a checkpoint-N folder is always complete
-        for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+
+    def prepare_folder() -> None:
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+
+    def write_states() -> None:
+        accelerator.save_state(str(partial))
+        (partial / f"data_state_rank{accelerator.process_index}.json").write_text(json.dumps(data_state))
+
+    def complete() -> None:
+        if accelerator.is_main_process:
+            if scheduler is not None:
+                (partial / SCHEDULER_STATE).write_text(json.dumps(scheduler.state_dict()))
+            (partial / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+            if final.exists():
+                shutil.rmtree(final)
+            partial.rename(final)  # atomic on one file system: a checkpoint-N folder is always complete
+            for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+
+    # Each phase ends with every rank learning whether any rank failed (instead of a barrier that a
+    # failed rank never reaches): all ranks then raise together, none waits for ever.
+    for phase in (prepare_folder, write_states, complete):
+        _on_every_rank(accelerator, phase)
     return final
+
+
+def _on_every_rank(accelerator, phase) -> None:
+    """Run `phase` on this rank, then raise on every rank if it raised `OSError` on any (a collective call)."""
+    error = None
+    try:
+        phase()
+    except OSError as caught:
+        error = caught
+    failed = _ranks_that_failed(accelerator, error is not None)
+    if error is not None:
+        raise error
+    if failed:
+        raise OSError(f"rank {', '.join(map(str, failed))} could not write its part (its own message names the file)")
+
+
+def _ranks_that_failed(accelerator, failed_here: bool) -> list[int]:
+    """The ranks whose flag is set, known to every rank (a gather: every rank must call it)."""
+    if accelerator.num_processes == 1:
+        return [accelerator.process_index] if failed_here else []
+    import torch
+
+    flags = accelerator.gather(torch.tensor([1.0 if failed_here else 0.0], device=accelerator.device))
+    return [rank for rank, flag in enumerate(flags.tolist()) if flag > 0]
 
 
 def load_checkpoint(accelerator, checkpoint: Path, scheduler) -> None:
