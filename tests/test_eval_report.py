@@ -102,9 +102,20 @@ def test_cli_evaluate_names_the_file_each_relationship_source_was_read_from(tmp_
     assert f"relationship source CORUM read from {tmp_path / 'work' / 'annotations' / 'CORUM.txt'}" in out
 
 
+def test_a_plate_that_cannot_support_the_benchmark_is_refused_in_one_line_naming_all_it_lacks(tmp_path, capsys):
+    table, _ = _table(signal=1.0)
+    one_gene = table.drop(columns=["Metadata_perturbation", "Metadata_is_control"]).assign(Metadata_gene="RAB30")
+    one_gene.to_parquet(tmp_path / "emb.parquet")
+    assert main(["evaluate", str(tmp_path / "emb.parquet"), "--batch-col", "Metadata_plate", "--out", str(tmp_path / "eval"),
+                 "--no-plots", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "cannot support the benchmark" in err
+    assert "--perturbation-col Metadata_gene" in err and "control wells" in err and "it has 1 (RAB30)" in err
+
+
 def test_missing_control_definition_and_text_features_raise(tmp_path):
     table, pairs = _table(signal=1.0)
-    with pytest.raises(ValueError, match="say which rows are controls"):
+    with pytest.raises(ValueError, match="cannot support the benchmark; it lacks control wells .*say which rows are controls"):
         evaluate_embeddings(table.drop(columns="Metadata_is_control"), {"c": pairs}, progress=False)
     with pytest.raises(ValueError, match="no row of Metadata_perturbation is one of the controls"):
         evaluate_embeddings(table, {"c": pairs}, controls=["DMSO"], progress=False)

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..errors import UserError
 from .align import aggregate, align
 from .plots import pick_complex, plot_complex_heatmap, plot_projection, plot_recall, relationship_groups
 from .relate import BENCHMARK_SOURCES, MIN_PERTURBATIONS, RECALL_THRESHOLDS, chance_recall, known_relationship_recall, load_relationships
@@ -139,6 +140,51 @@ def build_map(
     return ProfileMap(names, vectors, features.shape[1])
 
 
+# Metadata columns that may name a perturbation (offered when the perturbation column is missing).
+_PERTURBATION_WORDS = ("perturbation", "gene", "compound", "treatment", "sirna", "orf", "pert", "broad_sample", "drug")
+
+
+def missing_for_benchmark(table: pd.DataFrame, perturbation_col: str, controls, control_col, alignment: str,
+                          min_perturbations: int) -> list[str]:
+    """What the table lacks for the recall benchmark (empty when it can run), each with the flag that fixes it.
+
+    A plate that cannot support the benchmark (one gene, no controls, no perturbation column) is then
+    refused in one line that names every missing piece, not by the first check that trips.
+    """
+    metadata = table[[c for c in table.columns if str(c).startswith(METADATA_PREFIX)]]
+    missing = []
+    if perturbation_col not in metadata.columns:
+        candidates = [c for c in metadata.columns if any(w in c.lower() for w in _PERTURBATION_WORDS)]
+        missing.append(
+            f"a perturbation column ({perturbation_col} is not in the table; "
+            + (f"pass --perturbation-col {candidates[0]}" + (f" or one of {candidates[1:]}" if candidates[1:] else "")
+               if candidates else "its metadata names no perturbation: add one per well to the table given to "
+               "`cellmae shard --metadata`")
+            + ")"
+        )
+        labels = metadata[candidates[0]] if candidates else None
+    else:
+        labels = metadata[perturbation_col]
+    if labels is None:
+        if alignment != "none":
+            missing.append(f"control wells (alignment {alignment} is fitted on them; --alignment none needs none)")
+        return missing
+    frame = metadata.assign(**{perturbation_col: labels})
+    try:
+        is_control, why = control_mask(frame, perturbation_col, controls, control_col, required=False), ""
+    except ValueError as error:  # named controls that are not in the table
+        is_control, why = np.zeros(len(frame), dtype=bool), f"{error}; "
+    if alignment != "none" and not is_control.any():
+        missing.append(f"control wells ({why}alignment {alignment} is fitted on them: say which rows are controls with "
+                       "--controls LABEL or --control-col COLUMN; --alignment none needs none)")
+    treated = labels[~np.isin(labels, labels[is_control])]
+    if treated.nunique() < min_perturbations:
+        shown = ", ".join(map(str, treated.unique()[:5]))
+        missing.append(f"perturbations: it has {treated.nunique()} ({shown}) where the null needs min_perturbations="
+                       f"{min_perturbations} (--min-perturbations N for a coarse estimate)")
+    return missing
+
+
 def evaluate_embeddings(
     embeddings: str | Path | pd.DataFrame,
     sources: Sequence | Mapping = BENCHMARK_SOURCES,
@@ -200,8 +246,12 @@ def evaluate_embeddings(
         thresholds=thresholds, null_samples=null_samples, seed=seed, on_unusable=on_unusable,
         annotations=annotations, min_perturbations=min_perturbations, progress=progress,
     )
-    named_sources = _named_sources(sources, annotations)
     table = embeddings if isinstance(embeddings, pd.DataFrame) else read_embeddings(embeddings)
+    missing = missing_for_benchmark(table, perturbation_col, controls, control_col, alignment, min_perturbations)
+    if missing:
+        name = "the table" if isinstance(embeddings, pd.DataFrame) else str(embeddings)
+        raise UserError(f"{name} cannot support the benchmark; it lacks " + "; ".join(missing))
+    named_sources = _named_sources(sources, annotations)
     profile = build_map(table, **options)
     recall = known_relationship_recall(profile.vectors, profile.labels, named_sources, **recall_options)
     if dataset is None:
