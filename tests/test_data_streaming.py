@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -167,3 +168,17 @@ def test_endless_stream_rejects_a_worker_count_it_was_not_built_for(plate):
 def test_crop_larger_than_field_is_a_clear_error(plate):
     with pytest.raises(ValueError, match="image_size=64 is larger than field"):
         next(iter(stream_fields(plate["shards"], image_size=64)))
+
+
+def test_a_relative_shard_path_read_from_another_folder_streams_that_folders_fields(tmp_path, monkeypatch):
+    # One process (a notebook, or the README test): the same relative "shards/" names two different folders.
+    seen = []
+    for name, wells in (("first", ("A01",)), ("second", ("B01", "B02", "C01"))):
+        (tmp_path / name).mkdir()
+        monkeypatch.chdir(tmp_path / name)
+        make_rxrx_plate(Path("images"), plates=1, wells=wells, sites=1)
+        shard_folder("images", "shards", num_workers=1, progress=False)
+        stream = stream_fields("shards", image_size=16, augment=False, shuffle=False, num_epochs=1, standardize=False,
+                               metadata_fields=[])
+        seen.append(sorted(sample["well"] for sample in stream))
+    assert seen == [["A01"], ["B01", "B02", "C01"]]

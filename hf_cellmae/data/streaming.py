@@ -162,38 +162,51 @@ def _binary_views(chunk) -> list[memoryview]:
 
 
 class _RowGroupCache:
-    """The last few decoded row groups of this process (samples of a unit arrive one after another)."""
+    """The last few decoded row groups of this process (samples of a unit arrive one after another).
+
+    A local shard is known by its absolute path, size and modification time, not by the path string a
+    stream was given: a relative `shards/...` read again from another working folder, or a shard folder
+    rewritten in the same process (a notebook), is read afresh instead of served from the cache.
+    """
 
     def __init__(self, size: int = 2):
         self.size = size
         self.groups: OrderedDict = OrderedDict()
         self.files: OrderedDict = OrderedDict()
 
-    def _parquet(self, path: str, storage_options: dict):
+    @staticmethod
+    def _identity(path: str) -> tuple:
+        if "://" in path:
+            return (path,)
+        stat = os.stat(path)
+        return (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+
+    def _parquet(self, path: str, identity: tuple, storage_options: dict):
         import pyarrow.parquet as pq
 
-        if path not in self.files:
+        if identity not in self.files:
             if "://" in path:
                 import fsspec
 
                 handle = fsspec.open(path, "rb", **storage_options).open()
-                self.files[path] = pq.ParquetFile(handle)
+                self.files[identity] = pq.ParquetFile(handle)
             else:
-                self.files[path] = pq.ParquetFile(path, memory_map=True)
+                self.files[identity] = pq.ParquetFile(path, memory_map=True)
             while len(self.files) > 4:
                 self.files.popitem(last=False)
-        return self.files[path]
+        return self.files[identity]
 
     def get(self, path: str, group: int, storage_options: dict) -> dict:
         """The decoded columns of one row group; ``"intact"`` says, per field, whether its CRC-32 matches."""
-        key = (path, group)
+        identity = self._identity(path)
+        key = (identity, group)
         if key not in self.groups:
             try:
-                table = self._parquet(path, storage_options).read_row_group(group)
+                table = self._parquet(path, identity, storage_options).read_row_group(group)
             except FileNotFoundError:
                 raise
             except (OSError, ValueError) as error:  # pyarrow: "Invalid page header", truncated footer...
-                self.files.pop(path, None)
+                self.files.pop(identity, None)
                 raise corrupt_shard_error(path, error) from error
             columns = {name: table.column(name).to_pylist() for name in table.column_names if name not in ("pixels", "files")}
             columns["pixels"] = [view for chunk in table.column("pixels").chunks for view in _binary_views(chunk)]
