@@ -19,8 +19,8 @@ The estimate is approximate, on purpose simple, and written out so a user can ch
 
 `VALUES_PER_TOKEN_WIDTH` (values a transformer block keeps for the backward pass, per token and per unit
 of width, with mlp_ratio 4 and SDPA attention, which stores no token x token matrix) and `PIXEL_VALUES`
-(copies of the pixels held by patchify, the targets and the Fourier loss) were fitted on measured
-steps on a CPU (`scripts/measure_train_memory.py`; the figures are in the README). bf16/fp16 halve the
+(copies of the pixels held by patchify, the targets and the Fourier loss) were checked against measured
+CPU steps: 0.97-1.10x (`scripts/measure_train_memory.py`, docs/training_memory.md). bf16/fp16 halve the
 activation bytes; gradient checkpointing keeps one block's activations plus each block's input.
 """
 
@@ -33,7 +33,7 @@ from pathlib import Path
 
 from ..configuration_cellmae import CellMAEConfig
 
-# Fitted on measured CPU steps (scripts/measure_train_memory.py); see the module docstring.
+# Checked against measured CPU steps (scripts/measure_train_memory.py, docs/training_memory.md).
 VALUES_PER_TOKEN_WIDTH = 24
 PIXEL_VALUES = 24
 RUNTIME_BYTES = 600 * 2**20
