@@ -151,3 +151,15 @@ def test_an_error_in_a_dataloader_worker_is_one_line_with_its_cause_and_fix():
     assert "\n" not in line and "Traceback" not in line and 'File "' not in line
     assert line.startswith("in DataLoader worker process 0: shard-00000.parquet field P1/A01/1: pixels fail their CRC-32 check; re-shard it")
     assert "--dataloader-num-workers 0" in line
+
+
+def test_cellmae_synthetic_takes_its_defaults_from_the_screen_dataclass():
+    from dataclasses import asdict
+
+    from hf_cellmae.cli import build_parser
+    from hf_cellmae.data.commands import SYNTHETIC_OPTIONS
+    from hf_cellmae.data.synthetic import SyntheticScreenConfig
+
+    args = vars(build_parser().parse_args(["synthetic", "plate"]))
+    defaults = asdict(SyntheticScreenConfig())
+    assert {name: args[name] for name, _ in SYNTHETIC_OPTIONS.values()} == {name: defaults[name] for name, _ in SYNTHETIC_OPTIONS.values()}

@@ -7,6 +7,21 @@ import argparse
 from .layouts import LAYOUTS, PATTERN_PRESETS
 from .problems import ON_ERROR_CHOICES
 from .shards import MAX_SKIPPED_SHARE, MIN_FIELD_SIZE
+from .synthetic import SyntheticScreenConfig
+
+# `cellmae synthetic` flags -> (SyntheticScreenConfig field, help); defaults come from the dataclass.
+SYNTHETIC_OPTIONS = {
+    "--plates": ("num_plates", "plates, one batch each"),
+    "--field-size": ("field_size", "field side in pixels"),
+    "--sites": ("sites_per_well", "sites per well"),
+    "--bit-depth": ("bit_depth", "PNG bit depth"),
+    "--effect-size": ("effect_size", "phenotype strength (log units)"),
+    "--penetrance": ("penetrance", "fraction of cells showing the phenotype"),
+    "--cell-variability": ("cell_variability", "cell-to-cell variation"),
+    "--batch-effect": ("batch_effect", "plate gain/illumination effect"),
+    "--noise": ("noise", "camera read noise"),
+    "--seed": ("seed", "seed"),
+}
 
 
 def _shard(args: argparse.Namespace) -> int:
@@ -52,16 +67,7 @@ def _synthetic(args: argparse.Namespace) -> int:
         args.output_dir,
         num_workers=args.num_workers,
         progress=not args.quiet,
-        num_plates=args.plates,
-        field_size=args.field_size,
-        sites_per_well=args.sites,
-        bit_depth=args.bit_depth,
-        effect_size=args.effect_size,
-        penetrance=args.penetrance,
-        cell_variability=args.cell_variability,
-        batch_effect=args.batch_effect,
-        noise=args.noise,
-        seed=args.seed,
+        **{name: getattr(args, name) for name, _ in SYNTHETIC_OPTIONS.values()},
     )
     print(
         f"wrote {result['num_fields']} synthetic fields ({', '.join(result['channels'])}, {args.bit_depth}-bit) to "
@@ -122,16 +128,11 @@ def register(subparsers) -> None:
         "relationships (relationships/*.csv, entity1,entity2). Deterministic from --seed.",
     )
     synthetic.add_argument("output_dir", help="folder to write")
-    synthetic.add_argument("--plates", type=int, default=2, help="plates, one batch each (default 2)")
-    synthetic.add_argument("--field-size", type=int, default=128, help="field side in pixels (default 128)")
-    synthetic.add_argument("--sites", type=int, default=2, help="sites per well (default 2)")
-    synthetic.add_argument("--bit-depth", type=int, choices=(8, 16), default=16, help="PNG bit depth (default 16)")
-    synthetic.add_argument("--effect-size", type=float, default=0.6, help="phenotype strength (log units; default 0.6)")
-    synthetic.add_argument("--penetrance", type=float, default=0.8, help="fraction of cells showing the phenotype (default 0.8)")
-    synthetic.add_argument("--cell-variability", type=float, default=0.25, help="cell-to-cell variation (default 0.25)")
-    synthetic.add_argument("--batch-effect", type=float, default=0.3, help="plate gain/illumination effect (default 0.3)")
-    synthetic.add_argument("--noise", type=float, default=0.01, help="camera read noise (default 0.01)")
-    synthetic.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    knobs = SyntheticScreenConfig()  # the one place the screen's defaults live
+    for flag, (name, help_text) in SYNTHETIC_OPTIONS.items():
+        default = getattr(knobs, name)
+        synthetic.add_argument(flag, dest=name, type=type(default), default=default, choices=(8, 16) if name == "bit_depth" else None,
+                               help=f"{help_text} (default {default})")
     synthetic.add_argument("--num-workers", type=int, default=None, help="processes (default: all cores)")
     synthetic.add_argument("--quiet", action="store_true", help="no progress bar")
     synthetic.set_defaults(func=_synthetic)
