@@ -17,7 +17,7 @@ from pathlib import Path
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo_cpu.yaml"
 # The pre-training recipes the demo can run: the default (400 steps, a few minutes) and `small`, the
-# same recipe 16x longer (6,400 steps, about an hour on 2 CPU cores; docs/evidence.md).
+# same recipe 8x longer (3,200 steps, about half an hour on 2 idle CPU cores; docs/evidence.md).
 RECIPES = {"demo": DEMO_CONFIG, "small": DEMO_CONFIG.with_name("small_cpu.yaml")}
 # Enough control wells that TVN (fitted on control fields) sees more controls than embedding dims.
 DEMO_PLATE = dict(num_plates=2, control_wells_per_plate=24, sites_per_well=2)
@@ -38,7 +38,7 @@ def run_demo(out: str | Path = "cellmae-demo", max_steps: int | None = None, see
         cellprofiler: also featurise with classical segmentation + CellProfiler measurements
             (the slowest baseline: about a second per field per core).
         recipe: ``"demo"`` (400 steps, a few minutes on 2 CPU cores) or ``"small"`` (the same recipe
-            for 6,400 steps, about an hour).
+            for 3,200 steps, about half an hour).
     """
     from .data.shards import shard_folder
     from .data.synthetic import make_synthetic_screen
@@ -209,8 +209,8 @@ def register(subparsers) -> None:
     )
     demo.add_argument("--out", default="cellmae-demo", help="output folder (default: ./cellmae-demo)")
     demo.add_argument("--recipe", choices=sorted(RECIPES), default="demo",
-                      help="demo: 400 steps, a few minutes (default); small: 6,400 steps, about an hour on 2 CPU cores")
-    demo.add_argument("--max-steps", type=int, default=None, help="pre-training steps (default: the recipe's: 400 or 6,400)")
+                      help="demo: 400 steps, a few minutes (default); small: 3,200 steps, about half an hour on 2 CPU cores")
+    demo.add_argument("--max-steps", type=int, default=None, help="pre-training steps (default: the recipe's: 400 or 3,200)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-cellprofiler", action="store_true", help="skip the CellProfiler-features baseline")
     demo.set_defaults(func=_run_from_command_line)
