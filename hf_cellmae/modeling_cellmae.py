@@ -817,14 +817,11 @@ class CellMAEForImageClassification(CellMAEPreTrainedModel):
 
     def __init__(self, config: CellMAEConfig):
         super().__init__(config)
-        pooling = getattr(config, "classifier_pooling", "mean")
-        if pooling not in ("mean", "attention"):
-            raise ValueError(f"classifier_pooling={pooling!r} is not one of ('mean', 'attention').")
         self.num_labels = config.num_labels
         self.cellmae = CellMAEModel(config)
         self.pool = (
             CellMAEAttentionPool(config.hidden_size, config.num_attention_heads, config.layer_norm_eps)
-            if pooling == "attention"
+            if config.classifier_pooling == "attention"
             else None
         )
         self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
