@@ -23,20 +23,35 @@ def register_auto_classes() -> None:
     if _registered:
         return
     _registered = True
-    from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForPreTraining
+    from transformers import (
+        AutoConfig,
+        AutoImageProcessor,
+        AutoModel,
+        AutoModelForImageClassification,
+        AutoModelForPreTraining,
+    )
     from transformers.pipelines import PIPELINE_REGISTRY
 
     from .configuration_cellmae import CellMAEConfig
     from .image_processing_cellmae import CellMAEImageProcessor
-    from .modeling_cellmae import CellMAEForPreTraining, CellMAEModel
+    from .configuration_munet import CellMUNetConfig
+    from .modeling_cellmae import CellMAEForImageClassification, CellMAEForPreTraining, CellMAEModel
+    from .modeling_munet import CellMUNetForImageClassification, CellMUNetForPreTraining, CellMUNetModel
     from .pipeline_cellmae import CellFeatureExtractionPipeline
 
     AutoConfig.register(CellMAEConfig.model_type, CellMAEConfig, exist_ok=True)
     AutoModel.register(CellMAEConfig, CellMAEModel, exist_ok=True)
     AutoModelForPreTraining.register(CellMAEConfig, CellMAEForPreTraining, exist_ok=True)
-    AutoImageProcessor.register(
-        CellMAEConfig, image_processor_classes={"pil": CellMAEImageProcessor, "torchvision": CellMAEImageProcessor}, exist_ok=True
-    )
+    AutoModelForImageClassification.register(CellMAEConfig, CellMAEForImageClassification, exist_ok=True)
+    # The MU-Net (fixed-channel U-Net MAE) beside it, sharing the image processor.
+    AutoConfig.register(CellMUNetConfig.model_type, CellMUNetConfig, exist_ok=True)
+    AutoModel.register(CellMUNetConfig, CellMUNetModel, exist_ok=True)
+    AutoModelForPreTraining.register(CellMUNetConfig, CellMUNetForPreTraining, exist_ok=True)
+    AutoModelForImageClassification.register(CellMUNetConfig, CellMUNetForImageClassification, exist_ok=True)
+    for config_class in (CellMAEConfig, CellMUNetConfig):
+        AutoImageProcessor.register(
+            config_class, image_processor_classes={"pil": CellMAEImageProcessor, "torchvision": CellMAEImageProcessor}, exist_ok=True
+        )
     PIPELINE_REGISTRY.register_pipeline(
         "cell-feature-extraction", pipeline_class=CellFeatureExtractionPipeline, pt_model=AutoModel, type="image"
     )
@@ -44,6 +59,11 @@ def register_auto_classes() -> None:
     CellMAEConfig.register_for_auto_class()
     CellMAEModel.register_for_auto_class("AutoModel")
     CellMAEForPreTraining.register_for_auto_class("AutoModelForPreTraining")
+    CellMAEForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+    CellMUNetConfig.register_for_auto_class()
+    CellMUNetModel.register_for_auto_class("AutoModel")
+    CellMUNetForPreTraining.register_for_auto_class("AutoModelForPreTraining")
+    CellMUNetForImageClassification.register_for_auto_class("AutoModelForImageClassification")
     CellMAEImageProcessor.register_for_auto_class("AutoImageProcessor")
 
 
@@ -53,6 +73,8 @@ _TRIGGERS = (
     "transformers",
     "hf_cellmae.configuration_cellmae",
     "hf_cellmae.modeling_cellmae",
+    "hf_cellmae.configuration_munet",
+    "hf_cellmae.modeling_munet",
     "hf_cellmae.image_processing_cellmae",
     "hf_cellmae.pipeline_cellmae",
 )

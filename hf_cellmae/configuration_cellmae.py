@@ -12,6 +12,7 @@ BLOCK_TYPES = ("parallel", "prenorm")
 DECODER_TYPES = ("shared", "per_channel")
 FOURIER_SCOPES = ("patch", "image")
 MLP_BIAS_LAYOUTS = ("current", "legacy_timm")
+CLASSIFIER_POOLINGS = ("mean", "attention")
 
 # Encoder/decoder sizes of the paper's models (Kraus et al. 2024, table 1) and of OpenPhenom.
 # Every entry is a set of CellMAEConfig keyword arguments; `CellMAEConfig.from_preset` applies them.
@@ -90,6 +91,9 @@ class CellMAEConfig(PretrainedConfig):
             patches only.
         initializer_range (`float`, defaults to 0.02): std of the normal init of tokens and embeddings.
         source_checkpoint (`str`, *optional*): where converted weights came from (e.g. `"openphenom"`).
+        classifier_pooling (`str`, defaults to `"mean"`): read-out of `CellMAEForImageClassification`: `"mean"` of
+            the patch tokens (the pooled embedding) or `"attention"` (a learned query attending to them). The
+            classes are the usual `num_labels` / `id2label` / `label2id`.
     """
 
     model_type = "cellmae"
@@ -128,6 +132,7 @@ class CellMAEConfig(PretrainedConfig):
         mask_fourier_loss: bool = True,
         initializer_range: float = 0.02,
         source_checkpoint: str | None = None,
+        classifier_pooling: str = "mean",
         **kwargs,
     ):
         self.image_size = image_size
@@ -162,6 +167,7 @@ class CellMAEConfig(PretrainedConfig):
         self.mask_fourier_loss = mask_fourier_loss
         self.initializer_range = initializer_range
         self.source_checkpoint = source_checkpoint
+        self.classifier_pooling = classifier_pooling
         super().__init__(**kwargs)
         self._validate()
 
@@ -175,6 +181,7 @@ class CellMAEConfig(PretrainedConfig):
         choice("decoder_type", DECODER_TYPES)
         choice("fourier_loss_scope", FOURIER_SCOPES)
         choice("parallel_mlp_bias_layout", MLP_BIAS_LAYOUTS)
+        choice("classifier_pooling", CLASSIFIER_POOLINGS)
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"image_size={self.image_size} is not divisible by patch_size={self.patch_size}; "

@@ -16,6 +16,9 @@ import time
 from pathlib import Path
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo_cpu.yaml"
+# The pre-training recipes the demo can run: the default (400 steps, a few minutes) and `small`, the
+# same recipe 8x longer (3,200 steps, about half an hour on 2 idle CPU cores; docs/evidence.md).
+RECIPES = {"demo": DEMO_CONFIG, "small": DEMO_CONFIG.with_name("small_cpu.yaml")}
 # Enough control wells that TVN (fitted on control fields) sees more controls than embedding dims.
 DEMO_PLATE = dict(num_plates=2, control_wells_per_plate=24, sites_per_well=2)
 
@@ -25,15 +28,17 @@ def _say(message: str) -> None:
 
 
 def run_demo(out: str | Path = "cellmae-demo", max_steps: int | None = None, seed: int = 0,
-             cellprofiler: bool = True) -> dict:
+             cellprofiler: bool = True, recipe: str = "demo") -> dict:
     """Run the demo into `out` and return a summary (also written to `out/demo_report.json`).
 
     Args:
         out: output folder.
-        max_steps: pre-training steps (default: the demo config's).
+        max_steps: pre-training steps (default: the recipe's).
         seed: seed of the synthetic screen, the weights and the data order.
         cellprofiler: also featurise with classical segmentation + CellProfiler measurements
             (the slowest baseline: about a second per field per core).
+        recipe: ``"demo"`` (400 steps, a few minutes on 2 CPU cores) or ``"small"`` (the same recipe
+            for 3,200 steps, about half an hour).
     """
     from .data.shards import shard_folder
     from .data.synthetic import make_synthetic_screen
@@ -45,6 +50,8 @@ def run_demo(out: str | Path = "cellmae-demo", max_steps: int | None = None, see
     from .training.arguments import PretrainingArguments, read_config_file
     from .training.loop import pretrain
 
+    if recipe not in RECIPES:
+        raise ValueError(f"Unknown demo recipe {recipe!r}; choose one of {sorted(RECIPES)}.")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     timings = {}
@@ -60,9 +67,9 @@ def run_demo(out: str | Path = "cellmae-demo", max_steps: int | None = None, see
     shard_folder(plate["images"], shards, metadata=plate["metadata"], channel_names=plate["channels"])
     timings["shard_s"] = time.perf_counter() - step_start
 
-    _say("3/5 pre-training a tiny CA-MAE on CPU")
+    values = read_config_file(RECIPES[recipe])
+    _say(f"3/5 pre-training a tiny CA-MAE on CPU (recipe {recipe!r}, {max_steps or values['max_steps']} steps)")
     step_start = time.perf_counter()
-    values = read_config_file(DEMO_CONFIG)
     values.update(data=str(shards), output_dir=str(out / "run"), seed=seed)
     if max_steps is not None:
         values["max_steps"] = max_steps
@@ -112,6 +119,7 @@ def run_demo(out: str | Path = "cellmae-demo", max_steps: int | None = None, see
         "evaluation": str(out / "evaluation" / "eval_results.json"),
         "final_loss": summary["final_loss"],
         "steps": summary["global_step"],
+        "recipe": recipe,
         "readout": DEMO_READOUT,
         "recall": recall,
         "suite": _suite_table(results),
@@ -200,12 +208,15 @@ def register(subparsers) -> None:
         description="Runs on a CPU in a few minutes with no download and writes a loadable model folder.",
     )
     demo.add_argument("--out", default="cellmae-demo", help="output folder (default: ./cellmae-demo)")
-    demo.add_argument("--max-steps", type=int, default=None, help="pre-training steps (default: the demo config's 400)")
+    demo.add_argument("--recipe", choices=sorted(RECIPES), default="demo",
+                      help="demo: 400 steps, a few minutes (default); small: 3,200 steps, about half an hour on 2 CPU cores")
+    demo.add_argument("--max-steps", type=int, default=None, help="pre-training steps (default: the recipe's: 400 or 3,200)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-cellprofiler", action="store_true", help="skip the CellProfiler-features baseline")
     demo.set_defaults(func=_run_from_command_line)
 
 
 def _run_from_command_line(args) -> int:
-    run_demo(args.out, max_steps=args.max_steps, seed=args.seed, cellprofiler=not args.no_cellprofiler)
+    run_demo(args.out, max_steps=args.max_steps, seed=args.seed, cellprofiler=not args.no_cellprofiler,
+             recipe=args.recipe)
     return 0

@@ -767,3 +767,100 @@ __all__ = [
     "CellMAEModelOutput",
     "CellMAEPreTrainedModel",
 ]
+
+
+# ----------------------------------------------------------------------------------------------
+# Classification head (fine-tuning), in the style of transformers' ViTForImageClassification
+# ----------------------------------------------------------------------------------------------
+# (imported here, not at the top, so that this section stays apart from the rest of the file)
+from transformers.modeling_outputs import ImageClassifierOutput  # noqa: E402
+
+class CellMAEAttentionPool(nn.Module):
+    """A learned query attends to the tokens: `(B, L, D)` -> `(B, D)` (attention-pooled read-out)."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float = 1e-6):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"attention pooling width {dim} is not divisible by {num_heads} heads.")
+        self.num_heads = num_heads
+        self.query = nn.Parameter(torch.zeros(1, 1, dim))
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.key_value = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        batch, length, dim = tokens.shape
+        head_dim = dim // self.num_heads
+        key, value = self.key_value(self.norm(tokens)).chunk(2, dim=-1)  # (B, L, D) each
+        query = self.query.to(tokens.dtype).expand(batch, -1, -1)  # (B, 1, D)
+        q = query.reshape(batch, 1, self.num_heads, head_dim).transpose(1, 2)  # (B, H, 1, hd)
+        k = key.reshape(batch, length, self.num_heads, head_dim).transpose(1, 2)  # (B, H, L, hd)
+        v = value.reshape(batch, length, self.num_heads, head_dim).transpose(1, 2)
+        pooled = F.scaled_dot_product_attention(q, k, v)  # (B, H, 1, hd)
+        return self.proj(pooled.transpose(1, 2).reshape(batch, dim))
+
+
+class CellMAEForImageClassification(CellMAEPreTrainedModel):
+    """CA-MAE encoder + a linear classifier on the pooled patch tokens, for fine-tuning on labelled images.
+
+    `config.num_labels`, `config.id2label` and `config.label2id` describe the classes; `labels` give the
+    cross-entropy loss (or MSE / multi-label BCE following `config.problem_type`, as in transformers).
+    `config.classifier_pooling` chooses the read-out: `"mean"` of the patch tokens (the pooled embedding,
+    default) or `"attention"` (a learned query attending to them). Loading a pre-training folder keeps the
+    encoder, drops the decoder, and initialises only the head:
+
+        >>> model = CellMAEForImageClassification.from_pretrained(
+        ...     "path/to/pretrained", num_labels=3, id2label={0: "control", 1: "geneA", 2: "geneB"})
+    """
+
+    _keys_to_ignore_on_load_unexpected = [r"^decoder\."]
+
+    def __init__(self, config: CellMAEConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.cellmae = CellMAEModel(config)
+        self.pool = (
+            CellMAEAttentionPool(config.hidden_size, config.num_attention_heads, config.layer_norm_eps)
+            if config.classifier_pooling == "attention"
+            else None
+        )
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.post_init()
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, CellMAEAttentionPool):
+            init.normal_(module.query, std=self.config.initializer_range)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        auto_map = getattr(self.config, "auto_map", None) or {}
+        self.config.auto_map = {
+            **auto_map, "AutoModelForImageClassification": "modeling_cellmae.CellMAEForImageClassification"
+        }
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        channel_ids=None,
+        output_hidden_states: bool = False,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutput:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(B, C, H, W)`): standardised pixels.
+            labels (`torch.LongTensor` of shape `(B,)`, *optional*): class indices in `[0, num_labels)`.
+            channel_ids (`(C,)` or `(B, C)` ints, *optional*): stain of each channel (default `0..C-1`).
+        """
+        out = self.cellmae(pixel_values, channel_ids=channel_ids, output_hidden_states=output_hidden_states)
+        pooled = out.pooler_output if self.pool is None else self.pool(out.last_hidden_state[:, 1:])  # (B, D)
+        logits = self.classifier(pooled)  # (B, num_labels)
+        loss = self.loss_function(labels, logits, self.config) if labels is not None else None
+        output = ImageClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
+        return output if return_dict is not False else output.to_tuple()
+
+
+__all__ += ["CellMAEAttentionPool", "CellMAEForImageClassification"]

@@ -6,6 +6,7 @@ weights and a new data order. Runs the demo as a user would (same function, same
 
     python scripts/benchmark_demo.py --out /tmp/demo-seeds --seeds 3 4 5
     python scripts/benchmark_demo.py --out /tmp/demo-seeds --summarize   # table of finished seeds
+    python scripts/benchmark_demo.py --out /tmp/small-seeds --recipe small --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[3, 4, 5])
-    parser.add_argument("--max-steps", type=int, default=None, help="override the demo config's steps")
+    parser.add_argument("--recipe", choices=["demo", "small"], default="demo", help="the demo's pre-training recipe")
+    parser.add_argument("--max-steps", type=int, default=None, help="override the recipe's steps")
     parser.add_argument("--summarize", action="store_true", help="print the table of finished seeds and exit")
     args = parser.parse_args()
     if not args.summarize:
@@ -58,7 +60,7 @@ def main() -> None:
 
         for seed in args.seeds:
             if not (args.out / f"seed{seed}" / "demo_report.json").is_file():
-                run_demo(args.out / f"seed{seed}", max_steps=args.max_steps, seed=seed)
+                run_demo(args.out / f"seed{seed}", max_steps=args.max_steps, seed=seed, recipe=args.recipe)
     print(summarize(args.out))
 
 

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from safetensors import safe_open
 
 
@@ -43,3 +45,22 @@ def test_demo_runs_the_whole_pipeline_and_writes_a_loadable_model_with_card_and_
     from transformers import AutoModel
 
     assert AutoModel.from_pretrained(model_dir).config.channel_names == ["DNA", "ER", "RNA", "AGP", "Mito"]
+
+
+def test_small_recipe_is_the_demo_recipe_trained_longer():
+    """`cellmae demo --recipe small` changes only the length of training (and its bookkeeping)."""
+    from hf_cellmae.demo import RECIPES
+    from hf_cellmae.training.arguments import read_config_file
+
+    demo, small = read_config_file(RECIPES["demo"]), read_config_file(RECIPES["small"])
+    assert small["max_steps"] == 8 * demo["max_steps"] == 3200
+    bookkeeping = {"max_steps", "warmup_ratio", "save_steps", "logging_steps", "figure_steps"}
+    assert {k: v for k, v in small.items() if k not in bookkeeping} == {k: v for k, v in demo.items() if k not in bookkeeping}
+
+
+def test_unknown_demo_recipe_is_refused_with_the_choices(tmp_path):
+    from hf_cellmae.demo import run_demo
+
+    with pytest.raises(ValueError, match=r"'huge'.*\['demo', 'small'\]"):
+        run_demo(tmp_path / "out", recipe="huge")
+    assert not (tmp_path / "out").exists()

@@ -244,7 +244,7 @@ class ModelFeaturizer:
                  readout: str = "mean", layer: int | None = None):
         import torch
 
-        from .. import CellMAEImageProcessor, CellMAEModel
+        from .. import CellMAEImageProcessor
 
         dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
         if dtype not in dtypes:
@@ -252,8 +252,15 @@ class ModelFeaturizer:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model_path = str(model)
-        self.model = CellMAEModel.from_pretrained(model).to(device).eval()
+        self.model = load_encoder(model).to(device).eval()
         self.config = self.model.config
+        # A MU-Net (fixed-channel U-Net MAE) has no tokens: its embedding is the pooled bottleneck.
+        self.is_munet = self.config.model_type == "cellmunet"
+        if self.is_munet and (channelwise or readout != "mean" or layer is not None):
+            raise ValueError(
+                f"{model} is a MU-Net: its embedding is the pooled bottleneck (readout='mean'); readout={readout!r}, "
+                f"channelwise={channelwise} and layer={layer} need a CA-MAE's tokens"
+            )
         self.image_size = image_size or self.config.image_size
         try:
             self.processor = CellMAEImageProcessor.from_pretrained(model)
@@ -264,7 +271,7 @@ class ModelFeaturizer:
             readout = "channelwise"
         if readout not in READOUTS:
             raise ValueError(f"readout={readout!r} is not one of {READOUTS}")
-        depth = self.config.num_hidden_layers
+        depth = getattr(self.config, "num_hidden_layers", 0)
         if layer is not None and not (1 <= abs(layer) <= depth):
             raise ValueError(f"layer={layer} is outside the encoder's blocks 1..{depth} (or -1..-{depth}); "
                              "omit it for the encoder's output")
@@ -293,6 +300,8 @@ class ModelFeaturizer:
         """One vector per crop from the model output, by ``self.readout`` and ``self.layer``."""
         import torch
 
+        if self.is_munet:
+            return out.pooler_output  # (b, D)
         hidden = out.last_hidden_state if self.layer is None else out.hidden_states[self.layer]  # (b, 1 + C*N, D)
         patch_tokens = hidden[:, 1:]
         if self.readout == "cls":
@@ -375,6 +384,17 @@ class ModelFeaturizer:
         sums = torch.zeros(len(fields), crop_vectors.shape[1]).index_add_(0, index, crop_vectors)
         counts = torch.bincount(index, minlength=len(fields))
         return (sums / counts[:, None]).numpy(), counts.numpy()
+
+
+def load_encoder(model: str | Path):
+    """The encoder of a model folder or Hub id: ``CellMAEModel``, or ``CellMUNetModel`` for a MU-Net."""
+    from transformers import AutoConfig
+
+    from .. import CellMAEModel, CellMUNetModel
+
+    config = AutoConfig.from_pretrained(model)
+    encoder_class = CellMUNetModel if config.model_type == "cellmunet" else CellMAEModel
+    return encoder_class.from_pretrained(model)
 
 
 # ---------------------------------------------------------------- writer

@@ -20,12 +20,14 @@ from pathlib import Path
 OPTIMIZERS = ("adamw", "lion")
 SCHEDULERS = ("one_cycle", "cosine", "constant")
 MIXED_PRECISION = ("no", "bf16", "fp16")
+MODEL_TYPES = ("cellmae", "munet")
 SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # model_overrides keys that set the model's size: a --model-preset given on the command line replaces the
 # config's values of these (unless --model-overrides sets them too).
 SIZE_KEYS = (
     "image_size", "patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "mlp_ratio",
     "decoder_hidden_size", "decoder_num_hidden_layers", "decoder_num_attention_heads", "decoder_mlp_ratio",
+    "stage_channels", "blocks_per_stage",  # MU-Net
 )
 
 
@@ -40,8 +42,9 @@ class PretrainingArguments:
     augment: bool = field(default=True, metadata={"help": "random flips and 90-degree rotations"})
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes per rank (>0 needs torchdata for exact resume)"})
     # ---- model
-    model_preset: str = field(default="tiny", metadata={"help": "tiny | vit_s16 | vit_b16 | vit_l16 | vit_l8 | openphenom"})
-    model_overrides: str | None = field(default=None, metadata={"help": 'JSON of CellMAEConfig fields, e.g. \'{"image_size": 128, "fourier_loss_weight": 0.01}\''})
+    model_type: str = field(default="cellmae", metadata={"help": "cellmae (channel-agnostic ViT MAE) | munet (fixed-channel masked U-Net)"})
+    model_preset: str = field(default="tiny", metadata={"help": "cellmae: tiny | vit_s16 | vit_b16 | vit_l16 | vit_l8 | openphenom; munet: tiny | munet_m | munet_l"})
+    model_overrides: str | None = field(default=None, metadata={"help": 'JSON of CellMAEConfig (or CellMUNetConfig) fields, e.g. \'{"image_size": 128, "fourier_loss_weight": 0.01}\''})
     init_from: str | None = field(default=None, metadata={"help": "start from this model folder or Hub id instead of random weights"})
     # ---- optimisation
     max_steps: int = field(default=1000, metadata={"help": "optimizer steps to train for"})
@@ -81,6 +84,7 @@ class PretrainingArguments:
         choice("optimizer", OPTIMIZERS)
         choice("lr_scheduler", SCHEDULERS)
         choice("mixed_precision", MIXED_PRECISION)
+        choice("model_type", MODEL_TYPES)
         for name in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "save_steps", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1.")

@@ -36,7 +36,9 @@ class NonFiniteLossError(RuntimeError):
 
 
 def build_model(args: PretrainingArguments, manifest: dict) -> CellMAEForPreTraining:
-    """A new model from `model_preset` + `model_overrides` (channel names from the shards), or `init_from`."""
+    """A new model from `model_type`, `model_preset` + `model_overrides` (channel names from the shards), or `init_from`."""
+    if args.model_type == "munet":
+        return build_munet(args, manifest)
     if args.init_from:
         return CellMAEForPreTraining.from_pretrained(args.init_from)
     overrides = args.overrides
@@ -45,6 +47,23 @@ def build_model(args: PretrainingArguments, manifest: dict) -> CellMAEForPreTrai
     preset_max = PRESETS.get(args.model_preset, {}).get("max_channels", CellMAEConfig().max_channels)
     overrides.setdefault("max_channels", max(preset_max, len(overrides["channel_names"])))
     return CellMAEForPreTraining(CellMAEConfig.from_preset(args.model_preset, **overrides))
+
+
+def build_munet(args: PretrainingArguments, manifest: dict):
+    """A MU-Net: fixed-channel, built for exactly the shards' channels, so every crop must carry all of them."""
+    from ..configuration_munet import CellMUNetConfig
+    from ..modeling_munet import CellMUNetForPreTraining
+
+    if args.channel_subset:
+        raise UserError(
+            f"channel_subset={args.channel_subset} trains on random channel subsets, but a MU-Net is fixed-channel "
+            f"(built for all {len(manifest['channels'])} channels of the shards); drop --channel-subset or use --model-type cellmae"
+        )
+    if args.init_from:
+        return CellMUNetForPreTraining.from_pretrained(args.init_from)
+    channels = list(manifest["channels"])
+    overrides = {"channel_names": channels, "num_channels": len(channels), **args.overrides}
+    return CellMUNetForPreTraining(CellMUNetConfig.from_preset(args.model_preset, **overrides))
 
 
 def dataset_summary(args: PretrainingArguments, manifest: dict) -> dict:

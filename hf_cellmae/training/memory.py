@@ -157,6 +157,9 @@ def check_training_memory(args, announce=print) -> MemoryEstimate | None:
 
     if torch.cuda.is_available():
         return None
+    if getattr(args, "model_type", "cellmae") != "cellmae":
+        announce(f"memory: not estimated for model_type={args.model_type} (the formula covers CA-MAE's transformer)")
+        return None
     available = available_memory_bytes()
     if available is None:
         return None
