@@ -128,3 +128,12 @@ def test_the_cpu_demo_config_fits_the_memory_it_states():
     args = parse_pretraining_arguments(["--config", str(config), "--data", "shards"])
     estimate = memory.estimate_training_memory(CellMAEConfig.from_preset(args.model_preset, **args.overrides), args.per_device_train_batch_size, 5, args.optimizer)
     assert estimate.total < 1.0 * 2**30
+
+
+def test_the_memory_check_leaves_a_munet_run_alone_and_says_so():
+    from hf_cellmae.training.arguments import PretrainingArguments
+
+    said = []
+    args = PretrainingArguments(data="shards", model_type="munet", model_preset="munet_l")
+    assert memory.check_training_memory(args, announce=said.append) is None
+    assert said and "model_type=munet" in said[0]
