@@ -252,9 +252,27 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
+def matmul_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """`softmax(q k^T / sqrt(hd)) v` with explicit matmuls (softmax in float32): `(B, H, L, hd)` -> `(B, H, Lq, hd)`."""
+    weights = torch.matmul(query * query.shape[-1] ** -0.5, key.transpose(-2, -1))  # (B, H, Lq, Lk)
+    return torch.matmul(weights.softmax(dim=-1, dtype=torch.float32).to(value.dtype), value)
+
+
+def cpu_reduced_precision_training(query: torch.Tensor) -> bool:
+    """On CPU, the flash-attention kernel's backward in bf16/fp16 is 2-3x slower than explicit matmuls at
+    this model's sequence lengths (measured with scripts/benchmark_model.py); in fp32 and without grad
+    the kernel is as fast or faster."""
+    if query.device.type != "cpu" or not (torch.is_grad_enabled() and query.requires_grad):
+        return False
+    if torch.is_autocast_enabled("cpu"):
+        return torch.get_autocast_dtype("cpu") in (torch.bfloat16, torch.float16)
+    return query.dtype in (torch.bfloat16, torch.float16)
+
+
 def multi_head_attention(module, query, key, value, num_heads: int, q_norm=None, k_norm=None):
     """`(B, Lq, D)` queries over `(B, Lk, D)` keys/values -> `(B, Lq, D)`. `F.scaled_dot_product_attention`
-    for `config._attn_implementation == "sdpa"` (the default), else the backend it names (e.g. eager)."""
+    for `config._attn_implementation == "sdpa"` (the default; explicit matmuls when training in reduced
+    precision on CPU, see `cpu_reduced_precision_training`), else the backend it names (e.g. eager)."""
     batch, q_len, dim = query.shape
     head_dim = dim // num_heads
     q = query.reshape(batch, q_len, num_heads, head_dim).transpose(1, 2)  # (B, H, Lq, hd)
@@ -264,7 +282,8 @@ def multi_head_attention(module, query, key, value, num_heads: int, q_norm=None,
         q, k = q_norm(q), k_norm(k)
     implementation = module.config._attn_implementation
     if implementation in (None, "sdpa"):
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, H, Lq, hd)
+        attention = matmul_attention if cpu_reduced_precision_training(q) else F.scaled_dot_product_attention
+        out = attention(q, k, v)  # (B, H, Lq, hd)
         return out.transpose(1, 2).reshape(batch, q_len, dim)
     attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
     out, _ = attention(module, q, k, v, None, scaling=head_dim**-0.5, dropout=0.0)  # (B, Lq, H, hd)

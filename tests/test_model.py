@@ -406,6 +406,22 @@ def test_per_channel_decoder_routes_a_channel_id_tensor_per_image():
         model(x, channel_ids=torch.tensor([0, 1, 1, 2]), validate_inputs=True)
 
 
+def test_cpu_bf16_training_attends_with_explicit_matmuls_that_equal_the_fused_kernel(monkeypatch):
+    q, k, v = (torch.randn(2, 4, 20, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    torch.testing.assert_close(modeling_cellmae.matmul_attention(q, k, v), torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    fused_calls = []
+    original = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda *a, **kw: fused_calls.append(1) or original(*a, **kw))
+    model = CellMAEForPreTraining(tiny())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(images(), mask_seed=0).loss.backward()
+    assert fused_calls == []
+    model(images(), mask_seed=0)  # fp32 keeps the fused kernel
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(images(), mask_seed=0)  # and so does inference
+    assert len(fused_calls) == 2 * (model.config.num_hidden_layers + model.config.decoder_num_hidden_layers)
+
+
 def test_stochastic_depth_is_active_in_training_and_off_in_eval():
     model = CellMAEModel(tiny(drop_path_rate=0.5, num_hidden_layers=8))
     x = images(batch=8)
