@@ -259,9 +259,9 @@ def matmul_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 
 
 def cpu_reduced_precision_training(query: torch.Tensor) -> bool:
-    """On CPU, the flash-attention kernel's backward in bf16/fp16 is 2-3x slower than explicit matmuls at
-    this model's sequence lengths (measured with scripts/benchmark_model.py); in fp32 and without grad
-    the kernel is as fast or faster."""
+    """Whether to attend with explicit matmuls: on CPU (torch 2.13, measured on 2 cores) the flash-attention
+    kernel's forward+backward in bf16 is 2-3x slower than matmuls at 256-385 tokens (equal at 1536);
+    in fp32, and without grad, the kernel is as fast or faster."""
     if query.device.type != "cpu" or not (torch.is_grad_enabled() and query.requires_grad):
         return False
     if torch.is_autocast_enabled("cpu"):

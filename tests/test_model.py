@@ -337,7 +337,7 @@ def test_eager_and_sdpa_attention_give_the_same_embeddings():
     torch.testing.assert_close(sdpa(x).pooler_output, eager(x).pooler_output, atol=1e-5, rtol=1e-5)
 
 
-HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__")
+HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__", "__format__")
 
 
 @contextmanager
