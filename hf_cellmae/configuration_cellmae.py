@@ -29,13 +29,13 @@ PRESETS: dict[str, dict] = {
     "vit_l16": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, patch_size=16),
     "vit_l8": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, patch_size=8),
     # OpenPhenom (Phenom-Beta CA-MAE ViT-S/16) exactly as released: per-channel decoder for 6 channels,
-    # no final encoder norm, timm <= 1.0.24 bias layout, decoder LayerNorm eps 1e-5 (see OPENPHENOM_SPEC).
+    # no final encoder norm, decoder LayerNorm eps 1e-5 (see OPENPHENOM_SPEC). timm <= 1.0.24 added its
+    # `mlp_bias` partly to q, k and v: `openphenom.py` converts that into ordinary mlp/qkv biases.
     "openphenom": dict(
         image_size=256, patch_size=16, max_channels=11,
         hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4.0,
-        block_type="parallel", qkv_bias=False, qk_norm=True, layer_scale_init=1e-4,
+        block_type="parallel", qkv_bias=True, qk_norm=True, layer_scale_init=1e-4,
         drop_path_rate=0.1, layer_norm_eps=1e-6, final_layer_norm=False,
-        parallel_mlp_bias_layout="legacy_timm",
         decoder_type="per_channel", decoder_num_channels=6,
         decoder_hidden_size=512, decoder_num_hidden_layers=8, decoder_num_attention_heads=16,
         decoder_cross_attention_heads=8, decoder_layer_norm_eps=1e-5,
@@ -70,8 +70,10 @@ class CellMAEConfig(PretrainedConfig):
         layer_norm_eps (`float`): encoder LayerNorm epsilon.
         final_layer_norm (`bool`, defaults to `True`): LayerNorm after the last encoder block
             (OpenPhenom has none).
-        parallel_mlp_bias_layout (`str`): `"current"` adds `mlp_bias` to the MLP hidden units;
-            `"legacy_timm"` reproduces timm <= 1.0.24, which OpenPhenom was trained with.
+        parallel_mlp_bias_layout (`str`): layout of `mlp_bias` in saved weights. `"current"`: added to the
+            MLP hidden units. `"legacy_timm"` is read from folders saved by older hf_cellmae (timm <= 1.0.24's
+            layout, OpenPhenom's): it implies `qkv_bias`, and `from_pretrained` converts the weights into
+            the current layout once.
         use_channel_embeddings (`bool`, defaults to `False`): add a learned channel-identity embedding
             (selected by `channel_ids`) to the encoder tokens.
         decoder_type (`str`, defaults to `"shared"`): `"shared"` runs one decoder over all tokens with a
@@ -90,6 +92,9 @@ class CellMAEConfig(PretrainedConfig):
         mask_fourier_loss (`bool`, defaults to `True`): average the patch-scope Fourier loss over masked
             patches only.
         initializer_range (`float`, defaults to 0.02): std of the normal init of tokens and embeddings.
+        validate_inputs (`bool`, defaults to `False`): make `forward` also check input values (non-finite
+            pixels, channel ids out of range). Off because reading values makes the host wait for the
+            device every step; `CellMAEImageProcessor` and the shard writer check pixels where data enters.
         source_checkpoint (`str`, *optional*): where converted weights came from (e.g. `"openphenom"`).
         classifier_pooling (`str`, defaults to `"mean"`): read-out of `CellMAEForImageClassification`: `"mean"` of
             the patch tokens (the pooled embedding) or `"attention"` (a learned query attending to them). The
@@ -131,10 +136,13 @@ class CellMAEConfig(PretrainedConfig):
         fourier_loss_scope: str = "patch",
         mask_fourier_loss: bool = True,
         initializer_range: float = 0.02,
+        validate_inputs: bool = False,
         source_checkpoint: str | None = None,
         classifier_pooling: str = "mean",
         **kwargs,
     ):
+        if parallel_mlp_bias_layout == "legacy_timm":
+            qkv_bias = True  # part of the legacy mlp_bias becomes a q/k/v bias when converted
         self.image_size = image_size
         self.patch_size = patch_size
         self.max_channels = max_channels
@@ -166,6 +174,7 @@ class CellMAEConfig(PretrainedConfig):
         self.fourier_loss_scope = fourier_loss_scope
         self.mask_fourier_loss = mask_fourier_loss
         self.initializer_range = initializer_range
+        self.validate_inputs = validate_inputs
         self.source_checkpoint = source_checkpoint
         self.classifier_pooling = classifier_pooling
         super().__init__(**kwargs)
@@ -208,8 +217,6 @@ class CellMAEConfig(PretrainedConfig):
                 f"{len(self.channel_names)} channel_names but max_channels={self.max_channels}; "
                 "raise max_channels or name fewer channels."
             )
-        if self.parallel_mlp_bias_layout == "legacy_timm" and self.qkv_bias:
-            raise ValueError("parallel_mlp_bias_layout='legacy_timm' requires qkv_bias=False (as in timm).")
 
     @property
     def grid_size(self) -> int:

@@ -57,6 +57,26 @@ def standardize_channels(images, rescale_factor: float | None = None, eps: float
     return ((x - mean) / np.sqrt(var + np.float32(eps))).astype(np.float32, copy=False)
 
 
+def check_finite(image, index: int) -> None:
+    """Raise a clear error if a `(C, H, W)` float image holds NaN or inf (they would spread through the
+    channel's standardisation and the whole embedding). The model does not look for them by default:
+    here, where data enters on the host, the check costs no wait on the device."""
+    if isinstance(image, torch.Tensor):
+        if not image.is_floating_point():
+            return
+        finite = torch.isfinite(image).cpu().numpy()
+    else:
+        if not np.issubdtype(np.asarray(image).dtype, np.floating):
+            return
+        finite = np.isfinite(image)
+    if not finite.all():
+        channels = np.flatnonzero(~finite.all(axis=(-2, -1))).tolist()
+        raise ValueError(
+            f"image {index} has {int((~finite).sum())} non-finite pixel(s) (NaN or inf) in channel(s) {channels}; "
+            "fix or drop that image."
+        )
+
+
 def crop_boxes(height: int, width: int, size: int, mode: str) -> list[tuple[int, int]]:
     """Top-left corners of the `size` x `size` crops taken from a `height` x `width` field.
 
@@ -183,6 +203,7 @@ class CellMAEImageProcessor(BaseImageProcessor):
             crop_size = None if mode == "none" else size
             for top, left in crop_boxes(height, width, size, mode):
                 crop = image if crop_size is None else image[:, top : top + crop_size, left : left + crop_size]
+                check_finite(crop, index)
                 standardized = standardize_channels(crop, factor, self.epsilon)
                 if isinstance(standardized, np.ndarray):
                     standardized = torch.from_numpy(np.ascontiguousarray(standardized))

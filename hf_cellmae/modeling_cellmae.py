@@ -11,6 +11,7 @@ This file imports only torch, transformers and `configuration_cellmae` (relative
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -58,6 +59,26 @@ class CellMAEModelOutput(ModelOutput):
 
 
 @dataclass
+class CellMAEMaskedEncoderOutput(ModelOutput):
+    """Encoder output for a masked image (MAE pre-training).
+
+    Args:
+        last_hidden_state (`torch.FloatTensor` of shape `(B, 1 + K, D)`): class token, then the K visible
+            tokens in ascending-noise order.
+        mask (`torch.FloatTensor` of shape `(B, C * N)`): 1 for masked (removed) tokens, 0 for visible.
+        ids_restore (`torch.LongTensor` of shape `(B, C * N)`): inverse of the masking permutation.
+        channel_ids (`torch.LongTensor` of shape `(B, C)`): the stain of each channel, as resolved.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*): input of every block and the final output.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    mask: torch.FloatTensor | None = None
+    ids_restore: torch.LongTensor | None = None
+    channel_ids: torch.LongTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
 class CellMAEForPreTrainingOutput(ModelOutput):
     """Masked-autoencoder output.
 
@@ -101,6 +122,14 @@ def sincos_position_embedding(grid_height: int, grid_width: int, dim: int, devic
     angle_rows = grid_rows.reshape(-1, 1) * omega  # (gh*gw, q)
     angle_cols = grid_cols.reshape(-1, 1) * omega
     return torch.cat([angle_rows.sin(), angle_rows.cos(), angle_cols.sin(), angle_cols.cos()], dim=1)
+
+
+@functools.lru_cache(maxsize=32)
+def cached_position_embedding(grid_height: int, grid_width: int, dim: int, device: torch.device, dtype: torch.dtype):
+    """`sincos_position_embedding` computed once per grid, width, device and dtype (a constant, never
+    written to), so a forward pass does not rebuild it."""
+    with torch.inference_mode(False), torch.no_grad():  # usable later outside inference mode too
+        return sincos_position_embedding(grid_height, grid_width, dim, device).to(dtype)
 
 
 def patchify(pixel_values: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -161,6 +190,48 @@ def fourier_magnitude_l1(prediction: torch.Tensor, target: torch.Tensor) -> torc
     return (spectrum_pred - spectrum_target).abs().mean(dim=(-2, -1))
 
 
+def mse_loss(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """MAE's reconstruction loss: squared error per patch `(B, L)`, averaged over the patches weighted 1.
+
+    `prediction`, `target`: `(B, L, p*p)`; `weights`: `(B, L)` (the mask, or ones to score every patch)."""
+    return masked_mean(((prediction - target) ** 2).mean(dim=-1), weights)
+
+
+def fourier_loss(
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    weights: torch.Tensor,
+    num_channels: int,
+    patch_size: int,
+    grid: tuple[int, int],
+    scope: str = "patch",
+    masked_only: bool = True,
+) -> torch.Tensor:
+    """L1 distance of Fourier magnitudes between reconstruction and target, `(B, L, p*p)` patches each.
+
+    `scope="patch"` (OpenPhenom): FFT of every p x p patch, averaged over the patches weighted 1 by
+    `weights` (`masked_only`) or over all. `scope="image"`: FFT of every whole channel, the visible
+    patches (weight 0) taken from the target."""
+    if scope == "patch":
+        per_patch = fourier_magnitude_l1(
+            prediction.reshape(*prediction.shape[:2], patch_size, patch_size),
+            target.reshape(*target.shape[:2], patch_size, patch_size),
+        )  # (B, L)
+        return masked_mean(per_patch, weights) if masked_only else per_patch.mean()
+    composite = target + weights.unsqueeze(-1) * (prediction - target)  # (B, L, p*p)
+    return fourier_magnitude_l1(
+        unpatchify(composite, num_channels, patch_size, grid), unpatchify(target, num_channels, patch_size, grid)
+    ).mean()
+
+
+def legacy_timm_parallel_biases(mlp_bias: torch.Tensor, qkv_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """timm <= 1.0.24's `ParallelScalingBlock` (OpenPhenom) adds `mlp_bias` (M values) to the LAST M outputs
+    of the fused `[MLP hidden (M) | q | k | v]` projection. The same biases as ordinary `(mlp_bias (M,),
+    qkv_bias (qkv_size,))`: the first `qkv_size` MLP units get zero."""
+    fused = torch.cat([mlp_bias.new_zeros(qkv_size), mlp_bias])  # (M + qkv_size,) bias of the fused outputs
+    return fused[: mlp_bias.numel()], fused[mlp_bias.numel() :]
+
+
 def drop_path(hidden_states: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
     """Stochastic depth: drop the residual branch per sample with probability `drop_prob`."""
     if drop_prob == 0.0 or not training:
@@ -181,9 +252,27 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
+def matmul_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """`softmax(q k^T / sqrt(hd)) v` with explicit matmuls (softmax in float32): `(B, H, L, hd)` -> `(B, H, Lq, hd)`."""
+    weights = torch.matmul(query * query.shape[-1] ** -0.5, key.transpose(-2, -1))  # (B, H, Lq, Lk)
+    return torch.matmul(weights.softmax(dim=-1, dtype=torch.float32).to(value.dtype), value)
+
+
+def cpu_reduced_precision_training(query: torch.Tensor) -> bool:
+    """Whether to attend with explicit matmuls: on CPU (torch 2.13, measured on 2 cores) the flash-attention
+    kernel's forward+backward in bf16 is 2-3x slower than matmuls at 256-385 tokens (equal at 1536);
+    in fp32, and without grad, the kernel is as fast or faster."""
+    if query.device.type != "cpu" or not (torch.is_grad_enabled() and query.requires_grad):
+        return False
+    if torch.is_autocast_enabled("cpu"):
+        return torch.get_autocast_dtype("cpu") in (torch.bfloat16, torch.float16)
+    return query.dtype in (torch.bfloat16, torch.float16)
+
+
 def multi_head_attention(module, query, key, value, num_heads: int, q_norm=None, k_norm=None):
-    """`(B, Lq, D)` queries over `(B, Lk, D)` keys/values -> `(B, Lq, D)`, through the attention
-    backend chosen in `module.config._attn_implementation` (sdpa by default, eager)."""
+    """`(B, Lq, D)` queries over `(B, Lk, D)` keys/values -> `(B, Lq, D)`. `F.scaled_dot_product_attention`
+    for `config._attn_implementation == "sdpa"` (the default; explicit matmuls when training in reduced
+    precision on CPU, see `cpu_reduced_precision_training`), else the backend it names (e.g. eager)."""
     batch, q_len, dim = query.shape
     head_dim = dim // num_heads
     q = query.reshape(batch, q_len, num_heads, head_dim).transpose(1, 2)  # (B, H, Lq, hd)
@@ -191,9 +280,12 @@ def multi_head_attention(module, query, key, value, num_heads: int, q_norm=None,
     v = value.reshape(batch, -1, num_heads, head_dim).transpose(1, 2)
     if q_norm is not None:
         q, k = q_norm(q), k_norm(k)
-    attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-        module.config._attn_implementation, eager_attention_forward
-    )
+    implementation = module.config._attn_implementation
+    if implementation in (None, "sdpa"):
+        attention = matmul_attention if cpu_reduced_precision_training(q) else F.scaled_dot_product_attention
+        out = attention(q, k, v)  # (B, H, Lq, hd)
+        return out.transpose(1, 2).reshape(batch, q_len, dim)
+    attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
     out, _ = attention(module, q, k, v, None, scaling=head_dim**-0.5, dropout=0.0)  # (B, Lq, H, hd)
     return out.reshape(batch, q_len, dim)
 
@@ -227,17 +319,13 @@ class CellMAEParallelBlock(GradientCheckpointingLayer):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         dim = hidden_states.shape[-1]
-        fused = self.in_proj(self.norm(hidden_states))  # (B, L, M + 3D)
-        if self.config.parallel_mlp_bias_layout == "legacy_timm":
-            # timm <= 1.0.24 adds mlp_bias to the LAST M outputs (what OpenPhenom was trained with).
-            fused = fused + F.pad(self.mlp_bias, (fused.shape[-1] - self.mlp_hidden_size, 0))
-            mlp_hidden, q, k, v = fused.split([self.mlp_hidden_size, dim, dim, dim], dim=-1)
+        if self.qkv_bias is None:
+            bias = torch.cat([self.mlp_bias, self.mlp_bias.new_zeros(3 * dim)])  # (M + 3D,): q, k, v unbiased
         else:
-            mlp_hidden, qkv = fused.split([self.mlp_hidden_size, 3 * dim], dim=-1)
-            mlp_hidden = mlp_hidden + self.mlp_bias
-            if self.qkv_bias is not None:
-                qkv = qkv + self.qkv_bias
-            q, k, v = qkv.chunk(3, dim=-1)
+            bias = torch.cat([self.mlp_bias, self.qkv_bias])  # (M + 3D,)
+        # One GEMM with the bias folded in (addmm), rather than a second pass over the (B, L, M + 3D) output.
+        fused = F.linear(self.norm(hidden_states), self.in_proj.weight, bias)  # (B, L, M + 3D)
+        mlp_hidden, q, k, v = fused.split([self.mlp_hidden_size, dim, dim, dim], dim=-1)
         attended = multi_head_attention(self, q, k, v, self.config.num_attention_heads, self.q_norm, self.k_norm)
         out = self.attn_out(attended) + self.mlp_out(self.act(mlp_hidden))  # (B, L, D)
         if self.layer_scale is not None:
@@ -343,7 +431,7 @@ class CellMAEEmbeddings(nn.Module):
         weight = self.patch_embeddings.weight
         tokens = self.patch_embeddings(per_channel.to(weight.dtype))  # (B*C, D, rows, cols)
         tokens = tokens.flatten(2).transpose(1, 2)  # (B*C, N, D)
-        position = sincos_position_embedding(rows, cols, tokens.shape[-1], tokens.device).to(tokens.dtype)
+        position = cached_position_embedding(rows, cols, tokens.shape[-1], tokens.device, tokens.dtype)  # (N, D)
         tokens = tokens + position  # same spatial code for every channel
         if self.channel_embeddings is not None:
             tokens = tokens + self.channel_embeddings(channel_ids.reshape(-1)).unsqueeze(1)  # (B*C, 1, D)
@@ -390,12 +478,13 @@ class CellMAESharedDecoder(nn.Module):
         self.norm = nn.LayerNorm(width, eps=config.decoder_layer_norm_eps)
         self.pred = nn.Linear(width, config.patch_size**2)
 
-    def forward(self, latent, ids_restore, channel_ids, grid):
-        """`latent (B, 1 + K, D)`, `ids_restore (B, L)`, `channel_ids (B, C)` -> `(B, L, p*p)`."""
+    def forward(self, latent, ids_restore, channel_ids, grid, channel_list=None, validate_inputs=False):
+        """`latent (B, 1 + K, D)`, `ids_restore (B, L)`, `channel_ids (B, C)` -> `(B, L, p*p)`. Any channel
+        set works, so `channel_list` and `validate_inputs` (see the per-channel decoder) are not needed."""
         batch, channels = channel_ids.shape
         tokens = unshuffle_with_mask_tokens(self.embed(latent), ids_restore, self.mask_token)  # (B, L, E)
         width = tokens.shape[-1]
-        position = sincos_position_embedding(*grid, width, tokens.device).to(tokens.dtype)  # (N, E)
+        position = cached_position_embedding(*grid, width, tokens.device, tokens.dtype)  # (N, E)
         identity = self.channel_embeddings(channel_ids).to(tokens.dtype)  # (B, C, E)
         tokens = tokens.reshape(batch, channels, -1, width) + position + identity.unsqueeze(2)
         hidden = tokens.reshape(batch, -1, width)  # (B, L, E)
@@ -432,23 +521,39 @@ class CellMAEPerChannelDecoder(nn.Module):
         )
         self.pred = nn.Linear(width, config.patch_size**2)
 
-    def forward(self, latent, ids_restore, channel_ids, grid):
-        """`latent (B, 1 + K, D)`, `ids_restore (B, L)`, `channel_ids (B, C)` -> `(B, L, p*p)`."""
+    def forward(self, latent, ids_restore, channel_ids, grid, channel_list=None, validate_inputs=False):
+        """`latent (B, 1 + K, D)`, `ids_restore (B, L)`, `channel_ids (B, C)` -> `(B, L, p*p)`.
+
+        Which block stack decodes a channel depends on its id. `channel_list` gives the ids as Python ints
+        when the caller knows them (the same for every image). Without it, `decoder_num_channels` channels
+        are taken to be an ordering of all the stacks and routed on the device (no host wait; checked only
+        with `validate_inputs`); a subset of the channels is read back to the host once.
+        """
         batch, channels = channel_ids.shape
-        ids = channel_ids[0]
-        if (channel_ids != ids).any():
-            raise ValueError("The per-channel decoder needs the same channel_ids for every image of a batch.")
-        if int(ids.max()) >= self.config.decoder_num_channels:
+        stacks = self.config.decoder_num_channels
+        route_on_device = channel_list is None and channels == stacks
+        if validate_inputs and route_on_device:
+            expected = torch.arange(stacks, device=channel_ids.device)
+            if not torch.equal(channel_ids.sort(dim=1).values, expected.expand(batch, -1)):
+                raise ValueError(
+                    f"channel_ids {channel_ids.tolist()} must give each image's {stacks} channels the ids "
+                    f"0..{stacks - 1} once each, for this per-channel decoder's {stacks} stacks."
+                )
+        if channel_list is None and not route_on_device:
+            rows = channel_ids.tolist()  # the stacks to run depend on the values: one host read
+            if any(row != rows[0] for row in rows):
+                raise ValueError("The per-channel decoder needs the same channel_ids for every image of a batch.")
+            channel_list = rows[0]
+        if channel_list is not None and max(channel_list) >= stacks:
             raise ValueError(
-                f"channel_ids {ids.tolist()} exceed this per-channel decoder's "
-                f"{self.config.decoder_num_channels} channels; reconstruct with channel_ids below "
-                f"{self.config.decoder_num_channels} or use decoder_type='shared'."
+                f"channel_ids {list(channel_list)} exceed this per-channel decoder's {stacks} channels; "
+                f"reconstruct with channel_ids below {stacks} or use decoder_type='shared'."
             )
         tokens = unshuffle_with_mask_tokens(self.embed(latent), ids_restore, self.mask_token)  # (B, L, E)
         width = tokens.shape[-1]
-        position = sincos_position_embedding(*grid, width, tokens.device).to(tokens.dtype)  # (N, E)
-        identity = self.channel_tokens[ids].to(tokens.dtype)  # (C, E)
-        tokens = (tokens.reshape(batch, channels, -1, width) + position + identity.unsqueeze(1)).reshape(
+        position = cached_position_embedding(*grid, width, tokens.device, tokens.dtype)  # (N, E)
+        identity = self.channel_tokens[channel_ids].to(tokens.dtype)  # (B, C, E)
+        tokens = (tokens.reshape(batch, channels, -1, width) + position + identity.unsqueeze(2)).reshape(
             batch, -1, width
         )  # (B, L, E)
         # Cross-attention of every channel's tokens to all tokens = one attention over all queries.
@@ -459,13 +564,22 @@ class CellMAEPerChannelDecoder(nn.Module):
         )
         hidden = hidden + self.fc2(self.act(self.fc1(self.out_norm(hidden))))
         per_channel = hidden.reshape(batch, channels, -1, width)  # (B, C, N, E)
-        decoded = []
-        for position_in_input, channel in enumerate(ids.tolist()):
-            x = per_channel[:, position_in_input]
-            for layer in self.stacks[channel]:
-                x = layer(x)
-            decoded.append(x)
-        return self.pred(torch.stack(decoded, dim=1).reshape(batch, -1, width))
+        if route_on_device:
+            # Sort each image's channels by id so that position k goes through stack k, then sort back.
+            order = channel_ids.argsort(dim=1)  # (B, C): position of the channel with id k
+            by_id = torch.gather(per_channel, 1, order[:, :, None, None].expand_as(per_channel))
+            decoded = torch.stack([self._decode(by_id[:, k], k) for k in range(stacks)], dim=1)  # (B, C, N, E)
+            back = order.argsort(dim=1)[:, :, None, None].expand_as(decoded)
+            decoded = torch.gather(decoded, 1, back)
+        else:
+            decoded = torch.stack([self._decode(per_channel[:, i], c) for i, c in enumerate(channel_list)], dim=1)
+        return self.pred(decoded.reshape(batch, -1, width))
+
+    def _decode(self, tokens: torch.Tensor, channel: int) -> torch.Tensor:
+        """One channel's `(B, N, E)` tokens through that channel's block stack."""
+        for layer in self.stacks[channel]:
+            tokens = layer(tokens)
+        return tokens
 
 
 # ----------------------------------------------------------------------------------------------
@@ -514,16 +628,48 @@ class CellMAEPreTrainedModel(PreTrainedModel):
                 if scale is not None:
                     init.constant_(scale, self.config.layer_scale_init)
 
+    def post_init(self):
+        super().post_init()
+        if self.config.parallel_mlp_bias_layout == "legacy_timm":
+            # A folder in the old layout holds no qkv_bias: `from_pretrained` derives it from mlp_bias.
+            self._keys_to_ignore_on_load_missing.add(r"layers\.\d+\.qkv_bias$")
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, plus: a folder whose config says
+        `parallel_mlp_bias_layout="legacy_timm"` (saved by hf_cellmae before that layout was converted at
+        load time, e.g. an older converted OpenPhenom) gets its biases turned into ordinary
+        `mlp_bias`/`qkv_bias` here, once (`legacy_timm_parallel_biases`)."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        if model.config.parallel_mlp_bias_layout == "legacy_timm":
+            model._convert_legacy_timm_biases()
+        return loaded
+
+    @torch.no_grad()
+    def _convert_legacy_timm_biases(self) -> None:
+        for block in self.modules():
+            if isinstance(block, CellMAEParallelBlock):
+                mlp_bias, qkv_bias = legacy_timm_parallel_biases(block.mlp_bias, block.qkv_bias.numel())
+                block.mlp_bias.copy_(mlp_bias)
+                block.qkv_bias.copy_(qkv_bias)
+        self.config.parallel_mlp_bias_layout = "current"
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save weights (safetensors), config and, for `trust_remote_code`, the model code files.
         The config's `auto_map` names every Auto class, so one folder serves `AutoModel` (encoder)
-        and `AutoModelForPreTraining`."""
+        and `AutoModelForPreTraining`. Weights in memory are always in the `"current"` bias layout."""
         self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP}
+        self.config.parallel_mlp_bias_layout = "current"
         return super().save_pretrained(save_directory, *args, **kwargs)
 
 
-def validate_pixel_values(pixel_values, config: CellMAEConfig) -> None:
-    """Raise a clear error for input the model cannot take."""
+def validate_pixel_values(pixel_values, config: CellMAEConfig, check_values: bool = False) -> None:
+    """Raise a clear error for input the model cannot take.
+
+    Type, shape, dtype and channel count are metadata: always checked, free. Non-finite pixels are only
+    looked for with `check_values`, because reading a device tensor's values makes the host wait for the
+    device; `CellMAEImageProcessor` and the shard writer check them where the data enters instead."""
     if not isinstance(pixel_values, torch.Tensor):
         raise TypeError(
             f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}; "
@@ -551,27 +697,56 @@ def validate_pixel_values(pixel_values, config: CellMAEConfig) -> None:
             f"image size {height}x{width} is not divisible by patch_size={patch}; crop or tile to a multiple "
             f"of {patch} (CellMAEImageProcessor(image_size={config.image_size}) does this)."
         )
-    if not torch.isfinite(pixel_values).all():
+    if check_values and not torch.isfinite(pixel_values).all():
         bad = int((~torch.isfinite(pixel_values)).sum())
         raise ValueError(f"pixel_values contains {bad} non-finite values (NaN or inf); fix or drop those images.")
 
 
-def resolve_channel_ids(channel_ids, batch: int, channels: int, config: CellMAEConfig, device) -> torch.Tensor:
-    """`None`, a `(C,)` or a `(B, C)` sequence of ints -> `(B, C)` long tensor, validated."""
+def resolve_channel_ids(
+    channel_ids, batch: int, channels: int, config: CellMAEConfig, device, check_values: bool = False
+) -> torch.Tensor:
+    """`None`, a `(C,)` or a `(B, C)` sequence of ints -> `(B, C)` long tensor on `device`.
+
+    The shape is always checked. The range is checked for ids given as Python ints (free), and for ids
+    given as a tensor only with `check_values` (reading it would make the host wait for the device)."""
     if channel_ids is None:
         return torch.arange(channels, device=device).expand(batch, channels)
-    given = torch.as_tensor(channel_ids, device=device, dtype=torch.long)
+    given = torch.as_tensor(channel_ids, dtype=torch.long)  # a tensor stays where it is; a list is on the host
     ids = given.expand(batch, -1) if given.ndim == 1 else given
     if ids.shape != (batch, channels):
         raise ValueError(
             f"channel_ids has shape {tuple(given.shape)} but pixel_values has {batch} images of {channels} channels; "
             f"pass one id per channel, shape ({channels},) or ({batch}, {channels})."
         )
-    if int(ids.min()) < 0 or int(ids.max()) >= config.max_channels:
-        raise ValueError(
-            f"channel_ids {ids[0].tolist()} must lie in [0, {config.max_channels}) (config.max_channels)."
-        )
-    return ids
+    if check_values or not isinstance(channel_ids, torch.Tensor):
+        if int(ids.min()) < 0 or int(ids.max()) >= config.max_channels:
+            raise ValueError(
+                f"channel_ids {ids[0].tolist()} must lie in [0, {config.max_channels}) (config.max_channels)."
+            )
+    return ids.to(device)
+
+
+def host_channel_list(channel_ids, channels: int) -> list[int] | None:
+    """The channel ids as Python ints when they are known without reading a tensor (`None`: 0..C-1, or a
+    list shared by every image); `None` for ids given as a tensor."""
+    if channel_ids is None:
+        return list(range(channels))
+    if isinstance(channel_ids, torch.Tensor):
+        return None
+    rows = torch.as_tensor(channel_ids, dtype=torch.long).reshape(-1, channels).tolist()
+    return rows[0] if all(row == rows[0] for row in rows) else None
+
+
+def masking_noise(batch: int, length: int, device, noise: torch.Tensor | None = None, mask_seed: int | None = None):
+    """`(B, L)` masking noise: `noise` as given (shape checked), else uniform, seeded by `mask_seed` if given."""
+    if noise is not None:
+        if noise.shape != (batch, length):
+            raise ValueError(f"noise has shape {tuple(noise.shape)}; expected ({batch}, {length}) = (B, C * N).")
+        return noise.to(device)
+    generator = None
+    if mask_seed is not None:
+        generator = torch.Generator(device=device).manual_seed(int(mask_seed))
+    return torch.rand(batch, length, device=device, generator=generator)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -609,6 +784,13 @@ class CellMAEModel(CellMAEPreTrainedModel):
             hidden = self.layernorm(hidden)
         return hidden, all_states
 
+    def _checked_channel_ids(self, pixel_values, channel_ids, validate_inputs: bool | None) -> torch.Tensor:
+        """Check `pixel_values` and return `channel_ids` as a `(B, C)` long tensor (see `validate_pixel_values`)."""
+        check_values = self.config.validate_inputs if validate_inputs is None else validate_inputs
+        validate_pixel_values(pixel_values, self.config, check_values)
+        batch, channels = pixel_values.shape[:2]
+        return resolve_channel_ids(channel_ids, batch, channels, self.config, pixel_values.device, check_values)
+
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -616,6 +798,7 @@ class CellMAEModel(CellMAEPreTrainedModel):
         output_channelwise_embeddings: bool = False,
         output_hidden_states: bool = False,
         return_dict: bool | None = None,
+        validate_inputs: bool | None = None,
         **kwargs,
     ) -> CellMAEModelOutput:
         r"""
@@ -627,10 +810,12 @@ class CellMAEModel(CellMAEPreTrainedModel):
                 model has channel embeddings.
             output_channelwise_embeddings (`bool`): also return the per-channel mean tokens `(B, C, D)`.
             output_hidden_states (`bool`): also return every block's hidden states.
+            validate_inputs (`bool`, *optional*): also check the values (non-finite pixels, channel ids
+                given as a tensor out of range); this makes the host wait for the device. Defaults to
+                `config.validate_inputs` (off).
         """
-        validate_pixel_values(pixel_values, self.config)
+        ids = self._checked_channel_ids(pixel_values, channel_ids, validate_inputs)
         batch, channels = pixel_values.shape[:2]
-        ids = resolve_channel_ids(channel_ids, batch, channels, self.config, pixel_values.device)
         tokens = self.embeddings(pixel_values, ids)  # (B, C*N, D)
         hidden, all_states = self._run_encoder(tokens, output_hidden_states)  # (B, 1 + C*N, D)
         patch_tokens = hidden[:, 1:]
@@ -644,6 +829,37 @@ class CellMAEModel(CellMAEPreTrainedModel):
             hidden_states=all_states,
         )
         return output if return_dict is not False else output.to_tuple()
+
+    def forward_masked(
+        self,
+        pixel_values: torch.Tensor,
+        mask_ratio: float | None = None,
+        noise: torch.Tensor | None = None,
+        mask_seed: int | None = None,
+        channel_ids=None,
+        output_hidden_states: bool = False,
+        validate_inputs: bool | None = None,
+    ) -> CellMAEMaskedEncoderOutput:
+        r"""MAE's masked encoding: embed every channel's patches, drop a random `mask_ratio` of the tokens
+        (jointly over channels), encode the class token and the visible tokens.
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(B, C, H, W)`): standardised pixels.
+            mask_ratio (`float`, *optional*): fraction of the `C * N` tokens removed; `config.mask_ratio` by default.
+            noise (`torch.FloatTensor` of shape `(B, C * N)`, *optional*): the tokens with the smallest noise
+                stay visible; makes the mask exactly reproducible.
+            mask_seed (`int`, *optional*): seed for the noise when `noise` is not given.
+            channel_ids, output_hidden_states, validate_inputs: as in `forward`.
+        """
+        ids = self._checked_channel_ids(pixel_values, channel_ids, validate_inputs)
+        ratio = self.config.mask_ratio if mask_ratio is None else mask_ratio
+        tokens = self.embeddings(pixel_values, ids)  # (B, L, D), L = C*N
+        noise = masking_noise(*tokens.shape[:2], tokens.device, noise, mask_seed)  # (B, L)
+        visible, mask, ids_restore = random_masking(tokens, ratio, noise)  # (B, K, D), (B, L), (B, L)
+        latent, all_states = self._run_encoder(visible, output_hidden_states)  # (B, 1 + K, D)
+        return CellMAEMaskedEncoderOutput(
+            last_hidden_state=latent, mask=mask, ids_restore=ids_restore, channel_ids=ids, hidden_states=all_states
+        )
 
 
 class CellMAEForPreTraining(CellMAEPreTrainedModel):
@@ -672,21 +888,11 @@ class CellMAEForPreTraining(CellMAEPreTrainedModel):
         """`(B, C * N, patch_size**2)` (e.g. `logits`) -> `(B, C, H, W)` images."""
         return unpatchify(patches, num_channels, self.config.patch_size, grid)
 
-    def _mask_noise(self, batch, length, device, noise, mask_seed):
-        if noise is not None:
-            if noise.shape != (batch, length):
-                raise ValueError(f"noise has shape {tuple(noise.shape)}; expected ({batch}, {length}) = (B, C * N).")
-            return noise.to(device)
-        generator = None
-        if mask_seed is not None:
-            generator = torch.Generator(device=device).manual_seed(int(mask_seed))
-        return torch.rand(batch, length, device=device, generator=generator)
-
     def compute_loss(self, logits, pixel_values, mask, grid, mask_ratio: float | None = None):
-        """MSE over masked patches and Fourier loss, mixed `(1 - w) * mse + w * fourier`.
+        """`(1 - w) * mse_loss + w * fourier_loss` over the masked patches; returns (loss, mse, fourier).
 
-        `logits (B, L, p*p)`, `pixel_values (B, C, H, W)`, `mask (B, L)`; returns (loss, mse, fourier).
-        With nothing masked (`mask_ratio` 0) every token is scored instead of dividing by zero.
+        `logits (B, L, p*p)`, `pixel_values (B, C, H, W)`, `mask (B, L)`. With nothing masked
+        (`mask_ratio` 0) every patch is scored instead of dividing by zero.
         """
         config = self.config
         target = self.patchify(pixel_values).float()  # (B, L, p*p)
@@ -697,21 +903,11 @@ class CellMAEForPreTraining(CellMAEPreTrainedModel):
             target = (target - mean) / (var + 1e-6) ** 0.5
         ratio = config.mask_ratio if mask_ratio is None else mask_ratio
         weights = mask if ratio > 0 else torch.ones_like(mask)
-        mse = masked_mean(((prediction - target) ** 2).mean(dim=-1), weights)
-        patch = config.patch_size
-        if config.fourier_loss_scope == "patch":
-            per_patch = fourier_magnitude_l1(
-                prediction.reshape(*prediction.shape[:2], patch, patch),
-                target.reshape(*target.shape[:2], patch, patch),
-            )  # (B, L)
-            fourier = masked_mean(per_patch, weights) if config.mask_fourier_loss else per_patch.mean()
-        else:
-            channels = pixel_values.shape[1]
-            # Whole-channel spectrum of the reconstruction pasted into the visible target patches.
-            composite = target + weights.unsqueeze(-1) * (prediction - target)
-            fourier = fourier_magnitude_l1(
-                unpatchify(composite, channels, patch, grid), unpatchify(target, channels, patch, grid)
-            ).mean()
+        mse = mse_loss(prediction, target, weights)
+        fourier = fourier_loss(
+            prediction, target, weights, pixel_values.shape[1], config.patch_size, grid,
+            config.fourier_loss_scope, config.mask_fourier_loss,
+        )
         weight = config.fourier_loss_weight
         return (1 - weight) * mse + weight * fourier, mse, fourier
 
@@ -724,6 +920,7 @@ class CellMAEForPreTraining(CellMAEPreTrainedModel):
         mask_seed: int | None = None,
         output_hidden_states: bool = False,
         return_dict: bool | None = None,
+        validate_inputs: bool | None = None,
         **kwargs,
     ) -> CellMAEForPreTrainingOutput:
         r"""
@@ -734,34 +931,36 @@ class CellMAEForPreTraining(CellMAEPreTrainedModel):
             noise (`torch.FloatTensor` of shape `(B, C * N)`, *optional*): masking noise; the tokens with
                 the smallest values stay visible. Makes the mask exactly reproducible.
             mask_seed (`int`, *optional*): seed for the masking noise when `noise` is not given.
+            validate_inputs (`bool`, *optional*): also check input values (see `CellMAEModel.forward`).
         """
-        validate_pixel_values(pixel_values, self.config)
         ratio = self.config.mask_ratio if mask_ratio is None else mask_ratio
-        batch, channels, height, width = pixel_values.shape
-        patch = self.config.patch_size
-        grid = (height // patch, width // patch)
-        ids = resolve_channel_ids(channel_ids, batch, channels, self.config, pixel_values.device)
-        tokens = self.cellmae.embeddings(pixel_values, ids)  # (B, L, D), L = C*N
-        noise = self._mask_noise(batch, tokens.shape[1], tokens.device, noise, mask_seed)
-        visible, mask, ids_restore = random_masking(tokens, ratio, noise)  # (B, K, D), (B, L), (B, L)
-        latent, all_states = self.cellmae._run_encoder(visible, output_hidden_states)  # (B, 1 + K, D)
-        logits = self.decoder(latent, ids_restore, ids, grid)  # (B, L, p*p)
-        loss, mse, fourier = self.compute_loss(logits, pixel_values, mask, grid, ratio)
+        encoded = self.cellmae.forward_masked(
+            pixel_values, ratio, noise, mask_seed, channel_ids, output_hidden_states, validate_inputs
+        )
+        channels, height, width = pixel_values.shape[1:]
+        grid = (height // self.config.patch_size, width // self.config.patch_size)
+        check_values = self.config.validate_inputs if validate_inputs is None else validate_inputs
+        logits = self.decoder(
+            encoded.last_hidden_state, encoded.ids_restore, encoded.channel_ids, grid,
+            host_channel_list(channel_ids, channels), check_values,
+        )  # (B, L, p*p)
+        loss, mse, fourier = self.compute_loss(logits, pixel_values, encoded.mask, grid, ratio)
         output = CellMAEForPreTrainingOutput(
             loss=loss,
             mse_loss=mse,
             fourier_loss=fourier,
             logits=logits,
-            mask=mask,
-            ids_restore=ids_restore,
-            last_hidden_state=latent,
-            hidden_states=all_states,
+            mask=encoded.mask,
+            ids_restore=encoded.ids_restore,
+            last_hidden_state=encoded.last_hidden_state,
+            hidden_states=encoded.hidden_states,
         )
         return output if return_dict is not False else output.to_tuple()
 
 
 __all__ = [
     "CellMAEForPreTraining",
+    "CellMAEMaskedEncoderOutput",
     "CellMAEForPreTrainingOutput",
     "CellMAEModel",
     "CellMAEModelOutput",

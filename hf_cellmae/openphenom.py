@@ -3,7 +3,9 @@
 OpenPhenom's `model.safetensors` is really a `torch.save` zip pickle of `{"state_dict": ...}`
 (765 keys). `load_openphenom_state_dict` reads it safely (`weights_only=True`, never arbitrary
 pickles) or a genuine safetensors file; `convert_openphenom_state_dict` is a pure `dict -> dict`
-renaming into `CellMAEForPreTraining`'s layout; `load_openphenom` returns a ready model.
+conversion into `CellMAEForPreTraining`'s layout (renamed keys; timm <= 1.0.24's `mlp_bias`, which
+also biased q, k and v, split into ordinary `mlp_bias` and `qkv_bias`); `load_openphenom` returns a
+ready model.
 
 The weights are under Recursion's non-commercial licence and are not redistributed: bring your own copy.
 """
@@ -18,13 +20,15 @@ import torch
 
 from .configuration_cellmae import CellMAEConfig
 from .errors import ensure_writable_folder, untrusted_pickle_error
-from .modeling_cellmae import CellMAEForPreTraining, sincos_position_embedding
+from .modeling_cellmae import CellMAEForPreTraining, legacy_timm_parallel_biases, sincos_position_embedding
+
+# timm's ParallelScalingBlock changed where `mlp_bias` goes in 1.0.25; OpenPhenom was trained before that.
+MLP_BIAS_LAYOUTS = ("legacy_timm", "current")
 
 # OpenPhenom key (regex) -> hf_cellmae key (format string over the groups).
 _RENAMES = [
     (r"encoder\.vit_backbone\.cls_token", "cellmae.embeddings.cls_token"),
     (r"encoder\.vit_backbone\.patch_embed\.proj\.(weight|bias)", "cellmae.embeddings.patch_embeddings.{0}"),
-    (r"encoder\.vit_backbone\.blocks\.(\d+)\.mlp_bias", "cellmae.encoder.layers.{0}.mlp_bias"),
     (r"encoder\.vit_backbone\.blocks\.(\d+)\.in_norm\.(weight|bias)", "cellmae.encoder.layers.{0}.norm.{1}"),
     (r"encoder\.vit_backbone\.blocks\.(\d+)\.in_proj\.weight", "cellmae.encoder.layers.{0}.in_proj.weight"),
     (r"encoder\.vit_backbone\.blocks\.(\d+)\.(q_norm|k_norm)\.(weight|bias)", "cellmae.encoder.layers.{0}.{1}.{2}"),
@@ -44,18 +48,28 @@ _RENAMES = [
     (r"decoder_pred\.(weight|bias)", "decoder.pred.{0}"),
 ]
 _MODALITY_TOKEN = re.compile(r"decoder\.modality_tokens\.(\d+)")
+_MLP_BIAS = re.compile(r"encoder\.vit_backbone\.blocks\.(\d+)\.mlp_bias")
 # Fixed tables the model recomputes (checked against the recomputation), and weights `predict` never uses.
 _FIXED_TABLES = {"encoder.vit_backbone.pos_embed", "decoder.pos_embeddings", "decoder.placeholder"}
 _UNUSED = {"encoder.vit_backbone.fc_norm.weight", "encoder.vit_backbone.fc_norm.bias"}
 
 
-def convert_openphenom_state_dict(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Rename an OpenPhenom `MAEModel` state dict into `CellMAEForPreTraining`'s layout.
+def convert_openphenom_state_dict(
+    state_dict: dict[str, torch.Tensor], mlp_bias_layout: str = "legacy_timm"
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Convert an OpenPhenom `MAEModel` state dict into `CellMAEForPreTraining`'s layout.
+
+    Each block's `mlp_bias` becomes `mlp_bias` and `qkv_bias`. With `mlp_bias_layout="legacy_timm"`
+    (timm <= 1.0.24, what OpenPhenom was trained and published with) it was added to the LAST 1536 of
+    the fused [MLP 1536 | q | k | v] outputs, so the first 1152 MLP units get 0 and q, k, v get its last
+    1152 values; with `"current"` (timm >= 1.0.25) it is the MLP bias and q, k, v get none.
 
     Returns `(converted, dropped)`: `dropped` lists the keys not carried over (the fixed sin-cos tables
     and the zero placeholder, recomputed by hf_cellmae, and the encoder's unused `fc_norm`).
     Raises `KeyError` on a key it does not know, so no weight is ever lost silently.
     """
+    if mlp_bias_layout not in MLP_BIAS_LAYOUTS:
+        raise ValueError(f"mlp_bias_layout={mlp_bias_layout!r} is not one of {MLP_BIAS_LAYOUTS}.")
     converted: dict[str, torch.Tensor] = {}
     modality_tokens: dict[int, torch.Tensor] = {}
     dropped: list[str] = []
@@ -67,6 +81,18 @@ def convert_openphenom_state_dict(state_dict: dict[str, torch.Tensor]) -> tuple[
         match = _MODALITY_TOKEN.fullmatch(key)
         if match:
             modality_tokens[int(match.group(1))] = tensor.reshape(-1)  # (1, 1, E) -> (E,)
+            continue
+        match = _MLP_BIAS.fullmatch(key)
+        if match:
+            block = match.group(1)
+            prefix = f"cellmae.encoder.layers.{block}."
+            fused_size = state_dict[f"encoder.vit_backbone.blocks.{block}.in_proj.weight"].shape[0]
+            qkv_size = fused_size - tensor.numel()  # in_proj rows: [MLP | q | k | v]
+            if mlp_bias_layout == "legacy_timm":
+                mlp_bias, qkv_bias = legacy_timm_parallel_biases(tensor, qkv_size)
+            else:
+                mlp_bias, qkv_bias = tensor, tensor.new_zeros(qkv_size)
+            converted[prefix + "mlp_bias"], converted[prefix + "qkv_bias"] = mlp_bias, qkv_bias
             continue
         for pattern, target in _RENAMES:
             match = re.fullmatch(pattern, key)
@@ -124,15 +150,16 @@ def check_fixed_tables(state_dict: dict[str, torch.Tensor], config: CellMAEConfi
             raise ValueError(f"{key} is not the standard 2-D sin-cos table; this checkpoint is not OpenPhenom-compatible.")
 
 
-def load_openphenom(path: str | Path, **config_overrides) -> CellMAEForPreTraining:
+def load_openphenom(path: str | Path, mlp_bias_layout: str = "legacy_timm", **config_overrides) -> CellMAEForPreTraining:
     """An hf_cellmae `CellMAEForPreTraining` with OpenPhenom's weights (config preset `"openphenom"`).
 
     `model.cellmae` is the encoder; `model.cellmae(pixels).pooler_output` equals OpenPhenom's `predict`.
+    `mlp_bias_layout`: see `convert_openphenom_state_dict` (keep the default for OpenPhenom's weights).
     """
     state_dict = load_openphenom_state_dict(path)
     config = CellMAEConfig.from_preset("openphenom", **config_overrides)
     check_fixed_tables(state_dict, config)
-    converted, _ = convert_openphenom_state_dict(state_dict)
+    converted, _ = convert_openphenom_state_dict(state_dict, mlp_bias_layout)
     model = CellMAEForPreTraining(config)
     model.load_state_dict(converted, strict=True)
     return model.eval()

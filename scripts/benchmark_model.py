@@ -9,13 +9,25 @@ and prints images/s, GFLOP per image (counted with `torch.utils.flop_counter`, a
 analytically where the CPU kernel is not counted) and achieved FLOP/s as a share of the matmul peak.
 
     python scripts/benchmark_model.py [--batch-size 2] [--steps 3] [--presets tiny vit_s16] [--bf16]
+
+With `--openphenom`, instead times hf_cellmae side by side with OpenPhenom's computation as
+re-stated in `tests/openphenom_reference.py`, at OpenPhenom's exact architecture (the `openphenom`
+preset, the same random weights in both): the pooled embedding (both standardise 0..255 pixels inside
+the timed call) and a training step (mask 0.75, Fourier weight 0.01, forward + backward), in fp32 and
+under bf16 autocast. Rounds are interleaved (every variant once per round, after a warm-up), medians
+are reported with the reference / hf_cellmae ratio (> 1: hf_cellmae is faster), and the matmul peaks
+are measured in the same run.
+
+    python scripts/benchmark_model.py --openphenom [--batch-size 2] [--rounds 7]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +100,95 @@ def count_flops(model, step) -> int:
     return counter.get_total_flops()
 
 
+def matmul_peak(dtype: torch.dtype, size: int = 4096, repeats: int = 3) -> float:
+    """GFLOP/s of a `size`^3 matmul in `dtype`: median of `repeats` after one warm-up."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    torch.mm(a, b)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / statistics.median(times) / 1e9
+
+
+def openphenom_side_by_side(batch: int, rounds: int) -> None:
+    """hf_cellmae vs the functional OpenPhenom reference at OpenPhenom's architecture (see the module doc)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from openphenom_reference import random_openphenom_state_dict, reference_predict, reference_pretraining_loss
+
+    from hf_cellmae.image_processing_cellmae import standardize_channels
+    from hf_cellmae.openphenom import convert_openphenom_state_dict
+
+    channels, size = 6, 256
+    reference_sd = random_openphenom_state_dict(seed=0)
+    fixed = {"encoder.vit_backbone.pos_embed", "decoder.pos_embeddings", "decoder.placeholder"}
+    for key, tensor in reference_sd.items():
+        tensor.requires_grad_(key not in fixed)
+    # The reference has no stochastic depth: none in hf_cellmae either, so both compute the same thing.
+    config = CellMAEConfig.from_preset("openphenom", drop_path_rate=0.0)
+    model = CellMAEForPreTraining(config)
+    model.load_state_dict(convert_openphenom_state_dict({k: v.detach() for k, v in reference_sd.items()})[0])
+    encoder = model.cellmae.eval()
+
+    pixels = torch.randint(0, 256, (batch, channels, size, size), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
+    noise = torch.rand(batch, channels * config.tokens_per_channel, generator=torch.Generator().manual_seed(0))
+
+    def ours_embed():
+        with torch.no_grad():
+            return encoder(standardize_channels(pixels)).pooler_output
+
+    def reference_embed():
+        with torch.no_grad():
+            return reference_predict(reference_sd, pixels)[0]
+
+    def ours_train():
+        model.train()
+        model(standardize_channels(pixels), noise=noise).loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    def reference_train():
+        reference_pretraining_loss(reference_sd, pixels, noise)["loss"].backward()
+        for tensor in reference_sd.values():
+            tensor.grad = None
+
+    with torch.no_grad():  # the comparison is of equal computations
+        ours_loss = model.eval()(standardize_channels(pixels), noise=noise).loss
+        reference_loss = reference_pretraining_loss(reference_sd, pixels, noise)["loss"]
+        embed_gap = (ours_embed() - reference_embed()).abs().max().item()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; images {batch} x {channels} x {size} x {size}")
+    print(f"same computation: pooled embedding max |diff| {embed_gap:.1e}; loss {ours_loss.item():.6f} vs {reference_loss.item():.6f}")
+
+    variants = {}
+    for workload, ours, reference in (("pooled embedding", ours_embed, reference_embed), ("training step", ours_train, reference_train)):
+        for precision in ("fp32", "bf16 autocast"):
+            variants[(workload, precision, "hf_cellmae")] = ours
+            variants[(workload, precision, "reference")] = reference
+    times: dict[tuple, list[float]] = {key: [] for key in variants}
+    peaks = {"fp32": [], "bf16": []}
+    for round_index in range(rounds + 1):  # round 0 warms up
+        for (workload, precision, implementation), run in variants.items():
+            start = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "fp32"):
+                run()
+            if round_index:
+                times[(workload, precision, implementation)].append(time.perf_counter() - start)
+        if round_index:
+            peaks["fp32"].append(matmul_peak(torch.float32))
+            peaks["bf16"].append(matmul_peak(torch.bfloat16))
+        print(f"round {round_index} done" + (" (warm-up)" if not round_index else ""), flush=True)
+    print(f"matmul peak, median over rounds: fp32 {statistics.median(peaks['fp32']):.1f} GFLOP/s, bf16 {statistics.median(peaks['bf16']):.1f} GFLOP/s")
+    print(f"{rounds} interleaved rounds, median seconds per call (min-max):")
+    print(f"{'workload':<18}{'precision':<15}{'hf_cellmae':>22}{'reference':>22}{'speed ratio':>13}")
+    for workload in ("pooled embedding", "training step"):
+        for precision in ("fp32", "bf16 autocast"):
+            ours, theirs = (times[(workload, precision, impl)] for impl in ("hf_cellmae", "reference"))
+            spread = lambda t: f"{statistics.median(t):.3f} ({min(t):.2f}-{max(t):.2f})"  # noqa: E731
+            ratio = statistics.median(theirs) / statistics.median(ours)
+            print(f"{workload:<18}{precision:<15}{spread(ours):>22}{spread(theirs):>22}{ratio:>12.2f}x")
+    print("speed ratio = reference median / hf_cellmae median (> 1: hf_cellmae faster)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=2)
@@ -96,8 +197,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--presets", nargs="+", default=["tiny", "vit_s16"])
     parser.add_argument("--bf16", action="store_true", help="time under bf16 autocast (FLOP share still vs the fp32 peak)")
+    parser.add_argument("--openphenom", action="store_true", help="time side by side with tests/openphenom_reference.py")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds of --openphenom")
     args = parser.parse_args()
     torch.manual_seed(0)
+    if args.openphenom:
+        openphenom_side_by_side(args.batch_size, args.rounds)
+        return
     batch, channels, size = args.batch_size, args.channels, args.image_size
     peak = matmul_peak_gflops()
     add_attention = not attention_is_counted()

@@ -1,6 +1,7 @@
-"""An independent, functional re-statement of OpenPhenom's `predict`, written from the specification
-(`../shared/OPENPHENOM_SPEC.md` sections 2.1-2.4 and 2.8), operating directly on OpenPhenom's own
-state-dict keys. hf_cellmae's converted model must match it; nothing here is shared with the package.
+"""An independent, functional re-statement of OpenPhenom's `predict` and of its masked-autoencoder
+loss, written from the specification (`../shared/OPENPHENOM_SPEC.md` sections 2.1-2.8), operating
+directly on OpenPhenom's own state-dict keys. hf_cellmae's converted model must match it; nothing
+here is shared with the package. `scripts/benchmark_model.py` also times it against hf_cellmae.
 
 Also builds randomly initialised state dicts with OpenPhenom's exact key names and shapes (Appendix A).
 """
@@ -102,19 +103,30 @@ def random_openphenom_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     return out
 
 
-def reference_predict(sd: dict[str, torch.Tensor], pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """OpenPhenom `predict` on 0..255 pixels `(N, C, 256, 256)`: pooled `(N, 384)` and channelwise `(N, C*384)`."""
-    n, c = pixels.shape[:2]
+def standardize(pixels: torch.Tensor) -> torch.Tensor:
+    """Section 2.1: x / 255, then per image and channel (x - mean) / sqrt(biased var + 1e-5)."""
     x = pixels.float() / 255.0
     mean = x.mean(dim=(2, 3), keepdim=True)
     var = ((x - mean) ** 2).mean(dim=(2, 3), keepdim=True)
-    x = (x - mean) / torch.sqrt(var + 1e-5)
+    return (x - mean) / torch.sqrt(var + 1e-5)
+
+
+def encoder_tokens(sd: dict[str, torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Section 2.2-2.3: standardised `(N, C, 256, 256)` -> class token `(N, 1, D)` and patch tokens
+    `(N, C*256, D)`, each with its position code added (the class token's is zero)."""
+    n, c = x.shape[:2]
     w = sd["encoder.vit_backbone.patch_embed.proj.weight"]
     b = sd["encoder.vit_backbone.patch_embed.proj.bias"]
     per_channel = [F.conv2d(x[:, i : i + 1], w, b, stride=PATCH) for i in range(c)]  # (N, D, 16, 16) each
     tokens = torch.stack(per_channel, dim=2).flatten(2).transpose(1, 2)  # (N, C*256, D)
-    cls = sd["encoder.vit_backbone.cls_token"].expand(n, -1, -1)
-    h = torch.cat([cls, tokens], 1) + sd["encoder.vit_backbone.pos_embed"][:, : 1 + c * GRID * GRID]
+    pos = sd["encoder.vit_backbone.pos_embed"]
+    cls = sd["encoder.vit_backbone.cls_token"].expand(n, -1, -1) + pos[:, :1]
+    return cls, tokens + pos[:, 1 : 1 + c * GRID * GRID]
+
+
+def encoder_blocks(sd: dict[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
+    """Section 2.4: the 12 parallel-scaling blocks, timm <= 1.0.24 `mlp_bias` layout, no final norm."""
+    n = h.shape[0]
     hd = DIM // HEADS
     for i in range(DEPTH):
         p = f"encoder.vit_backbone.blocks.{i}."
@@ -130,5 +142,81 @@ def reference_predict(sd: dict[str, torch.Tensor], pixels: torch.Tensor) -> tupl
         out = F.linear(attn, sd[p + "attn_out_proj.weight"], sd[p + "attn_out_proj.bias"])
         out = out + F.linear(F.gelu(m), sd[p + "mlp_out_proj.weight"], sd[p + "mlp_out_proj.bias"])
         h = h + sd[p + "ls.gamma"] * out
+    return h
+
+
+def reference_predict(sd: dict[str, torch.Tensor], pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """OpenPhenom `predict` on 0..255 pixels `(N, C, 256, 256)`: pooled `(N, 384)` and channelwise `(N, C*384)`."""
+    n, c = pixels.shape[:2]
+    cls, tokens = encoder_tokens(sd, standardize(pixels))
+    h = encoder_blocks(sd, torch.cat([cls, tokens], 1))
     patch_tokens = h[:, 1:]
     return patch_tokens.mean(1), patch_tokens.reshape(n, c, GRID * GRID, DIM).mean(2).reshape(n, c * DIM)
+
+
+def _timm_block(sd: dict[str, torch.Tensor], p: str, z: torch.Tensor, eps: float) -> torch.Tensor:
+    """timm `Block` (pre-norm, qkv bias, 16 heads, fused attention, no LayerScale)."""
+    n, t = z.shape[:2]
+    y = F.layer_norm(z, (DEC_DIM,), sd[p + "norm1.weight"], sd[p + "norm1.bias"], eps)
+    qkv = F.linear(y, sd[p + "attn.qkv.weight"], sd[p + "attn.qkv.bias"])
+    q, k, v = qkv.reshape(n, t, 3, 16, DEC_DIM // 16).permute(2, 0, 3, 1, 4)  # (N, 16, T, 32) each
+    a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, t, DEC_DIM)
+    z = z + F.linear(a, sd[p + "attn.proj.weight"], sd[p + "attn.proj.bias"])
+    y = F.layer_norm(z, (DEC_DIM,), sd[p + "norm2.weight"], sd[p + "norm2.bias"], eps)
+    y = F.linear(F.gelu(F.linear(y, sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"])), sd[p + "mlp.fc2.weight"], sd[p + "mlp.fc2.bias"])
+    return z + y
+
+
+def reference_pretraining_loss(
+    sd: dict[str, torch.Tensor], pixels: torch.Tensor, noise: torch.Tensor, mask_ratio: float = 0.75,
+    fourier_weight: float = 0.01, decoder_eps: float = 1e-5,
+) -> dict[str, torch.Tensor]:
+    """OpenPhenom's MAE forward and `compute_MAE_loss` on 0..255 pixels `(N, 6, 256, 256)` (sections 2.5-2.7).
+
+    `noise (N, 6*256)`: the tokens with the smallest noise stay visible. Decoder LayerNorm eps 1e-5 as in
+    the HF wrapper. Returns loss, mse, fourier, logits `(N, 1536, 256)` and mask `(N, 1536)`.
+    """
+    n, c = pixels.shape[:2]
+    x = standardize(pixels)
+    cls, tokens = encoder_tokens(sd, x)
+    length = tokens.shape[1]
+    shuffle = torch.argsort(noise, dim=1)
+    restore = torch.argsort(shuffle, dim=1)
+    keep = int(length * (1 - mask_ratio))
+    kept = torch.gather(tokens, 1, shuffle[:, :keep, None].expand(-1, -1, DIM))
+    mask = torch.ones(n, length)
+    mask[:, :keep] = 0
+    mask = torch.gather(mask, 1, restore)
+    latent = encoder_blocks(sd, torch.cat([cls, kept], 1))  # (N, 1 + keep, D)
+
+    z = F.linear(latent, sd["encoder_decoder_proj.weight"], sd["encoder_decoder_proj.bias"])
+    filled = torch.cat([z[:, 1:], sd["decoder.mask_token"].expand(n, length - keep, -1)], 1)
+    filled = torch.gather(filled, 1, restore[:, :, None].expand(-1, -1, DEC_DIM))
+    z = torch.cat([z[:, :1], filled], 1)  # (N, 1 + L, E)
+    modality = torch.cat([sd["decoder.placeholder"]] + [sd[f"decoder.modality_tokens.{m}"].expand(-1, GRID * GRID, -1) for m in range(c)], 1)
+    z = z + sd["decoder.pos_embeddings"][:, : 1 + length] + modality
+    ctx = z[:, 1:]
+    heads, hd = 8, DEC_DIM // 8
+    decoded = []
+    for m in range(c):
+        zm = ctx[:, m * GRID * GRID : (m + 1) * GRID * GRID]
+        # Cross-attention written out per channel, key/value over all tokens recomputed each time (as OpenPhenom).
+        qm = F.layer_norm(zm, (DEC_DIM,), sd["decoder.query_norm.weight"], sd["decoder.query_norm.bias"], decoder_eps)
+        cm = F.layer_norm(ctx, (DEC_DIM,), sd["decoder.context_norm.weight"], sd["decoder.context_norm.bias"], decoder_eps)
+        q = F.linear(qm, sd["decoder.cross_attention.q.weight"]).reshape(n, -1, heads, hd).transpose(1, 2)
+        kv = F.linear(cm, sd["decoder.cross_attention.kv.weight"]).reshape(n, length, 2, heads, hd).permute(2, 0, 3, 1, 4)
+        weights = torch.softmax(q @ kv[0].transpose(-2, -1) * hd**-0.5, dim=-1)
+        zm = F.linear((weights @ kv[1]).transpose(1, 2).reshape(n, -1, DEC_DIM), sd["decoder.cross_attention.proj.weight"], sd["decoder.cross_attention.proj.bias"])
+        y = F.layer_norm(zm, (DEC_DIM,), sd["decoder.out_norm.weight"], sd["decoder.out_norm.bias"], decoder_eps)
+        zm = zm + F.linear(F.gelu(F.linear(y, sd["decoder.mlp.fc1.weight"], sd["decoder.mlp.fc1.bias"])), sd["decoder.mlp.fc2.weight"], sd["decoder.mlp.fc2.bias"])
+        for j in range(DEC_DEPTH):
+            zm = _timm_block(sd, f"decoder.decoders.{m}.{j}.", zm, decoder_eps)
+        decoded.append(zm)
+    logits = F.linear(torch.cat(decoded, 1), sd["decoder_pred.weight"], sd["decoder_pred.bias"])  # (N, L, 256)
+
+    target = x.reshape(n, c, GRID, PATCH, GRID, PATCH).permute(0, 1, 2, 4, 3, 5).reshape(n, length, PATCH * PATCH)
+    mse = ((((logits - target) ** 2).mean(-1)) * mask).sum() / mask.sum()
+    spectra = [torch.fft.fft2(t.reshape(n, length, PATCH, PATCH)).abs() for t in (logits, target)]
+    fourier = (((spectra[0] - spectra[1]).abs().mean(dim=(-2, -1))) * mask).sum() / mask.sum()
+    loss = (1 - fourier_weight) * mse + fourier_weight * fourier
+    return {"loss": loss, "mse": mse, "fourier": fourier, "logits": logits, "mask": mask}

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -14,7 +15,8 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForPreTraining
 
 from hf_cellmae import CellMAEConfig, CellMAEForPreTraining, CellMAEImageProcessor, CellMAEModel
-from hf_cellmae.modeling_cellmae import patchify, sincos_position_embedding, unpatchify
+from hf_cellmae import modeling_cellmae
+from hf_cellmae.modeling_cellmae import fourier_loss, mse_loss, patchify, sincos_position_embedding, unpatchify
 
 
 def tiny(**overrides) -> CellMAEConfig:
@@ -120,6 +122,22 @@ def test_mask_follows_an_explicit_noise_tensor():
     assert torch.equal(out.mask, expected)
 
 
+def test_pretraining_head_encodes_through_the_public_masked_encoder(monkeypatch):
+    model = CellMAEForPreTraining(tiny()).eval()
+    x, noise = images(), torch.rand(2, 5 * 16)
+    encoded = model.cellmae.forward_masked(x, noise=noise)
+    keep = int(5 * 16 * (1 - model.config.mask_ratio))
+    assert encoded.last_hidden_state.shape == (2, 1 + keep, model.config.hidden_size)
+    assert encoded.mask.shape == encoded.ids_restore.shape == (2, 5 * 16) and encoded.channel_ids.shape == (2, 5)
+    calls = []
+    original = model.cellmae.forward_masked
+    monkeypatch.setattr(model.cellmae, "forward_masked", lambda *a, **k: calls.append(1) or original(*a, **k))
+    out = model(x, noise=noise)
+    assert calls == [1]
+    assert torch.equal(out.last_hidden_state, encoded.last_hidden_state)
+    assert torch.equal(out.mask, encoded.mask) and torch.equal(out.ids_restore, encoded.ids_restore)
+
+
 def test_masking_is_joint_over_channels():
     model = CellMAEForPreTraining(tiny()).eval()
     mask = model(images(batch=1, channels=4), mask_seed=3).mask.reshape(4, -1)
@@ -152,6 +170,18 @@ def test_mse_loss_equals_hand_computation_over_masked_patches():
     expected = (per_patch * mask).sum() / mask.sum()
     assert out.mse_loss.item() == pytest.approx(expected, rel=1e-5)
     assert out.loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_loss_mixes_the_mse_and_fourier_loss_functions():
+    model = CellMAEForPreTraining(tiny(fourier_loss_weight=0.2)).eval()
+    x = images()
+    out = model(x, mask_seed=4)
+    prediction, target = out.logits.detach(), patchify(x, 8)
+    mse = mse_loss(prediction, target, out.mask)
+    fourier = fourier_loss(prediction, target, out.mask, num_channels=5, patch_size=8, grid=(4, 4))
+    torch.testing.assert_close(out.mse_loss.detach(), mse)
+    torch.testing.assert_close(out.fourier_loss.detach(), fourier)
+    torch.testing.assert_close(out.loss.detach(), 0.8 * mse + 0.2 * fourier)
 
 
 def test_norm_pix_loss_standardises_each_target_patch():
@@ -307,6 +337,91 @@ def test_eager_and_sdpa_attention_give_the_same_embeddings():
     torch.testing.assert_close(sdpa(x).pooler_output, eager(x).pooler_output, atol=1e-5, rtol=1e-5)
 
 
+HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__", "__format__")
+
+
+@contextmanager
+def tensor_values_cannot_be_read_on_the_host(monkeypatch):
+    """Every way Python code reads a tensor's values (each a host-device sync on a GPU) raises instead."""
+    reads = []
+
+    def refuse(name):
+        def read(self, *args, **kwargs):
+            reads.append(name)
+            raise AssertionError(f"Tensor.{name} called: the host would wait for the device")
+
+        return read
+
+    with monkeypatch.context() as patch:
+        for name in HOST_READS:
+            patch.setattr(torch.Tensor, name, refuse(name))
+        yield reads
+
+
+@pytest.mark.parametrize("decoder_type", ["shared", "per_channel"])
+def test_a_training_step_reads_no_tensor_value_on_the_host(monkeypatch, decoder_type):
+    model = CellMAEForPreTraining(tiny(decoder_type=decoder_type, decoder_num_channels=5, drop_path_rate=0.1)).train()
+    x = images()
+    channel_ids = torch.tensor([[0, 1, 2, 3, 4], [3, 1, 4, 0, 2]])  # a device tensor, as the training loop passes
+    with tensor_values_cannot_be_read_on_the_host(monkeypatch) as reads:
+        for ids in (None, channel_ids):
+            out = model(x, channel_ids=ids)
+            out.loss.backward()
+    assert reads == []
+    assert all(p.grad is not None for p in model.decoder.parameters())
+    # The check itself has teeth: asking the model to validate values reads them.
+    with tensor_values_cannot_be_read_on_the_host(monkeypatch) as reads, pytest.raises(AssertionError):
+        model(x, channel_ids=channel_ids, validate_inputs=True)
+    assert reads
+
+
+def test_embedding_forward_reads_no_tensor_value_on_the_host(monkeypatch):
+    model = CellMAEModel(tiny(use_channel_embeddings=True)).eval()
+    x = images()
+    with tensor_values_cannot_be_read_on_the_host(monkeypatch) as reads, torch.no_grad():
+        model(x, channel_ids=torch.tensor([4, 3, 2, 1, 0]), output_channelwise_embeddings=True)
+    assert reads == []
+
+
+def test_position_code_is_computed_once_per_grid_not_per_call(monkeypatch):
+    modeling_cellmae.cached_position_embedding.cache_clear()
+    calls = []
+    original = modeling_cellmae.sincos_position_embedding
+    monkeypatch.setattr(modeling_cellmae, "sincos_position_embedding", lambda *a, **k: calls.append(a) or original(*a, **k))
+    model = CellMAEForPreTraining(tiny(decoder_hidden_size=32)).eval()
+    for _ in range(3):
+        model(images(), mask_seed=0)
+    assert sorted(calls) == [(4, 4, 32, torch.device("cpu")), (4, 4, 64, torch.device("cpu"))]  # encoder, decoder widths
+
+
+def test_per_channel_decoder_routes_a_channel_id_tensor_per_image():
+    model = CellMAEForPreTraining(tiny(decoder_type="per_channel", decoder_num_channels=4)).eval()
+    x, noise = images(channels=4), torch.rand(2, 4 * 16)
+    orders = torch.tensor([[2, 0, 3, 1], [1, 3, 0, 2]])  # each image's own channel order, on the device
+    together = model(x, channel_ids=orders, noise=noise).logits
+    for b in range(2):  # the same image alone, its ids given as a list (routed on the host)
+        alone = model(x[b : b + 1], channel_ids=orders[b].tolist(), noise=noise[b : b + 1]).logits
+        torch.testing.assert_close(together[b : b + 1], alone, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"ids 0\.\.3 once each"):
+        model(x, channel_ids=torch.tensor([0, 1, 1, 2]), validate_inputs=True)
+
+
+def test_cpu_bf16_training_attends_with_explicit_matmuls_that_equal_the_fused_kernel(monkeypatch):
+    q, k, v = (torch.randn(2, 4, 20, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    torch.testing.assert_close(modeling_cellmae.matmul_attention(q, k, v), torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    fused_calls = []
+    original = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda *a, **kw: fused_calls.append(1) or original(*a, **kw))
+    model = CellMAEForPreTraining(tiny())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(images(), mask_seed=0).loss.backward()
+    assert fused_calls == []
+    model(images(), mask_seed=0)  # fp32 keeps the fused kernel
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(images(), mask_seed=0)  # and so does inference
+    assert len(fused_calls) == 2 * (model.config.num_hidden_layers + model.config.decoder_num_hidden_layers)
+
+
 def test_stochastic_depth_is_active_in_training_and_off_in_eval():
     model = CellMAEModel(tiny(drop_path_rate=0.5, num_hidden_layers=8))
     x = images(batch=8)
@@ -343,12 +458,28 @@ def test_bad_pixel_values_raise_a_clear_error(pixels, message):
         model(pixels)
 
 
-def test_non_finite_pixels_raise_a_clear_error():
+def test_the_processor_refuses_non_finite_pixels_with_a_clear_error():
+    raw = np.random.default_rng(0).random((5, 40, 40)).astype(np.float32)
+    raw[1, 10, 12] = np.nan
+    raw[3, 20, 20] = np.inf
+    with pytest.raises(ValueError, match=r"image 0 has 2 non-finite pixel\(s\) \(NaN or inf\) in channel\(s\) \[1, 3\]"):
+        CellMAEImageProcessor(image_size=32)(raw)
+    batch = torch.rand(2, 2, 32, 32)
+    batch[1, 0, 5, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"image 1 has 1 non-finite pixel\(s\) \(NaN or inf\) in channel\(s\) \[0\]"):
+        CellMAEImageProcessor(image_size=32)(batch)
+
+
+def test_the_model_checks_pixel_values_only_when_asked_to_validate_inputs():
     x = images()
     x[0, 1, 3, 4] = float("nan")
     x[1, 0, 0, 0] = float("inf")
     with pytest.raises(ValueError, match="2 non-finite values"):
-        CellMAEForPreTraining(tiny())(x)
+        CellMAEForPreTraining(tiny())(x, validate_inputs=True)
+    with pytest.raises(ValueError, match="2 non-finite values"):
+        CellMAEModel(tiny(validate_inputs=True))(x)
+    # By default the values are not read (that would make the host wait for the device): NaN reaches the loss.
+    assert torch.isnan(CellMAEForPreTraining(tiny())(x, mask_seed=0).loss)
 
 
 def test_bad_channel_ids_raise_a_clear_error():
@@ -356,7 +487,9 @@ def test_bad_channel_ids_raise_a_clear_error():
     with pytest.raises(ValueError, match=r"channel_ids has shape \(4,\)"):
         model(images(channels=5), channel_ids=[0, 1, 2, 3])
     with pytest.raises(ValueError, match=r"must lie in \[0, 8\)"):
-        model(images(channels=2), channel_ids=[0, 8])
+        model(images(channels=2), channel_ids=[0, 8])  # Python ints: checked for free
+    with pytest.raises(ValueError, match=r"must lie in \[0, 8\)"):
+        model(images(channels=2), channel_ids=torch.tensor([0, 8]), validate_inputs=True)
 
 
 def test_bad_configs_raise_a_clear_error():

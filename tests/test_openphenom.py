@@ -6,6 +6,7 @@ computation written from the specification, run on OpenPhenom-layout weights.
 
 from __future__ import annotations
 
+import json
 import runpy
 from pathlib import Path
 
@@ -14,10 +15,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from hf_cellmae import CellMAEConfig, CellMAEForPreTraining, CellMAEImageProcessor
+from hf_cellmae import CellMAEConfig, CellMAEForPreTraining, CellMAEImageProcessor, CellMAEModel
 from hf_cellmae.openphenom import convert_openphenom_state_dict, load_openphenom
 
-from openphenom_reference import openphenom_key_shapes, random_openphenom_state_dict, reference_predict
+from openphenom_reference import (
+    openphenom_key_shapes,
+    random_openphenom_state_dict,
+    reference_predict,
+    reference_pretraining_loss,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,21 +77,68 @@ def test_converted_model_gives_openphenom_embeddings(openphenom_weights, convert
     assert pooled_ref.abs().max() > 0.1
 
 
-def test_timm_bias_layout_switch_is_needed_for_parity(converted):
-    inputs = CellMAEImageProcessor(image_size=256)(np.random.default_rng(1).integers(0, 256, (3, 256, 256), dtype=np.uint8))
+def encoder_only(converted_state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The `CellMAEModel` keys of a converted `CellMAEForPreTraining` state dict."""
+    return {k.removeprefix("cellmae."): v for k, v in converted_state_dict.items() if k.startswith("cellmae.")}
+
+
+def test_timm_1_0_24_mlp_bias_becomes_ordinary_mlp_and_qkv_biases(openphenom_weights, converted):
+    raw = openphenom_weights[0]["encoder.vit_backbone.blocks.5.mlp_bias"]  # (1536,) added to fused outputs 1152:2688
+    block = converted.cellmae.encoder.layers[5]
+    assert torch.equal(block.mlp_bias[:1152], torch.zeros(1152)) and torch.equal(block.mlp_bias[1152:], raw[:384])
+    assert torch.equal(block.qkv_bias, raw[384:])
+    assert converted.config.parallel_mlp_bias_layout == "current" and converted.config.qkv_bias
+
+
+def test_reading_the_bias_in_timm_1_0_25s_layout_would_break_parity(openphenom_weights, converted):
+    current, _ = convert_openphenom_state_dict(openphenom_weights[0], mlp_bias_layout="current")
+    other = CellMAEModel(CellMAEConfig.from_preset("openphenom")).eval()
+    other.load_state_dict(encoder_only(current))
+    inputs = CellMAEImageProcessor(image_size=256)(np.random.default_rng(1).integers(0, 256, (1, 256, 256), dtype=np.uint8))
     with torch.no_grad():
-        legacy_out = converted.cellmae(**inputs).pooler_output
-        converted.config.parallel_mlp_bias_layout = "current"
-        try:
-            current_out = converted.cellmae(**inputs).pooler_output
-        finally:
-            converted.config.parallel_mlp_bias_layout = "legacy_timm"
-    assert (legacy_out - current_out).abs().max() > 1e-3
+        assert (converted.cellmae(**inputs).pooler_output - other(**inputs).pooler_output).abs().max() > 1e-3
 
 
-def test_converted_model_reconstructs_six_channel_images(converted):
-    out = converted(torch.randn(1, 6, 256, 256), mask_seed=0)
-    assert out.logits.shape == (1, 6 * 256, 256) and torch.isfinite(out.loss)
+def test_a_folder_saved_in_the_old_legacy_bias_layout_still_loads_with_openphenom_embeddings(openphenom_weights, tmp_path):
+    """hf_cellmae used to keep OpenPhenom's raw `mlp_bias` and switch on `parallel_mlp_bias_layout` in every
+    forward; folders it saved (e.g. by `convert-openphenom`) hold no `qkv_bias`."""
+    state_dict = openphenom_weights[0]
+    converted_sd, _ = convert_openphenom_state_dict(state_dict)
+    old = {k: v for k, v in encoder_only(converted_sd).items() if not k.endswith("qkv_bias")}
+    for i in range(12):
+        old[f"encoder.layers.{i}.mlp_bias"] = state_dict[f"encoder.vit_backbone.blocks.{i}.mlp_bias"]
+    save_file({k: v.contiguous() for k, v in old.items()}, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    config = CellMAEConfig.from_preset("openphenom").to_dict()
+    config.update(qkv_bias=False, parallel_mlp_bias_layout="legacy_timm", architectures=["CellMAEModel"])
+    (tmp_path / "config.json").write_text(json.dumps(config))
+
+    from transformers import AutoModel
+
+    model, info = AutoModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    pixels = torch.from_numpy(np.random.default_rng(4).integers(0, 256, (1, 2, 256, 256), dtype=np.uint8))
+    with torch.no_grad():
+        pooled = model.eval()(**CellMAEImageProcessor(image_size=256)(pixels.numpy())).pooler_output
+        torch.testing.assert_close(pooled, reference_predict(state_dict, pixels)[0], atol=1e-4, rtol=0)
+    # Saved again, it is in the current layout and loads to the same model.
+    model.save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["parallel_mlp_bias_layout"] == "current"
+    again = CellMAEModel.from_pretrained(tmp_path / "again")
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_converted_model_reconstruction_and_losses_equal_openphenoms(openphenom_weights, converted):
+    pixels = torch.from_numpy(np.random.default_rng(5).integers(0, 256, (1, 6, 256, 256), dtype=np.uint8))
+    noise = torch.rand(1, 6 * 256, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        out = converted(**CellMAEImageProcessor(image_size=256)(pixels.numpy()), noise=noise)
+        expected = reference_pretraining_loss(openphenom_weights[0], pixels, noise)
+    assert torch.equal(out.mask, expected["mask"])
+    torch.testing.assert_close(out.logits, expected["logits"], atol=1e-4, rtol=0)
+    for name, ours in (("loss", out.loss), ("mse", out.mse_loss), ("fourier", out.fourier_loss)):
+        torch.testing.assert_close(ours, expected[name], atol=1e-4, rtol=1e-4, msg=name)
+    assert expected["logits"].abs().max() > 0.1
 
 
 def test_a_genuine_safetensors_copy_loads_the_same(openphenom_weights, converted, tmp_path):
