@@ -172,6 +172,41 @@ def run(out: Path, seeds: list[int], experiments: list[str], readouts: list[str]
                       flush=True)
 
 
+def suite(out: Path, seeds: list[int], experiment: str, readout: str = "channelwise") -> str:
+    """The demo's whole evaluation (recall after TVN + the paper's suite) of one experiment's embeddings,
+    beside the random-init encoder (same read-out) and pixel statistics, per seed; mean +- sd table."""
+    from hf_cellmae.demo import PROBE_LABELS, TVN_COMPONENTS, _recall_table, _suite_table
+    from hf_cellmae.evaluation.report import evaluate_synthetic
+
+    per_seed = {}
+    for seed in seeds:
+        root = out / f"seed{seed}"
+        target = root / experiment / f"suite_{readout}"
+        if not (target / "eval_results.json").is_file():
+            evaluate_synthetic(root / experiment / f"emb_{readout}", root / "plate", target,
+                               baselines={"random_init": root / "steps_0" / f"emb_{readout}",
+                                          "pixel_stats": root / "baseline" / "pixel_stats"},
+                               batch_col="Metadata_plate", probe_labels=PROBE_LABELS, consistency_col="complex",
+                               align_options={"n_components": TVN_COMPONENTS}, progress=False)
+        results = json.loads((target / "eval_results.json").read_text())
+        rows = _suite_table(results)
+        for name, recall in _recall_table(results).items():
+            if name in rows:
+                rows[name].update({f"recall {source} (0.05, 0.95)": value for source, value in recall.items()})
+        per_seed[seed] = rows
+    names = list(next(iter(per_seed.values())))
+    metrics = list(dict.fromkeys(m for rows in per_seed.values() for row in rows.values() for m in row))
+    lines = [f"`{experiment}`, {readout} read-out, seeds {seeds}: mean ± sd (pre-trained = {experiment})", "",
+             "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for metric in metrics:
+        cells = []
+        for name in names:
+            values = np.array([rows[name].get(metric, np.nan) for rows in per_seed.values()], dtype=float)
+            cells.append("—" if np.isnan(values).all() else f"{np.nanmean(values):.3f} ± {np.nanstd(values, ddof=1):.3f}")
+        lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def summarize(out: Path) -> str:
     import pandas as pd
 
@@ -195,8 +230,13 @@ def main() -> None:
     parser.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS), choices=list(EXPERIMENTS))
     parser.add_argument("--readouts", nargs="+", default=list(READOUTS), choices=list(READOUTS))
     parser.add_argument("--summarize", action="store_true", help="print the table of finished results and exit")
+    parser.add_argument("--suite", metavar="EXPERIMENT", default=None,
+                        help="run the demo's whole evaluation (recall + suite) on EXPERIMENT's finished runs and exit")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.suite:
+        print(suite(args.out, args.seeds, args.suite, args.readouts[0] if len(args.readouts) == 1 else "channelwise"))
+        return
     if not args.summarize:
         run(args.out, args.seeds, args.experiments, args.readouts)
     print(summarize(args.out))
