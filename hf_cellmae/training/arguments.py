@@ -16,7 +16,7 @@ from pathlib import Path
 
 OPTIMIZERS = ("adamw", "lion")
 SCHEDULERS = ("one_cycle", "cosine", "constant")
-MIXED_PRECISION = ("no", "bf16", "fp16")
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 MODEL_TYPES = ("cellmae", "munet")
 
 
@@ -29,7 +29,7 @@ class PretrainingArguments:
     crops_per_field: int = field(default=1, metadata={"help": "random crops drawn from each field per epoch"})
     channel_subset: int | None = field(default=None, metadata={"help": "train on this many randomly chosen channels per sample (channel-agnostic training); default all"})
     augment: bool = field(default=True, metadata={"help": "random flips and 90-degree rotations"})
-    dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes per rank (>0 needs torchdata for exact resume)"})
+    dataloader_num_workers: int | None = field(default=None, metadata={"help": "DataLoader worker processes per rank (>0 needs torchdata for exact resume); default: CPU cores per rank - 1 (at most 8) on a GPU, 0 on a CPU"})
     # ---- model
     model_type: str = field(default="cellmae", metadata={"help": "cellmae (channel-agnostic ViT MAE) | munet (fixed-channel masked U-Net)"})
     model_preset: str = field(default="tiny", metadata={"help": "cellmae: tiny | vit_s16 | vit_b16 | vit_l16 | vit_l8 | openphenom; munet: tiny | munet_m | munet_l"})
@@ -47,10 +47,10 @@ class PretrainingArguments:
     lr_scheduler: str = field(default="one_cycle", metadata={"help": "one_cycle (paper: warm-up then cosine anneal) | cosine (with warm-up) | constant"})
     warmup_ratio: float = field(default=0.1, metadata={"help": "share of max_steps spent warming up"})
     max_grad_norm: float | None = field(default=1.0, metadata={"help": "clip the gradient norm to this; None disables"})
-    mixed_precision: str = field(default="no", metadata={"help": "no | bf16 | fp16"})
+    mixed_precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast with fp32 master weights on a CUDA GPU, no elsewhere) | no | bf16 | fp16"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute block activations in the backward pass"})
-    torch_compile: bool = field(default=False, metadata={"help": "compile the model with torch.compile"})
-    max_nonfinite_steps: int = field(default=10, metadata={"help": "skip steps with a NaN/inf loss; abort after this many in a row"})
+    torch_compile: bool | None = field(default=None, metadata={"help": "true | false: compile the model with torch.compile; default on with CUDA, off on CPU (falls back to eager, saying why, where it cannot run)"})
+    max_nonfinite_steps: int = field(default=10, metadata={"help": "skip optimizer steps whose gradients are NaN/inf (a skipped step still counts as a step); abort after this many in a row (checked every logging_steps)"})
     seed: int = field(default=0, metadata={"help": "seed of weights, data order, crops and masks"})
     # ---- checkpoints and output
     output_dir: str = field(default="outputs/pretrain", metadata={"help": "run folder: checkpoints/, model/, logs/, figures/"})

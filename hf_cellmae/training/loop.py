@@ -5,6 +5,11 @@ Many GPUs / nodes / FSDP:  accelerate launch [--config_file examples/accelerate/
 
 Each rank streams its own disjoint share of the shards (`stream_fields(rank=..., world_size=...)`), so
 the DataLoader is not passed through `accelerator.prepare` (that would shard a second time).
+
+The host never waits for the device inside a step: losses are summed on the device and read every
+`logging_steps` (`LoggingWindow`), and a step with NaN/inf gradients is skipped by the optimizer itself
+on the device (fused AdamW's `found_inf`, the same flag in our Lion). Device-specific fast settings
+(bf16, torch.compile, workers, pinned memory) come from `device_defaults.py`.
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ from ..modeling_cellmae import CellMAEForPreTraining
 from .arguments import PretrainingArguments
 from .checkpoints import load_checkpoint, load_data_state, resolve_checkpoint, save_checkpoint
 from .figures import reconstruction_figure, save_figure
-from .optimization import build_optimizer, build_scheduler
+from .device_defaults import compile_backend, detect_device_defaults
+from .optimization import build_optimizer, build_scheduler, skip_step_if, skips_on_device
 
 logger = logging.getLogger(__name__)
 
@@ -83,12 +89,13 @@ class DataPosition:
     `StatefulDataLoader` holds each worker's stream state.
     """
 
-    def __init__(self, stream, batch_size: int, num_workers: int):
+    def __init__(self, stream, batch_size: int, num_workers: int, pin_memory: bool = False):
         self.stream = stream
         self.num_workers = num_workers
         # The loader draws a base seed when an iterator starts: from its own generator, never from the
         # global RNG, whose state a resumed run restores from the checkpoint (masks depend on it).
-        options = dict(batch_size=batch_size, collate_fn=collate, generator=torch.Generator().manual_seed(0))
+        # Pinned batches let the copy to the GPU run asynchronously (`non_blocking=True` in to_model_input).
+        options = dict(batch_size=batch_size, collate_fn=collate, generator=torch.Generator().manual_seed(0), pin_memory=pin_memory)
         if num_workers > 0:
             try:
                 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -120,6 +127,58 @@ def collate(samples: list[dict]) -> dict:
     }
 
 
+class LoggingWindow:
+    """Losses, skipped steps and the gradient norm of one logging window, summed on the device.
+
+    Nothing here makes the host wait for the device; `read` does, once per logging window.
+    A non-finite loss is left out of the means; a non-finite gradient norm (the same on every rank,
+    since gradients are reduced before it is computed) makes the optimizer skip the step on the device.
+    """
+
+    def __init__(self, device):
+        self.sums = torch.zeros(4, device=device)  # loss, mse_loss, fourier_loss, finite micro-steps
+        self.skipped = torch.zeros((), device=device)  # optimizer steps skipped in this window
+        self.in_a_row = torch.zeros((), device=device)  # skipped steps in a row, carried across windows
+        self.most_in_a_row = torch.zeros((), device=device)
+        self.grad_norm = torch.full((), float("nan"), device=device)
+        self.reset_host_counters()
+
+    def reset_host_counters(self) -> None:
+        self.micro_steps, self.data_s, self.start = 0, 0.0, time.perf_counter()
+
+    def add_losses(self, out) -> None:
+        losses = torch.stack([out.loss, out.mse_loss, out.fourier_loss]).detach().float()  # (3,)
+        finite = torch.isfinite(losses[0])
+        self.sums[:3] += torch.where(finite, losses, 0.0)
+        self.sums[3] += finite
+        self.micro_steps += 1
+
+    def add_optimizer_step(self, grad_norm: torch.Tensor) -> torch.Tensor:
+        """Record an optimizer step's gradient norm; returns its 0-dim skip flag (1.0: NaN/inf gradients)."""
+        norm = grad_norm.detach().float()
+        skip = (~torch.isfinite(norm)).float()
+        self.skipped += skip
+        self.in_a_row = (self.in_a_row + 1) * skip
+        self.most_in_a_row = torch.maximum(self.most_in_a_row, self.in_a_row)
+        self.grad_norm = norm
+        return skip
+
+    def read(self, accelerator) -> dict:
+        """The window's mean losses over all ranks and its skip counts (the host waits here), then start a new window."""
+        sums = accelerator.reduce(self.sums, reduction="sum") if accelerator.num_processes > 1 else self.sums
+        counts = torch.stack([self.skipped, self.most_in_a_row, self.in_a_row, self.grad_norm])
+        loss, mse, fourier, finite, skipped, most_in_a_row, in_a_row, grad_norm = torch.cat([sums, counts]).tolist()
+        mean = (lambda total: total / finite) if finite else (lambda total: float("nan"))
+        window = {"loss": mean(loss), "mse_loss": mean(mse), "fourier_loss": mean(fourier), "grad_norm": grad_norm,
+                  "skipped": int(skipped), "most_in_a_row": int(most_in_a_row), "micro_steps": self.micro_steps,
+                  "data_s": self.data_s, "elapsed_s": time.perf_counter() - self.start}
+        self.sums.zero_()
+        self.skipped.zero_()
+        self.most_in_a_row.copy_(self.in_a_row)
+        self.reset_host_counters()
+        return window
+
+
 def to_model_input(pixels: torch.Tensor, device) -> torch.Tensor:
     """Raw crops -> standardised float32 on the device: half the bytes of float32 through the loader
     for 16-bit data, and the per-channel arithmetic done on the accelerator instead of the data workers."""
@@ -129,12 +188,16 @@ def to_model_input(pixels: torch.Tensor, device) -> torch.Tensor:
     return standardize_channels(pixels)
 
 
-def training_stream(args: PretrainingArguments, config: CellMAEConfig, vocabulary: list[str], rank: int, world_size: int):
-    """This rank's endless, disjoint share of the shards, in an order fixed by `args.seed`."""
+def training_stream(args: PretrainingArguments, config: CellMAEConfig, vocabulary: list[str], rank: int, world_size: int,
+                    num_workers: int | None = None):
+    """This rank's endless, disjoint share of the shards, in an order fixed by `args.seed`, split over
+    `num_workers` DataLoader workers (default `args.dataloader_num_workers`, or none)."""
+    if num_workers is None:
+        num_workers = args.dataloader_num_workers or 0
     return stream_fields(
         args.data, image_size=config.image_size, crops_per_field=args.crops_per_field, augment=args.augment,
         channel_subset=args.channel_subset, channel_vocabulary=vocabulary, seed=args.seed, num_epochs=None,
-        rank=rank, world_size=world_size, num_workers=args.dataloader_num_workers, standardize=False, contiguous=False,
+        rank=rank, world_size=world_size, num_workers=num_workers, standardize=False, contiguous=False,
         metadata_fields=[],
     )
 
@@ -160,25 +223,35 @@ def pretrain(args: PretrainingArguments) -> dict:
     ensure_writable_folder(output_dir, "the run's outputs")
     ensure_writable_folder(output_dir / "checkpoints", "checkpoints")
     trackers = None if args.report_to == "none" else args.report_to
+    fast = detect_device_defaults(args)
+    if fast.torch_compile:
+        import torch._dynamo as dynamo
+
+        dynamo.config.suppress_errors = True  # a graph Inductor cannot compile runs eager (with a warning)
     accelerator = Accelerator(
-        mixed_precision=args.mixed_precision,
+        mixed_precision=fast.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=trackers,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-        dynamo_backend="inductor" if args.torch_compile else None,
+        dynamo_backend=compile_backend() if fast.torch_compile else "no",
     )
+    for note in fast.notes:
+        accelerator.print(note)
     manifest = load_manifest(args.data)
     set_seed(args.seed)  # identical initial weights on every rank
     model = build_model(args, manifest)
     config = model.config
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable()
-    optimizer = build_optimizer(model, args.optimizer, args.learning_rate, args.weight_decay, (args.adam_beta1, args.adam_beta2))
+    optimizer = build_optimizer(model, args.optimizer, args.learning_rate, args.weight_decay, (args.adam_beta1, args.adam_beta2),
+                                device_type=accelerator.device.type)
     scheduler = build_scheduler(optimizer, args.lr_scheduler, args.max_steps, args.warmup_ratio)
     vocabulary = list(config.channel_names or manifest["channels"])
-    stream = training_stream(args, config, vocabulary, accelerator.process_index, accelerator.num_processes)
-    data = DataPosition(stream, args.per_device_train_batch_size, args.dataloader_num_workers)
+    stream = training_stream(args, config, vocabulary, accelerator.process_index, accelerator.num_processes, fast.dataloader_num_workers)
+    data = DataPosition(stream, args.per_device_train_batch_size, fast.dataloader_num_workers, pin_memory=fast.pin_memory)
     validation = fixed_validation_field(args, config.image_size, vocabulary)
+    if accelerator.is_fsdp2:
+        answer_input_embeddings(model)
     model, optimizer = accelerator.prepare(model, optimizer)
     # The scheduler (stepped once per optimizer step, by us) is saved as JSON by save_checkpoint, not registered
     # with accelerate: accelerate loads registered objects' pickles with weights_only=False.
@@ -229,15 +302,21 @@ def pretrain(args: PretrainingArguments) -> dict:
     def trainer_state() -> dict:
         return {
             **state,
-            "hardware": {"device": str(accelerator.device), "num_processes": accelerator.num_processes, "mixed_precision": args.mixed_precision},
+            "hardware": {"device": str(accelerator.device), "num_processes": accelerator.num_processes, "mixed_precision": fast.mixed_precision,
+                         "distributed_type": accelerator.distributed_type.value, "torch_compile": fast.torch_compile,
+                         "activation_checkpointing": uses_activation_checkpointing(model),
+                         "fully_sharded_modules": fully_sharded_modules(model)},
             "dataset": dataset_summary(args, manifest),
         }
 
     tokens_per_image = (args.channel_subset or len(vocabulary)) * config.tokens_per_channel
     images_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     progress = tqdm(total=args.max_steps, initial=state["global_step"], desc="pre-training", disable=not (accelerator.is_main_process and args.progress_bar))
-    window = {"loss": 0.0, "mse_loss": 0.0, "fourier_loss": 0.0, "count": 0, "data_s": 0.0, "start": time.perf_counter()}
-    consecutive_nonfinite, grad_norm = 0, None
+    window = LoggingWindow(accelerator.device)
+    # The skip flag is applied by the optimizer on the device (fused AdamW, our Lion); any other optimizer
+    # makes the host read it once per optimizer step.
+    on_device_skip = skips_on_device(optimizer.optimizer)
+    max_norm = args.max_grad_norm or float("inf")  # the norm is computed anyway: it detects NaN/inf gradients
     model.train()
     batches = iter(data.loader)
     run_start = time.perf_counter()
@@ -245,60 +324,54 @@ def pretrain(args: PretrainingArguments) -> dict:
     while state["global_step"] < args.max_steps:
         wait_start = time.perf_counter()
         batch = next(batches)
-        window["data_s"] += time.perf_counter() - wait_start
+        window.data_s += time.perf_counter() - wait_start
         with accelerator.accumulate(model):
-            out = model(to_model_input(batch["pixel_values"], accelerator.device), channel_ids=batch["channel_ids"].to(accelerator.device))
-            finite = torch.isfinite(out.loss.detach()).float()
-            if accelerator.num_processes > 1:
-                finite = accelerator.reduce(finite, reduction="min")
-            if finite.item() < 1:
-                consecutive_nonfinite += 1
-                state["nonfinite_steps"] += 1
-                accelerator.print(f"Non-finite loss at step {state['global_step']}: skipped ({consecutive_nonfinite} in a row).")
-                if consecutive_nonfinite > args.max_nonfinite_steps:
-                    raise NonFiniteLossError(
-                        f"{consecutive_nonfinite} consecutive non-finite losses (max_nonfinite_steps={args.max_nonfinite_steps}); "
-                        "lower the learning rate, enable gradient clipping or use bf16 instead of fp16."
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                continue
-            consecutive_nonfinite = 0
+            pixels = to_model_input(batch["pixel_values"], accelerator.device)
+            out = model(pixels, channel_ids=batch["channel_ids"].to(accelerator.device, non_blocking=True))
+            window.add_losses(out)
             accelerator.backward(out.loss)
             if accelerator.sync_gradients:
-                if args.max_grad_norm:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
+                skip = window.add_optimizer_step(accelerator.clip_grad_norm_(model.parameters(), max_norm))
+                if on_device_skip:
+                    skip_step_if(optimizer.optimizer, skip)
+                if on_device_skip or not skip.item():
+                    optimizer.step()
+                scheduler.step()  # a skipped step still counts: the schedule and max_steps stay fixed
                 optimizer.zero_grad(set_to_none=True)
-        for key in ("loss", "mse_loss", "fourier_loss"):
-            window[key] += getattr(out, key).detach().float().item()
-        window["count"] += 1
         if not accelerator.sync_gradients:
             continue
         state["global_step"] += 1
         state["images_seen"] += images_per_step
         step = state["global_step"]
         progress.update(1)
-        if step % args.logging_steps == 0 or step == args.max_steps:
-            elapsed = time.perf_counter() - window["start"]
-            means = torch.tensor([window[k] / window["count"] for k in ("loss", "mse_loss", "fourier_loss")], device=accelerator.device)
-            means = accelerator.reduce(means, reduction="mean") if accelerator.num_processes > 1 else means
-            images = window["count"] * args.per_device_train_batch_size * accelerator.num_processes
+        # A window also ends at each checkpoint, so a resumed run logs the same windows as an uninterrupted one.
+        if step % args.logging_steps == 0 or step == args.max_steps or step % args.save_steps == 0:
+            read = window.read(accelerator)  # the one place the host waits for the device
+            state["nonfinite_steps"] += read["skipped"]
+            if read["skipped"]:
+                accelerator.print(f"Non-finite gradients: {read['skipped']} optimizer step(s) up to step {step} skipped "
+                                  f"(at most {read['most_in_a_row']} in a row).")
+            if read["most_in_a_row"] > args.max_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"{read['most_in_a_row']} consecutive non-finite losses (max_nonfinite_steps={args.max_nonfinite_steps}); "
+                    "lower the learning rate, enable gradient clipping or use bf16 instead of fp16."
+                )
+            images = read["micro_steps"] * args.per_device_train_batch_size * accelerator.num_processes
+            elapsed = read["elapsed_s"]
             record = {
                 "step": step,
-                "loss": means[0].item(),
-                "mse_loss": means[1].item(),
-                "fourier_loss": means[2].item(),
+                "loss": read["loss"],
+                "mse_loss": read["mse_loss"],
+                "fourier_loss": read["fourier_loss"],
                 "learning_rate": scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "grad_norm": read["grad_norm"],
                 "images_per_s": images / elapsed,
                 "tokens_per_s": images * tokens_per_image / elapsed,
-                "data_wait_share": window["data_s"] / elapsed,
+                "data_wait_share": read["data_s"] / elapsed,
             }
             state["log_history"].append(record)
             accelerator.log({k: v for k, v in record.items() if v is not None and k != "step"}, step=step)
             progress.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.1f}")
-            window.update(loss=0.0, mse_loss=0.0, fourier_loss=0.0, count=0, data_s=0.0, start=time.perf_counter())
         if args.figure_steps and step % args.figure_steps == 0:
             save_reconstruction(step)
         if step % args.save_steps == 0 or step == args.max_steps:
@@ -323,6 +396,33 @@ def pretrain(args: PretrainingArguments) -> dict:
     accelerator.end_training()
     final = state["log_history"][-1] if state["log_history"] else {}
     return {"model_dir": str(model_dir), "global_step": state["global_step"], "final_loss": final.get("loss"), "figure": str(figure) if figure else None}
+
+
+def answer_input_embeddings(model: CellMAEForPreTraining) -> None:
+    """accelerate's FSDP2 preparation shards `model.get_input_embeddings()` as its own unit; transformers'
+    default raises for a model without a token-embedding table. Answer the patch embedding (as ViTMAE
+    does) where the model class does not define it."""
+    try:
+        model.get_input_embeddings()
+    except NotImplementedError:
+        model.get_input_embeddings = lambda: model.cellmae.embeddings.patch_embeddings
+
+
+def uses_activation_checkpointing(model) -> bool:
+    """Whether blocks recompute their activations in the backward pass (the model's own switch or FSDP's wrapper)."""
+    unwrapped = model.module if hasattr(model, "module") else model
+    return bool(getattr(unwrapped, "is_activation_checkpointing", False)) or any(
+        "checkpoint_wrapped_module" in name for name, _ in model.named_modules())
+
+
+def fully_sharded_modules(model) -> list[str]:
+    """The class of every module FSDP2's `fully_shard` made a shard unit (blocks, embedding, tail, root); [] without FSDP."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return []
+    units = [getattr(m, "_checkpoint_wrapped_module", m) for m in model.modules() if isinstance(m, FSDPModule)]
+    return sorted(type(m).__name__.removeprefix("FSDP") for m in units)
 
 
 def save_model_folder(accelerator, model, path: Path, args: PretrainingArguments, trainer_state: dict) -> Path:
