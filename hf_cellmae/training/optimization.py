@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from torch import nn
@@ -86,6 +87,46 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def encoder_depth(name: str, num_layers: int) -> int:
+    """Depth of a parameter for layer-wise lr decay: 0 for the input embedding (a CA-MAE's patch embedding and
+    class/channel tokens, a MU-Net's stem), `i + 1` for encoder block `i` (a MU-Net level, with the downsampling
+    that leads into it), `num_layers + 1` for everything after the encoder (final norm, pooling, classifier)."""
+    if name.startswith("cellmae.embeddings.") or name.startswith("munet.encoder.stem."):
+        return 0
+    block = re.match(r"(?:cellmae\.encoder\.layers|munet\.encoder\.stages)\.(\d+)\.", name)
+    if block:
+        return int(block.group(1)) + 1
+    downsample = re.match(r"munet\.encoder\.downsample\.(\d+)\.", name)  # downsample i leads into level i + 1
+    if downsample:
+        return int(downsample.group(1)) + 2
+    return num_layers + 1
+
+
+def encoder_num_layers(model: nn.Module) -> int:
+    """Blocks of a CA-MAE encoder (`num_hidden_layers`) or levels of a MU-Net (`len(stage_channels)`)."""
+    config = model.config
+    return len(config.stage_channels) if hasattr(config, "stage_channels") else config.num_hidden_layers
+
+
+def layer_decay_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: float) -> list[dict]:
+    """Parameter groups for layer-wise learning-rate decay (BEiT, MAE fine-tuning): a parameter at depth `d`
+    (`encoder_depth`) of an encoder of `D` blocks trains at `lr * layer_decay ** (D + 1 - d)`, so the head and
+    final norm get `lr`, the last block `lr * layer_decay`, the patch embedding `lr * layer_decay ** (D + 1)`:
+    the early, generic features move least. Each group also says its `depth` and `lr_scale`; weight decay is
+    split as in `parameter_groups`."""
+    num_layers = encoder_num_layers(model)
+    names = {id(param): name for name, param in model.named_parameters()}
+    groups: dict[tuple[int, float], dict] = {}
+    for group in parameter_groups(model, weight_decay):
+        for param in group["params"]:
+            depth = encoder_depth(names[id(param)], num_layers)
+            scale = layer_decay ** (num_layers + 1 - depth)
+            key = (depth, group["weight_decay"])
+            groups.setdefault(key, {"params": [], "weight_decay": group["weight_decay"], "lr": lr * scale, "lr_scale": scale, "depth": depth})
+            groups[key]["params"].append(param)
+    return [groups[key] for key in sorted(groups)]
+
+
 def adamw_kernel(device_type: str) -> dict:
     """`{"fused": True}` where torch has a fused AdamW kernel for `device_type` (CUDA, CPU, ...), else `{"foreach": True}`."""
     from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
@@ -93,9 +134,11 @@ def adamw_kernel(device_type: str) -> dict:
     return {"fused": True} if device_type in _get_fused_kernels_supported_devices() else {"foreach": True}
 
 
-def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, betas: tuple[float, float], device_type: str = "cpu"):
-    """Lion (foreach kernels) or AdamW (fused where torch has the kernel, foreach elsewhere) for parameters on `device_type`."""
-    groups = parameter_groups(model, weight_decay)
+def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, betas: tuple[float, float], device_type: str = "cpu",
+                    layer_decay: float | None = None):
+    """Lion (foreach kernels) or AdamW (fused where torch has the kernel, foreach elsewhere) for parameters on `device_type`;
+    with `layer_decay`, one group per encoder depth (`layer_decay_groups`)."""
+    groups = parameter_groups(model, weight_decay) if layer_decay is None else layer_decay_groups(model, lr, weight_decay, layer_decay)
     if name == "lion":
         return Lion(groups, lr=lr, betas=betas)
     if name == "adamw":
