@@ -589,8 +589,8 @@ class CellMAEModel(CellMAEPreTrainedModel):
         torch.Size([2, 384])
     """
 
-    # A pre-training checkpoint also holds the decoder; the encoder alone loads it quietly.
-    _keys_to_ignore_on_load_unexpected = [r"^decoder\."]
+    # A pre-training checkpoint also holds the decoder, a classifier's its head; the encoder alone loads either quietly.
+    _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"^classifier\.", r"^pool\."]
 
     def __init__(self, config: CellMAEConfig):
         super().__init__(config)
