@@ -203,3 +203,15 @@ def test_a_fine_tuning_run_with_layer_decay_resumes_to_the_same_weights(two_plat
     assert all(torch.equal(expected[k], got[k]) for k in expected)
     assert straight["holdout_evaluation"] == resumed["holdout_evaluation"]
     assert straight["holdout_evaluation"]["num_samples"] == 12
+
+
+def test_a_munet_wsl_run_trains_a_munet_classifier_that_embeds(two_plates, tmp_path):
+    from hf_cellmae.evaluation.embed import ModelFeaturizer, embed_dataset
+
+    summary = pretrain(run_args(two_plates, tmp_path / "run", objective="wsl", model_type="munet",
+                                model_overrides=json.dumps({"image_size": 32}), max_steps=2, save_steps=2, per_device_train_batch_size=4))
+    config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert config["architectures"] == ["CellMUNetForImageClassification"] and config["classifier_batch_norm"] == "plate"
+    assert np.isfinite(summary["final_loss"])
+    info = embed_dataset(two_plates, tmp_path / "embeddings", ModelFeaturizer(tmp_path / "run" / "model", batch_size=8), progress=False)
+    assert info["num_rows"] == 24
