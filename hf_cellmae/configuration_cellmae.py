@@ -13,6 +13,7 @@ DECODER_TYPES = ("shared", "per_channel")
 FOURIER_SCOPES = ("patch", "image")
 MLP_BIAS_LAYOUTS = ("current", "legacy_timm")
 CLASSIFIER_POOLINGS = ("mean", "attention")
+CLASSIFIER_BATCH_NORMS = (None, "plate", "plate_center")
 
 # Encoder/decoder sizes of the paper's models (Kraus et al. 2024, table 1) and of OpenPhenom.
 # Every entry is a set of CellMAEConfig keyword arguments; `CellMAEConfig.from_preset` applies them.
@@ -99,6 +100,11 @@ class CellMAEConfig(PretrainedConfig):
         classifier_pooling (`str`, defaults to `"mean"`): read-out of `CellMAEForImageClassification`: `"mean"` of
             the patch tokens (the pooled embedding) or `"attention"` (a learned query attending to them). The
             classes are the usual `num_labels` / `id2label` / `label2id`.
+        classifier_batch_norm (`str`, *optional*): `"plate"` standardises each pooled embedding by the mean and
+            standard deviation, per feature, of the embeddings of the same plate in the batch (`plate_ids` in
+            `forward`) before the classifier; `"plate_center"` only subtracts that mean; `None` (default) does
+            neither. A weakly supervised model otherwise learns to recognise plates (batch effects) along with
+            perturbations; see `plate_batch_norm`.
     """
 
     model_type = "cellmae"
@@ -139,6 +145,7 @@ class CellMAEConfig(PretrainedConfig):
         validate_inputs: bool = False,
         source_checkpoint: str | None = None,
         classifier_pooling: str = "mean",
+        classifier_batch_norm: str | None = None,
         **kwargs,
     ):
         if parallel_mlp_bias_layout == "legacy_timm":
@@ -177,6 +184,7 @@ class CellMAEConfig(PretrainedConfig):
         self.validate_inputs = validate_inputs
         self.source_checkpoint = source_checkpoint
         self.classifier_pooling = classifier_pooling
+        self.classifier_batch_norm = classifier_batch_norm
         super().__init__(**kwargs)
         self._validate()
 
@@ -191,6 +199,7 @@ class CellMAEConfig(PretrainedConfig):
         choice("fourier_loss_scope", FOURIER_SCOPES)
         choice("parallel_mlp_bias_layout", MLP_BIAS_LAYOUTS)
         choice("classifier_pooling", CLASSIFIER_POOLINGS)
+        choice("classifier_batch_norm", CLASSIFIER_BATCH_NORMS)
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"image_size={self.image_size} is not divisible by patch_size={self.patch_size}; "

@@ -16,6 +16,7 @@ from transformers import PretrainedConfig
 MASK_FILLS = ("learned", "zeros")
 FOURIER_SCOPES = ("patch", "image")
 CLASSIFIER_POOLINGS = ("mean", "attention")
+CLASSIFIER_BATCH_NORMS = (None, "plate", "plate_center")
 
 # Sizes. The paper (Kraus et al. 2024, arXiv 2404.10242) trains MU-Net-M and MU-Net-L; its text was not at hand
 # when these were written, so `munet_m` and `munet_l` are APPROXIMATIONS: a five-level U-Net whose widths double
@@ -51,6 +52,8 @@ class CellMUNetConfig(PretrainedConfig):
         norm_pix_loss, fourier_loss_weight, fourier_loss_scope, mask_fourier_loss: as in `CellMAEConfig`.
         classifier_pooling (`str`, defaults to `"mean"`): read-out of `CellMUNetForImageClassification`:
             `"mean"` of the bottleneck, or `"attention"` (a learned query attending to its positions).
+        classifier_batch_norm (`str`, *optional*): `None`, `"plate"` or `"plate_center"`: plate-wise normalisation
+            of the pooled embedding before the classifier, as in `CellMAEConfig`.
         initializer_range (`float`, defaults to 0.02): std of the normal init of the mask fill and queries.
     """
 
@@ -72,6 +75,7 @@ class CellMUNetConfig(PretrainedConfig):
         fourier_loss_scope: str = "patch",
         mask_fourier_loss: bool = True,
         classifier_pooling: str = "mean",
+        classifier_batch_norm: str | None = None,
         initializer_range: float = 0.02,
         **kwargs,
     ):
@@ -89,13 +93,15 @@ class CellMUNetConfig(PretrainedConfig):
         self.fourier_loss_scope = fourier_loss_scope
         self.mask_fourier_loss = mask_fourier_loss
         self.classifier_pooling = classifier_pooling
+        self.classifier_batch_norm = classifier_batch_norm
         self.initializer_range = initializer_range
         super().__init__(**kwargs)
         self._validate()
 
     def _validate(self) -> None:
         for name, allowed in (("mask_fill", MASK_FILLS), ("fourier_loss_scope", FOURIER_SCOPES),
-                              ("classifier_pooling", CLASSIFIER_POOLINGS)):
+                              ("classifier_pooling", CLASSIFIER_POOLINGS),
+                              ("classifier_batch_norm", CLASSIFIER_BATCH_NORMS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}.")
         if not self.stage_channels:

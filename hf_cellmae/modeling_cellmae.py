@@ -764,8 +764,8 @@ class CellMAEModel(CellMAEPreTrainedModel):
         torch.Size([2, 384])
     """
 
-    # A pre-training checkpoint also holds the decoder; the encoder alone loads it quietly.
-    _keys_to_ignore_on_load_unexpected = [r"^decoder\."]
+    # A pre-training checkpoint also holds the decoder, a classifier's its head; the encoder alone loads either quietly.
+    _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"^classifier\.", r"^pool\."]
 
     def __init__(self, config: CellMAEConfig):
         super().__init__(config)
@@ -999,6 +999,44 @@ class CellMAEAttentionPool(nn.Module):
         return self.proj(pooled.transpose(1, 2).reshape(batch, dim))
 
 
+def plate_batch_norm(embeddings: torch.Tensor, plate_ids: torch.Tensor | None, scale: bool = True, eps: float = 1e-5):
+    """Plate-wise batch normalisation: each embedding minus the mean (and, with `scale`, over the standard
+    deviation), per feature, of the embeddings of the same plate in this batch.
+
+    Why: a model trained to classify perturbations (weak supervision) can lower its loss by recognising the
+    plate a crop comes from, since plates differ in staining and illumination (batch effects) and not every
+    label is on every plate. Statistics taken per plate remove whatever all samples of a plate share, so the
+    classifier sees only how a sample differs from its plate-mates; this is the idea behind the per-plate /
+    per-experiment batch statistics of weakly supervised cell-image models (e.g. the RxRx1 baselines). Because
+    the statistics come from the batch, train and embed with several samples of each plate per batch; a plate
+    with a single sample in the batch gets a zero embedding.
+
+    Args:
+        embeddings: `(B, D)` pooled embeddings.
+        plate_ids: `(B,)` integer plate of each sample; `None` treats the whole batch as one plate.
+        scale: also divide by the plate's standard deviation (`"plate"`); `False` only centres (`"plate_center"`).
+    Returns:
+        `(B, D)`, computed with a `(B, B)` same-plate matrix (no host synchronisation, unlike `torch.unique`).
+    """
+    if plate_ids is None:
+        plate_ids = torch.zeros(embeddings.shape[0], dtype=torch.long, device=embeddings.device)
+    same = (plate_ids[:, None] == plate_ids[None, :]).to(embeddings.dtype)  # (B, B) 1 where same plate
+    share = same / same.sum(dim=1, keepdim=True)  # (B, B) rows average over one's plate-mates
+    centred = embeddings - share @ embeddings  # (B, D)
+    if not scale:
+        return centred
+    variance = share @ centred.square()  # (B, D): a plate's mates share its mean, so this is the plate's variance
+    return centred * torch.rsqrt(variance + eps)
+
+
+def classifier_input(pooled: torch.Tensor, config, plate_ids: torch.Tensor | None) -> torch.Tensor:
+    """The pooled embedding as the classifier sees it: plate-wise normalised where `config.classifier_batch_norm` says."""
+    mode = getattr(config, "classifier_batch_norm", None)
+    if mode is None:
+        return pooled
+    return plate_batch_norm(pooled, plate_ids, scale=mode == "plate")
+
+
 class CellMAEForImageClassification(CellMAEPreTrainedModel):
     """CA-MAE encoder + a linear classifier on the pooled patch tokens, for fine-tuning on labelled images.
 
@@ -1044,6 +1082,7 @@ class CellMAEForImageClassification(CellMAEPreTrainedModel):
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
         channel_ids=None,
+        plate_ids: torch.Tensor | None = None,
         output_hidden_states: bool = False,
         return_dict: bool | None = None,
         **kwargs,
@@ -1053,13 +1092,15 @@ class CellMAEForImageClassification(CellMAEPreTrainedModel):
             pixel_values (`torch.FloatTensor` of shape `(B, C, H, W)`): standardised pixels.
             labels (`torch.LongTensor` of shape `(B,)`, *optional*): class indices in `[0, num_labels)`.
             channel_ids (`(C,)` or `(B, C)` ints, *optional*): stain of each channel (default `0..C-1`).
+            plate_ids (`torch.LongTensor` of shape `(B,)`, *optional*): plate of each sample, for
+                `config.classifier_batch_norm` (without them the batch counts as one plate).
         """
         out = self.cellmae(pixel_values, channel_ids=channel_ids, output_hidden_states=output_hidden_states)
         pooled = out.pooler_output if self.pool is None else self.pool(out.last_hidden_state[:, 1:])  # (B, D)
-        logits = self.classifier(pooled)  # (B, num_labels)
+        logits = self.classifier(classifier_input(pooled, self.config, plate_ids))  # (B, num_labels)
         loss = self.loss_function(labels, logits, self.config) if labels is not None else None
         output = ImageClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
         return output if return_dict is not False else output.to_tuple()
 
 
-__all__ += ["CellMAEAttentionPool", "CellMAEForImageClassification"]
+__all__ += ["CellMAEAttentionPool", "CellMAEForImageClassification", "plate_batch_norm"]

@@ -31,6 +31,7 @@ from transformers.utils import ModelOutput
 from .configuration_munet import CellMUNetConfig
 from .modeling_cellmae import (
     CellMAEAttentionPool,
+    classifier_input,
     fourier_magnitude_l1,
     masked_mean,
     patchify,
@@ -456,6 +457,7 @@ class CellMUNetForImageClassification(CellMUNetPreTrainedModel):
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
         channel_ids=None,
+        plate_ids: torch.Tensor | None = None,
         output_hidden_states: bool = False,
         return_dict: bool | None = None,
         **kwargs,
@@ -464,13 +466,15 @@ class CellMUNetForImageClassification(CellMUNetPreTrainedModel):
         Args:
             pixel_values (`torch.FloatTensor` of shape `(B, C, H, W)`): standardised pixels, `C = config.num_channels`.
             labels (`torch.LongTensor` of shape `(B,)`, *optional*): class indices in `[0, num_labels)`.
+            plate_ids (`torch.LongTensor` of shape `(B,)`, *optional*): plate of each sample, for
+                `config.classifier_batch_norm` (see `plate_batch_norm`).
         """
         out = self.munet(pixel_values, channel_ids=channel_ids, output_hidden_states=output_hidden_states)
         if self.pool is None:
             pooled = out.pooler_output  # (B, D)
         else:
             pooled = self.pool(out.last_hidden_state.flatten(2).transpose(1, 2))  # (B, h*w, D) -> (B, D)
-        logits = self.classifier(pooled)
+        logits = self.classifier(classifier_input(pooled, self.config, plate_ids))  # (B, num_labels)
         loss = self.loss_function(labels, logits, self.config) if labels is not None else None
         output = ImageClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
         return output if return_dict is not False else output.to_tuple()

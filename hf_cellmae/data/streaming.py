@@ -349,6 +349,8 @@ def stream_fields(
     metadata_fields: list[str] | None = None,
     storage_options: dict | None = None,
     on_error: str = "fail",
+    plates: list[str] | None = None,
+    exclude_plates: list[str] | None = None,
 ):
     """Stream random crops of the fields in a shard folder as a ``datasets.IterableDataset``.
 
@@ -383,6 +385,9 @@ def stream_fields(
             raises ``BadInputError`` naming the shard and the field; ``"skip"`` drops its samples, warns once per
             field (``CorruptFieldWarning``) and counts it (:func:`skipped_fields`). A shard whose Parquet
             structure is damaged always raises, naming the file and the repair.
+        plates: yield only samples of these plates (e.g. held-out plates to evaluate on); default all.
+        exclude_plates: never yield samples of these plates (e.g. held out from training). Both filter decoded
+            samples, so the order, crops and resume of the remaining samples are those of the unfiltered stream.
 
     Returns:
         ``datasets.IterableDataset`` whose examples are dicts:
@@ -440,8 +445,17 @@ def stream_fields(
         "on_error": on_error,
     }
     if on_error == "skip":  # a batched map may return fewer samples than it was given
-        return stream.map(_decode_batch, batched=True, batch_size=1, fn_kwargs={"options": options}, remove_columns=_DESCRIPTOR_KEYS)
-    return stream.map(_decode_sample, fn_kwargs={"options": options}, remove_columns=_DESCRIPTOR_KEYS)
+        stream = stream.map(_decode_batch, batched=True, batch_size=1, fn_kwargs={"options": options}, remove_columns=_DESCRIPTOR_KEYS)
+    else:
+        stream = stream.map(_decode_sample, fn_kwargs={"options": options}, remove_columns=_DESCRIPTOR_KEYS)
+    if plates is not None or exclude_plates:
+        stream = stream.filter(_plate_is_kept, fn_kwargs={"keep": None if plates is None else set(plates),
+                                                          "drop": set(exclude_plates or [])})
+    return stream
+
+
+def _plate_is_kept(sample: dict, keep: set | None, drop: set) -> bool:
+    return (keep is None or sample["plate"] in keep) and sample["plate"] not in drop
 
 
 def count_samples(

@@ -221,8 +221,9 @@ class ModelFeaturizer:
     subset of the model's stains works, an unknown stain is refused; see :meth:`_channel_ids`.
 
     Args:
-        model: a model folder (``save_pretrained`` of ``CellMAEModel`` or ``CellMAEForPreTraining``)
-            or a Hub id; its ``preprocessor_config.json`` is used when present.
+        model: a model folder (``save_pretrained`` of ``CellMAEModel``, ``CellMAEForPreTraining`` or an image
+            classifier such as a WSL run's, whose head is ignored) or a Hub id; its ``preprocessor_config.json``
+            is used when present.
         device: torch device ("cpu", "cuda", "cuda:1", ...).
         dtype: "float32", "bfloat16" or "float16" (autocast on the device).
         batch_size: crops per forward pass.
@@ -387,7 +388,9 @@ class ModelFeaturizer:
 
 
 def load_encoder(model: str | Path):
-    """The encoder of a model folder or Hub id: ``CellMAEModel``, or ``CellMUNetModel`` for a MU-Net."""
+    """The encoder of a model folder or Hub id: ``CellMAEModel``, or ``CellMUNetModel`` for a MU-Net. The folder may
+    hold a pre-training model (decoder dropped), an encoder, or an image classifier (``cellmae pretrain --objective
+    wsl|classify``: head dropped, so a weakly supervised model is read out like an MAE, by its pooled tokens)."""
     from transformers import AutoConfig
 
     from .. import CellMAEModel, CellMUNetModel

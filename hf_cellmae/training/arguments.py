@@ -19,7 +19,7 @@ from pathlib import Path
 
 OPTIMIZERS = ("adamw", "lion")
 SCHEDULERS = ("one_cycle", "cosine", "constant")
-MIXED_PRECISION = ("no", "bf16", "fp16")
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 MODEL_TYPES = ("cellmae", "munet")
 SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # model_overrides keys that set the model's size: a --model-preset given on the command line replaces the
@@ -29,6 +29,8 @@ SIZE_KEYS = (
     "decoder_hidden_size", "decoder_num_hidden_layers", "decoder_num_attention_heads", "decoder_mlp_ratio",
     "stage_channels", "blocks_per_stage",  # MU-Net
 )
+OBJECTIVES = ("mae", "wsl", "classify")
+CLASSIFIER_BATCH_NORMS = ("auto", "none", "plate", "plate_center")
 
 
 @dataclass
@@ -40,7 +42,13 @@ class PretrainingArguments:
     crops_per_field: int = field(default=1, metadata={"help": "random crops drawn from each field per epoch"})
     channel_subset: int | None = field(default=None, metadata={"help": "train on this many randomly chosen channels per sample (channel-agnostic training); default all"})
     augment: bool = field(default=True, metadata={"help": "random flips and 90-degree rotations"})
-    dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes per rank (>0 needs torchdata for exact resume)"})
+    dataloader_num_workers: int | None = field(default=None, metadata={"help": "DataLoader worker processes per rank (>0 needs torchdata for exact resume); default: CPU cores per rank - 1 (at most 8) on a GPU, 0 on a CPU"})
+    # ---- objective
+    objective: str = field(default="mae", metadata={"help": "mae (masked-autoencoder pre-training) | wsl (weakly supervised baseline: classify --label-col from scratch) | classify (fine-tune the encoder of --init-from on --label-col)"})
+    label_col: str = field(default="perturbation", metadata={"help": "wsl/classify: the shard metadata column (or plate/well/experiment) whose values are the classes"})
+    classifier_batch_norm: str = field(default="auto", metadata={"help": "wsl/classify: plate (standardise the pooled embedding by its plate's statistics in the batch) | plate_center (centre only) | none; auto: plate for wsl, none for classify"})
+    layer_decay: float | None = field(default=None, metadata={"help": "classify: layer-wise learning-rate decay; depth d of D+1 (0: patch embedding, D+1: head) trains at lr * layer_decay ** (D + 1 - d)"})
+    holdout_plates: list[str] | None = field(default=None, metadata={"help": "wsl/classify: plates left out of training and evaluated (accuracy) at the end"})
     # ---- model
     model_type: str = field(default="cellmae", metadata={"help": "cellmae (channel-agnostic ViT MAE) | munet (fixed-channel masked U-Net)"})
     model_preset: str = field(default="tiny", metadata={"help": "cellmae: tiny | vit_s16 | vit_b16 | vit_l16 | vit_l8 | openphenom; munet: tiny | munet_m | munet_l"})
@@ -58,10 +66,10 @@ class PretrainingArguments:
     lr_scheduler: str = field(default="one_cycle", metadata={"help": "one_cycle (paper: warm-up then cosine anneal) | cosine (with warm-up) | constant"})
     warmup_ratio: float = field(default=0.1, metadata={"help": "share of max_steps spent warming up"})
     max_grad_norm: float | None = field(default=1.0, metadata={"help": "clip the gradient norm to this; None disables"})
-    mixed_precision: str = field(default="no", metadata={"help": "no | bf16 | fp16"})
+    mixed_precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast with fp32 master weights on a CUDA GPU, no elsewhere) | no | bf16 | fp16"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute block activations in the backward pass"})
-    torch_compile: bool = field(default=False, metadata={"help": "compile the model with torch.compile"})
-    max_nonfinite_steps: int = field(default=10, metadata={"help": "skip steps with a NaN/inf loss; abort after this many in a row"})
+    torch_compile: bool | None = field(default=None, metadata={"help": "true | false: compile the model with torch.compile; default on with CUDA, off on CPU (falls back to eager, saying why, where it cannot run)"})
+    max_nonfinite_steps: int = field(default=10, metadata={"help": "skip optimizer steps whose gradients are NaN/inf (a skipped step still counts as a step); abort after this many in a row (checked every logging_steps)"})
     seed: int = field(default=0, metadata={"help": "seed of weights, data order, crops and masks"})
     # ---- checkpoints and output
     output_dir: str = field(default="outputs/pretrain", metadata={"help": "run folder: checkpoints/, model/, logs/, figures/"})
@@ -85,6 +93,16 @@ class PretrainingArguments:
         choice("lr_scheduler", SCHEDULERS)
         choice("mixed_precision", MIXED_PRECISION)
         choice("model_type", MODEL_TYPES)
+        choice("objective", OBJECTIVES)
+        choice("classifier_batch_norm", CLASSIFIER_BATCH_NORMS)
+        if self.objective == "mae" and (self.holdout_plates or self.layer_decay is not None):
+            raise ValueError("holdout_plates and layer_decay apply to --objective wsl or classify, not mae.")
+        if self.objective == "wsl" and self.init_from:
+            raise ValueError(f"--objective wsl trains an encoder from scratch; to start from {self.init_from}, use --objective classify.")
+        if self.objective == "classify" and not self.init_from:
+            raise ValueError("--objective classify fine-tunes a pre-trained model: pass --init-from MODEL_FOLDER (or use --objective wsl to train from scratch).")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise ValueError(f"layer_decay={self.layer_decay} must lie in (0, 1].")
         for name in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "save_steps", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1.")
@@ -99,6 +117,13 @@ class PretrainingArguments:
         if not self.model_overrides:
             return {}
         return dict(json.loads(self.model_overrides)) if isinstance(self.model_overrides, str) else dict(self.model_overrides)
+
+    @property
+    def batch_norm(self) -> str | None:
+        """The model's `classifier_batch_norm` for this objective (`"auto"` resolved)."""
+        if self.classifier_batch_norm == "auto":
+            return "plate" if self.objective == "wsl" else None
+        return None if self.classifier_batch_norm == "none" else self.classifier_batch_norm
 
     def to_dict(self) -> dict:
         return asdict(self)

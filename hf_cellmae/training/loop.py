@@ -1,14 +1,28 @@
 """The pre-training loop: streaming shards -> CA-MAE -> Accelerate, resumable at the exact sample.
 
+One loop, three objectives (`--objective`):
+- `mae` (default): masked-autoencoder pre-training of a CA-MAE or MU-Net.
+- `wsl`: the weakly supervised baseline: a CellMAE/CellMUNetForImageClassification trained from scratch to
+  classify `--label-col` of each crop, the pooled embedding normalised per plate in the batch
+  (`classifier_batch_norm="plate"`, see `plate_batch_norm`).
+- `classify`: fine-tuning: the encoder of `--init-from` with a new head, optionally with layer-wise lr decay.
+Both supervised objectives can hold plates out (`--holdout-plates`) and report their accuracy at the end.
+
 Single process:            cellmae pretrain --config run.yaml
 Many GPUs / nodes / FSDP:  accelerate launch [--config_file examples/accelerate/ddp.yaml] -m hf_cellmae.cli pretrain --config run.yaml
 
 Each rank streams its own disjoint share of the shards (`stream_fields(rank=..., world_size=...)`), so
 the DataLoader is not passed through `accelerator.prepare` (that would shard a second time).
+
+The host never waits for the device inside a step: losses are summed on the device and read every
+`logging_steps` (`LoggingWindow`), and a step with NaN/inf gradients is skipped by the optimizer itself
+on the device (fused AdamW's `found_inf`, the same flag in our Lion). Device-specific fast settings
+(bf16, torch.compile, workers, pinned memory) come from `device_defaults.py`.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -18,6 +32,7 @@ import numpy as np
 import torch
 
 from ..configuration_cellmae import PRESETS, CellMAEConfig
+from ..data.labels import IDENTITY_COLUMNS, LabelVocabulary, label_text, label_vocabulary
 from ..data.shards import load_manifest
 from ..data.streaming import stream_fields
 from ..errors import UserError, ensure_writable_folder
@@ -26,7 +41,8 @@ from ..modeling_cellmae import CellMAEForPreTraining
 from .arguments import PretrainingArguments
 from .checkpoints import load_checkpoint, load_data_state, resolve_checkpoint, save_checkpoint
 from .figures import reconstruction_figure, save_figure
-from .optimization import build_optimizer, build_scheduler
+from .device_defaults import compile_backend, detect_device_defaults
+from .optimization import build_optimizer, build_scheduler, skip_step_if, skips_on_device
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +51,11 @@ class NonFiniteLossError(RuntimeError):
     """Raised after too many consecutive steps with a NaN or infinite loss."""
 
 
-def build_model(args: PretrainingArguments, manifest: dict) -> CellMAEForPreTraining:
-    """A new model from `model_type`, `model_preset` + `model_overrides` (channel names from the shards), or `init_from`."""
+def build_model(args: PretrainingArguments, manifest: dict, labels: LabelVocabulary | None = None):
+    """A new model from `model_type`, `model_preset` + `model_overrides` (channel names from the shards), or `init_from`;
+    for `wsl`/`classify`, an image classifier over `labels`."""
+    if args.objective != "mae":
+        return build_classifier(args, manifest, labels)
     if args.model_type == "munet":
         return build_munet(args, manifest)
     if args.init_from:
@@ -66,6 +85,45 @@ def build_munet(args: PretrainingArguments, manifest: dict):
     return CellMUNetForPreTraining(CellMUNetConfig.from_preset(args.model_preset, **overrides))
 
 
+def build_classifier(args: PretrainingArguments, manifest: dict, labels: LabelVocabulary):
+    """`wsl`: a classifier built from the preset, all weights random; `classify`: the encoder of `args.init_from`
+    (its decoder dropped) with a new head for `labels`."""
+    from transformers import AutoModelForImageClassification
+
+    from ..configuration_munet import CellMUNetConfig
+    from ..modeling_cellmae import CellMAEForImageClassification
+    from ..modeling_munet import CellMUNetForImageClassification
+
+    head = dict(num_labels=len(labels.labels), id2label=labels.id2label, label2id=labels.label2id,
+                classifier_batch_norm=args.batch_norm)
+    if args.objective == "classify":
+        return AutoModelForImageClassification.from_pretrained(args.init_from, **head, **args.overrides)
+    channels = list(manifest["channels"])
+    if args.model_type == "munet":
+        if args.channel_subset:
+            raise UserError(f"channel_subset={args.channel_subset}: a MU-Net is fixed-channel; drop --channel-subset or use --model-type cellmae")
+        overrides = {"channel_names": channels, "num_channels": len(channels), **args.overrides, **head}
+        return CellMUNetForImageClassification(CellMUNetConfig.from_preset(args.model_preset, **overrides))
+    overrides = {**args.overrides, **head}
+    overrides.setdefault("channel_names", channels)
+    preset_max = PRESETS.get(args.model_preset, {}).get("max_channels", CellMAEConfig().max_channels)
+    overrides.setdefault("max_channels", max(preset_max, len(overrides["channel_names"])))
+    return CellMAEForImageClassification(CellMAEConfig.from_preset(args.model_preset, **overrides))
+
+
+def supervision(args: PretrainingArguments) -> LabelVocabulary | None:
+    """The label vocabulary of a `wsl`/`classify` run (None for `mae`), with held-out plates checked against the shards."""
+    if args.objective == "mae":
+        return None
+    labels = label_vocabulary(args.data, args.label_col)
+    unknown = sorted(set(args.holdout_plates or []) - set(labels.plates))
+    if unknown:
+        raise UserError(f"holdout plates {unknown} are not in {args.data}; its plates are {labels.plates}")
+    if args.holdout_plates and set(labels.plates) <= set(args.holdout_plates):
+        raise UserError(f"--holdout-plates {args.holdout_plates} holds out every plate of {args.data}; leave at least one to train on")
+    return labels
+
+
 def dataset_summary(args: PretrainingArguments, manifest: dict) -> dict:
     return {
         "name": Path(str(args.data).rstrip("/")).name,
@@ -83,12 +141,13 @@ class DataPosition:
     `StatefulDataLoader` holds each worker's stream state.
     """
 
-    def __init__(self, stream, batch_size: int, num_workers: int):
+    def __init__(self, stream, batch_size: int, num_workers: int, pin_memory: bool = False, labels: LabelVocabulary | None = None):
         self.stream = stream
         self.num_workers = num_workers
         # The loader draws a base seed when an iterator starts: from its own generator, never from the
         # global RNG, whose state a resumed run restores from the checkpoint (masks depend on it).
-        options = dict(batch_size=batch_size, collate_fn=collate, generator=torch.Generator().manual_seed(0))
+        # Pinned batches let the copy to the GPU run asynchronously (`non_blocking=True` in to_model_input).
+        options = dict(batch_size=batch_size, collate_fn=functools.partial(collate, labels=labels), generator=torch.Generator().manual_seed(0), pin_memory=pin_memory)
         if num_workers > 0:
             try:
                 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -108,16 +167,76 @@ class DataPosition:
         (self.loader if self.num_workers > 0 else self.stream).load_state_dict(state)
 
 
-def collate(samples: list[dict]) -> dict:
+def collate(samples: list[dict], labels: LabelVocabulary | None = None) -> dict:
     """Stack raw pixels `(B, C, S, S)` (at their stored dtype, or as [0, 1] floats when dtypes are mixed)
-    and channel ids `(B, C)`; metadata is not needed for pre-training."""
+    and channel ids `(B, C)`; with `labels` (supervised objectives), also `labels` `(B,)` (class ids of the
+    label column) and `plate_ids` `(B,)` (for plate-wise normalisation). Other metadata is dropped."""
     pixels = [np.asarray(s["pixel_values"]) for s in samples]
     if len({p.dtype for p in pixels}) > 1:  # e.g. 8- and 16-bit plates in one batch
         pixels = [p.astype(np.float32) * np.float32(default_rescale_factor(p.dtype)) for p in pixels]
-    return {
+    batch = {
         "pixel_values": torch.from_numpy(np.stack(pixels)),
         "channel_ids": torch.stack([torch.as_tensor(s["channel_ids"]) for s in samples]),
     }
+    if labels is not None:
+        label2id, plate2id = labels.label2id, labels.plate2id
+        batch["labels"] = torch.tensor([label2id[label_text(s[labels.column])] for s in samples], dtype=torch.long)
+        batch["plate_ids"] = torch.tensor([plate2id[s["plate"]] for s in samples], dtype=torch.long)
+    return batch
+
+
+class LoggingWindow:
+    """Losses, skipped steps and the gradient norm of one logging window, summed on the device.
+
+    Nothing here makes the host wait for the device; `read` does, once per logging window.
+    A non-finite loss is left out of the means; a non-finite gradient norm (the same on every rank,
+    since gradients are reduced before it is computed) makes the optimizer skip the step on the device.
+    """
+
+    def __init__(self, device, names: tuple[str, ...] = ("loss", "mse_loss", "fourier_loss")):
+        self.names = names  # the logged means; the first is the loss whose finiteness counts a micro-step
+        self.sums = torch.zeros(len(names) + 1, device=device)  # the named values, then finite micro-steps
+        self.skipped = torch.zeros((), device=device)  # optimizer steps skipped in this window
+        self.in_a_row = torch.zeros((), device=device)  # skipped steps in a row, carried across windows
+        self.most_in_a_row = torch.zeros((), device=device)
+        self.grad_norm = torch.full((), float("nan"), device=device)
+        self.reset_host_counters()
+
+    def reset_host_counters(self) -> None:
+        self.micro_steps, self.data_s, self.start = 0, 0.0, time.perf_counter()
+
+    def add_losses(self, values: dict) -> None:
+        """Add one micro-step's 0-dim tensors, one per name (e.g. `loss`, `mse_loss`, `fourier_loss`; `loss`, `accuracy`)."""
+        losses = torch.stack([values[name] for name in self.names]).detach().float()  # (len(names),)
+        finite = torch.isfinite(losses[0])
+        self.sums[:-1] += torch.where(finite, losses, 0.0)
+        self.sums[-1] += finite
+        self.micro_steps += 1
+
+    def add_optimizer_step(self, grad_norm: torch.Tensor) -> torch.Tensor:
+        """Record an optimizer step's gradient norm; returns its 0-dim skip flag (1.0: NaN/inf gradients)."""
+        norm = grad_norm.detach().float()
+        skip = (~torch.isfinite(norm)).float()
+        self.skipped += skip
+        self.in_a_row = (self.in_a_row + 1) * skip
+        self.most_in_a_row = torch.maximum(self.most_in_a_row, self.in_a_row)
+        self.grad_norm = norm
+        return skip
+
+    def read(self, accelerator) -> dict:
+        """The window's mean losses over all ranks and its skip counts (the host waits here), then start a new window."""
+        sums = accelerator.reduce(self.sums, reduction="sum") if accelerator.num_processes > 1 else self.sums
+        counts = torch.stack([self.skipped, self.most_in_a_row, self.in_a_row, self.grad_norm])
+        *totals, finite, skipped, most_in_a_row, in_a_row, grad_norm = torch.cat([sums, counts]).tolist()
+        mean = (lambda total: total / finite) if finite else (lambda total: float("nan"))
+        window = {**{name: mean(total) for name, total in zip(self.names, totals)}, "grad_norm": grad_norm,
+                  "skipped": int(skipped), "most_in_a_row": int(most_in_a_row), "micro_steps": self.micro_steps,
+                  "data_s": self.data_s, "elapsed_s": time.perf_counter() - self.start}
+        self.sums.zero_()
+        self.skipped.zero_()
+        self.most_in_a_row.copy_(self.in_a_row)
+        self.reset_host_counters()
+        return window
 
 
 def to_model_input(pixels: torch.Tensor, device) -> torch.Tensor:
@@ -129,14 +248,66 @@ def to_model_input(pixels: torch.Tensor, device) -> torch.Tensor:
     return standardize_channels(pixels)
 
 
-def training_stream(args: PretrainingArguments, config: CellMAEConfig, vocabulary: list[str], rank: int, world_size: int):
-    """This rank's endless, disjoint share of the shards, in an order fixed by `args.seed`."""
+def training_stream(args: PretrainingArguments, config: CellMAEConfig, vocabulary: list[str], rank: int, world_size: int,
+                    num_workers: int | None = None):
+    """This rank's endless, disjoint share of the shards, in an order fixed by `args.seed`, split over
+    `num_workers` DataLoader workers (default `args.dataloader_num_workers`, or none); without the held-out
+    plates, and carrying the label column for the supervised objectives."""
+    if num_workers is None:
+        num_workers = args.dataloader_num_workers or 0
     return stream_fields(
         args.data, image_size=config.image_size, crops_per_field=args.crops_per_field, augment=args.augment,
         channel_subset=args.channel_subset, channel_vocabulary=vocabulary, seed=args.seed, num_epochs=None,
-        rank=rank, world_size=world_size, num_workers=args.dataloader_num_workers, standardize=False, contiguous=False,
-        metadata_fields=[],
+        rank=rank, world_size=world_size, num_workers=num_workers, standardize=False, contiguous=False,
+        metadata_fields=label_fields(args), exclude_plates=args.holdout_plates,
     )
+
+
+def label_fields(args: PretrainingArguments) -> list[str]:
+    """The metadata the stream must carry: the label column of a supervised objective (identity columns always come)."""
+    return [args.label_col] if args.objective != "mae" and args.label_col not in IDENTITY_COLUMNS else []
+
+
+def model_inputs(batch: dict, device) -> dict:
+    """A collated batch -> the model's keyword arguments on `device` (pixels standardised there)."""
+    inputs = {"pixel_values": to_model_input(batch["pixel_values"], device),
+              "channel_ids": batch["channel_ids"].to(device, non_blocking=True)}
+    for name in ("labels", "plate_ids"):
+        if name in batch:
+            inputs[name] = batch[name].to(device, non_blocking=True)
+    return inputs
+
+
+def logged_values(out, inputs: dict) -> dict:
+    """The 0-dim tensors a logging window averages: the MAE's loss terms, or a classifier's loss and accuracy."""
+    if "labels" not in inputs:
+        return {"loss": out.loss, "mse_loss": out.mse_loss, "fourier_loss": out.fourier_loss}
+    return {"loss": out.loss, "accuracy": (out.logits.argmax(dim=-1) == inputs["labels"]).float().mean()}
+
+
+@torch.no_grad()
+def evaluate_holdout(args: PretrainingArguments, model, config, vocabulary: list[str], labels: LabelVocabulary, device) -> dict:
+    """Accuracy on the held-out plates: one pass over their fields (`crops_per_field` random crops each, no
+    augmentation), in batches of `per_device_train_batch_size` in the stream's order, with plate ids for the
+    plate-wise normalisation. Every rank evaluates the same samples (the model may be sharded)."""
+    stream = stream_fields(
+        args.data, image_size=config.image_size, crops_per_field=args.crops_per_field, augment=False, shuffle=False,
+        num_epochs=1, rank=0, world_size=1, channel_vocabulary=vocabulary, standardize=False,
+        metadata_fields=label_fields(args), plates=args.holdout_plates,
+    )
+    loader = torch.utils.data.DataLoader(stream, batch_size=args.per_device_train_batch_size, collate_fn=functools.partial(collate, labels=labels))
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), device=device)
+    count = 0
+    for batch in loader:
+        inputs = model_inputs(batch, device)
+        logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+        correct += (logits.argmax(dim=-1) == inputs["labels"]).sum()
+        count += len(inputs["labels"])
+    model.train(was_training)
+    return {"plates": list(args.holdout_plates), "label_col": args.label_col, "num_samples": count,
+            "accuracy": correct.item() / count if count else float("nan")}
 
 
 def fixed_validation_field(args: PretrainingArguments, image_size: int, vocabulary: list[str]) -> dict:
@@ -160,25 +331,36 @@ def pretrain(args: PretrainingArguments) -> dict:
     ensure_writable_folder(output_dir, "the run's outputs")
     ensure_writable_folder(output_dir / "checkpoints", "checkpoints")
     trackers = None if args.report_to == "none" else args.report_to
+    fast = detect_device_defaults(args)
+    if fast.torch_compile:
+        import torch._dynamo as dynamo
+
+        dynamo.config.suppress_errors = True  # a graph Inductor cannot compile runs eager (with a warning)
     accelerator = Accelerator(
-        mixed_precision=args.mixed_precision,
+        mixed_precision=fast.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=trackers,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-        dynamo_backend="inductor" if args.torch_compile else None,
+        dynamo_backend=compile_backend() if fast.torch_compile else "no",
     )
+    for note in fast.notes:
+        accelerator.print(note)
     manifest = load_manifest(args.data)
     set_seed(args.seed)  # identical initial weights on every rank
-    model = build_model(args, manifest)
+    labels = supervision(args)
+    model = build_model(args, manifest, labels)
     config = model.config
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable()
-    optimizer = build_optimizer(model, args.optimizer, args.learning_rate, args.weight_decay, (args.adam_beta1, args.adam_beta2))
+    optimizer = build_optimizer(model, args.optimizer, args.learning_rate, args.weight_decay, (args.adam_beta1, args.adam_beta2),
+                                device_type=accelerator.device.type, layer_decay=args.layer_decay)
     scheduler = build_scheduler(optimizer, args.lr_scheduler, args.max_steps, args.warmup_ratio)
     vocabulary = list(config.channel_names or manifest["channels"])
-    stream = training_stream(args, config, vocabulary, accelerator.process_index, accelerator.num_processes)
-    data = DataPosition(stream, args.per_device_train_batch_size, args.dataloader_num_workers)
-    validation = fixed_validation_field(args, config.image_size, vocabulary)
+    stream = training_stream(args, config, vocabulary, accelerator.process_index, accelerator.num_processes, fast.dataloader_num_workers)
+    data = DataPosition(stream, args.per_device_train_batch_size, fast.dataloader_num_workers, pin_memory=fast.pin_memory, labels=labels)
+    validation = fixed_validation_field(args, config.image_size, vocabulary) if args.objective == "mae" else None
+    if accelerator.is_fsdp2:
+        answer_input_embeddings(model)
     model, optimizer = accelerator.prepare(model, optimizer)
     # The scheduler (stepped once per optimizer step, by us) is saved as JSON by save_checkpoint, not registered
     # with accelerate: accelerate loads registered objects' pickles with weights_only=False.
@@ -210,6 +392,8 @@ def pretrain(args: PretrainingArguments) -> dict:
         accelerator.init_trackers("cellmae", config={k: v for k, v in args.to_dict().items() if isinstance(v, (int, float, str, bool))})
 
     def save_reconstruction(step: int) -> Path | None:
+        if validation is None:  # a classifier reconstructs nothing
+            return None
         was_training = model.training
         model.eval()
         with torch.no_grad():
@@ -229,15 +413,21 @@ def pretrain(args: PretrainingArguments) -> dict:
     def trainer_state() -> dict:
         return {
             **state,
-            "hardware": {"device": str(accelerator.device), "num_processes": accelerator.num_processes, "mixed_precision": args.mixed_precision},
+            "hardware": {"device": str(accelerator.device), "num_processes": accelerator.num_processes, "mixed_precision": fast.mixed_precision,
+                         "distributed_type": accelerator.distributed_type.value, "torch_compile": fast.torch_compile,
+                         "activation_checkpointing": uses_activation_checkpointing(model),
+                         "fully_sharded_modules": fully_sharded_modules(model)},
             "dataset": dataset_summary(args, manifest),
         }
 
     tokens_per_image = (args.channel_subset or len(vocabulary)) * config.tokens_per_channel
     images_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     progress = tqdm(total=args.max_steps, initial=state["global_step"], desc="pre-training", disable=not (accelerator.is_main_process and args.progress_bar))
-    window = {"loss": 0.0, "mse_loss": 0.0, "fourier_loss": 0.0, "count": 0, "data_s": 0.0, "start": time.perf_counter()}
-    consecutive_nonfinite, grad_norm = 0, None
+    window = LoggingWindow(accelerator.device, ("loss", "mse_loss", "fourier_loss") if labels is None else ("loss", "accuracy"))
+    # The skip flag is applied by the optimizer on the device (fused AdamW, our Lion); any other optimizer
+    # makes the host read it once per optimizer step.
+    on_device_skip = skips_on_device(optimizer.optimizer)
+    max_norm = args.max_grad_norm or float("inf")  # the norm is computed anyway: it detects NaN/inf gradients
     model.train()
     batches = iter(data.loader)
     run_start = time.perf_counter()
@@ -245,60 +435,52 @@ def pretrain(args: PretrainingArguments) -> dict:
     while state["global_step"] < args.max_steps:
         wait_start = time.perf_counter()
         batch = next(batches)
-        window["data_s"] += time.perf_counter() - wait_start
+        window.data_s += time.perf_counter() - wait_start
         with accelerator.accumulate(model):
-            out = model(to_model_input(batch["pixel_values"], accelerator.device), channel_ids=batch["channel_ids"].to(accelerator.device))
-            finite = torch.isfinite(out.loss.detach()).float()
-            if accelerator.num_processes > 1:
-                finite = accelerator.reduce(finite, reduction="min")
-            if finite.item() < 1:
-                consecutive_nonfinite += 1
-                state["nonfinite_steps"] += 1
-                accelerator.print(f"Non-finite loss at step {state['global_step']}: skipped ({consecutive_nonfinite} in a row).")
-                if consecutive_nonfinite > args.max_nonfinite_steps:
-                    raise NonFiniteLossError(
-                        f"{consecutive_nonfinite} consecutive non-finite losses (max_nonfinite_steps={args.max_nonfinite_steps}); "
-                        "lower the learning rate, enable gradient clipping or use bf16 instead of fp16."
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                continue
-            consecutive_nonfinite = 0
+            inputs = model_inputs(batch, accelerator.device)
+            out = model(**inputs)
+            window.add_losses(logged_values(out, inputs))
             accelerator.backward(out.loss)
             if accelerator.sync_gradients:
-                if args.max_grad_norm:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
+                skip = window.add_optimizer_step(accelerator.clip_grad_norm_(model.parameters(), max_norm))
+                if on_device_skip:
+                    skip_step_if(optimizer.optimizer, skip)
+                if on_device_skip or not skip.item():
+                    optimizer.step()
+                scheduler.step()  # a skipped step still counts: the schedule and max_steps stay fixed
                 optimizer.zero_grad(set_to_none=True)
-        for key in ("loss", "mse_loss", "fourier_loss"):
-            window[key] += getattr(out, key).detach().float().item()
-        window["count"] += 1
         if not accelerator.sync_gradients:
             continue
         state["global_step"] += 1
         state["images_seen"] += images_per_step
         step = state["global_step"]
         progress.update(1)
-        if step % args.logging_steps == 0 or step == args.max_steps:
-            elapsed = time.perf_counter() - window["start"]
-            means = torch.tensor([window[k] / window["count"] for k in ("loss", "mse_loss", "fourier_loss")], device=accelerator.device)
-            means = accelerator.reduce(means, reduction="mean") if accelerator.num_processes > 1 else means
-            images = window["count"] * args.per_device_train_batch_size * accelerator.num_processes
+        # A window also ends at each checkpoint, so a resumed run logs the same windows as an uninterrupted one.
+        if step % args.logging_steps == 0 or step == args.max_steps or step % args.save_steps == 0:
+            read = window.read(accelerator)  # the one place the host waits for the device
+            state["nonfinite_steps"] += read["skipped"]
+            if read["skipped"]:
+                accelerator.print(f"Non-finite gradients: {read['skipped']} optimizer step(s) up to step {step} skipped "
+                                  f"(at most {read['most_in_a_row']} in a row).")
+            if read["most_in_a_row"] > args.max_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"{read['most_in_a_row']} consecutive non-finite losses (max_nonfinite_steps={args.max_nonfinite_steps}); "
+                    "lower the learning rate, enable gradient clipping or use bf16 instead of fp16."
+                )
+            images = read["micro_steps"] * args.per_device_train_batch_size * accelerator.num_processes
+            elapsed = read["elapsed_s"]
             record = {
                 "step": step,
-                "loss": means[0].item(),
-                "mse_loss": means[1].item(),
-                "fourier_loss": means[2].item(),
+                **{name: read[name] for name in window.names},
                 "learning_rate": scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "grad_norm": read["grad_norm"],
                 "images_per_s": images / elapsed,
                 "tokens_per_s": images * tokens_per_image / elapsed,
-                "data_wait_share": window["data_s"] / elapsed,
+                "data_wait_share": read["data_s"] / elapsed,
             }
             state["log_history"].append(record)
             accelerator.log({k: v for k, v in record.items() if v is not None and k != "step"}, step=step)
             progress.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.1f}")
-            window.update(loss=0.0, mse_loss=0.0, fourier_loss=0.0, count=0, data_s=0.0, start=time.perf_counter())
         if args.figure_steps and step % args.figure_steps == 0:
             save_reconstruction(step)
         if step % args.save_steps == 0 or step == args.max_steps:
@@ -308,6 +490,11 @@ def pretrain(args: PretrainingArguments) -> dict:
                 save_model_folder(accelerator, model, checkpoint / "model", args, trainer_state())
     progress.close()
     state["train_runtime_s"] = runtime_before + time.perf_counter() - run_start
+    if args.holdout_plates:
+        state["holdout_evaluation"] = evaluate_holdout(args, model, config, vocabulary, labels, accelerator.device)
+        result = state["holdout_evaluation"]
+        accelerator.print(f"Held-out plates {result['plates']}: {args.label_col} accuracy {result['accuracy']:.4f} "
+                          f"on {result['num_samples']} crops ({len(labels.labels)} classes).")
     try:
         model_dir = save_model_folder(accelerator, model, output_dir / "model", args, trainer_state())
     except OSError as error:
@@ -322,7 +509,37 @@ def pretrain(args: PretrainingArguments) -> dict:
         (model_dir / "reconstruction.png").write_bytes(figure.read_bytes())
     accelerator.end_training()
     final = state["log_history"][-1] if state["log_history"] else {}
-    return {"model_dir": str(model_dir), "global_step": state["global_step"], "final_loss": final.get("loss"), "figure": str(figure) if figure else None}
+    summary = {"model_dir": str(model_dir), "global_step": state["global_step"], "final_loss": final.get("loss"), "figure": str(figure) if figure else None}
+    if "holdout_evaluation" in state:
+        summary["holdout_evaluation"] = state["holdout_evaluation"]
+    return summary
+
+
+def answer_input_embeddings(model: CellMAEForPreTraining) -> None:
+    """accelerate's FSDP2 preparation shards `model.get_input_embeddings()` as its own unit; transformers'
+    default raises for a model without a token-embedding table. Answer the patch embedding (as ViTMAE
+    does) where the model class does not define it."""
+    try:
+        model.get_input_embeddings()
+    except NotImplementedError:
+        model.get_input_embeddings = lambda: model.cellmae.embeddings.patch_embeddings
+
+
+def uses_activation_checkpointing(model) -> bool:
+    """Whether blocks recompute their activations in the backward pass (the model's own switch or FSDP's wrapper)."""
+    unwrapped = model.module if hasattr(model, "module") else model
+    return bool(getattr(unwrapped, "is_activation_checkpointing", False)) or any(
+        "checkpoint_wrapped_module" in name for name, _ in model.named_modules())
+
+
+def fully_sharded_modules(model) -> list[str]:
+    """The class of every module FSDP2's `fully_shard` made a shard unit (blocks, embedding, tail, root); [] without FSDP."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return []
+    units = [getattr(m, "_checkpoint_wrapped_module", m) for m in model.modules() if isinstance(m, FSDPModule)]
+    return sorted(type(m).__name__.removeprefix("FSDP") for m in units)
 
 
 def save_model_folder(accelerator, model, path: Path, args: PretrainingArguments, trainer_state: dict) -> Path:
@@ -337,7 +554,8 @@ def save_model_folder(accelerator, model, path: Path, args: PretrainingArguments
         args.save(path / "training_args.json")
         history = trainer_state["log_history"]
         final = history[-1] if history else {}
-        summary = {**trainer_state, "final_losses": {k: final.get(k) for k in ("loss", "mse_loss", "fourier_loss")}}
+        logged = ("loss", "mse_loss", "fourier_loss") if "mse_loss" in final or not final else ("loss", "accuracy")
+        summary = {**trainer_state, "final_losses": {k: final.get(k) for k in logged}}
         (path / "trainer_state.json").write_text(json.dumps(summary, indent=2))
     accelerator.wait_for_everyone()
     return path
