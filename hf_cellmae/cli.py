@@ -94,7 +94,8 @@ def add_dataclass_options(parser: argparse.ArgumentParser, options_class) -> arg
 
     The dataclass is the one place a command's defaults live: ``parser.parse_args`` gives a namespace
     that ``options_class(**vars(namespace))`` turns into the options. ``bool`` fields take ``--field``,
-    ``--field true|false`` and, when true by default, ``--no-field``; ``X | None`` fields take ``none``.
+    ``--field true|false`` and, when true by default, ``--no-field``; ``X | None`` fields take ``none``;
+    ``list[X]`` fields take one or more values (``--field A B``).
     Only the standard library is imported, so ``--help`` stays fast.
     """
     import dataclasses
@@ -115,6 +116,10 @@ def add_dataclass_options(parser: argparse.ArgumentParser, options_class) -> arg
             if default is True:
                 parser.add_argument("--no-" + field.name.replace("_", "-"), dest=field.name, action="store_false",
                                     help=f"set {name} false")
+            continue
+        if typing.get_origin(kind) is list:  # list[str]: --field A B C
+            item = (typing.get_args(kind) or (str,))[0]
+            parser.add_argument(name, type=item, nargs="+", default=default, metavar=field.name.upper(), help=shown)
             continue
         converter = _optional(kind) if optional else kind
         parser.add_argument(name, type=converter, default=default, help=shown)

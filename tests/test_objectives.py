@@ -215,3 +215,11 @@ def test_a_munet_wsl_run_trains_a_munet_classifier_that_embeds(two_plates, tmp_p
     assert np.isfinite(summary["final_loss"])
     info = embed_dataset(two_plates, tmp_path / "embeddings", ModelFeaturizer(tmp_path / "run" / "model", batch_size=8), progress=False)
     assert info["num_rows"] == 24
+
+
+def test_holdout_plates_flag_takes_several_whole_plate_names():
+    """`--holdout-plates Plate2 Plate3` is two plates (not the letters of one string)."""
+    from hf_cellmae.training.arguments import parse_pretraining_arguments
+
+    args = parse_pretraining_arguments(["--data", "shards", "--objective", "wsl", "--holdout-plates", "Plate2", "Plate3"])
+    assert args.holdout_plates == ["Plate2", "Plate3"]
