@@ -579,3 +579,21 @@ def test_the_same_command_line_pretrains_on_real_cell_painting_images(tmp_path):
     mean_predictor = float((per_patch * mask).sum() / mask.sum())
     assert after.mse_loss.item() < before.mse_loss.item()
     assert after.mse_loss.item() < mean_predictor, (after.mse_loss.item(), mean_predictor)
+
+
+# ------------------------------------------------------------------------------------------ throughput
+def test_the_training_benchmark_reports_throughput_and_mfu_against_a_peak_measured_in_the_same_run(tmp_path, monkeypatch):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_train.py"
+    spec = importlib.util.spec_from_file_location("benchmark_train", path)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    out = tmp_path / "rows.json"
+    monkeypatch.setattr(sys, "argv", ["benchmark_train.py", "--models", "tiny", "--precisions", "fp32", "--image-size", "32", "--channels", "3", "--batch", "2",
+                                      "--rounds", "1", "--warmup", "0", "--peak-size", "128", "--json", str(out)])
+    benchmark.main()
+    (row,) = json.loads(out.read_text())["rows"]
+    assert (row["model"], row["precision"], row["compiled"]) == ("tiny", "fp32", False)  # no compile on a CPU
+    assert row["tokens_per_s"] == pytest.approx(row["images_per_s"] * 3 * (32 // 8) ** 2)
+    assert row["step_gflop"] > 0 and row["mfu"] == pytest.approx(row["achieved_tflop_s"] / row["peak_tflop_s"])
