@@ -776,6 +776,10 @@ class CellMAEModel(CellMAEPreTrainedModel):
         )
         self.post_init()
 
+    def get_input_embeddings(self) -> nn.Module:
+        """The shared patch embedding (a per-channel ``Conv2d``), as ViTMAE answers; FSDP shards it as one unit."""
+        return self.embeddings.patch_embeddings
+
     def _run_encoder(self, tokens, output_hidden_states):
         """Prepend the class token (zero position code), run the blocks, apply the final norm."""
         cls = self.embeddings.cls_token.to(tokens.dtype).expand(tokens.shape[0], -1, -1)

@@ -516,3 +516,13 @@ def test_presets_have_the_paper_sizes():
     assert [(c.hidden_size, c.num_hidden_layers, c.patch_size) for c in sizes.values()] == [
         (384, 12, 16), (768, 12, 16), (1024, 24, 16), (1024, 24, 8)]
     assert sizes["vit_l8"].tokens_per_channel == (256 // 8) ** 2
+
+
+def test_input_embeddings_are_the_shared_patch_embedding_for_every_head():
+    """accelerate's FSDP2 preparation asks `get_input_embeddings()`; transformers' default raises."""
+    from hf_cellmae import CellMAEForImageClassification
+
+    config = CellMAEConfig.from_preset("tiny", num_labels=3)
+    for model in (CellMAEModel(config), CellMAEForPreTraining(config), CellMAEForImageClassification(config)):
+        base = model if isinstance(model, CellMAEModel) else model.cellmae
+        assert model.get_input_embeddings() is base.embeddings.patch_embeddings
