@@ -137,3 +137,12 @@ def test_the_memory_check_leaves_a_munet_run_alone_and_says_so():
     args = PretrainingArguments(data="shards", model_type="munet", model_preset="munet_l")
     assert memory.check_training_memory(args, announce=said.append) is None
     assert said and "model_type=munet" in said[0]
+
+
+def test_the_memory_check_takes_the_launchers_open_defaults(synthetic_shards):
+    """`mixed_precision="auto"` and `dataloader_num_workers=None` (resolved per device by the loop) are estimated
+    as the loop resolves them on a CPU: fp32, no worker processes."""
+    args = parse_pretraining_arguments(["--config", "demo_cpu", "--data", str(synthetic_shards)])
+    assert args.mixed_precision == "auto" and args.dataloader_num_workers is None
+    estimate = memory.check_training_memory(args)
+    assert estimate is not None and estimate.total < 1.0 * 2**30

@@ -170,9 +170,12 @@ def check_training_memory(args, announce=print) -> MemoryEstimate | None:
     channels = args.channel_subset or len(load_manifest(args.data)["channels"])
     parameters = count_parameters(config)
     processes = processes_on_this_machine()
+    # What the loop resolves "auto"/None to on a CPU (training/device_defaults.py): fp32, no worker processes.
+    default_workers = 0 if args.dataloader_num_workers is None else args.dataloader_num_workers
+    precision = "no" if args.mixed_precision in (None, "auto") else args.mixed_precision
 
-    def estimate_for(batch: int, workers: int = args.dataloader_num_workers) -> MemoryEstimate:
-        return estimate_training_memory(config, batch, channels, args.optimizer, args.mixed_precision,
+    def estimate_for(batch: int, workers: int = default_workers) -> MemoryEstimate:
+        return estimate_training_memory(config, batch, channels, args.optimizer, precision,
                                         args.gradient_checkpointing, workers, parameters)
 
     batch = args.per_device_train_batch_size
@@ -183,12 +186,12 @@ def check_training_memory(args, announce=print) -> MemoryEstimate | None:
         announce(f"memory: estimated {estimate.total / gib:.1f} GiB per process for {crops}; {available / gib:.1f} GiB available")
         return estimate
     suggestion = "no batch of this model fits: use a smaller model (--model-preset tiny, or --config demo_cpu)"
-    for workers in dict.fromkeys((args.dataloader_num_workers, 0)):  # fewer worker processes free memory too
+    for workers in dict.fromkeys((default_workers, 0)):  # fewer worker processes free memory too
         fits = largest_batch_that_fits(lambda b: estimate_for(b, workers), available // processes, batch)
         if fits:
             accumulate = math.ceil(batch / fits) * args.gradient_accumulation_steps
             suggestion = (f"pass --per-device-train-batch-size {fits}"
-                          f"{' --dataloader-num-workers 0' if workers != args.dataloader_num_workers else ''} "
+                          f"{' --dataloader-num-workers 0' if workers != default_workers else ''} "
                           f"(estimated {estimate_for(fits, workers).total / gib:.1f} GiB; --gradient-accumulation-steps "
                           f"{accumulate} keeps the effective batch)")
             break
