@@ -597,3 +597,38 @@ def test_the_training_benchmark_reports_throughput_and_mfu_against_a_peak_measur
     assert (row["model"], row["precision"], row["compiled"]) == ("tiny", "fp32", False)  # no compile on a CPU
     assert row["tokens_per_s"] == pytest.approx(row["images_per_s"] * 3 * (32 // 8) ** 2)
     assert row["step_gflop"] > 0 and row["mfu"] == pytest.approx(row["achieved_tflop_s"] / row["peak_tflop_s"])
+
+
+# ------------------------------------------------------------------------------------------- corrupt shards
+
+
+@pytest.fixture
+def corrupt_shards(synthetic_shards, tmp_path):
+    """A copy of the session's shards with one byte of the first field's pixels flipped."""
+    from data_fixtures import flip_pixel_byte
+
+    shards = tmp_path / "shards"
+    shutil.copytree(synthetic_shards, shards)
+    return shards, flip_pixel_byte(sorted(shards.glob("shard-*.parquet"))[0])
+
+
+def test_pretrain_fails_on_a_corrupt_field_naming_it_by_default(corrupt_shards, tmp_path):
+    from hf_cellmae.data.problems import BadInputError
+
+    shards, field_id = corrupt_shards
+    args = parse_pretraining_arguments(run_args(shards, tmp_path / "run", max_steps=8, save_steps=100))
+    with pytest.raises(BadInputError, match=f"field {field_id} in shard .* fails its CRC-32 check"):
+        pretrain(args)
+
+
+def test_pretrain_on_error_skip_trains_without_the_corrupt_field_and_reports_it(corrupt_shards, tmp_path, capsys):
+    from hf_cellmae.cli import main
+
+    shards, field_id = corrupt_shards
+    # 8 steps x 4 crops = 32 samples, 2 crops per field: every one of the 24 fields is read at least once
+    assert main(["pretrain", *run_args(shards, tmp_path / "run", max_steps=8, save_steps=100), "--on-error", "skip"]) == 0
+    out = capsys.readouterr().out
+    assert "Skipped 1 corrupt field(s) (--on-error skip)" in out
+    summary = pretrain(parse_pretraining_arguments(run_args(shards, tmp_path / "again", max_steps=8, save_steps=100,
+                                                            on_error="skip")))
+    assert [skip["field"] for skip in summary["skipped_fields"]] == [field_id]

@@ -42,6 +42,7 @@ class PretrainingArguments:
     crops_per_field: int = field(default=1, metadata={"help": "random crops drawn from each field per epoch"})
     channel_subset: int | None = field(default=None, metadata={"help": "train on this many randomly chosen channels per sample (channel-agnostic training); default all"})
     augment: bool = field(default=True, metadata={"help": "random flips and 90-degree rotations"})
+    on_error: str = field(default="fail", metadata={"help": "a shard field failing its CRC-32 check: fail (stop, naming shard and field) or skip (leave it out, warn, count it in the run summary)"})
     dataloader_num_workers: int | None = field(default=None, metadata={"help": "DataLoader worker processes per rank (>0 needs torchdata for exact resume); default: CPU cores per rank - 1 (at most 8) on a GPU, 0 on a CPU"})
     # ---- objective
     objective: str = field(default="mae", metadata={"help": "mae (masked-autoencoder pre-training) | wsl (weakly supervised baseline: classify --label-col from scratch) | classify (fine-tune the encoder of --init-from on --label-col)"})
@@ -90,6 +91,7 @@ class PretrainingArguments:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}.")
 
         choice("optimizer", OPTIMIZERS)
+        choice("on_error", ("fail", "skip"))
         choice("lr_scheduler", SCHEDULERS)
         choice("mixed_precision", MIXED_PRECISION)
         choice("model_type", MODEL_TYPES)

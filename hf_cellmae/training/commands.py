@@ -28,6 +28,9 @@ def _pretrain(args) -> int:
 
     summary = pretrain(training_args)
     print(f"Model written to {summary['model_dir']} after {summary['global_step']} steps (loss {summary['final_loss']}).")
+    if summary.get("skipped_fields"):
+        print(f"Skipped {len(summary['skipped_fields'])} corrupt field(s) (--on-error skip); re-run the same `cellmae shard` "
+              "command to rewrite the damaged shards.")
     if "holdout_evaluation" in summary:
         result = summary["holdout_evaluation"]
         print(f"Accuracy on held-out plates {result['plates']}: {result['accuracy']:.4f} ({result['num_samples']} crops).")

@@ -34,7 +34,7 @@ import torch
 from ..configuration_cellmae import PRESETS, CellMAEConfig
 from ..data.labels import IDENTITY_COLUMNS, LabelVocabulary, label_text, label_vocabulary
 from ..data.shards import load_manifest
-from ..data.streaming import stream_fields
+from ..data.streaming import skipped_fields, stream_fields
 from ..errors import UserError, ensure_writable_folder
 from ..image_processing_cellmae import CellMAEImageProcessor, default_rescale_factor, standardize_channels
 from ..modeling_cellmae import CellMAEForPreTraining
@@ -259,7 +259,7 @@ def training_stream(args: PretrainingArguments, config: CellMAEConfig, vocabular
         args.data, image_size=config.image_size, crops_per_field=args.crops_per_field, augment=args.augment,
         channel_subset=args.channel_subset, channel_vocabulary=vocabulary, seed=args.seed, num_epochs=None,
         rank=rank, world_size=world_size, num_workers=num_workers, standardize=False, contiguous=False,
-        metadata_fields=label_fields(args), exclude_plates=args.holdout_plates,
+        metadata_fields=label_fields(args), exclude_plates=args.holdout_plates, on_error=args.on_error,
     )
 
 
@@ -293,7 +293,7 @@ def evaluate_holdout(args: PretrainingArguments, model, config, vocabulary: list
     stream = stream_fields(
         args.data, image_size=config.image_size, crops_per_field=args.crops_per_field, augment=False, shuffle=False,
         num_epochs=1, rank=0, world_size=1, channel_vocabulary=vocabulary, standardize=False,
-        metadata_fields=label_fields(args), plates=args.holdout_plates,
+        metadata_fields=label_fields(args), plates=args.holdout_plates, on_error=args.on_error,
     )
     loader = torch.utils.data.DataLoader(stream, batch_size=args.per_device_train_batch_size, collate_fn=functools.partial(collate, labels=labels))
     was_training = model.training
@@ -314,7 +314,7 @@ def fixed_validation_field(args: PretrainingArguments, image_size: int, vocabula
     """The first field of the shards, centre-cropped, no augmentation: the figure's subject."""
     stream = stream_fields(
         args.data, image_size=image_size, crops_per_field=1, augment=False, shuffle=False, num_epochs=1,
-        rank=0, world_size=1, channel_vocabulary=vocabulary, metadata_fields=[], standardize=False,
+        rank=0, world_size=1, channel_vocabulary=vocabulary, metadata_fields=[], standardize=False, on_error=args.on_error,
     )
     return collate([next(iter(stream))])
 
@@ -512,7 +512,22 @@ def pretrain(args: PretrainingArguments) -> dict:
     summary = {"model_dir": str(model_dir), "global_step": state["global_step"], "final_loss": final.get("loss"), "figure": str(figure) if figure else None}
     if "holdout_evaluation" in state:
         summary["holdout_evaluation"] = state["holdout_evaluation"]
+    if args.on_error == "skip":
+        summary["skipped_fields"] = fields_skipped_in(args.data)
+        if summary["skipped_fields"]:
+            logger.warning("skipped %d corrupt field(s) of %s (--on-error skip): %s", len(summary["skipped_fields"]), args.data,
+                           "; ".join(f"{s['field']} in {Path(s['file']).name}" for s in summary["skipped_fields"]))
     return summary
+
+
+def fields_skipped_in(data: str) -> list[dict]:
+    """The corrupt fields of the shard folder `data` this process's stream skipped (`--on-error skip`).
+
+    DataLoader worker processes keep their own lists; each skip is also warned about where it happens."""
+    if "://" in str(data):
+        return skipped_fields()
+    root = Path(data).resolve()
+    return [skip for skip in skipped_fields() if Path(skip["file"]).resolve().is_relative_to(root)]
 
 
 def answer_input_embeddings(model: CellMAEForPreTraining) -> None:
