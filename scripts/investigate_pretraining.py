@@ -43,11 +43,11 @@ EXPERIMENTS = {
     "mask_0.9": ({}, {"mask_ratio": 0.9}),
     "mask_0.5_steps_800": ({"max_steps": 800}, {"mask_ratio": 0.5}),
     "mask_0.5_steps_1600": ({"max_steps": 1600}, {"mask_ratio": 0.5}),
-    "small": ({}, {}),
+    "small": ({}, {}),  # the shipped `small` config as it is (hf_cellmae/configs/small_cpu.yaml)
     # the weakly supervised baseline (issue 11): the same encoder trained to classify the perturbation of each
     # crop, plate-wise batch statistics before the head; same optimiser, schedule, crops and augmentation
     "wsl_400": ({"objective": "wsl", "label_col": "perturbation"}, {}),
-    "wsl_3200": ({"objective": "wsl", "label_col": "perturbation", "max_steps": 3200, "warmup_ratio": 0.05}, {}),  # the shipped `small` config as it is (hf_cellmae/configs/small_cpu.yaml)
+    "wsl_3200": ({"objective": "wsl", "label_col": "perturbation", "max_steps": 3200, "warmup_ratio": 0.05}, {}),  # not run yet
     "lr_3e-4": ({"learning_rate": 3e-4}, {}),
     "lr_3e-3": ({"learning_rate": 3e-3}, {}),
     "patch4_crop32": ({}, {"patch_size": 4, "image_size": 32}),
