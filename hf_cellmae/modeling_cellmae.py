@@ -32,6 +32,7 @@ AUTO_MAP = {
     "AutoConfig": "configuration_cellmae.CellMAEConfig",
     "AutoModel": "modeling_cellmae.CellMAEModel",
     "AutoModelForPreTraining": "modeling_cellmae.CellMAEForPreTraining",
+    "AutoModelForImageClassification": "modeling_cellmae.CellMAEForImageClassification",  # fine-tune any folder
 }
 
 
@@ -657,8 +658,8 @@ class CellMAEPreTrainedModel(PreTrainedModel):
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save weights (safetensors), config and, for `trust_remote_code`, the model code files.
-        The config's `auto_map` names every Auto class, so one folder serves `AutoModel` (encoder)
-        and `AutoModelForPreTraining`. Weights in memory are always in the `"current"` bias layout."""
+        The config's `auto_map` names every Auto class, so one folder serves `AutoModel` (encoder),
+        `AutoModelForPreTraining` and `AutoModelForImageClassification` (a new head for fine-tuning). Weights in memory are always in the `"current"` bias layout."""
         self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP}
         self.config.parallel_mlp_bias_layout = "current"
         return super().save_pretrained(save_directory, *args, **kwargs)
@@ -1073,13 +1074,6 @@ class CellMAEForImageClassification(CellMAEPreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, CellMAEAttentionPool):
             init.normal_(module.query, std=self.config.initializer_range)
-
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        auto_map = getattr(self.config, "auto_map", None) or {}
-        self.config.auto_map = {
-            **auto_map, "AutoModelForImageClassification": "modeling_cellmae.CellMAEForImageClassification"
-        }
-        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def forward(
         self,

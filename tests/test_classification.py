@@ -168,3 +168,25 @@ def test_heads_load_with_trust_remote_code_without_the_package(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert "REMOTE_OK CellMAEForImageClassification geneB" in result.stdout, result.stderr[-3000:]
     assert "REMOTE_OK CellMUNetForImageClassification geneB" in result.stdout, result.stderr[-3000:]
+
+
+def test_a_pretraining_folder_loads_as_a_new_classifier_with_trust_remote_code_without_the_package(tmp_path):
+    """Fine-tuning a shared CA-MAE checkpoint needs no hf_cellmae: the folder's auto_map names the head."""
+    pretrained = CellMAEForPreTraining(camae())
+    pretrained.save_pretrained(tmp_path / "mae")
+    torch.save(pretrained.cellmae.embeddings.patch_embeddings.weight.detach(), tmp_path / "patch.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["hf_cellmae"] = None  # the package cannot be imported
+        import torch
+        from transformers import AutoModelForImageClassification
+        model = AutoModelForImageClassification.from_pretrained({str(tmp_path / "mae")!r}, trust_remote_code=True, num_labels=3)
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        torch.testing.assert_close(model.cellmae.embeddings.patch_embeddings.weight, torch.load({str(tmp_path / "patch.pt")!r}))
+        print("REMOTE_OK", type(model).__name__, model.classifier.out_features)
+        """
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert "REMOTE_OK CellMAEForImageClassification 3" in result.stdout, result.stderr[-3000:]
