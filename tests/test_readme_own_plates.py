@@ -109,3 +109,20 @@ def test_the_readme_own_plates_block_runs_as_written_on_a_real_plate(name, tmp_p
     assert str(tmp_path) not in card and str(DATA) not in card
     if plate["cellprofiler"]:
         assert len(pd.read_parquet("cp_features")) == manifest["num_fields"]
+
+
+def test_the_readme_evaluate_line_runs_on_the_synthetic_plate(tmp_path, monkeypatch, capsys):
+    """The same `cellmae evaluate` flags as the README block, on a plate that supports the benchmark (`cellmae
+    synthetic`: 24 genes, controls, two plates), with its own relationships (`--synthetic-plate`). Pixel
+    statistics stand in for the model and for the CellProfiler table: the flags are what is under test."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["synthetic", "plate", "--field-size", "64", "--sites", "1", "--num-workers", "1", "--quiet"]) == 0
+    assert main(["shard", "plate/images", "shards", "--metadata", "plate/metadata.csv", "--quiet"]) == 0
+    assert main(["embed", "pixel_stats", "shards", "embeddings"]) == 0
+    assert main(["embed", "pixel_stats", "shards", "cp_features"]) == 0
+    evaluate = next(c for c in readme_block() if c[:2] == ["cellmae", "evaluate"])
+    capsys.readouterr()
+    assert main([*evaluate[1:], "--synthetic-plate", "plate"]) == 0, capsys.readouterr().err[-2000:]
+    results = json.loads(Path("evaluation/eval_results.json").read_text())
+    assert set(results["sources"]) == {"complexes", "pathways"} and "cellprofiler" in results["baselines"]
+    assert "Metadata_perturbation" in results["suite"]["featurizers"]["model"]["probe"]

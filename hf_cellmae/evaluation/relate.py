@@ -279,7 +279,11 @@ def known_relationship_recall(
                 f"none of its {len(pairs)} pairs has both genes among the {len(labels)} perturbations of the map"
             )
             if on_unusable == "raise":
-                raise ValueError(f"relationship source {name!r} is unusable: {reason}; pass on_unusable='skip' to skip it")
+                raise ValueError(
+                    f"relationship source {name!r} is unusable: {reason}; give relationships that name your "
+                    "perturbations (--sources FILE.csv with entity1,entity2 columns; a `cellmae synthetic` plate: "
+                    "--synthetic-plate PLATE), or skip it with on_unusable='skip' (--skip-unusable)"
+                )
             skipped[name] = reason
             continue
         a = index.get_indexer(pairs.entity1[both])
