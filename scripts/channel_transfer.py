@@ -42,13 +42,19 @@ def subset_plate(plate_dir: Path, out: Path) -> Path:
     return out
 
 
-def score(table_dir: Path) -> dict:
+def score(table_dir: Path, plate_dir: Path) -> dict:
+    """Probe (section 1 of docs/evidence.md) and recall of the plate's relationships after TVN (the demo's)."""
+    from hf_cellmae.demo import TVN_COMPONENTS
     from hf_cellmae.evaluation import probe_embeddings, read_embeddings
+    from hf_cellmae.evaluation.report import evaluate_synthetic
 
     table = read_embeddings(table_dir)
     scores = {f"probe_{label}": probe_embeddings(table, label)["accuracy"] for label in LABELS}
     scores["knn_complex"] = probe_embeddings(table, "complex", classifier="knn")["accuracy"]
     scores["chance_complex"] = probe_embeddings(table, "complex")["chance_uniform"]
+    recall = evaluate_synthetic(table, plate_dir, None, batch_col="Metadata_plate", align_options={"n_components": TVN_COMPONENTS},
+                                progress=False, suite=False, plots=False)
+    scores.update({f"recall_{source}": value["recall_0.05_0.95"] for source, value in recall["sources"].items()})
     return scores
 
 
@@ -77,7 +83,7 @@ def run(inv: Path, out: Path, seeds: list[int], experiment: str, readout: str) -
         for (name, stains), (data, featurizer) in runs.items():
             table = work / f"{name.replace(' ', '_')}_{stains}"
             embed_dataset(data, table, featurizer, progress=False)
-            row = {"seed": seed, "features": name, "stains": stains, **score(table)}
+            row = {"seed": seed, "features": name, "stains": stains, **score(table, root / "plate")}
             rows.append(row)
             print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
     return rows
@@ -87,11 +93,11 @@ def summarize(rows: list[dict], experiment: str, readout: str) -> str:
     import pandas as pd
 
     frame = pd.DataFrame(rows)
-    metrics = ["probe_complex", "probe_gene", "knn_complex"]
+    metrics = ["probe_complex", "probe_gene", "knn_complex", "recall_complexes", "recall_pathways"]
     grouped = frame.groupby(["features", "stains"], sort=False)[metrics]
     mean, std = grouped.mean(), grouped.std().fillna(0)
-    lines = [f"Model: `{experiment}` run, {readout} read-out; seeds {sorted(frame['seed'].unique())}; "
-             f"mean ± sd over seeds. Chance: complex {frame['chance_complex'].iloc[0]:.3f}, gene {1 / 24:.3f}.", "",
+    lines = [f"Model: `{experiment}` run, {readout} read-out; seeds {sorted(int(s) for s in frame['seed'].unique())}; "
+             f"mean ± sd over seeds. Chance: complex {frame['chance_complex'].iloc[0]:.3f}, gene {1 / 24:.3f}, recall 0.100.", "",
              "| features | stains | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
     for key in mean.index:
         lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(f"{mean.loc[key, m]:.3f} ± {std.loc[key, m]:.3f}" for m in metrics) + " |")
