@@ -104,11 +104,11 @@ def _save_checkpoint(accelerator, root: Path, step: int, data_state: dict, train
     # Each phase ends with every rank learning whether any rank failed (instead of a barrier that a
     # failed rank never reaches): all ranks then raise together, none waits for ever.
     for phase in (prepare_folder, write_states, complete):
-        on_every_rank(accelerator, phase)
+        _on_every_rank(accelerator, phase)
     return final
 
 
-def on_every_rank(accelerator, phase) -> None:
+def _on_every_rank(accelerator, phase) -> None:
     """Run `phase` on this rank, then raise on every rank if it raised `OSError` on any (a collective call)."""
     error = None
     try:
