@@ -37,17 +37,6 @@ from transformers import ViTMAEConfig, ViTMAEForPreTraining
 from hf_cellmae import CellMAEConfig, CellMAEForPreTraining
 
 
-def matmul_peak_gflops(size: int = 4096, repeats: int = 5) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    torch.mm(a, b)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        times.append(time.perf_counter() - start)
-    return 2 * size**3 / statistics.median(times) / 1e9
-
-
 def attention_is_counted() -> bool:
     """Whether FlopCounterMode counts the SDPA kernel on this device (it does not on some CPU builds)."""
     q = torch.randn(1, 2, 8, 4)
@@ -205,7 +194,7 @@ def main() -> None:
         openphenom_side_by_side(args.batch_size, args.rounds)
         return
     batch, channels, size = args.batch_size, args.channels, args.image_size
-    peak = matmul_peak_gflops()
+    peak = matmul_peak(torch.float32, repeats=5)
     add_attention = not attention_is_counted()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fp32 matmul peak {peak:.1f} GFLOP/s")
     print(f"images: {batch} x {channels} x {size} x {size}; attention FLOPs {'added analytically' if add_attention else 'counted'}")

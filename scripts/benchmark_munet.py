@@ -20,18 +20,8 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmark_model import matmul_peak  # scripts/: the same peak measurement as the CA-MAE figures
 from hf_cellmae import CellMAEConfig, CellMAEForPreTraining, CellMUNetConfig, CellMUNetForPreTraining
-
-
-def matmul_peak_gflops(size: int = 4096, repeats: int = 5) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    torch.mm(a, b)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        times.append(time.perf_counter() - start)
-    return 2 * size**3 / statistics.median(times) / 1e9
 
 
 def time_steps(model, step, steps: int, bf16: bool) -> float:
@@ -72,7 +62,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     batch, channels, size = args.batch_size, args.channels, args.image_size
-    peak = matmul_peak_gflops()
+    peak = matmul_peak(torch.float32, repeats=5)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fp32 matmul peak {peak:.1f} GFLOP/s")
     print(f"images: {batch} x {channels} x {size} x {size}; attention of CA-MAE rows not counted on CPU builds that skip SDPA")
     print(f"{'model':<26}{'enc M':>8}{'all M':>8}{'s/step':>8}{'img/s':>8}{'GFLOP/img':>11}{'GFLOP/s':>9}{'% peak':>8}")
