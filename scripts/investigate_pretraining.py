@@ -48,6 +48,11 @@ EXPERIMENTS = {
     # crop, plate-wise batch statistics before the head; same optimiser, schedule, crops and augmentation
     "wsl_400": ({"objective": "wsl", "label_col": "perturbation"}, {}),
     "wsl_3200": ({"objective": "wsl", "label_col": "perturbation", "max_steps": 3200, "warmup_ratio": 0.05}, {}),  # not run yet
+    # issue 13, item 3: the decoder's size, at the demo recipe (mask 0.5). `decoder_heavy` is the full-scale
+    # default 512 wide x 8 deep scaled to the tiny encoder by its width ratio (512/384 -> 84 of 64) and
+    # `decoder_light` the candidate 256 x 4 (256/384 -> 44 of 64); `mask_0.5` is the tiny preset's 64 x 2.
+    "decoder_heavy": ({}, {"mask_ratio": 0.5, "decoder_hidden_size": 84, "decoder_num_hidden_layers": 8}),
+    "decoder_light": ({}, {"mask_ratio": 0.5, "decoder_hidden_size": 44, "decoder_num_hidden_layers": 4}),
     "lr_3e-4": ({"learning_rate": 3e-4}, {}),
     "lr_3e-3": ({"learning_rate": 3e-3}, {}),
     "patch4_crop32": ({}, {"patch_size": 4, "image_size": 32}),
