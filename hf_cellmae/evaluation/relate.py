@@ -22,15 +22,14 @@ with replacement by a seeded generator, and the recall is an estimate whose perc
 about ``sqrt(p*(1-p)/K)`` (0.0007 at p=0.05 with K=10^5). The reported ``null_size`` is K.
 
 Pair lists: the CORUM, HuMAP, Reactome, SIGNOR and StringDB files shipped in the PyPI package
-``efaar-benchmarking==1.0`` (install it without its heavy dependencies:
-``pip install --no-deps efaar-benchmarking==1.0``), or any CSV file with columns
+``efaar-benchmarking==1.0`` (``cellmae annotations`` fetches them without the package's heavy
+dependencies; see ``annotations.py``), or any CSV file with columns
 ``entity1,entity2`` (the synthetic plate writes its true relationships in that format).
 Licences differ per file (CORUM and SIGNOR are CC-BY-NC): see the LICENSE file next to them.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -38,6 +37,8 @@ from typing import TYPE_CHECKING, Union
 
 import numpy as np
 from tqdm.auto import tqdm
+
+from .annotations import annotations_dir
 
 if TYPE_CHECKING:  # pandas is imported where it is used: `cellmae --help` (which reads BENCHMARK_SOURCES) stays fast
     import pandas as pd
@@ -59,21 +60,6 @@ def recall_key(lo: float, hi: float) -> str:
 def chance_recall(thresholds: Sequence[tuple[float, float]] = RECALL_THRESHOLDS) -> dict[str, float]:
     """Recall of a random map: the fraction of the null beyond the two thresholds."""
     return {recall_key(lo, hi): round(lo + (1.0 - hi), 10) for lo, hi in _check_thresholds(thresholds)}
-
-
-def annotations_dir() -> Path:
-    """Folder of the pair lists shipped by ``efaar-benchmarking==1.0``, found without importing it."""
-    spec = importlib.util.find_spec("efaar_benchmarking")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the benchmark pair lists come from the package efaar-benchmarking, which is not installed; "
-            "run `pip install --no-deps efaar-benchmarking==1.0` (only its data files are needed), "
-            "or pass CSV paths with columns entity1,entity2"
-        )
-    folder = Path(list(spec.submodule_search_locations)[0]) / "benchmark_annotations"
-    if not folder.is_dir():
-        raise FileNotFoundError(f"efaar_benchmarking is installed but has no folder {folder}; reinstall version 1.0")
-    return folder
 
 
 def canonical_pairs(pairs: pd.DataFrame, origin: str = "pairs") -> pd.DataFrame:

@@ -1,0 +1,88 @@
+"""`cellmae annotations`: efaar-benchmarking 1.0's relationship files fetched, checked and found without the package."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import zipfile
+
+import pytest
+
+from hf_cellmae.cli import main
+from hf_cellmae.evaluation import annotations
+from hf_cellmae.evaluation.annotations import ANNOTATION_FILES, EFAAR_WHEEL, annotations_dir, fetch_annotations
+
+
+_INSTALLED_DIR = annotations._installed_dir  # before any test hides the package ...
+_REAL_WHEEL = annotations.cached_wheel()  # ... or points the cache elsewhere
+
+
+@pytest.fixture
+def no_installed_package(monkeypatch, tmp_path):
+    """A machine without efaar_benchmarking installed and with an empty hf_cellmae cache."""
+    monkeypatch.setattr(annotations, "_installed_dir", lambda: None)
+    monkeypatch.setenv("HF_CELLMAE_CACHE", str(tmp_path / "cache"))
+
+
+def _wheel(path, contents):
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in contents.items():
+            archive.writestr("efaar_benchmarking/benchmark_annotations/" + name, data)
+    return path
+
+
+def _real_files() -> dict[str, bytes]:
+    """The genuine files, from an installed efaar_benchmarking or the wheel `cellmae annotations` kept."""
+    folder = _INSTALLED_DIR()
+    if folder is not None and folder.is_dir():
+        return {name: (folder / name).read_bytes() for name in ANNOTATION_FILES}
+    if _REAL_WHEEL.is_file():
+        with zipfile.ZipFile(_REAL_WHEEL) as archive:
+            return {name: archive.read("efaar_benchmarking/benchmark_annotations/" + name) for name in ANNOTATION_FILES}
+    pytest.skip("efaar-benchmarking's files are not on this machine: run `cellmae annotations`")
+
+
+def test_missing_annotations_say_how_to_fetch_them(no_installed_package):
+    with pytest.raises(FileNotFoundError, match="cellmae annotations"):
+        annotations_dir()
+
+
+def test_a_wheel_is_checked_extracted_and_then_found_without_the_package(no_installed_package, tmp_path, capsys):
+    real = _real_files()
+    wheel = _wheel(tmp_path / EFAAR_WHEEL, {**real, "c5.go.v2023.2.Hs.symbols.gmt": b"ignored"})
+    assert main(["annotations", "--wheel", str(wheel)]) == 0
+    folder = annotations_dir()
+    assert folder == annotations.cached_annotations_dir()
+    assert sorted(p.name for p in folder.iterdir()) == sorted(ANNOTATION_FILES)
+    for name, data in real.items():
+        assert (folder / name).read_bytes() == data
+    assert str(folder) in capsys.readouterr().out
+    # the recall code reads them by name
+    from hf_cellmae.evaluation.relate import load_relationships
+
+    assert len(load_relationships("CORUM")) > 1000
+
+
+def test_a_changed_file_is_refused_and_nothing_is_written(no_installed_package, tmp_path):
+    contents = {name: f"fake {name}".encode() for name in ANNOTATION_FILES}
+    wheel = _wheel(tmp_path / EFAAR_WHEEL, contents)
+    expected = hashlib.sha256(b"fake CORUM.txt").hexdigest()
+    with pytest.raises(OSError, match=f"CORUM.txt in .* has SHA-256 {expected}, expected {ANNOTATION_FILES['CORUM.txt']}"):
+        fetch_annotations(wheel=wheel, dest=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_wheel_without_the_files_is_refused(no_installed_package, tmp_path):
+    wheel = _wheel(tmp_path / "other.whl", {"README": b"x"})
+    with pytest.raises(OSError, match="has no CORUM.txt, CORUM_clusters.tsv"):
+        fetch_annotations(wheel=wheel, dest=tmp_path / "out")
+
+
+def test_a_failed_download_names_the_offline_route(no_installed_package, monkeypatch, tmp_path):
+    def pip_fails(command, **kwargs):
+        assert command[1:5] == ["-m", "pip", "download", "--no-deps"]  # never the package's dependencies
+        return subprocess.CompletedProcess(command, 1, "", "ERROR: No matching distribution found for efaar-benchmarking==1.0")
+
+    monkeypatch.setattr(annotations.subprocess, "run", pip_fails)
+    with pytest.raises(OSError, match=r"No matching distribution.*cellmae annotations --wheel PATH"):
+        fetch_annotations(dest=tmp_path / "out")
