@@ -60,3 +60,50 @@ def test_a_checkpoint_save_failing_on_one_rank_makes_every_rank_exit_with_the_er
     assert "rank 0: could not write checkpoint-2" in output and "rank 1 could not write its part" in output
     assert "saved" not in result.stdout
     assert not (tmp_path / "checkpoints" / "checkpoint-2").exists()  # no half-written checkpoint looks complete
+
+
+# The main rank cannot write the final model folder's processor file; rank 1 (which writes nothing itself)
+# used to wait for it in the closing barrier.
+MODEL_PROBE = textwrap.dedent(
+    """
+    import pathlib, sys
+    from accelerate import Accelerator
+    from hf_cellmae import CellMAEConfig, CellMAEForPreTraining, CellMAEImageProcessor
+    from hf_cellmae.errors import UserError
+    from hf_cellmae.training.arguments import PretrainingArguments
+    from hf_cellmae.training.loop import save_model_folder
+
+    accelerator = Accelerator()
+    model = accelerator.prepare(CellMAEForPreTraining(CellMAEConfig.from_preset("tiny", num_hidden_layers=1)))
+    if accelerator.is_main_process:
+        def refuse(self, folder, *args, **kwargs):
+            raise PermissionError(13, "Permission denied", str(pathlib.Path(folder) / "preprocessor_config.json"))
+
+        CellMAEImageProcessor.save_pretrained = refuse
+    try:
+        save_model_folder(accelerator, model, pathlib.Path(sys.argv[1]), PretrainingArguments(data="shards"), {"log_history": []})
+    except UserError as error:
+        print(f"rank {accelerator.process_index}: {error}", flush=True)
+        sys.exit(3)
+    print(f"rank {accelerator.process_index}: saved", flush=True)
+    """
+)
+
+
+def test_a_model_folder_save_failing_on_the_main_rank_makes_every_rank_exit_with_the_error(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text(MODEL_PROBE)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", str(probe), str(tmp_path / "model")]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        pytest.fail("a rank was still waiting 240 s after the main rank failed to write the model folder")
+    output = stdout + stderr
+    assert process.returncode != 0 and "saved" not in stdout
+    assert "rank 0: could not write the model folder" in output and "Permission denied" in output
+    assert "rank 1: could not write the model folder" in output and "rank 0 could not write its part" in output

@@ -104,11 +104,11 @@ def _save_checkpoint(accelerator, root: Path, step: int, data_state: dict, train
     # Each phase ends with every rank learning whether any rank failed (instead of a barrier that a
     # failed rank never reaches): all ranks then raise together, none waits for ever.
     for phase in (prepare_folder, write_states, complete):
-        _on_every_rank(accelerator, phase)
+        on_every_rank(accelerator, phase)
     return final
 
 
-def _on_every_rank(accelerator, phase) -> None:
+def on_every_rank(accelerator, phase) -> None:
     """Run `phase` on this rank, then raise on every rank if it raised `OSError` on any (a collective call)."""
     error = None
     try:
@@ -129,7 +129,12 @@ def _ranks_that_failed(accelerator, failed_here: bool) -> list[int]:
     import torch
 
     flags = accelerator.gather(torch.tensor([1.0 if failed_here else 0.0], device=accelerator.device))
-    return [rank for rank, flag in enumerate(flags.tolist()) if flag > 0]
+    failed = [rank for rank, flag in enumerate(flags.tolist()) if flag > 0]
+    # gloo frees the gather's tensors on its worker thread, which needs the GIL. If the process group is
+    # destroyed first (the run ends right after its last save), its destructor joins that thread while
+    # holding the GIL: both ranks hang at exit (seen under DDP on CPU). A barrier's wait releases the GIL.
+    accelerator.wait_for_everyone()
+    return failed
 
 
 def load_checkpoint(accelerator, checkpoint: Path, scheduler) -> None:

@@ -39,7 +39,7 @@ from ..errors import UserError, ensure_writable_folder
 from ..image_processing_cellmae import CellMAEImageProcessor, default_rescale_factor, standardize_channels
 from ..modeling_cellmae import CellMAEForPreTraining
 from .arguments import PretrainingArguments
-from .checkpoints import load_checkpoint, load_data_state, resolve_checkpoint, save_checkpoint
+from .checkpoints import load_checkpoint, load_data_state, on_every_rank, resolve_checkpoint, save_checkpoint
 from .figures import reconstruction_figure, save_figure
 from .device_defaults import compile_backend, detect_device_defaults
 from .optimization import build_optimizer, build_scheduler, skip_step_if, skips_on_device
@@ -558,20 +558,35 @@ def fully_sharded_modules(model) -> list[str]:
 
 
 def save_model_folder(accelerator, model, path: Path, args: PretrainingArguments, trainer_state: dict) -> Path:
-    """A loadable folder: safetensors weights, config, processor, model code, training args and state."""
+    """A loadable folder: safetensors weights, config, processor, model code, training args and state.
+
+    Call it on every rank. A failure to write on any rank (permissions, a full disk) raises `UserError` on every
+    rank, naming the folder, instead of leaving the others waiting for the failed one.
+    """
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
-    state_dict = accelerator.get_state_dict(model)
-    unwrapped.save_pretrained(path, state_dict=state_dict, is_main_process=accelerator.is_main_process, save_function=accelerator.save)
-    if accelerator.is_main_process:
-        config = unwrapped.config
-        CellMAEImageProcessor(image_size=config.image_size, crop_mode="tile", channel_names=config.channel_names).save_pretrained(path)
-        args.save(path / "training_args.json")
-        history = trainer_state["log_history"]
-        final = history[-1] if history else {}
-        logged = ("loss", "mse_loss", "fourier_loss") if "mse_loss" in final or not final else ("loss", "accuracy")
-        summary = {**trainer_state, "final_losses": {k: final.get(k) for k in logged}}
-        (path / "trainer_state.json").write_text(json.dumps(summary, indent=2))
-    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)  # a collective call under FSDP: every rank, before any write
+
+    def write() -> None:
+        unwrapped.save_pretrained(path, state_dict=state_dict, is_main_process=accelerator.is_main_process,
+                                  save_function=accelerator.save)
+        if accelerator.is_main_process:
+            config = unwrapped.config
+            CellMAEImageProcessor(image_size=config.image_size, crop_mode="tile", channel_names=config.channel_names).save_pretrained(path)
+            args.save(path / "training_args.json")
+            history = trainer_state["log_history"]
+            final = history[-1] if history else {}
+            logged = ("loss", "mse_loss", "fourier_loss") if "mse_loss" in final or not final else ("loss", "accuracy")
+            summary = {**trainer_state, "final_losses": {k: final.get(k) for k in logged}}
+            (path / "trainer_state.json").write_text(json.dumps(summary, indent=2))
+
+    try:
+        on_every_rank(accelerator, write)  # ends in a gather of failure flags: also the closing barrier
+    except OSError as error:
+        raise UserError(
+            f"could not write the model folder {path}: {error.strerror or error}"
+            f"{f' ({error.filename})' if error.filename else ''}; make the folder writable or free space, then run "
+            "again with --resume-from-checkpoint latest (the checkpoints are complete)"
+        ) from error
     return path
 
