@@ -94,37 +94,65 @@ def add_dataclass_options(parser: argparse.ArgumentParser, options_class) -> arg
     """One ``--field`` per field of the dataclass ``options_class``: its default, type and ``help`` metadata.
 
     The dataclass is the one place a command's defaults live: ``parser.parse_args`` gives a namespace
-    that ``options_class(**vars(namespace))`` turns into the options. ``bool`` fields take ``--field``,
-    ``--field true|false`` and, when true by default, ``--no-field``; ``X | None`` fields take ``none``;
-    ``list[X]`` fields take one or more values (``--field A B``).
+    that ``options_class(**vars(namespace))`` (or :func:`options_from_namespace`) turns into the options.
+    ``bool`` fields take ``--field``, ``--field true|false`` and, when true by default, ``--no-field``;
+    ``X | None`` fields take ``none``; ``list[X]`` fields take one or more values (``--field A B``).
+    A field's metadata may also give argparse's ``choices`` and ``metavar``, ``action="store_true"``
+    (a switch: ``--field`` alone, false when absent) and ``group`` (the title of the argument group it
+    is listed under). The help ends with ``(default: X)`` unless it already says what the default is.
     Only the standard library is imported, so ``--help`` stays fast.
     """
     import dataclasses
     import typing
 
     hints = typing.get_type_hints(options_class)
+    groups: dict[str, argparse._ArgumentGroup] = {}
     for field in dataclasses.fields(options_class):
         kind = hints[field.name]
         optional = type(None) in typing.get_args(kind)
         if optional:
             kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
-        default = field.default if field.default is not dataclasses.MISSING else None
+        default = field_default(field)
         help_text = field.metadata.get("help", "")
-        shown = f"{help_text} (default: {default})" if help_text else f"(default: {default})"
+        shown = help_text if "default" in help_text.lower() else f"{help_text} (default: {default})".lstrip()
         name = "--" + field.name.replace("_", "-")
+        title = field.metadata.get("group")
+        if title and title not in groups:
+            groups[title] = parser.add_argument_group(title)
+        target = groups[title] if title else parser
+        if field.metadata.get("action") == "store_true":
+            target.add_argument(name, action="store_true", help=help_text)
+            continue
+        extra = {key: field.metadata[key] for key in ("choices", "metavar") if key in field.metadata}
         if kind is bool:
-            parser.add_argument(name, type=parse_bool, nargs="?", const=True, default=default, metavar="{true,false}", help=shown)
+            target.add_argument(name, type=parse_bool, nargs="?", const=True, default=default, metavar="{true,false}", help=shown)
             if default is True:
-                parser.add_argument("--no-" + field.name.replace("_", "-"), dest=field.name, action="store_false",
+                target.add_argument("--no-" + field.name.replace("_", "-"), dest=field.name, action="store_false",
                                     help=f"set {name} false")
             continue
         if typing.get_origin(kind) is list:  # list[str]: --field A B C
             item = (typing.get_args(kind) or (str,))[0]
-            parser.add_argument(name, type=item, nargs="+", default=default, metavar=field.name.upper(), help=shown)
+            target.add_argument(name, type=item, nargs="+", default=default, **{"metavar": field.name.upper(), **extra}, help=shown)
             continue
         converter = _optional(kind) if optional else kind
-        parser.add_argument(name, type=converter, default=default, help=shown)
+        target.add_argument(name, type=converter, default=default, **extra, help=shown)
     return parser
+
+
+def field_default(field):
+    """A dataclass field's default, made by its ``default_factory`` if it has one (None when it has neither)."""
+    import dataclasses
+
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return field.default if field.default is not dataclasses.MISSING else None
+
+
+def options_from_namespace(options_class, args: argparse.Namespace):
+    """The ``options_class`` dataclass from a sub-command's parsed ``args`` (which also hold its positionals and ``func``)."""
+    import dataclasses
+
+    return options_class(**{field.name: getattr(args, field.name) for field in dataclasses.fields(options_class)})
 
 
 def build_parser() -> argparse.ArgumentParser:

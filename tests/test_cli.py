@@ -163,3 +163,58 @@ def test_cellmae_synthetic_takes_its_defaults_from_the_screen_dataclass():
     args = vars(build_parser().parse_args(["synthetic", "plate"]))
     defaults = asdict(SyntheticScreenConfig())
     assert {name: args[name] for name, _ in SYNTHETIC_OPTIONS.values()} == {name: defaults[name] for name, _ in SYNTHETIC_OPTIONS.values()}
+
+
+def test_shard_embed_and_evaluate_options_and_their_defaults_come_from_one_dataclass_each():
+    import argparse
+    import dataclasses
+
+    from hf_cellmae.cli import build_parser, field_default
+    from hf_cellmae.data.shards import ShardOptions
+    from hf_cellmae.evaluation.options import EmbedOptions, EvaluateOptions
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    hand_written = {"evaluate": {"baseline"}}  # --baseline NAME TABLE (repeatable) is not a dataclass field
+    for command, positionals, options_class in (("shard", ["in", "out"], ShardOptions),
+                                                ("embed", ["model", "data", "out"], EmbedOptions),
+                                                ("evaluate", ["table"], EvaluateOptions)):
+        fields = {field.name: field for field in dataclasses.fields(options_class)}
+        options = {a.dest: a for a in commands[command]._actions if a.option_strings and a.dest != "help"}
+        assert set(options) == set(fields) | hand_written.get(command, set()), command
+        parsed = vars(parser.parse_args([command, *positionals]))
+        for name, field in fields.items():
+            assert parsed[name] == field_default(field), (command, name)
+            assert options[name].choices == field.metadata.get("choices"), (command, name)
+
+
+def test_the_library_functions_shard_embed_and_evaluate_call_default_to_the_options_dataclasses():
+    import inspect
+
+    from hf_cellmae.data.shards import ShardOptions, shard_folder, write_shards
+    from hf_cellmae.evaluation.cellprofiler import CellProfilerFeaturizer
+    from hf_cellmae.evaluation.commands import _thresholds
+    from hf_cellmae.evaluation.embed import ModelFeaturizer, embed_dataset
+    from hf_cellmae.evaluation.options import EmbedOptions, EvaluateOptions
+    from hf_cellmae.evaluation.report import evaluate_embeddings
+
+    def defaults(function) -> dict:
+        return {name: p.default for name, p in inspect.signature(function).parameters.items() if p.default is not p.empty}
+
+    for function, options, renamed in (
+        (shard_folder, ShardOptions(), {"channel_names": "channels"}),
+        (write_shards, ShardOptions(), {"target_shard_size": "shard_size"}),
+        (ModelFeaturizer, EmbedOptions(), {}),
+        (embed_dataset, EmbedOptions(), {}),
+        (CellProfilerFeaturizer, EmbedOptions(), {}),
+        (evaluate_embeddings, EvaluateOptions(), {"probe_labels": "probe"}),
+    ):
+        shared = {param: renamed.get(param, param) for param in defaults(function) if hasattr(options, renamed.get(param, param))}
+        assert len(shared) >= 5, function.__name__
+        for param, name in shared.items():
+            expected = getattr(options, name)
+            if name == "thresholds":  # LO,HI text on the command line
+                expected = tuple(_thresholds(expected))
+            default = defaults(function)[param]
+            assert (list(default) if isinstance(default, tuple) and name != "thresholds" else default) == expected, (function.__name__, param)
+    assert defaults(write_shards)["shuffle"] is not ShardOptions().no_shuffle

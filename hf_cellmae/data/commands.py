@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from .layouts import LAYOUTS, PATTERN_PRESETS
-from .problems import ON_ERROR_CHOICES
-from .shards import MAX_SKIPPED_SHARE, MIN_FIELD_SIZE
+from ..cli import add_dataclass_options, options_from_namespace
+from .shards import ShardOptions
 from .synthetic import SyntheticScreenConfig
 
 # `cellmae synthetic` flags -> (SyntheticScreenConfig field, help); defaults come from the dataclass.
@@ -27,24 +26,25 @@ SYNTHETIC_OPTIONS = {
 def _shard(args: argparse.Namespace) -> int:
     from .shards import shard_folder
 
+    options = options_from_namespace(ShardOptions, args)
     manifest = shard_folder(
         args.input,
         args.output_dir,
-        layout=args.layout,
-        pattern=args.pattern,
-        channel_names=args.channels,
-        metadata=args.metadata,
-        on_error=args.on_error,
-        max_skipped_share=args.max_skipped_share,
-        min_field_size=args.min_field_size,
-        verify=args.verify,
-        progress=not args.quiet,
-        target_shard_size=args.shard_size,
-        fields_per_row_group=args.fields_per_row_group,
-        compression=args.compression,
-        num_workers=args.num_workers,
-        shuffle=not args.no_shuffle,
-        seed=args.seed,
+        layout=options.layout,
+        pattern=options.pattern,
+        channel_names=options.channels,
+        metadata=options.metadata,
+        on_error=options.on_error,
+        max_skipped_share=options.max_skipped_share,
+        min_field_size=options.min_field_size,
+        verify=options.verify,
+        progress=not options.quiet,
+        target_shard_size=options.shard_size,
+        fields_per_row_group=options.fields_per_row_group,
+        compression=options.compression,
+        num_workers=options.num_workers,
+        shuffle=not options.no_shuffle,
+        seed=options.seed,
     )
     print(
         f"wrote {manifest['num_fields']} fields ({', '.join(manifest['channels'])}; {manifest['dtypes']}) into "
@@ -55,7 +55,7 @@ def _shard(args: argparse.Namespace) -> int:
         for problem in manifest["skipped"][:20]:
             where = ", ".join(part for part in (problem["file"], problem["field"]) if part)
             print(f"  - {problem['reason']} ({where})")
-    if args.verify:
+    if options.verify:
         print("verified: every shard re-read, checksums match")
     return 0
 
@@ -90,35 +90,7 @@ def register(subparsers) -> None:
     )
     shard.add_argument("input", help="input folder, or a CellProfiler load_data CSV (--layout load_data)")
     shard.add_argument("output_dir", help="shard folder to write")
-    shard.add_argument("--layout", choices=LAYOUTS, default="auto", help="how images are laid out (default: detect)")
-    shard.add_argument(
-        "--pattern",
-        help=f"regex with named groups (channel, plate, well or row+col, site) or a preset: {', '.join(PATTERN_PRESETS)}",
-    )
-    shard.add_argument(
-        "--channels",
-        help="the stain of each file channel, as FILE_TOKEN=NAME (e.g. w1=AGP,w2=DNA,w3=ER,w4=Mito,w5=RNA for JUMP); "
-        "default: the names a per-file --metadata table gives (column compartment/channel_name/stain), else the tokens. "
-        "Plain names (DNA,ER,...) are taken in file-token order and refused when the metadata says otherwise",
-    )
-    shard.add_argument("--metadata", help="CSV/TSV/Parquet table joined on plate/well(/site)")
-    shard.add_argument("--shard-size", default="256MB", help="target pixel bytes per shard (default 256MB)")
-    shard.add_argument("--fields-per-row-group", type=int, default=8, help="fields per Parquet row group (default 8)")
-    shard.add_argument("--compression", default="none", help="Parquet codec: none (fastest to stream), zstd, snappy...")
-    shard.add_argument("--num-workers", type=int, default=None, help="processes reading images (default: all cores)")
-    shard.add_argument("--on-error", choices=ON_ERROR_CHOICES, default="skip", help="skip and count bad inputs, or fail on the first")
-    shard.add_argument(
-        "--max-skipped-share", type=float, default=MAX_SKIPPED_SHARE,
-        help=f"fail (after writing the manifest) when more than this share of fields is skipped, or none written (default {MAX_SKIPPED_SHARE})",
-    )
-    shard.add_argument(
-        "--min-field-size", type=int, default=MIN_FIELD_SIZE,
-        help=f"skip fields narrower or shorter than this many pixels; set it to your crop size (default {MIN_FIELD_SIZE})",
-    )
-    shard.add_argument("--verify", action="store_true", help="re-read every shard and check checksums afterwards")
-    shard.add_argument("--no-shuffle", action="store_true", help="keep the discovery order instead of mixing fields across shards")
-    shard.add_argument("--seed", type=int, default=0, help="seed of the order of fields across shards")
-    shard.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_dataclass_options(shard, ShardOptions)
     shard.set_defaults(func=_shard)
 
     synthetic = subparsers.add_parser(

@@ -37,19 +37,50 @@ import threading
 import time
 import zlib
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import UserError, ensure_writable_folder
 from .image_io import read_field
-from .problems import BadInputError, Problem, ProblemLog
+from .layouts import LAYOUTS, PATTERN_PRESETS
+from .problems import ON_ERROR_CHOICES, BadInputError, Problem, ProblemLog
 from .records import FieldRecord
 
 SHARD_FORMAT = "hf_cellmae.parquet_shards/1"
 MANIFEST_NAME = "manifest.json"
 MAX_SKIPPED_SHARE = 0.05  # a run that loses more of its fields than this fails (after writing its manifest)
 MIN_FIELD_SIZE = 32  # px: a field narrower than the crops it is trained on fails later, in pretrain or embed
+
+
+@dataclass
+class ShardOptions:
+    """The options of ``cellmae shard``, the one place their defaults live (:func:`shard_folder` and
+    :func:`write_shards` take theirs from here). The command's parser is built from these fields."""
+
+    layout: str = field(default="auto", metadata={"help": "how images are laid out (default: detect)", "choices": LAYOUTS})
+    pattern: str | None = field(default=None, metadata={
+        "help": f"regex with named groups (channel, plate, well or row+col, site) or a preset: {', '.join(PATTERN_PRESETS)}"})
+    channels: str | None = field(default=None, metadata={
+        "help": "the stain of each file channel, as FILE_TOKEN=NAME (e.g. w1=AGP,w2=DNA,w3=ER,w4=Mito,w5=RNA for JUMP); "
+        "default: the names a per-file --metadata table gives (column compartment/channel_name/stain), else the tokens. "
+        "Plain names (DNA,ER,...) are taken in file-token order and refused when the metadata says otherwise"})
+    metadata: str | None = field(default=None, metadata={"help": "CSV/TSV/Parquet table joined on plate/well(/site)"})
+    shard_size: str = field(default="256MB", metadata={"help": "target pixel bytes per shard"})
+    fields_per_row_group: int = field(default=8, metadata={"help": "fields per Parquet row group"})
+    compression: str = field(default="none", metadata={"help": "Parquet codec: none (fastest to stream), zstd, snappy..."})
+    num_workers: int | None = field(default=None, metadata={"help": "processes reading images (default: all cores)"})
+    on_error: str = field(default="skip", metadata={"help": "skip and count bad inputs, or fail on the first", "choices": ON_ERROR_CHOICES})
+    max_skipped_share: float = field(default=MAX_SKIPPED_SHARE, metadata={
+        "help": "fail (after writing the manifest) when more than this share of fields is skipped, or none written"})
+    min_field_size: int = field(default=MIN_FIELD_SIZE, metadata={
+        "help": "skip fields narrower or shorter than this many pixels; set it to your crop size"})
+    verify: bool = field(default=False, metadata={"help": "re-read every shard and check checksums afterwards", "action": "store_true"})
+    no_shuffle: bool = field(default=False, metadata={
+        "help": "keep the discovery order instead of mixing fields across shards", "action": "store_true"})
+    seed: int = field(default=0, metadata={"help": "seed of the order of fields across shards"})
+    quiet: bool = field(default=False, metadata={"help": "no progress bars", "action": "store_true"})
 
 
 def parse_size(size: str | int) -> int:
@@ -286,15 +317,15 @@ def write_shards(
     records: list[FieldRecord],
     output_dir: str | Path,
     *,
-    target_shard_size: str | int = "256MB",
-    fields_per_row_group: int = 8,
-    compression: str = "none",
-    shuffle: bool = True,
-    seed: int = 0,
-    num_workers: int | None = None,
-    on_error: str = "skip",
-    max_skipped_share: float = MAX_SKIPPED_SHARE,
-    min_field_size: int = MIN_FIELD_SIZE,
+    target_shard_size: str | int = ShardOptions.shard_size,
+    fields_per_row_group: int = ShardOptions.fields_per_row_group,
+    compression: str = ShardOptions.compression,
+    shuffle: bool = not ShardOptions.no_shuffle,
+    seed: int = ShardOptions.seed,
+    num_workers: int | None = ShardOptions.num_workers,
+    on_error: str = ShardOptions.on_error,
+    max_skipped_share: float = ShardOptions.max_skipped_share,
+    min_field_size: int = ShardOptions.min_field_size,
     problems: ProblemLog | None = None,
     manifest_extra: dict | None = None,
     progress: bool = True,
@@ -520,12 +551,12 @@ def shard_folder(
     source: str | Path,
     output_dir: str | Path,
     *,
-    layout: str = "auto",
-    pattern: str | None = None,
-    channel_names: list[str] | dict[str, str] | str | None = None,
-    metadata: str | Path | None = None,
-    on_error: str = "skip",
-    verify: bool = False,
+    layout: str = ShardOptions.layout,
+    pattern: str | None = ShardOptions.pattern,
+    channel_names: list[str] | dict[str, str] | str | None = ShardOptions.channels,
+    metadata: str | Path | None = ShardOptions.metadata,
+    on_error: str = ShardOptions.on_error,
+    verify: bool = ShardOptions.verify,
     progress: bool = True,
     **write_options,
 ) -> dict:

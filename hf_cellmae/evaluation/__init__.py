@@ -10,6 +10,7 @@
 - ``cellprofiler``: classical segmentation + cp-measure features (a baseline featuriser) and
   cross-validated ridge R² of predicting them from embeddings.
 - ``suite``: all of the above for a model and its baselines side by side (``cellmae evaluate``).
+- ``options``: the options of ``cellmae embed`` and ``cellmae evaluate``, one dataclass each (their defaults).
 
 Only ``embed`` imports the model (lazily); the rest needs numpy, pandas and matplotlib.
 """

@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from ..data.standardize import rescale_factor_for_dtype
+from .options import EmbedOptions
 
 CATEGORIES = ("AreaShape", "Intensity", "Texture", "Granularity", "RadialDistribution", "Correlation")
 OBJECTS = ("Nuclei", "Cells")
@@ -169,7 +170,8 @@ class CellProfilerFeaturizer:
     name = "cellprofiler"
 
     def __init__(self, nuclei_channel: str | None = None, cell_channels: Sequence[str] | None = None,
-                 feature_set: str = "fast", nucleus_diameter: int | None = None, num_workers: int = 1):
+                 feature_set: str = EmbedOptions.feature_set, nucleus_diameter: int | None = None,
+                 num_workers: int = EmbedOptions.num_workers):
         try:
             import cp_measure  # noqa: F401
         except ImportError as error:

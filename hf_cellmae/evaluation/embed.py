@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ensure_writable_folder
 
+from .options import EmbedOptions
 from .pixel_stats import DEFAULT_PERCENTILES, pixel_statistic_names, pixel_statistics
 
 INFO_NAME = "_embedding_info.json"
@@ -240,9 +241,10 @@ class ModelFeaturizer:
 
     name = "model"
 
-    def __init__(self, model: str | Path, device: str = "cpu", dtype: str = "float32", batch_size: int = 64,
-                 crop_mode: str = "tile", channelwise: bool = False, image_size: int | None = None,
-                 readout: str = "mean", layer: int | None = None):
+    def __init__(self, model: str | Path, device: str = EmbedOptions.device, dtype: str = EmbedOptions.dtype,
+                 batch_size: int = EmbedOptions.batch_size, crop_mode: str = EmbedOptions.crop_mode,
+                 channelwise: bool = EmbedOptions.channelwise, image_size: int | None = None,
+                 readout: str = EmbedOptions.readout, layer: int | None = None):
         import torch
 
         from .. import CellMAEImageProcessor
@@ -431,13 +433,13 @@ def embed_dataset(
     data: str | Path,
     out: str | Path,
     featurizer,
-    layout: str = "auto",
+    layout: str = EmbedOptions.layout,
     pattern: str | None = None,
     metadata: str | Path | None = None,
-    fields_per_batch: int = 16,
-    fields_per_part: int = 512,
+    fields_per_batch: int = EmbedOptions.fields_per_batch,
+    fields_per_part: int = EmbedOptions.fields_per_part,
     progress: bool = True,
-    on_error: str = "fail",
+    on_error: str = EmbedOptions.on_error,
 ) -> dict:
     """Embed every field of ``data`` into Parquet parts under ``out``; resume a finished-part-wise run.
 

@@ -28,6 +28,7 @@ import pandas as pd
 
 from ..errors import UserError
 from .align import aggregate, align
+from .options import EvaluateOptions
 from .plots import pick_complex, plot_complex_heatmap, plot_projection, plot_recall, relationship_groups
 from .relate import BENCHMARK_SOURCES, MIN_PERTURBATIONS, RECALL_THRESHOLDS, chance_recall, known_relationship_recall, load_relationships
 
@@ -119,12 +120,12 @@ class ProfileMap:
 
 def build_map(
     table: pd.DataFrame,
-    perturbation_col: str = "Metadata_perturbation",
+    perturbation_col: str = EvaluateOptions.perturbation_col,
     controls: Sequence[str] | None = None,
     control_col: str | None = None,
     batch_col: str | None = None,
-    alignment: str = "tvn",
-    aggregation: str = "mean",
+    alignment: str = EvaluateOptions.alignment,
+    aggregation: str = EvaluateOptions.aggregation,
     align_options: Mapping | None = None,
 ) -> ProfileMap:
     """Align the units of an embeddings table on its controls and aggregate per perturbation."""
@@ -191,16 +192,16 @@ def evaluate_embeddings(
     out_dir: str | Path | None = None,
     dataset: str | None = None,
     baselines: Mapping[str, str | Path | pd.DataFrame] | None = None,
-    perturbation_col: str = "Metadata_perturbation",
+    perturbation_col: str = EvaluateOptions.perturbation_col,
     controls: Sequence[str] | None = None,
     control_col: str | None = None,
     batch_col: str | None = None,
-    alignment: str = "tvn",
-    aggregation: str = "mean",
+    alignment: str = EvaluateOptions.alignment,
+    aggregation: str = EvaluateOptions.aggregation,
     align_options: Mapping | None = None,
     thresholds=RECALL_THRESHOLDS,
     null_samples: int | None = None,
-    seed: int = 0,
+    seed: int = EvaluateOptions.seed,
     on_unusable: str = "raise",
     annotations: str | Path | None = None,
     min_perturbations: int = MIN_PERTURBATIONS,

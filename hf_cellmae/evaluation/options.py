@@ -1,0 +1,114 @@
+"""The options of ``cellmae embed`` and ``cellmae evaluate``: one dataclass per command, the one place their defaults live.
+
+The commands' parsers are built from these fields (``hf_cellmae.cli.add_dataclass_options``), and the library
+functions the commands call (``embed_dataset``, ``ModelFeaturizer``, ``CellProfilerFeaturizer``,
+``evaluate_embeddings``) take their defaults from them. numpy only, so ``cellmae --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+from .align import tvn
+from .relate import BENCHMARK_SOURCES, MIN_PERTURBATIONS, RECALL_THRESHOLDS
+
+CELLPROFILER = "cellprofiler featuriser (MODEL = cellprofiler)"  # embed's argument group of the CellProfiler options
+SUITE = "the rest of the paper's suite (model and every baseline side by side)"  # evaluate's argument group
+_TVN_CORAL_EPS = inspect.signature(tvn).parameters["coral_eps"].default  # the help states tvn's own default
+
+
+@dataclass
+class EmbedOptions:
+    """``cellmae embed MODEL DATA OUT`` options (see each field's help)."""
+
+    layout: str = field(default="auto", metadata={"help": "image folder layout: auto, rxrx, pattern, load_data, stack"})
+    pattern: str | None = field(default=None, metadata={"help": "file-name regex or preset for --layout pattern"})
+    metadata: str | None = field(default=None, metadata={"help": "metadata table (CSV/Parquet) joined on plate/well/site"})
+    device: str = field(default="cpu", metadata={"help": "torch device"})
+    dtype: str = field(default="float32", metadata={"choices": ("float32", "bfloat16", "float16")})
+    batch_size: int = field(default=64, metadata={"help": "crops per forward pass"})
+    fields_per_batch: int = field(default=16, metadata={"help": "fields read and embedded together"})
+    fields_per_part: int = field(default=512, metadata={"help": "fields per output part for image folders"})
+    crop_mode: str = field(default="tile", metadata={
+        "help": "tile: average the model-sized crops of each field (default)", "choices": ("tile", "center", "none")})
+    image_size: int | None = field(default=None, metadata={"help": "crop size (default: the model's image_size)"})
+    channelwise: bool = field(default=False, metadata={
+        "help": "one vector per channel, concatenated (= --readout channelwise)", "action": "store_true"})
+    readout: str = field(default="mean", metadata={
+        "help": "how a crop's tokens become one vector (default: mean of the patch tokens, OpenPhenom's)",
+        "choices": ("mean", "cls", "mean_std", "channelwise")})
+    layer: int | None = field(default=None, metadata={
+        "help": "read the tokens after this encoder block (1-based, negative from the end; default: the output)"})
+    nuclei_channel: str | None = field(default=None, metadata={
+        "help": "name of the DNA/Hoechst channel (default: found by name)", "group": CELLPROFILER})
+    cell_channels: str | None = field(default=None, metadata={
+        "help": "comma-separated stains filling the cell body (default: all others)", "group": CELLPROFILER})
+    feature_set: str = field(default="fast", metadata={
+        "help": "fast (default): no Zernike, Feret, Costes/RWC/Manders; full: every cp-measure feature",
+        "choices": ("fast", "full"), "group": CELLPROFILER})
+    nucleus_diameter: int | None = field(default=None, metadata={
+        "help": "typical nucleus diameter in pixels (default: field width / 12)", "group": CELLPROFILER})
+    num_workers: int = field(default=1, metadata={"help": "processes measuring fields (0: all cores)", "group": CELLPROFILER})
+    on_error: str = field(default="fail", metadata={
+        "help": "a field that cannot be read (bad image, shard field failing its checksum): stop with one line naming it "
+        "(fail, default) or skip it, count it and list it in _embedding_info.json", "choices": ("fail", "skip")})
+    no_progress: bool = field(default=False, metadata={"action": "store_true"})
+
+
+@dataclass
+class EvaluateOptions:
+    """``cellmae evaluate EMBEDDINGS`` options (see each field's help); ``--baseline NAME TABLE`` is written by hand."""
+
+    out: str | None = field(default=None, metadata={"help": "output folder (default: the EMBEDDINGS path + '_eval')"})
+    sources: list[str] = field(default_factory=lambda: list(BENCHMARK_SOURCES), metadata={
+        "help": "relationship sources: names in the benchmark annotations (`cellmae annotations` fetches "
+        "efaar-benchmarking 1.0's CORUM, HuMAP, Reactome, SIGNOR, StringDB) or CSV files with columns entity1,entity2"})
+    synthetic_plate: str | None = field(default=None, metadata={
+        "help": "use this synthetic plate's relationships/*.csv as sources (default: --sources)"})
+    annotations: str | None = field(default=None, metadata={
+        "help": "folder of named sources (default: efaar-benchmarking's, installed or fetched by `cellmae annotations`)"})
+    perturbation_col: str = field(default="Metadata_perturbation", metadata={
+        "help": "column naming what was done to each row (gene, compound...); rows with the same value are averaged "
+        "into one profile and related pairs are looked up by these names"})
+    controls: list[str] | None = field(default=None, metadata={
+        "help": "control labels of the perturbation column, e.g. non-targeting DMSO (default: use --control-col)"})
+    control_col: str | None = field(default=None, metadata={
+        "help": "boolean control column (default: Metadata_is_control if present; needed unless --controls is given "
+        "or --alignment none)"})
+    batch_col: str | None = field(default=None, metadata={
+        "help": "batch column for per-batch alignment, e.g. Metadata_plate (default: one batch)"})
+    alignment: str = field(default="tvn", metadata={
+        "help": "batch correction fitted on the controls; none uses no controls",
+        "choices": ("tvn", "pca_center_scale", "center_scale", "none")})
+    coral: bool = field(default=False, metadata={"help": "TVN: add the per-batch CORAL step", "action": "store_true"})
+    coral_eps: float | None = field(default=None, metadata={
+        "help": f"TVN + CORAL: ridge added to each batch covariance (default: {_TVN_CORAL_EPS})"})
+    no_scale_per_batch: bool = field(default=False, metadata={
+        "help": "TVN: center-scale on all controls at once instead of per batch", "action": "store_true"})
+    n_components: int | None = field(default=None, metadata={
+        "help": "tvn / pca_center_scale: principal components of the controls kept (tvn: at most; default: all)"})
+    aggregation: str = field(default="mean", metadata={
+        "help": "how the rows of a perturbation become its profile", "choices": ("mean", "median")})
+    thresholds: list[str] = field(default_factory=lambda: [f"{lo},{hi}" for lo, hi in RECALL_THRESHOLDS], metadata={
+        "help": "recall counts a related pair whose similarity is below the LO or above the HI quantile of all pairs",
+        "metavar": "LO,HI"})
+    min_perturbations: int = field(default=MIN_PERTURBATIONS, metadata={
+        "help": "fewest perturbation profiles accepted for a meaningful null"})
+    null_samples: int | None = field(default=None, metadata={
+        "help": "sample a null of this many pairs, for large maps (default: every pair)"})
+    seed: int = field(default=0, metadata={"help": "seed of the sampled null and the suite"})
+    skip_unusable: bool = field(default=False, metadata={
+        "help": "skip (and report) sources without usable pairs", "action": "store_true"})
+    dataset: str | None = field(default=None, metadata={"help": "dataset name for the report (default: the EMBEDDINGS file name)"})
+    probe: list[str] = field(default_factory=list, metadata={
+        "help": "linear probe + kNN of these metadata columns, leave one plate out, e.g. complex gene (default: none)",
+        "metavar": "COLUMN", "group": SUITE})
+    consistency_col: str | None = field(default=None, metadata={
+        "help": "per-perturbation group column for consistency mAP, e.g. Metadata_complex (default: none)", "group": SUITE})
+    cellprofiler: str | None = field(default=None, metadata={
+        "help": "CellProfiler features of the same fields (cellmae embed cellprofiler ...): report ridge R² of predicting "
+        "them (default: a --baseline named cellprofiler)", "metavar": "TABLE", "group": SUITE})
+    no_suite: bool = field(default=False, metadata={"help": "only the known-relationship recall", "action": "store_true", "group": SUITE})
+    no_plots: bool = field(default=False, metadata={"help": "write eval_results.json only", "action": "store_true"})
+    no_progress: bool = field(default=False, metadata={"help": "no progress bars", "action": "store_true"})
