@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 # Public names and the module defining each, imported on first access (PEP 562).
 _EXPORTS = {
     "PRESETS": ".configuration_cellmae",
+    "DECODER_PRESETS": ".configuration_cellmae",
     "CellMAEConfig": ".configuration_cellmae",
     "CellMAEImageProcessor": ".image_processing_cellmae",
     "standardize_channels": ".image_processing_cellmae",
@@ -43,6 +44,7 @@ register_when_transformers_loads()
 
 __all__ = [
     "PRESETS",
+    "DECODER_PRESETS",
     "CellFeatureExtractionPipeline",
     "CellMAEImageProcessor",
     "standardize_channels",

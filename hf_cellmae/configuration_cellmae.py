@@ -45,6 +45,14 @@ PRESETS: dict[str, dict] = {
     ),
 }
 
+# Decoder sizes (the `"shared"` decoder), chosen with `decoder=` in `CellMAEConfig.from_preset` or
+# `cellmae pretrain --decoder-preset`. `mae` is MAE's and the paper's 512 x 8; `light` has ~1/6 of its
+# FLOPs (docs/decoder.md measures both: FLOPs, step time, probe and recall).
+DECODER_PRESETS: dict[str, dict] = {
+    "mae": dict(decoder_hidden_size=512, decoder_num_hidden_layers=8, decoder_num_attention_heads=16),
+    "light": dict(decoder_hidden_size=256, decoder_num_hidden_layers=4, decoder_num_attention_heads=8),
+}
+
 
 class CellMAEConfig(PretrainedConfig):
     r"""Configuration of a channel-agnostic masked autoencoder for multi-channel microscopy.
@@ -246,12 +254,15 @@ class CellMAEConfig(PretrainedConfig):
         return int(self.decoder_hidden_size * self.decoder_mlp_ratio)
 
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> "CellMAEConfig":
+    def from_preset(cls, name: str, decoder: str | None = None, **overrides) -> "CellMAEConfig":
         """A configuration of a named size (`"tiny"`, `"vit_s16"`, `"vit_b16"`, `"vit_l16"`,
-        `"vit_l8"`, `"openphenom"`), with any field overridden by keyword."""
+        `"vit_l8"`, `"openphenom"`), with the decoder of `DECODER_PRESETS[decoder]` (default: the
+        preset's) and any field overridden by keyword."""
         if name not in PRESETS:
             raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(PRESETS)}.")
-        return cls(**{**PRESETS[name], **overrides})
+        if decoder is not None and decoder not in DECODER_PRESETS:
+            raise ValueError(f"Unknown decoder preset {decoder!r}; choose one of {sorted(DECODER_PRESETS)}.")
+        return cls(**{**PRESETS[name], **DECODER_PRESETS.get(decoder, {}), **overrides})
 
     def channel_index(self, names: list[str]) -> list[int]:
         """The `channel_ids` of stains given by name, from `channel_names`."""
@@ -263,4 +274,4 @@ class CellMAEConfig(PretrainedConfig):
         return [self.channel_names.index(n) for n in names]
 
 
-__all__ = ["CellMAEConfig", "PRESETS"]
+__all__ = ["CellMAEConfig", "DECODER_PRESETS", "PRESETS"]

@@ -57,6 +57,23 @@ def test_model_overrides_typed_with_the_preset_are_kept_and_merge_with_the_confi
     assert same_preset.overrides["image_size"] == 256  # without --model-preset the config stays as written
 
 
+def test_decoder_preset_sets_the_decoder_size_over_the_configs_and_model_overrides_still_win(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("model_preset: vit_s16\nmodel_overrides:\n  decoder_hidden_size: 384\n  mask_ratio: 0.6\n")
+    args = parse_pretraining_arguments(["--config", str(config), "--data", "shards", "--decoder-preset", "light"])
+    built = CellMAEConfig.from_preset(args.model_preset, **args.overrides)
+    assert (built.decoder_hidden_size, built.decoder_num_hidden_layers, built.decoder_num_attention_heads) == (256, 4, 8)
+    assert built.mask_ratio == 0.6 and built.hidden_size == 384  # the rest of the config and the encoder stay
+    assert "decoder_hidden_size=384" in capsys.readouterr().err
+    typed = parse_pretraining_arguments(["--data", "shards", "--model-preset", "vit_s16", "--decoder-preset", "light",
+                                         "--model-overrides", '{"decoder_num_hidden_layers": 2}'])
+    assert CellMAEConfig.from_preset(typed.model_preset, **typed.overrides).decoder_num_hidden_layers == 2
+    with pytest.raises(ValueError, match="decoder_preset='huge' is not one of"):
+        parse_pretraining_arguments(["--data", "shards", "--decoder-preset", "huge"])
+    with pytest.raises(ValueError, match="--decoder-preset applies to --model-type cellmae"):
+        parse_pretraining_arguments(["--data", "shards", "--model-type", "munet", "--decoder-preset", "light"])
+
+
 def test_pretrain_help_imports_neither_torch_nor_transformers():
     code = textwrap.dedent(
         """

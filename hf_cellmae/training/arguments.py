@@ -29,6 +29,7 @@ SIZE_KEYS = (
     "decoder_hidden_size", "decoder_num_hidden_layers", "decoder_num_attention_heads", "decoder_mlp_ratio",
     "stage_channels", "blocks_per_stage",  # MU-Net
 )
+DECODER_SIZE_KEYS = ("decoder_hidden_size", "decoder_num_hidden_layers", "decoder_num_attention_heads")
 OBJECTIVES = ("mae", "wsl", "classify")
 CLASSIFIER_BATCH_NORMS = ("auto", "none", "plate", "plate_center")
 
@@ -53,6 +54,7 @@ class PretrainingArguments:
     # ---- model
     model_type: str = field(default="cellmae", metadata={"help": "cellmae (channel-agnostic ViT MAE) | munet (fixed-channel masked U-Net)"})
     model_preset: str = field(default="tiny", metadata={"help": "cellmae: tiny | vit_s16 | vit_b16 | vit_l16 | vit_l8 | openphenom; munet: tiny | munet_m | munet_l"})
+    decoder_preset: str | None = field(default=None, metadata={"help": "cellmae: the shared decoder's size, light (256 wide x 4 blocks) | mae (512 x 8, MAE's); default: the model preset's (docs/decoder.md)"})
     model_overrides: str | None = field(default=None, metadata={"help": 'JSON of CellMAEConfig (or CellMUNetConfig) fields, e.g. \'{"image_size": 128, "fourier_loss_weight": 0.01}\''})
     init_from: str | None = field(default=None, metadata={"help": "start from this model folder or Hub id instead of random weights"})
     # ---- optimisation
@@ -108,6 +110,12 @@ class PretrainingArguments:
         for name in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "save_steps", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1.")
+        if self.decoder_preset is not None:
+            from ..configuration_cellmae import DECODER_PRESETS
+
+            if self.model_type != "cellmae":
+                raise ValueError(f"--decoder-preset applies to --model-type cellmae, not {self.model_type}.")
+            choice("decoder_preset", tuple(DECODER_PRESETS))
         if self.model_overrides is not None and isinstance(self.model_overrides, str):
             try:
                 json.loads(self.model_overrides)
@@ -116,9 +124,16 @@ class PretrainingArguments:
 
     @property
     def overrides(self) -> dict:
+        """Model config fields set by this run: the decoder preset's, then `model_overrides` (which win)."""
+        decoder = {}
+        if self.decoder_preset is not None:
+            from ..configuration_cellmae import DECODER_PRESETS
+
+            decoder = dict(DECODER_PRESETS[self.decoder_preset])
         if not self.model_overrides:
-            return {}
-        return dict(json.loads(self.model_overrides)) if isinstance(self.model_overrides, str) else dict(self.model_overrides)
+            return decoder
+        given = json.loads(self.model_overrides) if isinstance(self.model_overrides, str) else self.model_overrides
+        return {**decoder, **given}
 
     @property
     def batch_norm(self) -> str | None:
@@ -217,7 +232,8 @@ def merge_model_overrides(config_values: dict, given: set[str], command_line: di
     """The model overrides of a run: the config's, with the command line's on top.
 
     A `--model-preset` typed on the command line sets the model's size, so the config's size keys
-    (`SIZE_KEYS`) are dropped unless `--model-overrides` sets them too. Returns the merged overrides
+    (`SIZE_KEYS`) are dropped unless `--model-overrides` sets them too; a `--decoder-preset` likewise
+    drops the config's decoder sizes (`DECODER_SIZE_KEYS`). Returns the merged overrides
     and the dropped ones (to tell the user).
     """
     from_config = config_values.get("model_overrides") or {}
@@ -225,8 +241,9 @@ def merge_model_overrides(config_values: dict, given: set[str], command_line: di
     typed = command_line.get("model_overrides") if "model_overrides" in given else None
     typed = (json.loads(typed) if isinstance(typed, str) else dict(typed)) if typed else {}
     dropped = {}
-    if "model_preset" in given:
-        dropped = {key: value for key, value in from_config.items() if key in SIZE_KEYS and key not in typed}
+    replaced = SIZE_KEYS if "model_preset" in given else DECODER_SIZE_KEYS if "decoder_preset" in given else ()
+    if replaced:
+        dropped = {key: value for key, value in from_config.items() if key in replaced and key not in typed}
         from_config = {key: value for key, value in from_config.items() if key not in dropped}
     return {**from_config, **typed}, dropped
 
@@ -254,7 +271,9 @@ def parse_pretraining_arguments(argv: list[str] | None = None) -> PretrainingArg
         overrides, dropped = merge_model_overrides(config_values, given, values)
         values["model_overrides"] = json.dumps(overrides) if overrides else None
         if dropped:
-            print(f"cellmae pretrain: --model-preset {values['model_preset']} sets the model size, so the config's "
+            preset = (f"--model-preset {values['model_preset']} sets the model size" if "model_preset" in given
+                      else f"--decoder-preset {values['decoder_preset']} sets the decoder size")
+            print(f"cellmae pretrain: {preset}, so the config's "
                   f"model_overrides {', '.join(f'{k}={json.dumps(v)}' for k, v in dropped.items())} "
                   f"were dropped (repeat them in --model-overrides to keep them)", file=sys.stderr)
     if values.get("data") is None:
