@@ -46,8 +46,9 @@ PRESETS: dict[str, dict] = {
 }
 
 # Decoder sizes (the `"shared"` decoder), chosen with `decoder=` in `CellMAEConfig.from_preset` or
-# `cellmae pretrain --decoder-preset`. `mae` is MAE's and the paper's 512 x 8; `light` has ~1/6 of its
-# FLOPs (docs/decoder.md measures both: FLOPs, step time, probe and recall).
+# `cellmae pretrain --decoder-preset`. `light` is the default (CellMAEConfig's own decoder sizes);
+# `mae` is MAE's and the paper's 512 x 8, with 6x its FLOPs (docs/decoder.md measures both: FLOPs,
+# step time, reconstruction loss, probe and recall).
 DECODER_PRESETS: dict[str, dict] = {
     "mae": dict(decoder_hidden_size=512, decoder_num_hidden_layers=8, decoder_num_attention_heads=16),
     "light": dict(decoder_hidden_size=256, decoder_num_hidden_layers=4, decoder_num_attention_heads=8),
@@ -89,7 +90,9 @@ class CellMAEConfig(PretrainedConfig):
             learned channel-identity embedding (any channel set); `"per_channel"` is OpenPhenom's decoder
             (shared cross-attention, then one block stack per channel, exactly `decoder_num_channels`).
         decoder_hidden_size, decoder_num_hidden_layers, decoder_num_attention_heads, decoder_mlp_ratio,
-        decoder_layer_norm_eps: decoder size.
+            decoder_layer_norm_eps: decoder size; by default `DECODER_PRESETS["light"]`, 256 wide x 4 blocks
+            (0.20x OpenPhenom's decoder FLOPs; as good as MAE's 512 x 8 in probe and recall on the demo
+            plate, docs/decoder.md). `DECODER_PRESETS["mae"]` is MAE's and the paper's 512 x 8.
         decoder_num_channels (`int`, defaults to 6): channels of a `"per_channel"` decoder.
         decoder_cross_attention_heads (`int`, defaults to 8): heads of its shared cross-attention.
         mask_ratio (`float`, defaults to 0.75): fraction of the `C * tokens_per_channel` tokens masked.
@@ -137,9 +140,9 @@ class CellMAEConfig(PretrainedConfig):
         parallel_mlp_bias_layout: str = "current",
         use_channel_embeddings: bool = False,
         decoder_type: str = "shared",
-        decoder_hidden_size: int = 512,
-        decoder_num_hidden_layers: int = 8,
-        decoder_num_attention_heads: int = 16,
+        decoder_hidden_size: int = 256,
+        decoder_num_hidden_layers: int = 4,
+        decoder_num_attention_heads: int = 8,
         decoder_mlp_ratio: float = 4.0,
         decoder_layer_norm_eps: float = 1e-6,
         decoder_num_channels: int = 6,

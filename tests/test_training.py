@@ -599,6 +599,32 @@ def test_the_training_benchmark_reports_throughput_and_mfu_against_a_peak_measur
     assert row["step_gflop"] > 0 and row["mfu"] == pytest.approx(row["achieved_tflop_s"] / row["peak_tflop_s"])
 
 
+def test_the_decoder_benchmark_counts_the_decoder_blocks_and_their_attention():
+    import importlib.util
+
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    sys.path.insert(0, str(scripts))  # it reuses benchmark_model's helpers, as when run from the command line
+    try:
+        spec = importlib.util.spec_from_file_location("benchmark_decoder", scripts / "benchmark_decoder.py")
+        benchmark = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(benchmark)
+    finally:
+        sys.path.remove(str(scripts))
+    pixels, tokens = torch.randn(2, 3, 64, 64), 3 * 16  # 3 channels of 4 x 4 patches of 16 px
+    noise = torch.rand(2, tokens, generator=torch.Generator().manual_seed(0))
+    counted = {}
+    for name in ("mae", "light"):
+        config = CellMAEConfig.from_preset("vit_s16", decoder=name, image_size=64)
+        model = CellMAEForPreTraining(config)
+        width, depth = config.decoder_hidden_size, config.decoder_num_hidden_layers
+        # The blocks: qkv + projection + MLP (24 T w^2) and the attention products (4 T^2 w); the small
+        # embedding and prediction layers make the rest.
+        blocks = depth * (24 * tokens * width**2 + 4 * tokens**2 * width)
+        counted[name] = benchmark.decoder_flops(model, pixels, noise, add_attention=not benchmark.attention_is_counted())
+        assert blocks < counted[name] < 1.05 * blocks, name
+    assert counted["light"] < counted["mae"] / 5
+
+
 # ------------------------------------------------------------------------------------------- corrupt shards
 
 
