@@ -104,7 +104,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; encoder {args.encoder}; images {args.batch} x "
           f"{args.channels} x {args.image_size} x {args.image_size}, mask {configs[base].mask_ratio}; "
           f"attention {'added analytically' if add_attention else 'counted'}")
-    print(f"| decoder | decoder GFLOP / image | vs OpenPhenom's decoder | training step, s (min-max) | step time vs mae |")
+    print("| decoder | decoder GFLOP / image | vs OpenPhenom's decoder | training step, s (min-max) | step time vs mae |")
     print("|---|---|---|---|---|")
     for name in models:
         median = statistics.median(times[name])

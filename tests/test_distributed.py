@@ -10,9 +10,7 @@ GPUs (its docstring says exactly why); the DDP run goes through it too, where it
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from launching import cpu_launch_env, run_all_or_kill
 from test_training import run_args
 
 from hf_cellmae import CellMAEForPreTraining
@@ -31,18 +30,9 @@ CPU_OVERRIDES = ["--num_processes", "2", "--main_process_port", "0"]
 
 
 def launch_pretraining(config: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), *CPU_OVERRIDES,
                str(ON_CPU), "pretrain", *args]
-    # A session of its own, so a run that hangs is killed with all its ranks (killing the launcher alone orphans them).
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
-    try:
-        stdout, stderr = process.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"the 2-process run did not end within 300 s; its last output:\n{stderr[-3000:]}")
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    return run_all_or_kill(command, cpu_launch_env(), 300, "the 2-process run did not end")
 
 
 def history(run: Path) -> list:

@@ -74,7 +74,7 @@ def test_the_readme_own_plates_block_runs_as_written_on_a_real_plate(name, tmp_p
     monkeypatch.chdir(tmp_path)
     commands = readme_block()
     assert [c[:2] for c in commands] == [["cellmae", "shard"], ["cellmae", "pretrain"], ["cellmae", "embed"], ["cellmae", "embed"],
-                                         ["cellmae", "evaluate"], ["cellmae", "card"], ["cellmae", "push"]]
+                                         ["cellmae", "annotations"], ["cellmae", "evaluate"], ["cellmae", "card"], ["cellmae", "push"]]
     evaluated = False
     for command in commands:
         argv = as_run_here(command, plate, source)

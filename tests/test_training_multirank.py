@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
 import textwrap
 
-import pytest
+from launching import TWO_CPU_PROCESSES, cpu_launch_env, run_all_or_kill
 
 # Rank 1 cannot write its data state (as on a node whose disk is full or read-only); rank 0 can.
 PROBE = textwrap.dedent(
@@ -43,17 +40,9 @@ PROBE = textwrap.dedent(
 def test_a_checkpoint_save_failing_on_one_rank_makes_every_rank_exit_with_the_error(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", str(probe), str(tmp_path / "checkpoints")]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
-    try:
-        stdout, stderr = process.communicate(timeout=240)
-    except subprocess.TimeoutExpired:  # before the fix: rank 0 waited in a barrier for rank 1, for ever
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        pytest.fail("a rank was still waiting 240 s after the other failed to save")
-    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    command = [sys.executable, "-m", "accelerate.commands.launch", *TWO_CPU_PROCESSES, str(probe), str(tmp_path / "checkpoints")]
+    # before the fix: rank 0 waited in a barrier for rank 1, for ever
+    result = run_all_or_kill(command, cpu_launch_env(), 240, "a rank was still waiting after the other failed to save")
     assert result.returncode != 0
     output = result.stdout + result.stderr
     assert "rank 1: could not write checkpoint-2" in output and "Permission denied" in output
@@ -93,17 +82,9 @@ MODEL_PROBE = textwrap.dedent(
 def test_a_model_folder_save_failing_on_the_main_rank_makes_every_rank_exit_with_the_error(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text(MODEL_PROBE)
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", str(probe), str(tmp_path / "model")]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
-    try:
-        stdout, stderr = process.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        pytest.fail("a rank was still waiting 240 s after the main rank failed to write the model folder")
-    output = stdout + stderr
-    assert process.returncode != 0 and "saved" not in stdout
+    command = [sys.executable, "-m", "accelerate.commands.launch", *TWO_CPU_PROCESSES, str(probe), str(tmp_path / "model")]
+    result = run_all_or_kill(command, cpu_launch_env(), 240, "a rank was still waiting after the main rank failed to write the model folder")
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "saved" not in result.stdout
     assert "rank 0: could not write the model folder" in output and "Permission denied" in output
     assert "rank 1: could not write the model folder" in output and "rank 0 could not write its part" in output

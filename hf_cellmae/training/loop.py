@@ -495,13 +495,7 @@ def pretrain(args: PretrainingArguments) -> dict:
         result = state["holdout_evaluation"]
         accelerator.print(f"Held-out plates {result['plates']}: {args.label_col} accuracy {result['accuracy']:.4f} "
                           f"on {result['num_samples']} crops ({len(labels.labels)} classes).")
-    try:
-        model_dir = save_model_folder(accelerator, model, output_dir / "model", args, trainer_state())
-    except OSError as error:
-        raise UserError(
-            f"could not write the model folder {output_dir / 'model'}: {error.strerror or error}; make it writable or free "
-            f"space, then run again with --resume-from-checkpoint latest (checkpoint-{state['global_step']} holds the trained weights)"
-        ) from error
+    model_dir = save_model_folder(accelerator, model, output_dir / "model", args, trainer_state())  # one line if it cannot
     figure = output_dir / "figures" / f"reconstruction-step{state['global_step']:06d}.png"
     if not figure.exists():  # not already drawn at this step by figure_steps
         figure = save_reconstruction(state["global_step"])
@@ -583,10 +577,12 @@ def save_model_folder(accelerator, model, path: Path, args: PretrainingArguments
     try:
         on_every_rank(accelerator, write)  # ends in a gather of failure flags: also the closing barrier
     except OSError as error:
+        step = trainer_state.get("global_step")
+        held = f"checkpoint-{step} holds the trained weights" if step is not None else "the checkpoints are complete"
         raise UserError(
             f"could not write the model folder {path}: {error.strerror or error}"
             f"{f' ({error.filename})' if error.filename else ''}; make the folder writable or free space, then run "
-            "again with --resume-from-checkpoint latest (the checkpoints are complete)"
+            f"again with --resume-from-checkpoint latest ({held})"
         ) from error
     return path
 
