@@ -21,7 +21,6 @@ COMMAND_MODULES = (
     "hf_cellmae.model_commands",
     "hf_cellmae.training.commands",
     "hf_cellmae.evaluation.commands",
-    "hf_cellmae.evaluation.annotations",
     "hf_cellmae.hub.commands",
     "hf_cellmae.demo",
 )

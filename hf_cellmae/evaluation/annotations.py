@@ -153,30 +153,3 @@ def fetch_annotations(wheel: str | Path | None = None, dest: str | Path | None =
             shutil.copyfile(source, cached_wheel())
     return dest
 
-
-def register(subparsers) -> None:
-    """Add the ``annotations`` sub-command to the ``cellmae`` parser."""
-    command = subparsers.add_parser(
-        "annotations",
-        help="fetch the recall benchmark's gene-relationship files (CORUM, HuMAP, Reactome, SIGNOR, StringDB)",
-        description="Download efaar-benchmarking 1.0's wheel with `pip download --no-deps` (none of its heavy "
-        "dependencies), check each file's SHA-256 and extract the relationship lists into the cache, where "
-        "`cellmae evaluate` finds them. Prints the folder. Licences differ per file (CORUM and SIGNOR: "
-        "CC-BY-NC 4.0); read the LICENSE file next to them.",
-    )
-    command.add_argument("--wheel", default=None, help=f"read this downloaded {EFAAR_WHEEL} instead of running pip download")
-    command.add_argument("--dest", default=None, help=f"folder to write (default: {cached_annotations_dir()})")
-    command.set_defaults(func=_run)
-
-
-def _run(args) -> int:
-    installed = _installed_dir()
-    if args.wheel is None and args.dest is None and installed is not None and installed.is_dir():
-        print(f"annotations: efaar_benchmarking is installed; `cellmae evaluate` reads {installed}")
-        return 0
-    folder = fetch_annotations(wheel=args.wheel, dest=args.dest)
-    print(f"annotations: {len(ANNOTATION_FILES) - 1} files checked in {folder} "
-          f"(licences: {folder / 'LICENSE'}; CORUM and SIGNOR are CC-BY-NC 4.0)")
-    if args.dest is not None and Path(args.dest).expanduser() != cached_annotations_dir():
-        print(f"annotations: pass --annotations {folder} to `cellmae evaluate`")
-    return 0

@@ -1,4 +1,4 @@
-"""``cellmae embed`` and ``cellmae evaluate``."""
+"""``cellmae embed``, ``cellmae evaluate`` and ``cellmae annotations``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import json
 
 from ..cli import add_dataclass_options, options_from_namespace
+from .annotations import ANNOTATION_FILES, EFAAR_WHEEL, cached_annotations_dir
 from .options import EmbedOptions, EvaluateOptions
 
 
@@ -38,6 +39,18 @@ def register(subparsers) -> None:
     evaluate.add_argument("--baseline", nargs=2, action="append", metavar=("NAME", "TABLE"), default=[],
                           help="also evaluate a baseline table (repeatable), e.g. --baseline pixel_stats px/ (default: none)")
     evaluate.set_defaults(func=run_evaluate)
+
+    annotations = subparsers.add_parser(
+        "annotations",
+        help="fetch the recall benchmark's gene-relationship files (CORUM, HuMAP, Reactome, SIGNOR, StringDB)",
+        description="Download efaar-benchmarking 1.0's wheel with `pip download --no-deps` (none of its heavy "
+        "dependencies), check each file's SHA-256 and extract the relationship lists into the cache, where "
+        "`cellmae evaluate` finds them. Prints the folder. Licences differ per file (CORUM and SIGNOR: "
+        "CC-BY-NC 4.0); read the LICENSE file next to them.",
+    )
+    annotations.add_argument("--wheel", default=None, help=f"read this downloaded {EFAAR_WHEEL} instead of running pip download")
+    annotations.add_argument("--dest", default=None, help=f"folder to write (default: {cached_annotations_dir()})")
+    annotations.set_defaults(func=run_annotations)
 
 
 def _looks_like_a_local_path(model: str) -> bool:
@@ -140,4 +153,21 @@ def run_evaluate(args: argparse.Namespace) -> int:
             cells = "  ".join(f"{name}={row[metric]:.3f}" for name, row in rows.items() if metric in row)
             print(f"  {metric:<28} {cells}")
     print(f"evaluate: wrote {out / RESULTS_NAME}")
+    return 0
+
+
+def run_annotations(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .annotations import _installed_dir, fetch_annotations
+
+    installed = _installed_dir()
+    if args.wheel is None and args.dest is None and installed is not None and installed.is_dir():
+        print(f"annotations: efaar_benchmarking is installed; `cellmae evaluate` reads {installed}")
+        return 0
+    folder = fetch_annotations(wheel=args.wheel, dest=args.dest)
+    print(f"annotations: {len(ANNOTATION_FILES) - 1} files checked in {folder} "
+          f"(licences: {folder / 'LICENSE'}; CORUM and SIGNOR are CC-BY-NC 4.0)")
+    if args.dest is not None and Path(args.dest).expanduser() != cached_annotations_dir():
+        print(f"annotations: pass --annotations {folder} to `cellmae evaluate`")
     return 0
