@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from launching import TWO_CPU_PROCESSES, cpu_launch_env, run_all_or_kill
 from safetensors.torch import load_file
 
 from hf_cellmae import CellMAEConfig, CellMAEForPreTraining
@@ -342,21 +343,20 @@ PROBE = textwrap.dedent(
     gathered = accelerator.gather_for_metrics([{"rank": accelerator.process_index, "seen": seen, "checksum": checksum}], use_gather_object=True)
     if accelerator.is_main_process:
         open(sys.argv[1], "w").write(json.dumps(gathered))
+    # End as `pretrain` does: a barrier (its wait lets gloo's worker thread release the gathered tensors), then
+    # the process group destroyed while the interpreter still runs (left to exit, gloo can abort both ranks).
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
     """
 )
-
-
-def launch(*args: str, processes: int = 2) -> subprocess.CompletedProcess:
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", *args]
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
 
 
 def test_two_ranks_see_disjoint_data_and_keep_identical_parameters(synthetic_shards, tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
-    result = launch(str(probe), str(tmp_path / "ranks.json"), *run_args(synthetic_shards, tmp_path / "run"))
+    command = [sys.executable, "-m", "accelerate.commands.launch", *TWO_CPU_PROCESSES, str(probe), str(tmp_path / "ranks.json"),
+               *run_args(synthetic_shards, tmp_path / "run")]
+    result = run_all_or_kill(command, cpu_launch_env(), 600, "the two ranks did not finish")
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = json.loads((tmp_path / "ranks.json").read_text())
     assert sorted(r["rank"] for r in ranks) == [0, 1]
