@@ -16,9 +16,11 @@ preset, the same random weights in both): the pooled embedding (both standardise
 the timed call) and a training step (mask 0.75, Fourier weight 0.01, forward + backward), in fp32 and
 under bf16 autocast. Rounds are interleaved (every variant once per round, after a warm-up), medians
 are reported with the reference / hf_cellmae ratio (> 1: hf_cellmae is faster), and the matmul peaks
-are measured in the same run.
+are measured in the same run. The FLOPs of one call of each are counted too: their ratio is the speed
+ratio that equal work per FLOP would give, the bound a faster implementation of the same kernels reaches.
 
-    python scripts/benchmark_model.py --openphenom [--batch-size 2] [--rounds 7]
+    python scripts/benchmark_model.py --openphenom [--batch-size 2] [--rounds 7] [--precisions fp32 bf16]
+        [--workloads embedding training]
 """
 
 from __future__ import annotations
@@ -101,8 +103,23 @@ def matmul_peak(dtype: torch.dtype, size: int = 4096, repeats: int = 3) -> float
     return 2 * size**3 / statistics.median(times) / 1e9
 
 
-def openphenom_side_by_side(batch: int, rounds: int) -> None:
-    """hf_cellmae vs the functional OpenPhenom reference at OpenPhenom's architecture (see the module doc)."""
+def counted_gflop(run) -> float:
+    """GFLOP of one call of `run`, every attention through the math kernel so that FlopCounterMode sees its
+    matmuls (it does not count the fused CPU kernels)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
+        run()
+    return counter.get_total_flops() / 1e9
+
+
+PRECISION_NAMES = {"fp32": "fp32", "bf16": "bf16 autocast"}
+
+
+def openphenom_side_by_side(batch: int, rounds: int, precisions: tuple[str, ...] = ("fp32", "bf16"),
+                            workloads: tuple[str, ...] = ("embedding", "training")) -> None:
+    """hf_cellmae vs the functional OpenPhenom reference at OpenPhenom's architecture (see the module doc),
+    for each of `workloads` ("embedding", "training") in each of `precisions` ("fp32", "bf16" = bf16 autocast)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from openphenom_reference import random_openphenom_state_dict, reference_predict, reference_pretraining_loss
 
@@ -147,14 +164,19 @@ def openphenom_side_by_side(batch: int, rounds: int) -> None:
         embed_gap = (ours_embed() - reference_embed()).abs().max().item()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; images {batch} x {channels} x {size} x {size}")
     print(f"same computation: pooled embedding max |diff| {embed_gap:.1e}; loss {ours_loss.item():.6f} vs {reference_loss.item():.6f}")
+    work = {("pooled embedding", impl): counted_gflop(run) for impl, run in (("hf_cellmae", ours_embed), ("reference", reference_embed))}
+    work.update({("training step", impl): counted_gflop(run) for impl, run in (("hf_cellmae", ours_train), ("reference", reference_train))})
+    print("arithmetic per call (FlopCounterMode, attention through the math kernel so that it is counted): " + "; ".join(
+        f"{w} {work[(w, 'hf_cellmae')]:.1f} vs {work[(w, 'reference')]:.1f} GFLOP" for w in ("pooled embedding", "training step")))
 
     variants = {}
-    for workload, ours, reference in (("pooled embedding", ours_embed, reference_embed), ("training step", ours_train, reference_train)):
-        for precision in ("fp32", "bf16 autocast"):
+    pairs = {"embedding": ("pooled embedding", ours_embed, reference_embed), "training": ("training step", ours_train, reference_train)}
+    for workload, ours, reference in (pairs[w] for w in workloads):
+        for precision in [PRECISION_NAMES[p] for p in precisions]:
             variants[(workload, precision, "hf_cellmae")] = ours
             variants[(workload, precision, "reference")] = reference
     times: dict[tuple, list[float]] = {key: [] for key in variants}
-    peaks = {"fp32": [], "bf16": []}
+    peaks = {p: [] for p in precisions}
     for round_index in range(rounds + 1):  # round 0 warms up
         for (workload, precision, implementation), run in variants.items():
             start = time.perf_counter()
@@ -163,19 +185,21 @@ def openphenom_side_by_side(batch: int, rounds: int) -> None:
             if round_index:
                 times[(workload, precision, implementation)].append(time.perf_counter() - start)
         if round_index:
-            peaks["fp32"].append(matmul_peak(torch.float32))
-            peaks["bf16"].append(matmul_peak(torch.bfloat16))
+            for p in precisions:
+                peaks[p].append(matmul_peak(torch.float32 if p == "fp32" else torch.bfloat16))
         print(f"round {round_index} done" + (" (warm-up)" if not round_index else ""), flush=True)
-    print(f"matmul peak, median over rounds: fp32 {statistics.median(peaks['fp32']):.1f} GFLOP/s, bf16 {statistics.median(peaks['bf16']):.1f} GFLOP/s")
+    print("matmul peak, median over rounds: " + ", ".join(f"{p} {statistics.median(v):.1f} GFLOP/s" for p, v in peaks.items()))
     print(f"{rounds} interleaved rounds, median seconds per call (min-max):")
-    print(f"{'workload':<18}{'precision':<15}{'hf_cellmae':>22}{'reference':>22}{'speed ratio':>13}")
-    for workload in ("pooled embedding", "training step"):
-        for precision in ("fp32", "bf16 autocast"):
+    print(f"{'workload':<18}{'precision':<15}{'hf_cellmae':>22}{'reference':>22}{'speed ratio':>13}{'FLOP ratio':>12}")
+    for workload in (pairs[w][0] for w in workloads):
+        for precision in [PRECISION_NAMES[p] for p in precisions]:
             ours, theirs = (times[(workload, precision, impl)] for impl in ("hf_cellmae", "reference"))
             spread = lambda t: f"{statistics.median(t):.3f} ({min(t):.2f}-{max(t):.2f})"  # noqa: E731
             ratio = statistics.median(theirs) / statistics.median(ours)
-            print(f"{workload:<18}{precision:<15}{spread(ours):>22}{spread(theirs):>22}{ratio:>12.2f}x")
-    print("speed ratio = reference median / hf_cellmae median (> 1: hf_cellmae faster)")
+            flop_ratio = work[(workload, "reference")] / work[(workload, "hf_cellmae")]
+            print(f"{workload:<18}{precision:<15}{spread(ours):>22}{spread(theirs):>22}{ratio:>12.2f}x{flop_ratio:>11.2f}x")
+    print("speed ratio = reference median / hf_cellmae median (> 1: hf_cellmae faster); FLOP ratio = reference FLOPs /")
+    print("hf_cellmae FLOPs: the speed ratio that equal work per FLOP would give (above it, hf_cellmae's kernels are faster)")
 
 
 def main() -> None:
@@ -188,10 +212,14 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="time under bf16 autocast (FLOP share still vs the fp32 peak)")
     parser.add_argument("--openphenom", action="store_true", help="time side by side with tests/openphenom_reference.py")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds of --openphenom")
+    parser.add_argument("--precisions", nargs="+", choices=list(PRECISION_NAMES), default=list(PRECISION_NAMES),
+                        help="precisions of --openphenom (bf16 = bf16 autocast; slow on CPUs without bf16 matmul units)")
+    parser.add_argument("--workloads", nargs="+", choices=["embedding", "training"], default=["embedding", "training"],
+                        help="what --openphenom times: the pooled embedding, the training step")
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.openphenom:
-        openphenom_side_by_side(args.batch_size, args.rounds)
+        openphenom_side_by_side(args.batch_size, args.rounds, tuple(args.precisions), tuple(args.workloads))
         return
     batch, channels, size = args.batch_size, args.channels, args.image_size
     peak = matmul_peak(torch.float32, repeats=5)

@@ -625,6 +625,22 @@ def test_the_decoder_benchmark_counts_the_decoder_blocks_and_their_attention():
     assert counted["light"] < counted["mae"] / 5
 
 
+
+def test_the_side_by_side_benchmark_counts_the_arithmetic_of_fused_attention():
+    """The FLOP ratio beside the OpenPhenom speed ratio must include attention, which the fused CPU kernel hides
+    from FlopCounterMode: a lone attention call is counted at its 4 * Lq * Lk * width FLOPs."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmark_model", Path(__file__).resolve().parents[1] / "scripts" / "benchmark_model.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    batch, heads, queries, keys, head_dim = 2, 4, 24, 40, 8
+    q = torch.randn(batch, heads, queries, head_dim)
+    k, v = torch.randn(batch, heads, keys, head_dim), torch.randn(batch, heads, keys, head_dim)
+    gflop = benchmark.counted_gflop(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    assert gflop * 1e9 == pytest.approx(4 * batch * queries * keys * heads * head_dim)
+
+
 # ------------------------------------------------------------------------------------------- corrupt shards
 
 
