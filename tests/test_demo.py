@@ -45,6 +45,16 @@ def test_demo_runs_the_whole_pipeline_and_writes_a_loadable_model_with_card_and_
     from transformers import AutoModel
 
     assert AutoModel.from_pretrained(model_dir).config.channel_names == ["DNA", "ER", "RNA", "AGP", "Mito"]
+    # The random-init baseline is the seed's initial weights (seed 0 by default), not whatever random state
+    # training left behind: the same baseline for every recipe length.
+    import torch
+
+    from hf_cellmae import CellMAEConfig, CellMAEForPreTraining
+
+    torch.manual_seed(0)
+    expected = CellMAEForPreTraining(CellMAEConfig.from_pretrained(model_dir)).state_dict()
+    with safe_open(str(out / "random_init" / "model.safetensors"), framework="pt") as weights:
+        assert all(torch.equal(weights.get_tensor(key), expected[key]) for key in weights.keys())
 
 
 def test_small_recipe_is_the_demo_recipe_trained_longer():
