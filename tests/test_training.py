@@ -625,7 +625,6 @@ def test_the_decoder_benchmark_counts_the_decoder_blocks_and_their_attention():
     assert counted["light"] < counted["mae"] / 5
 
 
-
 def test_the_side_by_side_benchmark_counts_the_arithmetic_of_fused_attention():
     """The FLOP ratio beside the OpenPhenom speed ratio must include attention, which the fused CPU kernel hides
     from FlopCounterMode: a lone attention call is counted at its 4 * Lq * Lk * width FLOPs."""
