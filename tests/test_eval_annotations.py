@@ -13,14 +13,14 @@ from hf_cellmae.evaluation import annotations
 from hf_cellmae.evaluation.annotations import ANNOTATION_FILES, EFAAR_WHEEL, annotations_dir, fetch_annotations
 
 
-_INSTALLED_DIR = annotations._installed_dir  # before any test hides the package ...
+_INSTALLED_DIR = annotations.installed_annotations_dir  # before any test hides the package ...
 _REAL_WHEEL = annotations.cached_wheel()  # ... or points the cache elsewhere
 
 
 @pytest.fixture
 def no_installed_package(monkeypatch, tmp_path):
     """A machine without efaar_benchmarking installed and with an empty hf_cellmae cache."""
-    monkeypatch.setattr(annotations, "_installed_dir", lambda: None)
+    monkeypatch.setattr(annotations, "installed_annotations_dir", lambda: None)
     monkeypatch.setenv("HF_CELLMAE_CACHE", str(tmp_path / "cache"))
 
 

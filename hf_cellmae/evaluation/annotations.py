@@ -63,7 +63,8 @@ def cached_wheel() -> Path:
     return cache_root() / "annotations" / EFAAR_WHEEL
 
 
-def _installed_dir() -> Path | None:
+def installed_annotations_dir() -> Path | None:
+    """The pair-list folder of an installed efaar_benchmarking package (it may not exist), or None without it."""
     spec = importlib.util.find_spec("efaar_benchmarking")
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -80,7 +81,7 @@ def annotations_dir() -> Path:
     Raises:
         FileNotFoundError: neither is there; the message says how to fetch them.
     """
-    installed = _installed_dir()
+    installed = installed_annotations_dir()
     if installed is not None and installed.is_dir():
         return installed
     cached = cached_annotations_dir()

@@ -159,9 +159,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
 def run_annotations(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .annotations import _installed_dir, fetch_annotations
+    from .annotations import fetch_annotations, installed_annotations_dir
 
-    installed = _installed_dir()
+    installed = installed_annotations_dir()
     if args.wheel is None and args.dest is None and installed is not None and installed.is_dir():
         print(f"annotations: efaar_benchmarking is installed; `cellmae evaluate` reads {installed}")
         return 0
