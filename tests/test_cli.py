@@ -206,7 +206,7 @@ def test_the_library_functions_shard_embed_and_evaluate_call_default_to_the_opti
         (write_shards, ShardOptions(), {"target_shard_size": "shard_size"}),
         (ModelFeaturizer, EmbedOptions(), {}),
         (embed_dataset, EmbedOptions(), {}),
-        (CellProfilerFeaturizer, EmbedOptions(), {}),
+        (CellProfilerFeaturizer, EmbedOptions(), {"num_workers": "measure_workers"}),
         (evaluate_embeddings, EvaluateOptions(), {"probe_labels": "probe"}),
     ):
         shared = {param: renamed.get(param, param) for param in defaults(function) if hasattr(options, renamed.get(param, param))}

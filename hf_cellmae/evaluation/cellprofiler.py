@@ -171,7 +171,7 @@ class CellProfilerFeaturizer:
 
     def __init__(self, nuclei_channel: str | None = None, cell_channels: Sequence[str] | None = None,
                  feature_set: str = EmbedOptions.feature_set, nucleus_diameter: int | None = None,
-                 num_workers: int = EmbedOptions.num_workers):
+                 num_workers: int = EmbedOptions.measure_workers):
         try:
             import cp_measure  # noqa: F401
         except ImportError as error:

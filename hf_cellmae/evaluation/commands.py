@@ -62,9 +62,10 @@ def run_embed(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..errors import UserError
-    from .embed import ModelFeaturizer, PixelStatsFeaturizer, embed_dataset
+    from .embed import ModelFeaturizer, PixelStatsFeaturizer, embed_dataset, parse_part, process_state
 
     options = options_from_namespace(EmbedOptions, args)
+    parse_part(options.part)  # a malformed --part fails before the model loads
     if args.model not in ("pixel_stats", "cellprofiler") and _looks_like_a_local_path(args.model) \
             and not Path(args.model).expanduser().exists():
         raise UserError(
@@ -79,15 +80,28 @@ def run_embed(args: argparse.Namespace) -> int:
 
         featurizer = CellProfilerFeaturizer(
             nuclei_channel=options.nuclei_channel, feature_set=options.feature_set, nucleus_diameter=options.nucleus_diameter,
-            cell_channels=options.cell_channels.split(",") if options.cell_channels else None, num_workers=options.num_workers,
+            cell_channels=options.cell_channels.split(",") if options.cell_channels else None,
+            num_workers=options.measure_workers,
         )
     else:
         featurizer = ModelFeaturizer(args.model, device=options.device, dtype=options.dtype, batch_size=options.batch_size,
                                      crop_mode=options.crop_mode, channelwise=options.channelwise, image_size=options.image_size,
-                                     readout=options.readout, layer=options.layer)
-    info = embed_dataset(args.data, args.out, featurizer, layout=options.layout, pattern=options.pattern,
-                         metadata=options.metadata, fields_per_batch=options.fields_per_batch,
-                         fields_per_part=options.fields_per_part, progress=not options.no_progress, on_error=options.on_error)
+                                     readout=options.readout, layer=options.layer, compile=options.compile)
+    state = process_state()  # under `accelerate launch`: joins the process group, so each process embeds its share
+    try:
+        info = embed_dataset(args.data, args.out, featurizer, layout=options.layout, pattern=options.pattern,
+                             metadata=options.metadata, fields_per_batch=options.fields_per_batch,
+                             fields_per_part=options.fields_per_part, progress=not options.no_progress,
+                             on_error=options.on_error, num_workers=options.num_workers, part=options.part,
+                             min_field_size=options.min_field_size)
+    finally:
+        if state.use_distributed:
+            # Destroyed while the interpreter still runs (left to its teardown, gloo can abort the ranks at exit).
+            state.destroy_process_group()
+    if not state.is_main_process:
+        return 0
+    if info.get("complete") is False:
+        return 0  # the share's own line was printed; the last share writes the info
     print(f"embed: {info['num_rows']} fields in {len(info['parts'])} parts -> {args.out}")
     if getattr(featurizer, "empty_fields", 0):
         print(f"embed: {featurizer.empty_fields} field(s) had no segmented nucleus (all-zero features, "

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from torch.utils.data import IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
 from ..errors import ensure_writable_folder
@@ -56,77 +57,150 @@ class Field:
     channels: list[str]
     identity: dict
     metadata: dict = field(default_factory=dict)
-
-
-@dataclass
-class Unit:
-    """A resumable piece of work: an input shard, or a slice of a layout's fields."""
-
-    name: str
-    num_fields: int
-    read: callable  # () -> Iterator[Field]
-    field_ids: list[str] | None = None
+    file: str = ""  # where it was read from (the first channel's file, or the shard), named when it is refused
 
 
 # ---------------------------------------------------------------- inputs
 
 
-def _shard_units(shard_dir: Path, problems) -> tuple[list[Unit], list[str], dict]:
-    """One unit per shard; every field's pixels are checked against their CRC-32 as they are read."""
+@dataclass
+class Task:
+    """A piece of one unit that one DataLoader worker reads: a few shard row groups, or a few image-folder fields.
+
+    Tasks are numbered in plan order (``index``); the main process consumes them in that order, so the rows of a
+    part are the same whatever the number of workers.
+    """
+
+    unit: str
+    num_fields: int
+    shard: str | None = None  # a shard file and its row groups ...
+    row_groups: tuple[int, ...] = ()
+    records: list | None = None  # ... or image-folder FieldRecords
+    min_field_size: int = 0
+    index: int = -1
+    last: bool = False  # the unit's last task: its part is written after it
+
+
+@dataclass
+class Unit:
+    """A resumable piece of work, written as one part: an input shard, or a slice of an image folder's fields."""
+
+    name: str
+    num_fields: int
+    tasks: list[Task]
+    field_ids: list[str] | None = None
+
+
+@dataclass
+class ReadProblem:
+    """A field a worker could not read or prepare; the main process applies the ``on_error`` policy to it."""
+
+    reason: str
+    file: str = ""
+    field: str = ""
+    fatal: bool = False  # the whole shard is unreadable: raised whatever the policy
+
+
+def _read_task(task: Task) -> Iterator[Field | ReadProblem]:
+    """The fields of one task in order, or a :class:`ReadProblem` in place of each one that cannot be read."""
+    from ..data.problems import BadInputError
+
+    if task.shard is not None:
+        yield from _read_shard_groups(task.shard, task.row_groups)
+        return
+    from ..data.image_io import read_field
+    from ..data.shards import check_field_pixels
+
+    for record in task.records:
+        try:
+            pixels = read_field(record)  # (C, H, W)
+            check_field_pixels(record, pixels, task.min_field_size)  # the checks `cellmae shard` makes
+        except BadInputError as error:
+            yield ReadProblem(str(error), error.file or record.files[0], record.field_id)
+            continue
+        yield Field(
+            pixels=pixels,
+            channels=list(record.channels),
+            identity={"field_id": record.field_id, "experiment": record.experiment, "plate": record.plate,
+                      "well": record.well, "site": record.site},
+            metadata={**record.tags, **record.metadata},
+            file=record.files[0],
+        )
+
+
+def _read_shard_groups(path: str, row_groups: tuple[int, ...]) -> Iterator[Field | ReadProblem]:
+    """Fields of some row groups of a shard; each field's pixels are checked against their CRC-32 as they are read."""
     import pyarrow.parquet as pq
 
     from ..data.problems import BadInputError
-    from ..data.shards import check_field_crc, corrupt_shard_error, decode_pixels, load_manifest
+    from ..data.shards import check_field_crc, corrupt_shard_error, decode_pixels
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except FileNotFoundError as error:
+        yield ReadProblem(f"shard {path} is missing ({error}); re-run `cellmae shard` or point DATA at the right folder",
+                      path, fatal=True)
+        return
+    except (OSError, ValueError) as error:
+        yield ReadProblem(str(corrupt_shard_error(path, error)), path, fatal=True)
+        return
+    for group in row_groups:  # one row group in memory at a time
+        try:
+            table = parquet.read_row_group(group)
+        except (OSError, ValueError) as error:  # pyarrow: "Invalid page header"...
+            yield ReadProblem(str(corrupt_shard_error(path, error)), path, fatal=True)
+            return
+        for row in range(table.num_rows):  # one field's Python objects at a time
+            values = {name: table.column(name)[row].as_py() for name in table.column_names if name != "files"}
+            try:
+                check_field_crc(values["pixels"], values["crc32"], path, values["field_id"])
+            except BadInputError as error:
+                yield ReadProblem(str(error), path, values["field_id"])
+                continue
+            yield Field(
+                pixels=decode_pixels(values["pixels"], values["dtype"], values["shape"]),
+                channels=list(values["channels"]),
+                identity={key: values[key] for key in IDENTITY_COLUMNS},
+                metadata=json.loads(values["metadata"] or "{}"),
+                file=path,
+            )
+        del table
+
+
+def _shard_units(shard_dir: Path, fields_per_batch: int) -> tuple[list[Unit], list[str], dict]:
+    """One unit per shard, cut into tasks of whole row groups holding at least ``fields_per_batch`` fields."""
+    import pyarrow.parquet as pq
+
+    from ..data.shards import load_manifest
 
     manifest = load_manifest(str(shard_dir))
-
-    def reader(path: Path):
-        def read() -> Iterator[Field]:
-            try:
-                parquet = pq.ParquetFile(path)
-            except FileNotFoundError:
-                raise
-            except (OSError, ValueError) as error:
-                raise corrupt_shard_error(path, error) from error
-            for group in range(parquet.num_row_groups):  # one row group in memory at a time
-                try:
-                    table = parquet.read_row_group(group)
-                except (OSError, ValueError) as error:  # pyarrow: "Invalid page header"...
-                    raise corrupt_shard_error(path, error) from error
-                for row in range(table.num_rows):  # one field's Python objects at a time
-                    values = {name: table.column(name)[row].as_py() for name in table.column_names if name != "files"}
-                    try:
-                        check_field_crc(values["pixels"], values["crc32"], path, values["field_id"])
-                    except BadInputError as error:
-                        problems.report(str(error), file=str(path), field=values["field_id"], stage="embed")
-                        continue
-                    yield Field(
-                        pixels=decode_pixels(values["pixels"], values["dtype"], values["shape"]),
-                        channels=list(values["channels"]),
-                        identity={key: values[key] for key in IDENTITY_COLUMNS},
-                        metadata=json.loads(values["metadata"] or "{}"),
-                    )
-                del table
-
-        return read
-
-    units = [
-        Unit(Path(entry["file"]).stem, int(entry["num_fields"]), reader(shard_dir / entry["file"]))
-        for entry in manifest["shards"]
-    ]
+    units = []
+    for entry in manifest["shards"]:
+        path = shard_dir / entry["file"]
+        sizes = entry.get("row_groups")
+        if sizes is None:  # an older manifest: the row groups from the file's footer
+            metadata = pq.ParquetFile(path).metadata
+            sizes = [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
+        tasks, groups, count = [], [], 0
+        for group, size in enumerate(sizes):
+            groups.append(group)
+            count += size
+            if count >= fields_per_batch or group == len(sizes) - 1:
+                tasks.append(Task(Path(entry["file"]).stem, count, shard=str(path), row_groups=tuple(groups)))
+                groups, count = [], 0
+        units.append(Unit(Path(entry["file"]).stem, int(entry["num_fields"]), tasks))
     source = {"kind": "shards", "path": str(shard_dir), "num_fields": manifest["num_fields"],
               "shards": [[entry["file"], entry.get("sha256")] for entry in manifest["shards"]]}
     return units, list(manifest.get("metadata_columns", [])), source
 
 
 def _layout_units(source: Path, layout: str, pattern: str | None, metadata: str | Path | None,
-                  fields_per_part: int, problems) -> tuple[list[Unit], list[str], dict]:
-    """Units of ``fields_per_part`` discovered fields; an unreadable field follows the ``problems`` policy."""
+                  fields_per_part: int, fields_per_batch: int, min_field_size: int) -> tuple[list[Unit], list[str], dict]:
+    """Units of ``fields_per_part`` discovered fields, in tasks of ``fields_per_batch`` fields."""
     from ..data.channels import name_channels
-    from ..data.image_io import read_field
     from ..data.layouts import discover_fields
     from ..data.metadata import join_metadata, read_metadata_table
-    from ..data.problems import BadInputError, ProblemLog
+    from ..data.problems import ProblemLog
 
     found = ProblemLog()  # stray files and incomplete sites lose no readable field: always listed, never fatal
     records = discover_fields(source, layout=layout, pattern=pattern, problems=found)
@@ -143,28 +217,12 @@ def _layout_units(source: Path, layout: str, pattern: str | None, metadata: str 
     if not records:
         raise ValueError(f"no field of view found in {source} (layout={layout!r}); check --layout/--pattern")
 
-    def reader(chunk):
-        def read() -> Iterator[Field]:
-            for record in chunk:
-                try:
-                    pixels = read_field(record)  # (C, H, W)
-                except BadInputError as error:
-                    problems.report(str(error), file=error.file or record.files[0], field=record.field_id, stage="embed")
-                    continue
-                yield Field(
-                    pixels=pixels,
-                    channels=list(record.channels),
-                    identity={"field_id": record.field_id, "experiment": record.experiment, "plate": record.plate,
-                              "well": record.well, "site": record.site},
-                    metadata={**record.tags, **record.metadata},
-                )
-
-        return read
-
     units = []
     for k, start in enumerate(range(0, len(records), fields_per_part)):
-        chunk = records[start : start + fields_per_part]
-        units.append(Unit(f"part-{k:05d}", len(chunk), reader(chunk), [r.field_id for r in chunk]))
+        name, chunk = f"part-{k:05d}", records[start : start + fields_per_part]
+        tasks = [Task(name, len(chunk[i : i + fields_per_batch]), records=chunk[i : i + fields_per_batch],
+                      min_field_size=min_field_size) for i in range(0, len(chunk), fields_per_batch)]
+        units.append(Unit(name, len(chunk), tasks, [r.field_id for r in chunk]))
     keys = sorted({key for record in records for key in (*record.tags, *record.metadata)})
     info = {"kind": "layout", "path": str(source), "layout": layout, "pattern": pattern,
             "metadata": str(metadata) if metadata else None, "num_fields": len(records)}
@@ -172,25 +230,52 @@ def _layout_units(source: Path, layout: str, pattern: str | None, metadata: str 
 
 
 def plan_units(data: str | Path, layout: str = "auto", pattern: str | None = None,
-               metadata: str | Path | None = None, fields_per_part: int = 512,
-               problems=None) -> tuple[list[Unit], list[str], dict]:
+               metadata: str | Path | None = None, fields_per_part: int = 512, fields_per_batch: int = 16,
+               min_field_size: int | None = None) -> tuple[list[Unit], list[str], dict]:
     """The resumable units of an input: ``(units, metadata_keys, source_description)``.
 
-    ``problems`` (a :class:`~hf_cellmae.data.problems.ProblemLog`, default ``fail``) decides what a field that
-    cannot be read does when a unit is read: a corrupt shard field (CRC-32) or an unreadable image raises
-    ``BadInputError`` naming it, or is skipped and recorded in the log.
+    A shard folder gives one unit per shard; an image folder one unit per ``fields_per_part`` fields, whose fields
+    get the checks ``cellmae shard`` makes (readable, finite, at least ``min_field_size`` px; default: shard's).
     """
-    from ..data.problems import ProblemLog
+    from ..data.shards import MIN_FIELD_SIZE
 
-    problems = problems if problems is not None else ProblemLog("fail")
     data = Path(data)
     if not data.exists():
         raise FileNotFoundError(f"DATA {data} does not exist; pass a shard folder (cellmae shard) or an image folder")
+    if fields_per_batch < 1 or fields_per_part < 1:
+        raise ValueError(f"fields_per_batch={fields_per_batch} and fields_per_part={fields_per_part} must be >= 1")
     if (data / MANIFEST_NAME).is_file():
         if metadata is not None:
             raise ValueError(f"{data} is a shard folder: its metadata was joined when sharding; drop --metadata")
-        return _shard_units(data, problems)
-    return _layout_units(data, layout, pattern, metadata, fields_per_part, problems)
+        return _shard_units(data, fields_per_batch)
+    size = MIN_FIELD_SIZE if min_field_size is None else min_field_size
+    return _layout_units(data, layout, pattern, metadata, fields_per_part, fields_per_batch, size)
+
+
+def parse_part(part: str | tuple[int, int] | None) -> tuple[int, int]:
+    """``"I/N"`` (1-based, e.g. ``"2/3"``) or ``(I, N)`` -> ``(I, N)``; ``None`` -> ``(1, 1)``, the whole plan."""
+    if part is None:
+        return 1, 1
+    if isinstance(part, str):
+        try:
+            index, count = (int(value) for value in part.split("/"))
+        except ValueError:
+            raise ValueError(f"--part {part!r} is not I/N; write e.g. 2/3 for the second of three parts") from None
+    else:
+        index, count = part
+    if not (count >= 1 and 1 <= index <= count):
+        raise ValueError(f"--part {index}/{count}: I must be between 1 and N (e.g. 1/{max(count, 1)} ... {max(count, 1)}/{max(count, 1)})")
+    return index, count
+
+
+def default_num_workers(processes: int = 1) -> int:
+    """DataLoader workers per process: the cores this process may use, shared by ``processes`` processes on the
+    machine, minus the one that runs the model; at most 8, and 0 (read in the main process) on a single core."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cores = os.cpu_count() or 1
+    return max(0, min(8, cores // max(processes, 1) - 1))
 
 
 # ---------------------------------------------------------------- featurisers
@@ -225,8 +310,10 @@ class ModelFeaturizer:
         model: a model folder (``save_pretrained`` of ``CellMAEModel``, ``CellMAEForPreTraining`` or an image
             classifier such as a WSL run's, whose head is ignored) or a Hub id; its ``preprocessor_config.json``
             is used when present.
-        device: torch device ("cpu", "cuda", "cuda:1", ...).
-        dtype: "float32", "bfloat16" or "float16" (autocast on the device).
+        device: torch device ("cpu", "cuda", "cuda:1", ...); "auto" (default): this process's device under
+            ``accelerate launch`` (``cuda:LOCAL_RANK``), else CUDA when there is one, else the CPU.
+        dtype: "float32", "bfloat16" or "float16" (autocast on the device); "auto" (default): bfloat16 on CUDA,
+            float32 elsewhere.
         batch_size: crops per forward pass.
         crop_mode: "tile" (non-overlapping model-sized crops, averaged), "center" or "none".
         channelwise: one (D,) vector per channel, concatenated (C*D,), instead of the pooled (D,)
@@ -237,6 +324,11 @@ class ModelFeaturizer:
             standard deviation of the patch tokens, 2D), ``"channelwise"`` (mean per channel, C*D).
         layer: read the tokens after this encoder block (1-based; negative counts from the end;
             ``None`` = the encoder's output, after its final norm).
+        compile: run the encoder through ``torch.compile`` (worth it on a GPU for a large screen; the first
+            batches are slower while it compiles).
+
+    Cropping and normalising (``preparer``, picklable) runs in ``embed_dataset``'s DataLoader workers; the model
+    runs in :meth:`embed_prepared`. ``featurizer(fields)`` does both.
     """
 
     name = "model"
@@ -244,18 +336,22 @@ class ModelFeaturizer:
     def __init__(self, model: str | Path, device: str = EmbedOptions.device, dtype: str = EmbedOptions.dtype,
                  batch_size: int = EmbedOptions.batch_size, crop_mode: str = EmbedOptions.crop_mode,
                  channelwise: bool = EmbedOptions.channelwise, image_size: int | None = None,
-                 readout: str = EmbedOptions.readout, layer: int | None = None):
+                 readout: str = EmbedOptions.readout, layer: int | None = None, compile: bool = EmbedOptions.compile):
         import torch
 
         from .. import CellMAEImageProcessor
 
+        device = resolve_device(device)
         dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+        if dtype == "auto":
+            dtype = "bfloat16" if torch.device(device).type == "cuda" else "float32"
         if dtype not in dtypes:
-            raise ValueError(f"dtype={dtype!r} is not one of {sorted(dtypes)}")
+            raise ValueError(f"dtype={dtype!r} is not one of {sorted(dtypes)} or 'auto'")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model_path = str(model)
         self.model = load_encoder(model).to(device).eval()
+        self.forward = torch.compile(self.model) if compile else self.model
         self.config = self.model.config
         # A MU-Net (fixed-channel U-Net MAE) has no tokens: its embedding is the pooled bottleneck.
         self.is_munet = self.config.model_type == "cellmunet"
@@ -283,6 +379,7 @@ class ModelFeaturizer:
         self.channelwise = readout == "channelwise"
         self._channel_id_cache: dict[tuple, object] = {}
         self._warned_positional = False
+        self.preparer = CropPreparer(self.processor, self.image_size, crop_mode)
 
     def describe(self) -> dict:
         info = {"featurizer": self.name, "model": self.model_path, "dtype": self.dtype, "crop_mode": self.crop_mode,
@@ -366,27 +463,63 @@ class ModelFeaturizer:
         )
 
     def __call__(self, fields: list[Field]) -> tuple[np.ndarray, np.ndarray]:
+        """``(features (n, F), crops per field (n,))`` of fields sharing one channel list."""
+        return self.embed_prepared(fields, self.preparer(fields))
+
+    def embed_prepared(self, fields: list[Field], prepared: dict) -> tuple[np.ndarray, np.ndarray]:
+        """The model part of :meth:`__call__`, on what :attr:`preparer` made of ``fields`` (in a worker)."""
         import torch
 
         channels = fields[0].channels
         if any(f.channels != channels for f in fields):
             raise ValueError("a batch of fields must share one channel list; group fields by channel set first")
-        batch = self.processor([f.pixels for f in fields], image_size=self.image_size, crop_mode=self.crop_mode,
-                               return_tensors="pt")
-        crops, index = batch["pixel_values"], batch["image_index"]  # (N, C, S, S), (N,)
+        crops, index = prepared["pixel_values"], prepared["image_index"]  # (N, C, S, S), (N,)
         channel_ids = self._channel_ids(channels)
         outputs = []
         autocast = torch.autocast(self.device.type, dtype=self.torch_dtype, enabled=self.torch_dtype != torch.float32)
+        non_blocking = crops.is_pinned()
         with torch.inference_mode(), autocast:
             for start in range(0, len(crops), self.batch_size):
-                pixel_values = crops[start : start + self.batch_size].to(self.device)
-                out = self.model(pixel_values, channel_ids=channel_ids, output_hidden_states=self.layer is not None)
+                pixel_values = crops[start : start + self.batch_size].to(self.device, non_blocking=non_blocking)
+                out = self.forward(pixel_values, channel_ids=channel_ids, output_hidden_states=self.layer is not None)
                 vectors = self._read_out(out, len(channels))  # (b, F)
                 outputs.append(vectors.float().cpu())
         crop_vectors = torch.cat(outputs)  # (N, F)
         sums = torch.zeros(len(fields), crop_vectors.shape[1]).index_add_(0, index, crop_vectors)
         counts = torch.bincount(index, minlength=len(fields))
         return (sums / counts[:, None]).numpy(), counts.numpy()
+
+
+class CropPreparer:
+    """Fields -> the model's normalised crops (``{"pixel_values": (N, C, S, S), "image_index": (N,)}``).
+
+    Picklable and model-free, so DataLoader workers run it while the model embeds the previous batch."""
+
+    def __init__(self, processor, image_size: int, crop_mode: str):
+        self.processor, self.image_size, self.crop_mode = processor, image_size, crop_mode
+
+    def __call__(self, fields: list[Field]) -> dict:
+        batch = self.processor([f.pixels for f in fields], image_size=self.image_size, crop_mode=self.crop_mode,
+                               return_tensors="pt")
+        return {"pixel_values": batch["pixel_values"], "image_index": batch["image_index"]}
+
+
+def resolve_device(device: str) -> str:
+    """``"auto"`` -> this process's device (``accelerate``'s: ``cuda:LOCAL_RANK`` under ``accelerate launch``, else
+    CUDA, MPS or the CPU, as accelerate picks); any other value is returned as given."""
+    if device != "auto":
+        return device
+    return str(process_state().device)
+
+
+def process_state():
+    """accelerate's ``PartialState`` of this process: under ``accelerate launch`` (or torchrun) it joins the process
+    group, on GPUs (NCCL) or, where there is none or ``ACCELERATE_USE_CPU`` is set, on CPUs (gloo)."""
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
 
 
 def load_encoder(model: str | Path):
@@ -400,6 +533,80 @@ def load_encoder(model: str | Path):
     config = AutoConfig.from_pretrained(model)
     encoder_class = CellMUNetModel if config.model_type == "cellmunet" else CellMAEModel
     return encoder_class.from_pretrained(model)
+
+
+# ---------------------------------------------------------------- reading overlapped with compute
+
+
+class _TaskStream(IterableDataset):
+    """The tasks of this process as an ``IterableDataset``: worker ``w`` of ``W`` reads tasks ``w, w + W, ...`` and
+    yields one item per task (its fields, read and, when the featuriser has a ``preparer``, prepared)."""
+
+    def __init__(self, tasks: list[Task], preparer):
+        self.tasks, self.preparer = tasks, preparer
+
+    def __iter__(self):
+        worker = get_worker_info()
+        start, step = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        for task in self.tasks[start::step]:
+            yield _run_task(task, self.preparer)
+
+
+def _run_task(task: Task, preparer) -> dict:
+    """One task's item: ``{"index", "unit", "last", "problems", "groups": [(fields, prepared)]}``.
+
+    Fields are grouped by channel list (a model batch shares one); with a ``preparer`` the pixels are replaced by what
+    it returns (e.g. crops), and a group it refuses is retried field by field so the refusal names the one field."""
+    fields, problems = [], []
+    for item in _read_task(task):
+        (problems if isinstance(item, ReadProblem) else fields).append(item)
+    groups = []
+    for group in _batches_by_channels(iter(fields), len(fields) or 1):
+        if preparer is None:
+            groups.append((group, None))
+            continue
+        try:
+            groups.append((_drop_pixels(group), preparer(group)))
+        except ValueError:
+            for one in group:  # find the field(s) the preparer cannot take
+                try:
+                    groups.append((_drop_pixels([one]), preparer([one])))
+                except ValueError as error:
+                    problems.append(ReadProblem(f"field {one.identity['field_id']} cannot be prepared for the model: {error}",
+                                                one.file, one.identity["field_id"]))
+    return {"index": task.index, "unit": task.unit, "last": task.last, "problems": problems, "groups": groups}
+
+
+def _drop_pixels(fields: list[Field]) -> list[Field]:
+    """The fields without their pixels (the prepared tensors travel instead)."""
+    return [Field(None, f.channels, f.identity, f.metadata, f.file) for f in fields]
+
+
+def _identity(item):
+    return item
+
+
+def _task_items(tasks: list[Task], preparer, num_workers: int, pin_memory: bool) -> Iterator[dict]:
+    """Each task's item, in task order, read by ``num_workers`` DataLoader workers ahead of the consumer.
+
+    Memory stays bounded: at most ``2 * num_workers`` items are in flight (the DataLoader's prefetch), and each
+    worker yields exactly one item per task, so the reorder buffer holds at most one round of workers."""
+    import torch
+
+    if num_workers == 0 or len(tasks) <= 1:
+        for task in tasks:
+            yield _run_task(task, preparer)
+        return
+    loader = torch.utils.data.DataLoader(
+        _TaskStream(tasks, preparer), batch_size=None, num_workers=min(num_workers, len(tasks)),
+        collate_fn=_identity, pin_memory=pin_memory, prefetch_factor=2,
+    )
+    waiting, expected = {}, 0
+    for item in loader:
+        waiting[item["index"]] = item
+        while expected in waiting:
+            yield waiting.pop(expected)
+            expected += 1
 
 
 # ---------------------------------------------------------------- writer
@@ -429,6 +636,53 @@ def _frame(fields: list[Field], features: np.ndarray, counts: np.ndarray, metada
     return pd.concat([frame, pd.DataFrame(features.astype(np.float32), columns=feature_names)], axis=1)
 
 
+PART_KEY = b"hf_cellmae_part"  # a part's row count and skipped fields, in its Parquet footer
+
+
+def _write_part(out: Path, name: str, table: pd.DataFrame, skips: list[dict]) -> None:
+    """Write one part atomically (a hidden temporary file, renamed once complete) with its record in the footer."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    arrow = pa.Table.from_pandas(table, preserve_index=False)
+    record = json.dumps({"rows": len(table), "skipped": skips}, default=str).encode()
+    arrow = arrow.replace_schema_metadata({**(arrow.schema.metadata or {}), PART_KEY: record})
+    temporary = out / f".{name}.parquet.{os.getpid()}.tmp"
+    pq.write_table(arrow, temporary)
+    os.replace(temporary, out / f"{name}.parquet")  # a part exists only once complete
+
+
+def _part_record(path: Path, old_info: dict) -> tuple[int, list[dict], list[str]]:
+    """``(rows, skipped, column names)`` of a written part, from its footer (or, for a part written before footers
+    held it, from the ``_embedding_info.json`` of that run)."""
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(path)
+    metadata = schema.metadata or {}
+    if PART_KEY in metadata:
+        record = json.loads(metadata[PART_KEY])
+        return int(record["rows"]), list(record["skipped"]), list(schema.names)
+    name = path.stem
+    rows = old_info.get("parts", {}).get(name)
+    if rows is None:
+        rows = pq.ParquetFile(path).metadata.num_rows
+    return int(rows), list(old_info.get("skipped", {}).get(name, [])), list(schema.names)
+
+
+def _assemble_info(out: Path, units: list[Unit], info: dict) -> dict:
+    """The ``_embedding_info.json`` of a finished plan: every part's rows and skipped fields, read from the parts."""
+    info = {**info, "parts": {}, "skipped": {}}
+    for unit in units:
+        rows, skipped, names = _part_record(out / f"{unit.name}.parquet", info)
+        info["parts"][unit.name], info["skipped"][unit.name] = rows, skipped
+        if rows and "feature_columns" not in info:
+            info["feature_columns"] = [c for c in names if not c.startswith("Metadata_")][:3] + ["..."]
+    info["num_rows"] = sum(info["parts"].values())
+    info["num_skipped"] = sum(len(skips) for skips in info["skipped"].values())
+    info["complete"] = True
+    return info
+
+
 def embed_dataset(
     data: str | Path,
     out: str | Path,
@@ -440,84 +694,140 @@ def embed_dataset(
     fields_per_part: int = EmbedOptions.fields_per_part,
     progress: bool = True,
     on_error: str = EmbedOptions.on_error,
+    num_workers: int | None = EmbedOptions.num_workers,
+    part: str | tuple[int, int] | None = EmbedOptions.part,
+    min_field_size: int | None = EmbedOptions.min_field_size,
 ) -> dict:
     """Embed every field of ``data`` into Parquet parts under ``out``; resume a finished-part-wise run.
 
+    Many processes: run under ``accelerate launch`` (or any ``torch.distributed`` launcher that sets ``RANK`` and
+    ``WORLD_SIZE``), and each process embeds a deterministic share of the parts (part ``k`` goes to process
+    ``k mod world size``); machines without a shared process group take ``part="I/N"`` shares instead (both
+    combine). Every process writes its own parts; the main process, once all are done (or, with ``part``, the
+    process that finds every part written), writes ``_embedding_info.json``. The result is the same table as one
+    process's. A killed process is resumed by re-running the same command: finished parts are kept.
+
+    Reading is overlapped with compute: ``num_workers`` DataLoader workers read (and, for a model, crop and
+    normalise) the next fields while the model runs; the parts are the same whatever their number.
+
     Args:
         data: shard folder or image folder / load_data CSV.
-        out: output folder (created).
-        featurizer: ``ModelFeaturizer(...)`` or ``PixelStatsFeaturizer()`` (anything with
-            ``describe()``, ``feature_names(channels)`` and ``__call__(fields) -> (features, crop_counts)``).
+        out: output folder (created; on a file system every process and machine sees).
+        featurizer: ``ModelFeaturizer(...)`` or ``PixelStatsFeaturizer()`` (anything with ``describe()``,
+            ``feature_names(channels)`` and ``__call__(fields) -> (features, crop_counts)``; one that also has a
+            picklable ``preparer(fields)`` and ``embed_prepared(fields, prepared)`` has the preparation done by the
+            workers).
         layout, pattern, metadata: how to read an image folder (see ``discover_fields``).
-        fields_per_batch: fields read and featurised together (bounds memory with the crop batch).
+        fields_per_batch: fields read and featurised together (bounds memory with the crop batch); a shard is read
+            in whole row groups, at least this many fields at a time.
         fields_per_part: fields per output part for an image folder (a shard folder: one part per shard).
-        on_error: a field that cannot be read (an unreadable image, a shard field failing its CRC-32 check):
-            ``"fail"`` raises ``BadInputError`` naming it (the parts already written are kept and a re-run resumes
-            after them); ``"skip"`` leaves it out, counts it and lists it in ``_embedding_info.json`` under
-            ``"skipped"``. Stray files and incomplete sites of an image folder are always listed and skipped.
+        on_error: a field that cannot be read (an unreadable image, non-finite pixels, a field smaller than
+            ``min_field_size``, a shard field failing its CRC-32 check): ``"fail"`` raises ``BadInputError`` naming
+            it (the parts already written are kept and a re-run resumes after them); ``"skip"`` leaves it out,
+            counts it and lists it in ``_embedding_info.json`` under ``"skipped"``. Stray files and incomplete sites
+            of an image folder are always listed and skipped. A run that skips every field raises.
+        num_workers: DataLoader worker processes per process (``None``: :func:`default_num_workers`; 0: read in the
+            main process).
+        part: ``"I/N"``: embed only the I-th of N disjoint shares of the parts (1-based), for machines that share a
+            folder but no process group.
+        min_field_size: smallest field height and width accepted from an image folder (default: ``cellmae
+            shard``'s).
 
     Returns:
         The ``_embedding_info.json`` dict: ``{"source", "options", "plan_hash", "parts": {name: rows},
-        "num_rows", "feature_columns", "skipped": {part: [{"reason", "file", "field", "stage"}]}, "num_skipped"}``.
+        "num_rows", "feature_columns", "skipped": {part: [{"reason", "file", "field", "stage"}]}, "num_skipped",
+        "complete"}``; with ``part``, before the last share is done, ``complete`` is false and the counts cover only
+        the parts written so far.
     """
     from ..data.problems import BadInputError, ProblemLog
 
     out = Path(out)
     problems = ProblemLog(on_error)
-    units, metadata_keys, source = plan_units(data, layout, pattern, metadata, fields_per_part, problems)
+    part_index, part_count = parse_part(part)
+    state = process_state()
+    units, metadata_keys, source = plan_units(data, layout, pattern, metadata, fields_per_part, fields_per_batch,
+                                              min_field_size)
     options = {**featurizer.describe(), "fields_per_part": fields_per_part}
     plan_hash = _plan_hash(units, source, options)
     info_path = out / INFO_NAME
-    if info_path.is_file():
+    info = {"source": source, "options": options, "plan_hash": plan_hash, "parts": {}}
+    if info_path.is_file():  # every process checks, so every process refuses alike
         info = json.loads(info_path.read_text())
         if info.get("plan_hash") != plan_hash:
             raise ValueError(
                 f"{out} holds embeddings of another input or other options ({info.get('options')}); "
                 "write into a new folder, or delete it to start over"
             )
-    else:
-        info = {"source": source, "options": options, "plan_hash": plan_hash, "parts": {}}
     ensure_writable_folder(out, "embeddings")  # before any field is embedded
-    done = {name for name in info["parts"] if (out / f"{name}.parquet").is_file()}
-    todo = [unit for unit in units if unit.name not in done]
+    if not info_path.is_file() and state.is_main_process:
+        _write_json(info_path, {**info, "complete": False})
+    # The share of this process: part k of the plan goes to slot k mod (N x world size).
+    slots = part_count * state.num_processes
+    slot = (part_index - 1) * state.num_processes + state.process_index
+    mine = [unit for k, unit in enumerate(units) if k % slots == slot]
+    done = {unit.name for unit in mine if (out / f"{unit.name}.parquet").is_file()}
+    todo = [unit for unit in mine if unit.name not in done]
+    share = "" if slots == 1 else f" (share {slot + 1} of {slots}: {len(mine)} of {len(units)} parts)"
     if done:
-        print(f"embed: resuming, {len(done)} of {len(units)} parts already written in {out}")
-    bar = tqdm(total=sum(u.num_fields for u in todo), desc="embed", unit="field", disable=not progress)
-    info.setdefault("skipped", {})
+        print(f"embed: resuming{share}, {len(done)} of {len(mine)} parts already written in {out}")
+    elif share:
+        print(f"embed: process {state.process_index} of {state.num_processes}{share}")
+    tasks = [task for unit in todo for task in unit.tasks]
+    for index, task in enumerate(tasks):
+        task.index, task.last = index, False
     for unit in todo:
-        frames = []
-        skipped_before = len(problems)
-        try:
-            for fields in _batches_by_channels(unit.read(), fields_per_batch):
-                features, counts = featurizer(fields)
-                names = featurizer.feature_names(fields[0].channels)
-                frames.append(_frame(fields, features, counts, metadata_keys, names))
-                bar.update(len(fields))
-        except BadInputError as error:
-            kept = len([name for name in info["parts"] if (out / f"{name}.parquet").is_file()])
-            raise BadInputError(f"{error}; the {kept} part(s) already written in {out} are kept and a re-run resumes after them",
-                                file=error.file) from None
-        skips = problems.as_dicts()[skipped_before:]
-        bar.update(len(skips))
-        table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-        temporary = out / f".{unit.name}.parquet.tmp"
-        table.to_parquet(temporary, index=False)
-        os.replace(temporary, out / f"{unit.name}.parquet")  # a part exists only once complete
-        info["parts"][unit.name] = len(table)
-        info["skipped"][unit.name] = skips
-        info["num_rows"] = sum(info["parts"].values())
-        if frames:
-            info["feature_columns"] = [c for c in table.columns if not c.startswith("Metadata_")][:3] + ["..."]
-        _write_json(info_path, info)
+        unit.tasks[-1].last = True
+    workers = default_num_workers(state.num_processes // max(getattr(state, "num_machines", 1) or 1, 1)) \
+        if num_workers is None else num_workers
+    if workers < 0:
+        raise ValueError(f"num_workers={workers} must be >= 0 (0: read in the main process)")
+    preparer = getattr(featurizer, "preparer", None)
+    device = getattr(featurizer, "device", None)
+    pin = preparer is not None and getattr(device, "type", "cpu") == "cuda"
+    bar = tqdm(total=sum(u.num_fields for u in todo), desc="embed", unit="field",
+               disable=not progress or not state.is_local_main_process)
+    frames, skips, written = [], [], len(done)
+    for item in _task_items(tasks, preparer, workers, pin):
+        for problem in item["problems"]:
+            where = {"file": problem.file, "field": problem.field}
+            if problem.fatal:
+                raise BadInputError(f"{problem.reason}; the {written} part(s) already written in {out} are kept "
+                                    "and a re-run resumes after them", file=problem.file)
+            try:
+                problems.report(problem.reason, stage="embed", **where)
+            except BadInputError as error:
+                raise BadInputError(f"{error}; the {written} part(s) already written in {out} are kept and a re-run "
+                                    "resumes after them", file=problem.file) from None
+            skips.append({"reason": problem.reason, **where, "stage": "embed"})
+            bar.update(1)
+        for fields, prepared in item["groups"]:
+            features, counts = featurizer(fields) if preparer is None else featurizer.embed_prepared(fields, prepared)
+            frames.append(_frame(fields, features, counts, metadata_keys, featurizer.feature_names(fields[0].channels)))
+            bar.update(len(fields))
+        if item["last"]:
+            _write_part(out, item["unit"], pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(), skips)
+            frames, skips, written = [], [], written + 1
     bar.close()
-    info["num_rows"] = sum(info["parts"].values())
-    info["num_skipped"] = sum(len(skips) for skips in info["skipped"].values())
-    _write_json(info_path, info)
+    state.wait_for_everyone()  # every process's parts are written
+    missing = [unit.name for unit in units if not (out / f"{unit.name}.parquet").is_file()]
+    if missing:  # a `part` run whose other shares are still running (or not started)
+        print(f"embed: share {part_index}/{part_count} done; {len(missing)} of {len(units)} parts are still to be written "
+              f"by the other shares (e.g. {missing[0]}); the last share to finish writes {info_path}")
+        return {**info, "complete": False, "num_rows": None, "missing_parts": missing}
+    info = _assemble_info(out, units, {key: value for key, value in info.items() if key != "complete"})
+    if state.is_main_process or slots > state.num_processes:  # with --part, whichever share ends last writes it
+        _write_json(info_path, info)
+    state.wait_for_everyone()
     if info["num_skipped"]:
         listed = [skip for skips in info["skipped"].values() for skip in skips]
-        print(f"embed: skipped {info['num_skipped']} field(s) that could not be read (listed in {info_path} under 'skipped'):")
-        for skip in listed[:20]:
-            print(f"  - {skip['reason']} (field {skip['field']})")
+        if state.is_main_process:
+            print(f"embed: skipped {info['num_skipped']} field(s) that could not be read "
+                  f"(listed in {info_path} under 'skipped'):")
+            for skip in listed[:20]:
+                print(f"  - {skip['reason']} (field {skip['field']})")
+        if info["num_rows"] == 0:
+            raise BadInputError(f"every one of the {info['num_skipped']} fields of {data} was skipped, so {out} holds "
+                                f"no embedding; the first reason: {listed[0]['reason']}", file=listed[0]["file"])
     return info
 
 
@@ -534,6 +844,6 @@ def _batches_by_channels(fields: Iterator[Field], size: int) -> Iterator[list[Fi
 
 
 def _write_json(path: Path, data: dict) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     temporary.write_text(json.dumps(data, indent=2, default=str) + "\n")
     os.replace(temporary, path)

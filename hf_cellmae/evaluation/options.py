@@ -25,8 +25,24 @@ class EmbedOptions:
     layout: str = field(default="auto", metadata={"help": "image folder layout: auto, rxrx, pattern, load_data, stack"})
     pattern: str | None = field(default=None, metadata={"help": "file-name regex or preset for --layout pattern"})
     metadata: str | None = field(default=None, metadata={"help": "metadata table (CSV/Parquet) joined on plate/well/site"})
-    device: str = field(default="cpu", metadata={"help": "torch device"})
-    dtype: str = field(default="float32", metadata={"choices": ("float32", "bfloat16", "float16")})
+    device: str = field(default="auto", metadata={
+        "help": "torch device, e.g. cpu, cuda, cuda:1 (default: auto, this process's GPU under `accelerate launch`, "
+        "else a GPU if there is one, else the CPU)"})
+    dtype: str = field(default="auto", metadata={
+        "help": "autocast dtype (default: auto, bfloat16 on CUDA, float32 elsewhere)",
+        "choices": ("auto", "float32", "bfloat16", "float16")})
+    compile: bool = field(default=False, metadata={
+        "help": "run the encoder through torch.compile (worth it on a GPU for a large screen)", "action": "store_true"})
+    num_workers: int | None = field(default=None, metadata={
+        "help": "DataLoader worker processes reading (and cropping) the next fields while the model runs, per "
+        "process (default: the cores per process minus one, at most 8; 0: read in the main process)"})
+    part: str | None = field(default=None, metadata={
+        "help": "embed only share I of N of the parts (1-based, e.g. 2/3), for machines that share the OUT folder but "
+        "no process group (SLURM arrays, cloud VMs); the last share to finish writes _embedding_info.json "
+        "(default: all parts; under `accelerate launch` each process takes its share by itself)", "metavar": "I/N"})
+    min_field_size: int | None = field(default=None, metadata={
+        "help": "image folders: smallest field height/width accepted, as `cellmae shard --min-field-size` "
+        "(default: shard's)"})
     batch_size: int = field(default=64, metadata={"help": "crops per forward pass"})
     fields_per_batch: int = field(default=16, metadata={"help": "fields read and embedded together"})
     fields_per_part: int = field(default=512, metadata={"help": "fields per output part for image folders"})
@@ -49,7 +65,7 @@ class EmbedOptions:
         "choices": ("fast", "full"), "group": CELLPROFILER})
     nucleus_diameter: int | None = field(default=None, metadata={
         "help": "typical nucleus diameter in pixels (default: field width / 12)", "group": CELLPROFILER})
-    num_workers: int = field(default=1, metadata={"help": "processes measuring fields (0: all cores)", "group": CELLPROFILER})
+    measure_workers: int = field(default=1, metadata={"help": "processes measuring fields (0: all cores)", "group": CELLPROFILER})
     on_error: str = field(default="fail", metadata={
         "help": "a field that cannot be read (bad image, shard field failing its checksum): stop with one line naming it "
         "(fail, default) or skip it, count it and list it in _embedding_info.json", "choices": ("fail", "skip")})
