@@ -252,6 +252,53 @@ def test_embed_on_an_image_folder_skips_and_counts_a_truncated_image_under_skip(
     assert len(read_embeddings(tmp_path / "emb")) == 4
 
 
+def test_an_image_folder_gets_the_field_checks_of_shard_under_the_same_policy(plate_copy, tiny_model, tmp_path):
+    from hf_cellmae.data.problems import BadInputError
+
+    images, metadata = plate_copy
+    nan_field = np.random.default_rng(1).random((64, 128)).astype(np.float32)
+    nan_field[5, 7] = np.nan
+    for channel in (1, 2, 3):  # B01: float pixels with one NaN; C01: an 8 x 8 field
+        (images / f"plate1_B01_site1_Ch{channel}.tif").unlink()
+        tifffile.imwrite(images / f"plate1_B01_site1_Ch{channel}.tif", nan_field if channel == 2 else np.ones((64, 128), np.float32))
+        tifffile.imwrite(images / f"plate1_C01_site1_Ch{channel}.tif", np.ones((8, 8), np.uint16))
+    for featurizer in (PixelStatsFeaturizer(), ModelFeaturizer(tiny_model, image_size=64)):
+        out = tmp_path / featurizer.name
+        info = embed_dataset(images, out, featurizer, metadata=metadata, progress=False, on_error="skip")
+        assert info["num_rows"] == 3 and info["num_skipped"] == 2
+        skips = {skip["field"]: skip for skip in info["skipped"]["part-00000"]}
+        assert "1 non-finite pixel(s) (NaN)" in skips["plate1/B01/s1"]["reason"]
+        assert skips["plate1/B01/s1"]["file"].endswith("plate1_B01_site1_Ch2.tif")
+        assert "8x8 px" in skips["plate1/C01/s1"]["reason"] and skips["plate1/C01/s1"]["file"].endswith("_Ch1.tif")
+        table = read_embeddings(out)
+        assert set(table["Metadata_well"]) == {"A01", "A02", "B02"}
+        assert np.isfinite(table.filter(regex="^(?!Metadata_)").to_numpy()).all()
+    with pytest.raises(BadInputError, match=r"field plate1/B01/s1 has 1 non-finite pixel\(s\) .*plate1_B01_site1_Ch2.tif"):
+        embed_dataset(images, tmp_path / "fail", PixelStatsFeaturizer(), metadata=metadata, progress=False)
+
+
+def test_a_run_that_skips_every_field_fails_naming_the_first_reason(plate_copy, tmp_path):
+    from hf_cellmae.data.problems import BadInputError
+
+    images, metadata = plate_copy
+    for path in images.glob("*_Ch1.tif"):
+        _truncate(path)
+    with pytest.raises(BadInputError, match=r"every one of the 5 fields .* was skipped, so .* holds no embedding; the first reason: .*_Ch1.tif"):
+        embed_dataset(images, tmp_path / "emb", PixelStatsFeaturizer(), metadata=metadata, progress=False, on_error="skip")
+
+
+def test_a_field_the_model_cannot_crop_is_skipped_naming_it_not_its_batch_position(plate_copy, tiny_model, tmp_path):
+    images, metadata = plate_copy
+    for channel in (1, 2, 3):  # A02: 40 x 40, above shard's minimum but smaller than the model's 64 px crop
+        tifffile.imwrite(images / f"plate1_A02_site1_Ch{channel}.tif", np.ones((40, 40), np.uint16))
+    info = embed_dataset(images, tmp_path / "emb", ModelFeaturizer(tiny_model, image_size=64), metadata=metadata,
+                         progress=False, on_error="skip")
+    (skip,) = info["skipped"]["part-00000"]
+    assert skip["field"] == "plate1/A02/s1" and skip["file"].endswith("plate1_A02_site1_Ch1.tif")
+    assert "cannot be prepared for the model: image of 40x40 pixels is smaller than image_size=64" in skip["reason"]
+    assert info["num_rows"] == 4
+
+
 def test_embed_on_an_image_folder_fails_in_one_line_naming_the_file_and_keeps_written_parts(plate_copy, tmp_path):
     from hf_cellmae.data.problems import BadInputError
 
