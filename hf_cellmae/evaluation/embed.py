@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -787,6 +788,7 @@ def embed_dataset(
     bar = tqdm(total=sum(u.num_fields for u in todo), desc="embed", unit="field",
                disable=not progress or not state.is_local_main_process)
     frames, skips, written = [], [], len(done)
+    started = time.perf_counter()
     for item in _task_items(tasks, preparer, workers, pin):
         for problem in item["problems"]:
             where = {"file": problem.file, "field": problem.field}
@@ -808,6 +810,11 @@ def embed_dataset(
             _write_part(out, item["unit"], pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(), skips)
             frames, skips, written = [], [], written + 1
     bar.close()
+    if todo:
+        seconds, count = time.perf_counter() - started, sum(u.num_fields for u in todo)
+        where = f" on process {state.process_index} of {state.num_processes}" if state.num_processes > 1 else ""
+        print(f"embed: {count} fields in {seconds:.2f} s ({count / seconds:.1f} fields/s{where}, "
+              f"{workers} reading worker(s))")
     state.wait_for_everyone()  # every process's parts are written
     missing = [unit.name for unit in units if not (out / f"{unit.name}.parquet").is_file()]
     if missing:  # a `part` run whose other shares are still running (or not started)
