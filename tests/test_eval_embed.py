@@ -337,10 +337,31 @@ def test_an_unknown_stain_is_refused_naming_it_and_the_models_channels(named_mod
     assert "'Actin'" in message and "DNA, ER, RNA, AGP, Mito" in message and "--channels" in message
 
 
-def test_channels_without_names_are_fed_by_position_with_one_warning(plate, named_model, tmp_path):
+def test_unnamed_channels_given_to_a_model_with_stain_names_are_refused_naming_the_fix(plate, named_model, tmp_path):
+    from hf_cellmae.errors import UserError
+
     root, _ = plate  # files Ch1..Ch3: tokens, no stain names
-    with pytest.warns(UserWarning, match="matched by position") as caught:
+    with pytest.raises(UserError) as refused:
         embed_dataset(root, tmp_path / "emb", ModelFeaturizer(named_model), fields_per_batch=2, progress=False)
+    message = str(refused.value)
+    assert "Ch1, Ch2, Ch3" in message and "DNA, ER, RNA, AGP, Mito" in message
+    assert "--channels Ch1=NAME,Ch2=NAME,Ch3=NAME" in message and "--by-position" in message
+
+
+def test_cli_embed_of_unnamed_channels_with_a_named_model_exits_with_one_line(plate, named_model, tmp_path, capsys):
+    from hf_cellmae.cli import main
+
+    root, _ = plate
+    code = main(["embed", str(named_model), str(root), str(tmp_path / "emb"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert len([line for line in err.splitlines() if "error" in line]) == 1 and "--by-position" in err
+
+
+def test_channels_without_names_are_fed_by_position_with_one_warning_under_by_position(plate, named_model, tmp_path):
+    root, _ = plate
+    with pytest.warns(UserWarning, match="matched by position") as caught:
+        embed_dataset(root, tmp_path / "emb", ModelFeaturizer(named_model, by_position=True), fields_per_batch=2, progress=False)
     assert len([w for w in caught if "matched by position" in str(w.message)]) == 1
 
 

@@ -84,7 +84,7 @@ def run_embed(args: argparse.Namespace) -> int:
     else:
         featurizer = ModelFeaturizer(args.model, device=options.device, dtype=options.dtype, batch_size=options.batch_size,
                                      crop_mode=options.crop_mode, channelwise=options.channelwise, image_size=options.image_size,
-                                     readout=options.readout, layer=options.layer)
+                                     readout=options.readout, layer=options.layer, by_position=options.by_position)
     info = embed_dataset(args.data, args.out, featurizer, layout=options.layout, pattern=options.pattern,
                          metadata=options.metadata, fields_per_batch=options.fields_per_batch,
                          fields_per_part=options.fields_per_part, progress=not options.no_progress, on_error=options.on_error)

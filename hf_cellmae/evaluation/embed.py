@@ -237,6 +237,8 @@ class ModelFeaturizer:
             standard deviation of the patch tokens, 2D), ``"channelwise"`` (mean per channel, C*D).
         layer: read the tokens after this encoder block (1-based; negative counts from the end;
             ``None`` = the encoder's output, after its final norm).
+        by_position: feed plate channel i as model channel i when the plate's channels are unnamed file tokens
+            (``w1``...) and the model's are stains; without it such a plate is refused.
     """
 
     name = "model"
@@ -244,7 +246,7 @@ class ModelFeaturizer:
     def __init__(self, model: str | Path, device: str = EmbedOptions.device, dtype: str = EmbedOptions.dtype,
                  batch_size: int = EmbedOptions.batch_size, crop_mode: str = EmbedOptions.crop_mode,
                  channelwise: bool = EmbedOptions.channelwise, image_size: int | None = None,
-                 readout: str = EmbedOptions.readout, layer: int | None = None):
+                 readout: str = EmbedOptions.readout, layer: int | None = None, by_position: bool = EmbedOptions.by_position):
         import torch
 
         from .. import CellMAEImageProcessor
@@ -283,6 +285,7 @@ class ModelFeaturizer:
         self.channelwise = readout == "channelwise"
         self._channel_id_cache: dict[tuple, object] = {}
         self._warned_positional = False
+        self.by_position = by_position
 
     def describe(self) -> dict:
         info = {"featurizer": self.name, "model": self.model_path, "dtype": self.dtype, "crop_mode": self.crop_mode,
@@ -332,7 +335,15 @@ class ModelFeaturizer:
         if key in self._channel_id_cache:
             return self._channel_id_cache[key]
         model_names = [str(name) for name in (getattr(self.config, "channel_names", None) or [])]
-        if not model_names or all(is_channel_token(n) for n in model_names) or all(is_channel_token(c) for c in channels):
+        named_model = bool(model_names) and not all(is_channel_token(n) for n in model_names)
+        if named_model and all(is_channel_token(c) for c in channels) and not self.by_position:
+            raise UserError(
+                f"the plate's channels are unnamed file tokens ({', '.join(channels)}) and the model's are stains "
+                f"({', '.join(model_names)}); name them when sharding (cellmae shard ... --channels "
+                f"{','.join(f'{c}=NAME' for c in channels)}, or a metadata table), or pass --by-position to feed plate "
+                "channel i as model channel i"
+            )
+        if not named_model or all(is_channel_token(c) for c in channels):
             self._warn_positional(channels, model_names)
             self._channel_id_cache[key] = None
             return None

@@ -40,6 +40,9 @@ class EmbedOptions:
         "choices": ("mean", "cls", "mean_std", "channelwise")})
     layer: int | None = field(default=None, metadata={
         "help": "read the tokens after this encoder block (1-based, negative from the end; default: the output)"})
+    by_position: bool = field(default=False, metadata={
+        "help": "feed plate channel i as model channel i when the plate's channels are unnamed (w1...) and the model's "
+        "are stains (default: refuse; name the channels with cellmae shard --channels instead)", "action": "store_true"})
     nuclei_channel: str | None = field(default=None, metadata={
         "help": "name of the DNA/Hoechst channel (default: found by name)", "group": CELLPROFILER})
     cell_channels: str | None = field(default=None, metadata={
