@@ -44,7 +44,7 @@ def run_demo(out: str | Path = "cellmae-demo", max_steps: int | None = None, see
 
     from .data.shards import shard_folder
     from .data.synthetic import make_synthetic_screen
-    from .evaluation.embed import ModelFeaturizer, PixelStatsFeaturizer, embed_dataset
+    from .evaluation.embed import DEFAULT_READOUT, ModelFeaturizer, PixelStatsFeaturizer, embed_dataset
     from .evaluation.report import evaluate_synthetic
     from .hub.model_card import write_model_card
     from .configuration_cellmae import CellMAEConfig
@@ -90,8 +90,8 @@ def run_demo(out: str | Path = "cellmae-demo", max_steps: int | None = None, see
     random_model.save_pretrained(random_dir)
     shutil.copy(model_dir / "preprocessor_config.json", random_dir / "preprocessor_config.json")
     featurizers = {
-        "pretrained": ModelFeaturizer(model_dir, readout=DEMO_READOUT),
-        "random_init": ModelFeaturizer(random_dir, readout=DEMO_READOUT),
+        "pretrained": ModelFeaturizer(model_dir, readout=DEFAULT_READOUT),
+        "random_init": ModelFeaturizer(random_dir, readout=DEFAULT_READOUT),
         "pixel_stats": PixelStatsFeaturizer(),
     }
     if cellprofiler:
@@ -125,7 +125,7 @@ def run_demo(out: str | Path = "cellmae-demo", max_steps: int | None = None, see
         "final_loss": summary["final_loss"],
         "steps": summary["global_step"],
         "recipe": recipe,
-        "readout": DEMO_READOUT,
+        "readout": DEFAULT_READOUT,
         "recall": recall,
         "suite": _suite_table(results),
         "probe_chance": {label: results["suite"]["featurizers"]["model"]["probe"][f"Metadata_{label}"]["chance"]
@@ -138,9 +138,8 @@ def run_demo(out: str | Path = "cellmae-demo", max_steps: int | None = None, see
 
 
 PROBE_LABELS = ("complex", "gene")
-# The read-out and TVN width the demo uses (see docs/evidence.md for why): one mean token per stain,
-# concatenated, instead of one mean over every stain's tokens (which mixes the stains).
-DEMO_READOUT = "channelwise"
+# The TVN width the demo uses (see docs/evidence.md for why). Its read-out is `cellmae embed`'s default
+# (embed.DEFAULT_READOUT): one mean token per stain, concatenated, not one mean over every stain's tokens.
 TVN_COMPONENTS = 64  # every featuriser whitened in at most 64 principal components of its controls
 
 

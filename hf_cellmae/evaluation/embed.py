@@ -44,6 +44,8 @@ from .pixel_stats import DEFAULT_PERCENTILES, pixel_statistic_names, pixel_stati
 
 INFO_NAME = "_embedding_info.json"
 READOUTS = ("mean", "cls", "mean_std", "channelwise")
+# The read-out the demo and docs/evidence.md (section 3) evaluate: one mean token per stain beat the pooled mean.
+DEFAULT_READOUT = "channelwise"
 MANIFEST_NAME = "manifest.json"
 IDENTITY_COLUMNS = ("field_id", "experiment", "plate", "well", "site")
 
@@ -233,8 +235,9 @@ class ModelFeaturizer:
             (the same as ``readout="channelwise"``).
         image_size: crop size (default: the model's ``image_size``).
         readout: how a crop's tokens become one vector (see ``READOUTS``): ``"mean"`` (mean of the
-            patch tokens, OpenPhenom's, default), ``"cls"`` (the class token), ``"mean_std"`` (mean and
-            standard deviation of the patch tokens, 2D), ``"channelwise"`` (mean per channel, C*D).
+            patch tokens, OpenPhenom's), ``"cls"`` (the class token), ``"mean_std"`` (mean and
+            standard deviation of the patch tokens, 2D), ``"channelwise"`` (mean per channel, C*D);
+            ``None``: ``DEFAULT_READOUT`` (``"mean"`` for a MU-Net, which has no tokens).
         layer: read the tokens after this encoder block (1-based; negative counts from the end;
             ``None`` = the encoder's output, after its final norm).
         by_position: feed plate channel i as model channel i when the plate's channels are unnamed file tokens
@@ -246,7 +249,7 @@ class ModelFeaturizer:
     def __init__(self, model: str | Path, device: str = EmbedOptions.device, dtype: str = EmbedOptions.dtype,
                  batch_size: int = EmbedOptions.batch_size, crop_mode: str = EmbedOptions.crop_mode,
                  channelwise: bool = EmbedOptions.channelwise, image_size: int | None = None,
-                 readout: str = EmbedOptions.readout, layer: int | None = None, by_position: bool = EmbedOptions.by_position):
+                 readout: str | None = EmbedOptions.readout, layer: int | None = None, by_position: bool = EmbedOptions.by_position):
         import torch
 
         from .. import CellMAEImageProcessor
@@ -261,6 +264,8 @@ class ModelFeaturizer:
         self.config = self.model.config
         # A MU-Net (fixed-channel U-Net MAE) has no tokens: its embedding is the pooled bottleneck.
         self.is_munet = self.config.model_type == "cellmunet"
+        if readout is None:
+            readout = "mean" if self.is_munet and not channelwise else DEFAULT_READOUT
         if self.is_munet and (channelwise or readout != "mean" or layer is not None):
             raise ValueError(
                 f"{model} is a MU-Net: its embedding is the pooled bottleneck (readout='mean'); readout={readout!r}, "

@@ -34,9 +34,11 @@ class EmbedOptions:
         "help": "tile: average the model-sized crops of each field (default)", "choices": ("tile", "center", "none")})
     image_size: int | None = field(default=None, metadata={"help": "crop size (default: the model's image_size)"})
     channelwise: bool = field(default=False, metadata={
-        "help": "one vector per channel, concatenated (= --readout channelwise)", "action": "store_true"})
-    readout: str = field(default="mean", metadata={
-        "help": "how a crop's tokens become one vector (default: mean of the patch tokens, OpenPhenom's)",
+        "help": "one vector per channel, concatenated (= --readout channelwise, the default)", "action": "store_true"})
+    readout: str | None = field(default=None, metadata={
+        "help": "how a crop's tokens become one vector (default: channelwise, the mean token of each stain concatenated, "
+        "C x D: the read-out the demo and docs/evidence.md evaluate, ahead of the pooled mean there; mean: OpenPhenom's "
+        "pooled mean of every patch token, D; a MU-Net has only mean)",
         "choices": ("mean", "cls", "mean_std", "channelwise")})
     layer: int | None = field(default=None, metadata={
         "help": "read the tokens after this encoder block (1-based, negative from the end; default: the output)"})
