@@ -248,12 +248,27 @@ def merge_model_overrides(config_values: dict, given: set[str], command_line: di
     return {**from_config, **typed}, dropped
 
 
+@dataclass
+class ParsedCommandLine:
+    """What `cellmae pretrain` was given: the arguments, the config file they started from, and what was typed."""
+
+    args: PretrainingArguments
+    config: Path | None
+    config_values: dict
+    typed: set[str]
+
+
 def parse_pretraining_arguments(argv: list[str] | None = None) -> PretrainingArguments:
     """`--config FILE|NAME` (YAML/JSON) gives the defaults; any `--field value` on the command line overrides them.
 
     `model_overrides` merge key by key (the command line's win); a `--model-preset` on the command line
     drops the config's size overrides (`SIZE_KEYS`) it did not repeat, and says which on stderr.
     """
+    return parse_command_line(argv).args
+
+
+def parse_command_line(argv: list[str] | None = None) -> ParsedCommandLine:
+    """:func:`parse_pretraining_arguments`, also returning the config file, its values and the options typed."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_pretraining_parser()
     known, _ = parser.parse_known_args(argv)
@@ -278,5 +293,6 @@ def parse_pretraining_arguments(argv: list[str] | None = None) -> PretrainingArg
                   f"were dropped (repeat them in --model-overrides to keep them)", file=sys.stderr)
     if values.get("data") is None:
         parser.error("--data is required (a shard folder from `cellmae shard`), on the command line or in --config")
-    return PretrainingArguments(**values)
+    config = resolve_config(known.config) if known.config else None
+    return ParsedCommandLine(PretrainingArguments(**values), config, config_values, given)
 
