@@ -53,7 +53,8 @@ def _pretrain(args) -> int:
         print(f"Skipped {len(summary['skipped_fields'])} corrupt field(s) (--on-error skip); re-run the same `cellmae shard` "
               "command to rewrite the damaged shards.")
     if "holdout_evaluation" in summary:
-        result = summary["holdout_evaluation"]
-        print(f"Accuracy on held-out plates {result['plates']}: {result['accuracy']:.4f} ({result['num_samples']} crops).")
+        from .loop import holdout_line
+
+        print(f"Held-out evaluation: {holdout_line(summary['holdout_evaluation'])}")
     print(f"Load it with: AutoModel.from_pretrained({summary['model_dir']!r})  (after `import hf_cellmae`)")
     return 0
