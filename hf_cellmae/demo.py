@@ -108,7 +108,7 @@ def run_demo(out: str | Path = "cellmae-demo", max_steps: int | None = None, see
         tables["pretrained"], out / "plate", out / "evaluation",
         baselines={name: path for name, path in tables.items() if name != "pretrained"},
         batch_col="Metadata_plate", probe_labels=PROBE_LABELS, consistency_col="complex",
-        align_options={"n_components": TVN_COMPONENTS}, progress=False,
+        align_options={"n_components": TVN_COMPONENTS}, progress=False, model_label="pretrained",
     )
     timings["evaluate_s"] = time.perf_counter() - step_start
 

@@ -136,7 +136,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         null_samples=options.null_samples, seed=options.seed, on_unusable="skip" if options.skip_unusable else "raise",
         annotations=options.annotations, plots=not options.no_plots, progress=not options.no_progress,
         suite=not options.no_suite, probe_labels=options.probe, consistency_col=options.consistency_col,
-        cellprofiler=options.cellprofiler,
+        cellprofiler=options.cellprofiler, model_label=options.model_label,
     )
     print(f"evaluate: {results['n_perturbations']} perturbations, alignment {results['alignment']}")
     for name, metrics in results["sources"].items():

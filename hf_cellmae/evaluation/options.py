@@ -106,6 +106,8 @@ class EvaluateOptions:
     skip_unusable: bool = field(default=False, metadata={
         "help": "skip (and report) sources without usable pairs", "action": "store_true"})
     dataset: str | None = field(default=None, metadata={"help": "dataset name for the report (default: the EMBEDDINGS file name)"})
+    model_label: str = field(default="model", metadata={
+        "help": "what the plots call the featuriser of EMBEDDINGS, e.g. pretrained (eval_results.json keeps the key model)"})
     probe: list[str] = field(default_factory=list, metadata={
         "help": "linear probe + kNN of these metadata columns, leave one plate out, e.g. complex gene (default: none)",
         "metavar": "COLUMN", "group": SUITE})
