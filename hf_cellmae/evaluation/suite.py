@@ -133,8 +133,8 @@ def evaluate_suite(
         out_dir.mkdir(parents=True, exist_ok=True)
         plot_suite(report, out_dir / SUITE_PLOT, model_label=model_label, alignment=alignment)
         report["plot"] = SUITE_PLOT
-        predicted = {name: entry["cellprofiler_prediction"] for name, entry in results.items()
-                     if "cellprofiler_prediction" in entry}
+        predicted = {(model_label if name == "model" else name): entry["cellprofiler_prediction"]
+                     for name, entry in results.items() if "cellprofiler_prediction" in entry}
         if predicted:
             from .cellprofiler import plot_cellprofiler_prediction
 
