@@ -328,8 +328,9 @@ class ModelFeaturizer:
 
         A plate may hold the model's stains in another order, or a subset of them: each is fed with the id the
         model learnt for that stain. A stain the model does not know is refused (``UserError`` naming it and the
-        model's names). Only when either side has no names (file tokens such as ``w1``, or a model without
-        ``channel_names``) are channels fed by position (``None`` = ids ``0..C-1``), with a one-time warning.
+        model's names). Unnamed plate channels (file tokens such as ``w1``) for a model with stain names are refused
+        too, unless ``by_position``; then, or for a model without ``channel_names``, channels are fed by position
+        (``None`` = ids ``0..C-1``), with a one-time warning.
         """
         import torch
 
