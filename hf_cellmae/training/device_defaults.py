@@ -9,7 +9,8 @@ A field of `PretrainingArguments` left at `"auto"`/`None` gets the fast choice f
 | `dataloader_num_workers` | CPU cores per rank - 1, at most 8 (needs torchdata for exact resume) | 0: the cores do the compute |
 | pinned memory | yes, with `non_blocking` copies | no |
 
-A value the user set is kept, and so is a half precision or a compile backend that `accelerate launch`
+A value the user set is kept (except that on a machine without CUDA, `cellmae pretrain` first replaces a config
+file's GPU settings, bf16, compile and workers beyond the cores, by the CPU's: `settings_for_a_cpu`), and so is a half precision or a compile backend that `accelerate launch`
 was given (config file or flags) when the training arguments leave it open. The launcher's "no" is not a
 choice: it writes "no" whenever nothing was said, so `--mixed-precision no` / `--torch-compile false` in
 the training arguments are the way to train in fp32 / eager on a GPU. The optimiser's fused/foreach kernel is chosen by
