@@ -202,6 +202,31 @@ def one_line(error: BaseException) -> str:
     return "; ".join(lines) if lines else type(error).__name__
 
 
+def _progress_bar_class():
+    """tqdm's bar class when a progress bar may be on screen (tqdm imported), else None."""
+    module = sys.modules.get("tqdm")
+    return getattr(module, "tqdm", None) if module is not None else None
+
+
+def _warnings_above_progress_bars(show):
+    """`warnings.showwarning` that clears the progress bars first, so a warning gets its own line."""
+    def showwarning(*args, **kwargs):
+        bars = _progress_bar_class()
+        if bars is None:
+            return show(*args, **kwargs)
+        with bars.external_write_mode(file=sys.stderr):
+            return show(*args, **kwargs)
+
+    return showwarning
+
+
+def _close_progress_bars() -> None:
+    """Close the bars a failed command left open, so its error starts on a line of its own."""
+    bars = _progress_bar_class()
+    for bar in list(getattr(bars, "_instances", ()) or ()):
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Commands with their own argument parser (pretrain: HfArgumentParser) take the remaining flags.
@@ -213,16 +238,24 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
+    import warnings
+
+    show = warnings.showwarning
+    warnings.showwarning = _warnings_above_progress_bars(show)
     try:
         result = args.func(args)
     except KeyboardInterrupt:
+        _close_progress_bars()
         print(f"cellmae {args.command}: interrupted", file=sys.stderr)
         return 130
     except USER_FACING_ERRORS as error:
         if args.debug:
             raise
+        _close_progress_bars()
         print(f"cellmae {args.command}: error: {one_line(error)} (run `cellmae --debug {args.command} ...` for the traceback)", file=sys.stderr)
         return 2
+    finally:
+        warnings.showwarning = show
     return int(result or 0)
 
 

@@ -162,3 +162,30 @@ def test_channel_column_of_tokens_links_a_table_without_file_names(tmp_path):
     pd.DataFrame({"plate": plate, "well": well, "site": 1, "channel": ["w1", "w2", "w3"],
                   "channel_name": ["ER", "RNA", "DNA"]}).to_csv(tmp_path / "channels.csv", index=False)
     assert _shard(tmp_path / "images", tmp_path / "shards", metadata=tmp_path / "channels.csv")["channels"] == ["ER", "RNA", "DNA"]
+
+
+def test_explicit_mapping_that_swaps_the_tables_stains_is_refused_with_both_mappings(tmp_path):
+    """The RxRx map on JUMP (issue 24): every name is one the table uses, for another file channel."""
+    source = shared_folder("cellpainting_jump_rab30")
+    with pytest.raises(UserError) as refused:
+        _shard(source, tmp_path / "shards", metadata=source / "metadata.csv", channel_names="w1=DNA,w2=ER,w3=RNA,w4=AGP,w5=Mito")
+    message = str(refused.value)
+    assert "--channels gives:  w1=DNA,w2=ER,w3=RNA,w4=AGP,w5=Mito" in message
+    assert "says:  w1=AGP,w2=DNA,w3=ER,w4=Mito,w5=RNA" in message
+    assert "--channels w1=AGP,w2=DNA,w3=ER,w4=Mito,w5=RNA" in message  # the fix
+    assert not (tmp_path / "shards" / "manifest.json").exists()
+
+
+def test_metadata_table_at_the_plate_folders_root_is_used_without_metadata_option(tmp_path, capsys):
+    source = shared_folder("cellpainting_jump_rab30")
+    manifest = _shard(source, tmp_path / "shards")
+    assert manifest["channels"] == JUMP_STAINS
+    assert manifest["metadata"]["source"] == str(source / "metadata.csv") and manifest["metadata"]["found_in_plate_folder"]
+    assert manifest["metadata"]["fields_without_metadata"] == 0
+    assert f"using the metadata table {source / 'metadata.csv'} found in the plate folder" in capsys.readouterr().err
+
+
+def test_a_folder_without_a_table_at_its_root_is_sharded_without_metadata(tmp_path, capsys):
+    make_rxrx_plate(tmp_path / "images", plates=1, wells=("A01",), sites=1)
+    manifest = _shard(tmp_path / "images", tmp_path / "shards")
+    assert "metadata" not in manifest and "found in the plate folder" not in capsys.readouterr().err

@@ -58,7 +58,7 @@ def test_model_embeddings_are_tile_means_with_metadata_columns(plate, tiny_model
     from hf_cellmae import CellMAEImageProcessor, CellMAEModel
 
     root, metadata = plate
-    featurizer = ModelFeaturizer(tiny_model, batch_size=3)
+    featurizer = ModelFeaturizer(tiny_model, batch_size=3, readout="mean")
     embed_dataset(root, tmp_path / "emb", featurizer, metadata=metadata, progress=False)
     table = read_embeddings(tmp_path / "emb")
     assert table["Metadata_well"].tolist() == WELLS
@@ -84,6 +84,26 @@ def test_channelwise_embeddings_have_one_block_per_channel(plate, tiny_model, tm
     assert features.shape == (5, 3 * width)
     feature_columns = [c for c in table.columns if not c.startswith("Metadata_")]
     assert feature_columns[0] == "Ch1_feature_000" and feature_columns[-1] == f"Ch3_feature_{width - 1:03d}"
+
+
+def test_the_default_readout_is_channelwise_the_one_the_evidence_evaluates(plate, tiny_model, tmp_path, capsys):
+    """`cellmae embed` with no read-out option: one mean token per stain, concatenated (docs/evidence.md, section 3)."""
+    import torch
+
+    from hf_cellmae import CellMAEImageProcessor, CellMAEModel
+    from hf_cellmae.cli import main
+
+    root, _ = plate
+    assert main(["embed", str(tiny_model), str(root), str(tmp_path / "emb"), "--no-progress", "--by-position"]) == 0
+    table = read_embeddings(tmp_path / "emb")
+    features = table[[c for c in table.columns if not c.startswith("Metadata_")]]
+    width = CellMAEModel.from_pretrained(tiny_model).config.hidden_size
+    assert features.shape == (5, 3 * width) and features.columns[0] == "Ch1_feature_000"
+    pixels = np.stack([tifffile.imread(root / f"plate1_A01_site1_Ch{c}.tif") for c in (1, 2, 3)])
+    crops = CellMAEImageProcessor(image_size=64, crop_mode="tile")(pixels, return_tensors="pt")["pixel_values"]
+    with torch.inference_mode():
+        out = CellMAEModel.from_pretrained(tiny_model)(crops, output_channelwise_embeddings=True)
+    np.testing.assert_allclose(features.to_numpy()[0], out.channelwise_embeddings.mean(0).flatten().numpy(), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("readout, layer", [("cls", None), ("mean_std", None), ("mean", 2), ("channelwise", -1)])
@@ -368,7 +388,7 @@ def test_plate_channels_in_another_order_and_a_subset_are_fed_by_stain_name(name
     from hf_cellmae.evaluation.embed import Field
 
     pixels = np.random.default_rng(1).integers(0, 4000, (2, 64, 128), dtype=np.uint16)
-    featurizer = ModelFeaturizer(named_model)
+    featurizer = ModelFeaturizer(named_model, readout="mean")
     features, _ = featurizer([Field(pixels, ["Mito", "DNA"], {})])
     np.testing.assert_allclose(features[0], _direct_embedding(named_model, pixels, [4, 0]), rtol=1e-4, atol=1e-5)
 
@@ -384,10 +404,31 @@ def test_an_unknown_stain_is_refused_naming_it_and_the_models_channels(named_mod
     assert "'Actin'" in message and "DNA, ER, RNA, AGP, Mito" in message and "--channels" in message
 
 
-def test_channels_without_names_are_fed_by_position_with_one_warning(plate, named_model, tmp_path):
+def test_unnamed_channels_given_to_a_model_with_stain_names_are_refused_naming_the_fix(plate, named_model, tmp_path):
+    from hf_cellmae.errors import UserError
+
     root, _ = plate  # files Ch1..Ch3: tokens, no stain names
-    with pytest.warns(UserWarning, match="matched by position") as caught:
+    with pytest.raises(UserError) as refused:
         embed_dataset(root, tmp_path / "emb", ModelFeaturizer(named_model), fields_per_batch=2, progress=False)
+    message = str(refused.value)
+    assert "Ch1, Ch2, Ch3" in message and "DNA, ER, RNA, AGP, Mito" in message
+    assert "--channels Ch1=NAME,Ch2=NAME,Ch3=NAME" in message and "--by-position" in message
+
+
+def test_cli_embed_of_unnamed_channels_with_a_named_model_exits_with_one_line(plate, named_model, tmp_path, capsys):
+    from hf_cellmae.cli import main
+
+    root, _ = plate
+    code = main(["embed", str(named_model), str(root), str(tmp_path / "emb"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert len([line for line in err.splitlines() if "error" in line]) == 1 and "--by-position" in err
+
+
+def test_channels_without_names_are_fed_by_position_with_one_warning_under_by_position(plate, named_model, tmp_path):
+    root, _ = plate
+    with pytest.warns(UserWarning, match="matched by position") as caught:
+        embed_dataset(root, tmp_path / "emb", ModelFeaturizer(named_model, by_position=True), fields_per_batch=2, progress=False)
     assert len([w for w in caught if "matched by position" in str(w.message)]) == 1
 
 
@@ -411,7 +452,7 @@ def test_jump_shards_embed_with_each_stain_fed_as_the_models_stain(tmp_path, nam
     if not source.is_dir():
         pytest.skip(f"real data not found: {source}")
     shard_folder(source, tmp_path / "shards", metadata=source / "metadata.csv", num_workers=1, progress=False)
-    featurizer = ModelFeaturizer(named_model, batch_size=64)
+    featurizer = ModelFeaturizer(named_model, batch_size=64, readout="mean")
     assert featurizer._channel_ids(["AGP", "DNA", "ER", "Mito", "RNA"]).tolist() == [3, 0, 1, 4, 2]
     embed_dataset(tmp_path / "shards", tmp_path / "emb", featurizer, progress=False)
     table = read_embeddings(tmp_path / "emb").set_index("Metadata_field_id")

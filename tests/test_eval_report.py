@@ -174,3 +174,57 @@ def test_cellmae_evaluate_help_states_each_default():
     for action in evaluate._actions:
         if action.default not in (None, False, [], argparse.SUPPRESS) and action.option_strings:
             assert action.help and "default" in action.help, f"{action.option_strings[0]} does not state its default"
+
+
+# ------------------------------------------------------------------------ what the figures say (issue 24)
+def test_recall_figure_names_the_chance_of_each_panel_and_the_model_by_its_label():
+    from hf_cellmae.evaluation.plots import recall_figure
+
+    sources = {"complexes": {"recall_0.05_0.95": 0.3, "recall_0.10_0.90": 0.4}}
+    fig = recall_figure(sources, {"recall_0.05_0.95": 0.1, "recall_0.10_0.90": 0.2},
+                        baselines={"random_init": sources}, model_label="pretrained")
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["percentile <= 0.05 or >= 0.95 (chance 0.10)", "percentile <= 0.10 or >= 0.90 (chance 0.20)"]
+    legend = [text.get_text() for text in fig.axes[-1].get_legend().get_texts()]
+    assert "pretrained" in legend and "random_init" in legend and "model" not in legend
+    assert not any("0.20" in label or "0.10" in label for label in legend)  # one panel's chance is not the other's
+
+
+def test_suite_figure_draws_chance_for_every_probe_and_the_probes_spread(tmp_path):
+    from matplotlib.container import ErrorbarContainer
+
+    from hf_cellmae.evaluation.suite import suite_chance, suite_figure
+
+    table, pairs = _table(signal=1.5)
+    noise, _ = _table(signal=0.0, seed=1)
+    for frame in (table, noise):
+        frame["Metadata_complex"] = table["Metadata_perturbation"].str.split("_").str[0]
+        frame["Metadata_well"] = [f"W{row}" for row in range(len(frame))]  # each field its own well
+    results = evaluate_embeddings(table, {"complexes": pairs}, dataset="toy", baselines={"random_init": noise},
+                                  batch_col="Metadata_plate", probe_labels=["complex"], progress=False)
+    report = results["suite"]
+    assert set(suite_chance(report)) == {"probe complex", "kNN complex", "gene-set recall complexes"}
+    fig = suite_figure(report, model_label="pretrained", alignment="tvn")
+    ax = fig.axes[0]
+    assert "pretrained and baselines" in ax.get_title() and "after tvn" in ax.get_title() and "± sd" in ax.get_title()
+    assert len(ax.collections) >= 3  # a dashed chance segment per metric that has one (errorbars add theirs)
+    errorbars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    assert len(errorbars) == 2  # one per featuriser, at its two probe bars
+    probe = report["featurizers"]["model"]["probe"]["Metadata_complex"]
+    segments = errorbars[0].lines[2][0].get_segments()
+    assert len(segments) == 2 and np.isclose(segments[0][1][1] - segments[0][0][1], 2 * probe["logistic_std"])
+
+
+def test_heatmap_and_projection_name_the_featuriser_and_the_alignment(tmp_path, monkeypatch):
+    from hf_cellmae.evaluation import report
+
+    titles = {}
+    for name in ("plot_complex_heatmap", "plot_projection"):
+        real = getattr(report, name)
+        monkeypatch.setattr(report, name, lambda *a, _real=real, _name=name, **k: (titles.__setitem__(_name, k["title"]), _real(*a, **k))[1])
+    table, pairs = _table(signal=1.5)
+    evaluate_embeddings(table, {"complexes": pairs}, out_dir=tmp_path, dataset="toy", batch_col="Metadata_plate",
+                        alignment="center_scale", progress=False, suite=False, model_label="pretrained")
+    for title in titles.values():
+        assert "pretrained profiles after center_scale" in title
+    assert set(titles) == {"plot_complex_heatmap", "plot_projection"}

@@ -116,7 +116,7 @@ def test_card_holds_no_machine_path_and_an_install_line_that_works(folder, tmp_p
     text = str(render_model_card(folder))
     assert str(tmp_path) not in text and "alice" not in text and str(folder) not in text
     assert "| data | shards |" in text and "| output_dir | b16 |" in text
-    assert "pip install hf-cellmae" not in text and "pip install ./hf_cellmae" in text
+    assert "pip install hf-cellmae" not in text and "`pip install -e .`\nin the clone's folder" in text
 
 
 def test_card_is_named_after_the_run_not_the_generic_model_folder(folder, tmp_path):
@@ -167,6 +167,29 @@ def test_openphenom_derived_weights_keep_recursions_non_commercial_licence(folde
     assert card.data.license_name == "recursion-openphenom-non-commercial"
     assert card.data.base_model == "recursionpharma/OpenPhenom"
     assert "Non-Commercial End User License Agreement" in card.text
+
+
+def test_card_snippet_returns_the_channelwise_read_out_embed_writes_by_default_as_numpy(folder):
+    """The card's embedding snippet, run as written on the folder's own model: the read-out `cellmae embed`
+    gives by default, as numpy (the snippet runs under inference mode, so .numpy() works)."""
+    import re
+
+    import numpy as np
+    from transformers import AutoImageProcessor, AutoModel
+
+    import hf_cellmae  # noqa: F401  (registers the Auto classes, as the card's first snippet does)
+    from hf_cellmae.evaluation.embed import DEFAULT_READOUT
+
+    text = str(render_model_card(folder))
+    snippet = re.search(r"Embed an image.*?```python\n(.*?)```", text, re.S).group(1)
+    model, processor = AutoModel.from_pretrained(folder), AutoImageProcessor.from_pretrained(folder)
+    channels = 3
+    image = np.random.default_rng(0).integers(0, 4000, (channels, 64, 64), dtype=np.uint16)
+    namespace = {"model": model, "processor": processor, "image": image}
+    exec(snippet, namespace)
+    assert DEFAULT_READOUT == "channelwise" and "cellmae embed --readout mean" in text
+    assert namespace["embedding"].shape == (channels * model.config.hidden_size,)
+    assert namespace["pooled"].shape == (model.config.hidden_size,)
 
 
 def test_loading_snippets_use_the_repo_id(folder):

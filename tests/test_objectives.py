@@ -5,6 +5,7 @@ held-out plates, exact resume, and embedding a classifier's folder like an MAE's
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -223,3 +224,38 @@ def test_holdout_plates_flag_takes_several_whole_plate_names():
 
     args = parse_pretraining_arguments(["--data", "shards", "--objective", "wsl", "--holdout-plates", "Plate2", "Plate3"])
     assert args.holdout_plates == ["Plate2", "Plate3"]
+
+
+# ------------------------------------------------------------------------------- unlabeled fields, baselines
+def test_fields_without_a_label_are_no_class_but_counted_unless_a_class_is_named_for_them(two_plates):
+    from hf_cellmae.data.labels import label_vocabulary
+
+    labels = label_vocabulary(two_plates, "complex")  # control wells have no complex
+    assert "" not in labels.labels and "None" not in labels.labels and "nan" not in labels.labels
+    assert labels.num_unlabeled == 8 and labels.num_fields == 24  # 2 control wells x 2 sites x 2 plates
+    named = label_vocabulary(two_plates, "complex", unlabeled_class="control")
+    assert named.labels == sorted(labels.labels + ["control"]) and named.label_of(None) == "control"
+
+
+def test_a_classification_run_leaves_unlabeled_fields_out_and_reports_majority_and_chance_beside_accuracy(two_plates, tmp_path, capsys):
+    summary = pretrain(run_args(two_plates, tmp_path, objective="wsl", label_col="complex", holdout_plates=["Plate2"], max_steps=2))
+    evaluation = summary["holdout_evaluation"]
+    assert evaluation["num_samples"] == 8  # Plate2's 4 gene wells x 2 sites; its 2 control wells left out
+    assert evaluation["num_classes"] == 2 and evaluation["chance_rate"] == 0.5
+    assert evaluation["majority_class_rate"] == 0.5  # each complex holds 2 of the 4 genes
+    out = capsys.readouterr().out
+    assert "8 of 24 fields have no complex: left out of training and evaluation (--unlabeled-class NAME" in out
+    assert "complex accuracy" in out and "always answering the most frequent" in out and "chance: 0.5000" in out
+
+
+def test_the_cli_prints_majority_and_chance_beside_held_out_accuracy(two_plates, tmp_path, capsys):
+    from hf_cellmae.cli import main
+
+    argv = [f"--{k}={v}" for k, v in dict(data=two_plates, output_dir=tmp_path, model_overrides=json.dumps(TINY), max_steps=1,
+                                          per_device_train_batch_size=4, figure_steps=0, report_to="none", progress_bar=False,
+                                          objective="wsl", label_col="complex", unlabeled_class="control").items()]
+    assert main(["pretrain", *argv, "--holdout-plates", "Plate2"]) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("Held-out evaluation:"))
+    assert "on 12 crops" in line and "3 classes" in line and "chance: 0.3333" in line  # controls are a class here
+    assert re.search(r"most frequent, '\w+': 0.3333;", line), line  # 4 fields of each of the 3 classes

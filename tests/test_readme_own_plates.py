@@ -3,8 +3,8 @@
 The block's commands are read from README.md and run in a temporary folder, so its relative paths
 (`shards/`, `runs/b16`, `embeddings/`, ...) are used as written. Only the placeholders change: `plates/`
 and `plate_map.csv` become the real folder and its metadata table, and BBBC022 names its channel files
-`Ch1..Ch5` instead of JUMP's `w1..w5`. `pretrain` gets a tiny model and 2 steps (the README's own advice
-for a CPU is `--model-preset tiny`); the push is skipped. The optional CellProfiler baseline runs on the
+`Ch1..Ch5` instead of JUMP's `w1..w5`. `pretrain` runs the README's CPU line (`--config demo_cpu`) with 2 steps
+instead of 400 and no logs or figures, nothing else changed; the push is skipped. The optional CellProfiler baseline runs on the
 2-field JUMP folder only (on BBBC022's 10 larger fields it would take minutes on 2 cores), so there
 `evaluate` runs without `--baseline`. Neither plate supports the recall benchmark, and `evaluate` must
 say so in one line naming what is missing; the card is then written without `--eval-results`, as the
@@ -25,8 +25,7 @@ from hf_cellmae.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
-TINY_RUN = ["--model-preset", "tiny", "--max-steps", "2", "--per-device-train-batch-size", "2", "--dataloader-num-workers", "0",
-            "--mixed-precision", "no", "--report-to", "none", "--progress-bar", "false", "--figure-steps", "0"]
+SHORT_RUN = ["--max-steps", "2", "--report-to", "none", "--progress-bar", "false", "--figure-steps", "0"]
 
 PLATES = {
     "jump": dict(folder="cellpainting_jump_rab30", images="", channels="w1=AGP,w2=DNA,w3=ER,w4=Mito,w5=RNA",
@@ -56,7 +55,7 @@ def as_run_here(command: list[str], plate: dict, source: Path) -> list[str] | No
     if stage in ("push", "annotations"):  # no Hub here; the annotations are fetched by the README's test command
         return None
     if stage == "pretrain":
-        words += TINY_RUN
+        words += SHORT_RUN
     if stage == "embed cellprofiler" and not plate["cellprofiler"]:
         return None
     if stage == "evaluate" and not plate["cellprofiler"]:
@@ -97,13 +96,13 @@ def test_the_readme_own_plates_block_runs_as_written_on_a_real_plate(name, tmp_p
     manifest = json.loads(Path("shards/manifest.json").read_text())
     assert manifest["channels"] == stains
     assert list(manifest["channel_map"].values()) == stains
-    config = json.loads(Path("runs/b16/model/config.json").read_text())
-    assert config["channel_names"] == stains and config["image_size"] == 64  # the tiny preset, not the config's 256 px
+    config = json.loads(Path("runs/mae/model/config.json").read_text())
+    assert config["channel_names"] == stains and config["image_size"] == 64  # demo_cpu: the tiny preset
     embeddings = pd.read_parquet("embeddings")
     assert len(embeddings) == manifest["num_fields"]
     assert all(list(row) == stains for row in embeddings["Metadata_compartment"])
-    card = Path("runs/b16/model/README.md").read_text()
-    assert "\n# b16\n" in card
+    card = Path("runs/mae/model/README.md").read_text()
+    assert "\n# mae\n" in card
     for index, stain in enumerate(stains):
         assert f"| {index} | {stain} |" in card
     assert str(tmp_path) not in card and str(DATA) not in card

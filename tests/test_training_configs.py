@@ -3,7 +3,9 @@ sizes, the memory estimate (checked against a measured step) and the refusal of 
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -100,7 +102,7 @@ def test_a_cpu_run_that_cannot_fit_is_refused_with_the_estimate_and_a_batch_that
     code = main(["pretrain", "--config", "camae_vit_b16_cellpainting", "--data", str(synthetic_shards),
                  "--output-dir", str(tmp_path / "run"), "--mixed-precision", "no"])
     err = capsys.readouterr().err
-    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert code == 2 and len([line for line in err.splitlines() if "error" in line]) == 1  # (and the CPU's settings line)
     assert "GiB" in err and "4.0 GiB available" in err and "--per-device-train-batch-size" in err
     assert not (tmp_path / "run" / "checkpoints").exists()  # refused before anything was written
     monkeypatch.setattr(memory, "available_memory_bytes", lambda: 1 * 2**30)
@@ -131,3 +133,48 @@ def test_the_memory_check_takes_the_launchers_open_defaults(synthetic_shards):
     assert args.mixed_precision == "auto" and args.dataloader_num_workers is None
     estimate = memory.check_training_memory(args)
     assert estimate is not None and estimate.total < 1.0 * 2**30
+
+
+CPU_ONLY = pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="what a machine without CUDA does")
+
+
+def test_a_cpu_replaces_the_gpu_configs_precision_compile_and_workers_but_keeps_typed_flags():
+    from hf_cellmae.training.device_defaults import settings_for_a_cpu
+
+    config = {"mixed_precision": "bf16", "torch_compile": True, "dataloader_num_workers": 8, "max_steps": 200000}
+    assert settings_for_a_cpu(config, typed=set(), cpus=2) == {"mixed_precision": "no", "torch_compile": False,
+                                                               "dataloader_num_workers": 0}
+    assert settings_for_a_cpu(config, typed={"mixed_precision", "dataloader_num_workers"}, cpus=2) == {"torch_compile": False}
+    assert settings_for_a_cpu({"dataloader_num_workers": 1}, typed=set(), cpus=2) == {}  # fits beside the compute
+
+
+@CPU_ONLY
+def test_a_gpu_config_on_a_cpu_is_refused_with_time_and_memory_unless_max_steps_is_given(synthetic_shards, tmp_path, capsys):
+    """The README's old CPU advice (issue 24): the ViT-B/16 config with --model-preset tiny started 200,000 steps."""
+    from hf_cellmae.cli import main
+
+    run = ["pretrain", "--config", "camae_vit_b16_cellpainting", "--data", str(synthetic_shards), "--model-preset", "tiny",
+           "--output-dir", str(tmp_path / "run"), "--report-to", "none", "--progress-bar", "false", "--figure-steps", "0"]
+    assert main(run) == 2
+    err = capsys.readouterr().err
+    error_lines = [line for line in err.splitlines() if "error" in line]
+    assert len(error_lines) == 1, err
+    for words in ("sized for GPUs", "200,000 steps of batch 64", "GiB", "--max-steps N", "--config demo_cpu"):
+        assert words in error_lines[0]
+    assert re.search(r"would take about [\d,]+ (hours|days)", error_lines[0]), error_lines[0]
+    assert "mixed_precision=bf16 -> no" in err and "dataloader_num_workers=8 -> 0" in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@CPU_ONLY
+def test_a_gpu_config_on_a_cpu_with_max_steps_trains_in_fp32_eager_without_workers(synthetic_shards, tmp_path, capsys):
+    from hf_cellmae.cli import main
+
+    assert main(["pretrain", "--config", "camae_vit_b16_cellpainting", "--data", str(synthetic_shards), "--model-preset", "tiny",
+                 "--max-steps", "1", "--per-device-train-batch-size", "4", "--output-dir", str(tmp_path / "run"),
+                 "--report-to", "none", "--progress-bar", "false", "--figure-steps", "0"]) == 0
+    assert "mixed_precision=bf16 -> no" in capsys.readouterr().err
+    args = json.loads((tmp_path / "run" / "model" / "training_args.json").read_text())
+    assert args["mixed_precision"] == "no" and args["dataloader_num_workers"] == 0
+    state = json.loads((tmp_path / "run" / "model" / "trainer_state.json").read_text())
+    assert state["hardware"]["mixed_precision"] == "no"  # what the card's compute table shows

@@ -5,7 +5,8 @@ suffix), and the stain behind a token differs between screens: JUMP's ``w1`` is 
 list of names matched to tokens by position (``--channels DNA,ER,RNA,AGP,Mito``) therefore mislabels every
 channel the moment the order is not the one the screen used. So names come, in this order, from:
 
-1. ``--channels w1=AGP,w2=DNA,...``: an explicit ``token=name`` per file channel (also how to rename);
+1. ``--channels w1=AGP,w2=DNA,...``: an explicit ``token=name`` per file channel (also how to rename: a name
+   the data gives to *another* token is refused, with both mappings);
 2. the data: a per-file metadata table whose ``channel_name`` / ``compartment`` / ``stain`` column names the
    channel of each file (linked by its ``file`` column, or by a numeric ``channel`` column), or load_data
    ``FileName_<name>`` columns;
@@ -172,7 +173,10 @@ def resolve_channel_names(tokens: list[str], given=None, from_data: tuple[dict[s
     """
     given = parse_channels_option(given)
     if isinstance(given, dict):
-        return _explicit_names(tokens, given)
+        names = _explicit_names(tokens, given)
+        if from_data:
+            _refuse_swapped_stains(tokens, names, from_data)
+        return names
     data_names = [from_data[0][token] for token in tokens] if from_data else None
     if given is None:
         return data_names or list(tokens)
@@ -191,6 +195,24 @@ def resolve_channel_names(tokens: list[str], given=None, from_data: tuple[dict[s
         f"  {from_data[1]} says:  {_mapping_text(tokens, data_names)}\n"
         f"drop --channels to use the table's names, or name each file channel explicitly: --channels {_mapping_text(tokens, data_names)}"
     )
+
+
+def _refuse_swapped_stains(tokens: list[str], names: list[str], from_data: tuple[dict[str, str], str]) -> None:
+    """Refuse a ``token=name`` mapping that gives a stain the data names to another token (``UserError``, both mappings).
+
+    A name the data does not use is a rename (``w1=MitoTracker`` where the table says ``Mito``) and passes; a name
+    the data gives to a different file channel (``w1=DNA`` where the table says ``w1=AGP, w2=DNA``) is a contradiction.
+    """
+    data_names = [from_data[0][token] for token in tokens]
+    swapped = [token for token, name, data_name in zip(tokens, names, data_names)
+               if not _same_stain(name, data_name) and any(_same_stain(name, other) for other in data_names)]
+    if swapped:
+        raise UserError(
+            f"--channels {_mapping_text(tokens, names)} contradicts {from_data[1]} for file channel(s) {', '.join(swapped)}:\n"
+            f"  --channels gives:  {_mapping_text(tokens, names)}\n"
+            f"  {from_data[1]} says:  {_mapping_text(tokens, data_names)}\n"
+            f"drop --channels to use the table's names, or give the table's mapping: --channels {_mapping_text(tokens, data_names)}"
+        )
 
 
 def _explicit_names(tokens: list[str], mapping: dict[str, str]) -> list[str]:
@@ -237,9 +259,14 @@ def name_channels(records: list[FieldRecord], given=None, table=None, source: st
         return {"channel_map": {}, "channels_named_by": None}
     tokens = list(records[0].channels)
     given = parse_channels_option(given)
-    from_data = None  # an explicit token=name mapping wins over the data: it is also how stains are renamed
-    if table is not None and not isinstance(given, dict):
-        from_data = channel_names_from_table(records, table, source, root)
+    from_data = None  # an explicit token=name mapping may rename the data's stains, never swap them
+    if table is not None:
+        try:
+            from_data = channel_names_from_table(records, table, source, root)
+        except UserError:
+            if not isinstance(given, dict):
+                raise
+            # A table that names a token two ways: the explicit mapping is the fix its message names.
     if from_data is None and layout == "load_data" and not any(is_channel_token(t) for t in tokens):
         from_data = ({token: token for token in tokens}, "the load_data CSV's FileName_<channel> columns")
     names = resolve_channel_names(tokens, given, from_data)

@@ -19,6 +19,17 @@ from .problems import ProblemLog
 from .records import FieldRecord, normalize_key_value
 
 KEY_COLUMNS = ("experiment", "plate", "well", "site")
+# Tables a plate folder ships at its root (JUMP's and the synthetic plate's metadata.csv, a CellProfiler
+# load_data.csv), tried in this order when no --metadata is given.
+FOLDER_METADATA_NAMES = ("metadata.csv", "metadata.tsv", "metadata.parquet", "load_data.csv")
+
+
+def find_folder_metadata(source: str | Path) -> Path | None:
+    """The metadata table at the root of the image folder ``source`` (``FOLDER_METADATA_NAMES``), or ``None``."""
+    folder = Path(source)
+    if not folder.is_dir():
+        return None
+    return next((folder / name for name in FOLDER_METADATA_NAMES if (folder / name).is_file()), None)
 
 
 def read_metadata_table(path: str | Path):

@@ -66,7 +66,8 @@ class ShardOptions:
         "help": "the stain of each file channel, as FILE_TOKEN=NAME (e.g. w1=AGP,w2=DNA,w3=ER,w4=Mito,w5=RNA for JUMP); "
         "default: the names a per-file --metadata table gives (column compartment/channel_name/stain), else the tokens. "
         "Plain names (DNA,ER,...) are taken in file-token order and refused when the metadata says otherwise"})
-    metadata: str | None = field(default=None, metadata={"help": "CSV/TSV/Parquet table joined on plate/well(/site)"})
+    metadata: str | None = field(default=None, metadata={"help": "CSV/TSV/Parquet table joined on plate/well(/site) "
+                                                         "(default: metadata.csv, metadata.tsv, metadata.parquet or load_data.csv at INPUT's root, if there)"})
     shard_size: str = field(default="256MB", metadata={"help": "target pixel bytes per shard"})
     fields_per_row_group: int = field(default=8, metadata={"help": "fields per Parquet row group"})
     compression: str = field(default="none", metadata={"help": "Parquet codec: none (fastest to stream), zstd, snappy..."})
@@ -572,6 +573,8 @@ def shard_folder(
             columns) gives each file, else the file tokens (see :mod:`~hf_cellmae.data.channels`).
         metadata: CSV/TSV/Parquet joined on plate/well(/site) (:func:`~hf_cellmae.data.metadata.join_metadata`);
             a per-file table with a ``compartment`` / ``channel_name`` / ``stain`` column also names the channels.
+            Default: the table at the root of ``source`` (``metadata.csv``, ``load_data.csv``...:
+            :data:`~hf_cellmae.data.metadata.FOLDER_METADATA_NAMES`), announced on stderr, else none.
         on_error: ``"skip"`` (count and report bad inputs) or ``"fail"`` (raise ``BadInputError`` on the first).
         verify: re-read every shard afterwards; problems raise ``BadInputError``.
         write_options: passed to :func:`write_shards` (``target_shard_size``, ``fields_per_row_group``,
@@ -582,10 +585,17 @@ def shard_folder(
     """
     from .channels import name_channels, parse_channels_option
     from .layouts import discover_fields
-    from .metadata import join_metadata, read_metadata_table
+    from .metadata import find_folder_metadata, join_metadata, read_metadata_table
 
     problems = ProblemLog(on_error)
     given = parse_channels_option(channel_names)  # refuse a malformed --channels before reading anything
+    found_in_folder = False
+    if metadata is None and layout != "load_data":
+        metadata = find_folder_metadata(source)
+        found_in_folder = metadata is not None
+        if found_in_folder:
+            print(f"cellmae shard: using the metadata table {metadata} found in the plate folder (--metadata names another)",
+                  file=sys.stderr)
     ignore = [metadata] if metadata else []
     records = discover_fields(source, layout=layout, pattern=pattern, channel_names=None, problems=problems, ignore=ignore)
     table = read_metadata_table(metadata) if metadata else None
@@ -593,7 +603,7 @@ def shard_folder(
     naming = name_channels(records, given, table, source=str(metadata) if metadata else "metadata", root=source, layout=read_layout)
     extra: dict = {"source": str(source), "layout": layout if layout != "auto" else "auto", **naming}
     if metadata:
-        extra["metadata"] = join_metadata(records, table, problems, source=str(metadata))
+        extra["metadata"] = {**join_metadata(records, table, problems, source=str(metadata)), "found_in_plate_folder": found_in_folder}
     manifest = write_shards(records, output_dir, on_error=on_error, problems=problems, manifest_extra=extra, progress=progress, **write_options)
     if verify:
         found = verify_shards(output_dir, progress=progress)

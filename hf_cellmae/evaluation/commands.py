@@ -86,7 +86,8 @@ def run_embed(args: argparse.Namespace) -> int:
     else:
         featurizer = ModelFeaturizer(args.model, device=options.device, dtype=options.dtype, batch_size=options.batch_size,
                                      crop_mode=options.crop_mode, channelwise=options.channelwise, image_size=options.image_size,
-                                     readout=options.readout, layer=options.layer, compile=options.compile)
+                                     readout=options.readout, layer=options.layer, by_position=options.by_position,
+                                     compile=options.compile)
     state = process_state()  # under `accelerate launch`: joins the process group, so each process embeds its share
     try:
         info = embed_dataset(args.data, args.out, featurizer, layout=options.layout, pattern=options.pattern,
@@ -150,7 +151,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         null_samples=options.null_samples, seed=options.seed, on_unusable="skip" if options.skip_unusable else "raise",
         annotations=options.annotations, plots=not options.no_plots, progress=not options.no_progress,
         suite=not options.no_suite, probe_labels=options.probe, consistency_col=options.consistency_col,
-        cellprofiler=options.cellprofiler,
+        cellprofiler=options.cellprofiler, model_label=options.model_label,
     )
     print(f"evaluate: {results['n_perturbations']} perturbations, alignment {results['alignment']}")
     for name, metrics in results["sources"].items():

@@ -46,6 +46,8 @@ from .pixel_stats import DEFAULT_PERCENTILES, pixel_statistic_names, pixel_stati
 
 INFO_NAME = "_embedding_info.json"
 READOUTS = ("mean", "cls", "mean_std", "channelwise")
+# The read-out the demo and docs/evidence.md (section 3) evaluate: one mean token per stain beat the pooled mean.
+DEFAULT_READOUT = "channelwise"
 MANIFEST_NAME = "manifest.json"
 IDENTITY_COLUMNS = ("field_id", "experiment", "plate", "well", "site")
 
@@ -321,8 +323,9 @@ class ModelFeaturizer:
             (the same as ``readout="channelwise"``).
         image_size: crop size (default: the model's ``image_size``).
         readout: how a crop's tokens become one vector (see ``READOUTS``): ``"mean"`` (mean of the
-            patch tokens, OpenPhenom's, default), ``"cls"`` (the class token), ``"mean_std"`` (mean and
-            standard deviation of the patch tokens, 2D), ``"channelwise"`` (mean per channel, C*D).
+            patch tokens, OpenPhenom's), ``"cls"`` (the class token), ``"mean_std"`` (mean and
+            standard deviation of the patch tokens, 2D), ``"channelwise"`` (mean per channel, C*D);
+            ``None``: ``DEFAULT_READOUT`` (``"mean"`` for a MU-Net, which has no tokens).
         layer: read the tokens after this encoder block (1-based; negative counts from the end;
             ``None`` = the encoder's output, after its final norm).
         compile: run the encoder through ``torch.compile`` (worth it on a GPU for a large screen; the first
@@ -330,6 +333,8 @@ class ModelFeaturizer:
 
     Cropping and normalising (``preparer``, picklable) runs in ``embed_dataset``'s DataLoader workers; the model
     runs in :meth:`embed_prepared`. ``featurizer(fields)`` does both.
+        by_position: feed plate channel i as model channel i when the plate's channels are unnamed file tokens
+            (``w1``...) and the model's are stains; without it such a plate is refused.
     """
 
     name = "model"
@@ -337,7 +342,8 @@ class ModelFeaturizer:
     def __init__(self, model: str | Path, device: str = EmbedOptions.device, dtype: str = EmbedOptions.dtype,
                  batch_size: int = EmbedOptions.batch_size, crop_mode: str = EmbedOptions.crop_mode,
                  channelwise: bool = EmbedOptions.channelwise, image_size: int | None = None,
-                 readout: str = EmbedOptions.readout, layer: int | None = None, compile: bool = EmbedOptions.compile):
+                 readout: str | None = EmbedOptions.readout, layer: int | None = None,
+                 by_position: bool = EmbedOptions.by_position, compile: bool = EmbedOptions.compile):
         import torch
 
         from .. import CellMAEImageProcessor
@@ -356,6 +362,8 @@ class ModelFeaturizer:
         self.config = self.model.config
         # A MU-Net (fixed-channel U-Net MAE) has no tokens: its embedding is the pooled bottleneck.
         self.is_munet = self.config.model_type == "cellmunet"
+        if readout is None:
+            readout = "mean" if self.is_munet and not channelwise else DEFAULT_READOUT
         if self.is_munet and (channelwise or readout != "mean" or layer is not None):
             raise ValueError(
                 f"{model} is a MU-Net: its embedding is the pooled bottleneck (readout='mean'); readout={readout!r}, "
@@ -381,6 +389,7 @@ class ModelFeaturizer:
         self._channel_id_cache: dict[tuple, object] = {}
         self._warned_positional = False
         self.preparer = CropPreparer(self.processor, self.image_size, crop_mode)
+        self.by_position = by_position
 
     def describe(self) -> dict:
         info = {"featurizer": self.name, "model": self.model_path, "dtype": self.dtype, "crop_mode": self.crop_mode,
@@ -418,8 +427,9 @@ class ModelFeaturizer:
 
         A plate may hold the model's stains in another order, or a subset of them: each is fed with the id the
         model learnt for that stain. A stain the model does not know is refused (``UserError`` naming it and the
-        model's names). Only when either side has no names (file tokens such as ``w1``, or a model without
-        ``channel_names``) are channels fed by position (``None`` = ids ``0..C-1``), with a one-time warning.
+        model's names). Unnamed plate channels (file tokens such as ``w1``) for a model with stain names are refused
+        too, unless ``by_position``; then, or for a model without ``channel_names``, channels are fed by position
+        (``None`` = ids ``0..C-1``), with a one-time warning.
         """
         import torch
 
@@ -430,7 +440,15 @@ class ModelFeaturizer:
         if key in self._channel_id_cache:
             return self._channel_id_cache[key]
         model_names = [str(name) for name in (getattr(self.config, "channel_names", None) or [])]
-        if not model_names or all(is_channel_token(n) for n in model_names) or all(is_channel_token(c) for c in channels):
+        named_model = bool(model_names) and not all(is_channel_token(n) for n in model_names)
+        if named_model and all(is_channel_token(c) for c in channels) and not self.by_position:
+            raise UserError(
+                f"the plate's channels are unnamed file tokens ({', '.join(channels)}) and the model's are stains "
+                f"({', '.join(model_names)}); name them when sharding (cellmae shard ... --channels "
+                f"{','.join(f'{c}=NAME' for c in channels)}, or a metadata table), or pass --by-position to feed plate "
+                "channel i as model channel i"
+            )
+        if not named_model or all(is_channel_token(c) for c in channels):
             self._warn_positional(channels, model_names)
             self._channel_id_cache[key] = None
             return None

@@ -50,12 +50,17 @@ class EmbedOptions:
         "help": "tile: average the model-sized crops of each field (default)", "choices": ("tile", "center", "none")})
     image_size: int | None = field(default=None, metadata={"help": "crop size (default: the model's image_size)"})
     channelwise: bool = field(default=False, metadata={
-        "help": "one vector per channel, concatenated (= --readout channelwise)", "action": "store_true"})
-    readout: str = field(default="mean", metadata={
-        "help": "how a crop's tokens become one vector (default: mean of the patch tokens, OpenPhenom's)",
+        "help": "one vector per channel, concatenated (= --readout channelwise, the default)", "action": "store_true"})
+    readout: str | None = field(default=None, metadata={
+        "help": "how a crop's tokens become one vector (default: channelwise, the mean token of each stain concatenated, "
+        "C x D: the read-out the demo and docs/evidence.md evaluate, ahead of the pooled mean there; mean: OpenPhenom's "
+        "pooled mean of every patch token, D; a MU-Net has only mean)",
         "choices": ("mean", "cls", "mean_std", "channelwise")})
     layer: int | None = field(default=None, metadata={
         "help": "read the tokens after this encoder block (1-based, negative from the end; default: the output)"})
+    by_position: bool = field(default=False, metadata={
+        "help": "feed plate channel i as model channel i when the plate's channels are unnamed (w1...) and the model's "
+        "are stains (default: refuse; name the channels with cellmae shard --channels instead)", "action": "store_true"})
     nuclei_channel: str | None = field(default=None, metadata={
         "help": "name of the DNA/Hoechst channel (default: found by name)", "group": CELLPROFILER})
     cell_channels: str | None = field(default=None, metadata={
@@ -117,6 +122,8 @@ class EvaluateOptions:
     skip_unusable: bool = field(default=False, metadata={
         "help": "skip (and report) sources without usable pairs", "action": "store_true"})
     dataset: str | None = field(default=None, metadata={"help": "dataset name for the report (default: the EMBEDDINGS file name)"})
+    model_label: str = field(default="model", metadata={
+        "help": "what the plots call the featuriser of EMBEDDINGS, e.g. pretrained (eval_results.json keeps the key model)"})
     probe: list[str] = field(default_factory=list, metadata={
         "help": "linear probe + kNN of these metadata columns, leave one plate out, e.g. complex gene (default: none)",
         "metavar": "COLUMN", "group": SUITE})

@@ -25,15 +25,23 @@ def plot_recall(
     chance: Mapping[str, float],
     baselines: Mapping[str, Mapping[str, Mapping[str, float]]] | None = None,
     title: str = "Recall of known relationships",
+    model_label: str = "model",
 ) -> Path:
     """Grouped bars: recall per source for the model (and baselines), one panel per threshold pair.
 
     Args:
         sources: ``{source: {recall_key: value, ...}}`` of the model.
-        chance: ``{recall_key: value}`` drawn as a dashed line.
+        chance: ``{recall_key: value}``, drawn as a dashed line in its own panel and written on it.
         baselines: ``{baseline_name: {source: {recall_key: value}}}``.
+        model_label: the model's name in the legend (the demo's "pretrained").
     """
-    runs = {"model": sources, **(baselines or {})}
+    return _save(recall_figure(sources, chance, baselines, title, model_label), path)
+
+
+def recall_figure(sources, chance, baselines=None, title: str = "Recall of known relationships",
+                  model_label: str = "model") -> Figure:
+    """The figure :func:`plot_recall` writes."""
+    runs = {model_label: sources, **(baselines or {})}
     names = list(sources)
     keys = list(chance)
     fig = Figure(figsize=(1.2 + 1.1 * len(names) * len(keys) + 2, 3.6))
@@ -46,16 +54,17 @@ def plot_recall(
             positions = np.arange(len(names)) + (k - (len(runs) - 1) / 2) * width
             bars = ax.bar(positions, values, width, label=run, color=colours(k))
             ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)
-        ax.axhline(chance[key], color="black", linestyle="--", linewidth=1, label=f"chance ({chance[key]:.2f})")
+        # Each panel has its own chance (the share of pairs its thresholds keep): named in its own title.
+        ax.axhline(chance[key], color="black", linestyle="--", linewidth=1, label="chance (each panel's)")
         ax.set_xticks(np.arange(len(names)), names, rotation=20)
         lo, hi = key.split("_")[1:]
-        ax.set_title(f"percentile <= {lo} or >= {hi}", fontsize=10)
+        ax.set_title(f"percentile <= {lo} or >= {hi} (chance {chance[key]:.2f})", fontsize=10)
         ax.set_ylabel("recall")
         ax.set_ylim(0, max(1.0, ax.get_ylim()[1]))
     axes[0][-1].legend(fontsize=8, loc="upper right")
     fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
 
 
 def relationship_groups(pairs: pd.DataFrame, labels) -> list[list[str]]:
@@ -172,4 +181,4 @@ def _save(fig, path) -> Path:
     return path
 
 
-__all__ = ["plot_recall", "plot_complex_heatmap", "plot_projection", "relationship_groups", "pick_complex"]
+__all__ = ["plot_recall", "recall_figure", "plot_complex_heatmap", "plot_projection", "relationship_groups", "pick_complex"]

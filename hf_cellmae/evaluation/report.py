@@ -211,6 +211,7 @@ def evaluate_embeddings(
     probe_labels: Sequence[str] = (),
     consistency_col: str | None = None,
     cellprofiler: str | Path | pd.DataFrame | None = None,
+    model_label: str = "model",
 ) -> dict:
     """Evaluate an embeddings table (and optional baseline tables) and return the metrics dict.
 
@@ -235,6 +236,8 @@ def evaluate_embeddings(
         consistency_col: per-perturbation group column for consistency mAP.
         cellprofiler: CellProfiler features of the same fields (table or path), the target of the
             CellProfiler-feature prediction (default: a baseline named ``"cellprofiler"``, if any).
+        model_label: what the plots call the embeddings' featuriser (the demo's ``"pretrained"``); the
+            results keep the key ``"model"``.
 
     Returns:
         The ``eval_results.json`` dict (see the module docstring).
@@ -289,13 +292,13 @@ def evaluate_embeddings(
             tables, usable, probe_labels=probe_labels, consistency_col=consistency_col, cellprofiler=cellprofiler,
             perturbation_col=perturbation_col, controls=controls, control_col=control_col, batch_col=batch_col,
             alignment=alignment, align_options=align_options, seed=seed,
-            out_dir=Path(out_dir) if (out_dir is not None and plots) else None,
+            out_dir=Path(out_dir) if (out_dir is not None and plots) else None, model_label=model_label,
         )
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         if plots:
-            results["plots"] = _write_plots(results, profile, named_sources, annotations, out_dir)
+            results["plots"] = _write_plots(results, profile, named_sources, annotations, out_dir, model_label)
             for kind, key in (("suite", "plot"), ("cellprofiler", "cellprofiler_plot")):
                 if key in results.get("suite", {}):
                     results["plots"][kind] = results["suite"][key]
@@ -312,19 +315,23 @@ def _named_sources(sources, annotations) -> dict:
     return {name: load_relationships(spec, annotations) for name, spec in sources.items()}
 
 
-def _write_plots(results: dict, profile: ProfileMap, sources: Mapping[str, pd.DataFrame], annotations, out_dir: Path) -> dict:
+def _write_plots(results: dict, profile: ProfileMap, sources: Mapping[str, pd.DataFrame], annotations, out_dir: Path,
+                 model_label: str = "model") -> dict:
     baselines = {name: entry["sources"] for name, entry in results.get("baselines", {}).items()}
+    alignment = results["alignment"]
     plot_recall(results["sources"], out_dir / PLOT_NAMES["recall"], results["chance"], baselines,
-                title=f"Recall of known relationships: {results['dataset']} ({results['alignment']})")
+                title=f"Recall of known relationships: {results['dataset']} ({alignment})", model_label=model_label)
     written = {"recall": PLOT_NAMES["recall"]}
     for name in results["sources"]:  # the first source with a usable complex
         pairs = sources[name]
         members = pick_complex(pairs, profile.labels)
         if len(members) >= 2:
             plot_complex_heatmap(profile.labels, profile.vectors, members, out_dir / PLOT_NAMES["heatmap"],
-                                 title=f"Cosine similarity, {name} group around {members[0]}")
+                                 title=f"Cosine similarity of {model_label} profiles after {alignment}, "
+                                       f"{name} group around {members[0]}")
             plot_projection(profile.labels, profile.vectors, relationship_groups(pairs, profile.labels),
-                            out_dir / PLOT_NAMES["projection"], title=f"Perturbation embeddings (PCA), coloured by {name} group")
+                            out_dir / PLOT_NAMES["projection"],
+                            title=f"{model_label} profiles after {alignment} (PCA), coloured by {name} group")
             written.update(heatmap=PLOT_NAMES["heatmap"], projection=PLOT_NAMES["projection"])
             break
     return written

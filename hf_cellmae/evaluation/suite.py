@@ -61,6 +61,7 @@ def evaluate_suite(
     null_size: int = 1000,
     seed: int = 0,
     out_dir: str | Path | None = None,
+    model_label: str = "model",
 ) -> dict:
     """Every evaluation of the suite for each table in ``tables`` (``{featuriser name: table}``).
 
@@ -130,10 +131,10 @@ def evaluate_suite(
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        plot_suite(report, out_dir / SUITE_PLOT)
+        plot_suite(report, out_dir / SUITE_PLOT, model_label=model_label, alignment=alignment)
         report["plot"] = SUITE_PLOT
-        predicted = {name: entry["cellprofiler_prediction"] for name, entry in results.items()
-                     if "cellprofiler_prediction" in entry}
+        predicted = {(model_label if name == "model" else name): entry["cellprofiler_prediction"]
+                     for name, entry in results.items() if "cellprofiler_prediction" in entry}
         if predicted:
             from .cellprofiler import plot_cellprofiler_prediction
 
@@ -164,36 +165,72 @@ def suite_rows(report: dict) -> dict[str, dict[str, float]]:
     return rows
 
 
-def plot_suite(report: dict, path: str | Path) -> Path:
-    """Grouped bars, one group per metric, one bar per featuriser (chance drawn where defined)."""
-    from matplotlib import colormaps
-    from matplotlib.figure import Figure
+def suite_spread(report: dict) -> dict[str, dict[str, float]]:
+    """The standard deviation beside each headline number that has one (the probes' over their folds), as `suite_rows`."""
+    spread = {}
+    for name, entry in report["featurizers"].items():
+        row = {}
+        for label, probe in entry.get("probe", {}).items():
+            short = label.removeprefix("Metadata_")
+            row[f"probe {short}"] = probe.get("logistic_std", np.nan)
+            row[f"kNN {short}"] = probe.get("knn_std", np.nan)
+        spread[name] = row
+    return spread
 
-    rows = suite_rows(report)
-    names = list(rows)
-    metrics = list(dict.fromkeys(m for row in rows.values() for m in row))
-    fig = Figure(figsize=(max(6.0, 1.0 * len(metrics) * max(1, len(names)) * 0.45 + 2), 4.2))
-    ax = fig.subplots()
-    width = 0.8 / max(1, len(names))
-    for k, name in enumerate(names):
-        values = [rows[name].get(m, np.nan) for m in metrics]
-        positions = np.arange(len(metrics)) + (k - (len(names) - 1) / 2) * width
-        bars = ax.bar(positions, values, width, label=name, color=colormaps["tab10"](k))
-        ax.bar_label(bars, fmt="%.2f", fontsize=6, padding=1)
+
+def suite_chance(report: dict) -> dict[str, float]:
+    """The chance level of each headline metric that has one: probes and kNN (1 / classes), gene-set recall."""
     first = next(iter(report["featurizers"].values()), {})
-    chances = {f"probe {label.removeprefix('Metadata_')}": probe["chance"] for label, probe in first.get("probe", {}).items()}
+    chances = {}
+    for label, probe in first.get("probe", {}).items():
+        short = label.removeprefix("Metadata_")
+        chances[f"probe {short}"] = chances[f"kNN {short}"] = probe["chance"]
     chances.update({f"gene-set recall {s}": v["chance"] for s, v in first.get("gene_set_recall", {}).items() if "chance" in v})
-    for i, metric in enumerate(metrics):
-        if metric in chances:
-            ax.hlines(chances[metric], i - 0.45, i + 0.45, colors="black", linestyles="--", linewidth=1)
-    ax.axhline(0, color="black", linewidth=0.6)
-    ax.set_xticks(np.arange(len(metrics)), metrics, rotation=25, ha="right", fontsize=8)
-    ax.set_ylabel("score (dashed: chance)")
-    ax.set_title("Evaluation suite: model and baselines side by side")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    return chances
+
+
+def plot_suite(report: dict, path: str | Path, model_label: str = "model", alignment: str | None = None) -> Path:
+    """Grouped bars, one group per metric, one bar per featuriser, with the spread where there is one (error bars)
+    and chance where it is defined (dashed); `model_label` names the model, `alignment` goes into the title."""
+    fig = suite_figure(report, model_label, alignment)
     fig.savefig(path, dpi=120)
     return Path(path)
 
 
-__all__ = ["evaluate_suite", "plot_suite", "suite_rows"]
+def suite_figure(report: dict, model_label: str = "model", alignment: str | None = None):
+    """The figure :func:`plot_suite` writes."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
+    rows, spread, chances = suite_rows(report), suite_spread(report), suite_chance(report)
+    names = list(rows)
+    metrics = list(dict.fromkeys(m for row in rows.values() for m in row))
+    fig = Figure(figsize=(max(6.0, 1.0 * len(metrics) * max(1, len(names)) * 0.45 + 2), 4.4))
+    ax = fig.subplots()
+    width = 0.8 / max(1, len(names))
+    for k, name in enumerate(names):
+        values = [rows[name].get(m, np.nan) for m in metrics]
+        errors = [spread[name].get(m, np.nan) for m in metrics]
+        positions = np.arange(len(metrics)) + (k - (len(names) - 1) / 2) * width
+        bars = ax.bar(positions, values, width, label=model_label if name == "model" else name, color=colormaps["tab10"](k))
+        ax.bar_label(bars, fmt="%.2f", fontsize=6, padding=1)
+        spread_at = [i for i, error in enumerate(errors) if np.isfinite(error)]
+        if spread_at:
+            ax.errorbar(positions[spread_at], np.asarray(values)[spread_at], yerr=np.asarray(errors)[spread_at], fmt="none",
+                        ecolor="black", elinewidth=0.8, capsize=2)
+    for i, metric in enumerate(metrics):
+        if metric in chances:
+            ax.hlines(chances[metric], i - 0.45, i + 0.45, colors="black", linestyles="--", linewidth=1,
+                      label="chance" if i == min(j for j, m in enumerate(metrics) if m in chances) else None)
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.set_xticks(np.arange(len(metrics)), metrics, rotation=25, ha="right", fontsize=8)
+    ax.set_ylabel("score")
+    after = f"; recall and mAP after {alignment}" if alignment else ""
+    ax.set_title(f"Evaluation suite: {model_label} and baselines side by side{after}\n"
+                 "dashed: chance; error bars: ± sd of the probes over their held-out folds", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+__all__ = ["evaluate_suite", "plot_suite", "suite_chance", "suite_figure", "suite_rows", "suite_spread"]

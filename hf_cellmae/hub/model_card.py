@@ -40,8 +40,8 @@ LOSS_CURVE_FILE = "training_loss.png"
 GENERIC_FOLDER_NAMES = re.compile(r"(model|run|runs|output|outputs|pretrain|final|checkpoint-\d+|tmp.*|\.)", re.IGNORECASE)
 # Training arguments that hold local paths: the card shows only the last component (no machine paths).
 PATH_ARGUMENTS = ("data", "output_dir", "init_from", "resume_from_checkpoint", "config", "data_path", "logging_dir")
-# What a user types to install hf_cellmae: it is not on a package index, so from its source tree.
-INSTALL_LINE = "pip install ./hf_cellmae"
+# What a user types to install hf_cellmae: it is not on a package index, so from its clone (as the README says).
+INSTALL_LINE = "pip install -e ."
 
 # Architecture fields shown in the card, in order: (config key, label).
 ARCHITECTURE_FIELDS = [

@@ -50,6 +50,7 @@ class PretrainingArguments:
     label_col: str = field(default="perturbation", metadata={"help": "wsl/classify: the shard metadata column (or plate/well/experiment) whose values are the classes"})
     classifier_batch_norm: str = field(default="auto", metadata={"help": "wsl/classify: plate (standardise the pooled embedding by its plate's statistics in the batch) | plate_center (centre only) | none; auto: plate for wsl, none for classify"})
     layer_decay: float | None = field(default=None, metadata={"help": "classify: layer-wise learning-rate decay; depth d of D+1 (0: patch embedding, D+1: head) trains at lr * layer_decay ** (D + 1 - d)"})
+    unlabeled_class: str | None = field(default=None, metadata={"help": "wsl/classify: the class of fields whose --label-col is empty (e.g. control wells without a complex); default: leave them out, counted"})
     holdout_plates: list[str] | None = field(default=None, metadata={"help": "wsl/classify: plates left out of training and evaluated (accuracy) at the end"})
     # ---- model
     model_type: str = field(default="cellmae", metadata={"help": "cellmae (channel-agnostic ViT MAE) | munet (fixed-channel masked U-Net)"})
@@ -248,12 +249,27 @@ def merge_model_overrides(config_values: dict, given: set[str], command_line: di
     return {**from_config, **typed}, dropped
 
 
+@dataclass
+class ParsedCommandLine:
+    """What `cellmae pretrain` was given: the arguments, the config file they started from, and what was typed."""
+
+    args: PretrainingArguments
+    config: Path | None
+    config_values: dict
+    typed: set[str]
+
+
 def parse_pretraining_arguments(argv: list[str] | None = None) -> PretrainingArguments:
     """`--config FILE|NAME` (YAML/JSON) gives the defaults; any `--field value` on the command line overrides them.
 
     `model_overrides` merge key by key (the command line's win); a `--model-preset` on the command line
     drops the config's size overrides (`SIZE_KEYS`) it did not repeat, and says which on stderr.
     """
+    return parse_command_line(argv).args
+
+
+def parse_command_line(argv: list[str] | None = None) -> ParsedCommandLine:
+    """:func:`parse_pretraining_arguments`, also returning the config file, its values and the options typed."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_pretraining_parser()
     known, _ = parser.parse_known_args(argv)
@@ -278,5 +294,6 @@ def parse_pretraining_arguments(argv: list[str] | None = None) -> PretrainingArg
                   f"were dropped (repeat them in --model-overrides to keep them)", file=sys.stderr)
     if values.get("data") is None:
         parser.error("--data is required (a shard folder from `cellmae shard`), on the command line or in --config")
-    return PretrainingArguments(**values)
+    config = resolve_config(known.config) if known.config else None
+    return ParsedCommandLine(PretrainingArguments(**values), config, config_values, given)
 

@@ -16,14 +16,35 @@ def register(subparsers) -> None:
 
 
 def _pretrain(args) -> int:
-    from .arguments import parse_pretraining_arguments
+    import dataclasses
+    import sys
+
+    from .arguments import config_hardware, parse_command_line
 
     # --help and --list-configs exit inside the parser, before torch or transformers are imported.
-    training_args = parse_pretraining_arguments(args.rest)
+    parsed = parse_command_line(args.rest)
+    training_args = parsed.args
+    from .device_defaults import cpus_of_this_process, settings_for_a_cpu, training_device_type
+
+    on_cpu = training_device_type() == "cpu"
+    if on_cpu and parsed.config is not None:
+        cpus = cpus_of_this_process()
+        changes = settings_for_a_cpu(parsed.config_values, parsed.typed, cpus)
+        if changes:
+            said = ", ".join(f"{name}={parsed.config_values[name]} -> {value}" for name, value in changes.items())
+            print(f"cellmae pretrain: no CUDA GPU, so {parsed.config.stem}'s {said} (a CPU trains in fp32 and eager, "
+                  f"with at most {max(0, cpus - 1)} DataLoader worker(s) on its {cpus} core(s)); options typed on the command "
+                  "line are kept", file=sys.stderr)
+            training_args = dataclasses.replace(training_args, **changes)
     if training_args.check_memory:
         from .memory import check_training_memory
 
         check_training_memory(training_args)
+    if on_cpu and parsed.config is not None and "max_steps" not in parsed.typed \
+            and "gpu" in config_hardware(parsed.config).lower():
+        from .memory import check_cpu_run_length
+
+        check_cpu_run_length(training_args, parsed.config.stem, config_hardware(parsed.config))
     from .loop import pretrain
 
     summary = pretrain(training_args)
@@ -32,7 +53,8 @@ def _pretrain(args) -> int:
         print(f"Skipped {len(summary['skipped_fields'])} corrupt field(s) (--on-error skip); re-run the same `cellmae shard` "
               "command to rewrite the damaged shards.")
     if "holdout_evaluation" in summary:
-        result = summary["holdout_evaluation"]
-        print(f"Accuracy on held-out plates {result['plates']}: {result['accuracy']:.4f} ({result['num_samples']} crops).")
+        from .loop import holdout_line
+
+        print(f"Held-out evaluation: {holdout_line(summary['holdout_evaluation'])}")
     print(f"Load it with: AutoModel.from_pretrained({summary['model_dir']!r})  (after `import hf_cellmae`)")
     return 0

@@ -9,7 +9,8 @@ A field of `PretrainingArguments` left at `"auto"`/`None` gets the fast choice f
 | `dataloader_num_workers` | CPU cores per rank - 1, at most 8 (needs torchdata for exact resume) | 0: the cores do the compute |
 | pinned memory | yes, with `non_blocking` copies | no |
 
-A value the user set is kept, and so is a half precision or a compile backend that `accelerate launch`
+A value the user set is kept (except that on a machine without CUDA, `cellmae pretrain` first replaces a config
+file's GPU settings, bf16, compile and workers beyond the cores, by the CPU's: `settings_for_a_cpu`), and so is a half precision or a compile backend that `accelerate launch`
 was given (config file or flags) when the training arguments leave it open. The launcher's "no" is not a
 choice: it writes "no" whenever nothing was said, so `--mixed-precision no` / `--torch-compile false` in
 the training arguments are the way to train in fp32 / eager on a GPU. The optimiser's fused/foreach kernel is chosen by
@@ -84,6 +85,30 @@ def resolve_device_defaults(
     return DeviceDefaults(mixed_precision, bool(torch_compile), int(dataloader_num_workers), pin_memory=on_gpu, notes=tuple(notes))
 
 
+def settings_for_a_cpu(config_values: dict, typed: set[str], cpus: int) -> dict[str, object]:
+    """The settings of a training config (sized for GPUs) that a run on a CPU replaces, ``{field: new value}``.
+
+    A CPU trains in fp32 (bf16 GEMMs run at about a tenth of fp32 on CPUs without bf16 units), eager, and with
+    no more DataLoader workers than it has cores to spare: the config's ``mixed_precision`` bf16/fp16,
+    ``torch_compile: true`` and a ``dataloader_num_workers`` above ``cpus - 1`` become ``"no"``, ``False`` and 0
+    (the cores do the compute). A setting typed on the command line (``typed``) is the user's choice and kept.
+    """
+    changes: dict[str, object] = {}
+    if "mixed_precision" not in typed and config_values.get("mixed_precision") in ("bf16", "fp16"):
+        changes["mixed_precision"] = "no"
+    if "torch_compile" not in typed and config_values.get("torch_compile"):
+        changes["torch_compile"] = False
+    workers = config_values.get("dataloader_num_workers")
+    if "dataloader_num_workers" not in typed and workers and workers > max(0, cpus - 1):
+        changes["dataloader_num_workers"] = 0
+    return changes
+
+
+def cpus_of_this_process() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def find_compile_problem(device_type: str) -> str | None:
     """Why `torch.compile` cannot run on this machine for `device_type`, or None."""
     import torch
@@ -119,7 +144,7 @@ def detect_device_defaults(args) -> DeviceDefaults:
     import torch
 
     device_type = training_device_type()
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cpus = cpus_of_this_process()
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # set by accelerate launch / torchrun
     # accelerate launch always sets both, to "no"/"NO" when its config and flags say nothing.
     launcher_mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()

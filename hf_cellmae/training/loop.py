@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ..configuration_cellmae import PRESETS, CellMAEConfig
-from ..data.labels import IDENTITY_COLUMNS, LabelVocabulary, label_text, label_vocabulary
+from ..data.labels import IDENTITY_COLUMNS, LabelVocabulary, is_unlabeled, label_vocabulary
 from ..data.shards import load_manifest
 from ..data.streaming import skipped_fields, stream_fields
 from ..errors import UserError, ensure_writable_folder
@@ -115,7 +115,7 @@ def supervision(args: PretrainingArguments) -> LabelVocabulary | None:
     """The label vocabulary of a `wsl`/`classify` run (None for `mae`), with held-out plates checked against the shards."""
     if args.objective == "mae":
         return None
-    labels = label_vocabulary(args.data, args.label_col)
+    labels = label_vocabulary(args.data, args.label_col, args.unlabeled_class)
     unknown = sorted(set(args.holdout_plates or []) - set(labels.plates))
     if unknown:
         raise UserError(f"holdout plates {unknown} are not in {args.data}; its plates are {labels.plates}")
@@ -180,7 +180,7 @@ def collate(samples: list[dict], labels: LabelVocabulary | None = None) -> dict:
     }
     if labels is not None:
         label2id, plate2id = labels.label2id, labels.plate2id
-        batch["labels"] = torch.tensor([label2id[label_text(s[labels.column])] for s in samples], dtype=torch.long)
+        batch["labels"] = torch.tensor([label2id[labels.label_of(s[labels.column])] for s in samples], dtype=torch.long)
         batch["plate_ids"] = torch.tensor([plate2id[s["plate"]] for s in samples], dtype=torch.long)
     return batch
 
@@ -255,12 +255,23 @@ def training_stream(args: PretrainingArguments, config: CellMAEConfig, vocabular
     plates, and carrying the label column for the supervised objectives."""
     if num_workers is None:
         num_workers = args.dataloader_num_workers or 0
-    return stream_fields(
+    return without_unlabeled(args, stream_fields(
         args.data, image_size=config.image_size, crops_per_field=args.crops_per_field, augment=args.augment,
         channel_subset=args.channel_subset, channel_vocabulary=vocabulary, seed=args.seed, num_epochs=None,
         rank=rank, world_size=world_size, num_workers=num_workers, standardize=False, contiguous=False,
         metadata_fields=label_fields(args), exclude_plates=args.holdout_plates, on_error=args.on_error,
-    )
+    ))
+
+
+def without_unlabeled(args: PretrainingArguments, stream):
+    """A supervised run's stream without the fields whose label is empty, unless `--unlabeled-class` names their class."""
+    if args.objective == "mae" or args.unlabeled_class is not None:
+        return stream
+    return stream.filter(_is_labeled, fn_kwargs={"column": args.label_col})
+
+
+def _is_labeled(sample: dict, column: str) -> bool:
+    return not is_unlabeled(sample[column])
 
 
 def label_fields(args: PretrainingArguments) -> list[str]:
@@ -290,24 +301,36 @@ def evaluate_holdout(args: PretrainingArguments, model, config, vocabulary: list
     """Accuracy on the held-out plates: one pass over their fields (`crops_per_field` random crops each, no
     augmentation), in batches of `per_device_train_batch_size` in the stream's order, with plate ids for the
     plate-wise normalisation. Every rank evaluates the same samples (the model may be sharded)."""
-    stream = stream_fields(
+    stream = without_unlabeled(args, stream_fields(
         args.data, image_size=config.image_size, crops_per_field=args.crops_per_field, augment=False, shuffle=False,
         num_epochs=1, rank=0, world_size=1, channel_vocabulary=vocabulary, standardize=False,
         metadata_fields=label_fields(args), plates=args.holdout_plates, on_error=args.on_error,
-    )
+    ))
     loader = torch.utils.data.DataLoader(stream, batch_size=args.per_device_train_batch_size, collate_fn=functools.partial(collate, labels=labels))
     was_training = model.training
     model.eval()
     correct = torch.zeros((), device=device)
-    count = 0
+    per_class = torch.zeros(len(labels.labels), dtype=torch.long)
     for batch in loader:
         inputs = model_inputs(batch, device)
         logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
         correct += (logits.argmax(dim=-1) == inputs["labels"]).sum()
-        count += len(inputs["labels"])
+        per_class += torch.bincount(batch["labels"], minlength=len(labels.labels))
     model.train(was_training)
+    count = int(per_class.sum())
+    majority = int(per_class.argmax())
     return {"plates": list(args.holdout_plates), "label_col": args.label_col, "num_samples": count,
-            "accuracy": correct.item() / count if count else float("nan")}
+            "accuracy": correct.item() / count if count else float("nan"),
+            # the baselines beside it: always answering the held-out plates' most frequent class, and guessing
+            "majority_class": labels.labels[majority], "majority_class_rate": per_class[majority].item() / count if count else float("nan"),
+            "chance_rate": 1 / len(labels.labels), "num_classes": len(labels.labels)}
+
+
+def holdout_line(result: dict) -> str:
+    """Held-out accuracy with the majority-class and chance rates beside it."""
+    return (f"{result['label_col']} accuracy {result['accuracy']:.4f} on {result['num_samples']} crops of held-out plates "
+            f"{result['plates']} ({result['num_classes']} classes; always answering the most frequent, "
+            f"{result['majority_class']!r}: {result['majority_class_rate']:.4f}; chance: {result['chance_rate']:.4f})")
 
 
 def fixed_validation_field(args: PretrainingArguments, image_size: int, vocabulary: list[str]) -> dict:
@@ -348,6 +371,11 @@ def pretrain(args: PretrainingArguments) -> dict:
     manifest = load_manifest(args.data)
     set_seed(args.seed)  # identical initial weights on every rank
     labels = supervision(args)
+    if labels is not None and labels.num_unlabeled:
+        accelerator.print(
+            f"{labels.num_unlabeled} of {labels.num_fields} fields have no {args.label_col}: "
+            + (f"trained as the class {labels.unlabeled_class!r}" if labels.unlabeled_class is not None
+               else "left out of training and evaluation (--unlabeled-class NAME makes them a class)"))
     model = build_model(args, manifest, labels)
     config = model.config
     if args.gradient_checkpointing:
@@ -493,8 +521,7 @@ def pretrain(args: PretrainingArguments) -> dict:
     if args.holdout_plates:
         state["holdout_evaluation"] = evaluate_holdout(args, model, config, vocabulary, labels, accelerator.device)
         result = state["holdout_evaluation"]
-        accelerator.print(f"Held-out plates {result['plates']}: {args.label_col} accuracy {result['accuracy']:.4f} "
-                          f"on {result['num_samples']} crops ({len(labels.labels)} classes).")
+        accelerator.print(holdout_line(result))
     model_dir = save_model_folder(accelerator, model, output_dir / "model", args, trainer_state())  # one line if it cannot
     figure = output_dir / "figures" / f"reconstruction-step{state['global_step']:06d}.png"
     if not figure.exists():  # not already drawn at this step by figure_steps

@@ -22,6 +22,12 @@ of width, with mlp_ratio 4 and SDPA attention, which stores no token x token mat
 (copies of the pixels held by patchify, the targets and the Fourier loss) were checked against measured
 CPU steps: 0.97-1.10x (`scripts/measure_train_memory.py`, docs/training_memory.md). bf16/fp16 halve the
 activation bytes; gradient checkpointing keeps one block's activations plus each block's input.
+
+How long a step takes on a CPU, more roughly (to tell a user what a GPU-sized run would cost there):
+
+    step FLOPs = 3 (forward + backward) x batch x sum over blocks of
+                 tokens x [2 x (4 + 2 x mlp_ratio) x width^2 + 4 x tokens x width]   (projections + MLP, attention)
+    seconds    = step FLOPs / (STEP_EFFICIENCY x this CPU's fp32 matmul speed, measured in a fraction of a second)
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ PIXEL_VALUES = 24
 RUNTIME_BYTES = 600 * 2**20
 WORKER_BYTES = 500 * 2**20
 OPTIMIZER_STATES = {"adamw": 2, "lion": 1}
+# Share of the measured matmul speed a training step reaches on a CPU: 44-78% in the README's benchmarks.
+STEP_EFFICIENCY = 0.5
 
 
 @dataclass
@@ -141,6 +149,71 @@ def largest_batch_that_fits(estimate_for, available: int, start: int) -> int:
 def processes_on_this_machine() -> int:
     """Training processes sharing this machine's memory (`accelerate launch` sets LOCAL_WORLD_SIZE)."""
     return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def step_flops(config: CellMAEConfig, batch_size: int, num_channels: int) -> float:
+    """Approximate FLOPs of one training step of `CellMAEForPreTraining(config)` (module docstring)."""
+    tokens_per_channel = config.tokens_per_channel
+    encoder_tokens = 1 + math.ceil((1 - config.mask_ratio) * num_channels * tokens_per_channel)
+    decoder_tokens = 1 + num_channels * tokens_per_channel
+
+    def blocks(tokens: int, width: int, depth: int, mlp_ratio: float) -> float:
+        return depth * tokens * (2 * (4 + 2 * mlp_ratio) * width**2 + 4 * tokens * width)
+
+    forward = (blocks(encoder_tokens, config.hidden_size, config.num_hidden_layers, config.mlp_ratio)
+               + blocks(decoder_tokens, config.decoder_hidden_size, config.decoder_num_hidden_layers, config.decoder_mlp_ratio))
+    return 3.0 * batch_size * forward
+
+
+def matmul_flops_per_second(size: int = 512, repeats: int = 5) -> float:
+    """This machine's fp32 matmul speed (FLOP/s), the best of `repeats` `size` x `size` products."""
+    import time
+
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / max(best, 1e-9)
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 2 * 86400:
+        return f"{seconds / 86400:,.0f} days"
+    if seconds >= 2 * 3600:
+        return f"{seconds / 3600:,.0f} hours"
+    return f"{seconds / 60:,.0f} minutes"
+
+
+def check_cpu_run_length(args, config_name: str, hardware: str) -> None:
+    """Refuse (``UserError``) a config sized for GPUs run on a CPU for the config's `max_steps`.
+
+    The message gives the estimated time (:func:`step_flops` at this CPU's measured matmul speed) and memory of
+    the run as configured, and the two ways on: `--max-steps N` (a length the user chose: then it runs), or the
+    CPU config `demo_cpu`. Called only when `--max-steps` was not typed.
+    """
+    from ..data.shards import load_manifest
+    from ..errors import UserError
+
+    config = CellMAEConfig.from_pretrained(args.init_from) if args.init_from else CellMAEConfig.from_preset(args.model_preset, **args.overrides)
+    channels = args.channel_subset or len(load_manifest(args.data)["channels"])
+    batch = args.per_device_train_batch_size * args.gradient_accumulation_steps
+    seconds_per_step = step_flops(config, batch, channels) / (STEP_EFFICIENCY * matmul_flops_per_second())
+    precision = "no" if args.mixed_precision in (None, "auto") else args.mixed_precision
+    memory = estimate_training_memory(config, args.per_device_train_batch_size, channels, args.optimizer, precision,
+                                      args.gradient_checkpointing, args.dataloader_num_workers or 0)
+    an_hour = max(1, int(3600 / seconds_per_step))
+    raise UserError(
+        f"{config_name} is sized for GPUs ({hardware.split('. ')[0].rstrip('.')}) and this machine has none: its {args.max_steps:,} steps of "
+        f"batch {batch} ({config.image_size} px crops, {config.hidden_size}-wide encoder) would take about "
+        f"{_duration(args.max_steps * seconds_per_step)} here (~{seconds_per_step:.2g} s a step, a rough estimate from the "
+        f"step's FLOPs and this CPU's measured matmul speed) and {memory.total / 2**30:.1f} GiB; pass --max-steps N to train "
+        f"that many steps here (about {an_hour:,} in an hour), or use --config demo_cpu (a tiny model, 400 steps, minutes on a laptop)"
+    )
 
 
 def check_training_memory(args, announce=print) -> MemoryEstimate | None:
