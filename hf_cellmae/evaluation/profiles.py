@@ -14,8 +14,8 @@ and copairs: metadata columns start with ``Metadata_``, every other column is a 
 The steps are small functions that ``cellmae evaluate`` reuses:
 
 - ``group_profiles``: the mean (or median) of the rows of each group (a well, a perturbation), keeping
-  the metadata columns that are constant within every group. A table on disk is streamed batch by batch
-  with pyarrow: a first pass reads only the metadata columns (group sizes, first values), a second
+  the metadata columns that are constant within every group. A table on disk is streamed batch by batch,
+  one file at a time, with pyarrow: a first pass reads only the metadata columns (group sizes, first values), a second
   pass adds up the features. Memory holds the groups' vectors (and, for the median, only the rows of
   groups not yet complete: one well at a time for a table in well order, as ``cellmae embed`` writes),
   never the whole table.
@@ -78,30 +78,73 @@ def group_keys(metadata: pd.DataFrame, key_cols: Sequence[str]) -> np.ndarray:
     return keys.to_numpy(dtype=object)
 
 
-def _source_batches(source, columns: list[str], batch_rows: int) -> Iterator[pd.DataFrame]:
-    """``columns`` of ``source`` (a DataFrame or a pyarrow dataset) in batches of at most ``batch_rows`` rows."""
+@dataclass
+class TableFiles:
+    """The files of an embeddings table on disk, read one after the other (``open_table``)."""
+
+    files: list[Path]
+    csv: bool = False
+
+    @property
+    def schema(self):
+        import pyarrow.csv as pa_csv
+        import pyarrow.parquet as pq
+
+        if self.csv:
+            with pa_csv.open_csv(self.files[0]) as reader:
+                return reader.schema
+        return pq.read_schema(self.files[0])
+
+    def num_rows(self) -> int | None:
+        import pyarrow.parquet as pq
+
+        return None if self.csv else sum(pq.ParquetFile(path).metadata.num_rows for path in self.files)
+
+    def batches(self, columns: list[str], batch_rows: int):
+        """pyarrow record batches of ``columns``, one file at a time (no read-ahead: memory stays at one batch)."""
+        import pyarrow.csv as pa_csv
+        import pyarrow.parquet as pq
+
+        for path in self.files:
+            if self.csv:
+                with pa_csv.open_csv(path, convert_options=pa_csv.ConvertOptions(include_columns=columns)) as reader:
+                    yield from reader
+            else:
+                yield from pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=columns)
+
+
+def _source_batches(source, metadata_cols: list[str], feature_cols: list[str], batch_rows: int) -> Iterator[tuple[pd.DataFrame, np.ndarray]]:
+    """(metadata DataFrame, (n, D) features) of ``source`` (a DataFrame or ``TableFiles``), at most ``batch_rows`` rows each."""
     if isinstance(source, pd.DataFrame):
         for start in range(0, max(len(source), 1), batch_rows):
-            yield source[columns].iloc[start:start + batch_rows]
+            rows = source.iloc[start:start + batch_rows]
+            yield rows[metadata_cols], rows[feature_cols].to_numpy()
         return
-    for batch in source.to_batches(columns=columns, batch_size=batch_rows):
-        if batch.num_rows:
-            yield batch.to_pandas()
+    width = len(feature_cols)
+    for batch in source.batches([*metadata_cols, *feature_cols], batch_rows):
+        if not batch.num_rows:
+            continue
+        metadata = batch.select(metadata_cols).to_pandas()
+        # column by column into one array: no pandas block copy (the features are most of the memory)
+        features = np.column_stack([batch.column(name).to_numpy(zero_copy_only=False) for name in feature_cols]) \
+            if width else np.zeros((batch.num_rows, 0))
+        yield metadata, features
 
 
-def open_table(embeddings: str | Path):
-    """A pyarrow dataset over an embeddings table: a ``cellmae embed`` folder of parts, a Parquet file or a CSV.
+def open_table(embeddings: str | Path) -> TableFiles:
+    """The files of an embeddings table: a ``cellmae embed`` folder of Parquet parts, a Parquet file or a CSV.
 
     Files whose names start with "." or "_" (``_embedding_info.json``, unfinished parts) are not read.
     """
-    import pyarrow.dataset as ds
-
     path = Path(embeddings)
     if not path.exists():
         raise FileNotFoundError(f"embeddings {path} not found; write them with `cellmae embed MODEL DATA {path}`")
-    if path.is_dir() and not any(p.suffix == ".parquet" and not p.name.startswith((".", "_")) for p in path.iterdir()):
-        raise FileNotFoundError(f"no Parquet part in {path}; is it a `cellmae embed` output folder?")
-    return ds.dataset(str(path), format="csv" if path.suffix == ".csv" else "parquet")
+    if path.is_dir():
+        files = sorted(p for p in path.glob("*.parquet") if not p.name.startswith((".", "_")))
+        if not files:
+            raise FileNotFoundError(f"no Parquet part in {path}; is it a `cellmae embed` output folder?")
+        return TableFiles(files)
+    return TableFiles([path], csv=path.suffix == ".csv")
 
 
 def _columns(source) -> tuple[list[str], list[str]]:
@@ -165,9 +208,9 @@ def group_profiles(
     # Pass 1, metadata only: group sizes, the first row of each group, the columns that vary within one.
     firsts, counts, varying = [], {}, pd.Series(False, index=metadata_cols)
     seen: dict[str, int] = {}
-    total = len(source) if isinstance(source, pd.DataFrame) else source.count_rows()
+    total = len(source) if isinstance(source, pd.DataFrame) else source.num_rows()
     bar = tqdm(total=total, unit="row", desc="profiles: metadata", disable=not progress)
-    for batch in _source_batches(source, metadata_cols, batch_rows):
+    for batch, _ in _source_batches(source, metadata_cols, [], batch_rows):
         keys = group_keys(batch, key_cols)
         frame = batch.reset_index(drop=True)
         if len(metadata_cols):
@@ -198,14 +241,13 @@ def group_profiles(
     filled = np.zeros(len(first), dtype=np.int64)
     dtype = None
     bar = tqdm(total=int(sizes.sum()), unit="row", desc=f"profiles: {method} per group", disable=not progress)
-    for batch in _source_batches(source, [*key_cols, *feature_names], batch_rows):
-        features = batch[feature_names].to_numpy()  # (n, D)
+    for batch, features in _source_batches(source, list(key_cols), feature_names, batch_rows):  # features: (n, D)
         dtype = np.result_type(features.dtype, np.float32) if dtype is None else dtype
         group = index_of.get_indexer(group_keys(batch, key_cols))  # (n,) group of each row
         order = np.argsort(group, kind="stable")  # rows of one group together, in table order
         present, starts = np.unique(group[order], return_index=True)
         if method == "mean":
-            sums[present] += np.add.reduceat(features[order].astype(np.float64, copy=False), starts, axis=0)
+            sums[present] += np.add.reduceat(features[order], starts, axis=0, dtype=np.float64)
         else:
             for index, block in zip(present, np.split(features[order], starts[1:])):
                 pending.setdefault(index, []).append(block)
@@ -214,7 +256,9 @@ def group_profiles(
         np.add.at(filled, present, np.diff(np.append(starts, len(order))))
         bar.update(len(batch))
     bar.close()
-    vectors = sums / sizes[:, None] if method == "mean" else medians
+    vectors = sums if method == "mean" else medians
+    if method == "mean":
+        vectors /= sizes[:, None]
 
     kept = [c for c in metadata_cols if c in key_cols or not varying[c]]
     metadata = first[kept].copy()
@@ -222,7 +266,7 @@ def group_profiles(
         metadata[count_col] = sizes
     keys = first["_key"].to_numpy(dtype=object)
     order = np.argsort(keys, kind="stable")  # sorted by group key, as align.aggregate
-    return Profiles(metadata.iloc[order].reset_index(drop=True), vectors[order].astype(dtype, copy=False),
+    return Profiles(metadata.iloc[order].reset_index(drop=True), vectors.astype(dtype, copy=False)[order],
                     list(feature_names), keys[order], [c for c in metadata_cols if c not in kept])
 
 
