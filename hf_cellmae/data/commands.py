@@ -48,6 +48,7 @@ def _shard(args: argparse.Namespace) -> int:
         pattern=options.pattern,
         channel_names=options.channels,
         metadata=options.metadata,
+        storage_options=options.storage_options,
         on_error=options.on_error,
         max_skipped_share=options.max_skipped_share,
         min_field_size=options.min_field_size,
@@ -113,7 +114,8 @@ def register(subparsers) -> None:
         description="Discover fields of view under INPUT, join a metadata table, and write Parquet shards that "
         "hf_cellmae.data.streaming.stream_fields streams. Re-runs reuse finished shards.",
     )
-    shard.add_argument("input", help="input folder, or a CellProfiler load_data CSV (--layout load_data)")
+    shard.add_argument("input", help="input folder or load_data CSV (--layout load_data); local or a URL (s3://bucket/plate/, "
+                       "gs://, az://, hf://; see --storage-options)")
     shard.add_argument("output_dir", help="shard folder to write")
     add_dataclass_options(shard, ShardOptions)
     shard.set_defaults(func=_shard)

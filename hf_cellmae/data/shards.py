@@ -69,6 +69,9 @@ class ShardOptions:
         "default: the names a per-file --metadata table gives (column compartment/channel_name/stain), else the tokens. "
         "Plain names (DNA,ER,...) are taken in file-token order and refused when the metadata says otherwise"})
     metadata: str | None = field(default=None, metadata={"help": "CSV/TSV/Parquet table joined on plate/well(/site)"})
+    storage_options: str | None = field(default=None, metadata={
+        "help": "fsspec options (JSON) for an INPUT or --metadata URL (s3://, gs://, az://, hf://), e.g. '{\"anon\": true}' "
+        "for the Cell Painting Gallery (default: none)", "metavar": "JSON"})
     shard_size: str = field(default="256MB", metadata={"help": "target pixel bytes per shard"})
     fields_per_row_group: int = field(default=8, metadata={"help": "fields per Parquet row group"})
     compression: str = field(default="none", metadata={"help": "Parquet codec: none (fastest to stream), zstd, snappy..."})
@@ -243,7 +246,7 @@ def _write_shard(task: dict) -> dict:
     for record_dict in task["records"]:
         record = FieldRecord.from_dict(record_dict)
         try:
-            pixels = read_field(record)  # (C, H, W)
+            pixels = read_field(record, task.get("storage_options"))  # (C, H, W)
             check_field_pixels(record, pixels, task["min_field_size"])
         except BadInputError as error:
             problems.report(str(error), file=error.file or (record.files[0] if record.files else ""), field=record.field_id, stage="read")
@@ -339,11 +342,13 @@ def write_shards(
     manifest_extra: dict | None = None,
     progress: bool = True,
     part: tuple[int, int] | str | None = None,
+    storage_options: dict | None = None,
 ) -> dict:
     """Write ``records`` into Parquet shards + ``manifest.json`` (see the module docstring for the schema).
 
     With ``part=(I, N)`` (or ``"I/N"``) only the I-th of N blocks of the plan's shards is written, with
-    ``manifest.part-I-of-N.json`` in place of ``manifest.json`` (see :func:`merge_parts`).
+    ``manifest.part-I-of-N.json`` in place of ``manifest.json`` (see :func:`merge_parts`). Files that are
+    fsspec URLs are read with ``storage_options`` (never written to the manifest: they may hold credentials).
 
     Args:
         records: fields to write (from :func:`~hf_cellmae.data.layouts.discover_fields`).
@@ -384,7 +389,7 @@ def write_shards(
     order = list(range(len(records)))
     if shuffle:
         order = list(np.random.default_rng(seed).permutation(len(records)))
-    fields_per_shard = _fields_per_shard(records, parse_size(target_shard_size), fields_per_row_group)
+    fields_per_shard = _fields_per_shard(records, parse_size(target_shard_size), fields_per_row_group, storage_options)
     options = {"fields_per_row_group": fields_per_row_group, "compression": compression, "min_field_size": int(min_field_size), "format": SHARD_FORMAT}
     tasks = []
     for index, start in enumerate(range(0, len(order), fields_per_shard)):
@@ -393,7 +398,7 @@ def write_shards(
             {
                 "index": index, "records": chunk, "output_dir": str(output_dir), "on_error": on_error,
                 "fields_per_row_group": fields_per_row_group, "compression": compression, "min_field_size": int(min_field_size),
-                "plan_hash": _plan_hash(chunk, options),
+                "plan_hash": _plan_hash(chunk, options), "storage_options": storage_options,
             }
         )
     for stale in sorted(output_dir.glob("shard-*.json")):  # shards of an earlier, longer plan
@@ -461,11 +466,11 @@ def _check_skipped_share(written: int, problems: ProblemLog, max_skipped_share: 
         )
 
 
-def _fields_per_shard(records: list[FieldRecord], target_bytes: int, fields_per_row_group: int) -> int:
+def _fields_per_shard(records: list[FieldRecord], target_bytes: int, fields_per_row_group: int, storage_options: dict | None = None) -> int:
     bytes_per_field = 0
     for record in records[:8]:  # the first readable field sets the estimate
         try:
-            bytes_per_field = read_field(record).nbytes
+            bytes_per_field = read_field(record, storage_options).nbytes
             break
         except BadInputError:
             continue
@@ -579,6 +584,7 @@ def shard_folder(
     on_error: str = ShardOptions.on_error,
     verify: bool = ShardOptions.verify,
     progress: bool = True,
+    storage_options: dict | str | None = ShardOptions.storage_options,
     **write_options,
 ) -> dict:
     """Discover fields under ``source``, join ``metadata``, write shards (what ``cellmae shard`` runs).
@@ -595,6 +601,9 @@ def shard_folder(
             a per-file table with a ``compartment`` / ``channel_name`` / ``stain`` column also names the channels.
         on_error: ``"skip"`` (count and report bad inputs) or ``"fail"`` (raise ``BadInputError`` on the first).
         verify: re-read every shard afterwards; problems raise ``BadInputError``.
+        storage_options: fsspec options (dict or JSON text) when ``source`` or ``metadata`` is a URL
+            (``s3://bucket/plate/``). A remote folder is listed once; the listing is recorded in
+            ``output_dir/_source_listing.json`` and re-used by re-runs and by the other ``part``s.
         write_options: passed to :func:`write_shards` (``target_shard_size``, ``fields_per_row_group``,
             ``compression``, ``num_workers``, ``shuffle``, ``seed``, ``max_skipped_share``, ``min_field_size``).
 
@@ -604,18 +613,23 @@ def shard_folder(
     from .channels import name_channels, parse_channels_option
     from .layouts import discover_fields
     from .metadata import join_metadata, read_metadata_table
+    from .remote import parse_storage_options
 
     problems = ProblemLog(on_error)
     given = parse_channels_option(channel_names)  # refuse a malformed --channels before reading anything
+    storage_options = parse_storage_options(storage_options)
     ignore = [metadata] if metadata else []
-    records = discover_fields(source, layout=layout, pattern=pattern, channel_names=None, problems=problems, ignore=ignore)
-    table = read_metadata_table(metadata) if metadata else None
+    listed = _listed_source(source, output_dir, layout, storage_options)
+    records = discover_fields(listed, layout=layout, pattern=pattern, channel_names=None, problems=problems, ignore=ignore,
+                              storage_options=storage_options)
+    table = read_metadata_table(metadata, storage_options) if metadata else None
     read_layout = "load_data" if layout == "load_data" or (layout == "auto" and str(source).lower().endswith(".csv")) else layout
     naming = name_channels(records, given, table, source=str(metadata) if metadata else "metadata", root=source, layout=read_layout)
     extra: dict = {"source": str(source), "layout": layout if layout != "auto" else "auto", **naming}
     if metadata:
         extra["metadata"] = join_metadata(records, table, problems, source=str(metadata))
-    manifest = write_shards(records, output_dir, on_error=on_error, problems=problems, manifest_extra=extra, progress=progress, **write_options)
+    manifest = write_shards(records, output_dir, on_error=on_error, problems=problems, manifest_extra=extra, progress=progress,
+                            storage_options=storage_options, **write_options)
     if verify and "part" in manifest:  # a part: verified once the manifest of every part's shards is merged
         verify = "merged" in manifest
     if verify:
@@ -714,3 +728,22 @@ def merge_parts(output_dir: str | Path) -> dict:
     os.replace(output_dir / f"{MANIFEST_NAME}.partial", output_dir / MANIFEST_NAME)
     _check_skipped_share(manifest["num_fields"], problems, first["max_skipped_share"], output_dir)
     return manifest
+
+
+LISTING_NAME = "_source_listing.json"  # a remote INPUT's objects, listed once (hf_cellmae.data.remote)
+
+
+def _listed_source(source, output_dir: str | Path, layout: str, storage_options: dict):
+    """``source`` itself, or for a remote folder its listing: the one recorded in ``output_dir`` for this URL
+    (a re-run, another machine's ``--part``), else a fresh one, recorded there."""
+    from .remote import is_url, list_folder, read_listing, write_listing
+
+    if not is_url(source) or layout == "load_data" or str(source).lower().endswith(".csv"):
+        return source
+    record = Path(output_dir) / LISTING_NAME
+    folder = read_listing(record, str(source), storage_options)
+    if folder is None:
+        folder = list_folder(str(source), storage_options)
+        ensure_writable_folder(output_dir, "shards")
+        write_listing(folder, record)
+    return folder
