@@ -6,6 +6,7 @@ the same code a user's ``s3://`` URL takes.
 
 from __future__ import annotations
 
+import gzip
 import http.server
 import importlib.util
 import json
@@ -95,7 +96,7 @@ def test_the_listing_is_done_once_and_recorded_for_reruns_and_other_parts(plate,
     assert json.loads((tmp_path / "s3" / "manifest.json").read_text())["num_skipped"] == 0
 
 
-def test_a_load_data_csv_in_s3_with_url_path_names_reads_the_objects(plate, s3, tmp_path):
+def test_a_gzipped_load_data_csv_in_s3_with_url_path_names_reads_the_objects(plate, s3, tmp_path):
     import s3fs
 
     _, url, fields = plate
@@ -104,14 +105,23 @@ def test_a_load_data_csv_in_s3_with_url_path_names_reads_the_objects(plate, s3, 
         _, plate_name, well, site = field_id.split("/")
         folder = f"{url}/images/exp/{plate_name}"
         lines.append(",".join(f"{well}_{site}_w{c}.png,{folder}" for c in (1, 2, 3)) + f",{plate_name},{well},{site[1:]}")
-    s3fs.S3FileSystem(**s3).pipe(f"{url[5:]}/load_data.csv", ("\n".join(lines) + "\n").encode())
-    assert main(["shard", f"{url}/load_data.csv", str(tmp_path / "ld"), "--layout", "load_data", "--num-workers", "1", "--quiet",
+    s3fs.S3FileSystem(**s3).pipe(f"{url[5:]}/load_data.csv.gz", gzip.compress(("\n".join(lines) + "\n").encode()))  # as JUMP's
+    assert main(["shard", f"{url}/load_data.csv.gz", str(tmp_path / "ld"), "--layout", "load_data", "--num-workers", "1", "--quiet",
                  "--storage-options", json.dumps(s3)]) == 0
     manifest, rows, files = _rows(tmp_path / "ld")
     assert manifest["num_fields"] == len(fields) and manifest["channels"] == ["DNA", "ER", "RNA"]
     pixels = {row["field_id"]: row["pixels"] for shard in rows.values() for row in shard}
     for field_id, array in fields.items():
         assert pixels[field_id.split("/", 1)[1]] == array.tobytes()
+
+
+def test_a_refused_read_stops_the_run_in_one_line_naming_the_object_and_the_fix(plate, s3, tmp_path, capsys):
+    _, url, _ = plate
+    anonymous = {"anon": True, "endpoint_url": s3["endpoint_url"]}  # moto lists for anyone, reads only for signed requests
+    assert _shard(f"{url}/images", tmp_path / "out", "--storage-options", json.dumps(anonymous)) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and f"access to {url}/images/exp/Plate1/A01_s1_w1.png is refused" in error
+    assert "give credentials in --storage-options" in error
 
 
 @pytest.mark.skipif(importlib.util.find_spec("gcsfs") is not None, reason="gcsfs is installed here")

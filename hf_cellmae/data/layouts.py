@@ -293,13 +293,14 @@ def discover_load_data(
 
         csv_folder = str(csv_path).rsplit("/", 1)[0]
         source = io.BytesIO(read_bytes(str(csv_path), storage_options))
+        compression = "gzip" if str(csv_path).lower().endswith(".gz") else None  # JUMP's load_data.csv.gz
     else:
         csv_path = Path(csv_path)
         csv_folder = Path(os.path.abspath(csv_path)).parent  # absolute: the records must not depend on the current folder
-        source = csv_path
+        source, compression = csv_path, "infer"
     problems = problems if problems is not None else ProblemLog()
     try:
-        table = pd.read_csv(source, dtype=str, keep_default_na=False)
+        table = pd.read_csv(source, dtype=str, keep_default_na=False, compression=compression)
     except Exception as error:
         raise ValueError(f"cannot read load_data CSV {csv_path}: {error}") from error
     channels = [column[len("FileName_"):] for column in table.columns if column.startswith("FileName_")]

@@ -111,6 +111,13 @@ def read_bytes(url: str, storage_options: Mapping | None = None, retries: int = 
         return with_retries(lambda: fs.cat_file(path), url, retries, backoff_s)
     except FileNotFoundError:
         raise FileNotFoundError(f"{url} does not exist (or is not readable with these --storage-options)") from None
+    except PermissionError as error:
+        raise _refused(url, error) from None
+
+
+def _refused(url: str, error: PermissionError) -> PermissionError:
+    return PermissionError(f"access to {url} is refused ({' '.join(str(error).split()) or 'forbidden'}); give credentials in "
+                           "--storage-options (or '{\"anon\": true}' for a public bucket)")
 
 
 @dataclass
@@ -164,7 +171,10 @@ def list_folder(url: str, storage_options: Mapping | None = None, retries: int =
     """Every object under the folder ``url`` (one recursive listing, retried on transient errors), sorted."""
     fs, path = filesystem(url, storage_options)
     root = PurePosixPath(path.rstrip("/"))
-    found = with_retries(lambda: fs.find(str(root), withdirs=False, detail=True), f"the listing of {url}", retries, backoff_s)
+    try:
+        found = with_retries(lambda: fs.find(str(root), withdirs=False, detail=True), f"the listing of {url}", retries, backoff_s)
+    except PermissionError as error:
+        raise _refused(url, error) from None
     if not found:
         raise FileNotFoundError(f"no object under {url}; check the URL (a folder prefix such as s3://bucket/plate/) "
                                 "and --storage-options (e.g. '{\"anon\": true}' for a public bucket)")
