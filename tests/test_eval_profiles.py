@@ -114,3 +114,11 @@ def test_cli_profiles_h5ad_is_an_anndata_with_the_metadata_as_obs_and_the_featur
         np.testing.assert_allclose(adata.X, table[FEATURES].to_numpy(), rtol=1e-6)
         assert list(adata.obs.columns) == [c for c in table.columns if c.startswith("Metadata_")]
         assert adata.obs["Metadata_perturbation"].astype(str).tolist() == table["Metadata_perturbation"].tolist()
+
+
+def test_a_csv_table_gives_the_same_well_profiles_as_its_parquet_parts(tmp_path):
+    table = _embeddings(tmp_path / "emb")
+    table.to_csv(tmp_path / "emb.csv", index=False)
+    from_parts, from_csv = group_profiles(tmp_path / "emb"), group_profiles(tmp_path / "emb.csv")
+    assert list(from_csv.keys) == list(from_parts.keys)
+    np.testing.assert_allclose(from_csv.vectors, from_parts.vectors, rtol=1e-5)

@@ -358,7 +358,8 @@ def write_profile_table(profiles: Profiles, path: str | Path, format: str = "par
         try:
             import anndata
         except ImportError:
-            raise ImportError("--format h5ad needs anndata: pip install 'hf-cellmae[anndata]' (or pip install anndata)") from None
+            raise ImportError("writing h5ad (--format h5ad) needs anndata, which is not installed: pip install 'hf-cellmae[anndata]' "
+                              "(or pip install anndata), or write Parquet (the default)") from None
         var = pd.DataFrame(index=pd.Index([str(n) for n in profiles.feature_names], dtype=object))
         adata = anndata.AnnData(X=np.asarray(profiles.vectors, dtype=np.float32), obs=_obs(profiles.metadata), var=var,
                                 uns={"hf_cellmae": json.dumps(dict(info or {}), default=str)})
