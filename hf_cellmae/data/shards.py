@@ -660,7 +660,11 @@ def parse_part(part: tuple[int, int] | str) -> tuple[int, int]:
 
 
 def part_of_plan(num_shards: int, part: tuple[int, int]) -> range:
-    """The shard indices of ``part`` (I, N): the I-th of N contiguous, nearly equal blocks of the plan."""
+    """The shard indices of ``part`` (I, N): the I-th of N contiguous, nearly equal blocks of the plan.
+
+    Whole shards, not wells: the (shuffled) plan spreads a well's fields over many shards, and cutting it at
+    shard boundaries keeps every shard, so N parts write the bytes one run writes.
+    """
     index, count = part
     return range(num_shards * (index - 1) // count, num_shards * index // count)
 
