@@ -104,4 +104,4 @@ def test_part_shares_without_a_process_group_end_in_the_one_table(four_shards, t
     pd.testing.assert_frame_equal(read_embeddings(tmp_path / "parts"), read_embeddings(tmp_path / "one"))
 
     bad = run_one_process(*embed_command(model, shards, tmp_path / "bad", "--part", "4/3"))
-    assert bad.returncode != 0 and "part 4/3: I must be between 1 and N" in bad.stderr
+    assert bad.returncode != 0 and "part 4/3 (--part I/N): I must be between 1 and N" in bad.stderr

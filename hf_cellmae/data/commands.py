@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..cli import add_dataclass_options, options_from_namespace
+from ..errors import UserError
 from .shards import ShardOptions
 from .synthetic import SyntheticScreenConfig
 
@@ -27,6 +28,19 @@ def _shard(args: argparse.Namespace) -> int:
     from .shards import shard_folder
 
     options = options_from_namespace(ShardOptions, args)
+    if options.merge:
+        from .shards import merge_parts
+
+        if options.part:
+            raise UserError("--merge and --part go on different runs: --part I/N on each machine, then --merge once")
+        manifest = merge_parts(args.output_dir)
+        print(f"merged the parts' manifests: {manifest['num_fields']} fields in {manifest['num_shards']} shard(s) "
+              f"-> {args.output_dir}/manifest.json")
+        return 0
+    if options.part:
+        from .shards import parse_part
+
+        parse_part(options.part)  # a malformed --part is refused before any image is read
     manifest = shard_folder(
         args.input,
         args.output_dir,
@@ -34,6 +48,7 @@ def _shard(args: argparse.Namespace) -> int:
         pattern=options.pattern,
         channel_names=options.channels,
         metadata=options.metadata,
+        storage_options=options.storage_options,
         on_error=options.on_error,
         max_skipped_share=options.max_skipped_share,
         min_field_size=options.min_field_size,
@@ -45,7 +60,18 @@ def _shard(args: argparse.Namespace) -> int:
         num_workers=options.num_workers,
         shuffle=not options.no_shuffle,
         seed=options.seed,
+        part=options.part,
     )
+    if "part" in manifest:
+        index, count = manifest["part"]
+        written = sum(shard["num_fields"] for shard in manifest["shards"])
+        print(f"part {index}/{count}: wrote {written} fields into {len(manifest['shards'])} of the plan's "
+              f"{manifest['num_shards_in_plan']} shard(s) in {args.output_dir} ({manifest['shards_reused']} reused)")
+        if "merged" not in manifest:
+            print(f"part {index}/{count}: the last part to finish writes manifest.json (or run `cellmae shard ... --merge`)")
+            return 0
+        manifest = manifest["merged"]
+        print(f"part {index}/{count}: every part is done; merged their manifests into {args.output_dir}/manifest.json")
     print(
         f"wrote {manifest['num_fields']} fields ({', '.join(manifest['channels'])}; {manifest['dtypes']}) into "
         f"{manifest['num_shards']} shard(s) in {args.output_dir} ({manifest['shards_reused']} reused from an earlier run)"
@@ -88,7 +114,8 @@ def register(subparsers) -> None:
         description="Discover fields of view under INPUT, join a metadata table, and write Parquet shards that "
         "hf_cellmae.data.streaming.stream_fields streams. Re-runs reuse finished shards.",
     )
-    shard.add_argument("input", help="input folder, or a CellProfiler load_data CSV (--layout load_data)")
+    shard.add_argument("input", help="input folder or load_data CSV (--layout load_data); local or a URL (s3://bucket/plate/, "
+                       "gs://, az://, hf://; see --storage-options)")
     shard.add_argument("output_dir", help="shard folder to write")
     add_dataclass_options(shard, ShardOptions)
     shard.set_defaults(func=_shard)

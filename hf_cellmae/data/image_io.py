@@ -21,36 +21,54 @@ def is_image_path(path: str | Path) -> bool:
     return str(path).lower().endswith(IMAGE_SUFFIXES)
 
 
-def _read_tiff(path: str) -> tuple[np.ndarray, str]:
+def _read_tiff(path: str, data: bytes | None = None) -> tuple[np.ndarray, str]:
+    import io
+
     import tifffile
 
-    with tifffile.TiffFile(path) as tif:
+    with tifffile.TiffFile(io.BytesIO(data) if data is not None else path) as tif:
         if not tif.series:
             raise BadInputError(f"{path}: TIFF holds no image series; replace the file or remove it", file=path)
         series = tif.series[0]
         return series.asarray(), series.axes
 
 
-def read_stack(path: str | Path) -> np.ndarray:
+def _remote_bytes(path: str, storage_options) -> bytes:
+    """An object's bytes (``hf_cellmae.data.remote``: retried on transient errors); a missing one is a bad input."""
+    from .remote import read_bytes
+
+    try:
+        return read_bytes(path, storage_options)
+    except FileNotFoundError as error:
+        raise BadInputError(f"cannot read image {path}: {error}; upload it or remove it from the input", file=path) from None
+
+
+def read_stack(path: str | Path, storage_options: dict | None = None) -> np.ndarray:
     """Read a multi-channel image file as ``(C, H, W)`` at its stored dtype.
 
     Multi-page TIFF pages, ImageJ/OME channel axes and RGB-like sample axes all become channels
-    (every axis that is not Y or X is folded into C, in file order).
+    (every axis that is not Y or X is folded into C, in file order). ``path`` may be an fsspec URL
+    (``s3://...``; ``storage_options`` are the protocol's options): its bytes are read with retries.
     """
+    from .remote import is_url
+
     path = str(path)
+    data = _remote_bytes(path, storage_options) if is_url(path) else None
     try:
         if path.lower().endswith((".tif", ".tiff")):
-            array, axes = _read_tiff(path)
+            array, axes = _read_tiff(path, data)
             if axes.endswith("S") and array.ndim >= 3:  # (..., Y, X, S) samples per pixel -> (..., S, Y, X)
                 array = np.moveaxis(array, -1, -3)
         else:
             import imagecodecs
 
             if path.lower().endswith(".png"):
-                with open(path, "rb") as handle:
-                    array = imagecodecs.png_decode(handle.read())
+                if data is None:
+                    with open(path, "rb") as handle:
+                        data = handle.read()
+                array = imagecodecs.png_decode(data)
             else:
-                array = imagecodecs.imread(path)
+                array = imagecodecs.imread(data if data is not None else path)
             if array.ndim == 3:  # (H, W, S) colour -> (S, H, W)
                 array = np.moveaxis(array, -1, 0)
     except BadInputError:
@@ -68,9 +86,9 @@ def read_stack(path: str | Path) -> np.ndarray:
     return np.ascontiguousarray(array.reshape((-1,) + array.shape[-2:]))  # (C, H, W)
 
 
-def read_plane(path: str | Path) -> np.ndarray:
-    """Read a single-channel image file as ``(H, W)`` at its stored dtype (uint8, uint16, ...)."""
-    stack = read_stack(path)
+def read_plane(path: str | Path, storage_options: dict | None = None) -> np.ndarray:
+    """Read a single-channel image file (or URL) as ``(H, W)`` at its stored dtype (uint8, uint16, ...)."""
+    stack = read_stack(path, storage_options)
     if stack.shape[0] != 1:
         raise BadInputError(
             f"{path}: expected one channel per file but found {stack.shape[0]} planes of {stack.shape[1:]}; "
@@ -80,14 +98,16 @@ def read_plane(path: str | Path) -> np.ndarray:
     return stack[0]
 
 
-def read_field(record: FieldRecord) -> np.ndarray:
+def read_field(record: FieldRecord, storage_options: dict | None = None) -> np.ndarray:
     """Read every channel of a field of view and stack them: ``(C, H, W)`` in the stored dtype.
+
+    Files that are fsspec URLs are read with ``storage_options`` (see :mod:`~hf_cellmae.data.remote`).
 
     Raises ``BadInputError`` naming the file when a file is unreadable, when channels differ in
     size or dtype, or when a stack's channel count does not match ``record.channels``.
     """
     if record.stack:
-        pixels = read_stack(record.files[0])
+        pixels = read_stack(record.files[0], storage_options)
         if len(record.channels) and pixels.shape[0] != len(record.channels):
             raise BadInputError(
                 f"{record.files[0]}: stack has {pixels.shape[0]} channels but {len(record.channels)} channel names "
@@ -95,7 +115,7 @@ def read_field(record: FieldRecord) -> np.ndarray:
                 file=record.files[0],
             )
         return pixels
-    planes = [read_plane(path) for path in record.files]
+    planes = [read_plane(path, storage_options) for path in record.files]
     first_shape, first_dtype = planes[0].shape, planes[0].dtype
     for name, path, plane in zip(record.channels, record.files, planes):
         if plane.shape != first_shape or plane.dtype != first_dtype:

@@ -17,6 +17,10 @@ Layouts:
   columns (``Metadata_Plate``, ``Metadata_Well``, ``Metadata_Site``; the others go into the metadata).
 - ``stack``: one multi-page / multi-channel TIFF per field; plate/well/site from ``pattern`` when given
   (no ``channel`` group then), otherwise plate = parent folder, well = file stem, site = 1.
+
+Every layout also reads a folder in object storage (``s3://bucket/plate/``, ``gs://``, ``az://``, ``hf://``):
+it is listed once (:func:`~hf_cellmae.data.remote.list_folder`) and walked like a local folder; the records'
+files are then URLs. A load_data CSV may itself be a URL, and its ``PathName_*`` values may be URLs.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from pathlib import Path
 
 from .image_io import is_image_path
 from .problems import ProblemLog
+from .remote import RemoteFolder, is_url, list_folder
 from .records import FieldRecord, normalize_site, normalize_well, well_from_row_col
 
 LAYOUTS = ("auto", "rxrx", "pattern", "load_data", "stack")
@@ -77,6 +82,11 @@ def _walk_files(root: Path, ignore: set[Path], problems: ProblemLog | None = Non
     A symlink to a folder already on the walk (a loop, or a second link to the same plate) is not entered
     again; it is reported to ``problems`` as a skip naming the link and its target.
     """
+    if isinstance(root, RemoteFolder):  # listed once; hidden objects and sidecar tables left out as below
+        ignored = {str(p) for p in ignore}
+        return [path for path in root.files
+                if not any(part.startswith(".") for part in path.relative_to(root).parts)
+                and not is_sidecar_path(path) and root.url_of(path) not in ignored]
     files = []
     seen = {os.path.realpath(root)}
     for directory, dirnames, filenames in os.walk(root, followlinks=True):
@@ -97,6 +107,16 @@ def _walk_files(root: Path, ignore: set[Path], problems: ProblemLog | None = Non
                 continue
             files.append(path)
     return files
+
+
+def _as_root(root) -> Path | RemoteFolder:
+    """A local folder as ``Path``; a listed remote folder as it is."""
+    return root if isinstance(root, RemoteFolder) else Path(root)
+
+
+def _location(root: Path | RemoteFolder, path) -> str:
+    """What a record or a problem names a file by: its path, or its URL under a remote folder."""
+    return root.url_of(path) if isinstance(root, RemoteFolder) else str(path)
 
 
 def _channel_sort_key(channel: str):
@@ -169,7 +189,7 @@ def discover_pattern(
         channel_names: names for the channels in sorted channel-id order (default: ``Ch1``... from the files).
         ignore: files never reported as stray (e.g. the metadata table inside the folder).
     """
-    root = Path(root)
+    root = _as_root(root)
     if not root.is_dir():
         raise FileNotFoundError(f"input folder {root} does not exist or is not a folder")
     problems = problems if problems is not None else ProblemLog()
@@ -179,25 +199,30 @@ def discover_pattern(
     prefix = channel_prefix or prefix
     groups: dict[tuple, dict[str, str]] = defaultdict(dict)
     identities: dict[tuple, dict] = {}
-    for path in _walk_files(root, {Path(p).resolve() for p in ignore}, problems):
+    for path in _walk_files(root, _ignored(root, ignore), problems):
         relative = path.relative_to(root).as_posix()
         match = _match_path(regex, path, root)
         if match is None:
             reason = "stray file: not an image" if not is_image_path(path) else f"stray file: does not match the layout pattern {regex.pattern!r}"
-            problems.report(reason, file=str(path), stage="discover")
+            problems.report(reason, file=_location(root, path), stage="discover")
             continue
         identity = _identity_from_match(match, relative, root)
         key = (identity["experiment"], identity["plate"], identity["well"], identity["site"], tuple(sorted(identity["tags"].items())))
         channel = match.group("channel")
         if channel in groups[key]:
             problems.report(
-                f"two files for channel {channel} of one site: {groups[key][channel]} and {path}",
-                file=str(path), stage="discover",
+                f"two files for channel {channel} of one site: {groups[key][channel]} and {_location(root, path)}",
+                file=_location(root, path), stage="discover",
             )
             continue
-        groups[key][channel] = str(path)
+        groups[key][channel] = _location(root, path)
         identities[key] = identity
     return _assemble_records(groups, identities, problems, channel_names, prefix)
+
+
+def _ignored(root: Path | RemoteFolder, ignore) -> set:
+    """The files never reported as stray: resolved paths, or the URLs themselves under a remote folder."""
+    return {str(p) for p in ignore} if isinstance(root, RemoteFolder) else {Path(p).resolve() for p in ignore}
 
 
 def _identity_from_match(match: re.Match, relative: str, root: Path) -> dict:
@@ -225,6 +250,15 @@ def discover_rxrx(
     return discover_pattern(root, "rxrx", problems, channel_names, ignore)
 
 
+def _load_data_file(path_name: str, csv_folder: Path | str, name: str) -> str:
+    """A load_data file's path or URL: a ``PathName_*`` URL (``s3://...``) as it is, a path as CellProfiler resolves it."""
+    if is_url(path_name):
+        return f"{path_name.rstrip('/')}/{name}"
+    if is_url(csv_folder):  # the CSV is in object storage: relative folders are relative to its prefix
+        return f"{csv_folder}/{path_name.strip('/')}/{name}" if path_name else f"{csv_folder}/{name}"
+    return str(_load_data_folder(path_name, csv_folder) / name)
+
+
 def _load_data_folder(path_name: str, csv_folder: Path) -> Path:
     """The folder of a load_data file, as CellProfiler resolves it.
 
@@ -239,6 +273,7 @@ def discover_load_data(
     csv_path: str | Path,
     problems: ProblemLog | None = None,
     channel_names: list[str] | None = None,
+    storage_options: dict | None = None,
 ) -> list[FieldRecord]:
     """CellProfiler load_data CSV: one row per site, ``FileName_<Ch>`` + ``PathName_<Ch>`` per channel.
 
@@ -247,14 +282,25 @@ def discover_load_data(
     the current folder and whether ``csv_path`` is relative. ``Metadata_Plate/Well/Site`` place the field;
     every other ``Metadata_*`` column goes into the record's metadata (without the prefix).
     Rows with an empty file name or without a plate/well are reported as unreadable metadata rows.
+    ``csv_path`` and the ``PathName_*`` values may be fsspec URLs (read with ``storage_options``).
     """
+    import io
+
     import pandas as pd
 
-    csv_path = Path(csv_path)
-    csv_folder = Path(os.path.abspath(csv_path)).parent  # absolute: the records must not depend on the current folder
+    if is_url(csv_path):
+        from .remote import read_bytes
+
+        csv_folder = str(csv_path).rsplit("/", 1)[0]
+        source = io.BytesIO(read_bytes(str(csv_path), storage_options))
+        compression = "gzip" if str(csv_path).lower().endswith(".gz") else None  # JUMP's load_data.csv.gz
+    else:
+        csv_path = Path(csv_path)
+        csv_folder = Path(os.path.abspath(csv_path)).parent  # absolute: the records must not depend on the current folder
+        source, compression = csv_path, "infer"
     problems = problems if problems is not None else ProblemLog()
     try:
-        table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+        table = pd.read_csv(source, dtype=str, keep_default_na=False, compression=compression)
     except Exception as error:
         raise ValueError(f"cannot read load_data CSV {csv_path}: {error}") from error
     channels = [column[len("FileName_"):] for column in table.columns if column.startswith("FileName_")]
@@ -271,7 +317,7 @@ def discover_load_data(
         for channel in channels:
             name = row.get(f"FileName_{channel}", "").strip()
             folder = row.get(f"PathName_{channel}", "").strip()
-            files.append(str(_load_data_folder(folder, csv_folder) / name) if name else "")
+            files.append(_load_data_file(folder, csv_folder, name) if name else "")
         site = normalize_site(row.get("Metadata_Site", "1") or "1")
         if not plate or not well or not all(files):
             empty = [c for c, f in zip(channels, files) if not f]
@@ -300,6 +346,7 @@ def discover_stacks(
     channel_names: list[str] | None = None,
     pattern: str | None = None,
     ignore: list[str | Path] = (),
+    storage_options: dict | None = None,
 ) -> list[FieldRecord]:
     """One multi-channel TIFF (multi-page, ImageJ/OME hyperstack or multi-sample) per field.
 
@@ -308,31 +355,31 @@ def discover_stacks(
     """
     from .image_io import read_stack
 
-    root = Path(root)
+    root = _as_root(root)
     if not root.is_dir():
         raise FileNotFoundError(f"input folder {root} does not exist or is not a folder")
     problems = problems if problems is not None else ProblemLog()
     regex = re.compile(pattern) if pattern else None
     records = []
-    for path in _walk_files(root, {Path(p).resolve() for p in ignore}, problems):
+    for path in _walk_files(root, _ignored(root, ignore), problems):
         relative = path.relative_to(root).as_posix()
         if not path.name.lower().endswith((".tif", ".tiff")):
-            problems.report("stray file: not a TIFF stack", file=str(path), stage="discover")
+            problems.report("stray file: not a TIFF stack", file=_location(root, path), stage="discover")
             continue
         if regex is not None:
             match = regex.fullmatch(relative) or regex.fullmatch(path.name)
             if match is None:
-                problems.report(f"stray file: does not match the layout pattern {regex.pattern!r}", file=str(path), stage="discover")
+                problems.report(f"stray file: does not match the layout pattern {regex.pattern!r}", file=_location(root, path), stage="discover")
                 continue
             identity = _identity_from_match(match, relative, root)
         else:
             parent = Path(relative).parent
             identity = {"experiment": "", "plate": parent.name or root.name, "well": path.stem.split(".")[0], "site": "1", "tags": {}}
-        records.append(FieldRecord(channels=[], files=[str(path)], stack=True, **identity))
+        records.append(FieldRecord(channels=[], files=[_location(root, path)], stack=True, **identity))
     if records:
         if channel_names is None:
             try:
-                count = read_stack(records[0].files[0]).shape[0]
+                count = read_stack(records[0].files[0], storage_options).shape[0]
             except Exception:
                 count = 0  # the unreadable first stack is reported when the shard writer reads it
             channel_names = [f"ch{i + 1}" for i in range(count)]
@@ -343,9 +390,9 @@ def discover_stacks(
 
 def detect_layout(root: str | Path) -> tuple[str, str | None]:
     """Guess ``(layout, pattern)`` for a folder from the presets that match the most image files."""
-    root = Path(root)
-    if root.is_file() and root.suffix.lower() == ".csv":
+    if str(root).lower().endswith(".csv") and (is_url(root) or Path(root).is_file()):
         return "load_data", None
+    root = _as_root(root)
     images = [path for path in _walk_files(root, set()) if is_image_path(path)]
     if not images:
         raise ValueError(f"no image files found under {root}; check the path (supported: {', '.join(('.tif', '.tiff', '.png'))})")
@@ -370,8 +417,9 @@ def discover_fields(
     channel_names: list[str] | None = None,
     problems: ProblemLog | None = None,
     ignore: list[str | Path] = (),
+    storage_options: dict | None = None,
 ) -> list[FieldRecord]:
-    """Discover the fields of view under ``source`` (a folder, or a load_data CSV).
+    """Discover the fields of view under ``source`` (a folder, or a load_data CSV; local, a URL, or a ``RemoteFolder``).
 
     Args:
         source: input folder (rxrx / pattern / stack) or CSV (load_data).
@@ -380,6 +428,8 @@ def discover_fields(
         channel_names: names replacing the channel ids found in the files, in sorted id order.
         problems: the skip/fail policy and log (default: skip).
         ignore: files that are not stray even though they are not images of the layout.
+        storage_options: fsspec options for a ``source`` URL (a folder URL is listed once, here, unless
+            ``source`` is a ``RemoteFolder`` listed already).
 
     Returns:
         ``list[FieldRecord]`` sorted by (experiment, plate, well, site).
@@ -387,6 +437,8 @@ def discover_fields(
     problems = problems if problems is not None else ProblemLog()
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r} is not one of {LAYOUTS}")
+    if is_url(source) and not (layout == "load_data" or str(source).lower().endswith(".csv")):
+        source = list_folder(str(source), storage_options)
     if layout == "auto":
         layout, detected = detect_layout(source)
         pattern = pattern or detected
@@ -397,5 +449,5 @@ def discover_fields(
             raise ValueError(f"layout='pattern' needs a pattern: a regex with named groups or one of {sorted(PATTERN_PRESETS)}")
         return discover_pattern(source, pattern, problems, channel_names, ignore)
     if layout == "load_data":
-        return discover_load_data(source, problems, channel_names)
-    return discover_stacks(source, problems, channel_names, pattern, ignore)
+        return discover_load_data(source, problems, channel_names, storage_options)
+    return discover_stacks(source, problems, channel_names, pattern, ignore, storage_options)

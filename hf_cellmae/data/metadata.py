@@ -32,18 +32,25 @@ def find_folder_metadata(source: str | Path) -> Path | None:
     return next((folder / name for name in FOLDER_METADATA_NAMES if (folder / name).is_file()), None)
 
 
-def read_metadata_table(path: str | Path):
-    """Read a CSV, TSV or Parquet metadata table into a ``pandas.DataFrame``."""
+def read_metadata_table(path: str | Path, storage_options: dict | None = None):
+    """Read a CSV, TSV or Parquet metadata table (a path, or an fsspec URL read with ``storage_options``) into a ``pandas.DataFrame``."""
+    import io
+
     import pandas as pd
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"metadata table {path} does not exist")
-    suffix = path.suffix.lower()
+    from .remote import is_url, read_bytes
+
+    if is_url(path):
+        source, suffix = io.BytesIO(read_bytes(str(path), storage_options)), Path(str(path).split("://", 1)[1]).suffix.lower()
+    else:
+        path = source = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"metadata table {path} does not exist")
+        suffix = path.suffix.lower()
     try:
         if suffix in (".parquet", ".pq"):
-            return pd.read_parquet(path)
-        return pd.read_csv(path, sep="\t" if suffix in (".tsv", ".tab") else ",")
+            return pd.read_parquet(source)
+        return pd.read_csv(source, sep="\t" if suffix in (".tsv", ".tab") else ",")
     except UnicodeDecodeError as error:  # the decoder's text quotes the file's bytes (they can be secrets)
         raise ValueError(
             f"cannot read metadata table {path}: it is not UTF-8 text (UnicodeDecodeError at byte {error.start}); "

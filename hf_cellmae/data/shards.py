@@ -21,6 +21,8 @@ Shard folder schema (``SHARD_FORMAT``):
     "channel_sets" ({"DNA,ER,..": count}), "dtypes" ({"uint16": count}), "shapes" ({"5x520x696": count}),
     "metadata_columns", "metadata" (join summary), "shards": [{"file", "num_fields", "row_groups", "bytes",
     "sha256"}], "num_skipped", "skipped": [{"reason", "file", "field", "stage"}], "options"}``.
+``manifest.part-0000I-of-0000N.json`` (``--part I/N`` only): the shard records of part I's block of the plan;
+    the last part to finish, or :func:`merge_parts` (``--merge``), writes the one ``manifest.json`` from them.
 
 Decode a row with :func:`decode_pixels`.
 """
@@ -68,6 +70,9 @@ class ShardOptions:
         "Plain names (DNA,ER,...) are taken in file-token order and refused when the metadata says otherwise"})
     metadata: str | None = field(default=None, metadata={"help": "CSV/TSV/Parquet table joined on plate/well(/site) "
                                                          "(default: metadata.csv, metadata.tsv, metadata.parquet or load_data.csv at INPUT's root, if there)"})
+    storage_options: str | None = field(default=None, metadata={
+        "help": "fsspec options (JSON) for an INPUT or --metadata URL (s3://, gs://, az://, hf://), e.g. '{\"anon\": true}' "
+        "for the Cell Painting Gallery (default: none)", "metavar": "JSON"})
     shard_size: str = field(default="256MB", metadata={"help": "target pixel bytes per shard"})
     fields_per_row_group: int = field(default=8, metadata={"help": "fields per Parquet row group"})
     compression: str = field(default="none", metadata={"help": "Parquet codec: none (fastest to stream), zstd, snappy..."})
@@ -81,6 +86,13 @@ class ShardOptions:
     no_shuffle: bool = field(default=False, metadata={
         "help": "keep the discovery order instead of mixing fields across shards", "action": "store_true"})
     seed: int = field(default=0, metadata={"help": "seed of the order of fields across shards"})
+    part: str | None = field(default=None, metadata={
+        "help": "write only part I of N of the plan (whole shards; e.g. 2/3, one per machine of an array job) with its "
+        "own manifest.part-I-of-N.json; the last part to finish, or --merge, writes manifest.json (default: all)",
+        "metavar": "I/N"})
+    merge: bool = field(default=False, metadata={
+        "help": "write manifest.json from the parts' manifests in OUT (reads no image); refuses naming any missing part",
+        "action": "store_true"})
     quiet: bool = field(default=False, metadata={"help": "no progress bars", "action": "store_true"})
 
 
@@ -235,7 +247,7 @@ def _write_shard(task: dict) -> dict:
     for record_dict in task["records"]:
         record = FieldRecord.from_dict(record_dict)
         try:
-            pixels = read_field(record)  # (C, H, W)
+            pixels = read_field(record, task.get("storage_options"))  # (C, H, W)
             check_field_pixels(record, pixels, task["min_field_size"])
         except BadInputError as error:
             problems.report(str(error), file=error.file or (record.files[0] if record.files else ""), field=record.field_id, stage="read")
@@ -330,8 +342,14 @@ def write_shards(
     problems: ProblemLog | None = None,
     manifest_extra: dict | None = None,
     progress: bool = True,
+    part: tuple[int, int] | str | None = None,
+    storage_options: dict | None = None,
 ) -> dict:
     """Write ``records`` into Parquet shards + ``manifest.json`` (see the module docstring for the schema).
+
+    With ``part=(I, N)`` (or ``"I/N"``) only the I-th of N blocks of the plan's shards is written, with
+    ``manifest.part-I-of-N.json`` in place of ``manifest.json`` (see :func:`merge_parts`). Files that are
+    fsspec URLs are read with ``storage_options`` (never written to the manifest: they may hold credentials).
 
     Args:
         records: fields to write (from :func:`~hf_cellmae.data.layouts.discover_fields`).
@@ -372,7 +390,7 @@ def write_shards(
     order = list(range(len(records)))
     if shuffle:
         order = list(np.random.default_rng(seed).permutation(len(records)))
-    fields_per_shard = _fields_per_shard(records, parse_size(target_shard_size), fields_per_row_group)
+    fields_per_shard = _fields_per_shard(records, parse_size(target_shard_size), fields_per_row_group, storage_options)
     options = {"fields_per_row_group": fields_per_row_group, "compression": compression, "min_field_size": int(min_field_size), "format": SHARD_FORMAT}
     tasks = []
     for index, start in enumerate(range(0, len(order), fields_per_shard)):
@@ -381,7 +399,7 @@ def write_shards(
             {
                 "index": index, "records": chunk, "output_dir": str(output_dir), "on_error": on_error,
                 "fields_per_row_group": fields_per_row_group, "compression": compression, "min_field_size": int(min_field_size),
-                "plan_hash": _plan_hash(chunk, options),
+                "plan_hash": _plan_hash(chunk, options), "storage_options": storage_options,
             }
         )
     for stale in sorted(output_dir.glob("shard-*.json")):  # shards of an earlier, longer plan
@@ -389,6 +407,11 @@ def write_shards(
             stale.unlink()
             (output_dir / f"{stale.stem}.parquet").unlink(missing_ok=True)
 
+    all_tasks = tasks
+    if part is not None:  # this machine's block of the one plan: the same shards, byte for byte
+        part = parse_part(part)
+        tasks = [all_tasks[i] for i in part_of_plan(len(all_tasks), part)]
+        discovered = problems.as_dicts()  # skips before writing (discovery, metadata): the same in every part
     shards: list[dict] = []
     todo = []
     for task in tasks:
@@ -397,7 +420,7 @@ def write_shards(
             shards.append(done)
         else:
             todo.append(task)
-    bar = tqdm(total=len(records), unit="field", desc="sharding", disable=not progress)
+    bar = tqdm(total=sum(len(task["records"]) for task in tasks), unit="field", desc="sharding", disable=not progress)
     bar.update(sum(len(task["records"]) for task in tasks) - sum(len(task["records"]) for task in todo))
     workers = min(num_workers or os.cpu_count() or 1, max(1, len(todo)))
     if workers == 1:
@@ -411,6 +434,9 @@ def write_shards(
                 bar.update(len(task["records"]))
     bar.close()
     shards.sort(key=lambda shard: shard["index"])
+    if part is not None:
+        return _write_part_manifest(output_dir, part, all_tasks, shards, discovered, options, manifest_extra or {},
+                                    reused=len(tasks) - len(todo), max_skipped_share=max_skipped_share)
     for shard in shards:
         problems.extend(shard["skipped"])
     manifest = _build_manifest(shards, problems, options, manifest_extra or {}, reused=len(tasks) - len(todo))
@@ -441,11 +467,11 @@ def _check_skipped_share(written: int, problems: ProblemLog, max_skipped_share: 
         )
 
 
-def _fields_per_shard(records: list[FieldRecord], target_bytes: int, fields_per_row_group: int) -> int:
+def _fields_per_shard(records: list[FieldRecord], target_bytes: int, fields_per_row_group: int, storage_options: dict | None = None) -> int:
     bytes_per_field = 0
     for record in records[:8]:  # the first readable field sets the estimate
         try:
-            bytes_per_field = read_field(record).nbytes
+            bytes_per_field = read_field(record, storage_options).nbytes
             break
         except BadInputError:
             continue
@@ -559,6 +585,7 @@ def shard_folder(
     on_error: str = ShardOptions.on_error,
     verify: bool = ShardOptions.verify,
     progress: bool = True,
+    storage_options: dict | str | None = ShardOptions.storage_options,
     **write_options,
 ) -> dict:
     """Discover fields under ``source``, join ``metadata``, write shards (what ``cellmae shard`` runs).
@@ -577,6 +604,9 @@ def shard_folder(
             :data:`~hf_cellmae.data.metadata.FOLDER_METADATA_NAMES`), announced on stderr, else none.
         on_error: ``"skip"`` (count and report bad inputs) or ``"fail"`` (raise ``BadInputError`` on the first).
         verify: re-read every shard afterwards; problems raise ``BadInputError``.
+        storage_options: fsspec options (dict or JSON text) when ``source`` or ``metadata`` is a URL
+            (``s3://bucket/plate/``). A remote folder is listed once; the listing is recorded in
+            ``output_dir/_source_listing.json`` and re-used by re-runs and by the other ``part``s.
         write_options: passed to :func:`write_shards` (``target_shard_size``, ``fields_per_row_group``,
             ``compression``, ``num_workers``, ``shuffle``, ``seed``, ``max_skipped_share``, ``min_field_size``).
 
@@ -586,25 +616,32 @@ def shard_folder(
     from .channels import name_channels, parse_channels_option
     from .layouts import discover_fields
     from .metadata import find_folder_metadata, join_metadata, read_metadata_table
+    from .remote import is_url, parse_storage_options
 
     problems = ProblemLog(on_error)
     given = parse_channels_option(channel_names)  # refuse a malformed --channels before reading anything
+    storage_options = parse_storage_options(storage_options)
     found_in_folder = False
-    if metadata is None and layout != "load_data":
+    if metadata is None and layout != "load_data" and not is_url(str(source)):
         metadata = find_folder_metadata(source)
         found_in_folder = metadata is not None
         if found_in_folder:
             print(f"cellmae shard: using the metadata table {metadata} found in the plate folder (--metadata names another)",
                   file=sys.stderr)
     ignore = [metadata] if metadata else []
-    records = discover_fields(source, layout=layout, pattern=pattern, channel_names=None, problems=problems, ignore=ignore)
-    table = read_metadata_table(metadata) if metadata else None
+    listed = _listed_source(source, output_dir, layout, storage_options)
+    records = discover_fields(listed, layout=layout, pattern=pattern, channel_names=None, problems=problems, ignore=ignore,
+                              storage_options=storage_options)
+    table = read_metadata_table(metadata, storage_options) if metadata else None
     read_layout = "load_data" if layout == "load_data" or (layout == "auto" and str(source).lower().endswith(".csv")) else layout
     naming = name_channels(records, given, table, source=str(metadata) if metadata else "metadata", root=source, layout=read_layout)
     extra: dict = {"source": str(source), "layout": layout if layout != "auto" else "auto", **naming}
     if metadata:
         extra["metadata"] = {**join_metadata(records, table, problems, source=str(metadata)), "found_in_plate_folder": found_in_folder}
-    manifest = write_shards(records, output_dir, on_error=on_error, problems=problems, manifest_extra=extra, progress=progress, **write_options)
+    manifest = write_shards(records, output_dir, on_error=on_error, problems=problems, manifest_extra=extra, progress=progress,
+                            storage_options=storage_options, **write_options)
+    if verify and "part" in manifest:  # a part: verified once the manifest of every part's shards is merged
+        verify = "merged" in manifest
     if verify:
         found = verify_shards(output_dir, progress=progress)
         if found:
@@ -614,3 +651,113 @@ def shard_folder(
                 "from the manifest (the source images must still be there)"
             )
     return manifest
+
+
+# Many machines, one shard folder: each writes a block of the plan's shards and its partial manifest.
+PART_MANIFEST = "manifest.part-{index:05d}-of-{count:05d}.json"
+
+
+def parse_part(part: tuple[int, int] | str) -> tuple[int, int]:
+    """``"2/3"`` or ``(2, 3)`` -> ``(2, 3)``: part I (1-based) of N; anything else is a one-line error."""
+    try:
+        index, count = (int(v) for v in (part.split("/") if isinstance(part, str) else part))
+    except (ValueError, TypeError):
+        raise UserError(f"part {part!r} (--part) is not I/N; write e.g. --part 1/3 on the first of 3 machines") from None
+    if not 1 <= index <= count:
+        raise UserError(f"part {index}/{count} (--part I/N): I must be between 1 and N={count}; number the machines "
+                        f"1/{count} ... {count}/{count}")
+    return index, count
+
+
+def part_of_plan(num_shards: int, part: tuple[int, int]) -> range:
+    """The shard indices of ``part`` (I, N): the I-th of N contiguous, nearly equal blocks of the plan.
+
+    Whole shards, not wells: the (shuffled) plan spreads a well's fields over many shards, and cutting it at
+    shard boundaries keeps every shard, so N parts write the bytes one run writes.
+    """
+    index, count = part
+    return range(num_shards * (index - 1) // count, num_shards * index // count)
+
+
+def _plan_digest(tasks: list[dict]) -> str:
+    """One hash of the whole plan (every shard's plan hash): the parts of one run share it."""
+    return hashlib.sha256("".join(task["plan_hash"] for task in tasks).encode()).hexdigest()
+
+
+def _write_part_manifest(output_dir: Path, part: tuple[int, int], tasks: list[dict], shards: list[dict], discovered: list[dict],
+                         options: dict, extra: dict, reused: int, max_skipped_share: float) -> dict:
+    """Write ``manifest.part-I-of-N.json`` (this part's shard records); the part that finds every part present merges."""
+    index, count = part
+    record = {
+        "format": SHARD_FORMAT, "part": [index, count], "plan": _plan_digest(tasks), "num_shards_in_plan": len(tasks),
+        "shards": shards, "discovered_skips": discovered, "options": options, "manifest_extra": extra, "shards_reused": reused,
+        "max_skipped_share": max_skipped_share,
+    }
+    name = PART_MANIFEST.format(index=index, count=count)
+    with open(output_dir / f"{name}.partial", "w") as handle:
+        json.dump(record, handle)
+    os.replace(output_dir / f"{name}.partial", output_dir / name)
+    if all((output_dir / PART_MANIFEST.format(index=i, count=count)).is_file() for i in range(1, count + 1)):
+        merged = merge_parts(output_dir)
+        return {**record, "merged": merged}
+    return record
+
+
+def merge_parts(output_dir: str | Path) -> dict:
+    """Write ``manifest.json`` from the ``manifest.part-I-of-N.json`` files of ``cellmae shard --part I/N`` runs.
+
+    The manifest is the one a single run of the same plan writes (the shards are those bytes too). Refused,
+    in one line, when a part is missing (naming each) or when the parts come from different plans.
+
+    Returns:
+        The manifest dict.
+    """
+    output_dir = Path(output_dir)
+    found = sorted(output_dir.glob("manifest.part-*-of-*.json"))
+    if not found:
+        raise UserError(f"no manifest.part-I-of-N.json in {output_dir}; run `cellmae shard INPUT {output_dir} --part I/N` "
+                        "on each machine first")
+    records = [json.loads(path.read_text()) for path in found]
+    counts = {record["part"][1] for record in records}
+    plans = {record["plan"] for record in records}
+    if len(counts) > 1 or len(plans) > 1:
+        raise UserError(f"the part manifests in {output_dir} come from different runs ({len(plans)} plans, N in {sorted(counts)}); "
+                        "delete the stale manifest.part-*.json files and re-run the parts with the same command")
+    count = counts.pop()
+    have = {record["part"][0]: record for record in records}
+    missing = [i for i in range(1, count + 1) if i not in have]
+    if missing:
+        raise UserError(f"{len(missing)} of {count} parts missing in {output_dir}: " + ", ".join(f"{i}/{count}" for i in missing)
+                        + f"; run `cellmae shard ... --part I/{count}` for each, then `--merge` again")
+    first = have[1]
+    problems = ProblemLog("skip")
+    problems.extend(first["discovered_skips"])
+    shards = sorted((shard for record in have.values() for shard in record["shards"]), key=lambda shard: shard["index"])
+    for shard in shards:
+        problems.extend(shard["skipped"])
+    manifest = _build_manifest(shards, problems, first["options"], first["manifest_extra"],
+                               reused=sum(record["shards_reused"] for record in have.values()))
+    with open(output_dir / f"{MANIFEST_NAME}.partial", "w") as handle:
+        json.dump(manifest, handle, indent=1)
+    os.replace(output_dir / f"{MANIFEST_NAME}.partial", output_dir / MANIFEST_NAME)
+    _check_skipped_share(manifest["num_fields"], problems, first["max_skipped_share"], output_dir)
+    return manifest
+
+
+LISTING_NAME = "_source_listing.json"  # a remote INPUT's objects, listed once (hf_cellmae.data.remote)
+
+
+def _listed_source(source, output_dir: str | Path, layout: str, storage_options: dict):
+    """``source`` itself, or for a remote folder its listing: the one recorded in ``output_dir`` for this URL
+    (a re-run, another machine's ``--part``), else a fresh one, recorded there."""
+    from .remote import is_url, list_folder, read_listing, write_listing
+
+    if not is_url(source) or layout == "load_data" or str(source).lower().endswith(".csv"):
+        return source
+    record = Path(output_dir) / LISTING_NAME
+    folder = read_listing(record, str(source), storage_options)
+    if folder is None:
+        folder = list_folder(str(source), storage_options)
+        ensure_writable_folder(output_dir, "shards")
+        write_listing(folder, record)
+    return folder

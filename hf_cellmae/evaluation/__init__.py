@@ -9,8 +9,10 @@
 - ``retrieval``: gene-set recall and copairs mean average precision.
 - ``cellprofiler``: classical segmentation + cp-measure features (a baseline featuriser) and
   cross-validated ridge R² of predicting them from embeddings.
+- ``profiles``: fields -> wells -> aligned -> perturbations, written as Parquet or h5ad (``cellmae profiles``);
+  ``evaluate`` uses its aggregation and alignment steps.
 - ``suite``: all of the above for a model and its baselines side by side (``cellmae evaluate``).
-- ``options``: the options of ``cellmae embed`` and ``cellmae evaluate``, one dataclass each (their defaults).
+- ``options``: the options of ``cellmae embed``, ``cellmae evaluate`` and ``cellmae profiles``, one dataclass each (their defaults).
 
 Only ``embed`` imports the model (lazily); the rest needs numpy, pandas and matplotlib.
 """
@@ -41,6 +43,8 @@ _EXPORTS = {
     "consistency_map": ".retrieval",
     "gene_set_recall": ".retrieval",
     "replicate_map": ".retrieval",
+    "group_profiles": ".profiles",
+    "write_profiles": ".profiles",
     "evaluate_suite": ".suite",
     "plot_suite": ".suite",
     "suite_rows": ".suite",
@@ -71,10 +75,12 @@ __all__ = [
     "probe_embeddings",
     "consistency_map",
     "gene_set_recall",
+    "group_profiles",
     "replicate_map",
     "plot_suite",
     "read_embeddings",
     "relationship_files",
     "suite_rows",
     "tvn",
+    "write_profiles",
 ]

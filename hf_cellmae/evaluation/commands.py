@@ -1,4 +1,4 @@
-"""``cellmae embed``, ``cellmae evaluate`` and ``cellmae annotations``."""
+"""``cellmae embed``, ``cellmae evaluate``, ``cellmae profiles`` and ``cellmae annotations``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 
 from ..cli import add_dataclass_options, options_from_namespace
 from .annotations import ANNOTATION_FILES, EFAAR_WHEEL, cached_annotations_dir
-from .options import EmbedOptions, EvaluateOptions
+from .options import EmbedOptions, EvaluateOptions, ProfilesOptions
 
 
 def register(subparsers) -> None:
@@ -39,6 +39,19 @@ def register(subparsers) -> None:
     evaluate.add_argument("--baseline", nargs=2, action="append", metavar=("NAME", "TABLE"), default=[],
                           help="also evaluate a baseline table (repeatable), e.g. --baseline pixel_stats px/ (default: none)")
     evaluate.set_defaults(func=run_evaluate)
+
+    profiles = subparsers.add_parser(
+        "profiles",
+        help="write batch-corrected well (and perturbation) profiles for pycytominer, copairs, scanpy",
+        description="Average the fields of each well of EMBEDDINGS (streamed part by part), align the wells on the "
+        "control wells (the alignment options of `cellmae evaluate`, per --batch-col value), optionally average the "
+        "wells of each perturbation, and write OUT/well_profiles.parquet (and perturbation_profiles.parquet): "
+        "Metadata_* columns + one column per feature; --format h5ad writes AnnData files (obs = metadata, X = features).",
+    )
+    profiles.add_argument("embeddings", metavar="EMBEDDINGS", help="embeddings table (cellmae embed folder, Parquet or CSV)")
+    profiles.add_argument("out", metavar="OUT", help="output folder")
+    add_dataclass_options(profiles, ProfilesOptions)
+    profiles.set_defaults(func=run_profiles)
 
     annotations = subparsers.add_parser(
         "annotations",
@@ -122,14 +135,8 @@ def _thresholds(values: list[str]) -> list[tuple[float, float]]:
     return pairs
 
 
-def run_evaluate(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from .relate import relationship_source_file
-    from .report import RESULTS_NAME, evaluate_embeddings, relationship_files
-
-    options = options_from_namespace(EvaluateOptions, args)
-    sources = relationship_files(options.synthetic_plate) if options.synthetic_plate else options.sources
+def _align_options(options: EvaluateOptions | ProfilesOptions) -> dict:
+    """The keyword options of ``align.align`` the command's flags set (only those given)."""
     align_options = {}
     if options.coral:
         align_options["coral"] = True
@@ -139,6 +146,18 @@ def run_evaluate(args: argparse.Namespace) -> int:
         align_options["coral_eps"] = options.coral_eps
     if options.no_scale_per_batch:
         align_options["scale_per_batch"] = False
+    return align_options
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .relate import relationship_source_file
+    from .report import RESULTS_NAME, evaluate_embeddings, relationship_files
+
+    options = options_from_namespace(EvaluateOptions, args)
+    sources = relationship_files(options.synthetic_plate) if options.synthetic_plate else options.sources
+    align_options = _align_options(options)
     out = Path(options.out) if options.out else Path(str(Path(args.embeddings)).rstrip("/") + "_eval")
     named = sources if isinstance(sources, dict) else {Path(s).stem if Path(s).suffix else s: s for s in sources}
     for name, source in named.items():  # a source may be any path (`--sources ../../x.csv`): say which file is read
@@ -168,6 +187,25 @@ def run_evaluate(args: argparse.Namespace) -> int:
             cells = "  ".join(f"{name}={row[metric]:.3f}" for name, row in rows.items() if metric in row)
             print(f"  {metric:<28} {cells}")
     print(f"evaluate: wrote {out / RESULTS_NAME}")
+    return 0
+
+
+def run_profiles(args: argparse.Namespace) -> int:
+    from .profiles import write_profiles
+
+    options = options_from_namespace(ProfilesOptions, args)
+    info = write_profiles(
+        args.embeddings, args.out, well_cols=options.well_cols, aggregation=options.aggregation,
+        perturbation_col=options.perturbation_col, controls=options.controls, control_col=options.control_col,
+        batch_col=options.batch_col, alignment=options.alignment, align_options=_align_options(options),
+        perturbations=options.perturbations, format=options.format, progress=not options.no_progress,
+    )
+    print(f"profiles: {info['n_fields']} fields -> {info['n_wells']} wells ({info['n_control_wells']} control), "
+          f"alignment {options.alignment}" + (f" -> {info['n_perturbations']} perturbations" if options.perturbations else ""))
+    for column, why in info["left_out_columns"].items():
+        print(f"profiles: left out {column} ({why})")
+    for name in info["files"].values():
+        print(f"profiles: wrote {args.out.rstrip('/')}/{name}")
     return 0
 
 

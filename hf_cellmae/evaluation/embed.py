@@ -256,19 +256,10 @@ def plan_units(data: str | Path, layout: str = "auto", pattern: str | None = Non
 
 
 def parse_part(part: str | tuple[int, int] | None) -> tuple[int, int]:
-    """``"I/N"`` (1-based, e.g. ``"2/3"``) or ``(I, N)`` -> ``(I, N)``; ``None`` -> ``(1, 1)``, the whole plan."""
-    if part is None:
-        return 1, 1
-    if isinstance(part, str):
-        try:
-            index, count = (int(value) for value in part.split("/"))
-        except ValueError:
-            raise ValueError(f"--part {part!r} is not I/N; write e.g. 2/3 for the second of three parts") from None
-    else:
-        index, count = part
-    if not (count >= 1 and 1 <= index <= count):
-        raise ValueError(f"--part {index}/{count}: I must be between 1 and N (e.g. 1/{max(count, 1)} ... {max(count, 1)}/{max(count, 1)})")
-    return index, count
+    """``"I/N"`` (1-based, e.g. ``"2/3"``) or ``(I, N)`` -> ``(I, N)``, as ``cellmae shard --part``; ``None`` -> ``(1, 1)``."""
+    from ..data.shards import parse_part as parse_shard_part
+
+    return (1, 1) if part is None else parse_shard_part(part)
 
 
 def default_num_workers(processes: int = 1) -> int:

@@ -135,3 +135,34 @@ class EvaluateOptions:
     no_suite: bool = field(default=False, metadata={"help": "only the known-relationship recall", "action": "store_true", "group": SUITE})
     no_plots: bool = field(default=False, metadata={"help": "write eval_results.json only", "action": "store_true"})
     no_progress: bool = field(default=False, metadata={"help": "no progress bars", "action": "store_true"})
+
+
+def _as_evaluate(name: str):
+    """A field of ``ProfilesOptions`` that is ``EvaluateOptions``'s field ``name``: the same default and help."""
+    same = EvaluateOptions.__dataclass_fields__[name]
+    return field(default=same.default, metadata=same.metadata)
+
+
+@dataclass
+class ProfilesOptions:
+    """``cellmae profiles EMBEDDINGS OUT`` options: the alignment options are ``cellmae evaluate``'s."""
+
+    well_cols: list[str] = field(default_factory=lambda: ["Metadata_plate", "Metadata_well"], metadata={
+        "help": "columns naming a well: the fields of each well are aggregated into one profile", "metavar": "COLUMN"})
+    aggregation: str = field(default="mean", metadata={
+        "help": "how the fields of a well (and the wells of a perturbation) become one profile", "choices": ("mean", "median")})
+    perturbation_col: str = _as_evaluate("perturbation_col")
+    controls: list[str] | None = _as_evaluate("controls")
+    control_col: str | None = _as_evaluate("control_col")
+    batch_col: str | None = _as_evaluate("batch_col")
+    alignment: str = _as_evaluate("alignment")
+    coral: bool = _as_evaluate("coral")
+    coral_eps: float | None = _as_evaluate("coral_eps")
+    no_scale_per_batch: bool = _as_evaluate("no_scale_per_batch")
+    n_components: int | None = _as_evaluate("n_components")
+    perturbations: bool = field(default=False, metadata={
+        "help": "also write one profile per perturbation (control wells left out)", "action": "store_true"})
+    format: str = field(default="parquet", metadata={
+        "help": "parquet (Metadata_* + feature columns; pycytominer, copairs, pandas) or h5ad (AnnData; scanpy; needs anndata)",
+        "choices": ("parquet", "h5ad")})
+    no_progress: bool = field(default=False, metadata={"help": "no progress bars", "action": "store_true"})

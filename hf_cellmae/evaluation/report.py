@@ -27,7 +27,6 @@ import numpy as np
 import pandas as pd
 
 from ..errors import UserError
-from .align import aggregate, align
 from .options import EvaluateOptions
 from .plots import pick_complex, plot_complex_heatmap, plot_projection, plot_recall, relationship_groups
 from .relate import BENCHMARK_SOURCES, MIN_PERTURBATIONS, RECALL_THRESHOLDS, chance_recall, known_relationship_recall, load_relationships
@@ -128,17 +127,15 @@ def build_map(
     aggregation: str = EvaluateOptions.aggregation,
     align_options: Mapping | None = None,
 ) -> ProfileMap:
-    """Align the units of an embeddings table on its controls and aggregate per perturbation."""
+    """Align the units of an embeddings table on its controls and aggregate per perturbation
+    (``profiles.align_rows`` then ``profiles.perturbation_profiles``, as ``cellmae profiles``)."""
+    from .profiles import align_rows, perturbation_profiles
+
     metadata, features = split_table(table)
-    _require_columns(metadata, [perturbation_col, batch_col])
-    is_control = control_mask(metadata, perturbation_col, controls, control_col, required=alignment != "none")
-    batch = metadata[batch_col].astype(str).to_numpy() if batch_col else None
-    aligned = align(features, is_control, batch, method=alignment, **dict(align_options or {}))
-    labels = metadata[perturbation_col].astype(str).to_numpy()
-    control_labels = np.unique(labels[is_control])
-    treated = ~np.isin(labels, control_labels)
-    names, vectors = aggregate(aligned[treated], labels[treated], method=aggregation)
-    return ProfileMap(names, vectors, features.shape[1])
+    aligned, is_control = align_rows(metadata, features, perturbation_col, controls, control_col, batch_col,
+                                     alignment, align_options)
+    profiles = perturbation_profiles(metadata, aligned, is_control, perturbation_col, method=aggregation)
+    return ProfileMap(profiles.keys.astype(str), profiles.vectors, features.shape[1])
 
 
 # Metadata columns that may name a perturbation (offered when the perturbation column is missing).

@@ -26,23 +26,22 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .align import aggregate, align
 
 SUITE_PLOT = "suite.png"
 CELLPROFILER_PLOT = "cellprofiler_r2.png"  # median R² per CellProfiler category, one bar per featuriser
 
 
 def _well_table(metadata: pd.DataFrame, aligned: np.ndarray, well_cols: Sequence[str]) -> tuple[pd.DataFrame, np.ndarray]:
-    """Aligned fields averaged per well: (first metadata row of each well, (n_wells, D)).
+    """Aligned fields averaged per well (``profiles.group_rows``): (metadata of each well, (n_wells, D)).
 
     A table without all of ``well_cols`` (already one row per well, or per replicate) is used as is.
     """
+    from .profiles import group_rows
+
     if not all(c in metadata.columns for c in well_cols):
         return metadata, aligned
-    keys = metadata[list(well_cols)].astype(str).agg("/".join, axis=1).to_numpy()
-    names, vectors = aggregate(aligned, keys)
-    first = metadata.assign(_well=keys).groupby("_well", sort=False).first().loc[names]
-    return first.reset_index(drop=True), vectors
+    wells = group_rows(metadata, aligned, well_cols)
+    return wells.metadata, wells.vectors
 
 
 def evaluate_suite(
@@ -79,15 +78,15 @@ def evaluate_suite(
     """
     from .cellprofiler import cellprofiler_prediction
     from .probe import probe_embeddings
+    from .profiles import align_rows, perturbation_profiles
     from .report import control_mask, split_table
     from .retrieval import consistency_map, gene_set_recall, replicate_map
 
     results = {}
     for name, table in tables.items():
         metadata, features = split_table(table)
-        is_control = control_mask(metadata, perturbation_col, controls, control_col, required=alignment != "none")
-        batch = metadata[batch_col].astype(str).to_numpy() if batch_col else None
-        aligned = align(features, is_control, batch, method=alignment, **dict(align_options or {}))
+        aligned, is_control = align_rows(metadata, features, perturbation_col, controls, control_col, batch_col,
+                                         alignment, align_options)
         entry: dict = {}
         if probe_labels:
             entry["probe"] = {}
@@ -103,7 +102,8 @@ def evaluate_suite(
                 }
         labels = metadata[perturbation_col].astype(str).to_numpy()
         treated = ~np.isin(labels, np.unique(labels[is_control]))
-        genes, profiles = aggregate(aligned[treated], labels[treated])
+        per_gene = perturbation_profiles(metadata, aligned, is_control, perturbation_col)
+        genes, profiles = per_gene.keys.astype(str), per_gene.vectors
         if pairs:
             entry["gene_set_recall"] = {}
             for source, frame in pairs.items():
