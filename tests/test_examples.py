@@ -163,7 +163,8 @@ def test_pretrain_example_embeds_every_field_with_the_model_and_pixel_statistics
     model = read_embeddings(plate_run[0] / "embeddings" / "model")
     pixels = read_embeddings(plate_run[0] / "embeddings" / "pixel_stats")
     assert len(model) == len(pixels) == 112
-    assert sum(c.startswith("feature_") for c in model.columns) == 64
+    features = [c for c in model.columns if not c.startswith("Metadata_")]
+    assert len(features) == 5 * 64 and features[0].endswith("_feature_000")  # channel-wise: embed's default read-out
 
 
 def test_pretrain_example_evaluates_against_the_synthetic_plates_true_relationships(plate_run):
@@ -228,7 +229,7 @@ def test_linear_probe_on_pixel_statistics_beats_chance(probe_run):
 def test_linear_probe_reports_the_frozen_encoder_probe(probe_run):
     results, output = probe_run
     assert results["model_is_random_init"] is False
-    assert results["probes"]["model"]["dim"] == 64
+    assert results["probes"]["model"]["dim"] == 5 * 64  # channel-wise, embed's default read-out
     assert 0.0 <= results["probes"]["model"]["test_accuracy"] <= 1.0
     assert "frozen encoder" in output
 

@@ -154,8 +154,8 @@ def test_a_wsl_model_folder_embeds_like_an_mae(two_plates, wsl_run, tmp_path):
     featurizer = ModelFeaturizer(run / "model", batch_size=8)
     info = embed_dataset(two_plates, tmp_path / "embeddings", featurizer, progress=False)
     table = read_embeddings(tmp_path / "embeddings")
-    features = [c for c in table.columns if c.startswith("feature_")]
-    assert info["num_rows"] == len(table) == 24 and len(features) == TINY["hidden_size"]
+    features = [c for c in table.columns if not c.startswith("Metadata_")]
+    assert info["num_rows"] == len(table) == 24 and len(features) == 5 * TINY["hidden_size"]  # channel-wise, the default
     assert np.isfinite(table[features].to_numpy()).all()
 
 
