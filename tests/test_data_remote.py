@@ -12,6 +12,7 @@ import importlib.util
 import json
 import threading
 
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
@@ -173,3 +174,28 @@ def test_reads_are_retried_with_backoff_on_transient_errors_and_a_final_failure_
             read_bytes(url, retries=2, backoff_s=0.01)
     finally:
         server.shutdown()
+
+
+def test_cellmae_embed_reads_a_shard_folder_in_s3_to_the_table_of_the_same_shards_on_disk(plate, s3, tmp_path):
+    import s3fs
+
+    from hf_cellmae.evaluation.report import read_embeddings
+
+    local, url, fields = plate
+    assert _shard(local / "screen" / "images", tmp_path / "shards", "--metadata", str(local / "screen" / "meta.csv")) == 0
+    s3fs.S3FileSystem(**s3).put(str(tmp_path / "shards"), f"{url[5:]}/shards", recursive=True)
+    embed = ["embed", "pixel_stats", "--no-progress", "--num-workers", "1"]
+    assert main([*embed[:2], str(tmp_path / "shards"), str(tmp_path / "from_disk"), *embed[2:]]) == 0
+    assert main([*embed[:2], f"{url}/shards", str(tmp_path / "from_s3"), *embed[2:], "--storage-options", json.dumps(s3)]) == 0
+    from_s3 = read_embeddings(tmp_path / "from_s3")
+    assert len(from_s3) == len(fields) and from_s3["Metadata_perturbation"].notna().all()
+    pd.testing.assert_frame_equal(from_s3, read_embeddings(tmp_path / "from_disk"))
+    info = json.loads((tmp_path / "from_s3" / "_embedding_info.json").read_text())
+    assert info["source"]["path"] == f"{url}/shards" and "secret" not in json.dumps(info)
+
+
+def test_cellmae_embed_of_an_image_folder_in_s3_says_to_shard_it_first(plate, s3, tmp_path, capsys):
+    _, url, _ = plate
+    code = main(["embed", "pixel_stats", f"{url}/images", str(tmp_path / "emb"), "--storage-options", json.dumps(s3)])
+    assert code != 0
+    assert f"shard it first: cellmae shard {url}/images SHARDS" in capsys.readouterr().err

@@ -517,14 +517,14 @@ def _build_manifest(shards: list[dict], problems: ProblemLog, options: dict, ext
     }
 
 
-def load_manifest(shard_dir: str) -> dict:
-    """Read ``manifest.json`` from a local folder or any fsspec URL (``s3://``, ``hf://``...)."""
-    import fsspec
+def load_manifest(shard_dir: str, storage_options: dict | None = None) -> dict:
+    """Read ``manifest.json`` from a local folder or any fsspec URL (``s3://``, ``hf://``...; ``storage_options`` for
+    its filesystem, reads retried on transient errors)."""
+    from .remote import read_bytes
 
     url = str(shard_dir).rstrip("/") + "/" + MANIFEST_NAME
     try:
-        with fsspec.open(url, "r") as handle:
-            manifest = json.load(handle)
+        manifest = json.loads(read_bytes(url, storage_options))
     except FileNotFoundError as error:
         raise FileNotFoundError(f"{url} not found: {shard_dir} is not a shard folder; write one with `cellmae shard INPUT {shard_dir}`") from error
     if manifest.get("format") != SHARD_FORMAT:

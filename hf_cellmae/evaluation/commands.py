@@ -107,7 +107,7 @@ def run_embed(args: argparse.Namespace) -> int:
                              metadata=options.metadata, fields_per_batch=options.fields_per_batch,
                              fields_per_part=options.fields_per_part, progress=not options.no_progress,
                              on_error=options.on_error, num_workers=options.num_workers, part=options.part,
-                             min_field_size=options.min_field_size)
+                             min_field_size=options.min_field_size, storage_options=options.storage_options)
     finally:
         if state.use_distributed:
             # Destroyed while the interpreter still runs (left to its teardown, gloo can abort the ranks at exit).

@@ -80,6 +80,7 @@ class Task:
     row_groups: tuple[int, ...] = ()
     records: list | None = None  # ... or image-folder FieldRecords
     min_field_size: int = 0
+    storage_options: dict | None = None  # a shard folder in object storage: its fsspec options
     index: int = -1
     last: bool = False  # the unit's last task: its part is written after it
 
@@ -109,7 +110,7 @@ def _read_task(task: Task) -> Iterator[Field | ReadProblem]:
     from ..data.problems import BadInputError
 
     if task.shard is not None:
-        yield from _read_shard_groups(task.shard, task.row_groups)
+        yield from _read_shard_groups(task.shard, task.row_groups, task.storage_options)
         return
     from ..data.image_io import read_field
     from ..data.shards import check_field_pixels
@@ -131,25 +132,35 @@ def _read_task(task: Task) -> Iterator[Field | ReadProblem]:
         )
 
 
-def _read_shard_groups(path: str, row_groups: tuple[int, ...]) -> Iterator[Field | ReadProblem]:
-    """Fields of some row groups of a shard; each field's pixels are checked against their CRC-32 as they are read."""
+def _read_shard_groups(path: str, row_groups: tuple[int, ...], storage_options: dict | None = None
+                       ) -> Iterator[Field | ReadProblem]:
+    """Fields of some row groups of a shard (a local file or an fsspec URL); each field's pixels are checked against
+    their CRC-32 as they are read. Remote reads are retried with backoff on transient errors."""
     import pyarrow.parquet as pq
 
     from ..data.problems import BadInputError
+    from ..data.remote import filesystem, is_url, with_retries
     from ..data.shards import check_field_crc, corrupt_shard_error, decode_pixels
 
+    def open_shard():
+        if not is_url(path):
+            return pq.ParquetFile(path)
+        fs, key = filesystem(path, storage_options)
+        return pq.ParquetFile(fs.open(key, "rb"))
+
     try:
-        parquet = pq.ParquetFile(path)
+        parquet = with_retries(open_shard, path)
     except FileNotFoundError as error:
         yield ReadProblem(f"shard {path} is missing ({error}); re-run `cellmae shard` or point DATA at the right folder",
-                      path, fatal=True)
+                          path, fatal=True)
         return
     except (OSError, ValueError) as error:
         yield ReadProblem(str(corrupt_shard_error(path, error)), path, fatal=True)
         return
     for group in row_groups:  # one row group in memory at a time
         try:
-            table = parquet.read_row_group(group)
+            table = with_retries(lambda: parquet.read_row_group(group), f"{path} (row group {group})") if is_url(path) \
+                else parquet.read_row_group(group)
         except (OSError, ValueError) as error:  # pyarrow: "Invalid page header"...
             yield ReadProblem(str(corrupt_shard_error(path, error)), path, fatal=True)
             return
@@ -170,16 +181,18 @@ def _read_shard_groups(path: str, row_groups: tuple[int, ...]) -> Iterator[Field
         del table
 
 
-def _shard_units(shard_dir: Path, fields_per_batch: int) -> tuple[list[Unit], list[str], dict]:
-    """One unit per shard, cut into tasks of whole row groups holding at least ``fields_per_batch`` fields."""
+def _shard_units(shard_dir: str, fields_per_batch: int, storage_options: dict | None = None
+                 ) -> tuple[list[Unit], list[str], dict]:
+    """One unit per shard, cut into tasks of whole row groups holding at least ``fields_per_batch`` fields.
+    ``shard_dir`` is a local folder or an fsspec URL (``s3://bucket/shards``)."""
     import pyarrow.parquet as pq
 
     from ..data.shards import load_manifest
 
-    manifest = load_manifest(str(shard_dir))
+    manifest = load_manifest(shard_dir, storage_options)
     units = []
     for entry in manifest["shards"]:
-        path = shard_dir / entry["file"]
+        path = f"{str(shard_dir).rstrip('/')}/{entry['file']}"
         sizes = entry.get("row_groups")
         if sizes is None:  # an older manifest: the row groups from the file's footer
             metadata = pq.ParquetFile(path).metadata
@@ -189,7 +202,8 @@ def _shard_units(shard_dir: Path, fields_per_batch: int) -> tuple[list[Unit], li
             groups.append(group)
             count += size
             if count >= fields_per_batch or group == len(sizes) - 1:
-                tasks.append(Task(Path(entry["file"]).stem, count, shard=str(path), row_groups=tuple(groups)))
+                tasks.append(Task(Path(entry["file"]).stem, count, shard=path, row_groups=tuple(groups),
+                                  storage_options=storage_options))
                 groups, count = [], 0
         units.append(Unit(Path(entry["file"]).stem, int(entry["num_fields"]), tasks))
     source = {"kind": "shards", "path": str(shard_dir), "num_fields": manifest["num_fields"],
@@ -234,23 +248,34 @@ def _layout_units(source: Path, layout: str, pattern: str | None, metadata: str 
 
 def plan_units(data: str | Path, layout: str = "auto", pattern: str | None = None,
                metadata: str | Path | None = None, fields_per_part: int = 512, fields_per_batch: int = 16,
-               min_field_size: int | None = None) -> tuple[list[Unit], list[str], dict]:
+               min_field_size: int | None = None, storage_options: dict | str | None = None
+               ) -> tuple[list[Unit], list[str], dict]:
     """The resumable units of an input: ``(units, metadata_keys, source_description)``.
 
-    A shard folder gives one unit per shard; an image folder one unit per ``fields_per_part`` fields, whose fields
-    get the checks ``cellmae shard`` makes (readable, finite, at least ``min_field_size`` px; default: shard's).
+    A shard folder (local, or an fsspec URL such as ``s3://bucket/shards`` read with ``storage_options``) gives one
+    unit per shard; a local image folder one unit per ``fields_per_part`` fields, whose fields get the checks
+    ``cellmae shard`` makes (readable, finite, at least ``min_field_size`` px; default: shard's).
     """
+    from ..data.remote import is_url, parse_storage_options
     from ..data.shards import MIN_FIELD_SIZE
 
+    if fields_per_batch < 1 or fields_per_part < 1:
+        raise ValueError(f"fields_per_batch={fields_per_batch} and fields_per_part={fields_per_part} must be >= 1")
+    if is_url(str(data)):
+        if metadata is not None:
+            raise ValueError(f"{data} is a shard folder: its metadata was joined when sharding; drop --metadata")
+        try:
+            return _shard_units(str(data), fields_per_batch, parse_storage_options(storage_options))
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"{error}. `cellmae embed` reads shard folders from object storage; for an image "
+                                    f"folder there, shard it first: cellmae shard {data} SHARDS") from None
     data = Path(data)
     if not data.exists():
         raise FileNotFoundError(f"DATA {data} does not exist; pass a shard folder (cellmae shard) or an image folder")
-    if fields_per_batch < 1 or fields_per_part < 1:
-        raise ValueError(f"fields_per_batch={fields_per_batch} and fields_per_part={fields_per_part} must be >= 1")
     if (data / MANIFEST_NAME).is_file():
         if metadata is not None:
             raise ValueError(f"{data} is a shard folder: its metadata was joined when sharding; drop --metadata")
-        return _shard_units(data, fields_per_batch)
+        return _shard_units(str(data), fields_per_batch)
     size = MIN_FIELD_SIZE if min_field_size is None else min_field_size
     return _layout_units(data, layout, pattern, metadata, fields_per_part, fields_per_batch, size)
 
@@ -707,6 +732,7 @@ def embed_dataset(
     num_workers: int | None = EmbedOptions.num_workers,
     part: str | tuple[int, int] | None = EmbedOptions.part,
     min_field_size: int | None = EmbedOptions.min_field_size,
+    storage_options: dict | str | None = EmbedOptions.storage_options,
 ) -> dict:
     """Embed every field of ``data`` into Parquet parts under ``out``; resume a finished-part-wise run.
 
@@ -742,6 +768,8 @@ def embed_dataset(
             folder but no process group.
         min_field_size: smallest field height and width accepted from an image folder (default: ``cellmae
             shard``'s).
+        storage_options: fsspec options (dict or JSON) when ``data`` is a shard folder in object storage
+            (``s3://bucket/shards``, ``gs://``, ``hf://``...), e.g. ``{"anon": true}``.
 
     Returns:
         The ``_embedding_info.json`` dict: ``{"source", "options", "plan_hash", "parts": {name: rows},
@@ -756,7 +784,7 @@ def embed_dataset(
     part_index, part_count = parse_part(part)
     state = process_state()
     units, metadata_keys, source = plan_units(data, layout, pattern, metadata, fields_per_part, fields_per_batch,
-                                              min_field_size)
+                                              min_field_size, storage_options)
     options = {**featurizer.describe(), "fields_per_part": fields_per_part}
     plan_hash = _plan_hash(units, source, options)
     info_path = out / INFO_NAME

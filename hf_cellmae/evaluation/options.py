@@ -40,6 +40,9 @@ class EmbedOptions:
         "help": "embed only share I of N of the parts (1-based, e.g. 2/3), for machines that share the OUT folder but "
         "no process group (SLURM arrays, cloud VMs); the last share to finish writes _embedding_info.json "
         "(default: all parts; under `accelerate launch` each process takes its share by itself)", "metavar": "I/N"})
+    storage_options: str | None = field(default=None, metadata={
+        "help": "fsspec options (JSON) when DATA is a shard folder in object storage (s3://, gs://, az://, hf://), e.g. "
+        "'{\"anon\": true}' (default: none)", "metavar": "JSON"})
     min_field_size: int | None = field(default=None, metadata={
         "help": "image folders: smallest field height/width accepted, as `cellmae shard --min-field-size` "
         "(default: shard's)"})
