@@ -51,12 +51,16 @@ class CellMAEModelOutput(ModelOutput):
         channelwise_embeddings (`torch.FloatTensor` of shape `(B, C, D)`, *optional*): mean of each
             channel's patch tokens; their mean over channels equals `pooler_output`.
         hidden_states (`tuple(torch.FloatTensor)`, *optional*): input of every block and the final output.
+        kept_token_ids (`torch.LongTensor` of shape `(B, K)`, *optional*): with `keep_mask`, the channel-major index
+            (`channel * N + patch`) of each of the K patch tokens in `last_hidden_state[:, 1:]`, -1 for padding
+            (rows keep different numbers of tokens; padding is attended to by no token and zeroed in the output).
     """
 
     last_hidden_state: torch.FloatTensor | None = None
     pooler_output: torch.FloatTensor | None = None
     channelwise_embeddings: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    kept_token_ids: torch.LongTensor | None = None
 
 
 @dataclass
@@ -253,9 +257,12 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
-def matmul_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """`softmax(q k^T / sqrt(hd)) v` with explicit matmuls (softmax in float32): `(B, H, L, hd)` -> `(B, H, Lq, hd)`."""
+def matmul_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask=None) -> torch.Tensor:
+    """`softmax(q k^T / sqrt(hd)) v` with explicit matmuls (softmax in float32): `(B, H, L, hd)` -> `(B, H, Lq, hd)`.
+    `attn_mask`: `(B, 1, 1, Lk)` bool, True = the key may be attended to."""
     weights = torch.matmul(query * query.shape[-1] ** -0.5, key.transpose(-2, -1))  # (B, H, Lq, Lk)
+    if attn_mask is not None:
+        weights = weights.masked_fill(~attn_mask, float("-inf"))
     return torch.matmul(weights.softmax(dim=-1, dtype=torch.float32).to(value.dtype), value)
 
 
@@ -270,10 +277,11 @@ def cpu_reduced_precision_training(query: torch.Tensor) -> bool:
     return query.dtype in (torch.bfloat16, torch.float16)
 
 
-def multi_head_attention(module, query, key, value, num_heads: int, q_norm=None, k_norm=None):
+def multi_head_attention(module, query, key, value, num_heads: int, q_norm=None, k_norm=None, key_mask=None):
     """`(B, Lq, D)` queries over `(B, Lk, D)` keys/values -> `(B, Lq, D)`. `F.scaled_dot_product_attention`
     for `config._attn_implementation == "sdpa"` (the default; explicit matmuls when training in reduced
-    precision on CPU, see `cpu_reduced_precision_training`), else the backend it names (e.g. eager)."""
+    precision on CPU, see `cpu_reduced_precision_training`), else the backend it names (e.g. eager).
+    `key_mask` `(B, Lk)` bool (optional): False keys (padding) are attended to by no query."""
     batch, q_len, dim = query.shape
     head_dim = dim // num_heads
     q = query.reshape(batch, q_len, num_heads, head_dim).transpose(1, 2)  # (B, H, Lq, hd)
@@ -282,12 +290,15 @@ def multi_head_attention(module, query, key, value, num_heads: int, q_norm=None,
     if q_norm is not None:
         q, k = q_norm(q), k_norm(k)
     implementation = module.config._attn_implementation
+    allowed = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, Lk)
     if implementation in (None, "sdpa"):
         attention = matmul_attention if cpu_reduced_precision_training(q) else F.scaled_dot_product_attention
-        out = attention(q, k, v)  # (B, H, Lq, hd)
+        out = attention(q, k, v, attn_mask=allowed)  # (B, H, Lq, hd)
         return out.transpose(1, 2).reshape(batch, q_len, dim)
     attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
-    out, _ = attention(module, q, k, v, None, scaling=head_dim**-0.5, dropout=0.0)  # (B, Lq, H, hd)
+    additive = None if allowed is None else torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(
+        ~allowed, torch.finfo(q.dtype).min)  # (B, 1, 1, Lk)
+    out, _ = attention(module, q, k, v, additive, scaling=head_dim**-0.5, dropout=0.0)  # (B, Lq, H, hd)
     return out.reshape(batch, q_len, dim)
 
 
@@ -318,7 +329,7 @@ class CellMAEParallelBlock(GradientCheckpointingLayer):
         self.layer_scale = nn.Parameter(torch.ones(dim)) if use_scale else None
         self.drop_path_rate = drop_path_rate
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         dim = hidden_states.shape[-1]
         if self.qkv_bias is None:
             bias = torch.cat([self.mlp_bias, self.mlp_bias.new_zeros(3 * dim)])  # (M + 3D,): q, k, v unbiased
@@ -327,7 +338,8 @@ class CellMAEParallelBlock(GradientCheckpointingLayer):
         # One GEMM with the bias folded in (addmm), rather than a second pass over the (B, L, M + 3D) output.
         fused = F.linear(self.norm(hidden_states), self.in_proj.weight, bias)  # (B, L, M + 3D)
         mlp_hidden, q, k, v = fused.split([self.mlp_hidden_size, dim, dim, dim], dim=-1)
-        attended = multi_head_attention(self, q, k, v, self.config.num_attention_heads, self.q_norm, self.k_norm)
+        attended = multi_head_attention(self, q, k, v, self.config.num_attention_heads, self.q_norm, self.k_norm,
+                                        key_mask)
         out = self.attn_out(attended) + self.mlp_out(self.act(mlp_hidden))  # (B, L, D)
         if self.layer_scale is not None:
             out = out * self.layer_scale
@@ -368,9 +380,9 @@ class CellMAEPreNormBlock(GradientCheckpointingLayer):
         self.layer_scale2 = nn.Parameter(torch.ones(dim)) if use_scale else None
         self.drop_path_rate = drop_path_rate
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = self.qkv(self.norm1(hidden_states)).chunk(3, dim=-1)  # (B, L, D) each
-        attended = self.proj(multi_head_attention(self, q, k, v, self.num_heads, self.q_norm, self.k_norm))
+        attended = self.proj(multi_head_attention(self, q, k, v, self.num_heads, self.q_norm, self.k_norm, key_mask))
         if self.layer_scale1 is not None:
             attended = attended * self.layer_scale1
         hidden_states = hidden_states + drop_path(attended, self.drop_path_rate, self.training)
@@ -445,10 +457,10 @@ class CellMAEEncoder(nn.Module):
         rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
         self.layers = nn.ModuleList([encoder_block(config, rate) for rate in rates])
 
-    def forward(self, hidden_states: torch.Tensor, output_hidden_states: bool = False):
+    def forward(self, hidden_states: torch.Tensor, output_hidden_states: bool = False, key_mask=None):
         all_states = (hidden_states,) if output_hidden_states else None
         for layer in self.layers:
-            hidden_states = layer(hidden_states)
+            hidden_states = layer(hidden_states) if key_mask is None else layer(hidden_states, key_mask=key_mask)
             if output_hidden_states:
                 all_states = all_states + (hidden_states,)
         return hidden_states, all_states
@@ -781,10 +793,13 @@ class CellMAEModel(CellMAEPreTrainedModel):
         """The shared patch embedding (a per-channel ``Conv2d``), as ViTMAE answers; FSDP shards it as one unit."""
         return self.embeddings.patch_embeddings
 
-    def _run_encoder(self, tokens, output_hidden_states):
-        """Prepend the class token (zero position code), run the blocks, apply the final norm."""
+    def _run_encoder(self, tokens, output_hidden_states, key_mask=None):
+        """Prepend the class token (zero position code), run the blocks, apply the final norm.
+        `key_mask` `(B, K)` bool (optional): padding tokens (False) are attended to by no token."""
         cls = self.embeddings.cls_token.to(tokens.dtype).expand(tokens.shape[0], -1, -1)
-        hidden, all_states = self.encoder(torch.cat([cls, tokens], dim=1), output_hidden_states)
+        if key_mask is not None:
+            key_mask = torch.cat([key_mask.new_ones(len(key_mask), 1), key_mask], dim=1)  # (B, 1 + K)
+        hidden, all_states = self.encoder(torch.cat([cls, tokens], dim=1), output_hidden_states, key_mask)
         if self.layernorm is not None:
             hidden = self.layernorm(hidden)
         return hidden, all_states
@@ -804,6 +819,7 @@ class CellMAEModel(CellMAEPreTrainedModel):
         output_hidden_states: bool = False,
         return_dict: bool | None = None,
         validate_inputs: bool | None = None,
+        keep_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> CellMAEModelOutput:
         r"""
@@ -818,10 +834,18 @@ class CellMAEModel(CellMAEPreTrainedModel):
             validate_inputs (`bool`, *optional*): also check the values (non-finite pixels, channel ids
                 given as a tensor out of range); this makes the host wait for the device. Defaults to
                 `config.validate_inputs` (off).
+            keep_mask (`torch.BoolTensor` of shape `(B, N)` or `(B, C * N)`, *optional*): encode only these patch
+                tokens (the model was trained to read a subset: MAE's visible tokens), e.g. the patches of one cell.
+                `(B, N)` keeps the same patches of every channel. Rows may keep different numbers of tokens: the
+                output is padded to the largest (see `kept_token_ids`), and the pooled and channel-wise embeddings
+                are means over the kept tokens only. Each row must keep at least one token.
         """
         ids = self._checked_channel_ids(pixel_values, channel_ids, validate_inputs)
         batch, channels = pixel_values.shape[:2]
         tokens = self.embeddings(pixel_values, ids)  # (B, C*N, D)
+        if keep_mask is not None:
+            return self._forward_kept(tokens, keep_mask, channels, output_channelwise_embeddings,
+                                      output_hidden_states, return_dict)
         hidden, all_states = self._run_encoder(tokens, output_hidden_states)  # (B, 1 + C*N, D)
         patch_tokens = hidden[:, 1:]
         channelwise = None
@@ -832,6 +856,44 @@ class CellMAEModel(CellMAEPreTrainedModel):
             pooler_output=patch_tokens.mean(1),
             channelwise_embeddings=channelwise,
             hidden_states=all_states,
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+    def _forward_kept(self, tokens, keep_mask, channels, output_channelwise_embeddings, output_hidden_states,
+                      return_dict):
+        """`forward` on the tokens `keep_mask` keeps: gathered (in channel-major order), padded, encoded."""
+        batch, length, dim = tokens.shape  # (B, C*N, D)
+        per_channel = length // channels
+        keep = keep_mask.to(tokens.device, torch.bool)
+        if keep.shape == (batch, per_channel):
+            keep = keep.repeat(1, channels)  # (B, C*N): the same patches of every channel
+        if keep.shape != (batch, length):
+            raise ValueError(f"keep_mask has shape {tuple(keep_mask.shape)}; expected ({batch}, {per_channel}) = (B, N) "
+                             f"or ({batch}, {length}) = (B, C * N)")
+        counts = keep.sum(1)  # (B,)
+        if bool((counts == 0).any()):
+            raise ValueError(f"keep_mask keeps no token in row(s) {torch.nonzero(counts == 0).flatten().tolist()}; "
+                             "keep at least one patch per image (or leave the image out)")
+        width = int(counts.max())
+        # Kept tokens first, in their channel-major order (a stable sort of "not kept").
+        order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :width]  # (B, K)
+        valid = torch.arange(width, device=tokens.device)[None, :] < counts[:, None]  # (B, K)
+        kept = torch.gather(tokens, 1, order.unsqueeze(-1).expand(-1, -1, dim))  # (B, K, D)
+        hidden, all_states = self._run_encoder(kept, output_hidden_states, key_mask=valid)  # (B, 1 + K, D)
+        weights = valid.to(hidden.dtype).unsqueeze(-1)  # (B, K, 1)
+        hidden = torch.cat([hidden[:, :1], hidden[:, 1:] * weights], dim=1)  # padding zeroed
+        patch_tokens = hidden[:, 1:]
+        channelwise = None
+        if output_channelwise_embeddings:
+            channel_of = F.one_hot(order // per_channel, channels).to(hidden.dtype) * weights  # (B, K, C)
+            sums = torch.einsum("bkc,bkd->bcd", channel_of, patch_tokens)  # (B, C, D)
+            channelwise = sums / channel_of.sum(1).clamp(min=1).unsqueeze(-1)
+        output = CellMAEModelOutput(
+            last_hidden_state=hidden,
+            pooler_output=patch_tokens.sum(1) / counts[:, None].to(hidden.dtype),
+            channelwise_embeddings=channelwise,
+            hidden_states=all_states,
+            kept_token_ids=torch.where(valid, order, torch.full_like(order, -1)),
         )
         return output if return_dict is not False else output.to_tuple()
 

@@ -526,3 +526,69 @@ def test_input_embeddings_are_the_shared_patch_embedding_for_every_head():
     for model in (CellMAEModel(config), CellMAEForPreTraining(config), CellMAEForImageClassification(config)):
         base = model if isinstance(model, CellMAEModel) else model.cellmae
         assert model.get_input_embeddings() is base.embeddings.patch_embeddings
+
+
+# ----------------------------------------------------------------------------------------------- keep_mask
+def _encode_tokens_by_hand(model, pixel_values, kept_ids):
+    """The encoder on exactly the given channel-major token ids of one image: embed, select, encode, mean."""
+    tokens = model.embeddings(pixel_values[None], torch.arange(pixel_values.shape[0]))  # (1, C*N, D)
+    hidden, _ = model._run_encoder(tokens[:, kept_ids], False)  # (1, 1 + K, D)
+    return hidden[0, 1:]
+
+
+@pytest.mark.parametrize("block_type", ["parallel", "prenorm"])
+def test_keep_mask_encodes_only_the_kept_tokens_as_a_manual_selection_does(block_type):
+    config = tiny(block_type=block_type)
+    model = CellMAEModel(config).eval()
+    pixels = images(batch=3, channels=2)
+    n = config.tokens_per_channel
+    keep = torch.zeros(3, n, dtype=torch.bool)
+    keep[0, [0, 1, 5]] = True  # rows keep 3, 1 and 7 patches: padded to 7 in one batch
+    keep[1, 10] = True
+    keep[2, [2, 3, 4, 8, 9, 12, 15]] = True
+    with torch.no_grad():
+        out = model(pixels, keep_mask=keep, output_channelwise_embeddings=True)
+        for row in range(3):
+            patches = torch.nonzero(keep[row]).flatten()
+            ids = torch.cat([patches, patches + n])  # the same patches of both channels, channel-major
+            by_hand = _encode_tokens_by_hand(model, pixels[row], ids)  # (K, D)
+            torch.testing.assert_close(out.pooler_output[row], by_hand.mean(0), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(out.channelwise_embeddings[row, 1], by_hand[len(patches):].mean(0),
+                                       atol=1e-5, rtol=1e-5)
+            assert out.kept_token_ids[row, : len(ids)].tolist() == ids.tolist()
+            assert (out.kept_token_ids[row, len(ids):] == -1).all()
+    assert out.last_hidden_state.shape == (3, 1 + 14, config.hidden_size)
+
+
+def test_keep_mask_of_every_token_equals_the_plain_forward():
+    model = CellMAEModel(tiny()).eval()
+    pixels = images()
+    with torch.no_grad():
+        plain = model(pixels)
+        kept = model(pixels, keep_mask=torch.ones(2, model.config.tokens_per_channel, dtype=torch.bool))
+    torch.testing.assert_close(kept.pooler_output, plain.pooler_output, atol=1e-5, rtol=1e-5)
+
+
+def test_keep_mask_hides_the_other_tokens_so_their_pixels_change_nothing():
+    model = CellMAEModel(tiny()).eval()
+    pixels = images(batch=1)
+    keep = torch.zeros(1, model.config.tokens_per_channel, dtype=torch.bool)
+    keep[0, :4] = True  # the top row of 8-px patches
+    changed = pixels.clone()
+    changed[..., 8:, :] = 100.0  # every other patch
+    with torch.no_grad():
+        a = model(pixels, keep_mask=keep).pooler_output
+        b = model(changed, keep_mask=keep).pooler_output
+        c = model(changed).pooler_output
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(model(pixels).pooler_output, c)
+
+
+def test_keep_mask_errors_name_the_shape_and_the_empty_row():
+    model = CellMAEModel(tiny())
+    with pytest.raises(ValueError, match=r"expected \(2, 16\)"):
+        model(images(), keep_mask=torch.ones(2, 5, dtype=torch.bool))
+    keep = torch.ones(2, 16, dtype=torch.bool)
+    keep[1] = False
+    with pytest.raises(ValueError, match=r"no token in row\(s\) \[1\]"):
+        model(images(), keep_mask=keep)
