@@ -21,6 +21,8 @@ SYNTHETIC_OPTIONS = {
     "--batch-effect": ("batch_effect", "plate gain/illumination effect"),
     "--noise": ("noise", "camera read noise"),
     "--seed": ("seed", "seed"),
+    "--pooled-wells": ("pooled_wells_per_plate", "--pooled: wells per plate, each holding the whole library"),
+    "--pooled-control-fraction": ("pooled_control_fraction", "--pooled: fraction of cells carrying a control guide"),
 }
 
 
@@ -93,12 +95,16 @@ def _synthetic(args: argparse.Namespace) -> int:
         args.output_dir,
         num_workers=args.num_workers,
         progress=not args.quiet,
+        pooled=args.pooled,
         **{name: getattr(args, name) for name, _ in SYNTHETIC_OPTIONS.values()},
     )
     print(
         f"wrote {result['num_fields']} synthetic fields ({', '.join(result['channels'])}, {args.bit_depth}-bit) to "
         f"{args.output_dir}; metadata: {result['metadata']}; relationships: {', '.join(result['relationships'].values())}"
     )
+    if args.pooled:
+        print(f"pooled: {result['num_cells']} cells, each with its own perturbation; barcode read-out: {result['cells']} "
+              "(plate, well, site, cell_id, centroid_y, centroid_x, perturbation, ...)")
     print(
         f"next: cellmae shard {result['images']} SHARD_DIR --layout rxrx --metadata {result['metadata']} "
         f"--channels {','.join(f'w{index}={name}' for index, name in enumerate(result['channels'], start=1))}"
@@ -132,6 +138,9 @@ def register(subparsers) -> None:
         default = getattr(knobs, name)
         synthetic.add_argument(flag, dest=name, type=type(default), default=default, choices=(8, 16) if name == "bit_depth" else None,
                                help=f"{help_text} (default {default})")
+    synthetic.add_argument("--pooled", action="store_true",
+                           help="a pooled screen: every cell carries its own perturbation (a guide read from a barcode); "
+                           "writes cells.csv, the per-cell read-out, beside metadata.csv (default: arrayed, one per well)")
     synthetic.add_argument("--num-workers", type=int, default=None, help="processes (default: all cores)")
     synthetic.add_argument("--quiet", action="store_true", help="no progress bar")
     synthetic.set_defaults(func=_synthetic)

@@ -98,13 +98,19 @@ class SyntheticScreenConfig:
     noise: float = 0.01
     seed: int = 0
     experiment: str = "synthetic"
+    pooled: bool = False  # each cell carries its own perturbation (a pooled screen); see make_synthetic_screen
+    pooled_wells_per_plate: int = 8
+    pooled_control_fraction: float = 0.15
 
     def __post_init__(self) -> None:
         if self.bit_depth not in (8, 16):
             raise ValueError(f"bit_depth={self.bit_depth} is not supported; use 8 or 16")
         if self.field_size < 32:
             raise ValueError(f"field_size={self.field_size} is too small to hold cells; use 32 or more")
-        wells = self.num_genes * self.replicates_per_plate + self.control_wells_per_plate
+        if not 0 <= self.pooled_control_fraction < 1:
+            raise ValueError(f"pooled_control_fraction={self.pooled_control_fraction} must be in [0, 1)")
+        wells = self.pooled_wells_per_plate if self.pooled else \
+            self.num_genes * self.replicates_per_plate + self.control_wells_per_plate
         if wells > _ROWS * _COLS:
             raise ValueError(f"{wells} wells per plate do not fit a 384-well plate; lower replicates_per_plate or the number of genes")
 
@@ -153,6 +159,9 @@ def _plate_layout(config: SyntheticScreenConfig, genes: list[dict], plate: int) 
     """[(well, gene or None for control)] at random positions of the plate."""
     rng = np.random.default_rng([config.seed, 2, plate])
     wells = [f"{string.ascii_uppercase[r]}{c + 1:02d}" for r in range(_ROWS) for c in range(_COLS)]
+    if config.pooled:  # every well holds the whole library
+        chosen = rng.choice(len(wells), size=config.pooled_wells_per_plate, replace=False)
+        return sorted([(wells[i], None) for i in chosen], key=lambda item: item[0])
     contents: list[dict | None] = [g for g in genes for _ in range(config.replicates_per_plate)]
     contents += [None] * config.control_wells_per_plate
     chosen = rng.choice(len(wells), size=len(contents), replace=False)
@@ -198,10 +207,15 @@ def well_gain(config: SyntheticScreenConfig, plate: int, well: str) -> np.ndarra
 
 
 def render_field(config: SyntheticScreenConfig, phenotype: np.ndarray | None, effects: dict, field_seed: list[int],
-                 gain: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+                 gain: np.ndarray | None = None, library: list[dict] | None = None,
+                 cells: list[dict] | None = None) -> tuple[np.ndarray, int]:
     """Render one field of view: ``(C, S, S)`` at the configured bit depth, and its number of cells.
 
     ``gain`` (C,) is the well's staining gain (:func:`well_gain`); each field adds its own (``field_effect``).
+    Pooled (``library``, the genes): each cell is a control with probability ``pooled_control_fraction``, else
+    carries a gene drawn uniformly from the library, and its phenotype is that gene's; ``cells`` receives one
+    record per cell drawn (``cell_id`` in drawing order, from 1; ``centroid_y``, ``centroid_x``; ``gene``, or None
+    for a control), the barcode read-out. Field-wide textures (puncta frequency) then follow no perturbation.
     """
     rng = np.random.default_rng(field_seed)
     size = config.field_size
@@ -213,7 +227,12 @@ def render_field(config: SyntheticScreenConfig, phenotype: np.ndarray | None, ef
     # per-cell stain maps: DNA nucleus, plain nucleus, membrane, perinuclear ER, nucleoli, fibres,
     # cytoplasmic ER, cytoplasmic RNA, cytoplasmic mitochondria, condensed chromatin
     maps = np.zeros((10, size, size), dtype=np.float32)
-    for _ in range(num_cells):
+    for cell_index in range(num_cells):
+        if library is not None:  # pooled: this cell's own perturbation
+            is_control, pick = rng.random() < config.pooled_control_fraction, int(rng.integers(len(library)))
+            gene = None if is_control else library[pick]
+            phenotype = None if gene is None else np.asarray(gene["phenotype"])
+            shift = np.zeros(dims) if phenotype is None else phenotype
         affected = phenotype is not None and rng.random() < config.penetrance
         log_params = np.log(base) + (shift if affected else 0.0) + config.cell_variability * rng.standard_normal(dims)
         p = dict(zip(PARAMETERS, np.exp(log_params)))
@@ -221,6 +240,9 @@ def render_field(config: SyntheticScreenConfig, phenotype: np.ndarray | None, ef
         elongation = max(p["elongation"], 1.0)
         half = int(np.ceil(cell_radius * np.sqrt(elongation) * 1.3)) + 2
         cy, cx = rng.uniform(0, size, 2)
+        if cells is not None:
+            cells.append({"cell_id": cell_index + 1, "centroid_y": float(cy), "centroid_x": float(cx),
+                          "gene": None if library is None or gene is None else gene})
         y0, y1 = max(int(cy) - half, 0), min(int(cy) + half + 1, size)
         x0, x1 = max(int(cx) - half, 0), min(int(cx) + half + 1, size)
         if y0 >= y1 or x0 >= x1:
@@ -293,23 +315,42 @@ def _render_plate_wells(task: dict) -> list[dict]:
     config = SyntheticScreenConfig(**task["config"])
     effects = _plate_effects(config, task["plate"])
     rows = []
+    plate = f"Plate{task['plate'] + 1}"
+    library = task["genes"] if config.pooled else None
     for well, gene in task["wells"]:
         phenotype = None if gene is None else np.asarray(gene["phenotype"])
         for site in range(1, config.sites_per_well + 1):
             field_seed = [config.seed, 4, task["plate"], int(well[1:]) + 100 * (ord(well[0]) - 64), site]
-            pixels, num_cells = render_field(config, phenotype, effects, field_seed, gain=well_gain(config, task["plate"], well))
+            cells = [] if config.pooled else None
+            pixels, num_cells = render_field(config, phenotype, effects, field_seed, gain=well_gain(config, task["plate"], well),
+                                             library=library, cells=cells)
             for index, plane in enumerate(pixels, start=1):
                 path = Path(task["plate_dir"]) / f"{well}_s{site}_w{index}.png"
                 path.write_bytes(imagecodecs.png_encode(plane, level=1))
+            if config.pooled:
+                rows.append({"experiment": config.experiment, "plate": plate, "well": well, "site": site,
+                             "perturbation": "pooled", "is_control": False, "batch": f"batch{task['plate'] + 1}",
+                             "num_cells": num_cells, "cells": [_cell_row(config, plate, well, site, c) for c in cells]})
+                continue
             rows.append(
                 {
-                    "experiment": config.experiment, "plate": f"Plate{task['plate'] + 1}", "well": well, "site": site,
+                    "experiment": config.experiment, "plate": plate, "well": well, "site": site,
                     "perturbation": CONTROL if gene is None else gene["gene"], "gene": "" if gene is None else gene["gene"],
                     "complex": "" if gene is None else gene["complex"], "pathway": "" if gene is None else gene["pathway"],
                     "is_control": gene is None, "batch": f"batch{task['plate'] + 1}", "num_cells": num_cells,
                 }
             )
     return rows
+
+
+def _cell_row(config: SyntheticScreenConfig, plate: str, well: str, site: int, cell: dict) -> dict:
+    """One row of a pooled screen's barcode read-out (``cells.csv``)."""
+    gene = cell["gene"]
+    return {"experiment": config.experiment, "plate": plate, "well": well, "site": site, "cell_id": cell["cell_id"],
+            "centroid_y": round(cell["centroid_y"], 2), "centroid_x": round(cell["centroid_x"], 2),
+            "perturbation": CONTROL if gene is None else gene["gene"], "gene": "" if gene is None else gene["gene"],
+            "complex": "" if gene is None else gene["complex"], "pathway": "" if gene is None else gene["pathway"],
+            "is_control": gene is None}
 
 
 def make_synthetic_screen(
@@ -345,7 +386,8 @@ def make_synthetic_screen(
         plate_dir.mkdir(parents=True, exist_ok=True)
         layout = _plate_layout(config, genes, plate)
         for start in range(0, len(layout), 8):
-            tasks.append({"config": asdict(config), "plate": plate, "plate_dir": str(plate_dir), "wells": layout[start : start + 8]})
+            tasks.append({"config": asdict(config), "plate": plate, "plate_dir": str(plate_dir), "wells": layout[start : start + 8],
+                          "genes": genes})
     rows: list[dict] = []
     bar = tqdm(total=sum(len(t["wells"]) for t in tasks), unit="well", desc="rendering", disable=not progress)
     workers = min(num_workers or os.cpu_count() or 1, len(tasks))
@@ -359,8 +401,14 @@ def make_synthetic_screen(
                 rows += result
                 bar.update(len(task["wells"]))
     bar.close()
+    cell_rows = [cell for row in rows for cell in row.pop("cells", [])]
     metadata = pd.DataFrame(rows).sort_values(["plate", "well", "site"]).reset_index(drop=True)
     metadata.to_csv(output_dir / "metadata.csv", index=False)
+    extra = {}
+    if config.pooled:
+        cells = pd.DataFrame(cell_rows).sort_values(["plate", "well", "site", "cell_id"]).reset_index(drop=True)
+        cells.to_csv(output_dir / "cells.csv", index=False)
+        extra = {"cells": str(output_dir / "cells.csv"), "num_cells": len(cells)}
     relationships = write_relationships(output_dir / "relationships", design["genes"])
     (output_dir / "synthetic_config.json").write_text(json.dumps({"config": asdict(config), "channels": list(CHANNELS), "genes": genes}, indent=1))
     return {
@@ -371,6 +419,7 @@ def make_synthetic_screen(
         "metadata": str(output_dir / "metadata.csv"),
         "relationships": relationships,
         "config": asdict(config),
+        **extra,
     }
 
 

@@ -101,6 +101,18 @@ def run_embed(args: argparse.Namespace) -> int:
                                      crop_mode=options.crop_mode, channelwise=options.channelwise, image_size=options.image_size,
                                      readout=options.readout, layer=options.layer, by_position=options.by_position,
                                      compile=options.compile)
+    if options.single_cell:
+        from .single_cell import CellOptions, SingleCellFeaturizer
+
+        if not isinstance(featurizer, ModelFeaturizer):
+            raise UserError(f"--single-cell embeds cells with a CA-MAE model; MODEL is {args.model!r}")
+        featurizer = SingleCellFeaturizer(featurizer, CellOptions(
+            cell_tokens=options.cell_tokens, mask_dilation=options.mask_dilation, border=options.cell_border,
+            masks=options.masks, objects=options.cell_objects, nuclei_channel=options.nuclei_channel,
+            cell_channels=options.cell_channels.split(",") if options.cell_channels else None,
+            nucleus_diameter=options.nucleus_diameter))
+    elif options.masks is not None:
+        raise UserError("--masks gives the cells of --single-cell; add --single-cell (or drop --masks)")
     state = process_state()  # under `accelerate launch`: joins the process group, so each process embeds its share
     try:
         info = embed_dataset(args.data, args.out, featurizer, layout=options.layout, pattern=options.pattern,
@@ -116,7 +128,8 @@ def run_embed(args: argparse.Namespace) -> int:
         return 0
     if info.get("complete") is False:
         return 0  # the share's own line was printed; the last share writes the info
-    print(f"embed: {info['num_rows']} fields in {len(info['parts'])} parts -> {args.out}")
+    rows = "cells" if options.single_cell else "fields"
+    print(f"embed: {info['num_rows']} {rows} in {len(info['parts'])} parts -> {args.out}")
     if getattr(featurizer, "empty_fields", 0):
         print(f"embed: {featurizer.empty_fields} field(s) had no segmented nucleus (all-zero features, "
               "Metadata_num_crops 0); check --nuclei-channel / --nucleus-diameter")
@@ -162,8 +175,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
     named = sources if isinstance(sources, dict) else {Path(s).stem if Path(s).suffix else s: s for s in sources}
     for name, source in named.items():  # a source may be any path (`--sources ../../x.csv`): say which file is read
         print(f"evaluate: relationship source {name} read from {relationship_source_file(source, options.annotations)}")
+    embeddings, baselines = args.embeddings, dict(args.baseline)
+    if options.cells:  # single-cell tables -> one row per (well, perturbation), written next to the results
+        embeddings = _cell_groups(embeddings, out, options)
+        baselines = {name: _cell_groups(table, out / "baselines" / name, options) for name, table in baselines.items()}
     results = evaluate_embeddings(
-        args.embeddings, sources, out_dir=out, dataset=options.dataset, baselines=dict(args.baseline),
+        embeddings, sources, out_dir=out, dataset=options.dataset or (Path(args.embeddings).stem if options.cells else None), baselines=baselines,
         perturbation_col=options.perturbation_col, controls=options.controls, control_col=options.control_col,
         batch_col=options.batch_col, alignment=options.alignment, aggregation=options.aggregation, align_options=align_options,
         thresholds=_thresholds(options.thresholds), min_perturbations=options.min_perturbations,
@@ -190,12 +207,30 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cell_groups(embeddings, out, options) -> str:
+    """``--cells``: label the single-cell table ``embeddings`` from the read-out and aggregate it per (well,
+    perturbation) into ``out/cell_groups.parquet``; the path."""
+    from .cells import cells_to_groups
+
+    print(f"cells: {embeddings}")
+    path, _ = cells_to_groups(embeddings, options.cells, out, perturbation_col=options.perturbation_col,
+                              by=options.cell_match, max_distance=options.max_cell_distance,
+                              how=options.aggregation, min_cells=options.min_cells)
+    return str(path)
+
+
 def run_profiles(args: argparse.Namespace) -> int:
     from .profiles import write_profiles
 
     options = options_from_namespace(ProfilesOptions, args)
+    embeddings, well_cols = args.embeddings, options.well_cols
+    if options.cells:  # one row per (well, perturbation) of labelled cells; a "well" is then that group
+        from pathlib import Path
+
+        embeddings = _cell_groups(embeddings, Path(args.out), options)
+        well_cols = [*well_cols, options.perturbation_col]
     info = write_profiles(
-        args.embeddings, args.out, well_cols=options.well_cols, aggregation=options.aggregation,
+        embeddings, args.out, well_cols=well_cols, aggregation=options.aggregation,
         perturbation_col=options.perturbation_col, controls=options.controls, control_col=options.control_col,
         batch_col=options.batch_col, alignment=options.alignment, align_options=_align_options(options),
         perturbations=options.perturbations, format=options.format, progress=not options.no_progress,

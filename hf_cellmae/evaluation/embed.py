@@ -671,6 +671,26 @@ def _frame(fields: list[Field], features: np.ndarray, counts: np.ndarray, metada
     return pd.concat([frame, pd.DataFrame(features.astype(np.float32), columns=feature_names)], axis=1)
 
 
+def _cell_frame(fields: list[Field], cells: list[dict], features: np.ndarray, metadata_keys: list[str],
+                feature_names: list[str]) -> pd.DataFrame:
+    """One row per cell: its field's identity and metadata, ``Metadata_cell_id``, centroid, area, tokens kept, then
+    the features."""
+    from .single_cell import CELL_COLUMNS
+
+    owners = [fields[cell["field_index"]] for cell in cells]
+    columns: dict[str, list] = {f"Metadata_{key}": [f.identity[key] for f in owners] for key in IDENTITY_COLUMNS}
+    for key in CELL_COLUMNS:
+        columns[f"Metadata_{key}"] = [cell[key] for cell in cells]
+    for key in metadata_keys:
+        column = _metadata_column(key)
+        if column not in columns:
+            columns[column] = [f.metadata.get(key) for f in owners]
+    if features.shape[1] != len(feature_names):
+        raise ValueError(f"featuriser returned {features.shape[1]} features, expected {len(feature_names)}")
+    frame = pd.DataFrame(columns)
+    return pd.concat([frame, pd.DataFrame(features.astype(np.float32), columns=feature_names)], axis=1)
+
+
 PART_KEY = b"hf_cellmae_part"  # a part's row count and skipped fields, in its Parquet footer
 
 
@@ -820,6 +840,7 @@ def embed_dataset(
     if workers < 0:
         raise ValueError(f"num_workers={workers} must be >= 0 (0: read in the main process)")
     preparer = getattr(featurizer, "preparer", None)
+    per_cell = getattr(featurizer, "per_cell", False)
     device = getattr(featurizer, "device", None)
     pin = preparer is not None and getattr(device, "type", "cpu") == "cuda"
     bar = tqdm(total=sum(u.num_fields for u in todo), desc="embed", unit="field",
@@ -840,8 +861,17 @@ def embed_dataset(
             skips.append({"reason": problem.reason, **where, "stage": "embed"})
             bar.update(1)
         for fields, prepared in item["groups"]:
-            features, counts = featurizer(fields) if preparer is None else featurizer.embed_prepared(fields, prepared)
-            frames.append(_frame(fields, features, counts, metadata_keys, featurizer.feature_names(fields[0].channels)))
+            names = featurizer.feature_names(fields[0].channels)
+            if per_cell:  # one row per cell; a field without a cell is counted and listed
+                features, cells = featurizer.embed_prepared(fields, prepared)
+                frames.append(_cell_frame(fields, cells, features, metadata_keys, names))
+                with_cells = {cell["field_index"] for cell in cells}
+                skips += [{"reason": f"no cell found in field {f.identity['field_id']}", "file": f.file,
+                           "field": f.identity["field_id"], "stage": "cells"}
+                          for k, f in enumerate(fields) if k not in with_cells]
+            else:
+                features, counts = featurizer(fields) if preparer is None else featurizer.embed_prepared(fields, prepared)
+                frames.append(_frame(fields, features, counts, metadata_keys, names))
             bar.update(len(fields))
         if item["last"]:
             _write_part(out, item["unit"], pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(), skips)
@@ -852,6 +882,9 @@ def embed_dataset(
         where = f" on process {state.process_index} of {state.num_processes}" if state.num_processes > 1 else ""
         print(f"embed: {count} fields in {seconds:.2f} s ({count / seconds:.1f} fields/s{where}, "
               f"{workers} reading worker(s))")
+        if per_cell:
+            nuclei = f" (the segmentation found {featurizer.num_nuclei} nuclei)" if featurizer.options.masks is None else ""
+            print(f"embed: {featurizer.num_cells} cells from {count} fields{nuclei}")
     state.wait_for_everyone()  # every process's parts are written
     missing = [unit.name for unit in units if not (out / f"{unit.name}.parquet").is_file()]
     if missing:  # a `part` run whose other shares are still running (or not started)
@@ -865,7 +898,8 @@ def embed_dataset(
     if info["num_skipped"]:
         listed = [skip for skips in info["skipped"].values() for skip in skips]
         if state.is_main_process:
-            print(f"embed: skipped {info['num_skipped']} field(s) that could not be read "
+            why = "could not be read or held no cell" if per_cell else "could not be read"
+            print(f"embed: skipped {info['num_skipped']} field(s) that {why} "
                   f"(listed in {info_path} under 'skipped'):")
             for skip in listed[:20]:
                 print(f"  - {skip['reason']} (field {skip['field']})")

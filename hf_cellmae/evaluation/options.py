@@ -14,6 +14,8 @@ from .align import tvn
 from .relate import BENCHMARK_SOURCES, MIN_PERTURBATIONS, RECALL_THRESHOLDS
 
 CELLPROFILER = "cellprofiler featuriser (MODEL = cellprofiler)"  # embed's argument group of the CellProfiler options
+SINGLE_CELL = "single-cell embeddings (--single-cell; segmentation options: the cellprofiler group's)"
+CELLS = "from cells (single-cell embeddings)"
 SUITE = "the rest of the paper's suite (model and every baseline side by side)"  # evaluate's argument group
 _TVN_CORAL_EPS = inspect.signature(tvn).parameters["coral_eps"].default  # the help states tvn's own default
 
@@ -74,6 +76,26 @@ class EmbedOptions:
     nucleus_diameter: int | None = field(default=None, metadata={
         "help": "typical nucleus diameter in pixels (default: field width / 12)", "group": CELLPROFILER})
     measure_workers: int = field(default=1, metadata={"help": "processes measuring fields (0: all cores)", "group": CELLPROFILER})
+    single_cell: bool = field(default=False, metadata={
+        "help": "one row per cell instead of per field: a crop of the model's size centred on each cell (classical "
+        "segmentation, or --masks), embedding only the patch tokens over the cell (--cell-tokens)",
+        "action": "store_true", "group": SINGLE_CELL})
+    masks: str | None = field(default=None, metadata={
+        "help": "folder of label images, one per field (0 = background; cellpose, StarDist, CellProfiler), matched by "
+        "the plate, well and site in the file's path, e.g. Plate1/B02_s1_cp_masks.png (default: segment classically)",
+        "metavar": "DIR", "group": SINGLE_CELL})
+    cell_tokens: str = field(default="mask", metadata={
+        "help": "mask (default): only the patches overlapping the cell's mask go into the encoder; all: the whole crop",
+        "choices": ("mask", "all"), "group": SINGLE_CELL})
+    mask_dilation: int = field(default=0, metadata={
+        "help": "dilate each cell's mask by this many pixels before choosing its patches (default: 0)", "metavar": "PX",
+        "group": SINGLE_CELL})
+    cell_border: str = field(default="reflect", metadata={
+        "help": "how a crop is padded where it passes the field's edge (default: reflect)", "choices": ("reflect", "zero"),
+        "group": SINGLE_CELL})
+    cell_objects: str = field(default="cells", metadata={
+        "help": "segmentation objects to embed: cells (grown from the nuclei, default) or nuclei",
+        "choices": ("cells", "nuclei"), "group": SINGLE_CELL})
     on_error: str = field(default="fail", metadata={
         "help": "a field that cannot be read (bad image, shard field failing its checksum): stop with one line naming it "
         "(fail, default) or skip it, count it and list it in _embedding_info.json", "choices": ("fail", "skip")})
@@ -124,6 +146,20 @@ class EvaluateOptions:
     seed: int = field(default=0, metadata={"help": "seed of the sampled null and the suite"})
     skip_unusable: bool = field(default=False, metadata={
         "help": "skip (and report) sources without usable pairs", "action": "store_true"})
+    cells: str | None = field(default=None, metadata={
+        "help": "single-cell embeddings (embed --single-cell): the per-cell read-out (CSV/Parquet: plate, well, site, "
+        "cell_id or centroid_y/centroid_x, perturbation...; e.g. a pooled screen's barcodes) that labels each cell; "
+        "the cells of each perturbation in each well are aggregated (--aggregation) into one row first "
+        "(default: EMBEDDINGS rows are already labelled)", "metavar": "TABLE", "group": CELLS})
+    cell_match: str = field(default="centroid", metadata={
+        "help": "join the read-out by the nearest centroid in the field (default) or by cell_id (same label images)",
+        "choices": ("centroid", "id"), "group": CELLS})
+    max_cell_distance: float = field(default=8.0, metadata={
+        "help": "--cell-match centroid: farthest read-out centroid (pixels) accepted for a cell", "metavar": "PX",
+        "group": CELLS})
+    min_cells: int = field(default=5, metadata={
+        "help": "fewest labelled cells for a (well, perturbation) group to be kept (smaller groups are counted and "
+        "left out)", "group": CELLS})
     dataset: str | None = field(default=None, metadata={"help": "dataset name for the report (default: the EMBEDDINGS file name)"})
     model_label: str = field(default="model", metadata={
         "help": "what the plots call the featuriser of EMBEDDINGS, e.g. pretrained (eval_results.json keeps the key model)"})
@@ -163,6 +199,10 @@ class ProfilesOptions:
     coral_eps: float | None = _as_evaluate("coral_eps")
     no_scale_per_batch: bool = _as_evaluate("no_scale_per_batch")
     n_components: int | None = _as_evaluate("n_components")
+    cells: str | None = _as_evaluate("cells")
+    cell_match: str = _as_evaluate("cell_match")
+    max_cell_distance: float = _as_evaluate("max_cell_distance")
+    min_cells: int = _as_evaluate("min_cells")
     perturbations: bool = field(default=False, metadata={
         "help": "also write one profile per perturbation (control wells left out)", "action": "store_true"})
     format: str = field(default="parquet", metadata={
