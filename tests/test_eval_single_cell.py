@@ -231,15 +231,15 @@ def test_cli_pooled_screen_embeds_per_cell_and_evaluates_from_cells(tmp_path, po
     assert main(["embed", str(pooled["model"]), str(tmp_path / "shards"), str(tmp_path / "cells"), "--single-cell",
                  "--mask-dilation", "2", "--device", "cpu", "--num-workers", "0", "--no-progress"]) == 0
     assert main(["evaluate", str(tmp_path / "cells"), "--cells", str(screen / "cells.csv"), "--min-cells", "2",
-                 "--synthetic-plate", str(screen), "--alignment", "none", "--min-perturbations", "3", "--no-suite",
-                 "--no-plots", "--no-progress", "--out", str(tmp_path / "eval")]) == 0
+                 "--synthetic-plate", str(screen), "--batch-col", "Metadata_plate", "--min-perturbations", "3",
+                 "--no-suite", "--no-plots", "--no-progress", "--out", str(tmp_path / "eval")]) == 0
     results = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
     groups = pd.read_parquet(tmp_path / "eval" / "cell_groups.parquet")
     assert (groups["Metadata_num_cells"] >= 2).all()
     treated = groups.loc[~groups["Metadata_is_control"].astype(bool), "Metadata_perturbation"]
     assert results["n_perturbations"] == treated.nunique()  # one profile per perturbation across wells
     assert main(["profiles", str(tmp_path / "cells"), str(tmp_path / "profiles"), "--cells", str(screen / "cells.csv"),
-                 "--min-cells", "2", "--alignment", "none", "--perturbations", "--no-progress"]) == 0
+                 "--min-cells", "2", "--perturbations", "--no-progress"]) == 0
     profiles = pd.read_parquet(tmp_path / "profiles" / "perturbation_profiles.parquet")
     assert len(profiles) == treated.nunique()
 

@@ -298,3 +298,42 @@ class SingleCellFeaturizer:
                     vectors = out.pooler_output  # (b, D)
                 outputs.append(vectors.float().cpu())
         return torch.cat(outputs).numpy(), cells
+
+
+# ---------------------------------------------------------------- figure
+
+
+def plot_cell_crops(pixels: np.ndarray, labels: np.ndarray, cells: list[dict], image_size: int, patch_size: int,
+                    path: str | Path, channels: tuple[int, int, int] = (1, 4, 0), dilation: int = 0,
+                    border: str = "reflect", title: str = "") -> Path:
+    """A row of cell crops (an RGB composite of three ``channels``, each scaled to its 1st-99.5th percentile) with
+    the cell's mask contour and its kept patch tokens outlined, as ``cell_tokens="mask"`` feeds them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    keep = cell_keep_masks(labels, cells, image_size, patch_size, dilation)
+    grid = image_size // patch_size
+    figure, axes = plt.subplots(1, len(cells), figsize=(2.4 * len(cells), 2.7), squeeze=False)
+    for axis, cell, kept in zip(axes[0], cells, keep):
+        crop = crop_at(pixels, cell["centroid_y"], cell["centroid_x"], image_size, border).astype(np.float32)
+        rgb = np.stack([crop[c] for c in channels], axis=-1)
+        low, high = np.percentile(rgb, 1, axis=(0, 1)), np.percentile(rgb, 99.5, axis=(0, 1))
+        axis.imshow(np.clip((rgb - low) / np.maximum(high - low, 1e-6), 0, 1))
+        mask = crop_at((labels == cell["cell_id"])[None], cell["centroid_y"], cell["centroid_x"], image_size, "zero")[0]
+        axis.contour(mask, levels=[0.5], colors="white", linewidths=0.8)
+        for index in np.flatnonzero(kept):
+            row, col = divmod(int(index), grid)
+            axis.add_patch(Rectangle((col * patch_size - 0.5, row * patch_size - 0.5), patch_size, patch_size,
+                                     fill=False, edgecolor="yellow", linewidth=1.0))
+        axis.set_title(f"cell {cell['cell_id']}: {int(kept.sum())}/{grid * grid} tokens", fontsize=8)
+        axis.set_axis_off()
+    if title:
+        figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
