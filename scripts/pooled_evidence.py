@@ -108,9 +108,12 @@ def evaluate_cells(table: pd.DataFrame, cells_csv: str, relationships: dict, out
     path, counts = cells_to_groups(table, cells_csv, out, min_cells=1)
     results = evaluate_embeddings(str(path), relationships, out_dir=out, batch_col="Metadata_plate",
                                   control_col="Metadata_is_control", alignment="tvn", plots=False, progress=False,
-                                  suite=False)
+                                  well_cols=("Metadata_plate", "Metadata_well", "Metadata_perturbation"))
+    gene_sets = results["suite"]["featurizers"]["model"]["gene_set_recall"]
     return {"counts": counts, **{name: results["sources"][name][METRIC] for name in relationships},
-            "chance": results["chance"][METRIC]}
+            "chance": results["chance"][METRIC],
+            **{f"gene_set_recall_{name}": gene_sets[name]["recall"] for name in relationships},
+            "gene_set_chance": {name: gene_sets[name]["chance"] for name in relationships}}
 
 
 def run_seed(out: Path, seed: int, max_steps: int) -> dict:
@@ -160,14 +163,18 @@ def run_seed(out: Path, seed: int, max_steps: int) -> dict:
 
 def summarise(folders: list[Path]) -> str:
     reports = [json.loads((f / "results.json").read_text()) for f in folders]
-    lines = [f"| row | complexes ({METRIC}) | pathways ({METRIC}) |", "|---|---|---|"]
+    keys = ("complexes", "pathways", "gene_set_recall_complexes", "gene_set_recall_pathways")
+    lines = [f"| row | recall complexes ({METRIC}) | recall pathways ({METRIC}) | gene-set recall, complexes | "
+             "gene-set recall, pathways |", "|---|---|---|---|---|"]
     for name in ROWS:
         cells = []
-        for source in ("complexes", "pathways"):
+        for source in keys:
             values = np.array([r["rows"][name][source] for r in reports])
             cells.append(f"{values.mean():.3f} ± {values.std(ddof=1):.3f} ({', '.join(f'{v:.2f}' for v in values)})")
-        lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
-    lines.append(f"\nseeds {[r['seed'] for r in reports]}; chance {reports[0]['rows']['a_masked']['chance']}")
+        lines.append(f"| {name} | {' | '.join(cells)} |")
+    first = reports[0]["rows"]["a_masked"]
+    lines.append(f"\nseeds {[r['seed'] for r in reports]}; recall chance {first['chance']}; gene-set recall chance "
+                 f"{first['gene_set_chance']}")
     return "\n".join(lines)
 
 

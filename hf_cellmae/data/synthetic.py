@@ -13,6 +13,14 @@ actin fibres, ``Mito`` punctate mitochondria) on 384-well plates, and writes:
   ``entity1,entity2`` (the EFAAR benchmark annotation format);
 - ``OUT/synthetic_config.json``: every knob, so a dataset can be re-made bit for bit.
 
+Pooled (``pooled=True``, ``cellmae synthetic --pooled``): ``pooled_wells_per_plate`` wells per plate each hold
+the whole library; every cell draws its own perturbation (a control guide with probability
+``pooled_control_fraction``, else one of the genes, uniformly), with the same genes, complexes, pathways and
+relationship files as the arrayed screen. ``OUT/cells.csv`` is the barcode read-out: one row per cell drawn
+with ``plate, well, site, cell_id, centroid_y, centroid_x, perturbation, gene, complex, pathway,
+is_control`` (``metadata.csv`` then says ``perturbation="pooled"`` per site). Field-wide textures (the
+mitochondrial puncta frequency) follow no perturbation in a pooled field; every per-cell parameter does.
+
 The biology (see ``docs/synthetic_screen.md`` for the reasoning): 16 parameters per cell. As in real
 Cell Painting, a perturbation's phenotype is mostly *morphology* (nucleus and cell size, elongation,
 nuclear irregularity, density), *texture and granularity* (chromatin condensation, mitochondrial

@@ -11,6 +11,8 @@
   cross-validated ridge R² of predicting them from embeddings.
 - ``profiles``: fields -> wells -> aligned -> perturbations, written as Parquet or h5ad (``cellmae profiles``);
   ``evaluate`` uses its aggregation and alignment steps.
+- ``single_cell``: one row per cell (``cellmae embed --single-cell``): cell crops, only the cell's patch tokens.
+- ``cells``: per-cell read-out joined to cells, cells -> (well, perturbation) rows (``--cells`` of evaluate/profiles).
 - ``suite``: all of the above for a model and its baselines side by side (``cellmae evaluate``).
 - ``options``: the options of ``cellmae embed``, ``cellmae evaluate`` and ``cellmae profiles``, one dataclass each (their defaults).
 
@@ -45,6 +47,10 @@ _EXPORTS = {
     "replicate_map": ".retrieval",
     "group_profiles": ".profiles",
     "write_profiles": ".profiles",
+    "SingleCellFeaturizer": ".single_cell",
+    "CellOptions": ".single_cell",
+    "join_cell_labels": ".cells",
+    "aggregate_cells": ".cells",
     "evaluate_suite": ".suite",
     "plot_suite": ".suite",
     "suite_rows": ".suite",
@@ -56,6 +62,10 @@ __getattr__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = [
     "BENCHMARK_SOURCES",
+    "CellOptions",
+    "SingleCellFeaturizer",
+    "aggregate_cells",
+    "join_cell_labels",
     "RECALL_THRESHOLDS",
     "aggregate",
     "align",

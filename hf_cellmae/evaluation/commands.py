@@ -188,6 +188,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         annotations=options.annotations, plots=not options.no_plots, progress=not options.no_progress,
         suite=not options.no_suite, probe_labels=options.probe, consistency_col=options.consistency_col,
         cellprofiler=options.cellprofiler, model_label=options.model_label,
+        well_cols=("Metadata_plate", "Metadata_well", options.perturbation_col) if options.cells else None,
     )
     print(f"evaluate: {results['n_perturbations']} perturbations, alignment {results['alignment']}")
     for name, metrics in results["sources"].items():

@@ -772,7 +772,9 @@ def embed_dataset(
         featurizer: ``ModelFeaturizer(...)`` or ``PixelStatsFeaturizer()`` (anything with ``describe()``,
             ``feature_names(channels)`` and ``__call__(fields) -> (features, crop_counts)``; one that also has a
             picklable ``preparer(fields)`` and ``embed_prepared(fields, prepared)`` has the preparation done by the
-            workers).
+            workers). A featuriser with ``per_cell = True`` (``SingleCellFeaturizer``, ``--single-cell``) returns
+            ``(features, cells)`` from ``embed_prepared`` and gets one row per cell; its fields without a cell are
+            listed under ``skipped`` (stage ``cells``).
         layout, pattern, metadata: how to read an image folder (see ``discover_fields``).
         fields_per_batch: fields read and featurised together (bounds memory with the crop batch); a shard is read
             in whole row groups, at least this many fields at a time.

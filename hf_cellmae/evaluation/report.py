@@ -209,8 +209,12 @@ def evaluate_embeddings(
     consistency_col: str | None = None,
     cellprofiler: str | Path | pd.DataFrame | None = None,
     model_label: str = "model",
+    well_cols: Sequence[str] | None = None,
 ) -> dict:
     """Evaluate an embeddings table (and optional baseline tables) and return the metrics dict.
+
+    ``well_cols`` (suite): the columns naming a replicate unit (default: plate and well; rows from cells name it
+    by plate, well and perturbation, since a pooled well holds every perturbation).
 
     Args:
         embeddings: table, or path to Parquet (file or folder) / CSV.
@@ -290,6 +294,7 @@ def evaluate_embeddings(
             perturbation_col=perturbation_col, controls=controls, control_col=control_col, batch_col=batch_col,
             alignment=alignment, align_options=align_options, seed=seed,
             out_dir=Path(out_dir) if (out_dir is not None and plots) else None, model_label=model_label,
+            **({} if well_cols is None else {"well_cols": tuple(well_cols)}),
         )
     if out_dir is not None:
         out_dir = Path(out_dir)

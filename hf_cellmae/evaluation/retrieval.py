@@ -93,7 +93,9 @@ def replicate_map(metadata: pd.DataFrame, features: np.ndarray, perturbation_col
         perturbation_col: the perturbation column.
         control_mask: ``(n_wells,)`` True for control wells (the negatives).
     """
-    meta = metadata[[perturbation_col, *[c for c in well_cols if c in metadata.columns]]].astype(str).copy()
+    # (a well named by its perturbation too, as rows from cells are, lists that column once)
+    meta = metadata[[perturbation_col, *[c for c in well_cols if c in metadata.columns and c != perturbation_col]]]
+    meta = meta.astype(str).copy()
     meta[perturbation_col] = np.where(control_mask, "__control__", meta[perturbation_col])
     meta["_is_control"] = np.asarray(control_mask, dtype=bool)
     # copairs scores groups by pos_sameby; controls must not be positives of each other
