@@ -157,7 +157,8 @@ def test_every_parameter_of_evaluate_embeddings_has_a_cellmae_evaluate_option():
     destinations = {action.dest for action in evaluate._actions}
     # parameters whose option is spelled differently on the command line
     spelled = {"out_dir": "out", "baselines": "baseline", "on_unusable": "skip_unusable", "plots": "no_plots",
-               "progress": "no_progress", "suite": "no_suite", "probe_labels": "probe", "align_options": "coral"}
+               "progress": "no_progress", "suite": "no_suite", "probe_labels": "probe", "align_options": "coral",
+               "well_cols": "cells"}  # well_cols: (plate, well, perturbation) when --cells gives rows from cells
     for name in inspect.signature(evaluate_embeddings).parameters:
         assert spelled.get(name, name) in destinations, f"evaluate_embeddings({name}=...) has no cellmae evaluate option"
 
