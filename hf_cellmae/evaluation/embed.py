@@ -815,8 +815,8 @@ def embed_dataset(
         task.index, task.last = index, False
     for unit in todo:
         unit.tasks[-1].last = True
-    workers = default_num_workers(state.num_processes // max(getattr(state, "num_machines", 1) or 1, 1)) \
-        if num_workers is None else num_workers
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))  # this machine's, as torchrun sets
+    workers = default_num_workers(local_processes) if num_workers is None else num_workers
     if workers < 0:
         raise ValueError(f"num_workers={workers} must be >= 0 (0: read in the main process)")
     preparer = getattr(featurizer, "preparer", None)
