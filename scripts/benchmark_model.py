@@ -134,8 +134,8 @@ RESTATEMENT_WARNING = (
 
 
 def find_maes_microscopy(path: str | Path) -> Path:
-    """The folder of a maes_microscopy checkout that holds `mae_modules.py` and `vit.py` (its root, or the
-    `maes_microscopy/` package folder of later versions); SystemExit with one line if there is none."""
+    """The folder of a maes_microscopy checkout that holds its model code (`mae_modules.py`, `vit.py`, `loss.py`,
+    `mae_utils.py`): its root, or its `maes_microscopy/` package folder; SystemExit with one line if neither."""
     root = Path(path).expanduser()
     for folder in (root, root / "maes_microscopy"):
         if all((folder / name).is_file() for name in ("mae_modules.py", "vit.py", "loss.py", "mae_utils.py")):
