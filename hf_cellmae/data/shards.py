@@ -50,7 +50,7 @@ from ..errors import UserError, ensure_writable_folder
 from .image_io import read_field
 from .layouts import LAYOUTS, PATTERN_PRESETS
 from .problems import ON_ERROR_CHOICES, BadInputError, Problem, ProblemLog
-from .records import FieldRecord
+from .records import FieldRecord, source_fingerprint
 
 SHARD_FORMAT = "hf_cellmae.parquet_shards/2"
 READABLE_FORMATS = ("hf_cellmae.parquet_shards/1", SHARD_FORMAT)  # /1: no row checksum
@@ -238,8 +238,10 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _plan_hash(records: list[dict], options: dict) -> str:
-    text = json.dumps({"records": records, "options": options}, sort_keys=True, default=str)
+def _plan_hash(records: list[FieldRecord], options: dict) -> str:
+    """The plan of one shard: its fields (with each source file's size and mtime, so a repaired input is read
+    again) and the options that shape its bytes."""
+    text = json.dumps({"sources": source_fingerprint(records), "options": options}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -461,10 +463,10 @@ def write_shards(
     options = {"fields_per_row_group": fields_per_row_group, "compression": compression, "min_field_size": int(min_field_size), "format": SHARD_FORMAT}
     tasks = []
     for index, start in enumerate(range(0, len(order), fields_per_shard)):
-        chunk = [records[i].to_dict() for i in order[start : start + fields_per_shard]]
+        chunk = [records[i] for i in order[start : start + fields_per_shard]]
         tasks.append(
             {
-                "index": index, "records": chunk, "output_dir": str(output_dir), "on_error": on_error,
+                "index": index, "records": [record.to_dict() for record in chunk], "output_dir": str(output_dir), "on_error": on_error,
                 "fields_per_row_group": fields_per_row_group, "compression": compression, "min_field_size": int(min_field_size),
                 "plan_hash": _plan_hash(chunk, options),
             }
