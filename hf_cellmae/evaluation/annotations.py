@@ -12,6 +12,10 @@ files into the cache: ``$HF_CELLMAE_CACHE/annotations/efaar_benchmarking-1.0/`` 
 Where the files are looked up, in order (:func:`annotations_dir`): an installed ``efaar_benchmarking``
 package (``pip install --no-deps efaar-benchmarking==1.0`` still works), then the cache.
 
+Every read checks again (:func:`check_annotation_file`): ``cellmae evaluate`` refuses one of these files whose
+SHA-256 is no longer the one recorded below, in the default folders and in any ``--annotations`` folder holding
+the complete set (a ``cellmae annotations --dest`` copy). A folder of your own named sources is read as it is.
+
 Licences differ per file (CORUM and SIGNOR are CC-BY-NC 4.0): see the ``LICENSE`` file extracted
 next to them.
 """
@@ -96,6 +100,39 @@ def annotations_dir() -> Path:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def is_efaar_folder(folder: str | Path) -> bool:
+    """Whether ``folder`` holds efaar-benchmarking's complete set of annotation files (``ANNOTATION_FILES``)."""
+    return _complete(Path(folder))
+
+
+def check_annotation_file(path: str | Path) -> None:
+    """Raise ``UserError`` when ``path`` is one of efaar's files (by name) and its SHA-256 differs from the one
+    ``cellmae annotations`` verified; the message names the file and the repair. Other names pass.
+    """
+    from ..errors import UserError
+
+    path = Path(path)
+    expected = ANNOTATION_FILES.get(path.name)
+    if expected is None:
+        return
+    found = _sha256(path.read_bytes())
+    if found == expected:
+        return
+    installed = installed_annotations_dir()
+    if installed is not None and path.parent.resolve() == installed.resolve():
+        repair = (f"reinstall it (pip install --no-deps --force-reinstall {EFAAR_PACKAGE}=={EFAAR_VERSION}), or uninstall it "
+                  "and run `cellmae annotations`")
+    elif path.parent.resolve() == cached_annotations_dir().resolve():
+        repair = "run `cellmae annotations` to fetch and check it again"
+    else:
+        repair = f"run `cellmae annotations --dest {path.parent}` to fetch and check it again"
+    raise UserError(
+        f"{path} has SHA-256 {found}, not the {expected} that `cellmae annotations` verified ({EFAAR_PACKAGE} "
+        f"{EFAAR_VERSION}'s {path.name}): the file was changed or replaced; {repair}, or pass your own list as a "
+        "CSV path with columns entity1,entity2"
+    )
 
 
 def _download_wheel(folder: Path) -> Path:
