@@ -48,6 +48,7 @@ class PretrainingArguments:
     # ---- objective
     objective: str = field(default="mae", metadata={"help": "mae (masked-autoencoder pre-training) | wsl (weakly supervised baseline: classify --label-col from scratch) | classify (fine-tune the encoder of --init-from on --label-col)"})
     label_col: str = field(default="perturbation", metadata={"help": "wsl/classify: the shard metadata column (or plate/well/experiment) whose values are the classes"})
+    drop_missing_labels: bool = field(default=False, metadata={"help": "wsl/classify: leave out (and count) the fields whose --label-col has no value instead of refusing the run"})
     classifier_batch_norm: str = field(default="auto", metadata={"help": "wsl/classify: plate (standardise the pooled embedding by its plate's statistics in the batch) | plate_center (centre only) | none; auto: plate for wsl, none for classify"})
     layer_decay: float | None = field(default=None, metadata={"help": "classify: layer-wise learning-rate decay; depth d of D+1 (0: patch embedding, D+1: head) trains at lr * layer_decay ** (D + 1 - d)"})
     holdout_plates: list[str] | None = field(default=None, metadata={"help": "wsl/classify: plates left out of training and evaluated (accuracy) at the end"})

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ..configuration_cellmae import PRESETS, CellMAEConfig
-from ..data.labels import IDENTITY_COLUMNS, LabelVocabulary, label_text, label_vocabulary
+from ..data.labels import IDENTITY_COLUMNS, LabelVocabulary, check_labels, is_missing_label, label_text, label_vocabulary, label_warnings
 from ..data.shards import load_manifest
 from ..data.streaming import skipped_fields, stream_fields
 from ..errors import UserError, ensure_writable_folder
@@ -112,16 +112,35 @@ def build_classifier(args: PretrainingArguments, manifest: dict, labels: LabelVo
 
 
 def supervision(args: PretrainingArguments) -> LabelVocabulary | None:
-    """The label vocabulary of a `wsl`/`classify` run (None for `mae`), with held-out plates checked against the shards."""
+    """The label vocabulary of a `wsl`/`classify` run (None for `mae`), with held-out plates checked against the shards
+    and the labels checked (`check_labels`: fields without a value refused unless `drop_missing_labels`, at least 2
+    classes)."""
     if args.objective == "mae":
         return None
     labels = label_vocabulary(args.data, args.label_col)
+    check_labels(labels, drop_missing=args.drop_missing_labels)
     unknown = sorted(set(args.holdout_plates or []) - set(labels.plates))
     if unknown:
         raise UserError(f"holdout plates {unknown} are not in {args.data}; its plates are {labels.plates}")
     if args.holdout_plates and set(labels.plates) <= set(args.holdout_plates):
         raise UserError(f"--holdout-plates {args.holdout_plates} holds out every plate of {args.data}; leave at least one to train on")
     return labels
+
+
+def label_notes(labels: LabelVocabulary | None) -> list[str]:
+    """What a supervised run tells the user about its labels before training: the fields left out for want of a
+    label (`--drop-missing-labels`) and the warnings of `label_warnings` (rare classes, corrupt rows)."""
+    if labels is None:
+        return []
+    notes = []
+    if labels.missing:
+        notes.append(f"left out {labels.missing} of {labels.num_fields} fields without a value in label column "
+                     f"{labels.column!r} (--drop-missing-labels); {labels.num_fields - labels.missing} are trained on")
+    return notes + [f"warning: {note}" for note in label_warnings(labels)]
+
+
+def _has_label(sample: dict, column: str) -> bool:
+    return not is_missing_label(sample[column])
 
 
 def dataset_summary(args: PretrainingArguments, manifest: dict) -> dict:
@@ -255,12 +274,20 @@ def training_stream(args: PretrainingArguments, config: CellMAEConfig, vocabular
     plates, and carrying the label column for the supervised objectives."""
     if num_workers is None:
         num_workers = args.dataloader_num_workers or 0
-    return stream_fields(
+    stream = stream_fields(
         args.data, image_size=config.image_size, crops_per_field=args.crops_per_field, augment=args.augment,
         channel_subset=args.channel_subset, channel_vocabulary=vocabulary, seed=args.seed, num_epochs=None,
         rank=rank, world_size=world_size, num_workers=num_workers, standardize=False, contiguous=False,
         metadata_fields=label_fields(args), exclude_plates=args.holdout_plates, on_error=args.on_error,
     )
+    return _without_unlabelled(stream, args)
+
+
+def _without_unlabelled(stream, args: PretrainingArguments):
+    """The stream without the fields whose label is missing (`--drop-missing-labels`; otherwise they were refused)."""
+    if args.objective == "mae" or not args.drop_missing_labels:
+        return stream
+    return stream.filter(_has_label, fn_kwargs={"column": args.label_col})
 
 
 def label_fields(args: PretrainingArguments) -> list[str]:
@@ -295,6 +322,7 @@ def evaluate_holdout(args: PretrainingArguments, model, config, vocabulary: list
         num_epochs=1, rank=0, world_size=1, channel_vocabulary=vocabulary, standardize=False,
         metadata_fields=label_fields(args), plates=args.holdout_plates, on_error=args.on_error,
     )
+    stream = _without_unlabelled(stream, args)
     loader = torch.utils.data.DataLoader(stream, batch_size=args.per_device_train_batch_size, collate_fn=functools.partial(collate, labels=labels))
     was_training = model.training
     model.eval()
@@ -348,6 +376,8 @@ def pretrain(args: PretrainingArguments) -> dict:
     manifest = load_manifest(args.data)
     set_seed(args.seed)  # identical initial weights on every rank
     labels = supervision(args)
+    for note in label_notes(labels):
+        accelerator.print(note)
     model = build_model(args, manifest, labels)
     config = model.config
     if args.gradient_checkpointing:
