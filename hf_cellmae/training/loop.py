@@ -38,7 +38,7 @@ from ..data.streaming import skipped_fields, stream_fields
 from ..errors import UserError, ensure_writable_folder
 from ..image_processing_cellmae import CellMAEImageProcessor, default_rescale_factor, standardize_channels
 from ..modeling_cellmae import CellMAEForPreTraining
-from .arguments import PretrainingArguments
+from .arguments import PretrainingArguments, changed_result_arguments
 from .checkpoints import load_checkpoint, load_data_state, on_every_rank, resolve_checkpoint, save_checkpoint
 from .figures import reconstruction_figure, save_figure
 from .device_defaults import compile_backend, detect_device_defaults
@@ -125,6 +125,27 @@ def supervision(args: PretrainingArguments) -> LabelVocabulary | None:
     if args.holdout_plates and set(labels.plates) <= set(args.holdout_plates):
         raise UserError(f"--holdout-plates {args.holdout_plates} holds out every plate of {args.data}; leave at least one to train on")
     return labels
+
+
+def check_resume_arguments(args: PretrainingArguments, checkpoint_root: Path) -> None:
+    """Refuse to resume when arguments that change the result differ from those the checkpoint was written with
+    (`changed_result_arguments`), naming each, unless `allow_changed_args`. A checkpoint of an earlier version
+    (no arguments in its trainer_state.json) is compared with the run folder's training_args.json, if any."""
+    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, checkpoint_root)
+    if checkpoint is None or args.allow_changed_args:
+        return
+    saved = json.loads((checkpoint / "trainer_state.json").read_text()).get("training_args")
+    if saved is None and (checkpoint_root.parent / "training_args.json").is_file():
+        saved = json.loads((checkpoint_root.parent / "training_args.json").read_text())
+    if saved is None:
+        return
+    changed = changed_result_arguments(saved, args)
+    if changed:
+        raise UserError(
+            f"{checkpoint} was written with other arguments that change the result: {', '.join(changed)}; resume with "
+            "the checkpoint's values (they are in its trainer_state.json under training_args), start a new --output-dir, "
+            "or pass --allow-changed-args to continue with the new ones"
+        )
 
 
 def label_notes(labels: LabelVocabulary | None) -> list[str]:
@@ -358,6 +379,8 @@ def pretrain(args: PretrainingArguments) -> dict:
     # Fail in seconds, not after hours at the first checkpoint (every rank checks: they may not share a disk).
     ensure_writable_folder(output_dir, "the run's outputs")
     ensure_writable_folder(output_dir / "checkpoints", "checkpoints")
+    if args.resume_from_checkpoint:
+        check_resume_arguments(args, output_dir / "checkpoints")  # before any data or model is read
     trackers = None if args.report_to == "none" else args.report_to
     fast = detect_device_defaults(args)
     if fast.torch_compile:
@@ -448,6 +471,7 @@ def pretrain(args: PretrainingArguments) -> dict:
                          "activation_checkpointing": uses_activation_checkpointing(model),
                          "fully_sharded_modules": fully_sharded_modules(model)},
             "dataset": dataset_summary(args, manifest),
+            "training_args": args.to_dict(),  # what resume compares (check_resume_arguments)
         }
 
     tokens_per_image = (args.channel_subset or len(vocabulary)) * config.tokens_per_channel
