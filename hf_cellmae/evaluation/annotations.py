@@ -161,33 +161,45 @@ def fetch_annotations(wheel: str | Path | None = None, dest: str | Path | None =
     Raises:
         OSError: the download failed, or the wheel lacks a file or holds a different one (its
             name and both checksums are given; nothing is written then).
+        UserError: ``dest`` (or the cache, for the downloaded wheel) cannot be written; checked before downloading.
     """
     dest = Path(dest).expanduser() if dest is not None else cached_annotations_dir()
     if all((dest / name).is_file() and _sha256((dest / name).read_bytes()) == digest
            for name, digest in ANNOTATION_FILES.items()):
         return dest
-    with tempfile.TemporaryDirectory() as scratch:
-        source = Path(wheel).expanduser() if wheel is not None else _download_wheel(Path(scratch))
-        try:
-            with zipfile.ZipFile(source) as archive:
-                contents = {name: archive.read(_IN_WHEEL + name) for name in ANNOTATION_FILES
-                            if _IN_WHEEL + name in archive.namelist()}
-        except (zipfile.BadZipFile, FileNotFoundError) as error:
-            raise OSError(f"{source} is not a readable wheel ({error}); download {EFAAR_WHEEL} again") from None
-        missing = sorted(set(ANNOTATION_FILES) - set(contents))
-        if missing:
-            raise OSError(f"{source} has no {', '.join(missing)}: it is not {EFAAR_WHEEL}")
-        for name, data in contents.items():
-            if _sha256(data) != ANNOTATION_FILES[name]:
-                raise OSError(f"{name} in {source} has SHA-256 {_sha256(data)}, expected {ANNOTATION_FILES[name]} "
-                              f"({EFAAR_PACKAGE} {EFAAR_VERSION}); nothing was written. Download {EFAAR_WHEEL} again")
-        dest.mkdir(parents=True, exist_ok=True)
-        for name, data in contents.items():
-            partial = dest / f".{name}.partial"
-            partial.write_bytes(data)
-            os.replace(partial, dest / name)
-        if wheel is None:  # keep the downloaded wheel: tests compare recall against its code
-            cached_wheel().parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, cached_wheel())
+    from ..errors import ensure_writable_folder
+
+    created = not dest.exists()
+    ensure_writable_folder(dest, "the annotation files")  # before downloading, not after
+    if wheel is None:
+        ensure_writable_folder(cached_wheel().parent, "the downloaded wheel")
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            source = Path(wheel).expanduser() if wheel is not None else _download_wheel(Path(scratch))
+            try:
+                with zipfile.ZipFile(source) as archive:
+                    contents = {name: archive.read(_IN_WHEEL + name) for name in ANNOTATION_FILES
+                                if _IN_WHEEL + name in archive.namelist()}
+            except (zipfile.BadZipFile, FileNotFoundError) as error:
+                raise OSError(f"{source} is not a readable wheel ({error}); download {EFAAR_WHEEL} again") from None
+            missing = sorted(set(ANNOTATION_FILES) - set(contents))
+            if missing:
+                raise OSError(f"{source} has no {', '.join(missing)}: it is not {EFAAR_WHEEL}")
+            for name, data in contents.items():
+                if _sha256(data) != ANNOTATION_FILES[name]:
+                    raise OSError(f"{name} in {source} has SHA-256 {_sha256(data)}, expected {ANNOTATION_FILES[name]} "
+                                  f"({EFAAR_PACKAGE} {EFAAR_VERSION}); nothing was written. Download {EFAAR_WHEEL} again")
+            dest.mkdir(parents=True, exist_ok=True)
+            for name, data in contents.items():
+                partial = dest / f".{name}.partial"
+                partial.write_bytes(data)
+                os.replace(partial, dest / name)
+            if wheel is None:  # keep the downloaded wheel: tests compare recall against its code
+                cached_wheel().parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source, cached_wheel())
+    except BaseException:
+        if created and dest.is_dir() and not any(dest.iterdir()):
+            dest.rmdir()  # nothing was written: leave no empty folder behind
+        raise
     return dest
 
