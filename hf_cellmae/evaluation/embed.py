@@ -26,6 +26,7 @@ batch of fields (and one shard row group), whatever the number of images.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -290,11 +291,7 @@ def parse_part(part: str | tuple[int, int] | None) -> tuple[int, int]:
 def default_num_workers(processes: int = 1) -> int:
     """DataLoader workers per process: the cores this process may use, shared by ``processes`` processes on the
     machine, minus the one that runs the model; at most 8, and 0 (read in the main process) on a single core."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        cores = os.cpu_count() or 1
-    return max(0, min(8, cores // max(processes, 1) - 1))
+    return max(0, min(8, _cores() // max(processes, 1) - 1))
 
 
 # ---------------------------------------------------------------- featurisers
@@ -824,28 +821,9 @@ def embed_dataset(
     pin = preparer is not None and getattr(device, "type", "cpu") == "cuda"
     bar = tqdm(total=sum(u.num_fields for u in todo), desc="embed", unit="field",
                disable=not progress or not state.is_local_main_process)
-    frames, skips, written = [], [], len(done)
     started = time.perf_counter()
-    for item in _task_items(tasks, preparer, workers, pin):
-        for problem in item["problems"]:
-            where = {"file": problem.file, "field": problem.field}
-            if problem.fatal:
-                raise BadInputError(f"{problem.reason}; the {written} part(s) already written in {out} are kept "
-                                    "and a re-run resumes after them", file=problem.file)
-            try:
-                problems.report(problem.reason, stage="embed", **where)
-            except BadInputError as error:
-                raise BadInputError(f"{error}; the {written} part(s) already written in {out} are kept and a re-run "
-                                    "resumes after them", file=problem.file) from None
-            skips.append({"reason": problem.reason, **where, "stage": "embed"})
-            bar.update(1)
-        for fields, prepared in item["groups"]:
-            features, counts = featurizer(fields) if preparer is None else featurizer.embed_prepared(fields, prepared)
-            frames.append(_frame(fields, features, counts, metadata_keys, featurizer.feature_names(fields[0].channels)))
-            bar.update(len(fields))
-        if item["last"]:
-            _write_part(out, item["unit"], pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(), skips)
-            frames, skips, written = [], [], written + 1
+    with _cpu_threads_beside(workers if getattr(device, "type", "cpu") == "cpu" else 0, local_processes):
+        _embed_tasks(tasks, preparer, workers, pin, featurizer, problems, metadata_keys, out, bar, written=len(done))
     bar.close()
     if todo:
         seconds, count = time.perf_counter() - started, sum(u.num_fields for u in todo)
@@ -873,6 +851,57 @@ def embed_dataset(
             raise BadInputError(f"every one of the {info['num_skipped']} fields of {data} was skipped, so {out} holds "
                                 f"no embedding; the first reason: {listed[0]['reason']}", file=listed[0]["file"])
     return info
+
+
+def _embed_tasks(tasks, preparer, workers, pin, featurizer, problems, metadata_keys, out, bar, written):
+    """The main process's loop: each task's item in order -> the policy on its problems, the model on its fields, and a
+    part written after the last task of each unit (``written``: the parts there before, named in a failure)."""
+    from ..data.problems import BadInputError
+
+    frames, skips = [], []
+    for item in _task_items(tasks, preparer, workers, pin):
+        for problem in item["problems"]:
+            where = {"file": problem.file, "field": problem.field}
+            if problem.fatal:
+                raise BadInputError(f"{problem.reason}; the {written} part(s) already written in {out} are kept "
+                                    "and a re-run resumes after them", file=problem.file)
+            try:
+                problems.report(problem.reason, stage="embed", **where)
+            except BadInputError as error:
+                raise BadInputError(f"{error}; the {written} part(s) already written in {out} are kept and a re-run "
+                                    "resumes after them", file=problem.file) from None
+            skips.append({"reason": problem.reason, **where, "stage": "embed"})
+            bar.update(1)
+        for fields, prepared in item["groups"]:
+            features, counts = featurizer(fields) if preparer is None else featurizer.embed_prepared(fields, prepared)
+            frames.append(_frame(fields, features, counts, metadata_keys, featurizer.feature_names(fields[0].channels)))
+            bar.update(len(fields))
+        if item["last"]:
+            _write_part(out, item["unit"], pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(), skips)
+            frames, skips, written = [], [], written + 1
+
+
+@contextlib.contextmanager
+def _cpu_threads_beside(workers: int, processes: int):
+    """On a CPU with ``workers`` reading processes, the model's torch threads take the cores left to this process
+    (at least one), so readers and model do not oversubscribe the cores; restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    if workers:
+        cores = _cores() // max(processes, 1)
+        torch.set_num_threads(max(1, min(before, cores - workers)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
 
 
 def _batches_by_channels(fields: Iterator[Field], size: int) -> Iterator[list[Field]]:
