@@ -94,6 +94,7 @@ class Unit:
     num_fields: int
     tasks: list[Task]
     field_ids: list[str] | None = None
+    fingerprint: str | None = None  # the input's content (shard sha256; image files' sizes and mtimes) when planned
 
 
 @dataclass
@@ -206,7 +207,7 @@ def _shard_units(shard_dir: str, fields_per_batch: int, storage_options: dict | 
                 tasks.append(Task(Path(entry["file"]).stem, count, shard=path, row_groups=tuple(groups),
                                   storage_options=storage_options))
                 groups, count = [], 0
-        units.append(Unit(Path(entry["file"]).stem, int(entry["num_fields"]), tasks))
+        units.append(Unit(Path(entry["file"]).stem, int(entry["num_fields"]), tasks, fingerprint=entry.get("sha256")))
     source = {"kind": "shards", "path": str(shard_dir), "num_fields": manifest["num_fields"],
               "shards": [[entry["file"], entry.get("sha256")] for entry in manifest["shards"]]}
     return units, list(manifest.get("metadata_columns", [])), source
@@ -219,6 +220,7 @@ def _layout_units(source: Path, layout: str, pattern: str | None, metadata: str 
     from ..data.layouts import discover_fields
     from ..data.metadata import join_metadata, read_metadata_table
     from ..data.problems import ProblemLog
+    from ..data.records import source_fingerprint
 
     found = ProblemLog()  # stray files and incomplete sites lose no readable field: always listed, never fatal
     records = discover_fields(source, layout=layout, pattern=pattern, problems=found)
@@ -240,7 +242,7 @@ def _layout_units(source: Path, layout: str, pattern: str | None, metadata: str 
         name, chunk = f"part-{k:05d}", records[start : start + fields_per_part]
         tasks = [Task(name, len(chunk[i : i + fields_per_batch]), records=chunk[i : i + fields_per_batch],
                       min_field_size=min_field_size) for i in range(0, len(chunk), fields_per_batch)]
-        units.append(Unit(name, len(chunk), tasks, [r.field_id for r in chunk]))
+        units.append(Unit(name, len(chunk), tasks, [r.field_id for r in chunk], fingerprint=source_fingerprint(chunk)))
     keys = sorted({key for record in records for key in (*record.tags, *record.metadata)})
     info = {"kind": "layout", "path": str(source), "layout": layout, "pattern": pattern,
             "metadata": str(metadata) if metadata else None, "num_fields": len(records)}
@@ -645,6 +647,10 @@ def _task_items(tasks: list[Task], preparer, num_workers: int, pin_memory: bool)
 
 
 def _plan_hash(units: list[Unit], source: dict, options: dict) -> str:
+    """What the parts are (input, options, units and their fields); not the inputs' content, which each part records
+    (its fingerprint), so a repaired input redoes its own part instead of making the folder another run's."""
+    if "shards" in source:
+        source = {**source, "shards": [name for name, _ in source["shards"]]}
     plan = {"source": source, "options": options,
             "units": [[u.name, u.num_fields, u.field_ids] for u in units]}
     return hashlib.sha256(json.dumps(plan, sort_keys=True, default=str).encode()).hexdigest()
@@ -671,13 +677,13 @@ def _frame(fields: list[Field], features: np.ndarray, counts: np.ndarray, metada
 PART_KEY = b"hf_cellmae_part"  # a part's row count and skipped fields, in its Parquet footer
 
 
-def _write_part(out: Path, name: str, table: pd.DataFrame, skips: list[dict]) -> None:
+def _write_part(out: Path, name: str, table: pd.DataFrame, skips: list[dict], fingerprint: str | None = None) -> None:
     """Write one part atomically (a hidden temporary file, renamed once complete) with its record in the footer."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     arrow = pa.Table.from_pandas(table, preserve_index=False)
-    record = json.dumps({"rows": len(table), "skipped": skips}, default=str).encode()
+    record = json.dumps({"rows": len(table), "skipped": skips, "fingerprint": fingerprint}, default=str).encode()
     arrow = arrow.replace_schema_metadata({**(arrow.schema.metadata or {}), PART_KEY: record})
     temporary = out / f".{name}.parquet.{os.getpid()}.tmp"
     pq.write_table(arrow, temporary)
@@ -699,6 +705,19 @@ def _part_record(path: Path, old_info: dict) -> tuple[int, list[dict], list[str]
     if rows is None:
         rows = pq.ParquetFile(path).metadata.num_rows
     return int(rows), list(old_info.get("skipped", {}).get(name, [])), list(schema.names)
+
+
+def _part_is_current(out: Path, unit: Unit) -> bool:
+    """Whether ``unit``'s part is written and was made from the input as it is now (its recorded fingerprint; a part
+    written before parts recorded one counts as current)."""
+    import pyarrow.parquet as pq
+
+    path = out / f"{unit.name}.parquet"
+    if not path.is_file():
+        return False
+    record = (pq.read_schema(path).metadata or {}).get(PART_KEY)
+    recorded = json.loads(record).get("fingerprint") if record else None
+    return recorded is None or unit.fingerprint is None or recorded == unit.fingerprint
 
 
 def _assemble_info(out: Path, units: list[Unit], info: dict) -> dict:
@@ -800,8 +819,12 @@ def embed_dataset(
     slots = part_count * state.num_processes
     slot = (part_index - 1) * state.num_processes + state.process_index
     mine = [unit for k, unit in enumerate(units) if k % slots == slot]
-    done = {unit.name for unit in mine if (out / f"{unit.name}.parquet").is_file()}
+    done = {unit.name for unit in mine if _part_is_current(out, unit)}
     todo = [unit for unit in mine if unit.name not in done]
+    changed = [unit.name for unit in todo if (out / f"{unit.name}.parquet").is_file()]
+    if changed:
+        print(f"embed: {len(changed)} part(s) whose input changed since they were written are embedded again: "
+              f"{', '.join(changed[:10])}{' ...' if len(changed) > 10 else ''}")
     share = "" if slots == 1 else f" (share {slot + 1} of {slots}: {len(mine)} of {len(units)} parts)"
     if done:
         print(f"embed: resuming{share}, {len(done)} of {len(mine)} parts already written in {out}")
@@ -823,7 +846,8 @@ def embed_dataset(
                disable=not progress or not state.is_local_main_process)
     started = time.perf_counter()
     with _cpu_threads_beside(workers if getattr(device, "type", "cpu") == "cpu" else 0, local_processes):
-        _embed_tasks(tasks, preparer, workers, pin, featurizer, problems, metadata_keys, out, bar, written=len(done))
+        _embed_tasks(tasks, preparer, workers, pin, featurizer, problems, metadata_keys, out, bar, written=len(done),
+                     fingerprints={unit.name: unit.fingerprint for unit in todo})
     bar.close()
     if todo:
         seconds, count = time.perf_counter() - started, sum(u.num_fields for u in todo)
@@ -853,7 +877,7 @@ def embed_dataset(
     return info
 
 
-def _embed_tasks(tasks, preparer, workers, pin, featurizer, problems, metadata_keys, out, bar, written):
+def _embed_tasks(tasks, preparer, workers, pin, featurizer, problems, metadata_keys, out, bar, written, fingerprints):
     """The main process's loop: each task's item in order -> the policy on its problems, the model on its fields, and a
     part written after the last task of each unit (``written``: the parts there before, named in a failure)."""
     from ..data.problems import BadInputError
@@ -877,7 +901,8 @@ def _embed_tasks(tasks, preparer, workers, pin, featurizer, problems, metadata_k
             frames.append(_frame(fields, features, counts, metadata_keys, featurizer.feature_names(fields[0].channels)))
             bar.update(len(fields))
         if item["last"]:
-            _write_part(out, item["unit"], pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(), skips)
+            _write_part(out, item["unit"], pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(), skips,
+                        fingerprints.get(item["unit"]))
             frames, skips, written = [], [], written + 1
 
 
