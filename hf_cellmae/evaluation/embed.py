@@ -142,7 +142,7 @@ def _read_shard_groups(path: str, row_groups: tuple[int, ...], storage_options: 
 
     from ..data.problems import BadInputError
     from ..data.remote import filesystem, is_url, with_retries
-    from ..data.shards import check_field_crc, corrupt_shard_error, decode_pixels
+    from ..data.shards import check_field_row, corrupt_shard_error, decode_pixels
 
     def open_shard():
         if not is_url(path):
@@ -167,9 +167,9 @@ def _read_shard_groups(path: str, row_groups: tuple[int, ...], storage_options: 
             yield ReadProblem(str(corrupt_shard_error(path, error)), path, fatal=True)
             return
         for row in range(table.num_rows):  # one field's Python objects at a time
-            values = {name: table.column(name)[row].as_py() for name in table.column_names if name != "files"}
+            values = {name: table.column(name)[row].as_py() for name in table.column_names}
             try:
-                check_field_crc(values["pixels"], values["crc32"], path, values["field_id"])
+                check_field_row(values, path)  # pixels against their CRC-32, every other column against row_crc32
             except BadInputError as error:
                 yield ReadProblem(str(error), path, values["field_id"])
                 continue
