@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import functools
 import math
+import pickle
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -598,6 +601,30 @@ class CellMAEPerChannelDecoder(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Pre-trained model base
 # ----------------------------------------------------------------------------------------------
+def untrusted_weights_error(model: object, error: Exception) -> OSError:
+    """The one-line refusal of a model folder whose pickled weights (``pytorch_model.bin``...) torch would not load
+    with ``weights_only=True``: names the folder, its pickle files and the global asked for. torch's own text is
+    dropped on purpose: it suggests retrying with ``weights_only=False``, which would run the code."""
+    folder = Path(str(model))
+    pickles = sorted(p.name for p in folder.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")) if folder.is_dir() else []
+    match = re.search(r"GLOBAL ([\w.]+)", str(error))
+    asked = f"they ask for {match.group(1)}" if match else "they hold objects other than tensors"
+    return OSError(
+        f"{model}: its pickled weights ({', '.join(pickles) or 'a .bin/.pt file'}) were not loaded: {asked}, which could "
+        "run code; use a model folder with safetensors weights (model.safetensors, what save_pretrained writes) from a "
+        "source you trust"
+    )
+
+
+def from_pretrained_refusing_pickles(from_pretrained, *args, **kwargs):
+    """``from_pretrained(*args, **kwargs)``, with a crafted pickle's refusal (``pickle.UnpicklingError``) as one line."""
+    try:
+        return from_pretrained(*args, **kwargs)
+    except pickle.UnpicklingError as error:
+        model = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        raise untrusted_weights_error(model, error) from None
+
+
 class CellMAEPreTrainedModel(PreTrainedModel):
     config_class = CellMAEConfig
     config: CellMAEConfig
@@ -652,8 +679,9 @@ class CellMAEPreTrainedModel(PreTrainedModel):
         """`PreTrainedModel.from_pretrained`, plus: a folder whose config says
         `parallel_mlp_bias_layout="legacy_timm"` (saved by hf_cellmae before that layout was converted at
         load time, e.g. an older converted OpenPhenom) gets its biases turned into ordinary
-        `mlp_bias`/`qkv_bias` here, once (`legacy_timm_parallel_biases`)."""
-        loaded = super().from_pretrained(*args, **kwargs)
+        `mlp_bias`/`qkv_bias` here, once (`legacy_timm_parallel_biases`). Pickled weights that torch refuses to
+        load (they could run code) raise a one-line ``OSError`` (`untrusted_weights_error`)."""
+        loaded = from_pretrained_refusing_pickles(super().from_pretrained, *args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         if model.config.parallel_mlp_bias_layout == "legacy_timm":
             model._convert_legacy_timm_biases()

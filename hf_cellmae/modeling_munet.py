@@ -33,6 +33,7 @@ from .modeling_cellmae import (
     CellMAEAttentionPool,
     classifier_input,
     fourier_magnitude_l1,
+    from_pretrained_refusing_pickles,
     masked_mean,
     patchify,
     random_masking,
@@ -222,6 +223,12 @@ class CellMUNetPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
     _no_split_modules = ["CellMUNetResidualBlock"]
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`; pickled weights that torch refuses (they could run code) raise a
+        one-line ``OSError``."""
+        return from_pretrained_refusing_pickles(super().from_pretrained, *args, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

@@ -10,17 +10,24 @@ analytically where the CPU kernel is not counted) and achieved FLOP/s as a share
 
     python scripts/benchmark_model.py [--batch-size 2] [--steps 3] [--presets tiny vit_s16] [--bf16]
 
-With `--openphenom`, instead times hf_cellmae side by side with OpenPhenom's computation as
-re-stated in `tests/openphenom_reference.py`, at OpenPhenom's exact architecture (the `openphenom`
-preset, the same random weights in both): the pooled embedding (both standardise 0..255 pixels inside
+With `--openphenom`, instead times hf_cellmae side by side with OpenPhenom at its exact architecture
+(the `openphenom` preset, the same random weights in both, converted with
+`hf_cellmae.openphenom.convert_openphenom_state_dict`). OpenPhenom's side is its own public code when
+`--reference PATH` points at a checkout of https://github.com/recursionpharma/maes_microscopy (not
+shipped here: its licence is Recursion's CC-BY-NC; it is imported from PATH at run time and needs
+timm, e.g. `pip install hf-cellmae[bench]`). Without `--reference` it is the re-statement in
+`tests/openphenom_reference.py`, whose encoder attention is an explicit (unfused) softmax where
+OpenPhenom's timm blocks use the fused kernel, so its ratio overstates hf_cellmae's speed (a warning
+says so). Both implementations must give the same pooled embedding (max |diff| printed) and loss. It
+times the pooled embedding (both standardise 0..255 pixels inside
 the timed call) and a training step (mask 0.75, Fourier weight 0.01, forward + backward), in fp32 and
 under bf16 autocast. Rounds are interleaved (every variant once per round, after a warm-up), medians
 are reported with the reference / hf_cellmae ratio (> 1: hf_cellmae is faster), and the matmul peaks
 are measured in the same run. The FLOPs of one call of each are counted too: their ratio is the speed
 ratio that equal work per FLOP would give, the bound a faster implementation of the same kernels reaches.
 
-    python scripts/benchmark_model.py --openphenom [--batch-size 2] [--rounds 7] [--precisions fp32 bf16]
-        [--workloads embedding training]
+    python scripts/benchmark_model.py --openphenom [--reference PATH/TO/maes_microscopy] [--batch-size 2]
+        [--rounds 7] [--precisions fp32 bf16] [--workloads embedding training]
 """
 
 from __future__ import annotations
@@ -115,26 +122,186 @@ def counted_gflop(run) -> float:
 
 PRECISION_NAMES = {"fp32": "fp32", "bf16": "bf16 autocast"}
 
+MAES_MICROSCOPY_URL = "https://github.com/recursionpharma/maes_microscopy"
+RESTATEMENT_WARNING = (
+    "WARNING: no --reference given, so OpenPhenom's side is tests/openphenom_reference.py, a re-statement of its\n"
+    "computation whose encoder computes attention with an explicit softmax (unfused), whereas OpenPhenom's own\n"
+    "code runs timm's blocks with the fused scaled_dot_product_attention: the speed ratio below overstates\n"
+    "hf_cellmae's speed. For the comparison users would make, time against the real code (its licence is\n"
+    f"Recursion's CC-BY-NC, so it is not shipped here): git clone {MAES_MICROSCOPY_URL};\n"
+    "pip install timm (or hf-cellmae[bench]); then add --reference PATH/TO/maes_microscopy."
+)
+
+
+def find_maes_microscopy(path: str | Path) -> Path:
+    """The folder of a maes_microscopy checkout that holds its model code (`mae_modules.py`, `vit.py`, `loss.py`,
+    `mae_utils.py`): its root, or its `maes_microscopy/` package folder; SystemExit with one line if neither."""
+    root = Path(path).expanduser()
+    for folder in (root, root / "maes_microscopy"):
+        if all((folder / name).is_file() for name in ("mae_modules.py", "vit.py", "loss.py", "mae_utils.py")):
+            return folder
+    raise SystemExit(
+        f"--reference {path}: not a checkout of {MAES_MICROSCOPY_URL} (no mae_modules.py, vit.py, loss.py and "
+        "mae_utils.py in it or in its maes_microscopy/ folder)"
+    )
+
+
+def import_maes_microscopy(folder: Path) -> dict:
+    """Import the modules of the maes_microscopy code in `folder` at run time. Some versions import their
+    siblings relatively (`from .vit import ...`), others absolutely (`from vit import ...`): the folder is
+    imported as a package and is also put on sys.path, so both work."""
+    import importlib
+    import types
+
+    try:
+        import timm
+    except ImportError as error:
+        raise SystemExit(f"--reference needs timm, which OpenPhenom's code is built on (pip install timm): {error}") from None
+    package = "_maes_microscopy_reference"
+    module = types.ModuleType(package)
+    module.__path__ = [str(folder)]
+    sys.modules[package] = module
+    for entry in (str(folder.parent), str(folder)):
+        if entry not in sys.path:
+            sys.path.insert(0, entry)
+    modules = {name: importlib.import_module(f"{package}.{name}") for name in ("vit", "mae_modules", "loss", "mae_utils")}
+    modules["timm"] = timm
+    return modules
+
+
+class RestatedOpenPhenom:
+    """OpenPhenom's side as re-stated in tests/openphenom_reference.py (functional, on the state dict)."""
+
+    name = "re-statement"
+    mlp_bias_layout = "legacy_timm"  # the re-statement follows timm <= 1.0.24, OpenPhenom's
+
+    def __init__(self, state_dict: dict[str, torch.Tensor]):
+        from openphenom_reference import reference_predict, reference_pretraining_loss
+
+        self.sd, self._predict, self._loss = state_dict, reference_predict, reference_pretraining_loss
+        fixed = {"encoder.vit_backbone.pos_embed", "decoder.pos_embeddings", "decoder.placeholder"}
+        for key, tensor in state_dict.items():
+            tensor.requires_grad_(key not in fixed)
+
+    def describe(self) -> str:
+        return "tests/openphenom_reference.py (re-statement, unfused encoder attention)"
+
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self._predict(self.sd, pixels)[0]
+
+    def loss(self, pixels: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return self._loss(self.sd, pixels, noise)["loss"]
+
+    def train(self) -> None:
+        pass
+
+    def eval(self) -> None:
+        pass
+
+    def zero_grad(self) -> None:
+        for tensor in self.sd.values():
+            tensor.grad = None
+
+
+class MaesMicroscopyOpenPhenom:
+    """OpenPhenom built from the public maes_microscopy code in a user's checkout: its timm ViT-S/16 encoder
+    (`vit.vit_small_patch16_256`, `mae_modules.MAEEncoder`, channel-agnostic), its `CAMAEDecoder` (512 wide,
+    8 blocks per channel, LayerNorm eps 1e-5 as in its Hugging Face wrapper), its masking, `flatten_images`
+    and `FourierLoss`, with the weights of `state_dict` (OpenPhenom's layout, loaded strictly). The few lines
+    that join them follow the wrapper's `predict`, `forward` and `compute_MAE_loss`: x / 255 and per-channel
+    standardisation (its `SelfStandardize`), the encoder-decoder projection and the prediction layer,
+    per-patch MSE and Fourier loss averaged over the masked tokens, mixed 0.99 / 0.01."""
+
+    name = "maes_microscopy"
+
+    def __init__(self, path: str | Path, state_dict: dict[str, torch.Tensor], mask_ratio: float = 0.75,
+                 fourier_weight: float = 0.01):
+        from torch import nn
+
+        self.folder = find_maes_microscopy(path)
+        code = import_maes_microscopy(self.folder)
+        self.timm_version = code["timm"].__version__
+        vit, mae_modules, loss, self.mae_utils = code["vit"], code["mae_modules"], code["loss"], code["mae_utils"]
+        # No stochastic depth (hf_cellmae's side has none either), so both compute the same training step.
+        backbone = vit.sincos_positional_encoding_vit(vit.vit_small_patch16_256(global_pool="avg", drop_path_rate=0.0))
+        model = nn.Module()
+        model.encoder = mae_modules.MAEEncoder(backbone, max_in_chans=11, channel_agnostic=True)
+        model.decoder = mae_modules.CAMAEDecoder(
+            num_modalities=6, tokens_per_modality=256, embed_dim=512, depth=8, num_heads=16, mlp_ratio=4,
+            qkv_bias=True, norm_layer=nn.LayerNorm,
+        )
+        model.decoder.pos_embeddings = vit.generate_2d_sincos_pos_embeddings(512, length=16, use_class_token=True, num_modality=6)
+        model.encoder_decoder_proj = nn.Linear(384, 512)
+        model.decoder_pred = nn.Linear(512, 256)
+        model.load_state_dict({k: v.detach().clone() for k, v in state_dict.items()}, strict=True)
+        self.model, self.mask_ratio, self.fourier_weight = model, mask_ratio, fourier_weight
+        self.standardize = getattr(mae_modules, "SelfStandardize", None)
+        self.standardize = self.standardize() if self.standardize else (lambda p: F.instance_norm(p.float() / 255.0, eps=1e-5))
+        self.fourier = loss.FourierLoss(num_multimodal_modalities=6)
+        if not hasattr(self.fourier, "num_bins"):
+            self.fourier.num_bins = None  # read by its forward but never set (it raises otherwise)
+        from packaging.version import Version
+
+        # timm moved ParallelScalingBlock's mlp_bias in 1.0.25: convert the weights for the installed one.
+        self.mlp_bias_layout = "legacy_timm" if Version(self.timm_version) < Version("1.0.25") else "current"
+
+    def describe(self) -> str:
+        return f"maes_microscopy at {self.folder} (timm {self.timm_version}, fused attention in its timm blocks)"
+
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        tokens = self.model.encoder.vit_backbone.forward_features(self.standardize(pixels))
+        return tokens[:, 1:].mean(1)  # `predict`: mean of the patch tokens, no final norm
+
+    def loss(self, pixels: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        images = self.standardize(pixels)
+        latent, mask, restore = m.encoder.forward_masked(images, self.mask_ratio, noise)
+        reconstruction = m.decoder_pred(m.decoder.forward_masked(m.encoder_decoder_proj(latent), restore))[:, 1:]
+        target = self.mae_utils.flatten_images(self.standardize(pixels), patch_size=16, channel_agnostic=True)
+        mse = ((reconstruction - target) ** 2).mean(-1)
+        fourier = self.fourier(reconstruction, target).mean(-1)
+        mse, fourier = ((t * mask).sum() / mask.sum() for t in (mse, fourier))
+        return (1 - self.fourier_weight) * mse + self.fourier_weight * fourier
+
+    def train(self) -> None:
+        self.model.train()
+
+    def eval(self) -> None:
+        self.model.eval()
+
+    def zero_grad(self) -> None:
+        self.model.zero_grad(set_to_none=True)
+
+
+def openphenom_reference(path: str | Path | None, state_dict: dict[str, torch.Tensor]):
+    """OpenPhenom's side of the comparison: the maes_microscopy code at `path`, or without a path the
+    re-statement (see RESTATEMENT_WARNING)."""
+    return RestatedOpenPhenom(state_dict) if path is None else MaesMicroscopyOpenPhenom(path, state_dict)
+
 
 def openphenom_side_by_side(batch: int, rounds: int, precisions: tuple[str, ...] = ("fp32", "bf16"),
-                            workloads: tuple[str, ...] = ("embedding", "training")) -> None:
-    """hf_cellmae vs the functional OpenPhenom reference at OpenPhenom's architecture (see the module doc),
-    for each of `workloads` ("embedding", "training") in each of `precisions` ("fp32", "bf16" = bf16 autocast)."""
+                            workloads: tuple[str, ...] = ("embedding", "training"), reference_path: str | None = None) -> None:
+    """hf_cellmae vs OpenPhenom at OpenPhenom's architecture (see the module doc): OpenPhenom's own code at
+    `reference_path` (a maes_microscopy checkout) or, without it, the functional re-statement; for each of
+    `workloads` ("embedding", "training") in each of `precisions` ("fp32", "bf16" = bf16 autocast)."""
+    if reference_path is None:
+        print(RESTATEMENT_WARNING, flush=True)
+    else:
+        find_maes_microscopy(reference_path)  # fail in one line before any work
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from openphenom_reference import random_openphenom_state_dict, reference_predict, reference_pretraining_loss
+    from openphenom_reference import random_openphenom_state_dict
 
     from hf_cellmae.image_processing_cellmae import standardize_channels
     from hf_cellmae.openphenom import convert_openphenom_state_dict
 
     channels, size = 6, 256
     reference_sd = random_openphenom_state_dict(seed=0)
-    fixed = {"encoder.vit_backbone.pos_embed", "decoder.pos_embeddings", "decoder.placeholder"}
-    for key, tensor in reference_sd.items():
-        tensor.requires_grad_(key not in fixed)
+    reference = openphenom_reference(reference_path, reference_sd)
     # The reference has no stochastic depth: none in hf_cellmae either, so both compute the same thing.
     config = CellMAEConfig.from_preset("openphenom", drop_path_rate=0.0)
     model = CellMAEForPreTraining(config)
-    model.load_state_dict(convert_openphenom_state_dict({k: v.detach() for k, v in reference_sd.items()})[0])
+    converted = convert_openphenom_state_dict({k: v.detach() for k, v in reference_sd.items()}, reference.mlp_bias_layout)[0]
+    model.load_state_dict(converted)
     encoder = model.cellmae.eval()
 
     pixels = torch.randint(0, 256, (batch, channels, size, size), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
@@ -145,8 +312,9 @@ def openphenom_side_by_side(batch: int, rounds: int, precisions: tuple[str, ...]
             return encoder(standardize_channels(pixels)).pooler_output
 
     def reference_embed():
+        reference.eval()
         with torch.no_grad():
-            return reference_predict(reference_sd, pixels)[0]
+            return reference.embed(pixels)
 
     def ours_train():
         model.train()
@@ -154,15 +322,17 @@ def openphenom_side_by_side(batch: int, rounds: int, precisions: tuple[str, ...]
         model.zero_grad(set_to_none=True)
 
     def reference_train():
-        reference_pretraining_loss(reference_sd, pixels, noise)["loss"].backward()
-        for tensor in reference_sd.values():
-            tensor.grad = None
+        reference.train()
+        reference.loss(pixels, noise).backward()
+        reference.zero_grad()
 
     with torch.no_grad():  # the comparison is of equal computations
         ours_loss = model.eval()(standardize_channels(pixels), noise=noise).loss
-        reference_loss = reference_pretraining_loss(reference_sd, pixels, noise)["loss"]
+        reference.eval()
+        reference_loss = reference.loss(pixels, noise)
         embed_gap = (ours_embed() - reference_embed()).abs().max().item()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; images {batch} x {channels} x {size} x {size}")
+    print(f"OpenPhenom's side ('reference'): {reference.describe()}; mlp_bias layout {reference.mlp_bias_layout}")
     print(f"same computation: pooled embedding max |diff| {embed_gap:.1e}; loss {ours_loss.item():.6f} vs {reference_loss.item():.6f}")
     work = {("pooled embedding", impl): counted_gflop(run) for impl, run in (("hf_cellmae", ours_embed), ("reference", reference_embed))}
     work.update({("training step", impl): counted_gflop(run) for impl, run in (("hf_cellmae", ours_train), ("reference", reference_train))})
@@ -171,10 +341,10 @@ def openphenom_side_by_side(batch: int, rounds: int, precisions: tuple[str, ...]
 
     variants = {}
     pairs = {"embedding": ("pooled embedding", ours_embed, reference_embed), "training": ("training step", ours_train, reference_train)}
-    for workload, ours, reference in (pairs[w] for w in workloads):
+    for workload, ours, theirs in (pairs[w] for w in workloads):
         for precision in [PRECISION_NAMES[p] for p in precisions]:
             variants[(workload, precision, "hf_cellmae")] = ours
-            variants[(workload, precision, "reference")] = reference
+            variants[(workload, precision, "reference")] = theirs
     times: dict[tuple, list[float]] = {key: [] for key in variants}
     peaks = {p: [] for p in precisions}
     for round_index in range(rounds + 1):  # round 0 warms up
@@ -188,8 +358,10 @@ def openphenom_side_by_side(batch: int, rounds: int, precisions: tuple[str, ...]
             for p in precisions:
                 peaks[p].append(matmul_peak(torch.float32 if p == "fp32" else torch.bfloat16))
         print(f"round {round_index} done" + (" (warm-up)" if not round_index else ""), flush=True)
+    if not rounds:
+        return
     print("matmul peak, median over rounds: " + ", ".join(f"{p} {statistics.median(v):.1f} GFLOP/s" for p, v in peaks.items()))
-    print(f"{rounds} interleaved rounds, median seconds per call (min-max):")
+    print(f"{rounds} interleaved rounds, median seconds per call (min-max); reference = {reference.name}:")
     print(f"{'workload':<18}{'precision':<15}{'hf_cellmae':>22}{'reference':>22}{'speed ratio':>13}{'FLOP ratio':>12}")
     for workload in (pairs[w][0] for w in workloads):
         for precision in [PRECISION_NAMES[p] for p in precisions]:
@@ -200,6 +372,8 @@ def openphenom_side_by_side(batch: int, rounds: int, precisions: tuple[str, ...]
             print(f"{workload:<18}{precision:<15}{spread(ours):>22}{spread(theirs):>22}{ratio:>12.2f}x{flop_ratio:>11.2f}x")
     print("speed ratio = reference median / hf_cellmae median (> 1: hf_cellmae faster); FLOP ratio = reference FLOPs /")
     print("hf_cellmae FLOPs: the speed ratio that equal work per FLOP would give (above it, hf_cellmae's kernels are faster)")
+    if reference_path is None:
+        print("(re-statement: unfused encoder attention, the ratio overstates hf_cellmae's speed; see the warning above)")
 
 
 def main() -> None:
@@ -210,16 +384,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--presets", nargs="+", default=["tiny", "vit_s16"])
     parser.add_argument("--bf16", action="store_true", help="time under bf16 autocast (FLOP share still vs the fp32 peak)")
-    parser.add_argument("--openphenom", action="store_true", help="time side by side with tests/openphenom_reference.py")
+    parser.add_argument("--openphenom", action="store_true",
+                        help="time side by side with OpenPhenom: its own code with --reference, else tests/openphenom_reference.py")
+    parser.add_argument("--reference", metavar="PATH",
+                        help=f"with --openphenom: a checkout of {MAES_MICROSCOPY_URL} (needs timm) to build OpenPhenom from")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds of --openphenom")
     parser.add_argument("--precisions", nargs="+", choices=list(PRECISION_NAMES), default=list(PRECISION_NAMES),
                         help="precisions of --openphenom (bf16 = bf16 autocast; slow on CPUs without bf16 matmul units)")
     parser.add_argument("--workloads", nargs="+", choices=["embedding", "training"], default=["embedding", "training"],
                         help="what --openphenom times: the pooled embedding, the training step")
     args = parser.parse_args()
+    if args.reference is not None and not args.openphenom:
+        parser.error("--reference goes with --openphenom")
     torch.manual_seed(0)
     if args.openphenom:
-        openphenom_side_by_side(args.batch_size, args.rounds, tuple(args.precisions), tuple(args.workloads))
+        openphenom_side_by_side(args.batch_size, args.rounds, tuple(args.precisions), tuple(args.workloads), args.reference)
         return
     batch, channels, size = args.batch_size, args.channels, args.image_size
     peak = matmul_peak(torch.float32, repeats=5)

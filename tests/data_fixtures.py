@@ -85,3 +85,19 @@ def damage_page_header(shard_path) -> None:
     start = data.find(row["pixels"][:256])
     data[start - 24 : start] = b"\xff" * 24
     shard_path.write_bytes(bytes(data))
+
+
+def flip_metadata_text(shard_path, old: str, new: str) -> str:
+    """Replace ``old`` in the stored bytes of the first row's metadata JSON with ``new`` (same length), as a
+    flipped byte on disk would, in the data page and in the column statistics that repeat the text; returns that
+    field's id."""
+    import pyarrow.parquet as pq
+
+    assert len(old) == len(new)
+    row = pq.read_table(shard_path, columns=["field_id", "metadata"]).to_pylist()[0]
+    text = row["metadata"].encode()
+    assert old in row["metadata"]
+    data = shard_path.read_bytes()
+    assert data.count(text) >= 1
+    shard_path.write_bytes(data.replace(text, text.replace(old.encode(), new.encode(), 1)))
+    return row["field_id"]

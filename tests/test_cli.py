@@ -271,3 +271,27 @@ def test_a_warning_during_a_progress_bar_gets_a_line_of_its_own(tmp_path):
     assert result.returncode == 0, result.stderr
     warning = next(line for line in result.stderr.split("\n") if "matched by position" in line)
     assert "%|" not in warning and "UserWarning" in warning, repr(warning)
+
+
+def test_a_model_folder_with_only_a_crafted_pickle_is_refused_in_one_line_without_running_it(tmp_path, capsys):
+    import torch
+
+    from hf_cellmae import CellMAEConfig, CellMAEModel
+    from hf_cellmae.cli import main
+
+    marker = tmp_path / "code-ran"
+
+    class CreatesMarker:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    model = CellMAEModel(CellMAEConfig.from_preset("tiny", image_size=32, hidden_size=32, num_hidden_layers=1, num_attention_heads=2))
+    model.config.save_pretrained(tmp_path / "model")
+    torch.save({"payload": CreatesMarker(), **model.state_dict()}, tmp_path / "model" / "pytorch_model.bin")
+    (tmp_path / "images").mkdir()
+    code = main(["embed", str(tmp_path / "model"), str(tmp_path / "images"), str(tmp_path / "emb")])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and not marker.exists()
+    assert len(error.splitlines()) == 1, error
+    assert f"{tmp_path / 'model'}" in error and "pytorch_model.bin" in error and "not loaded" in error
+    assert "weights_only=False" not in error

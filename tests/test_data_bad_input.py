@@ -59,6 +59,24 @@ def test_truncated_image_skips_its_field_and_names_the_file(plate):
     assert problem["field"] == "exp/Plate1/A02/s1" and "A02_s1_w2.png" in problem["reason"]
 
 
+
+def test_a_repaired_image_is_read_again_on_a_re_run_and_its_skip_goes_away(plate):
+    tmp_path, fields = plate
+    broken = tmp_path / "images" / "exp" / "Plate1" / "A02_s1_w2.png"
+    _truncate(broken)
+    assert _shard(tmp_path, "skip")["num_fields"] == len(fields) - 1
+    write_png(broken, fields["exp/Plate1/A02/s1"][1])  # repaired as the message says
+    manifest = _shard(tmp_path, "skip")
+    assert manifest["num_fields"] == len(fields)
+    assert manifest["skipped"] == []
+
+
+def test_a_re_run_with_unchanged_inputs_reuses_every_shard(plate):
+    tmp_path, _ = plate
+    first = _shard(tmp_path, "skip")
+    again = _shard(tmp_path, "skip")
+    assert again["shards_reused"] == first["num_shards"] and again["shards"] == first["shards"]
+
 def test_truncated_image_fails_under_fail_policy(plate):
     tmp_path, _ = plate
     _truncate(tmp_path / "images" / "exp" / "Plate1" / "A02_s1_w2.png")

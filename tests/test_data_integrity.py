@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 
-from data_fixtures import damage_page_header, flip_pixel_byte, make_rxrx_plate
+from data_fixtures import damage_page_header, flip_metadata_text, flip_pixel_byte, make_rxrx_plate, write_plate_metadata
 from hf_cellmae.data.problems import BadInputError
 from hf_cellmae.data.shards import shard_folder, verify_shards
 from hf_cellmae.data.streaming import CorruptFieldWarning, skipped_fields, stream_fields
@@ -98,3 +98,60 @@ def test_verify_reports_a_damaged_parquet_structure_in_one_line(shards):
     unreadable = [p for p in problems if p.reason.startswith("cannot read shard")]
     assert unreadable and unreadable[0].file.endswith("shard-00001.parquet")
     assert all("\n" not in p.message() and "\x0f" not in p.message() for p in problems)
+
+
+@pytest.fixture
+def shards_with_metadata(tmp_path):
+    """Four fields in two shards, joined with a metadata table (perturbation GENE<n> or non-targeting)."""
+    fields = make_rxrx_plate(tmp_path / "images", plates=2, wells=("A01", "A02"), sites=1)
+    write_plate_metadata(tmp_path / "metadata.csv", fields)
+    shard_folder(tmp_path / "images", tmp_path / "shards", metadata=tmp_path / "metadata.csv", **SHARD_OPTIONS)
+    return tmp_path, fields
+
+
+def _flip_first_metadata(shard_path) -> str:
+    """Turn the first field's is_control flag (or a GENE number) into another value of the same length."""
+    import pyarrow.parquet as pq
+
+    text = pq.read_table(shard_path, columns=["metadata"]).to_pylist()[0]["metadata"]
+    old = "true" if "true" in text else "GENE"
+    return flip_metadata_text(shard_path, old, "tru3" if old == "true" else "GENF")
+
+
+def test_stream_fails_on_a_changed_metadata_byte_naming_shard_and_field(shards_with_metadata):
+    tmp_path, _ = shards_with_metadata
+    field_id = _flip_first_metadata(tmp_path / "shards" / "shard-00000.parquet")
+    with pytest.raises(BadInputError, match=f"field {field_id} in shard .*shard-00000.parquet fails its row checksum.*re-run the same `cellmae shard`"):
+        _read_all(tmp_path / "shards")
+
+
+def test_stream_skips_and_counts_a_field_whose_metadata_changed_under_skip(shards_with_metadata):
+    tmp_path, fields = shards_with_metadata
+    field_id = _flip_first_metadata(tmp_path / "shards" / "shard-00000.parquet")
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        samples = _read_all(tmp_path / "shards", on_error="skip")
+    assert sorted(s["field_id"] for s in samples) == sorted(set(fields) - {field_id})
+    assert any(skip["field"] == field_id and skip["reason"] == "row checksum mismatch" for skip in skipped_fields())
+
+
+def test_verify_lists_a_field_whose_metadata_changed(shards_with_metadata):
+    tmp_path, _ = shards_with_metadata
+    field_id = _flip_first_metadata(tmp_path / "shards" / "shard-00000.parquet")
+    found = verify_shards(tmp_path / "shards", progress=False)
+    assert [(p.field, p.reason) for p in found if p.field] == [(field_id, "row checksum mismatch (metadata or identity columns changed)")]
+
+
+@pytest.mark.parametrize("on_error", ["fail", "skip"])
+def test_embed_from_shards_checks_each_rows_metadata(shards_with_metadata, on_error):
+    from hf_cellmae.evaluation.embed import PixelStatsFeaturizer, embed_dataset
+
+    tmp_path, fields = shards_with_metadata
+    field_id = _flip_first_metadata(tmp_path / "shards" / "shard-00000.parquet")
+    if on_error == "fail":
+        with pytest.raises(BadInputError, match=f"field {field_id} in shard .*fails its row checksum"):
+            embed_dataset(tmp_path / "shards", tmp_path / "emb", PixelStatsFeaturizer(), progress=False, on_error=on_error)
+        return
+    info = embed_dataset(tmp_path / "shards", tmp_path / "emb", PixelStatsFeaturizer(), progress=False, on_error=on_error)
+    assert info["num_rows"] == len(fields) - 1
+    assert [skip["field"] for skips in info["skipped"].values() for skip in skips] == [field_id]

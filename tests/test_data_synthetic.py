@@ -126,3 +126,12 @@ def test_cli_shard_reports_a_missing_input_folder_in_one_line_with_exit_2(tmp_pa
     assert main(["shard", str(tmp_path / "nope"), str(tmp_path / "shards"), "--layout", "rxrx"]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and err.startswith("cellmae shard: error:") and len(err.strip().splitlines()) == 1
+
+
+def test_synthetic_into_an_unwritable_folder_fails_in_one_line(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")  # unwritable for every user, root included
+    code = main(["synthetic", str(blocker / "plate"), "--plates", "1", "--field-size", "32", "--quiet", "--num-workers", "1"])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and len(error.splitlines()) == 1
+    assert f"cannot write the synthetic screen to {blocker / 'plate'}" in error

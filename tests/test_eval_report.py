@@ -229,3 +229,23 @@ def test_heatmap_and_projection_name_the_featuriser_and_the_alignment(tmp_path, 
     for title in titles.values():
         assert "pretrained profiles after center_scale" in title
     assert set(titles) == {"plot_complex_heatmap", "plot_projection"}
+
+
+def test_evaluate_into_an_unwritable_folder_fails_in_one_line_before_the_work(tmp_path, capsys, monkeypatch):
+    from hf_cellmae.evaluation import report
+
+    table, pairs = _table(signal=1.0)
+    table.to_parquet(tmp_path / "emb.parquet")
+    pairs.to_csv(tmp_path / "complexes.csv", index=False)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")  # unwritable for every user, root included
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the embeddings were read before the output folder was checked")
+
+    monkeypatch.setattr(report, "read_embeddings", no_work)
+    code = main(["evaluate", str(tmp_path / "emb.parquet"), "--sources", str(tmp_path / "complexes.csv"),
+                 "--batch-col", "Metadata_plate", "--out", str(blocker / "eval"), "--no-plots", "--no-progress"])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and len(error.splitlines()) == 1
+    assert f"cannot write evaluation results to {blocker / 'eval'}" in error

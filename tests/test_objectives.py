@@ -86,6 +86,56 @@ def test_a_missing_label_column_is_refused_naming_the_columns(two_plates, tmp_pa
         pretrain(run_args(two_plates, tmp_path, objective="wsl", label_col="compound"))
 
 
+def _labelled_shards(root: Path, genes: list[str]) -> Path:
+    """Eight 32 x 40 fields (2 plates x 2 wells x 2 sites) whose `gene` is `genes[i]` ("" = no value)."""
+    from data_fixtures import make_rxrx_plate
+    from hf_cellmae.data.shards import shard_folder
+
+    fields = make_rxrx_plate(root / "images", plates=2, wells=("A01", "A02"), sites=2)
+    lines = ["experiment,plate,well,site,gene"]
+    lines += [f"{fid.split('/')[0]},{fid.split('/')[1]},{fid.split('/')[2]},{fid.split('/')[3][1:]},{gene}"
+              for fid, gene in zip(sorted(fields), genes)]
+    (root / "metadata.csv").write_text("\n".join(lines) + "\n")
+    shard_folder(root / "images", root / "shards", layout="rxrx", metadata=root / "metadata.csv", num_workers=1, progress=False)
+    return root / "shards"
+
+
+def test_fields_without_a_label_are_refused_naming_the_count_and_the_flag(tmp_path):
+    shards = _labelled_shards(tmp_path, ["A", "B", "", "A", "B", "A", "", "B"])
+    with pytest.raises(ValueError, match=r"label column 'gene' has no value in 2 of 8 fields.*--drop-missing-labels"):
+        pretrain(run_args(shards, tmp_path / "run", objective="wsl", label_col="gene", max_steps=1))
+
+
+def test_fields_without_a_label_are_left_out_and_counted_with_drop_missing_labels(tmp_path, capsys):
+    from hf_cellmae.data.labels import label_vocabulary
+    from hf_cellmae.training.loop import training_stream
+
+    shards = _labelled_shards(tmp_path, ["A", "B", "", "A", "B", "A", "", "B"])
+    args = run_args(shards, tmp_path / "run", objective="wsl", label_col="gene", max_steps=2, drop_missing_labels=True)
+    pretrain(args)
+    assert "left out 2 of 8 fields without a value in label column 'gene'" in capsys.readouterr().out
+    config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert sorted(config["label2id"]) == ["A", "B"]
+    stream = training_stream(args, CellMAEConfig(**TINY), ["w1", "w2", "w3"], 0, 1)
+    genes = [sample["gene"] for _, sample in zip(range(24), stream)]
+    assert set(genes) == {"A", "B"}  # four passes over the six labelled fields, no empty label among them
+    assert label_vocabulary(shards, "gene").missing == 2
+
+
+def test_a_label_column_with_fewer_than_two_classes_is_refused(tmp_path):
+    shards = _labelled_shards(tmp_path, ["A"] * 8)
+    with pytest.raises(ValueError, match=r"label column 'gene' has 1 class \(A\).*at least 2"):
+        pretrain(run_args(shards, tmp_path / "run", objective="wsl", label_col="gene", max_steps=1))
+
+
+def test_classes_with_few_examples_are_warned_about(tmp_path):
+    from hf_cellmae.data.labels import label_vocabulary, label_warnings
+
+    shards = _labelled_shards(tmp_path, ["A", "A", "A", "A", "A", "A", "A", "B"])
+    (warning,) = label_warnings(label_vocabulary(shards, "gene"), min_examples=5)
+    assert "1 class(es) of label column 'gene' have fewer than 5 fields" in warning and "B (1)" in warning
+
+
 # ------------------------------------------------------------------------------- plate-wise normalisation
 def test_plate_wise_normalisation_makes_logits_blind_to_an_offset_shared_by_a_plate():
     torch.manual_seed(0)
@@ -238,13 +288,14 @@ def test_fields_without_a_label_are_no_class_but_counted_unless_a_class_is_named
 
 
 def test_a_classification_run_leaves_unlabeled_fields_out_and_reports_majority_and_chance_beside_accuracy(two_plates, tmp_path, capsys):
-    summary = pretrain(run_args(two_plates, tmp_path, objective="wsl", label_col="complex", holdout_plates=["Plate2"], max_steps=2))
+    summary = pretrain(run_args(two_plates, tmp_path, objective="wsl", label_col="complex", holdout_plates=["Plate2"], max_steps=2,
+                                drop_missing_labels=True))
     evaluation = summary["holdout_evaluation"]
     assert evaluation["num_samples"] == 8  # Plate2's 4 gene wells x 2 sites; its 2 control wells left out
     assert evaluation["num_classes"] == 2 and evaluation["chance_rate"] == 0.5
     assert evaluation["majority_class_rate"] == 0.5  # each complex holds 2 of the 4 genes
     out = capsys.readouterr().out
-    assert "8 of 24 fields have no complex: left out of training and evaluation (--unlabeled-class NAME" in out
+    assert "left out 8 of 24 fields without a value in label column 'complex' (--drop-missing-labels)" in out
     assert "complex accuracy" in out and "always answering the most frequent" in out and "chance: 0.5000" in out
 
 

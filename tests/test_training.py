@@ -374,6 +374,34 @@ def test_resuming_a_one_cycle_run_with_other_max_steps_is_refused(synthetic_shar
         pretrain(parse_pretraining_arguments(run_args(synthetic_shards, tmp_path, max_steps=8, resume_from_checkpoint="latest")))
 
 
+def test_resuming_with_arguments_that_change_the_result_is_refused_naming_them(finished_run, synthetic_shards, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run / "checkpoints" / "checkpoint-2", run / "checkpoints" / "checkpoint-2")
+    changed = dict(seed=1, learning_rate=2e-3, per_device_train_batch_size=2, data=str(synthetic_shards) + "_other")
+    with pytest.raises(ValueError, match=r"checkpoint-2 was written with other arguments that change the result: "
+                                         r"data .*_other, per_device_train_batch_size 4 -> 2, learning_rate 0.001 -> 0.002, "
+                                         r"seed 0 -> 1; .*--allow-changed-args"):
+        pretrain(parse_pretraining_arguments(run_args(synthetic_shards, run, max_steps=4, save_steps=2,
+                                                      resume_from_checkpoint="latest", **changed)))
+    assert not (run / "model").exists()
+
+
+def test_resuming_with_changed_arguments_goes_on_with_allow_changed_args(finished_run, synthetic_shards, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run / "checkpoints" / "checkpoint-2", run / "checkpoints" / "checkpoint-2")
+    summary = pretrain(parse_pretraining_arguments(run_args(synthetic_shards, run, max_steps=4, save_steps=2, seed=1,
+                                                            resume_from_checkpoint="latest", allow_changed_args=True)))
+    assert summary["global_step"] == 4
+
+
+def test_resuming_with_only_logging_and_saving_options_changed_is_accepted(finished_run, synthetic_shards, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run / "checkpoints" / "checkpoint-2", run / "checkpoints" / "checkpoint-2")
+    summary = pretrain(parse_pretraining_arguments(run_args(synthetic_shards, run, max_steps=4, save_steps=1, logging_steps=2,
+                                                            resume_from_checkpoint="latest")))
+    assert summary["global_step"] == 4
+
+
 # ------------------------------------------------------------------------ untrusted checkpoints, clean failures
 class _CreatesMarkerWhenUnpickled:
     """A pickled object that creates `path` when loaded: what a crafted checkpoint could do."""

@@ -4,28 +4,38 @@ A label is a metadata column of the fields (``perturbation``, ``gene``, ...) or 
 columns (``plate``, ``well``, ``experiment``). :func:`label_vocabulary` reads it from every shard (the small
 columns only, no pixels) and numbers its values in sorted order, so every rank and every resumed run gives
 each class the same id; the ids go into the model config as ``id2label`` / ``label2id``. A field whose label
-is empty (a control well without a complex, NaN) is no class: it is left out and counted, unless the user
-names a class for it (``unlabeled_class``).
+is empty (a control well without a complex, NaN) is no class: a run refuses such fields unless they are left out
+(``--drop-missing-labels``, counted) or the user names their class (``unlabeled_class``, ``--unlabeled-class``).
+
+It also counts what a run must know before it trains: fields without a value (``None``, NaN or empty text, never
+a class: :func:`check_labels` refuses them unless they are dropped), the number of classes (at least 2), and
+classes with few fields (:func:`label_warnings`). Rows failing their row checksum are left out of the counts
+(the stream then fails or skips them under its ``on_error`` policy).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 from ..errors import UserError
-from .shards import load_manifest
+from .shards import ROW_CHECKSUM_COLUMNS, load_manifest, row_checksum
 
 IDENTITY_COLUMNS = ("experiment", "plate", "well", "site")
+MIN_EXAMPLES_PER_CLASS = 10  # fields; a class with fewer is warned about (it can hardly be learnt or measured)
 
 
-def is_unlabeled(value) -> bool:
-    """True for a missing label: ``None``, an empty string, NaN (also as the text ``"nan"``)."""
+def is_missing_label(value) -> bool:
+    """Whether a label value stands for "no value": ``None``, a float NaN, or empty / blank text."""
     if value is None:
         return True
-    if isinstance(value, float):
-        return value != value
+    if isinstance(value, float) and value != value:
+        return True
     return isinstance(value, str) and value.strip().lower() in ("", "nan")
+
+
+is_unlabeled = is_missing_label  # the name the training loop's filters use
 
 
 def label_text(value) -> str:
@@ -44,13 +54,19 @@ class LabelVocabulary:
     column: str
     labels: list[str]
     plates: list[str]
-    unlabeled_class: str | None = None  # the class of fields without a label; None: they are left out
-    num_unlabeled: int = 0  # fields without a label in the shards
-    num_fields: int = 0
+    counts: dict[str, int] = field(default_factory=dict)  # fields per class
+    missing: int = 0  # fields without a value in the column
+    num_fields: int = 0  # fields read (missing ones included, corrupt rows not)
+    corrupt: int = 0  # rows failing their row checksum, left out of everything above
+    unlabeled_class: str | None = None  # the class of fields without a value; None: they are no class
+
+    @property
+    def num_unlabeled(self) -> int:
+        return self.missing
 
     def label_of(self, value) -> str | None:
-        """The class name of a field's label value; ``None`` for an unlabeled field that is left out."""
-        return self.unlabeled_class if is_unlabeled(value) else label_text(value)
+        """The class name of a field's label value; ``None`` for a field without one (when no class is named)."""
+        return self.unlabeled_class if is_missing_label(value) else label_text(value)
 
     @property
     def label2id(self) -> dict[str, int]:
@@ -66,19 +82,22 @@ class LabelVocabulary:
 
 
 def _read_small_columns(path: str, columns: list[str]):
+    """The given columns of a shard that it has (format /1 shards have no ``row_crc32``)."""
     import pyarrow.parquet as pq
 
     if "://" in path:
         import fsspec
 
         with fsspec.open(path, "rb") as handle:
-            return pq.read_table(handle, columns=columns)
-    return pq.read_table(path, columns=columns)
+            parquet = pq.ParquetFile(handle)
+            return parquet.read(columns=[c for c in columns if c in parquet.schema_arrow.names])
+    parquet = pq.ParquetFile(path)
+    return parquet.read(columns=[c for c in columns if c in parquet.schema_arrow.names])
 
 
 def label_vocabulary(shard_dir: str, column: str, unlabeled_class: str | None = None) -> LabelVocabulary:
-    """Every value of ``column`` and every plate in the shards, sorted; fields without a value are counted and
-    become ``unlabeled_class`` when it is given (else they are no class).
+    """Every value of ``column`` and every plate in the shards, sorted, with the fields per class and the fields
+    without a value (no class, or the class ``unlabeled_class`` when it is given).
 
     Raises:
         UserError: ``column`` is neither an identity column nor one of ``manifest["metadata_columns"]``
@@ -92,22 +111,61 @@ def label_vocabulary(shard_dir: str, column: str, unlabeled_class: str | None = 
             f"label column {column!r} is not in the shards' metadata of {shard_dir}; the columns are {available}: "
             "pass one with --label-col, or re-shard with a metadata file that has it"
         )
-    labels, plates, unlabeled, fields = set(), set(), 0, 0
+    counts: Counter = Counter()
+    plates: set = set()
+    missing = num_fields = corrupt = 0
     for shard in manifest["shards"]:
         path = str(shard_dir).rstrip("/") + "/" + shard["file"]
-        table = _read_small_columns(path, ["plate", "metadata"] + ([column] if column in IDENTITY_COLUMNS and column != "plate" else []))
-        plates.update(table.column("plate").to_pylist())
-        if column in IDENTITY_COLUMNS:
-            values = table.column(column).to_pylist()
-        else:
-            values = [json.loads(text).get(column) for text in table.column("metadata").to_pylist()]
-        fields += len(values)
-        unlabeled += sum(is_unlabeled(v) for v in values)
-        labels.update(label_text(v) for v in values if not is_unlabeled(v))
-    if unlabeled and unlabeled_class is not None:
-        labels.add(unlabeled_class)
-    if not labels:
-        raise UserError(f"no field of {shard_dir} has a {column!r} label ({unlabeled} without one); pass another --label-col, "
-                        "or --unlabeled-class NAME to make them one class")
-    return LabelVocabulary(column=column, labels=sorted(labels), plates=sorted(plates), unlabeled_class=unlabeled_class,
-                           num_unlabeled=unlabeled, num_fields=fields)
+        rows = _read_small_columns(path, [*ROW_CHECKSUM_COLUMNS, "row_crc32"]).to_pylist()
+        for row in rows:
+            if row.get("row_crc32") is not None and row_checksum(row) != row["row_crc32"]:
+                corrupt += 1
+                continue
+            plates.add(row["plate"])
+            num_fields += 1
+            value = row[column] if column in IDENTITY_COLUMNS else json.loads(row["metadata"]).get(column)
+            if is_missing_label(value):
+                missing += 1
+            else:
+                counts[label_text(value)] += 1
+    if missing and unlabeled_class is not None:
+        counts[unlabeled_class] += missing
+    return LabelVocabulary(column=column, labels=sorted(counts), plates=sorted(plates), counts=dict(counts),
+                           missing=missing, num_fields=num_fields, corrupt=corrupt, unlabeled_class=unlabeled_class)
+
+
+def check_labels(vocabulary: LabelVocabulary, drop_missing: bool = False) -> None:
+    """Refuse a label column a classifier cannot be trained on: fields without a value (unless ``drop_missing``:
+    they are then left out of training) or fewer than 2 classes. ``UserError`` names the column, the count and
+    the fix."""
+    column = vocabulary.column
+    if vocabulary.missing and not drop_missing and vocabulary.unlabeled_class is None:
+        raise UserError(
+            f"label column {column!r} has no value in {vocabulary.missing} of {vocabulary.num_fields} fields (None, NaN "
+            "or empty, e.g. control wells without a complex); pass --drop-missing-labels to leave them out of training "
+            "(counted), --unlabeled-class NAME to train them as one class, or fill them in the metadata and re-shard"
+        )
+    if len(vocabulary.labels) < 2:
+        found = f"{len(vocabulary.labels)} class{'' if len(vocabulary.labels) == 1 else 'es'}"
+        shown = f" ({', '.join(vocabulary.labels)})" if vocabulary.labels else ""
+        raise UserError(
+            f"label column {column!r} has {found}{shown} in {vocabulary.num_fields - vocabulary.missing} labelled "
+            "fields; a classifier needs at least 2: pick another column with --label-col"
+        )
+
+
+def label_warnings(vocabulary: LabelVocabulary, min_examples: int = MIN_EXAMPLES_PER_CLASS) -> list[str]:
+    """Warnings a run should print about its labels: classes with fewer than ``min_examples`` fields (the
+    rarest first) and rows left out because they fail their row checksum."""
+    notes = []
+    rare = sorted((count, label) for label, count in vocabulary.counts.items() if count < min_examples)
+    if rare:
+        listed = ", ".join(f"{label} ({count})" for count, label in rare[:10]) + (" ..." if len(rare) > 10 else "")
+        notes.append(
+            f"{len(rare)} class(es) of label column {vocabulary.column!r} have fewer than {min_examples} fields: "
+            f"{listed}; such classes are hard to learn and their accuracy is noisy (merge them or add fields)"
+        )
+    if vocabulary.corrupt:
+        notes.append(f"{vocabulary.corrupt} row(s) fail their row checksum and are not counted as labelled; "
+                     "the stream fails or skips them (--on-error)")
+    return notes

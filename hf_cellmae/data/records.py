@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
 from dataclasses import asdict, dataclass, field
 
@@ -95,3 +98,29 @@ class FieldRecord:
     @classmethod
     def from_dict(cls, data: dict) -> "FieldRecord":
         return cls(**data)
+
+
+def file_versions(files: list[str]) -> list[list]:
+    """``[[size, mtime_ns], ...]`` of each file (``None`` for one that cannot be stat'ed): what tells a repaired or
+    replaced input from the one an earlier run read, without reading its bytes again."""
+    versions = []
+    for path in files:
+        try:
+            stat = os.stat(path)
+        except OSError:
+            versions.append(None)  # missing now: the read reports it
+            continue
+        versions.append([stat.st_size, stat.st_mtime_ns])
+    return versions
+
+
+def source_fingerprint(records: list[FieldRecord]) -> str:
+    """SHA-256 over the fields' identities, files, metadata and each file's size and modification time.
+
+    Two runs over the same records give the same fingerprint unless an input file was replaced, repaired or
+    touched, or a field's metadata changed: a re-run compares it with the one it recorded to decide whether
+    finished work can be reused (``cellmae shard`` folds it into each shard's plan hash). Record it per unit of
+    work (a shard, an embedding part) so that only the units holding a changed file are redone.
+    """
+    text = json.dumps([[record.to_dict(), file_versions(record.files)] for record in records], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()

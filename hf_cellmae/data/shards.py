@@ -12,9 +12,13 @@ Shard folder schema (``SHARD_FORMAT``):
     ``channels`` (list[str], C names), ``dtype`` (str, e.g. ``"uint16"``), ``shape`` (list[int32], ``[C, H, W]``),
     ``pixels`` (large_binary: the C-order bytes of the ``(C, H, W)`` array at its original dtype),
     ``crc32`` (int64, zlib CRC-32 of ``pixels``), ``metadata`` (str, JSON object of the joined metadata),
-    ``files`` (list[str], source files). Row groups hold ``fields_per_row_group`` rows.
+    ``files`` (list[str], source files), ``row_crc32`` (int64, :func:`row_checksum`: CRC-32 over every other stored
+    column, ``crc32`` included, so one checksum covers the row's identity, metadata and pixels). Row groups hold
+    ``fields_per_row_group`` rows. Format ``/1`` shards (no ``row_crc32``) are still read; only their pixels are checked.
 ``shard-00000.json``: the shard's record (plan hash, counts, row-group sizes, sha256, skipped inputs);
-    a re-run skips a shard whose record matches its plan (idempotent).
+    a re-run skips a shard whose record matches its plan (idempotent). The plan covers each source file's size and
+    modification time (:func:`~hf_cellmae.data.records.source_fingerprint`), so a repaired or replaced input is read
+    again and its stale skip entry goes away.
 ``manifest.json``: ``{"format", "created_with", "source", "layout", "channel_map" ({file token: stain name},
     e.g. ``{"w1": "AGP"}``), "channels_named_by" (the metadata column, ``--channels``, or the file tokens),
     "num_fields", "num_shards", "total_bytes", "channels" (list, the channels shared by all fields; union if they differ),
@@ -48,9 +52,10 @@ from ..errors import UserError, ensure_writable_folder
 from .image_io import read_field
 from .layouts import LAYOUTS, PATTERN_PRESETS
 from .problems import ON_ERROR_CHOICES, BadInputError, Problem, ProblemLog
-from .records import FieldRecord
+from .records import FieldRecord, source_fingerprint
 
-SHARD_FORMAT = "hf_cellmae.parquet_shards/1"
+SHARD_FORMAT = "hf_cellmae.parquet_shards/2"
+READABLE_FORMATS = ("hf_cellmae.parquet_shards/1", SHARD_FORMAT)  # /1: no row checksum
 MANIFEST_NAME = "manifest.json"
 MAX_SKIPPED_SHARE = 0.05  # a run that loses more of its fields than this fails (after writing its manifest)
 MIN_FIELD_SIZE = 32  # px: a field narrower than the crops it is trained on fails later, in pretrain or embed
@@ -118,17 +123,96 @@ REPAIR_HINT = (
 )
 
 
-def check_field_crc(pixels, crc32: int, shard: str | Path, field_id: str) -> None:
-    """Raise ``BadInputError`` naming the shard and the field when ``pixels`` does not match its stored CRC-32.
+# The stored columns a row's checksum covers (``crc32`` stands for the pixels): everything but the pixels themselves.
+ROW_CHECKSUM_COLUMNS = ("field_id", "experiment", "plate", "well", "site", "channels", "dtype", "shape", "crc32", "metadata", "files")
+
+
+def row_checksum(row: dict) -> int:
+    """CRC-32 of a shard row's stored columns other than ``pixels`` (``ROW_CHECKSUM_COLUMNS``, as read back).
+
+    ``crc32`` (the pixels' checksum) is among them, so together they cover the whole row: a changed byte in the
+    metadata JSON, a plate, well or channel name, the dtype or the shape fails it.
+    """
+    text = json.dumps([row[name] for name in ROW_CHECKSUM_COLUMNS], separators=(",", ":"))
+    return zlib.crc32(text.encode())
+
+
+def check_field_row(row: dict, shard: str | Path) -> None:
+    """Raise ``BadInputError`` naming the shard and the field when a row read from a shard is not as written.
+
+    Checks the pixels against ``crc32`` (when ``row`` holds ``pixels``) and every other column against
+    ``row_crc32`` (:func:`row_checksum`; format ``/1`` rows have none and pass).
+
+    Args:
+        row: the row's columns as read (``field_id``, ..., ``row_crc32``; ``pixels`` optional).
+        shard: the shard file (named in the message).
+    """
+    if "pixels" in row:
+        check_field_crc(row["pixels"], row["crc32"], shard, row["field_id"], check_row=False)
+    if row.get("row_crc32") is not None and row_checksum(row) != row["row_crc32"]:
+        raise BadInputError(
+            f"field {row['field_id']} in shard {shard} fails its row checksum (its metadata or identity columns "
+            f"changed since it was written: the shard is corrupt); {REPAIR_HINT}", file=str(shard))
+
+
+def check_field_crc(pixels, crc32: int, shard: str | Path, field_id: str, check_row: bool = True) -> None:
+    """Raise ``BadInputError`` naming the shard and the field when ``pixels`` does not match its stored CRC-32,
+    or (``check_row``) when the field's row in ``shard`` fails its row checksum (:func:`check_field_row`).
+
+    The row check reads the shard's small columns (no pixels) once per shard file and process, so a reader that
+    only has the pixels in hand (``cellmae embed``) also refuses a field whose metadata changed. A reader that
+    holds the whole row should call :func:`check_field_row` instead (no second read).
 
     Args:
         pixels: the field's raw bytes as stored in the shard (bytes or a memoryview).
         crc32: the CRC-32 written next to them when the shard was made.
         shard: the shard file (named in the message).
         field_id: the field (named in the message).
+        check_row: also check the field's row checksum.
     """
     if zlib.crc32(pixels) != crc32:
         raise BadInputError(f"field {field_id} in shard {shard} fails its CRC-32 check (the shard is corrupt); {REPAIR_HINT}", file=str(shard))
+    if check_row:
+        stored = _stored_rows(str(shard)).get(field_id)
+        if not stored:
+            raise BadInputError(f"field {field_id} is not in shard {shard} when it is read again (the file changed while "
+                                f"it was read); {REPAIR_HINT}", file=str(shard))
+        for row in stored:
+            check_field_row(row, shard)
+
+
+_STORED_ROWS: dict = {}  # shard identity -> {field_id: [rows without pixels]}, the last few shards of this process
+
+
+def _stored_rows(shard: str) -> dict[str, list[dict]]:
+    """The small columns of every row of ``shard`` by field id, read once per file version (path, size, mtime)."""
+    import pyarrow.parquet as pq
+
+    if "://" in shard:
+        identity = (shard,)
+    else:
+        stat = os.stat(shard)
+        identity = (os.path.abspath(shard), stat.st_size, stat.st_mtime_ns)
+    if identity not in _STORED_ROWS:
+        try:
+            if "://" in shard:
+                import fsspec
+
+                with fsspec.open(shard, "rb") as handle:
+                    parquet = pq.ParquetFile(handle)
+                    rows = parquet.read(columns=[n for n in parquet.schema_arrow.names if n != "pixels"]).to_pylist()
+            else:
+                parquet = pq.ParquetFile(shard)
+                rows = parquet.read(columns=[n for n in parquet.schema_arrow.names if n != "pixels"]).to_pylist()
+        except (OSError, ValueError) as error:
+            raise corrupt_shard_error(shard, error) from error
+        by_field: dict[str, list[dict]] = {}
+        for row in rows:
+            by_field.setdefault(row["field_id"], []).append(row)
+        while len(_STORED_ROWS) >= 4:
+            _STORED_ROWS.pop(next(iter(_STORED_ROWS)))
+        _STORED_ROWS[identity] = by_field
+    return _STORED_ROWS[identity]
 
 
 def corrupt_shard_error(shard: str | Path, error: Exception) -> BadInputError:
@@ -154,6 +238,7 @@ def shard_schema():
             ("crc32", pa.int64()),
             ("metadata", pa.string()),
             ("files", pa.list_(pa.string())),
+            ("row_crc32", pa.int64()),
         ]
     )
 
@@ -166,8 +251,10 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _plan_hash(records: list[dict], options: dict) -> str:
-    text = json.dumps({"records": records, "options": options}, sort_keys=True, default=str)
+def _plan_hash(records: list[FieldRecord], options: dict) -> str:
+    """The plan of one shard: its fields (with each source file's size and mtime, so a repaired input is read
+    again) and the options that shape its bytes."""
+    text = json.dumps({"sources": source_fingerprint(records), "options": options}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -266,6 +353,7 @@ def _write_shard(task: dict) -> dict:
         rows["crc32"].append(zlib.crc32(data))
         rows["metadata"].append(json.dumps(metadata, default=str))
         rows["files"].append(list(record.files))
+        rows["row_crc32"].append(row_checksum({name: rows[name][-1] for name in ROW_CHECKSUM_COLUMNS}))
     shard = {
         "file": f"{name}.parquet",
         "index": task["index"],
@@ -394,10 +482,10 @@ def write_shards(
     options = {"fields_per_row_group": fields_per_row_group, "compression": compression, "min_field_size": int(min_field_size), "format": SHARD_FORMAT}
     tasks = []
     for index, start in enumerate(range(0, len(order), fields_per_shard)):
-        chunk = [records[i].to_dict() for i in order[start : start + fields_per_shard]]
+        chunk = [records[i] for i in order[start : start + fields_per_shard]]
         tasks.append(
             {
-                "index": index, "records": chunk, "output_dir": str(output_dir), "on_error": on_error,
+                "index": index, "records": [record.to_dict() for record in chunk], "output_dir": str(output_dir), "on_error": on_error,
                 "fields_per_row_group": fields_per_row_group, "compression": compression, "min_field_size": int(min_field_size),
                 "plan_hash": _plan_hash(chunk, options), "storage_options": storage_options,
             }
@@ -527,13 +615,13 @@ def load_manifest(shard_dir: str, storage_options: dict | None = None) -> dict:
         manifest = json.loads(read_bytes(url, storage_options))
     except FileNotFoundError as error:
         raise FileNotFoundError(f"{url} not found: {shard_dir} is not a shard folder; write one with `cellmae shard INPUT {shard_dir}`") from error
-    if manifest.get("format") != SHARD_FORMAT:
+    if manifest.get("format") not in READABLE_FORMATS:
         raise ValueError(f"{url} has format {manifest.get('format')!r}, expected {SHARD_FORMAT!r}; re-shard with this version of hf_cellmae")
     return manifest
 
 
 def verify_shards(shard_dir: str | Path, progress: bool = True) -> list[Problem]:
-    """Re-read every shard: file sha256, row count, and every field's byte count and CRC-32.
+    """Re-read every shard: file sha256, row count, and every field's byte count, CRC-32 and row checksum.
 
     Returns:
         The problems found (empty when the shards are intact).
@@ -556,13 +644,15 @@ def verify_shards(shard_dir: str | Path, progress: bool = True) -> list[Problem]
             parquet = pq.ParquetFile(path)
             count = 0
             for group in range(parquet.num_row_groups):
-                table = parquet.read_row_group(group, columns=["field_id", "dtype", "shape", "pixels", "crc32"])
+                table = parquet.read_row_group(group)
                 for row in table.to_pylist():
                     expected = int(np.prod(row["shape"])) * np.dtype(row["dtype"]).itemsize
                     if len(row["pixels"]) != expected:
                         problems.append(Problem(f"pixel bytes {len(row['pixels'])} != {expected} for shape {row['shape']} {row['dtype']}", file=str(path), field=row["field_id"], stage="verify"))
                     elif zlib.crc32(row["pixels"]) != row["crc32"]:
                         problems.append(Problem("pixel CRC-32 mismatch", file=str(path), field=row["field_id"], stage="verify"))
+                    if row.get("row_crc32") is not None and row_checksum(row) != row["row_crc32"]:
+                        problems.append(Problem("row checksum mismatch (metadata or identity columns changed)", file=str(path), field=row["field_id"], stage="verify"))
                     count += 1
                     bar.update(1)
             if count != shard["num_fields"]:

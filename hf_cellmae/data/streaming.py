@@ -49,8 +49,9 @@ or ``accelerator.skip_first_batches(loader, n)``, which is exact here because th
 For several passes, prefer ``num_epochs`` (or ``None``) over re-iterating: a second ``for`` over the same
 stream repeats the same epoch unless you build it with ``epoch=`` the next one.
 
-Integrity: every field's pixels are checked against their stored CRC-32 when their row group is read (one
-CRC pass per field and read, measured in ``scripts/benchmark_data.py``); a corrupt field raises ``BadInputError``
+Integrity: every field's pixels are checked against their stored CRC-32, and its other columns (identity,
+channels, shape, metadata) against its row checksum, when their row group is read (one CRC pass per field and
+read, measured in ``scripts/benchmark_data.py``); a corrupt field raises ``BadInputError``
 naming shard and field (``on_error="fail"``, the default) or is skipped, warned about and counted
 (``on_error="skip"``, :func:`skipped_fields`). A shard with damaged Parquet structure raises, naming the file.
 
@@ -64,13 +65,12 @@ from __future__ import annotations
 import json
 import os
 import warnings
-import zlib
 from collections import OrderedDict
 
 import numpy as np
 
 from .problems import BadInputError, ProblemLog
-from .shards import check_field_crc, corrupt_shard_error, decode_pixels, load_manifest
+from .shards import check_field_row, corrupt_shard_error, decode_pixels, load_manifest
 from .standardize import contiguous_copy, rescale_factor_for_dtype, standardize_field_inplace, to_float32_contiguous
 
 _DESCRIPTOR_KEYS = ["_path", "_group", "_unit", "_index", "_epoch"]
@@ -197,7 +197,8 @@ class _RowGroupCache:
         return self.files[identity]
 
     def get(self, path: str, group: int, storage_options: dict) -> dict:
-        """The decoded columns of one row group; ``"intact"`` says, per field, whether its CRC-32 matches."""
+        """The decoded columns of one row group; ``"problem"`` holds, per field, the error of a failed pixel CRC-32
+        or row checksum (``None`` when intact)."""
         identity = self._identity(path)
         key = (identity, group)
         if key not in self.groups:
@@ -208,15 +209,25 @@ class _RowGroupCache:
             except (OSError, ValueError) as error:  # pyarrow: "Invalid page header", truncated footer...
                 self.files.pop(identity, None)
                 raise corrupt_shard_error(path, error) from error
-            columns = {name: table.column(name).to_pylist() for name in table.column_names if name not in ("pixels", "files")}
+            columns = {name: table.column(name).to_pylist() for name in table.column_names if name != "pixels"}
             columns["pixels"] = [view for chunk in table.column("pixels").chunks for view in _binary_views(chunk)]
+            # Checked once per row group load (every crop of a field reuses it): the cost is one CRC pass per field
+            # over its pixels, and one over its other columns (format /1 shards have no row checksum).
+            columns["problem"] = [_row_problem(columns, row, path) for row in range(len(columns["pixels"]))]
             columns["metadata"] = [json.loads(text) for text in columns["metadata"]]
-            # Checked once per row group load (every crop of a field reuses it): the cost is one CRC pass per field.
-            columns["intact"] = [zlib.crc32(view) == crc for view, crc in zip(columns["pixels"], columns["crc32"])]
             self.groups[key] = columns
             while len(self.groups) > self.size:
                 self.groups.popitem(last=False)
         return self.groups[key]
+
+
+def _row_problem(columns: dict, row: int, path: str) -> BadInputError | None:
+    """The error of a row that fails its pixel CRC-32 or its row checksum (``None`` when intact)."""
+    try:
+        check_field_row({name: values[row] for name, values in columns.items()}, path)
+    except BadInputError as error:
+        return error
+    return None
 
 
 _CACHE = _RowGroupCache()
@@ -236,18 +247,17 @@ class CorruptFieldWarning(UserWarning):
 
 
 def _check_intact(columns: dict, row: int, path: str, on_error: str) -> bool:
-    """``True`` for an intact field; a corrupt one raises (``fail``) or is counted, warned about once, and dropped (``skip``)."""
-    if columns["intact"][row]:
+    """``True`` for an intact field; a corrupt one (pixels or row checksum) raises (``fail``) or is counted, warned
+    about once, and dropped (``skip``)."""
+    error = columns["problem"][row]
+    if error is None:
         return True
     field_id = columns["field_id"][row]
-    try:
-        check_field_crc(columns["pixels"][row], columns["crc32"][row], path, field_id)
-    except BadInputError as error:
-        if on_error == "fail":
-            raise BadInputError(f"{error} [or stream with on_error='skip' (--on-error skip) to skip and count corrupt fields]", file=path) from None
-        if (path, field_id) not in _SKIPPED:
-            _SKIPPED[(path, field_id)] = "pixel CRC-32 mismatch"
-            warnings.warn(f"skipping {error} ({len(_SKIPPED)} corrupt field(s) skipped so far)", CorruptFieldWarning, stacklevel=2)
+    if on_error == "fail":
+        raise BadInputError(f"{error} [or stream with on_error='skip' (--on-error skip) to skip and count corrupt fields]", file=path)
+    if (path, field_id) not in _SKIPPED:
+        _SKIPPED[(path, field_id)] = "pixel CRC-32 mismatch" if "CRC-32 check" in str(error) else "row checksum mismatch"
+        warnings.warn(f"skipping {error} ({len(_SKIPPED)} corrupt field(s) skipped so far)", CorruptFieldWarning, stacklevel=2)
     return False
 
 
@@ -381,7 +391,8 @@ def stream_fields(
         metadata_fields: metadata columns to yield (default: all of ``manifest["metadata_columns"]``;
             missing values become ``""``, lists become JSON text, so that batches collate).
         storage_options: passed to fsspec for remote URLs.
-        on_error: what a field whose pixels fail their CRC-32 check (checked on every read) does: ``"fail"``
+        on_error: what a field whose pixels fail their CRC-32 check, or whose other columns fail the row checksum
+            (both checked on every read), does: ``"fail"``
             raises ``BadInputError`` naming the shard and the field; ``"skip"`` drops its samples, warns once per
             field (``CorruptFieldWarning``) and counts it (:func:`skipped_fields`). A shard whose Parquet
             structure is damaged always raises, naming the file and the repair.

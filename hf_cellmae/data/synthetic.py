@@ -63,6 +63,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import ensure_writable_folder
+
 CHANNELS = ("DNA", "ER", "RNA", "AGP", "Mito")
 PARAMETERS = (
     "nucleus_radius", "cell_radius", "density", "elongation", "nuclear_irregularity", "chromatin_condensation",
@@ -385,7 +387,7 @@ def make_synthetic_screen(
     config = config or SyntheticScreenConfig()
     if overrides:
         config = SyntheticScreenConfig(**{**asdict(config), **overrides})
-    output_dir = Path(output_dir)
+    output_dir = ensure_writable_folder(output_dir, "the synthetic screen")  # before any field is rendered
     design = design_screen(config)
     genes = [{**g, "phenotype": g["phenotype"].tolist()} for g in design["genes"]]
     tasks = []

@@ -12,6 +12,10 @@ files into the cache: ``$HF_CELLMAE_CACHE/annotations/efaar_benchmarking-1.0/`` 
 Where the files are looked up, in order (:func:`annotations_dir`): an installed ``efaar_benchmarking``
 package (``pip install --no-deps efaar-benchmarking==1.0`` still works), then the cache.
 
+Every read checks again (:func:`check_annotation_file`): ``cellmae evaluate`` refuses one of these files whose
+SHA-256 is no longer the one recorded below, in the default folders and in any ``--annotations`` folder holding
+the complete set (a ``cellmae annotations --dest`` copy). A folder of your own named sources is read as it is.
+
 Licences differ per file (CORUM and SIGNOR are CC-BY-NC 4.0): see the ``LICENSE`` file extracted
 next to them.
 """
@@ -98,6 +102,39 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def is_efaar_folder(folder: str | Path) -> bool:
+    """Whether ``folder`` holds efaar-benchmarking's complete set of annotation files (``ANNOTATION_FILES``)."""
+    return _complete(Path(folder))
+
+
+def check_annotation_file(path: str | Path) -> None:
+    """Raise ``UserError`` when ``path`` is one of efaar's files (by name) and its SHA-256 differs from the one
+    ``cellmae annotations`` verified; the message names the file and the repair. Other names pass.
+    """
+    from ..errors import UserError
+
+    path = Path(path)
+    expected = ANNOTATION_FILES.get(path.name)
+    if expected is None:
+        return
+    found = _sha256(path.read_bytes())
+    if found == expected:
+        return
+    installed = installed_annotations_dir()
+    if installed is not None and path.parent.resolve() == installed.resolve():
+        repair = (f"reinstall it (pip install --no-deps --force-reinstall {EFAAR_PACKAGE}=={EFAAR_VERSION}), or uninstall it "
+                  "and run `cellmae annotations`")
+    elif path.parent.resolve() == cached_annotations_dir().resolve():
+        repair = "run `cellmae annotations` to fetch and check it again"
+    else:
+        repair = f"run `cellmae annotations --dest {path.parent}` to fetch and check it again"
+    raise UserError(
+        f"{path} has SHA-256 {found}, not the {expected} that `cellmae annotations` verified ({EFAAR_PACKAGE} "
+        f"{EFAAR_VERSION}'s {path.name}): the file was changed or replaced; {repair}, or pass your own list as a "
+        "CSV path with columns entity1,entity2"
+    )
+
+
 def _download_wheel(folder: Path) -> Path:
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
                "--quiet", f"{EFAAR_PACKAGE}=={EFAAR_VERSION}", "--dest", str(folder)]
@@ -124,33 +161,45 @@ def fetch_annotations(wheel: str | Path | None = None, dest: str | Path | None =
     Raises:
         OSError: the download failed, or the wheel lacks a file or holds a different one (its
             name and both checksums are given; nothing is written then).
+        UserError: ``dest`` (or the cache, for the downloaded wheel) cannot be written; checked before downloading.
     """
     dest = Path(dest).expanduser() if dest is not None else cached_annotations_dir()
     if all((dest / name).is_file() and _sha256((dest / name).read_bytes()) == digest
            for name, digest in ANNOTATION_FILES.items()):
         return dest
-    with tempfile.TemporaryDirectory() as scratch:
-        source = Path(wheel).expanduser() if wheel is not None else _download_wheel(Path(scratch))
-        try:
-            with zipfile.ZipFile(source) as archive:
-                contents = {name: archive.read(_IN_WHEEL + name) for name in ANNOTATION_FILES
-                            if _IN_WHEEL + name in archive.namelist()}
-        except (zipfile.BadZipFile, FileNotFoundError) as error:
-            raise OSError(f"{source} is not a readable wheel ({error}); download {EFAAR_WHEEL} again") from None
-        missing = sorted(set(ANNOTATION_FILES) - set(contents))
-        if missing:
-            raise OSError(f"{source} has no {', '.join(missing)}: it is not {EFAAR_WHEEL}")
-        for name, data in contents.items():
-            if _sha256(data) != ANNOTATION_FILES[name]:
-                raise OSError(f"{name} in {source} has SHA-256 {_sha256(data)}, expected {ANNOTATION_FILES[name]} "
-                              f"({EFAAR_PACKAGE} {EFAAR_VERSION}); nothing was written. Download {EFAAR_WHEEL} again")
-        dest.mkdir(parents=True, exist_ok=True)
-        for name, data in contents.items():
-            partial = dest / f".{name}.partial"
-            partial.write_bytes(data)
-            os.replace(partial, dest / name)
-        if wheel is None:  # keep the downloaded wheel: tests compare recall against its code
-            cached_wheel().parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, cached_wheel())
+    from ..errors import ensure_writable_folder
+
+    created = not dest.exists()
+    ensure_writable_folder(dest, "the annotation files")  # before downloading, not after
+    if wheel is None:
+        ensure_writable_folder(cached_wheel().parent, "the downloaded wheel")
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            source = Path(wheel).expanduser() if wheel is not None else _download_wheel(Path(scratch))
+            try:
+                with zipfile.ZipFile(source) as archive:
+                    contents = {name: archive.read(_IN_WHEEL + name) for name in ANNOTATION_FILES
+                                if _IN_WHEEL + name in archive.namelist()}
+            except (zipfile.BadZipFile, FileNotFoundError) as error:
+                raise OSError(f"{source} is not a readable wheel ({error}); download {EFAAR_WHEEL} again") from None
+            missing = sorted(set(ANNOTATION_FILES) - set(contents))
+            if missing:
+                raise OSError(f"{source} has no {', '.join(missing)}: it is not {EFAAR_WHEEL}")
+            for name, data in contents.items():
+                if _sha256(data) != ANNOTATION_FILES[name]:
+                    raise OSError(f"{name} in {source} has SHA-256 {_sha256(data)}, expected {ANNOTATION_FILES[name]} "
+                                  f"({EFAAR_PACKAGE} {EFAAR_VERSION}); nothing was written. Download {EFAAR_WHEEL} again")
+            dest.mkdir(parents=True, exist_ok=True)
+            for name, data in contents.items():
+                partial = dest / f".{name}.partial"
+                partial.write_bytes(data)
+                os.replace(partial, dest / name)
+            if wheel is None:  # keep the downloaded wheel: tests compare recall against its code
+                cached_wheel().parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source, cached_wheel())
+    except BaseException:
+        if created and dest.is_dir() and not any(dest.iterdir()):
+            dest.rmdir()  # nothing was written: leave no empty folder behind
+        raise
     return dest
 

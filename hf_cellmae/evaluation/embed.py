@@ -26,6 +26,7 @@ batch of fields (and one shard row group), whatever the number of images.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -93,6 +94,7 @@ class Unit:
     num_fields: int
     tasks: list[Task]
     field_ids: list[str] | None = None
+    fingerprint: str | None = None  # the input's content (shard sha256; image files' sizes and mtimes) when planned
 
 
 @dataclass
@@ -140,7 +142,7 @@ def _read_shard_groups(path: str, row_groups: tuple[int, ...], storage_options: 
 
     from ..data.problems import BadInputError
     from ..data.remote import filesystem, is_url, with_retries
-    from ..data.shards import check_field_crc, corrupt_shard_error, decode_pixels
+    from ..data.shards import check_field_row, corrupt_shard_error, decode_pixels
 
     def open_shard():
         if not is_url(path):
@@ -165,9 +167,9 @@ def _read_shard_groups(path: str, row_groups: tuple[int, ...], storage_options: 
             yield ReadProblem(str(corrupt_shard_error(path, error)), path, fatal=True)
             return
         for row in range(table.num_rows):  # one field's Python objects at a time
-            values = {name: table.column(name)[row].as_py() for name in table.column_names if name != "files"}
+            values = {name: table.column(name)[row].as_py() for name in table.column_names}
             try:
-                check_field_crc(values["pixels"], values["crc32"], path, values["field_id"])
+                check_field_row(values, path)  # pixels against their CRC-32, every other column against row_crc32
             except BadInputError as error:
                 yield ReadProblem(str(error), path, values["field_id"])
                 continue
@@ -205,7 +207,7 @@ def _shard_units(shard_dir: str, fields_per_batch: int, storage_options: dict | 
                 tasks.append(Task(Path(entry["file"]).stem, count, shard=path, row_groups=tuple(groups),
                                   storage_options=storage_options))
                 groups, count = [], 0
-        units.append(Unit(Path(entry["file"]).stem, int(entry["num_fields"]), tasks))
+        units.append(Unit(Path(entry["file"]).stem, int(entry["num_fields"]), tasks, fingerprint=entry.get("sha256")))
     source = {"kind": "shards", "path": str(shard_dir), "num_fields": manifest["num_fields"],
               "shards": [[entry["file"], entry.get("sha256")] for entry in manifest["shards"]]}
     return units, list(manifest.get("metadata_columns", [])), source
@@ -218,6 +220,7 @@ def _layout_units(source: Path, layout: str, pattern: str | None, metadata: str 
     from ..data.layouts import discover_fields
     from ..data.metadata import join_metadata, read_metadata_table
     from ..data.problems import ProblemLog
+    from ..data.records import source_fingerprint
 
     found = ProblemLog()  # stray files and incomplete sites lose no readable field: always listed, never fatal
     records = discover_fields(source, layout=layout, pattern=pattern, problems=found)
@@ -239,7 +242,7 @@ def _layout_units(source: Path, layout: str, pattern: str | None, metadata: str 
         name, chunk = f"part-{k:05d}", records[start : start + fields_per_part]
         tasks = [Task(name, len(chunk[i : i + fields_per_batch]), records=chunk[i : i + fields_per_batch],
                       min_field_size=min_field_size) for i in range(0, len(chunk), fields_per_batch)]
-        units.append(Unit(name, len(chunk), tasks, [r.field_id for r in chunk]))
+        units.append(Unit(name, len(chunk), tasks, [r.field_id for r in chunk], fingerprint=source_fingerprint(chunk)))
     keys = sorted({key for record in records for key in (*record.tags, *record.metadata)})
     info = {"kind": "layout", "path": str(source), "layout": layout, "pattern": pattern,
             "metadata": str(metadata) if metadata else None, "num_fields": len(records)}
@@ -290,11 +293,7 @@ def parse_part(part: str | tuple[int, int] | None) -> tuple[int, int]:
 def default_num_workers(processes: int = 1) -> int:
     """DataLoader workers per process: the cores this process may use, shared by ``processes`` processes on the
     machine, minus the one that runs the model; at most 8, and 0 (read in the main process) on a single core."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        cores = os.cpu_count() or 1
-    return max(0, min(8, cores // max(processes, 1) - 1))
+    return max(0, min(8, _cores() // max(processes, 1) - 1))
 
 
 # ---------------------------------------------------------------- featurisers
@@ -648,6 +647,10 @@ def _task_items(tasks: list[Task], preparer, num_workers: int, pin_memory: bool)
 
 
 def _plan_hash(units: list[Unit], source: dict, options: dict) -> str:
+    """What the parts are (input, options, units and their fields); not the inputs' content, which each part records
+    (its fingerprint), so a repaired input redoes its own part instead of making the folder another run's."""
+    if "shards" in source:
+        source = {**source, "shards": [name for name, _ in source["shards"]]}
     plan = {"source": source, "options": options,
             "units": [[u.name, u.num_fields, u.field_ids] for u in units]}
     return hashlib.sha256(json.dumps(plan, sort_keys=True, default=str).encode()).hexdigest()
@@ -694,13 +697,13 @@ def _cell_frame(fields: list[Field], cells: list[dict], features: np.ndarray, me
 PART_KEY = b"hf_cellmae_part"  # a part's row count and skipped fields, in its Parquet footer
 
 
-def _write_part(out: Path, name: str, table: pd.DataFrame, skips: list[dict]) -> None:
+def _write_part(out: Path, name: str, table: pd.DataFrame, skips: list[dict], fingerprint: str | None = None) -> None:
     """Write one part atomically (a hidden temporary file, renamed once complete) with its record in the footer."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     arrow = pa.Table.from_pandas(table, preserve_index=False)
-    record = json.dumps({"rows": len(table), "skipped": skips}, default=str).encode()
+    record = json.dumps({"rows": len(table), "skipped": skips, "fingerprint": fingerprint}, default=str).encode()
     arrow = arrow.replace_schema_metadata({**(arrow.schema.metadata or {}), PART_KEY: record})
     temporary = out / f".{name}.parquet.{os.getpid()}.tmp"
     pq.write_table(arrow, temporary)
@@ -722,6 +725,19 @@ def _part_record(path: Path, old_info: dict) -> tuple[int, list[dict], list[str]
     if rows is None:
         rows = pq.ParquetFile(path).metadata.num_rows
     return int(rows), list(old_info.get("skipped", {}).get(name, [])), list(schema.names)
+
+
+def _part_is_current(out: Path, unit: Unit) -> bool:
+    """Whether ``unit``'s part is written and was made from the input as it is now (its recorded fingerprint; a part
+    written before parts recorded one counts as current)."""
+    import pyarrow.parquet as pq
+
+    path = out / f"{unit.name}.parquet"
+    if not path.is_file():
+        return False
+    record = (pq.read_schema(path).metadata or {}).get(PART_KEY)
+    recorded = json.loads(record).get("fingerprint") if record else None
+    return recorded is None or unit.fingerprint is None or recorded == unit.fingerprint
 
 
 def _assemble_info(out: Path, units: list[Unit], info: dict) -> dict:
@@ -825,8 +841,12 @@ def embed_dataset(
     slots = part_count * state.num_processes
     slot = (part_index - 1) * state.num_processes + state.process_index
     mine = [unit for k, unit in enumerate(units) if k % slots == slot]
-    done = {unit.name for unit in mine if (out / f"{unit.name}.parquet").is_file()}
+    done = {unit.name for unit in mine if _part_is_current(out, unit)}
     todo = [unit for unit in mine if unit.name not in done]
+    changed = [unit.name for unit in todo if (out / f"{unit.name}.parquet").is_file()]
+    if changed:
+        print(f"embed: {len(changed)} part(s) whose input changed since they were written are embedded again: "
+              f"{', '.join(changed[:10])}{' ...' if len(changed) > 10 else ''}")
     share = "" if slots == 1 else f" (share {slot + 1} of {slots}: {len(mine)} of {len(units)} parts)"
     if done:
         print(f"embed: resuming{share}, {len(done)} of {len(mine)} parts already written in {out}")
@@ -837,8 +857,8 @@ def embed_dataset(
         task.index, task.last = index, False
     for unit in todo:
         unit.tasks[-1].last = True
-    workers = default_num_workers(state.num_processes // max(getattr(state, "num_machines", 1) or 1, 1)) \
-        if num_workers is None else num_workers
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))  # this machine's, as torchrun sets
+    workers = default_num_workers(local_processes) if num_workers is None else num_workers
     if workers < 0:
         raise ValueError(f"num_workers={workers} must be >= 0 (0: read in the main process)")
     preparer = getattr(featurizer, "preparer", None)
@@ -847,37 +867,10 @@ def embed_dataset(
     pin = preparer is not None and getattr(device, "type", "cpu") == "cuda"
     bar = tqdm(total=sum(u.num_fields for u in todo), desc="embed", unit="field",
                disable=not progress or not state.is_local_main_process)
-    frames, skips, written = [], [], len(done)
     started = time.perf_counter()
-    for item in _task_items(tasks, preparer, workers, pin):
-        for problem in item["problems"]:
-            where = {"file": problem.file, "field": problem.field}
-            if problem.fatal:
-                raise BadInputError(f"{problem.reason}; the {written} part(s) already written in {out} are kept "
-                                    "and a re-run resumes after them", file=problem.file)
-            try:
-                problems.report(problem.reason, stage="embed", **where)
-            except BadInputError as error:
-                raise BadInputError(f"{error}; the {written} part(s) already written in {out} are kept and a re-run "
-                                    "resumes after them", file=problem.file) from None
-            skips.append({"reason": problem.reason, **where, "stage": "embed"})
-            bar.update(1)
-        for fields, prepared in item["groups"]:
-            names = featurizer.feature_names(fields[0].channels)
-            if per_cell:  # one row per cell; a field without a cell is counted and listed
-                features, cells = featurizer.embed_prepared(fields, prepared)
-                frames.append(_cell_frame(fields, cells, features, metadata_keys, names))
-                with_cells = {cell["field_index"] for cell in cells}
-                skips += [{"reason": f"no cell found in field {f.identity['field_id']}", "file": f.file,
-                           "field": f.identity["field_id"], "stage": "cells"}
-                          for k, f in enumerate(fields) if k not in with_cells]
-            else:
-                features, counts = featurizer(fields) if preparer is None else featurizer.embed_prepared(fields, prepared)
-                frames.append(_frame(fields, features, counts, metadata_keys, names))
-            bar.update(len(fields))
-        if item["last"]:
-            _write_part(out, item["unit"], pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(), skips)
-            frames, skips, written = [], [], written + 1
+    with _cpu_threads_beside(workers if getattr(device, "type", "cpu") == "cpu" else 0, local_processes):
+        _embed_tasks(tasks, preparer, workers, pin, featurizer, problems, metadata_keys, out, bar, written=len(done),
+                     fingerprints={unit.name: unit.fingerprint for unit in todo}, per_cell=per_cell)
     bar.close()
     if todo:
         seconds, count = time.perf_counter() - started, sum(u.num_fields for u in todo)
@@ -909,6 +902,68 @@ def embed_dataset(
             raise BadInputError(f"every one of the {info['num_skipped']} fields of {data} was skipped, so {out} holds "
                                 f"no embedding; the first reason: {listed[0]['reason']}", file=listed[0]["file"])
     return info
+
+
+def _embed_tasks(tasks, preparer, workers, pin, featurizer, problems, metadata_keys, out, bar, written, fingerprints,
+                 per_cell=False):
+    """The main process's loop: each task's item in order -> the policy on its problems, the model on its fields, and a
+    part written after the last task of each unit (``written``: the parts there before, named in a failure)."""
+    from ..data.problems import BadInputError
+
+    frames, skips = [], []
+    for item in _task_items(tasks, preparer, workers, pin):
+        for problem in item["problems"]:
+            where = {"file": problem.file, "field": problem.field}
+            if problem.fatal:
+                raise BadInputError(f"{problem.reason}; the {written} part(s) already written in {out} are kept "
+                                    "and a re-run resumes after them", file=problem.file)
+            try:
+                problems.report(problem.reason, stage="embed", **where)
+            except BadInputError as error:
+                raise BadInputError(f"{error}; the {written} part(s) already written in {out} are kept and a re-run "
+                                    "resumes after them", file=problem.file) from None
+            skips.append({"reason": problem.reason, **where, "stage": "embed"})
+            bar.update(1)
+        for fields, prepared in item["groups"]:
+            names = featurizer.feature_names(fields[0].channels)
+            if per_cell:  # one row per cell; a field without a cell is counted and listed
+                features, cells = featurizer.embed_prepared(fields, prepared)
+                frames.append(_cell_frame(fields, cells, features, metadata_keys, names))
+                with_cells = {cell["field_index"] for cell in cells}
+                skips += [{"reason": f"no cell found in field {f.identity['field_id']}", "file": f.file,
+                           "field": f.identity["field_id"], "stage": "cells"}
+                          for k, f in enumerate(fields) if k not in with_cells]
+            else:
+                features, counts = featurizer(fields) if preparer is None else featurizer.embed_prepared(fields, prepared)
+                frames.append(_frame(fields, features, counts, metadata_keys, names))
+            bar.update(len(fields))
+        if item["last"]:
+            _write_part(out, item["unit"], pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(), skips,
+                        fingerprints.get(item["unit"]))
+            frames, skips, written = [], [], written + 1
+
+
+@contextlib.contextmanager
+def _cpu_threads_beside(workers: int, processes: int):
+    """On a CPU with ``workers`` reading processes, the model's torch threads take the cores left to this process
+    (at least one), so readers and model do not oversubscribe the cores; restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    if workers:
+        cores = _cores() // max(processes, 1)
+        torch.set_num_threads(max(1, min(before, cores - workers)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
 
 
 def _batches_by_channels(fields: Iterator[Field], size: int) -> Iterator[list[Field]]:

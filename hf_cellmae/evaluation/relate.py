@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Union
 import numpy as np
 from tqdm.auto import tqdm
 
-from .annotations import annotations_dir
+from .annotations import annotations_dir, check_annotation_file, is_efaar_folder
 
 if TYPE_CHECKING:  # pandas is imported where it is used: `cellmae --help` (which reads BENCHMARK_SOURCES) stays fast
     import pandas as pd
@@ -87,7 +87,9 @@ def relationship_source_file(source: str | Path, folder: str | Path | None = Non
     """The file a source is read from, resolved: a path to a file as given, else ``folder/<name>.txt``.
 
     A path may lead anywhere (``../../x.csv`` is read if it exists); the caller can show the resolved
-    path so the user sees which file was used.
+    path so the user sees which file was used. A name found in efaar-benchmarking's files (the default folder, or
+    ``folder`` when it holds their complete set) is checked against the SHA-256 that ``cellmae annotations``
+    verified (``UserError`` when it differs: :func:`~hf_cellmae.evaluation.annotations.check_annotation_file`).
     """
     path = Path(source)
     if not path.is_file():
@@ -96,6 +98,8 @@ def relationship_source_file(source: str | Path, folder: str | Path | None = Non
         if not path.is_file():
             known = sorted(p.stem for p in base.glob("*.txt"))
             raise FileNotFoundError(f"no relationship source {source!r}: {path} does not exist; known sources: {known}")
+        if folder is None or is_efaar_folder(base):
+            check_annotation_file(path)
     return path.resolve()
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..errors import UserError
+from ..errors import UserError, ensure_writable_folder
 from .options import EvaluateOptions
 from .plots import pick_complex, plot_complex_heatmap, plot_projection, plot_recall, relationship_groups
 from .relate import BENCHMARK_SOURCES, MIN_PERTURBATIONS, RECALL_THRESHOLDS, chance_recall, known_relationship_recall, load_relationships
@@ -251,6 +251,8 @@ def evaluate_embeddings(
         thresholds=thresholds, null_samples=null_samples, seed=seed, on_unusable=on_unusable,
         annotations=annotations, min_perturbations=min_perturbations, progress=progress,
     )
+    if out_dir is not None:
+        ensure_writable_folder(out_dir, "evaluation results")  # before any work, not after it
     table = embeddings if isinstance(embeddings, pd.DataFrame) else read_embeddings(embeddings)
     missing = missing_for_benchmark(table, perturbation_col, controls, control_col, alignment, min_perturbations)
     if missing:

@@ -31,6 +31,16 @@ SIZE_KEYS = (
 )
 DECODER_SIZE_KEYS = ("decoder_hidden_size", "decoder_num_hidden_layers", "decoder_num_attention_heads")
 OBJECTIVES = ("mae", "wsl", "classify")
+# Arguments that change what a run computes (data, model, batch, optimisation, schedule, seed): resuming a checkpoint
+# with other values would silently continue another run, so it is refused unless --allow-changed-args. The others
+# (output, logging, saving, hardware: workers, precision, compile, checkpointing) only change how it runs.
+RESULT_ARGUMENTS = (
+    "data", "crops_per_field", "channel_subset", "augment", "objective", "label_col", "drop_missing_labels", "unlabeled_class",
+    "classifier_batch_norm", "layer_decay", "holdout_plates", "model_type", "model_preset", "decoder_preset",
+    "model_overrides", "init_from", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
+    "optimizer", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "lr_scheduler", "warmup_ratio",
+    "max_grad_norm", "seed",
+)
 CLASSIFIER_BATCH_NORMS = ("auto", "none", "plate", "plate_center")
 
 
@@ -48,9 +58,10 @@ class PretrainingArguments:
     # ---- objective
     objective: str = field(default="mae", metadata={"help": "mae (masked-autoencoder pre-training) | wsl (weakly supervised baseline: classify --label-col from scratch) | classify (fine-tune the encoder of --init-from on --label-col)"})
     label_col: str = field(default="perturbation", metadata={"help": "wsl/classify: the shard metadata column (or plate/well/experiment) whose values are the classes"})
+    drop_missing_labels: bool = field(default=False, metadata={"help": "wsl/classify: leave out (and count) the fields whose --label-col has no value instead of refusing the run"})
     classifier_batch_norm: str = field(default="auto", metadata={"help": "wsl/classify: plate (standardise the pooled embedding by its plate's statistics in the batch) | plate_center (centre only) | none; auto: plate for wsl, none for classify"})
     layer_decay: float | None = field(default=None, metadata={"help": "classify: layer-wise learning-rate decay; depth d of D+1 (0: patch embedding, D+1: head) trains at lr * layer_decay ** (D + 1 - d)"})
-    unlabeled_class: str | None = field(default=None, metadata={"help": "wsl/classify: the class of fields whose --label-col is empty (e.g. control wells without a complex); default: leave them out, counted"})
+    unlabeled_class: str | None = field(default=None, metadata={"help": "wsl/classify: the class of fields whose --label-col is empty (e.g. control wells without a complex); default: none, such fields are refused unless --drop-missing-labels leaves them out"})
     holdout_plates: list[str] | None = field(default=None, metadata={"help": "wsl/classify: plates left out of training and evaluated (accuracy) at the end"})
     # ---- model
     model_type: str = field(default="cellmae", metadata={"help": "cellmae (channel-agnostic ViT MAE) | munet (fixed-channel masked U-Net)"})
@@ -81,6 +92,7 @@ class PretrainingArguments:
     save_total_limit: int = field(default=3, metadata={"help": "keep the newest K checkpoints"})
     save_model_with_checkpoints: bool = field(default=False, metadata={"help": "also write a loadable model folder inside every checkpoint"})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder to continue from"})
+    allow_changed_args: bool = field(default=False, metadata={"help": "resume even though arguments that change the result (RESULT_ARGUMENTS: data, model, batch, schedule, seed...) differ from the checkpoint's"})
     # ---- logging
     logging_steps: int = field(default=10, metadata={"help": "log losses, lr, grad norm and throughput every N steps"})
     figure_steps: int = field(default=200, metadata={"help": "save a reconstruction figure of a fixed field every N steps (0: only at the end)"})
@@ -148,6 +160,35 @@ class PretrainingArguments:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def _comparable(name: str, value):
+    """An argument's value as resume compares it (a trailing slash, JSON spelling and plate order do not count)."""
+    if name == "data" and isinstance(value, str):
+        return value.rstrip("/")
+    if name == "model_overrides" and isinstance(value, str):
+        return json.loads(value)
+    if name == "holdout_plates" and value:
+        return sorted(value)
+    return value
+
+
+def changed_result_arguments(saved: dict, args: PretrainingArguments) -> list[str]:
+    """``["seed 0 -> 1", ...]``: the `RESULT_ARGUMENTS` whose value in `args` differs from `saved` (the arguments
+    a checkpoint was written with; a field it lacks counts as its default), in field order. `max_steps` counts only
+    for the `cosine` schedule: `constant` does not depend on it, and `one_cycle` refuses a change on its own (its
+    shape is fixed by it, even with --allow-changed-args)."""
+    changed = []
+    for spec in fields(PretrainingArguments):
+        name = spec.name
+        if name not in RESULT_ARGUMENTS or (name == "max_steps" and args.lr_scheduler != "cosine"):
+            continue
+        old = _comparable(name, saved.get(name, spec.default))
+        new = _comparable(name, getattr(args, name))
+        if old != new:
+            shown = [json.dumps(v) if isinstance(v, (dict, list)) else str(v) for v in (old, new)]
+            changed.append(f"{name} {shown[0]} -> {shown[1]}")
+    return changed
 
 
 def shipped_configs() -> dict[str, Path]:

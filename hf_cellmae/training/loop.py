@@ -32,13 +32,13 @@ import numpy as np
 import torch
 
 from ..configuration_cellmae import PRESETS, CellMAEConfig
-from ..data.labels import IDENTITY_COLUMNS, LabelVocabulary, is_unlabeled, label_vocabulary
+from ..data.labels import IDENTITY_COLUMNS, LabelVocabulary, check_labels, is_missing_label, label_vocabulary, label_warnings
 from ..data.shards import load_manifest
 from ..data.streaming import skipped_fields, stream_fields
 from ..errors import UserError, ensure_writable_folder
 from ..image_processing_cellmae import CellMAEImageProcessor, default_rescale_factor, standardize_channels
 from ..modeling_cellmae import CellMAEForPreTraining
-from .arguments import PretrainingArguments
+from .arguments import PretrainingArguments, changed_result_arguments
 from .checkpoints import load_checkpoint, load_data_state, on_every_rank, resolve_checkpoint, save_checkpoint
 from .figures import reconstruction_figure, save_figure
 from .device_defaults import compile_backend, detect_device_defaults
@@ -112,16 +112,59 @@ def build_classifier(args: PretrainingArguments, manifest: dict, labels: LabelVo
 
 
 def supervision(args: PretrainingArguments) -> LabelVocabulary | None:
-    """The label vocabulary of a `wsl`/`classify` run (None for `mae`), with held-out plates checked against the shards."""
+    """The label vocabulary of a `wsl`/`classify` run (None for `mae`), with held-out plates checked against the shards
+    and the labels checked (`check_labels`: fields without a value refused unless `drop_missing_labels`, at least 2
+    classes)."""
     if args.objective == "mae":
         return None
     labels = label_vocabulary(args.data, args.label_col, args.unlabeled_class)
+    check_labels(labels, drop_missing=args.drop_missing_labels)
     unknown = sorted(set(args.holdout_plates or []) - set(labels.plates))
     if unknown:
         raise UserError(f"holdout plates {unknown} are not in {args.data}; its plates are {labels.plates}")
     if args.holdout_plates and set(labels.plates) <= set(args.holdout_plates):
         raise UserError(f"--holdout-plates {args.holdout_plates} holds out every plate of {args.data}; leave at least one to train on")
     return labels
+
+
+def check_resume_arguments(args: PretrainingArguments, checkpoint_root: Path) -> None:
+    """Refuse to resume when arguments that change the result differ from those the checkpoint was written with
+    (`changed_result_arguments`), naming each, unless `allow_changed_args`. A checkpoint of an earlier version
+    (no arguments in its trainer_state.json) is compared with the run folder's training_args.json, if any."""
+    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, checkpoint_root)
+    if checkpoint is None or args.allow_changed_args:
+        return
+    saved = json.loads((checkpoint / "trainer_state.json").read_text()).get("training_args")
+    if saved is None and (checkpoint_root.parent / "training_args.json").is_file():
+        saved = json.loads((checkpoint_root.parent / "training_args.json").read_text())
+    if saved is None:
+        return
+    changed = changed_result_arguments(saved, args)
+    if changed:
+        raise UserError(
+            f"{checkpoint} was written with other arguments that change the result: {', '.join(changed)}; resume with "
+            "the checkpoint's values (they are in its trainer_state.json under training_args), start a new --output-dir, "
+            "or pass --allow-changed-args to continue with the new ones"
+        )
+
+
+def label_notes(labels: LabelVocabulary | None) -> list[str]:
+    """What a supervised run tells the user about its labels before training: the fields left out for want of a
+    label (`--drop-missing-labels`) and the warnings of `label_warnings` (rare classes, corrupt rows)."""
+    if labels is None:
+        return []
+    notes = []
+    if labels.missing and labels.unlabeled_class is not None:
+        notes.append(f"{labels.missing} of {labels.num_fields} fields have no {labels.column}: trained as the class "
+                     f"{labels.unlabeled_class!r} (--unlabeled-class)")
+    elif labels.missing:
+        notes.append(f"left out {labels.missing} of {labels.num_fields} fields without a value in label column "
+                     f"{labels.column!r} (--drop-missing-labels); {labels.num_fields - labels.missing} are trained on")
+    return notes + [f"warning: {note}" for note in label_warnings(labels)]
+
+
+def _has_label(sample: dict, column: str) -> bool:
+    return not is_missing_label(sample[column])
 
 
 def dataset_summary(args: PretrainingArguments, manifest: dict) -> dict:
@@ -255,23 +298,21 @@ def training_stream(args: PretrainingArguments, config: CellMAEConfig, vocabular
     plates, and carrying the label column for the supervised objectives."""
     if num_workers is None:
         num_workers = args.dataloader_num_workers or 0
-    return without_unlabeled(args, stream_fields(
+    stream = stream_fields(
         args.data, image_size=config.image_size, crops_per_field=args.crops_per_field, augment=args.augment,
         channel_subset=args.channel_subset, channel_vocabulary=vocabulary, seed=args.seed, num_epochs=None,
         rank=rank, world_size=world_size, num_workers=num_workers, standardize=False, contiguous=False,
         metadata_fields=label_fields(args), exclude_plates=args.holdout_plates, on_error=args.on_error,
-    ))
+    )
+    return _without_unlabelled(stream, args)
 
 
-def without_unlabeled(args: PretrainingArguments, stream):
-    """A supervised run's stream without the fields whose label is empty, unless `--unlabeled-class` names their class."""
-    if args.objective == "mae" or args.unlabeled_class is not None:
+def _without_unlabelled(stream, args: PretrainingArguments):
+    """The stream without the fields whose label is missing (`--drop-missing-labels`; otherwise they were refused, or
+    `--unlabeled-class` made them a class)."""
+    if args.objective == "mae" or not args.drop_missing_labels or args.unlabeled_class is not None:
         return stream
-    return stream.filter(_is_labeled, fn_kwargs={"column": args.label_col})
-
-
-def _is_labeled(sample: dict, column: str) -> bool:
-    return not is_unlabeled(sample[column])
+    return stream.filter(_has_label, fn_kwargs={"column": args.label_col})
 
 
 def label_fields(args: PretrainingArguments) -> list[str]:
@@ -301,11 +342,12 @@ def evaluate_holdout(args: PretrainingArguments, model, config, vocabulary: list
     """Accuracy on the held-out plates: one pass over their fields (`crops_per_field` random crops each, no
     augmentation), in batches of `per_device_train_batch_size` in the stream's order, with plate ids for the
     plate-wise normalisation. Every rank evaluates the same samples (the model may be sharded)."""
-    stream = without_unlabeled(args, stream_fields(
+    stream = stream_fields(
         args.data, image_size=config.image_size, crops_per_field=args.crops_per_field, augment=False, shuffle=False,
         num_epochs=1, rank=0, world_size=1, channel_vocabulary=vocabulary, standardize=False,
         metadata_fields=label_fields(args), plates=args.holdout_plates, on_error=args.on_error,
-    ))
+    )
+    stream = _without_unlabelled(stream, args)
     loader = torch.utils.data.DataLoader(stream, batch_size=args.per_device_train_batch_size, collate_fn=functools.partial(collate, labels=labels))
     was_training = model.training
     model.eval()
@@ -353,6 +395,8 @@ def pretrain(args: PretrainingArguments) -> dict:
     # Fail in seconds, not after hours at the first checkpoint (every rank checks: they may not share a disk).
     ensure_writable_folder(output_dir, "the run's outputs")
     ensure_writable_folder(output_dir / "checkpoints", "checkpoints")
+    if args.resume_from_checkpoint:
+        check_resume_arguments(args, output_dir / "checkpoints")  # before any data or model is read
     trackers = None if args.report_to == "none" else args.report_to
     fast = detect_device_defaults(args)
     if fast.torch_compile:
@@ -371,11 +415,8 @@ def pretrain(args: PretrainingArguments) -> dict:
     manifest = load_manifest(args.data)
     set_seed(args.seed)  # identical initial weights on every rank
     labels = supervision(args)
-    if labels is not None and labels.num_unlabeled:
-        accelerator.print(
-            f"{labels.num_unlabeled} of {labels.num_fields} fields have no {args.label_col}: "
-            + (f"trained as the class {labels.unlabeled_class!r}" if labels.unlabeled_class is not None
-               else "left out of training and evaluation (--unlabeled-class NAME makes them a class)"))
+    for note in label_notes(labels):
+        accelerator.print(note)
     model = build_model(args, manifest, labels)
     config = model.config
     if args.gradient_checkpointing:
@@ -446,6 +487,7 @@ def pretrain(args: PretrainingArguments) -> dict:
                          "activation_checkpointing": uses_activation_checkpointing(model),
                          "fully_sharded_modules": fully_sharded_modules(model)},
             "dataset": dataset_summary(args, manifest),
+            "training_args": args.to_dict(),  # what resume compares (check_resume_arguments)
         }
 
     tokens_per_image = (args.channel_subset or len(vocabulary)) * config.tokens_per_channel
