@@ -1,7 +1,8 @@
 """Peak memory of ``cellmae embed`` against the number of fields: it should stay flat.
 
 Writes ``--fields`` small RxRx-layout fields (and shards them), then runs ``cellmae embed`` on the image folder and
-on the shard folder in a fresh process each, and prints each run's peak resident memory (``ru_maxrss``).
+on the shard folder in a fresh process each, and prints each run's peak resident memory (``ru_maxrss``) of the
+main process and of its largest DataLoader worker (the default worker count of this machine).
 
     python scripts/measure_embed_memory.py [--fields 100 2000] [--model pixel_stats|tiny] [--workdir DIR]
 
@@ -39,10 +40,12 @@ def write_fields(root: Path, count: int) -> None:
             (folder / f"{name}_w{c + 1}.png").write_bytes(imagecodecs.png_encode(pixels[c], level=1))
 
 
-def peak_mib_of(command: list[str]) -> float:
-    """Run ``command`` (this script's ``--one`` mode) in a fresh process; its own peak resident memory in MiB."""
+def peak_mib_of(command: list[str]) -> tuple[float, float]:
+    """Run ``command`` (this script's ``--one`` mode) in a fresh process: the peak resident memory of that process and
+    of its largest DataLoader worker, in MiB."""
     result = subprocess.run(command, check=True, capture_output=True, text=True)
-    return int(result.stdout.strip().splitlines()[-1].split()[-1]) / 1024  # Linux reports KiB
+    main_kib, worker_kib = result.stdout.strip().splitlines()[-1].split()[-2:]
+    return int(main_kib) / 1024, int(worker_kib) / 1024  # Linux reports KiB
 
 
 def main() -> None:
@@ -57,7 +60,8 @@ def main() -> None:
         from hf_cellmae.cli import main as cli
 
         code = cli(["embed", *args.one, "--no-progress", "--fields-per-part", "256"])
-        print(f"peak_kib {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}")
+        # the main process, then the largest DataLoader worker (RUSAGE_CHILDREN: the peak of the largest child)
+        print(f"peak_kib {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss} {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}")
         sys.exit(code)
 
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="cellmae-embed-mem-"))
@@ -84,8 +88,8 @@ def main() -> None:
                     data = shards
                 out = workdir / f"emb-{kind}-{count}"
                 shutil.rmtree(out, ignore_errors=True)
-                peak = peak_mib_of([sys.executable, __file__, "--one", model, str(data), str(out)])
-                print(f"{kind:>6}, {count:5d} fields: peak {peak:7.1f} MiB")
+                peak, worker = peak_mib_of([sys.executable, __file__, "--one", model, str(data), str(out)])
+                print(f"{kind:>6}, {count:5d} fields: peak {peak:7.1f} MiB (main process), {worker:7.1f} MiB (largest worker)")
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
