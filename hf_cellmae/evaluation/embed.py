@@ -800,8 +800,8 @@ def embed_dataset(
             it (the parts already written are kept and a re-run resumes after them); ``"skip"`` leaves it out,
             counts it and lists it in ``_embedding_info.json`` under ``"skipped"``. Stray files and incomplete sites
             of an image folder are always listed and skipped. A run that skips every field raises.
-        num_workers: DataLoader worker processes per process (``None``: :func:`default_num_workers`; 0: read in the
-            main process).
+        num_workers: DataLoader worker processes per process (``None``: on a GPU :func:`default_num_workers`, on a
+            CPU 0, since the model's threads already use every core; 0: read in the main process).
         part: ``"I/N"``: embed only the I-th of N disjoint shares of the parts (1-based), for machines that share a
             folder but no process group.
         min_field_size: smallest field height and width accepted from an image folder (default: ``cellmae
@@ -858,12 +858,14 @@ def embed_dataset(
     for unit in todo:
         unit.tasks[-1].last = True
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))  # this machine's, as torchrun sets
-    workers = default_num_workers(local_processes) if num_workers is None else num_workers
+    device = getattr(featurizer, "device", None)
+    if num_workers is None:  # on a CPU the model's threads use every core: reading beside them measured slower
+        num_workers = 0 if getattr(device, "type", "cpu") == "cpu" else default_num_workers(local_processes)
+    workers = num_workers
     if workers < 0:
         raise ValueError(f"num_workers={workers} must be >= 0 (0: read in the main process)")
     preparer = getattr(featurizer, "preparer", None)
     per_cell = getattr(featurizer, "per_cell", False)
-    device = getattr(featurizer, "device", None)
     pin = preparer is not None and getattr(device, "type", "cpu") == "cuda"
     bar = tqdm(total=sum(u.num_fields for u in todo), desc="embed", unit="field",
                disable=not progress or not state.is_local_main_process)

@@ -37,7 +37,8 @@ class EmbedOptions:
         "help": "run the encoder through torch.compile (worth it on a GPU for a large screen)", "action": "store_true"})
     num_workers: int | None = field(default=None, metadata={
         "help": "DataLoader worker processes reading (and cropping) the next fields while the model runs, per "
-        "process (default: the cores per process minus one, at most 8; 0: read in the main process)"})
+        "process (default: on a GPU the cores per process minus one, at most 8; on a CPU 0, reading in the main process, "
+        "since the model's threads use every core)"})
     part: str | None = field(default=None, metadata={
         "help": "embed only share I of N of the parts (1-based, e.g. 2/3), for machines that share the OUT folder but "
         "no process group (SLURM arrays, cloud VMs); the last share to finish writes _embedding_info.json "
