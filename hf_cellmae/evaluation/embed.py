@@ -660,18 +660,25 @@ def _metadata_column(key: str) -> str:
     return key if key.startswith("Metadata_") else f"Metadata_{key}"
 
 
-def _frame(fields: list[Field], features: np.ndarray, counts: np.ndarray, metadata_keys: list[str],
-           feature_names: list[str]) -> pd.DataFrame:
-    columns: dict[str, list] = {f"Metadata_{key}": [f.identity[key] for f in fields] for key in IDENTITY_COLUMNS}
-    columns["Metadata_num_crops"] = counts.tolist()
+def _rows(owners: list[Field], extra: dict[str, list], features: np.ndarray, metadata_keys: list[str],
+          feature_names: list[str]) -> pd.DataFrame:
+    """One row per feature vector: its field's identity, the ``extra`` columns, the field's metadata, the features."""
+    columns: dict[str, list] = {f"Metadata_{key}": [f.identity[key] for f in owners] for key in IDENTITY_COLUMNS}
+    columns.update(extra)
     for key in metadata_keys:
         column = _metadata_column(key)
         if column not in columns:
-            columns[column] = [f.metadata.get(key) for f in fields]
+            columns[column] = [f.metadata.get(key) for f in owners]
     if features.shape[1] != len(feature_names):
         raise ValueError(f"featuriser returned {features.shape[1]} features, expected {len(feature_names)}")
     frame = pd.DataFrame(columns)
     return pd.concat([frame, pd.DataFrame(features.astype(np.float32), columns=feature_names)], axis=1)
+
+
+def _frame(fields: list[Field], features: np.ndarray, counts: np.ndarray, metadata_keys: list[str],
+           feature_names: list[str]) -> pd.DataFrame:
+    """One row per field, with ``Metadata_num_crops``."""
+    return _rows(fields, {"Metadata_num_crops": counts.tolist()}, features, metadata_keys, feature_names)
 
 
 def _cell_frame(fields: list[Field], cells: list[dict], features: np.ndarray, metadata_keys: list[str],
@@ -681,17 +688,8 @@ def _cell_frame(fields: list[Field], cells: list[dict], features: np.ndarray, me
     from .single_cell import CELL_COLUMNS
 
     owners = [fields[cell["field_index"]] for cell in cells]
-    columns: dict[str, list] = {f"Metadata_{key}": [f.identity[key] for f in owners] for key in IDENTITY_COLUMNS}
-    for key in CELL_COLUMNS:
-        columns[f"Metadata_{key}"] = [cell[key] for cell in cells]
-    for key in metadata_keys:
-        column = _metadata_column(key)
-        if column not in columns:
-            columns[column] = [f.metadata.get(key) for f in owners]
-    if features.shape[1] != len(feature_names):
-        raise ValueError(f"featuriser returned {features.shape[1]} features, expected {len(feature_names)}")
-    frame = pd.DataFrame(columns)
-    return pd.concat([frame, pd.DataFrame(features.astype(np.float32), columns=feature_names)], axis=1)
+    extra = {f"Metadata_{key}": [cell[key] for cell in cells] for key in CELL_COLUMNS}
+    return _rows(owners, extra, features, metadata_keys, feature_names)
 
 
 PART_KEY = b"hf_cellmae_part"  # a part's row count and skipped fields, in its Parquet footer
