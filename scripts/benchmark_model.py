@@ -16,7 +16,7 @@ With `--openphenom`, instead times hf_cellmae side by side with OpenPhenom at it
 `--reference PATH` points at a checkout of https://github.com/recursionpharma/maes_microscopy (not
 shipped here: its licence is Recursion's CC-BY-NC; it is imported from PATH at run time and needs
 timm, e.g. `pip install hf-cellmae[bench]`). Without `--reference` it is the re-statement in
-`tests/openphenom_reference.py`, whose encoder attention is an explicit (unfused) softmax where
+`tests/helpers/openphenom_reference.py`, whose encoder attention is an explicit (unfused) softmax where
 OpenPhenom's timm blocks use the fused kernel, so its ratio overstates hf_cellmae's speed (a warning
 says so). Both implementations must give the same pooled embedding (max |diff| printed) and loss. It
 times the pooled embedding (both standardise 0..255 pixels inside
@@ -124,7 +124,7 @@ PRECISION_NAMES = {"fp32": "fp32", "bf16": "bf16 autocast"}
 
 MAES_MICROSCOPY_URL = "https://github.com/recursionpharma/maes_microscopy"
 RESTATEMENT_WARNING = (
-    "WARNING: no --reference given, so OpenPhenom's side is tests/openphenom_reference.py, a re-statement of its\n"
+    "WARNING: no --reference given, so OpenPhenom's side is tests/helpers/openphenom_reference.py, a re-statement of its\n"
     "computation whose encoder computes attention with an explicit softmax (unfused), whereas OpenPhenom's own\n"
     "code runs timm's blocks with the fused scaled_dot_product_attention: the speed ratio below overstates\n"
     "hf_cellmae's speed. For the comparison users would make, time against the real code (its licence is\n"
@@ -170,13 +170,13 @@ def import_maes_microscopy(folder: Path) -> dict:
 
 
 class RestatedOpenPhenom:
-    """OpenPhenom's side as re-stated in tests/openphenom_reference.py (functional, on the state dict)."""
+    """OpenPhenom's side as re-stated in tests/helpers/openphenom_reference.py (functional, on the state dict)."""
 
     name = "re-statement"
     mlp_bias_layout = "legacy_timm"  # the re-statement follows timm <= 1.0.24, OpenPhenom's
 
     def __init__(self, state_dict: dict[str, torch.Tensor]):
-        from openphenom_reference import reference_predict, reference_pretraining_loss
+        from tests.helpers.openphenom_reference import reference_predict, reference_pretraining_loss
 
         self.sd, self._predict, self._loss = state_dict, reference_predict, reference_pretraining_loss
         fixed = {"encoder.vit_backbone.pos_embed", "decoder.pos_embeddings", "decoder.placeholder"}
@@ -184,7 +184,7 @@ class RestatedOpenPhenom:
             tensor.requires_grad_(key not in fixed)
 
     def describe(self) -> str:
-        return "tests/openphenom_reference.py (re-statement, unfused encoder attention)"
+        return "tests/helpers/openphenom_reference.py (re-statement, unfused encoder attention)"
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         return self._predict(self.sd, pixels)[0]
@@ -288,8 +288,8 @@ def openphenom_side_by_side(batch: int, rounds: int, precisions: tuple[str, ...]
         print(RESTATEMENT_WARNING, flush=True)
     else:
         find_maes_microscopy(reference_path)  # fail in one line before any work
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from openphenom_reference import random_openphenom_state_dict
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the clone's root: its tests/helpers/
+    from tests.helpers.openphenom_reference import random_openphenom_state_dict
 
     from hf_cellmae.image_processing_cellmae import standardize_channels
     from hf_cellmae.openphenom import convert_openphenom_state_dict
@@ -385,7 +385,7 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=["tiny", "vit_s16"])
     parser.add_argument("--bf16", action="store_true", help="time under bf16 autocast (FLOP share still vs the fp32 peak)")
     parser.add_argument("--openphenom", action="store_true",
-                        help="time side by side with OpenPhenom: its own code with --reference, else tests/openphenom_reference.py")
+                        help="time side by side with OpenPhenom: its own code with --reference, else tests/helpers/openphenom_reference.py")
     parser.add_argument("--reference", metavar="PATH",
                         help=f"with --openphenom: a checkout of {MAES_MICROSCOPY_URL} (needs timm) to build OpenPhenom from")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds of --openphenom")

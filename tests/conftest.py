@@ -1,17 +1,8 @@
-"""Shared test setup: make helper modules in tests/ importable and locate the real images."""
+"""Fixtures shared by the test files (their helper modules are in tests/helpers/)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-TESTS = Path(__file__).resolve().parent
-if str(TESTS) not in sys.path:
-    sys.path.insert(0, str(TESTS))
-
 import pytest
-
-DATA = TESTS.parent.parent / "shared" / "data"
 
 
 @pytest.fixture(scope="session")

@@ -26,7 +26,7 @@ class Stop(Exception):
 
 
 def test_without_reference_the_restatement_is_used_with_a_warning_that_it_overstates_the_speed(script, monkeypatch, capsys):
-    import openphenom_reference
+    from tests.helpers import openphenom_reference
 
     def stop(*args, **kwargs):  # the benchmark's first real work: stop there
         raise Stop

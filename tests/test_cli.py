@@ -236,7 +236,7 @@ def test_the_demos_help_and_the_readme_state_the_same_measured_time(capsys):
 
 
 def test_an_error_after_a_progress_bar_starts_on_a_line_of_its_own(tmp_path, capsys):
-    from data_fixtures import flip_pixel_byte, make_rxrx_plate
+    from tests.helpers.data_fixtures import flip_pixel_byte, make_rxrx_plate
     from hf_cellmae.cli import main
     from hf_cellmae.data.shards import shard_folder
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from data_fixtures import make_rxrx_plate, write_png
+from tests.helpers.data_fixtures import make_rxrx_plate, write_png
 from hf_cellmae.cli import main
 from hf_cellmae.data.problems import BadInputError
 from hf_cellmae.errors import UserError

@@ -8,7 +8,7 @@ import json
 import pandas as pd
 import pytest
 
-from data_fixtures import make_rxrx_plate, shared_folder
+from tests.helpers.data_fixtures import make_rxrx_plate, shared_folder
 from hf_cellmae.data.shards import shard_folder
 from hf_cellmae.errors import UserError
 

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 
-from data_fixtures import damage_page_header, flip_metadata_text, flip_pixel_byte, make_rxrx_plate, write_plate_metadata
+from tests.helpers.data_fixtures import damage_page_header, flip_metadata_text, flip_pixel_byte, make_rxrx_plate, write_plate_metadata
 from hf_cellmae.data.problems import BadInputError
 from hf_cellmae.data.shards import shard_folder, verify_shards
 from hf_cellmae.data.streaming import CorruptFieldWarning, skipped_fields, stream_fields

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from data_fixtures import make_rxrx_plate
+from tests.helpers.data_fixtures import make_rxrx_plate
 from hf_cellmae.data.layouts import discover_fields, discover_load_data, discover_pattern
 from hf_cellmae.data.problems import ProblemLog
 from hf_cellmae.data.shards import shard_folder, verify_shards

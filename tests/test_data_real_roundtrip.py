@@ -10,7 +10,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from data_fixtures import shared_folder
+from tests.helpers.data_fixtures import shared_folder
 from hf_cellmae.data.shards import shard_folder
 from hf_cellmae.data.streaming import stream_fields
 

@@ -16,7 +16,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from data_fixtures import make_rxrx_plate, write_plate_metadata
+from tests.helpers.data_fixtures import make_rxrx_plate, write_plate_metadata
 from hf_cellmae.cli import main
 
 pytest.importorskip("s3fs")

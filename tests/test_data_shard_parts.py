@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from data_fixtures import make_rxrx_plate, write_plate_metadata
+from tests.helpers.data_fixtures import make_rxrx_plate, write_plate_metadata
 from hf_cellmae.cli import main
 from hf_cellmae.data.shards import part_of_plan
 

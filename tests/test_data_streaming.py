@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_fixtures import make_rxrx_plate, write_plate_metadata
+from tests.helpers.data_fixtures import make_rxrx_plate, write_plate_metadata
 from hf_cellmae.data.shards import shard_folder
 from hf_cellmae.data.standardize import standardize_channels
 from hf_cellmae.data.streaming import count_samples, stream_fields

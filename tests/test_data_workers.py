@@ -11,7 +11,7 @@ import time
 import psutil
 import pytest
 
-from data_fixtures import make_rxrx_plate
+from tests.helpers.data_fixtures import make_rxrx_plate
 
 
 def _gone(process: psutil.Process) -> bool:

@@ -3,7 +3,7 @@ checkpoint, resume to the same weights bit for bit, and write a model folder tha
 
 Each launch reads the config file itself and overrides only what a CPU needs: 2 processes instead of
 8 GPUs and a free port (`--num_processes 2 --main_process_port 0`), with `ACCELERATE_USE_CPU=true`.
-FSDP goes through `tests/accelerate_on_cpu.py`, which sets the FSDP type that accelerate assigns only on
+FSDP goes through `tests/helpers/accelerate_on_cpu.py`, which sets the FSDP type that accelerate assigns only on
 GPUs (its docstring says exactly why); the DDP run goes through it too, where it changes nothing.
 """
 
@@ -18,14 +18,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from launching import cpu_launch_env, run_all_or_kill
-from test_training import run_args
+from tests.helpers.launching import cpu_launch_env, run_all_or_kill
+from tests.test_training import run_args
 
 from hf_cellmae import CellMAEForPreTraining
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "examples" / "accelerate"
-ON_CPU = Path(__file__).resolve().parent / "accelerate_on_cpu.py"
+ON_CPU = Path(__file__).resolve().parent / "helpers" / "accelerate_on_cpu.py"
 CPU_OVERRIDES = ["--num_processes", "2", "--main_process_port", "0"]
 
 

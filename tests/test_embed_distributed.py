@@ -13,7 +13,7 @@ import sys
 
 import pandas as pd
 import pytest
-from launching import TWO_CPU_PROCESSES, cpu_launch_env, run_all_or_kill
+from tests.helpers.launching import TWO_CPU_PROCESSES, cpu_launch_env, run_all_or_kill
 
 from hf_cellmae.evaluation.report import read_embeddings
 

@@ -223,7 +223,7 @@ def _shards_of(images, out):
 
 
 def test_embed_fails_on_a_corrupt_shard_field_naming_shard_and_field(plate_copy, tmp_path):
-    from data_fixtures import flip_pixel_byte
+    from tests.helpers.data_fixtures import flip_pixel_byte
     from hf_cellmae.data.problems import BadInputError
 
     shards = _shards_of(plate_copy[0], tmp_path / "shards")
@@ -234,7 +234,7 @@ def test_embed_fails_on_a_corrupt_shard_field_naming_shard_and_field(plate_copy,
 
 
 def test_embed_skips_and_counts_a_corrupt_shard_field_under_skip(plate_copy, tmp_path, capsys):
-    from data_fixtures import flip_pixel_byte
+    from tests.helpers.data_fixtures import flip_pixel_byte
 
     shards = _shards_of(plate_copy[0], tmp_path / "shards")
     field_id = flip_pixel_byte(shards / "shard-00002.parquet")
@@ -246,7 +246,7 @@ def test_embed_skips_and_counts_a_corrupt_shard_field_under_skip(plate_copy, tmp
 
 
 def test_embed_names_the_shard_and_the_repair_when_its_parquet_structure_is_damaged(plate_copy, tmp_path):
-    from data_fixtures import damage_page_header
+    from tests.helpers.data_fixtures import damage_page_header
     from hf_cellmae.data.problems import BadInputError
 
     shards = _shards_of(plate_copy[0], tmp_path / "shards")
@@ -350,7 +350,7 @@ def test_embed_on_an_image_folder_fails_in_one_line_naming_the_file_and_keeps_wr
 
 
 def test_cli_embed_of_a_corrupt_shard_exits_non_zero_with_one_line_naming_shard_and_field(plate_copy, tmp_path, capsys):
-    from data_fixtures import flip_pixel_byte
+    from tests.helpers.data_fixtures import flip_pixel_byte
     from hf_cellmae.cli import main
 
     shards = _shards_of(plate_copy[0], tmp_path / "shards")
@@ -364,7 +364,7 @@ def test_cli_embed_of_a_corrupt_shard_exits_non_zero_with_one_line_naming_shard_
 def test_cli_embed_on_error_skip_skips_counts_and_lists_a_corrupt_field(plate_copy, tmp_path, capsys):
     import json
 
-    from data_fixtures import flip_pixel_byte
+    from tests.helpers.data_fixtures import flip_pixel_byte
     from hf_cellmae.cli import main
 
     shards = _shards_of(plate_copy[0], tmp_path / "shards")

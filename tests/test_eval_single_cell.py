@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import DATA
+from tests.helpers.data_fixtures import shared_folder
 from hf_cellmae.data.synthetic import CHANNELS, make_synthetic_screen
 from hf_cellmae.evaluation.cells import aggregate_cells, join_cell_labels
 from hf_cellmae.evaluation.embed import Field, ModelFeaturizer, embed_dataset
@@ -247,9 +247,7 @@ def test_cli_pooled_screen_embeds_per_cell_and_evaluates_from_cells(tmp_path, po
 # ------------------------------------------------------------------------------------------- real pixels
 @pytest.mark.filterwarnings("ignore:channels are matched by position")
 def test_real_bbbc022_sites_embed_per_cell_with_the_classical_segmentation(tmp_path):
-    folder = DATA / "cellpainting_bbbc022"
-    if not folder.is_dir():
-        pytest.skip(f"real data not found: {folder}")
+    folder = shared_folder("cellpainting_bbbc022")
     from hf_cellmae import CellMAEConfig, CellMAEForPreTraining
 
     config = CellMAEConfig.from_preset("tiny", image_size=64)

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from fake_hub import FakeHub
+from tests.helpers.fake_hub import FakeHub
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"

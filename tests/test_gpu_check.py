@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from launching import cpu_launch_env
+from tests.helpers.launching import cpu_launch_env
 
 pytestmark = pytest.mark.slow
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"

@@ -11,7 +11,7 @@ import pytest
 from huggingface_hub import ModelCard
 from safetensors import safe_open
 
-from fake_hub import FakeHub, make_trained_model_folder
+from tests.helpers.fake_hub import FakeHub, make_trained_model_folder
 from hf_cellmae.cli import main
 from hf_cellmae.hub import render_model_card, template_path
 from hf_cellmae.hub.model_card import GENERATED_MARKER

@@ -25,7 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load, load_file
 
-from fake_hub import FakeHub, make_trained_model_folder, real_image_or_none
+from tests.helpers.fake_hub import FakeHub, make_trained_model_folder, real_image_or_none
 from hf_cellmae import CellMAEModel
 from hf_cellmae.cli import main
 from hf_cellmae.hub import push_model_folder

@@ -88,7 +88,7 @@ def test_a_missing_label_column_is_refused_naming_the_columns(two_plates, tmp_pa
 
 def _labelled_shards(root: Path, genes: list[str]) -> Path:
     """Eight 32 x 40 fields (2 plates x 2 wells x 2 sites) whose `gene` is `genes[i]` ("" = no value)."""
-    from data_fixtures import make_rxrx_plate
+    from tests.helpers.data_fixtures import make_rxrx_plate
     from hf_cellmae.data.shards import shard_folder
 
     fields = make_rxrx_plate(root / "images", plates=2, wells=("A01", "A02"), sites=2)

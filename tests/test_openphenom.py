@@ -1,6 +1,6 @@
 """OpenPhenom weights: conversion of the state dict and equality of embeddings with OpenPhenom's `predict`.
 
-The reference is `tests/openphenom_reference.py`, an independent functional statement of OpenPhenom's
+The reference is `tests/helpers/openphenom_reference.py`, an independent functional statement of OpenPhenom's
 computation written from the specification, run on OpenPhenom-layout weights.
 """
 
@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from hf_cellmae import CellMAEConfig, CellMAEForPreTraining, CellMAEImageProcessor, CellMAEModel
 from hf_cellmae.openphenom import convert_openphenom_state_dict, load_openphenom
 
-from openphenom_reference import (
+from tests.helpers.openphenom_reference import (
     openphenom_key_shapes,
     random_openphenom_state_dict,
     reference_predict,

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from launching import TWO_CPU_PROCESSES, cpu_launch_env, run_all_or_kill
+from tests.helpers.launching import TWO_CPU_PROCESSES, cpu_launch_env, run_all_or_kill
 from safetensors.torch import load_file
 
 from hf_cellmae import CellMAEConfig, CellMAEForPreTraining
@@ -674,7 +674,7 @@ def test_the_side_by_side_benchmark_counts_the_arithmetic_of_fused_attention():
 @pytest.fixture
 def corrupt_shards(synthetic_shards, tmp_path):
     """A copy of the session's shards with one byte of the first field's pixels flipped."""
-    from data_fixtures import flip_pixel_byte
+    from tests.helpers.data_fixtures import flip_pixel_byte
 
     shards = tmp_path / "shards"
     shutil.copytree(synthetic_shards, shards)

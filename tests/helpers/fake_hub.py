@@ -400,7 +400,7 @@ def make_trained_model_folder(folder: Path, steps: int = 2, seed: int = 0) -> Pa
     return folder
 
 
-if __name__ == "__main__":  # manual use: python tests/fake_hub.py
+if __name__ == "__main__":  # manual use: python tests/helpers/fake_hub.py
     with FakeHub() as hub:
         print(f"fake hub at {hub.url} (Ctrl-C to stop)", flush=True)
         threading.Event().wait()
