@@ -43,6 +43,7 @@ def test_without_reference_the_restatement_is_used_with_a_warning_that_it_overst
     assert isinstance(script.openphenom_reference(None, {}), script.RestatedOpenPhenom)
 
 
+@pytest.mark.slow
 def test_reference_that_is_not_a_maes_microscopy_checkout_fails_in_one_line(tmp_path):
     (tmp_path / "vit.py").write_text("")  # a folder, but not the code
     result = subprocess.run([sys.executable, str(SCRIPT), "--openphenom", "--reference", str(tmp_path)],

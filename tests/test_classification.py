@@ -137,6 +137,7 @@ def test_a_few_steps_decrease_the_classification_loss(family):
     assert losses[-1] < 0.7 * losses[0], losses
 
 
+@pytest.mark.slow
 def test_heads_load_with_trust_remote_code_without_the_package(tmp_path):
     expected = {}
     for family, (config, _, head, _) in FAMILIES.items():
@@ -170,6 +171,7 @@ def test_heads_load_with_trust_remote_code_without_the_package(tmp_path):
     assert "REMOTE_OK CellMUNetForImageClassification geneB" in result.stdout, result.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_a_pretraining_folder_loads_as_a_new_classifier_with_trust_remote_code_without_the_package(tmp_path):
     """Fine-tuning a shared CA-MAE checkpoint needs no hf_cellmae: the folder's auto_map names the head."""
     pretrained = CellMAEForPreTraining(camae())

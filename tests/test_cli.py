@@ -7,6 +7,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 
 def run_python(code: str, cwd=None) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh interpreter that imports this checkout's hf_cellmae."""
@@ -14,6 +16,7 @@ def run_python(code: str, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env, cwd=cwd)
 
 
+@pytest.mark.slow
 def test_building_the_cellmae_parser_imports_neither_torch_nor_transformers_nor_pandas():
     result = run_python(
         """
@@ -27,6 +30,7 @@ def test_building_the_cellmae_parser_imports_neither_torch_nor_transformers_nor_
     assert result.stdout.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_import_hf_cellmae_still_registers_the_auto_classes_in_a_fresh_process(tmp_path):
     from hf_cellmae.configuration_cellmae import CellMAEConfig
     from hf_cellmae.modeling_cellmae import CellMAEForPreTraining
@@ -44,6 +48,7 @@ def test_import_hf_cellmae_still_registers_the_auto_classes_in_a_fresh_process(t
     assert result.stdout.split() == ["CellMAEModel", "CellMAEForPreTraining"]
 
 
+@pytest.mark.slow
 def test_a_model_class_imported_first_registers_the_auto_classes_too():
     result = run_python(
         """
@@ -251,6 +256,7 @@ def test_an_error_after_a_progress_bar_starts_on_a_line_of_its_own(tmp_path, cap
     assert error.startswith("cellmae embed: error:"), repr(error)
 
 
+@pytest.mark.slow
 def test_a_warning_during_a_progress_bar_gets_a_line_of_its_own(tmp_path):
     import numpy as np
     import tifffile

@@ -21,6 +21,7 @@ def _gone(process: psutil.Process) -> bool:
         return True
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs a FIFO to hold a worker busy")
 def test_kill_9_of_shard_leaves_no_worker_alive(tmp_path):
     make_rxrx_plate(tmp_path / "images", plates=1, wells=("A01", "A02"), sites=2)

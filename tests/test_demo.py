@@ -12,6 +12,7 @@ import pytest
 from safetensors import safe_open
 
 
+@pytest.mark.slow
 def test_demo_runs_the_whole_pipeline_and_writes_a_loadable_model_with_card_and_evaluation(tmp_path):
     out = tmp_path / "demo"
     result = subprocess.run(

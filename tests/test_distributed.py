@@ -39,6 +39,7 @@ def history(run: Path) -> list:
     return [(r["step"], r["loss"]) for r in json.loads((run / "model" / "trainer_state.json").read_text())["log_history"]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config, distributed_type", [("ddp.yaml", "MULTI_CPU"), ("fsdp_vit_l8.yaml", "FSDP")])
 def test_a_shipped_launch_config_trains_checkpoints_resumes_bit_exactly_and_saves_a_loadable_model(
         config, distributed_type, synthetic_shards, tmp_path):

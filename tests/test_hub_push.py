@@ -154,6 +154,7 @@ def test_pushed_card_loads_the_model_by_its_repo_id(pushed, hub):
     assert f'AutoModel.from_pretrained("{REPO_ID}", trust_remote_code=True)' in readme
 
 
+@pytest.mark.slow
 def test_remote_code_load_without_hf_cellmae_gives_the_local_folders_embeddings(remote_load, model_folder, image):
     result, remote = remote_load
     model_module, processor_module = result.stdout.split()
@@ -258,6 +259,7 @@ def test_a_model_folder_where_the_card_cannot_be_written_is_one_line_with_the_fi
     assert "org/read-only" not in local_hub.repos
 
 
+@pytest.mark.slow
 def test_model_push_to_hub_gives_the_same_model_files(pushed, hub, hf_home, model_folder):
     """``model.push_to_hub`` + ``processor.push_to_hub`` (transformers' own path) give the same model repo."""
     code = """
@@ -278,6 +280,7 @@ def test_model_push_to_hub_gives_the_same_model_files(pushed, hub, hf_home, mode
     assert all(torch.equal(cli_weights[k], python_weights[k]) for k in cli_weights)
 
 
+@pytest.mark.slow
 def test_offline_load_from_the_cache_after_the_hub_stops(remote_load, hub, hf_home, image, tmp_path):
     _, online = remote_load
     stopped_url = hub.url

@@ -273,6 +273,7 @@ def test_auto_classes_load_a_checkpoint_when_the_package_is_imported(tmp_path):
     assert torch.equal(encoder(x).pooler_output, model.cellmae(x).pooler_output)
 
 
+@pytest.mark.slow
 def test_trust_remote_code_loads_without_the_package_and_gives_identical_embeddings(tmp_path):
     model = CellMAEForPreTraining(tiny()).eval()
     model.save_pretrained(tmp_path / "model")

@@ -142,6 +142,7 @@ def test_save_load_round_trip_through_auto_classes_with_safetensors(tmp_path):
     assert type(AutoModelForImageClassification.from_pretrained(tmp_path, num_labels=3)) is CellMUNetForImageClassification
 
 
+@pytest.mark.slow
 def test_trust_remote_code_loads_without_the_package_and_gives_identical_embeddings(tmp_path):
     model = CellMUNetForPreTraining(tiny()).eval()
     model.save_pretrained(tmp_path / "model")

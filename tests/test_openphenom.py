@@ -128,6 +128,7 @@ def test_a_folder_saved_in_the_old_legacy_bias_layout_still_loads_with_openpheno
         assert torch.equal(a, b), name
 
 
+@pytest.mark.slow
 def test_converted_model_reconstruction_and_losses_equal_openphenoms(openphenom_weights, converted):
     pixels = torch.from_numpy(np.random.default_rng(5).integers(0, 256, (1, 6, 256, 256), dtype=np.uint8))
     noise = torch.rand(1, 6 * 256, generator=torch.Generator().manual_seed(5))
@@ -148,6 +149,7 @@ def test_a_genuine_safetensors_copy_loads_the_same(openphenom_weights, converted
         assert torch.equal(a, b), name
 
 
+@pytest.mark.slow
 def test_convert_script_writes_a_folder_auto_model_loads(openphenom_weights, converted, tmp_path, capsys):
     script = runpy.run_path(str(REPO / "scripts" / "convert_openphenom.py"))
     assert script["main"]([str(openphenom_weights[1]), str(tmp_path / "out")]) == 0

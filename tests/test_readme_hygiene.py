@@ -24,6 +24,7 @@ def test_every_flag_is_spelled_one_way_in_the_readme():
     assert not both, f"spelled both ways: {both}"
 
 
+@pytest.mark.slow
 def test_the_folders_the_readme_commands_write_are_ignored_by_git():
     if not (ROOT / ".git").exists():
         pytest.skip("not a git checkout")

@@ -64,6 +64,7 @@ def as_run_here(command: list[str], plate: dict, source: Path) -> list[str] | No
     return words[1:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(PLATES))
 def test_the_readme_own_plates_block_runs_as_written_on_a_real_plate(name, tmp_path, monkeypatch, capsys):
     plate = PLATES[name]

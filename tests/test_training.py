@@ -174,6 +174,7 @@ def test_raw_crops_are_standardised_on_the_device_exactly_as_the_processor_does(
     np.testing.assert_allclose(out[1].numpy(), standardize_channels(mixed[1]), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_pretraining_writes_a_loadable_model_folder_checkpoints_and_logs(synthetic_shards, tmp_path):
     summary = pretrain(parse_pretraining_arguments(run_args(synthetic_shards, tmp_path, figure_steps=6, save_total_limit=2)))
     model_dir = Path(summary["model_dir"])
@@ -266,6 +267,7 @@ def test_a_training_step_reads_nothing_from_the_device_between_logging_boundarie
     assert not loop_reads, f"{len(loop_reads)} host reads in 4 steady-state optimizer steps; the first:\n" + "\n".join(where)
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_to_the_same_losses_and_weights(synthetic_shards, tmp_path):
     steps = ["--max_steps=40", "--save_steps=5"]
     reference = cli("pretrain", *run_args(synthetic_shards, tmp_path / "reference"), *steps, timeout=600)
@@ -298,6 +300,7 @@ def test_a_killed_run_resumes_to_the_same_losses_and_weights(synthetic_shards, t
     assert history(interrupted) == history(tmp_path / "reference")
 
 
+@pytest.mark.slow
 def test_a_run_with_dataloader_workers_resumes_to_the_same_weights(synthetic_shards, tmp_path):
     pytest.importorskip("torchdata", reason="exact resume with DataLoader workers needs torchdata (pip install torchdata)")
     options = dict(max_steps=8, save_steps=4, dataloader_num_workers=1)
@@ -351,6 +354,7 @@ PROBE = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_two_ranks_see_disjoint_data_and_keep_identical_parameters(synthetic_shards, tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
@@ -569,6 +573,7 @@ def test_no_code_in_the_package_loads_a_pickle_unsafely():
 
 
 # --------------------------------------------------------------------------------------- real images
+@pytest.mark.slow
 def test_the_same_command_line_pretrains_on_real_cell_painting_images(tmp_path):
     source = DATA / "cellpainting_bbbc022" / "images"
     if not source.exists():

@@ -76,6 +76,7 @@ def test_decoder_preset_sets_the_decoder_size_over_the_configs_and_model_overrid
         parse_pretraining_arguments(["--data", "shards", "--model-type", "munet", "--decoder-preset", "light"])
 
 
+@pytest.mark.slow
 def test_pretrain_help_imports_neither_torch_nor_transformers():
     code = textwrap.dedent(
         """

@@ -5,7 +5,11 @@ from __future__ import annotations
 import sys
 import textwrap
 
+import pytest
+
 from tests.helpers.launching import TWO_CPU_PROCESSES, cpu_launch_env, run_all_or_kill
+
+pytestmark = pytest.mark.slow  # two processes through accelerate's launcher
 
 # Rank 1 cannot write its data state (as on a node whose disk is full or read-only); rank 0 can.
 PROBE = textwrap.dedent(
