@@ -1,9 +1,10 @@
 """An independent, functional re-statement of OpenPhenom's `predict` and of its masked-autoencoder
-loss, written from the specification (`../shared/OPENPHENOM_SPEC.md` sections 2.1-2.8), operating
-directly on OpenPhenom's own state-dict keys. hf_cellmae's converted model must match it; nothing
+loss, written from OpenPhenom's public code (github.com/recursionpharma/maes_microscopy: `huggingface_mae.py`,
+`mae_modules.py`, `vit.py`, `loss.py`) and its Hub card (recursionpharma/OpenPhenom), operating directly on
+OpenPhenom's own state-dict keys. hf_cellmae's converted model must match it; nothing
 here is shared with the package. `scripts/benchmark_model.py` also times it against hf_cellmae.
 
-Also builds randomly initialised state dicts with OpenPhenom's exact key names and shapes (Appendix A).
+Also builds randomly initialised state dicts with OpenPhenom's exact key names and shapes (the released checkpoint's 765 keys).
 """
 
 from __future__ import annotations
