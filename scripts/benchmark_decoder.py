@@ -22,8 +22,8 @@ Representation quality of the decoder sizes is measured separately (`investigate
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
-import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -31,10 +31,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from hf_cellmae import CellMAEConfig, CellMAEForPreTraining
 from hf_cellmae.configuration_cellmae import DECODER_PRESETS
 
-try:  # run as `python scripts/benchmark_decoder.py`: the sibling script is importable
-    from benchmark_model import attention_is_counted
-except ImportError:  # pragma: no cover
-    from scripts.benchmark_model import attention_is_counted
+# scripts/ is on the path when a script in it runs: the shared timing loop and benchmark_model's helpers
+from _bench import interleaved_rounds
+from benchmark_model import attention_is_counted
 
 
 def decoder_attention_flops(config: CellMAEConfig, channels: int, per_channel_tokens: int) -> int:
@@ -70,6 +69,11 @@ def variants(encoder: str, extra: list[str]) -> dict[str, CellMAEConfig]:
     return configs
 
 
+def training_step(model: CellMAEForPreTraining, pixels: torch.Tensor, noise: torch.Tensor) -> None:
+    model(pixels, noise=noise).loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--encoder", default="vit_s16", help="encoder preset (default: vit_s16)")
@@ -89,15 +93,11 @@ def main() -> None:
     add_attention = not attention_is_counted()
     flops = {name: decoder_flops(model, pixels, noise, add_attention) for name, model in models.items()}
 
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for round_index in range(args.rounds + 1):  # round 0 warms up
-        for name, model in models.items():
-            start = time.perf_counter()
-            model(pixels, noise=noise).loss.backward()
-            model.zero_grad(set_to_none=True)
-            if round_index:
-                times[name].append(time.perf_counter() - start)
-        print(f"round {round_index} done" + (" (warm-up)" if not round_index else ""), flush=True)
+    def round_done(index: int, warming_up: bool) -> None:
+        print(f"round {index} done" + (" (warm-up)" if warming_up else ""), flush=True)
+
+    steps = {name: functools.partial(training_step, model, pixels, noise) for name, model in models.items()}
+    times = interleaved_rounds(steps, args.rounds, warmup=1, after_round=round_done)
 
     reference_flops = flops["OpenPhenom per-channel 512x8"]
     base = next(name for name in models if name.endswith("(mae)"))

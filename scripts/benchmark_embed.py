@@ -19,16 +19,18 @@ and ``openphenom`` (ViT-S/16, 256 px crops). Random weights: throughput does not
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+
+from _bench import interleaved_rounds  # scripts/_bench.py: the timing loop of every benchmark
 
 # preset -> (fields, field size); the sizes: 240 fields of 5 x 128² at tiny, 60 of 5 x 256² at openphenom
 WORKLOADS = {"tiny": (240, 128), "openphenom": (60, 256), "vit_s16": (60, 256), "vit_b16": (60, 256)}
@@ -72,23 +74,19 @@ def prepared_batches(featurizer, shards: Path, fields_per_batch: int) -> list:
     return [group for unit in units for task in unit.tasks for group in _run_task(task, featurizer.preparer)["groups"]]
 
 
-def model_only(featurizer, batches) -> float:
-    start = time.perf_counter()
+def model_only(featurizer, batches) -> None:
     for fields, prepared in batches:
         featurizer.embed_prepared(fields, prepared)
-    return time.perf_counter() - start
 
 
-def embed_once(featurizer, shards: Path, workdir: Path, workers: int, fields_per_batch: int) -> float:
+def embed_once(featurizer, shards: Path, workdir: Path, workers: int, fields_per_batch: int) -> None:
     import shutil
 
     from hf_cellmae.evaluation.embed import embed_dataset
 
     out = workdir / f"embed-w{workers}"
-    shutil.rmtree(out, ignore_errors=True)
-    start = time.perf_counter()
+    shutil.rmtree(out, ignore_errors=True)  # the previous round's table (milliseconds, inside the timing)
     embed_dataset(shards, out, featurizer, num_workers=workers, fields_per_batch=fields_per_batch, progress=False)
-    return time.perf_counter() - start
 
 
 def in_process_table(preset: str, rounds: int, device: str, workdir: Path, fields_per_batch: int) -> list[str]:
@@ -119,12 +117,7 @@ def in_process_table(preset: str, rounds: int, device: str, workdir: Path, field
         variants[f"model only, {beside} thread(s)"] = at_threads(beside, lambda: model_only(featurizer, batches))
     variants.update({"embed, 0 workers": lambda: embed_once(featurizer, shards, root, 0, fields_per_batch),
                      f"embed, {workers} worker(s)": lambda: embed_once(featurizer, shards, root, workers, fields_per_batch)})
-    for run in variants.values():  # warm-up
-        run()
-    times = {name: [] for name in variants}
-    for _ in range(rounds):  # interleaved
-        for name, run in variants.items():
-            times[name].append(run())
+    times = interleaved_rounds(variants, rounds, warmup=1, device=device)
     base = min(statistics.median(values) for name, values in times.items() if name.startswith("model only"))
     rows = []
     for name, values in times.items():
@@ -152,19 +145,19 @@ def processes_table(preset: str, rounds: int, workdir: Path) -> list[str]:
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
               "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
     commands = {"1 process": [sys.executable], "2 processes": launch}
-    rates, walls = {name: [] for name in commands}, {name: [] for name in commands}
-    for _ in range(rounds):
-        for name, prefix in commands.items():
-            out = root / f"cli-{name.replace(' ', '')}"
-            shutil.rmtree(out, ignore_errors=True)
-            start = time.perf_counter()
-            result = subprocess.run([*prefix, *embed, str(out), "--num-workers", "0", "--no-progress", "--device", "cpu"],
-                                    capture_output=True, text=True, env=env)
-            walls[name].append(time.perf_counter() - start)
-            if result.returncode != 0:
-                raise RuntimeError(f"{name} failed:\n{result.stderr[-3000:]}")
-            fields, seconds = loop_rate(result.stdout + result.stderr)
-            rates[name].append(fields / seconds)
+    rates: dict[str, list[float]] = {name: [] for name in commands}
+
+    def run(name: str) -> None:
+        out = root / f"cli-{name.replace(' ', '')}"
+        shutil.rmtree(out, ignore_errors=True)
+        result = subprocess.run([*commands[name], *embed, str(out), "--num-workers", "0", "--no-progress", "--device", "cpu"],
+                                capture_output=True, text=True, env=env)
+        if result.returncode != 0:
+            raise RuntimeError(f"{name} failed:\n{result.stderr[-3000:]}")
+        fields, seconds = loop_rate(result.stdout + result.stderr)
+        rates[name].append(fields / seconds)
+
+    walls = interleaved_rounds({name: functools.partial(run, name) for name in commands}, rounds, warmup=0)
     one, two = statistics.median(rates["1 process"]), statistics.median(rates["2 processes"])
     wall_one, wall_two = statistics.median(walls["1 process"]), statistics.median(walls["2 processes"])
     return [f"| {preset} | 1 process | {one:.1f} | {wall_one:.1f} s | 1.00 |",

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
+
+from _bench import peak_mib_of, report_peak_and_exit  # scripts/_bench.py: the peak memory of every measurement
 
 
 def benchmark_recall(n: int, dim: int) -> None:
@@ -57,16 +56,11 @@ def _write_fields(root: Path, count: int, size: int = 128) -> None:
 
 
 def _peak_rss_of_embed(model: Path, data: Path, out: Path) -> tuple[float, float]:
-    """Peak RSS (MiB) and wall time of `cellmae embed` run in its own process (measured by a wrapper)."""
-    embed = [sys.executable, "-m", "hf_cellmae.cli", "embed", str(model), str(data), str(out),
-             "--fields-per-part", "16", "--no-progress"]
-    wrapper = (
-        "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
-        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
-    )
-    start = time.perf_counter()
-    output = subprocess.run([sys.executable, "-c", wrapper, *embed], check=True, capture_output=True, text=True)
-    return int(output.stdout.split()[-1]) / 1024, time.perf_counter() - start  # Linux ru_maxrss is KiB
+    """Peak RSS (MiB) and wall time of `cellmae embed` run in its own process (this script's `--one` mode): the
+    larger of its main process and its largest DataLoader worker."""
+    embed = ["embed", str(model), str(data), str(out), "--fields-per-part", "16", "--no-progress"]
+    main_mib, worker_mib, seconds = peak_mib_of([sys.executable, __file__, "--one", *embed])
+    return max(main_mib, worker_mib), seconds
 
 
 def benchmark_embed_memory(fields: int) -> None:
@@ -86,6 +80,10 @@ def benchmark_embed_memory(fields: int) -> None:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--one"]:  # the measured child: `cellmae` with the arguments after --one, nothing else
+        from hf_cellmae.cli import main as cli
+
+        report_peak_and_exit(cli(sys.argv[2:]))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--perturbations", type=int, default=20_000)
     parser.add_argument("--dim", type=int, default=384)

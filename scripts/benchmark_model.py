@@ -33,9 +33,9 @@ ratio that equal work per FLOP would give, the bound a faster implementation of 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -44,6 +44,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import ViTMAEConfig, ViTMAEForPreTraining
 
 from hf_cellmae import CellMAEConfig, CellMAEForPreTraining
+
+from _bench import interleaved_rounds, matmul_peak, median_seconds  # scripts/_bench.py
 
 
 def attention_is_counted() -> bool:
@@ -79,16 +81,14 @@ def vit_mae_attention_flops(config: ViTMAEConfig, batch: int) -> int:
 
 def time_steps(model, step, steps: int, bf16: bool) -> float:
     """Median seconds of a forward+backward step after one warm-up step."""
-    times = []
-    for i in range(steps + 1):
-        start = time.perf_counter()
+
+    def train_step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = step()
         loss.backward()
         model.zero_grad(set_to_none=True)
-        if i:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+
+    return median_seconds(train_step, steps)
 
 
 def count_flops(model, step) -> int:
@@ -96,18 +96,6 @@ def count_flops(model, step) -> int:
         step().backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
-
-
-def matmul_peak(dtype: torch.dtype, size: int = 4096, repeats: int = 3) -> float:
-    """GFLOP/s of a `size`^3 matmul in `dtype`: median of `repeats` after one warm-up."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    torch.mm(a, b)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        times.append(time.perf_counter() - start)
-    return 2 * size**3 / statistics.median(times) / 1e9
 
 
 def counted_gflop(run) -> float:
@@ -279,6 +267,15 @@ def openphenom_reference(path: str | Path | None, state_dict: dict[str, torch.Te
     return RestatedOpenPhenom(state_dict) if path is None else MaesMicroscopyOpenPhenom(path, state_dict)
 
 
+def under_autocast(run, bf16: bool) -> None:
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        run()
+
+
+def forward_loss(model, **inputs) -> torch.Tensor:
+    return model(**inputs).loss
+
+
 def openphenom_side_by_side(batch: int, rounds: int, precisions: tuple[str, ...] = ("fp32", "bf16"),
                             workloads: tuple[str, ...] = ("embedding", "training"), reference_path: str | None = None) -> None:
     """hf_cellmae vs OpenPhenom at OpenPhenom's architecture (see the module doc): OpenPhenom's own code at
@@ -289,10 +286,9 @@ def openphenom_side_by_side(batch: int, rounds: int, precisions: tuple[str, ...]
     else:
         find_maes_microscopy(reference_path)  # fail in one line before any work
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the clone's root: its tests/helpers/
-    from tests.helpers.openphenom_reference import random_openphenom_state_dict
-
     from hf_cellmae.image_processing_cellmae import standardize_channels
     from hf_cellmae.openphenom import convert_openphenom_state_dict
+    from tests.helpers.openphenom_reference import random_openphenom_state_dict
 
     channels, size = 6, 256
     reference_sd = random_openphenom_state_dict(seed=0)
@@ -345,19 +341,16 @@ def openphenom_side_by_side(batch: int, rounds: int, precisions: tuple[str, ...]
         for precision in [PRECISION_NAMES[p] for p in precisions]:
             variants[(workload, precision, "hf_cellmae")] = ours
             variants[(workload, precision, "reference")] = theirs
-    times: dict[tuple, list[float]] = {key: [] for key in variants}
-    peaks = {p: [] for p in precisions}
-    for round_index in range(rounds + 1):  # round 0 warms up
-        for (workload, precision, implementation), run in variants.items():
-            start = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "fp32"):
-                run()
-            if round_index:
-                times[(workload, precision, implementation)].append(time.perf_counter() - start)
-        if round_index:
+    peaks: dict[str, list[float]] = {p: [] for p in precisions}
+
+    def after_round(index: int, warming_up: bool) -> None:
+        if not warming_up:
             for p in precisions:
-                peaks[p].append(matmul_peak(torch.float32 if p == "fp32" else torch.bfloat16))
-        print(f"round {round_index} done" + (" (warm-up)" if not round_index else ""), flush=True)
+                peaks[p].append(matmul_peak(torch.float32 if p == "fp32" else torch.bfloat16) / 1e9)
+        print(f"round {index} done" + (" (warm-up)" if warming_up else ""), flush=True)
+
+    timed = {key: functools.partial(under_autocast, run, key[1] != "fp32") for key, run in variants.items()}
+    times = interleaved_rounds(timed, rounds, warmup=1, after_round=after_round)
     if not rounds:
         return
     print("matmul peak, median over rounds: " + ", ".join(f"{p} {statistics.median(v):.1f} GFLOP/s" for p, v in peaks.items()))
@@ -401,7 +394,7 @@ def main() -> None:
         openphenom_side_by_side(args.batch_size, args.rounds, tuple(args.precisions), tuple(args.workloads), args.reference)
         return
     batch, channels, size = args.batch_size, args.channels, args.image_size
-    peak = matmul_peak(torch.float32, repeats=5)
+    peak = matmul_peak(torch.float32, repeats=5) / 1e9
     add_attention = not attention_is_counted()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fp32 matmul peak {peak:.1f} GFLOP/s")
     print(f"images: {batch} x {channels} x {size} x {size}; attention FLOPs {'added analytically' if add_attention else 'counted'}")
@@ -411,7 +404,7 @@ def main() -> None:
     for preset in args.presets:
         config = CellMAEConfig.from_preset(preset, image_size=size, max_channels=max(channels, 11))
         model = CellMAEForPreTraining(config).train()
-        step = lambda: model(pixels, mask_seed=0).loss  # noqa: E731
+        step = functools.partial(forward_loss, model, pixel_values=pixels, mask_seed=0)
         flops = count_flops(model, step) + (3 * attention_flops(config, batch, channels) if add_attention else 0)
         seconds = time_steps(model, step, args.steps, args.bf16)
         results[f"hf_cellmae {preset}"] = (seconds, flops)
@@ -427,7 +420,7 @@ def main() -> None:
         )
         vit_mae = ViTMAEForPreTraining(reference).train()
         noise = torch.rand(batch, (size // config.patch_size) ** 2, generator=torch.Generator().manual_seed(0))
-        ref_step = lambda: vit_mae(pixel_values=pixels, noise=noise).loss  # noqa: E731
+        ref_step = functools.partial(forward_loss, vit_mae, pixel_values=pixels, noise=noise)
         ref_flops = count_flops(vit_mae, ref_step) + (3 * vit_mae_attention_flops(reference, batch) if add_attention else 0)
         results[f"transformers ViTMAE {preset}-size"] = (time_steps(vit_mae, ref_step, args.steps, args.bf16), ref_flops)
         for name in (f"hf_cellmae {preset}", f"transformers ViTMAE {preset}-size"):

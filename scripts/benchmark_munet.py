@@ -14,36 +14,14 @@ Measures, in one run on this machine:
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import functools
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from benchmark_model import matmul_peak  # scripts/: the same peak measurement as the CA-MAE figures
 from hf_cellmae import CellMAEConfig, CellMAEForPreTraining, CellMUNetConfig, CellMUNetForPreTraining
 
-
-def time_steps(model, step, steps: int, bf16: bool) -> float:
-    """Median seconds of a forward+backward step after one warm-up step."""
-    times = []
-    for i in range(steps + 1):
-        start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = step()
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-        if i:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def count_flops(model, step) -> int:
-    """Forward+backward FLOPs (convolutions and matmuls; the MU-Net has no attention)."""
-    with FlopCounterMode(display=False) as counter:
-        step().backward()
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
+from _bench import matmul_peak  # scripts/_bench.py: the peak of every benchmark
+from benchmark_model import count_flops, forward_loss, time_steps  # the CA-MAE figures' step timing and FLOP count
 
 
 def millions(module) -> float:
@@ -62,7 +40,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     batch, channels, size = args.batch_size, args.channels, args.image_size
-    peak = matmul_peak(torch.float32, repeats=5)
+    peak = matmul_peak(torch.float32, repeats=5) / 1e9
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fp32 matmul peak {peak:.1f} GFLOP/s")
     print(f"images: {batch} x {channels} x {size} x {size}; attention of CA-MAE rows not counted on CPU builds that skip SDPA")
     print(f"{'model':<26}{'enc M':>8}{'all M':>8}{'s/step':>8}{'img/s':>8}{'GFLOP/img':>11}{'GFLOP/s':>9}{'% peak':>8}")
@@ -76,7 +54,7 @@ def main() -> None:
         models.append((f"CA-MAE {preset}", model, model.cellmae))
     for name, model, encoder in models:
         model.train()
-        step = lambda: model(pixels, mask_seed=0).loss  # noqa: E731
+        step = functools.partial(forward_loss, model, pixel_values=pixels, mask_seed=0)
         flops = count_flops(model, step)
         seconds = time_steps(model, step, args.steps, args.bf16)
         achieved = flops / seconds / 1e9

@@ -19,10 +19,10 @@ reports its images/s and the share of wall time spent waiting for data.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import tempfile
-import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -32,30 +32,11 @@ from hf_cellmae import CellMAEConfig, CellMAEForPreTraining
 from hf_cellmae.training.device_defaults import find_compile_problem
 from hf_cellmae.training.optimization import build_optimizer, skip_step_if
 
+from _bench import matmul_peak, median_seconds  # scripts/_bench.py: the peak and timing loop of every benchmark
+
 MODELS = ("vit_s16", "vit_b16", "vit_l8")
 PRECISIONS = ("fp32", "bf16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def matmul_peak(device: torch.device, dtype: torch.dtype, size: int, repeats: int) -> float:
-    """Best FLOP/s of `size` x `size` matmuls in `dtype` on `device` (the ceiling MFU is measured against)."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        a @ b
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
 
 
 def training_step(model, optimizer, pixels, precision: str, max_grad_norm: float = 1.0):
@@ -68,6 +49,11 @@ def training_step(model, optimizer, pixels, precision: str, max_grad_norm: float
     skip_step_if(optimizer, (~torch.isfinite(norm)).float())
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+def training_steps(model, optimizer, pixels, precision: str, steps: int) -> None:
+    for _ in range(steps):
+        training_step(model, optimizer, pixels, precision)
 
 
 def measure(preset: str, precision: str, args, device: torch.device, peak: float) -> dict:
@@ -89,17 +75,9 @@ def measure(preset: str, precision: str, args, device: torch.device, peak: float
     with FlopCounterMode(display=False) as counter:  # eager, before timing: the model's FLOPs, not the compiler's
         training_step(getattr(model, "_orig_mod", model), optimizer, pixels, precision)
     flops = counter.get_total_flops()
-    for _ in range(args.warmup):
-        training_step(model, optimizer, pixels, precision)
-    seconds = []
-    for _ in range(args.rounds):
-        synchronize(device)
-        start = time.perf_counter()
-        for _ in range(args.steps_per_round):
-            training_step(model, optimizer, pixels, precision)
-        synchronize(device)
-        seconds.append((time.perf_counter() - start) / args.steps_per_round)
-    step_s = statistics.median(seconds)
+    training_steps(model, optimizer, pixels, precision, args.warmup)
+    one_round = functools.partial(training_steps, model, optimizer, pixels, precision, args.steps_per_round)
+    step_s = median_seconds(one_round, args.rounds, warmup=0, device=device) / args.steps_per_round
     images_per_s = args.batch / step_s
     achieved = flops / step_s
     return {
@@ -165,7 +143,7 @@ def main() -> None:
     where = torch.cuda.get_device_name(device) if on_gpu else f"CPU, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__} on {where}; batch {args.batch} x {args.channels} x {args.image_size}^2, "
           f"{args.optimizer}, median of {args.rounds} rounds x {args.steps_per_round} steps")
-    peaks = {p: matmul_peak(device, DTYPES[p], args.peak_size, repeats=5) for p in args.precisions}
+    peaks = {p: matmul_peak(DTYPES[p], device, args.peak_size, repeats=5) for p in args.precisions}
     for precision, peak in peaks.items():
         print(f"measured {precision} matmul peak ({args.peak_size}^2): {peak / 1e12:.3f} TFLOP/s")
     print(f"{'model':<9} {'prec':<5} {'img/s':>9} {'tokens/s':>11} {'GFLOP/step':>11} {'TFLOP/s':>9} {'MFU':>7}")

@@ -12,14 +12,14 @@ main process and of its largest DataLoader worker (the default worker count of t
 from __future__ import annotations
 
 import argparse
-import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from _bench import peak_mib_of, report_peak_and_exit  # scripts/_bench.py: the peak memory of every measurement
 
 FIELD_SIZE = 64
 CHANNELS = 3
@@ -40,14 +40,6 @@ def write_fields(root: Path, count: int) -> None:
             (folder / f"{name}_w{c + 1}.png").write_bytes(imagecodecs.png_encode(pixels[c], level=1))
 
 
-def peak_mib_of(command: list[str]) -> tuple[float, float]:
-    """Run ``command`` (this script's ``--one`` mode) in a fresh process: the peak resident memory of that process and
-    of its largest DataLoader worker, in MiB."""
-    result = subprocess.run(command, check=True, capture_output=True, text=True)
-    main_kib, worker_kib = result.stdout.strip().splitlines()[-1].split()[-2:]
-    return int(main_kib) / 1024, int(worker_kib) / 1024  # Linux reports KiB
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fields", type=int, nargs="+", default=[100, 2000])
@@ -56,13 +48,10 @@ def main() -> None:
     parser.add_argument("--workdir", help="keep the inputs here (default: a temporary folder)")
     parser.add_argument("--one", nargs=3, metavar=("MODEL", "DATA", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.one:  # the measured child: nothing else in this process
+    if args.one:  # the measured child: nothing else in this process; its largest child is a DataLoader worker
         from hf_cellmae.cli import main as cli
 
-        code = cli(["embed", *args.one, "--no-progress", "--fields-per-part", "256"])
-        # the main process, then the largest DataLoader worker (RUSAGE_CHILDREN: the peak of the largest child)
-        print(f"peak_kib {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss} {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}")
-        sys.exit(code)
+        report_peak_and_exit(cli(["embed", *args.one, "--no-progress", "--fields-per-part", "256"]))
 
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="cellmae-embed-mem-"))
     try:
@@ -88,7 +77,7 @@ def main() -> None:
                     data = shards
                 out = workdir / f"emb-{kind}-{count}"
                 shutil.rmtree(out, ignore_errors=True)
-                peak, worker = peak_mib_of([sys.executable, __file__, "--one", model, str(data), str(out)])
+                peak, worker, _ = peak_mib_of([sys.executable, __file__, "--one", model, str(data), str(out)])
                 print(f"{kind:>6}, {count:5d} fields: peak {peak:7.1f} MiB (main process), {worker:7.1f} MiB (largest worker)")
     finally:
         if not args.workdir:

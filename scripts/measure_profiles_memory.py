@@ -11,15 +11,14 @@ each: ``cellmae profiles`` (mean, then median) and, for comparison, reading the 
 from __future__ import annotations
 
 import argparse
-import resource
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+
+from _bench import peak_mib_of, report_peak_and_exit  # scripts/_bench.py: the peak memory of every measurement
 
 FIELDS_PER_WELL = 9
 WELLS_PER_PLATE = 384
@@ -46,13 +45,6 @@ def write_table(folder: Path, rows: int, features: int, rows_per_part: int) -> N
         pq.write_table(pa.table(columns), folder / f"part-{part:05d}.parquet")
 
 
-def measured(command: list[str]) -> tuple[float, float]:
-    """Peak resident MiB and seconds of ``command`` (this script's ``--one`` mode) in a fresh process."""
-    start = time.perf_counter()
-    result = subprocess.run(command, check=True, capture_output=True, text=True)
-    return int(result.stdout.strip().splitlines()[-1].split()[-1]) / 1024, time.perf_counter() - start  # Linux: KiB
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1_000_000)
@@ -70,8 +62,7 @@ def main() -> None:
 
             code = cli(["profiles", *one, "--no-progress", "--controls", "ctrl", "--alignment", "center_scale",
                  "--batch-col", "Metadata_plate", "--perturbations"])
-        print(f"peak_kib {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}")
-        sys.exit(code)
+        report_peak_and_exit(code)
     args = parser.parse_args()
 
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="cellmae-profiles-mem-"))
@@ -86,7 +77,7 @@ def main() -> None:
                 "profiles, median": [str(table), str(workdir / "median"), "--aggregation", "median"],
                 "whole table in pandas": ["pandas", str(table)]}
         for name, one in runs.items():
-            peak, seconds = measured([sys.executable, __file__, "--one", *one])
+            peak, _, seconds = peak_mib_of([sys.executable, __file__, "--one", *one])
             print(f"{name:>22}: peak {peak:7.1f} MiB, {seconds:6.1f} s")
     finally:
         if not args.workdir:

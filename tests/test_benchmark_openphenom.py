@@ -3,22 +3,20 @@ neither timm nor the network is needed (OpenPhenom's own code is only imported f
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.helpers.scripts import load_script
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_model.py"
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("benchmark_model", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmark_model")
 
 
 class Stop(Exception):

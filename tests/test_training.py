@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from tests.helpers.launching import TWO_CPU_PROCESSES, cpu_launch_env, run_all_or_kill
+from tests.helpers.scripts import load_script
 from safetensors.torch import load_file
 
 from hf_cellmae import CellMAEConfig, CellMAEForPreTraining
@@ -616,12 +617,7 @@ def test_the_same_command_line_pretrains_on_real_cell_painting_images(tmp_path):
 
 # ------------------------------------------------------------------------------------------ throughput
 def test_the_training_benchmark_reports_throughput_and_mfu_against_a_peak_measured_in_the_same_run(tmp_path, monkeypatch):
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_train.py"
-    spec = importlib.util.spec_from_file_location("benchmark_train", path)
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = load_script("benchmark_train")
     out = tmp_path / "rows.json"
     monkeypatch.setattr(sys, "argv", ["benchmark_train.py", "--models", "tiny", "--precisions", "fp32", "--image-size", "32", "--channels", "3", "--batch", "2",
                                       "--rounds", "1", "--warmup", "0", "--peak-size", "128", "--json", str(out)])
@@ -633,16 +629,7 @@ def test_the_training_benchmark_reports_throughput_and_mfu_against_a_peak_measur
 
 
 def test_the_decoder_benchmark_counts_the_decoder_blocks_and_their_attention():
-    import importlib.util
-
-    scripts = Path(__file__).resolve().parents[1] / "scripts"
-    sys.path.insert(0, str(scripts))  # it reuses benchmark_model's helpers, as when run from the command line
-    try:
-        spec = importlib.util.spec_from_file_location("benchmark_decoder", scripts / "benchmark_decoder.py")
-        benchmark = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(benchmark)
-    finally:
-        sys.path.remove(str(scripts))
+    benchmark = load_script("benchmark_decoder")
     pixels, tokens = torch.randn(2, 3, 64, 64), 3 * 16  # 3 channels of 4 x 4 patches of 16 px
     noise = torch.rand(2, tokens, generator=torch.Generator().manual_seed(0))
     counted = {}
@@ -661,11 +648,7 @@ def test_the_decoder_benchmark_counts_the_decoder_blocks_and_their_attention():
 def test_the_side_by_side_benchmark_counts_the_arithmetic_of_fused_attention():
     """The FLOP ratio beside the OpenPhenom speed ratio must include attention, which the fused CPU kernel hides
     from FlopCounterMode: a lone attention call is counted at its 4 * Lq * Lk * width FLOPs."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("benchmark_model", Path(__file__).resolve().parents[1] / "scripts" / "benchmark_model.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = load_script("benchmark_model")
     batch, heads, queries, keys, head_dim = 2, 4, 24, 40, 8
     q = torch.randn(batch, heads, queries, head_dim)
     k, v = torch.randn(batch, heads, keys, head_dim), torch.randn(batch, heads, keys, head_dim)
