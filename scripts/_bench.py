@@ -55,7 +55,9 @@ def interleaved_rounds(
     return times
 
 
-def median_seconds(run: Callable[[], object], repeats: int, warmup: int = 1, device: torch.device | str | None = None) -> float:
+def median_seconds(
+    run: Callable[[], object], repeats: int, warmup: int = 1, device: torch.device | str | None = None
+) -> float:
     """Median seconds of `repeats` calls of `run` after `warmup` untimed ones."""
     return statistics.median(interleaved_rounds({"run": run}, repeats, warmup, device)["run"])
 
@@ -71,7 +73,9 @@ def matmul_peak(dtype: torch.dtype, device: torch.device | str = "cpu", size: in
 def report_peak_and_exit(code: int) -> NoReturn:
     """End a measured child (a script's `--one` mode): print, on the last line, its peak resident memory and
     that of its largest child process, in KiB (Linux's unit for ru_maxrss), then exit with `code`."""
-    print(f"peak_kib {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss} {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}")
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    largest_child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    print(f"peak_kib {own} {largest_child}")
     sys.exit(code)
 
 

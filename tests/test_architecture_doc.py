@@ -28,6 +28,8 @@ def test_every_path_the_architecture_doc_names_exists():
 def test_every_module_and_subpackage_of_hf_cellmae_is_in_the_architecture_doc():
     package = ROOT / "hf_cellmae"
     modules = {p.relative_to(ROOT).as_posix() for p in package.rglob("*.py") if p.name != "__init__.py"}
-    subpackages = {p.parent.relative_to(ROOT).as_posix() + "/" for p in package.rglob("__init__.py") if p.parent != package}
+    subpackages = {
+        p.parent.relative_to(ROOT).as_posix() + "/" for p in package.rglob("__init__.py") if p.parent != package
+    }
     unnamed = sorted((modules | subpackages) - named_paths())
     assert not unnamed, f"docs/architecture.md does not describe: {unnamed}"
