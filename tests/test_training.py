@@ -297,7 +297,10 @@ def test_a_killed_run_resumes_to_the_same_losses_and_weights(synthetic_shards, t
     assert expected.keys() == got.keys()
     for key in expected:
         assert torch.equal(expected[key], got[key]), key
-    history = lambda run: [(r["step"], r["loss"]) for r in json.loads((run / "model" / "trainer_state.json").read_text())["log_history"]]  # noqa: E731
+
+    def history(run):
+        return [(r["step"], r["loss"]) for r in json.loads((run / "model" / "trainer_state.json").read_text())["log_history"]]
+
     assert history(interrupted) == history(tmp_path / "reference")
 
 
