@@ -193,10 +193,8 @@ def test_the_library_functions_shard_embed_and_evaluate_call_default_to_the_opti
 
     from hf_cellmae.data.shards import ShardOptions, shard_folder, write_shards
     from hf_cellmae.evaluation.cellprofiler import CellProfilerFeaturizer
-    from hf_cellmae.evaluation.commands import _thresholds
     from hf_cellmae.evaluation.embed import ModelFeaturizer, embed_dataset
-    from hf_cellmae.evaluation.options import EmbedOptions, EvaluateOptions
-    from hf_cellmae.evaluation.report import evaluate_embeddings
+    from hf_cellmae.evaluation.options import EmbedOptions
 
     def defaults(function) -> dict:
         return {name: p.default for name, p in inspect.signature(function).parameters.items() if p.default is not p.empty}
@@ -207,16 +205,13 @@ def test_the_library_functions_shard_embed_and_evaluate_call_default_to_the_opti
         (ModelFeaturizer, EmbedOptions(), {}),
         (embed_dataset, EmbedOptions(), {}),
         (CellProfilerFeaturizer, EmbedOptions(), {"num_workers": "measure_workers"}),
-        (evaluate_embeddings, EvaluateOptions(), {"probe_labels": "probe"}),
     ):
         shared = {param: renamed.get(param, param) for param in defaults(function) if hasattr(options, renamed.get(param, param))}
         assert len(shared) >= 5, function.__name__
         for param, name in shared.items():
             expected = getattr(options, name)
-            if name == "thresholds":  # LO,HI text on the command line
-                expected = tuple(_thresholds(expected))
             default = defaults(function)[param]
-            assert (list(default) if isinstance(default, tuple) and name != "thresholds" else default) == expected, (function.__name__, param)
+            assert (list(default) if isinstance(default, tuple) else default) == expected, (function.__name__, param)
     assert defaults(write_shards)["shuffle"] is not ShardOptions().no_shuffle
 
 

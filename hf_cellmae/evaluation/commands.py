@@ -136,32 +136,6 @@ def run_embed(args: argparse.Namespace) -> int:
     return 0
 
 
-def _thresholds(values: list[str]) -> list[tuple[float, float]]:
-    """``["0.05,0.95", ...]`` -> ``[(0.05, 0.95), ...]``; a malformed pair is a one-line error."""
-    pairs = []
-    for value in values:
-        try:
-            lo, hi = (float(part) for part in value.split(","))
-        except ValueError:
-            raise ValueError(f"--thresholds {value!r} is not a pair LO,HI of quantiles; write e.g. 0.05,0.95") from None
-        pairs.append((lo, hi))
-    return pairs
-
-
-def _align_options(options: EvaluateOptions | ProfilesOptions) -> dict:
-    """The keyword options of ``align.align`` the command's flags set (only those given)."""
-    align_options = {}
-    if options.coral:
-        align_options["coral"] = True
-    if options.n_components is not None:
-        align_options["n_components"] = options.n_components
-    if options.coral_eps is not None:
-        align_options["coral_eps"] = options.coral_eps
-    if options.no_scale_per_batch:
-        align_options["scale_per_batch"] = False
-    return align_options
-
-
 def run_evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -170,26 +144,19 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     options = options_from_namespace(EvaluateOptions, args)
     sources = relationship_files(options.synthetic_plate) if options.synthetic_plate else options.sources
-    align_options = _align_options(options)
-    out = Path(options.out) if options.out else Path(str(Path(args.embeddings)).rstrip("/") + "_eval")
+    options.out = options.out or str(Path(str(Path(args.embeddings)).rstrip("/") + "_eval"))
+    options.recall_thresholds()  # a malformed --thresholds fails before any work
+    out = Path(options.out)
     named = sources if isinstance(sources, dict) else {Path(s).stem if Path(s).suffix else s: s for s in sources}
     for name, source in named.items():  # a source may be any path (`--sources ../../x.csv`): say which file is read
         print(f"evaluate: relationship source {name} read from {relationship_source_file(source, options.annotations)}")
-    embeddings, baselines = args.embeddings, dict(args.baseline)
+    embeddings, baselines, well_cols = args.embeddings, dict(args.baseline), None
     if options.cells:  # single-cell tables -> one row per (well, perturbation), written next to the results
         embeddings = _cell_groups(embeddings, out, options)
         baselines = {name: _cell_groups(table, out / "baselines" / name, options) for name, table in baselines.items()}
-    results = evaluate_embeddings(
-        embeddings, sources, out_dir=out, dataset=options.dataset or (Path(args.embeddings).stem if options.cells else None), baselines=baselines,
-        perturbation_col=options.perturbation_col, controls=options.controls, control_col=options.control_col,
-        batch_col=options.batch_col, alignment=options.alignment, aggregation=options.aggregation, align_options=align_options,
-        thresholds=_thresholds(options.thresholds), min_perturbations=options.min_perturbations,
-        null_samples=options.null_samples, seed=options.seed, on_unusable="skip" if options.skip_unusable else "raise",
-        annotations=options.annotations, plots=not options.no_plots, progress=not options.no_progress,
-        suite=not options.no_suite, probe_labels=options.probe, consistency_col=options.consistency_col,
-        cellprofiler=options.cellprofiler, model_label=options.model_label,
-        well_cols=("Metadata_plate", "Metadata_well", options.perturbation_col) if options.cells else None,
-    )
+        options.dataset = options.dataset or Path(args.embeddings).stem
+        well_cols = ("Metadata_plate", "Metadata_well", options.perturbation_col)  # a pooled well holds them all
+    results = evaluate_embeddings(embeddings, options, baselines=baselines, well_cols=well_cols)
     print(f"evaluate: {results['n_perturbations']} perturbations, alignment {results['alignment']}")
     for name, metrics in results["sources"].items():
         cells = "  ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k.startswith("recall"))
@@ -224,18 +191,13 @@ def run_profiles(args: argparse.Namespace) -> int:
     from .profiles import write_profiles
 
     options = options_from_namespace(ProfilesOptions, args)
-    embeddings, well_cols = args.embeddings, options.well_cols
+    embeddings = args.embeddings
     if options.cells:  # one row per (well, perturbation) of labelled cells; a "well" is then that group
         from pathlib import Path
 
         embeddings = _cell_groups(embeddings, Path(args.out), options)
-        well_cols = [*well_cols, options.perturbation_col]
-    info = write_profiles(
-        embeddings, args.out, well_cols=well_cols, aggregation=options.aggregation,
-        perturbation_col=options.perturbation_col, controls=options.controls, control_col=options.control_col,
-        batch_col=options.batch_col, alignment=options.alignment, align_options=_align_options(options),
-        perturbations=options.perturbations, format=options.format, progress=not options.no_progress,
-    )
+        options.well_cols = [*options.well_cols, options.perturbation_col]
+    info = write_profiles(embeddings, args.out, options)
     print(f"profiles: {info['n_fields']} fields -> {info['n_wells']} wells ({info['n_control_wells']} control), "
           f"alignment {options.alignment}" + (f" -> {info['n_perturbations']} perturbations" if options.perturbations else ""))
     for column, why in info["left_out_columns"].items():
