@@ -124,7 +124,9 @@ REPAIR_HINT = (
 
 
 # The stored columns a row's checksum covers (``crc32`` stands for the pixels): everything but the pixels themselves.
-ROW_CHECKSUM_COLUMNS = ("field_id", "experiment", "plate", "well", "site", "channels", "dtype", "shape", "crc32", "metadata", "files")
+# Where a field was imaged: with its field_id, a row's identity (embeddings keep both as Metadata_* columns).
+IDENTITY_COLUMNS = ("experiment", "plate", "well", "site")
+ROW_CHECKSUM_COLUMNS = ("field_id", *IDENTITY_COLUMNS, "channels", "dtype", "shape", "crc32", "metadata", "files")
 
 
 def row_checksum(row: dict) -> int:

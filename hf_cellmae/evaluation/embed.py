@@ -40,17 +40,18 @@ import pandas as pd
 from torch.utils.data import IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
+from ..data.shards import IDENTITY_COLUMNS, MANIFEST_NAME
 from ..errors import ensure_writable_folder
-
 from .options import EmbedOptions
 from .pixel_stats import DEFAULT_PERCENTILES, pixel_statistic_names, pixel_statistics
+from .tables import is_metadata, metadata_column
 
 INFO_NAME = "_embedding_info.json"
 READOUTS = ("mean", "cls", "mean_std", "channelwise")
 # The read-out the demo and docs/evidence.md (section 3) evaluate: one mean token per stain beat the pooled mean.
 DEFAULT_READOUT = "channelwise"
-MANIFEST_NAME = "manifest.json"
-IDENTITY_COLUMNS = ("field_id", "experiment", "plate", "well", "site")
+# A field's identity in a shard row and in a table: its id, then where it was imaged (data.shards.IDENTITY_COLUMNS).
+FIELD_IDENTITY = ("field_id", *IDENTITY_COLUMNS)
 
 
 @dataclass
@@ -176,7 +177,7 @@ def _read_shard_groups(path: str, row_groups: tuple[int, ...], storage_options: 
             yield Field(
                 pixels=decode_pixels(values["pixels"], values["dtype"], values["shape"]),
                 channels=list(values["channels"]),
-                identity={key: values[key] for key in IDENTITY_COLUMNS},
+                identity={key: values[key] for key in FIELD_IDENTITY},
                 metadata=json.loads(values["metadata"] or "{}"),
                 file=path,
             )
@@ -656,17 +657,13 @@ def _plan_hash(units: list[Unit], source: dict, options: dict) -> str:
     return hashlib.sha256(json.dumps(plan, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _metadata_column(key: str) -> str:
-    return key if key.startswith("Metadata_") else f"Metadata_{key}"
-
-
 def _rows(owners: list[Field], extra: dict[str, list], features: np.ndarray, metadata_keys: list[str],
           feature_names: list[str]) -> pd.DataFrame:
     """One row per feature vector: its field's identity, the ``extra`` columns, the field's metadata, the features."""
-    columns: dict[str, list] = {f"Metadata_{key}": [f.identity[key] for f in owners] for key in IDENTITY_COLUMNS}
+    columns: dict[str, list] = {metadata_column(key): [f.identity[key] for f in owners] for key in FIELD_IDENTITY}
     columns.update(extra)
     for key in metadata_keys:
-        column = _metadata_column(key)
+        column = metadata_column(key)
         if column not in columns:
             columns[column] = [f.metadata.get(key) for f in owners]
     if features.shape[1] != len(feature_names):
@@ -745,7 +742,7 @@ def _assemble_info(out: Path, units: list[Unit], info: dict) -> dict:
         rows, skipped, names = _part_record(out / f"{unit.name}.parquet", info)
         info["parts"][unit.name], info["skipped"][unit.name] = rows, skipped
         if rows and "feature_columns" not in info:
-            info["feature_columns"] = [c for c in names if not c.startswith("Metadata_")][:3] + ["..."]
+            info["feature_columns"] = [c for c in names if not is_metadata(c)][:3] + ["..."]
     info["num_rows"] = sum(info["parts"].values())
     info["num_skipped"] = sum(len(skips) for skips in info["skipped"].values())
     info["complete"] = True
