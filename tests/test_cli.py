@@ -169,7 +169,8 @@ def test_shard_embed_and_evaluate_options_and_their_defaults_come_from_one_datac
     import argparse
     import dataclasses
 
-    from hf_cellmae.cli import build_parser, field_default
+    from hf_cellmae.cli import build_parser
+    from hf_cellmae.options import field_default
     from hf_cellmae.data.shards import ShardOptions
     from hf_cellmae.evaluation.options import EmbedOptions, EvaluateOptions
 

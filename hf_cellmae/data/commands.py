@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli import add_dataclass_options, options_from_namespace
+from ..options import add_dataclass_options, options_from_namespace
 from ..errors import UserError
 from .shards import ShardOptions
 from .synthetic import SyntheticScreenConfig

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..cli import add_dataclass_options, options_from_namespace
+from ..options import add_dataclass_options, options_from_namespace
 from .annotations import ANNOTATION_FILES, EFAAR_WHEEL, cached_annotations_dir
 from .options import EmbedOptions, EvaluateOptions, ProfilesOptions
 

@@ -1,6 +1,6 @@
 """The options of ``cellmae embed`` and ``cellmae evaluate``: one dataclass per command, the one place their defaults live.
 
-The commands' parsers are built from these fields (``hf_cellmae.cli.add_dataclass_options``), and the library
+The commands' parsers are built from these fields (``hf_cellmae.options.add_dataclass_options``), and the library
 functions the commands call (``embed_dataset``, ``ModelFeaturizer``, ``CellProfilerFeaturizer``,
 ``evaluate_embeddings``) take their defaults from them. numpy only, so ``cellmae --help`` stays fast.
 """
