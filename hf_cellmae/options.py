@@ -132,3 +132,26 @@ def options_from_namespace(options_class, args: argparse.Namespace):
     import dataclasses
 
     return options_class(**{field.name: getattr(args, field.name) for field in dataclasses.fields(options_class)})
+
+
+def replace_options(options, settings: dict, spellings: dict | None = None):
+    """The dataclass ``options`` with ``settings`` replacing its fields (a new object; ``options`` is not changed).
+
+    A setting is a field's name (``num_workers=1``) or, for the library functions' keyword API, a Python spelling
+    in ``spellings``: ``{name: function(value) -> {field: value}}`` (``progress=False`` -> ``{"quiet": True}``).
+    Anything else is a ``TypeError`` naming the settings there are.
+    """
+    import dataclasses
+
+    spellings = spellings or {}
+    names = {field.name for field in dataclasses.fields(options)}
+    changes = {}
+    for key, value in settings.items():
+        if key in spellings:
+            changes.update(spellings[key](value))
+        elif key in names:
+            changes[key] = value
+        else:
+            raise TypeError(f"{key!r} is not a setting of {type(options).__name__}; settings are its fields "
+                            f"and {sorted(spellings)}")
+    return dataclasses.replace(options, **changes)

@@ -170,7 +170,7 @@ def test_every_setting_of_evaluate_embeddings_is_a_cellmae_evaluate_option():
                "align_options": ({"scale_per_batch": False}, "no_scale_per_batch", True)}
     for setting, (value, option, expected) in spelled.items():
         assert getattr(evaluate_options(**{setting: value}), option) == expected, setting
-    with pytest.raises(TypeError, match="not an evaluation setting"):
+    with pytest.raises(TypeError, match="not a setting of EvaluateOptions"):
         evaluate_options(probes=["complex"])
 
 

@@ -77,8 +77,11 @@ def run_embed(args: argparse.Namespace) -> int:
     from ..errors import UserError
     from .embed import ModelFeaturizer, PixelStatsFeaturizer, embed_dataset, parse_part, process_state
 
+    from ..data.channels import parse_channels_option
+
     options = options_from_namespace(EmbedOptions, args)
     parse_part(options.part)  # a malformed --part fails before the model loads
+    parse_channels_option(options.channels)  # and so does a malformed --channels
     if args.model not in ("pixel_stats", "cellprofiler") and _looks_like_a_local_path(args.model) \
             and not Path(args.model).expanduser().exists():
         raise UserError(
@@ -97,10 +100,7 @@ def run_embed(args: argparse.Namespace) -> int:
             num_workers=options.measure_workers,
         )
     else:
-        featurizer = ModelFeaturizer(args.model, device=options.device, dtype=options.dtype, batch_size=options.batch_size,
-                                     crop_mode=options.crop_mode, channelwise=options.channelwise, image_size=options.image_size,
-                                     readout=options.readout, layer=options.layer, by_position=options.by_position,
-                                     compile=options.compile)
+        featurizer = ModelFeaturizer.from_options(args.model, options)
     if options.single_cell:
         from .single_cell import CellOptions, SingleCellFeaturizer
 
@@ -115,11 +115,7 @@ def run_embed(args: argparse.Namespace) -> int:
         raise UserError("--masks gives the cells of --single-cell; add --single-cell (or drop --masks)")
     state = process_state()  # under `accelerate launch`: joins the process group, so each process embeds its share
     try:
-        info = embed_dataset(args.data, args.out, featurizer, layout=options.layout, pattern=options.pattern,
-                             metadata=options.metadata, fields_per_batch=options.fields_per_batch,
-                             fields_per_part=options.fields_per_part, progress=not options.no_progress,
-                             on_error=options.on_error, num_workers=options.num_workers, part=options.part,
-                             min_field_size=options.min_field_size, storage_options=options.storage_options)
+        info = embed_dataset(args.data, args.out, featurizer, options)
     finally:
         if state.use_distributed:
             # Destroyed while the interpreter still runs (left to its teardown, gloo can abort the ranks at exit).

@@ -1,8 +1,11 @@
-"""The options of ``cellmae embed`` and ``cellmae evaluate``: one dataclass per command, the one place their defaults live.
+"""The options of ``cellmae embed``, ``cellmae evaluate`` and ``cellmae profiles``: one dataclass per command, the one
+place their defaults live.
 
 The commands' parsers are built from these fields (``hf_cellmae.options.add_dataclass_options``), and the library
-functions the commands call (``embed_dataset``, ``ModelFeaturizer``, ``CellProfilerFeaturizer``,
-``evaluate_embeddings``) take their defaults from them. numpy only, so ``cellmae --help`` stays fast.
+functions the commands call take the dataclass whole (``embed_dataset``, ``evaluate_embeddings``, ``write_profiles``)
+or their defaults from it (``ModelFeaturizer``, ``CellProfilerFeaturizer``). ``embed_options`` and
+``evaluate_options`` turn the keywords those functions have always taken into the options. The alignment and
+``--cells`` fields are shared: ``AlignOptions`` and ``CellLabelOptions``. numpy only, so ``cellmae --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass, field
 
+from ..options import replace_options
 from .align import tvn
 from .relate import BENCHMARK_SOURCES, MIN_PERTURBATIONS, RECALL_THRESHOLDS
 
@@ -27,6 +31,10 @@ class EmbedOptions:
     layout: str = field(default="auto", metadata={"help": "image folder layout: auto, rxrx, pattern, load_data, stack"})
     pattern: str | None = field(default=None, metadata={"help": "file-name regex or preset for --layout pattern"})
     metadata: str | None = field(default=None, metadata={"help": "metadata table (CSV/Parquet) joined on plate/well/site"})
+    channels: str | None = field(default=None, metadata={
+        "help": "image folders: the stain of each file channel, as FILE_TOKEN=NAME (e.g. w1=DNA,w2=ER,w3=RNA), as "
+        "`cellmae shard --channels` (default: the names a per-file --metadata table gives, else the tokens; a shard "
+        "folder's were named when sharding)"})
     device: str = field(default="auto", metadata={
         "help": "torch device, e.g. cpu, cuda, cuda:1 (default: auto, this process's GPU under `accelerate launch`, "
         "else a GPU if there is one, else the CPU)"})
@@ -101,6 +109,13 @@ class EmbedOptions:
         "help": "a field that cannot be read (bad image, shard field failing its checksum): stop with one line naming it "
         "(fail, default) or skip it, count it and list it in _embedding_info.json", "choices": ("fail", "skip")})
     no_progress: bool = field(default=False, metadata={"action": "store_true"})
+
+
+def embed_options(options: EmbedOptions | None = None, **settings) -> EmbedOptions:
+    """``options`` (default: ``cellmae embed``'s defaults) with ``settings`` replacing fields: a field's name, or
+    ``progress`` (the keyword ``embed_dataset`` has always taken)."""
+    spellings = {"progress": lambda value: {"no_progress": not value}}
+    return replace_options(options if options is not None else EmbedOptions(), settings, spellings)
 
 
 @dataclass
@@ -247,20 +262,7 @@ def evaluate_options(options: EvaluateOptions | None = None, **settings) -> Eval
     ``evaluate_embeddings`` has always taken: ``out_dir``, ``on_unusable`` ("raise" or "skip"), ``plots``, ``progress``,
     ``suite``, ``probe_labels``, ``thresholds`` (pairs) and ``align_options`` (``align.align``'s keywords).
     """
-    import dataclasses
-
-    options = options if options is not None else EvaluateOptions()
-    names = {f.name for f in dataclasses.fields(EvaluateOptions)}
-    changes = {}
-    for key, value in settings.items():
-        if key in _EVALUATE_SETTINGS:
-            changes.update(_EVALUATE_SETTINGS[key](value))
-        elif key in names:
-            changes[key] = value
-        else:
-            raise TypeError(f"{key!r} is not an evaluation setting; settings are the fields of EvaluateOptions and "
-                            f"{sorted(_EVALUATE_SETTINGS)}")
-    return dataclasses.replace(options, **changes)
+    return replace_options(options if options is not None else EvaluateOptions(), settings, _EVALUATE_SETTINGS)
 
 
 @dataclass
