@@ -433,6 +433,14 @@ def test_plate_channels_in_another_order_and_a_subset_are_fed_by_stain_name(name
     np.testing.assert_allclose(features[0], _direct_embedding(named_model, pixels, [4, 0]), rtol=1e-4, atol=1e-5)
 
 
+def test_embed_matches_stains_by_the_streams_rule_any_case_and_cellprofilers_orig_prefix(named_model):
+    from hf_cellmae.evaluation.embed import Field
+
+    pixels = np.random.default_rng(1).integers(0, 4000, (2, 64, 128), dtype=np.uint16)
+    features, _ = ModelFeaturizer(named_model, readout="mean")([Field(pixels, ["mito", "OrigDNA"], {})])
+    np.testing.assert_allclose(features[0], _direct_embedding(named_model, pixels, [4, 0]), rtol=1e-4, atol=1e-5)
+
+
 def test_an_unknown_stain_is_refused_naming_it_and_the_models_channels(named_model):
     from hf_cellmae.errors import UserError
     from hf_cellmae.evaluation.embed import Field

@@ -455,7 +455,9 @@ class ModelFeaturizer:
         return patch_tokens.mean(1)  # (b, D)
 
     def _channel_ids(self, channels: list[str]):
-        """The model's channel id of each of the plate's channels, matched by stain name (``(C,)``, or ``None``).
+        """The model's channel id of each of the plate's channels, matched by stain name (``(C,)``, or ``None``):
+        ``data.channels.ChannelVocabulary``, the identical name or the same stain in another case or with
+        CellProfiler's ``Orig`` prefix.
 
         A plate may hold the model's stains in another order, or a subset of them: each is fed with the id the
         model learnt for that stain. A stain the model does not know is refused (``UserError`` naming it and the
@@ -465,7 +467,7 @@ class ModelFeaturizer:
         """
         import torch
 
-        from ..data.channels import is_channel_token
+        from ..data.channels import ChannelVocabulary, is_channel_token
         from ..errors import UserError
 
         key = tuple(channels)
@@ -484,17 +486,17 @@ class ModelFeaturizer:
             self._warn_positional(channels, model_names)
             self._channel_id_cache[key] = None
             return None
+        vocabulary = ChannelVocabulary(model_names)  # the rule the training stream matches channels by
         ids = []
         for channel in channels:
-            exact = [i for i, name in enumerate(model_names) if name == channel]
-            folded = [i for i, name in enumerate(model_names) if name.lower() == str(channel).lower()]
-            if not (exact or folded):
+            index = vocabulary.index(channel)
+            if index is None:
                 raise UserError(
                     f"the plate's channel {channel!r} is not one of the model's channels ({', '.join(model_names)}); "
                     f"if it is one of those stains under another name, rename it when sharding "
                     f"(cellmae shard ... --channels TOKEN=NAME, e.g. w1={model_names[0]}), otherwise use a model trained on {channel}"
                 )
-            ids.append((exact or folded)[0])
+            ids.append(index)
         self._channel_id_cache[key] = torch.tensor(ids, device=self.device)  # (C,)
         return self._channel_id_cache[key]
 
