@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .options import EvaluateOptions, ProfilesOptions
 from .tables import METADATA_PREFIX, WELL_COLUMNS, is_metadata, metadata_column, read_embeddings
 
 FIELD_KEYS = ("plate", "well", "site")
@@ -112,12 +113,15 @@ def aggregate_cells(cells: pd.DataFrame, group_cols: Sequence[str], how: str = "
                    "cells_dropped": int(sizes.to_numpy()[~kept].sum())}
 
 
-def cells_to_groups(embeddings, cells_table: str | Path, out: str | Path, perturbation_col: str = "Metadata_perturbation",
-                    by: str = "centroid", max_distance: float = 8.0, how: str = "mean", min_cells: int = 5,
+def cells_to_groups(embeddings, out: str | Path, options: EvaluateOptions | ProfilesOptions,
                     well_cols: Sequence[str] = WELL_COLUMNS) -> tuple[Path, dict]:
     """Single-cell embeddings -> labelled cells -> one row per (well, perturbation), written to ``out/cell_groups.parquet``.
 
-    Prints what was matched and dropped; raises when nothing is left."""
+    ``options`` are ``cellmae evaluate``'s or ``cellmae profiles``': the read-out ``cells``, joined by ``cell_match``
+    (within ``max_cell_distance`` px), its ``perturbation_col``, groups of at least ``min_cells`` cells aggregated
+    by ``aggregation``. Prints what was matched and dropped; raises when nothing is left."""
+    cells_table, perturbation_col, by = options.cells, options.perturbation_col, options.cell_match
+    max_distance, how, min_cells = options.max_cell_distance, options.aggregation, options.min_cells
     table = embeddings if isinstance(embeddings, pd.DataFrame) else read_embeddings(embeddings)
     joined, matched = join_cell_labels(table, read_cell_table(cells_table), by=by, max_distance=max_distance)
     if perturbation_col not in joined.columns:

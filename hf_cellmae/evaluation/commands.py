@@ -106,11 +106,7 @@ def run_embed(args: argparse.Namespace) -> int:
 
         if not isinstance(featurizer, ModelFeaturizer):
             raise UserError(f"--single-cell embeds cells with a CA-MAE model; MODEL is {args.model!r}")
-        featurizer = SingleCellFeaturizer(featurizer, CellOptions(
-            cell_tokens=options.cell_tokens, mask_dilation=options.mask_dilation, border=options.cell_border,
-            masks=options.masks, objects=options.cell_objects, nuclei_channel=options.nuclei_channel,
-            cell_channels=options.cell_channels.split(",") if options.cell_channels else None,
-            nucleus_diameter=options.nucleus_diameter))
+        featurizer = SingleCellFeaturizer(featurizer, CellOptions.from_options(options))
     elif options.masks is not None:
         raise UserError("--masks gives the cells of --single-cell; add --single-cell (or drop --masks)")
     state = process_state()  # under `accelerate launch`: joins the process group, so each process embeds its share
@@ -177,9 +173,7 @@ def _cell_groups(embeddings, out, options) -> str:
     from .cells import cells_to_groups
 
     print(f"cells: {embeddings}")
-    path, _ = cells_to_groups(embeddings, options.cells, out, perturbation_col=options.perturbation_col,
-                              by=options.cell_match, max_distance=options.max_cell_distance,
-                              how=options.aggregation, min_cells=options.min_cells)
+    path, _ = cells_to_groups(embeddings, out, options)
     return str(path)
 
 
