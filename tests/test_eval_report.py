@@ -246,8 +246,9 @@ def test_heatmap_and_projection_name_the_featuriser_and_the_alignment(tmp_path, 
         real = getattr(report, name)
         monkeypatch.setattr(report, name, lambda *a, _real=real, _name=name, **k: (titles.__setitem__(_name, k["title"]), _real(*a, **k))[1])
     table, pairs = _table(signal=1.5)
-    evaluate_embeddings(table, sources={"complexes": pairs}, out_dir=tmp_path, dataset="toy", batch_col="Metadata_plate",
-                        alignment="center_scale", progress=False, suite=False, model_label="pretrained")
+    evaluate_embeddings(table, sources={"complexes": pairs}, out_dir=tmp_path, dataset="toy",
+                        batch_col="Metadata_plate", alignment="center_scale", progress=False, suite=False,
+                        model_label="pretrained")
     for title in titles.values():
         assert "pretrained profiles after center_scale" in title
     assert set(titles) == {"plot_complex_heatmap", "plot_projection"}

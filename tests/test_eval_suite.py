@@ -63,7 +63,8 @@ def test_suite_writes_a_comparison_plot_and_a_per_category_cellprofiler_plot(tmp
     model, pairs = screen(signal=2.0)
     target = model.rename(columns={f"f{i}": f"Cells_Intensity_Feature{i}__DNA" for i in range(12)})
     report = evaluate_suite({"model": model, "cellprofiler": target}, {"complexes": pairs},
-                            EvaluateOptions(batch_col="Metadata_plate"), cellprofiler=target, null_size=200, out_dir=tmp_path)
+                            EvaluateOptions(batch_col="Metadata_plate"), cellprofiler=target, null_size=200,
+                            out_dir=tmp_path)
     for key in ("plot", "cellprofiler_plot"):
         assert (tmp_path / report[key]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -87,5 +88,6 @@ def test_cli_evaluate_runs_the_suite_on_the_model_and_each_baseline(tmp_path, ca
 
 def test_no_suite_leaves_only_the_recall_benchmark(tmp_path):
     model, pairs = screen(signal=2.0)
-    results = evaluate_embeddings(model, sources={"complexes": pairs}, batch_col="Metadata_plate", suite=False, progress=False)
+    results = evaluate_embeddings(model, sources={"complexes": pairs}, batch_col="Metadata_plate", suite=False,
+                                  progress=False)
     assert "suite" not in results

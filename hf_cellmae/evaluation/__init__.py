@@ -15,8 +15,8 @@
 - ``single_cell``: one row per cell (``cellmae embed --single-cell``): cell crops, only the cell's patch tokens.
 - ``cells``: per-cell read-out joined to cells, cells -> (well, perturbation) rows (``--cells`` of evaluate/profiles).
 - ``suite``: all of the above for a model and its baselines side by side (``cellmae evaluate``).
-- ``options``: the options of ``cellmae embed``, ``cellmae evaluate`` and ``cellmae profiles``, one dataclass each (their
-  defaults), passed whole into ``embed_dataset``, ``evaluate_embeddings`` and ``write_profiles``.
+- ``options``: the options of ``cellmae embed``, ``cellmae evaluate`` and ``cellmae profiles``, one dataclass
+  each (their defaults), passed whole into ``embed_dataset``, ``evaluate_embeddings`` and ``write_profiles``.
 
 Only ``embed`` imports the model (lazily); the rest needs numpy, pandas and matplotlib.
 """

@@ -224,7 +224,8 @@ class EvaluateOptions(AlignOptions, CellLabelOptions):
             try:
                 lo, hi = (float(part) for part in (value.split(",") if isinstance(value, str) else value))
             except ValueError:
-                raise ValueError(f"--thresholds {value!r} is not a pair LO,HI of quantiles; write e.g. 0.05,0.95") from None
+                raise ValueError(f"--thresholds {value!r} is not a pair LO,HI of quantiles; "
+                                 "write e.g. 0.05,0.95") from None
             pairs.append((lo, hi))
         return pairs
 
@@ -244,7 +245,8 @@ _EVALUATE_SETTINGS = {
 
 
 def _align_settings(keywords) -> dict:
-    """``align.align`` keywords (``{"coral": True, "n_components": 8, "scale_per_batch": False}``) as AlignOptions fields."""
+    """``align.align``'s keywords (``{"coral": True, "n_components": 8, "scale_per_batch": False}``) as
+    AlignOptions fields."""
     fields = {"coral": bool(keywords.get("coral", False)), "coral_eps": keywords.get("coral_eps"),
               "n_components": keywords.get("n_components"),
               "no_scale_per_batch": not keywords.get("scale_per_batch", True)}

@@ -153,7 +153,8 @@ def probe_embeddings(
         "accuracy_std": float(accuracies.std()), "folds": folds,
         "chance_uniform": 1.0 / len(classes), "chance_majority": float(np.mean([f["majority_accuracy"] for f in folds])),
         "n_units": int(len(y)), "n_classes": len(classes),
-        "split": f"leave one {group_col.removeprefix(METADATA_PREFIX)} out" if by_group else f"{len(folds)} folds over wells",
+        "split": (f"leave one {group_col.removeprefix(METADATA_PREFIX)} out" if by_group
+                  else f"{len(folds)} folds over wells"),
         "confusion": {"classes": classes, "matrix": confusion.tolist()},
     }
 

@@ -244,5 +244,5 @@ def evaluate_synthetic(
     dataset = options.dataset or f"synthetic:{Path(plate_dir).name}"
     relationship_files(plate_dir)  # a plate without relationships is refused before any work
     where = {} if out_dir is None else {"out_dir": out_dir}
-    return evaluate_embeddings(embeddings, options, baselines=baselines, dataset=dataset, synthetic_plate=str(plate_dir),
-                               **where)
+    return evaluate_embeddings(embeddings, options, baselines=baselines, dataset=dataset,
+                               synthetic_plate=str(plate_dir), **where)
