@@ -40,13 +40,14 @@ PLOT_NAMES = {"recall": "recall.png", "heatmap": "complex_heatmap.png", "project
 _PERTURBATION_WORDS = ("perturbation", "gene", "compound", "treatment", "sirna", "orf", "pert", "broad_sample", "drug")
 
 
-def missing_for_benchmark(table: pd.DataFrame, perturbation_col: str, controls, control_col, alignment: str,
-                          min_perturbations: int) -> list[str]:
+def missing_for_benchmark(table: pd.DataFrame, options: EvaluateOptions) -> list[str]:
     """What the table lacks for the recall benchmark (empty when it can run), each with the flag that fixes it.
 
     A plate that cannot support the benchmark (one gene, no controls, no perturbation column) is then
     refused in one line that names every missing piece, not by the first check that trips.
     """
+    perturbation_col, controls, control_col = options.perturbation_col, options.controls, options.control_col
+    alignment, min_perturbations = options.alignment, options.min_perturbations
     metadata = table[[c for c in table.columns if is_metadata(c)]]
     missing = []
     if perturbation_col not in metadata.columns:
@@ -123,8 +124,7 @@ def evaluate_embeddings(
     if out_dir is not None:
         ensure_writable_folder(out_dir, "evaluation results")  # before any work, not after it
     table = embeddings if isinstance(embeddings, pd.DataFrame) else read_embeddings(embeddings)
-    missing = missing_for_benchmark(table, options.perturbation_col, options.controls, options.control_col,
-                                    options.alignment, options.min_perturbations)
+    missing = missing_for_benchmark(table, options)
     if missing:
         name = "the table" if isinstance(embeddings, pd.DataFrame) else str(embeddings)
         raise UserError(f"{name} cannot support the benchmark; it lacks " + "; ".join(missing))
