@@ -316,12 +316,9 @@ def write_profiles(embeddings: str | Path | pd.DataFrame, out_dir: str | Path,
 
 __all__ = [
     "Profiles",
-    "align_rows",
     "aligned_feature_names",
-    "group_keys",
     "group_profiles",
     "group_rows",
-    "open_table",
     "perturbation_profiles",
     "write_profile_table",
     "write_profiles",
