@@ -150,8 +150,10 @@ def evaluate_embeddings(
     if baseline_tables:
         results["baselines"] = {}
         for name, baseline_table in baseline_tables.items():
-            aligned[name] = aligned_profiles(baseline_table, options)
-            baseline_labels, baseline_vectors = aligned[name].perturbations(options.aggregation)
+            baseline = aligned_profiles(baseline_table, options)
+            if not options.no_suite:  # the suite reads it again; without the suite it is not kept
+                aligned[name] = baseline
+            baseline_labels, baseline_vectors = baseline.perturbations(options.aggregation)
             baseline_recall = known_relationship_recall(baseline_vectors, baseline_labels, named_sources,
                                                         **recall_options)
             results["baselines"][name] = {"sources": baseline_recall["sources"]}
