@@ -34,6 +34,7 @@ import hf_cellmae
 from hf_cellmae.data import make_synthetic_screen, shard_folder
 from hf_cellmae.evaluation import evaluate_embeddings, read_embeddings, relationship_files
 from hf_cellmae.evaluation.embed import ModelFeaturizer, PixelStatsFeaturizer, embed_dataset
+from hf_cellmae.evaluation.options import EvaluateOptions
 from hf_cellmae.evaluation.relate import BENCHMARK_SOURCES
 from hf_cellmae.hub import push_model_folder, write_model_card
 from hf_cellmae.training import PretrainingArguments, pretrain
@@ -146,11 +147,12 @@ def main(argv=None) -> int:
                 "(pass --metadata with a perturbation column to evaluate)")
     else:
         step(4, f"evaluating ({args.alignment} alignment, recall of known relationships)")
-        results = evaluate_embeddings(
-            tables["model"], relationships or list(BENCHMARK_SOURCES), out / "evaluation",
-            baselines={"pixel_stats": tables["pixel_stats"]}, perturbation_col=args.perturbation_col,
-            batch_col=args.batch_col if args.batch_col in columns else None, alignment=args.alignment,
+        options = EvaluateOptions(
+            sources=relationships or list(BENCHMARK_SOURCES), out=str(out / "evaluation"),
+            perturbation_col=args.perturbation_col, batch_col=args.batch_col if args.batch_col in columns else None,
+            alignment=args.alignment,
         )
+        results = evaluate_embeddings(tables["model"], options, baselines={"pixel_stats": tables["pixel_stats"]})
         eval_json = out / "evaluation" / "eval_results.json"
         for source, metrics in results["sources"].items():
             baseline = results["baselines"]["pixel_stats"]["sources"][source]["recall_0.05_0.95"]

@@ -103,10 +103,11 @@ def cellprofiler_rows(shards: Path) -> pd.DataFrame:
 
 def evaluate_cells(table: pd.DataFrame, cells_csv: str, relationships: dict, out: Path) -> dict:
     from hf_cellmae.evaluation.cells import cells_to_groups
+    from hf_cellmae.evaluation.options import EvaluateOptions
     from hf_cellmae.evaluation.report import evaluate_embeddings
 
-    path, counts = cells_to_groups(table, cells_csv, out, min_cells=1)
-    results = evaluate_embeddings(str(path), relationships, out_dir=out, batch_col="Metadata_plate",
+    path, counts = cells_to_groups(table, out, EvaluateOptions(cells=cells_csv, min_cells=1))
+    results = evaluate_embeddings(str(path), sources=relationships, out_dir=out, batch_col="Metadata_plate",
                                   control_col="Metadata_is_control", alignment="tvn", plots=False, progress=False,
                                   well_cols=("Metadata_plate", "Metadata_well", "Metadata_perturbation"))
     gene_sets = results["suite"]["featurizers"]["model"]["gene_set_recall"]

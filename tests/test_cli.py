@@ -174,9 +174,10 @@ def test_shard_embed_and_evaluate_options_and_their_defaults_come_from_one_datac
     import argparse
     import dataclasses
 
-    from hf_cellmae.cli import build_parser, field_default
+    from hf_cellmae.cli import build_parser
     from hf_cellmae.data.shards import ShardOptions
     from hf_cellmae.evaluation.options import EmbedOptions, EvaluateOptions
+    from hf_cellmae.options import field_default
 
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
@@ -193,36 +194,57 @@ def test_shard_embed_and_evaluate_options_and_their_defaults_come_from_one_datac
             assert options[name].choices == field.metadata.get("choices"), (command, name)
 
 
-def test_the_library_functions_shard_embed_and_evaluate_call_default_to_the_options_dataclasses():
+def test_the_featurisers_and_write_shards_default_to_the_options_dataclasses():
     import inspect
 
-    from hf_cellmae.data.shards import ShardOptions, shard_folder, write_shards
+    from hf_cellmae.data.shards import ShardOptions, write_shards
     from hf_cellmae.evaluation.cellprofiler import CellProfilerFeaturizer
-    from hf_cellmae.evaluation.commands import _thresholds
-    from hf_cellmae.evaluation.embed import ModelFeaturizer, embed_dataset
-    from hf_cellmae.evaluation.options import EmbedOptions, EvaluateOptions
-    from hf_cellmae.evaluation.report import evaluate_embeddings
+    from hf_cellmae.evaluation.embed import ModelFeaturizer
+    from hf_cellmae.evaluation.options import EmbedOptions
 
     def defaults(function) -> dict:
         return {name: p.default for name, p in inspect.signature(function).parameters.items() if p.default is not p.empty}
 
     for function, options, renamed in (
-        (shard_folder, ShardOptions(), {"channel_names": "channels"}),
         (write_shards, ShardOptions(), {"target_shard_size": "shard_size"}),
         (ModelFeaturizer, EmbedOptions(), {}),
-        (embed_dataset, EmbedOptions(), {}),
         (CellProfilerFeaturizer, EmbedOptions(), {"num_workers": "measure_workers"}),
-        (evaluate_embeddings, EvaluateOptions(), {"probe_labels": "probe"}),
     ):
         shared = {param: renamed.get(param, param) for param in defaults(function) if hasattr(options, renamed.get(param, param))}
         assert len(shared) >= 5, function.__name__
         for param, name in shared.items():
             expected = getattr(options, name)
-            if name == "thresholds":  # LO,HI text on the command line
-                expected = tuple(_thresholds(expected))
             default = defaults(function)[param]
-            assert (list(default) if isinstance(default, tuple) and name != "thresholds" else default) == expected, (function.__name__, param)
+            assert (list(default) if isinstance(default, tuple) else default) == expected, (function.__name__, param)
     assert defaults(write_shards)["shuffle"] is not ShardOptions().no_shuffle
+
+
+def test_shard_folder_embed_dataset_and_evaluate_embeddings_take_the_options_whole_or_as_keywords():
+    import inspect
+
+    import pytest
+
+    from hf_cellmae.data.shards import _SHARD_SETTINGS, ShardOptions, shard_folder
+    from hf_cellmae.evaluation.embed import embed_dataset
+    from hf_cellmae.evaluation.options import EmbedOptions, EvaluateOptions, embed_options, evaluate_options
+    from hf_cellmae.evaluation.report import evaluate_embeddings
+    from hf_cellmae.options import replace_options
+
+    for function, options_class in ((shard_folder, ShardOptions), (embed_dataset, EmbedOptions),
+                                    (evaluate_embeddings, EvaluateOptions)):
+        parameter = inspect.signature(function).parameters["options"]
+        assert parameter.default is None and options_class.__name__ in str(parameter.annotation), function.__name__
+    # the keywords Python callers have always passed set the options of the same meaning
+    shard = replace_options(ShardOptions(), {"channel_names": "w1=DNA", "target_shard_size": "4MB", "shuffle": False,
+                                             "progress": False, "num_workers": 1}, _SHARD_SETTINGS)
+    assert (shard.channels, shard.shard_size, shard.no_shuffle, shard.quiet, shard.num_workers) == \
+        ("w1=DNA", "4MB", True, True, 1)
+    assert embed_options(progress=False, channels="w1=DNA").no_progress is True
+    assert evaluate_options(progress=False).no_progress is True
+    given = EmbedOptions(fields_per_batch=2)
+    assert embed_options(given, num_workers=0).fields_per_batch == 2 and given.num_workers is None  # not changed
+    with pytest.raises(TypeError, match="'workers' is not a setting of ShardOptions"):
+        shard_folder("images", "shards", workers=2)
 
 
 def test_the_demos_help_and_the_readme_state_the_same_measured_time(capsys):

@@ -189,3 +189,12 @@ def test_a_folder_without_a_table_at_its_root_is_sharded_without_metadata(tmp_pa
     make_rxrx_plate(tmp_path / "images", plates=1, wells=("A01",), sites=1)
     manifest = _shard(tmp_path / "images", tmp_path / "shards")
     assert "metadata" not in manifest and "found in the plate folder" not in capsys.readouterr().err
+
+
+def test_one_rule_matches_a_channel_to_a_vocabulary_the_identical_name_first_then_the_same_stain():
+    from hf_cellmae.data.channels import ChannelVocabulary
+
+    vocabulary = ChannelVocabulary(["DNA", "ER", "RNA", "dna"])
+    assert vocabulary.index("DNA") == 0 and vocabulary.index("dna") == 3  # the identical name wins
+    assert vocabulary.index("OrigER") == 1 and vocabulary.index("rna") == 2  # CellProfiler's Orig prefix, any case
+    assert vocabulary.index("Actin") is None

@@ -139,6 +139,14 @@ def test_channel_ids_follow_a_given_vocabulary(plate):
     assert list(sample["channel_ids"]) == [3, 2, 1]
 
 
+def test_the_stream_matches_channels_to_the_vocabulary_by_the_rule_embed_uses(plate):
+    """One resolver (data.channels.ChannelVocabulary): the same name in another case is the same channel."""
+    (sample, *_) = stream_fields(plate["shards"], image_size=SIZE, channel_vocabulary=["x", "W3", "W2", "W1"])
+    assert list(sample["channel_ids"]) == [3, 2, 1]
+    with pytest.raises(ValueError, match="is not in the channel vocabulary"):
+        next(iter(stream_fields(plate["shards"], image_size=SIZE, channel_vocabulary=["w1", "w2"])))
+
+
 def test_metadata_fields_are_carried_into_samples(plate):
     samples = list(stream_fields(plate["shards"], image_size=SIZE))
     controls = {s["field_id"] for s in samples if s["is_control"]}

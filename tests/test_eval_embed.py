@@ -205,6 +205,28 @@ def test_cli_embed_writes_pixel_statistics_table(plate, tmp_path):
     assert len(table) == 5 and "Ch1_mean" in table.columns and "Metadata_is_control" in table.columns
 
 
+def test_cli_embed_names_an_image_folders_channels_with_channels_as_shard_does(plate, tmp_path, capsys):
+    from hf_cellmae.cli import main
+
+    root, metadata = plate
+    code = main(["embed", "pixel_stats", str(root), str(tmp_path / "emb"), "--channels", "Ch1=DNA,Ch2=ER,Ch3=RNA",
+                 "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    columns = read_embeddings(tmp_path / "emb").columns
+    assert {"DNA_mean", "ER_mean", "RNA_mean"} <= set(columns) and "Ch1_mean" not in columns
+    assert main(["embed", "pixel_stats", str(root), str(tmp_path / "bad"), "--channels", "Ch1=DNA,ER"]) == 2
+    assert "mixes TOKEN=NAME and plain names" in capsys.readouterr().err
+
+
+def test_embed_refuses_channels_for_a_shard_folder_whose_channels_were_named_when_sharding(plate, tmp_path):
+    from hf_cellmae.data.shards import shard_folder
+
+    root, _ = plate
+    shard_folder(root, tmp_path / "shards", channel_names="Ch1=DNA,Ch2=ER,Ch3=RNA", num_workers=1, progress=False)
+    with pytest.raises(ValueError, match="its channels were named when sharding"):
+        embed_dataset(tmp_path / "shards", tmp_path / "emb", PixelStatsFeaturizer(), channels="Ch1=DNA", progress=False)
+
+
 @pytest.fixture
 def plate_copy(plate, tmp_path):
     """A private copy of the plate (these tests damage it)."""
@@ -408,6 +430,14 @@ def test_plate_channels_in_another_order_and_a_subset_are_fed_by_stain_name(name
     pixels = np.random.default_rng(1).integers(0, 4000, (2, 64, 128), dtype=np.uint16)
     featurizer = ModelFeaturizer(named_model, readout="mean")
     features, _ = featurizer([Field(pixels, ["Mito", "DNA"], {})])
+    np.testing.assert_allclose(features[0], _direct_embedding(named_model, pixels, [4, 0]), rtol=1e-4, atol=1e-5)
+
+
+def test_embed_matches_stains_by_the_streams_rule_any_case_and_cellprofilers_orig_prefix(named_model):
+    from hf_cellmae.evaluation.embed import Field
+
+    pixels = np.random.default_rng(1).integers(0, 4000, (2, 64, 128), dtype=np.uint16)
+    features, _ = ModelFeaturizer(named_model, readout="mean")([Field(pixels, ["mito", "OrigDNA"], {})])
     np.testing.assert_allclose(features[0], _direct_embedding(named_model, pixels, [4, 0]), rtol=1e-4, atol=1e-5)
 
 

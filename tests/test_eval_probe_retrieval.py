@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hf_cellmae.evaluation.probe import plot_probe, probe_embeddings, well_profiles
-from hf_cellmae.evaluation.report import split_table
+from hf_cellmae.evaluation.probe import labelled_wells, plot_probe, probe_embeddings
+from hf_cellmae.evaluation.tables import split_table
 from hf_cellmae.evaluation.retrieval import consistency_map, gene_set_recall, replicate_map
 
 COMPLEXES = {"A": ["A1", "A2", "A3"], "B": ["B1", "B2", "B3"], "C": ["C1", "C2", "C3"]}
@@ -56,7 +56,7 @@ def test_probe_splits_by_well_when_there_is_one_plate():
     result = probe_embeddings(table, "complex", max_folds=3)
     assert result["split"] == "3 folds over wells"
     metadata, features = split_table(table)
-    units, _ = well_profiles(metadata, features, "Metadata_complex")
+    units, _ = labelled_wells(metadata, features, "Metadata_complex")
     assert len(units) == 18 and result["accuracy"] > 0.8
 
 
@@ -90,10 +90,10 @@ def test_gene_set_recall_refuses_annotations_that_name_no_profiled_gene():
 def test_copairs_map_is_high_for_separable_replicates_and_groups():
     table = screen_table(signal=3.0)
     metadata, features = split_table(table)
-    units, x = well_profiles(metadata, features, "Metadata_perturbation")
+    units, x = labelled_wells(metadata, features, "Metadata_perturbation")
     activity = replicate_map(units, x, "Metadata_perturbation", units["Metadata_is_control"].to_numpy(bool), null_size=200)
     assert activity["mean_map"] > 0.8 and activity["n_groups"] == 9
-    flat = replicate_map(*well_profiles(*split_table(screen_table(signal=0.0)), "Metadata_perturbation"),
+    flat = replicate_map(*labelled_wells(*split_table(screen_table(signal=0.0)), "Metadata_perturbation"),
                          "Metadata_perturbation", units["Metadata_is_control"].to_numpy(bool), null_size=200)
     assert flat["mean_map"] < activity["mean_map"] - 0.3
     genes = units[~units.Metadata_is_control.astype(bool)].drop_duplicates("Metadata_perturbation")

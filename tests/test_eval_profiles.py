@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from hf_cellmae.cli import main
+from hf_cellmae.evaluation.options import ProfilesOptions
 from hf_cellmae.evaluation.profiles import group_profiles, write_profiles
 
 GENES = ["ctrl", "g1", "g2", "g3"]
@@ -64,8 +65,8 @@ def test_a_missing_well_column_is_one_line_naming_it_and_the_option(tmp_path):
 
 def test_alignment_is_fitted_on_the_control_wells_of_each_plate(tmp_path):
     _embeddings(tmp_path / "emb")
-    info = write_profiles(tmp_path / "emb", tmp_path / "out", alignment="center_scale", batch_col="Metadata_plate",
-                          progress=False)
+    options = ProfilesOptions(alignment="center_scale", batch_col="Metadata_plate", no_progress=True)
+    info = write_profiles(tmp_path / "emb", tmp_path / "out", options)
     wells = pd.read_parquet(tmp_path / "out" / info["files"]["wells"])
     for _, plate in wells[wells["Metadata_is_control"]].groupby("Metadata_plate"):
         np.testing.assert_allclose(plate[FEATURES].mean(), 0.0, atol=1e-6)

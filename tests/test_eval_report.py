@@ -39,7 +39,7 @@ def _table(signal, seed=0, groups=5, genes=4, fields_per_plate=3, width=8, contr
 def test_results_follow_the_contract_and_plots_are_pngs(tmp_path):
     table, pairs = _table(signal=1.5)
     noise, _ = _table(signal=0.0, seed=1)
-    results = evaluate_embeddings(table, {"complexes": pairs}, out_dir=tmp_path, dataset="toy",
+    results = evaluate_embeddings(table, sources={"complexes": pairs}, out_dir=tmp_path, dataset="toy",
                                   baselines={"random_init": noise}, batch_col="Metadata_plate", progress=False)
     written = json.loads((tmp_path / "eval_results.json").read_text())
     assert written == results
@@ -57,7 +57,7 @@ def test_results_follow_the_contract_and_plots_are_pngs(tmp_path):
 def test_related_genes_are_recalled_above_chance_and_above_a_signal_free_baseline():
     table, pairs = _table(signal=1.5)
     noise, _ = _table(signal=0.0, seed=1)
-    results = evaluate_embeddings(table, {"complexes": pairs}, baselines={"noise": noise},
+    results = evaluate_embeddings(table, sources={"complexes": pairs}, baselines={"noise": noise},
                                   batch_col="Metadata_plate", progress=False)
     model = results["sources"]["complexes"]["recall_0.10_0.90"]
     assert model > 0.5
@@ -116,11 +116,11 @@ def test_a_plate_that_cannot_support_the_benchmark_is_refused_in_one_line_naming
 def test_missing_control_definition_and_text_features_raise(tmp_path):
     table, pairs = _table(signal=1.0)
     with pytest.raises(ValueError, match="cannot support the benchmark; it lacks control wells .*say which rows are controls"):
-        evaluate_embeddings(table.drop(columns="Metadata_is_control"), {"c": pairs}, progress=False)
+        evaluate_embeddings(table.drop(columns="Metadata_is_control"), sources={"c": pairs}, progress=False)
     with pytest.raises(ValueError, match="no row of Metadata_perturbation is one of the controls"):
-        evaluate_embeddings(table, {"c": pairs}, controls=["DMSO"], progress=False)
+        evaluate_embeddings(table, sources={"c": pairs}, controls=["DMSO"], progress=False)
     with pytest.raises(ValueError, match="feature columns must be numeric; \\['well'\\]"):
-        evaluate_embeddings(table.assign(well="A01"), {"c": pairs}, progress=False)
+        evaluate_embeddings(table.assign(well="A01"), sources={"c": pairs}, progress=False)
 
 
 def test_cli_evaluate_with_alignment_none_needs_no_controls(tmp_path, capsys):
@@ -146,21 +146,43 @@ def test_cli_evaluate_min_perturbations_flag_reaches_the_benchmark(tmp_path, cap
     assert json.loads((tmp_path / "eval" / "eval_results.json").read_text())["n_perturbations"] == 8
 
 
-def test_every_parameter_of_evaluate_embeddings_has_a_cellmae_evaluate_option():
+def test_every_setting_of_evaluate_embeddings_is_a_cellmae_evaluate_option():
     import argparse
+    import dataclasses
     import inspect
 
     from hf_cellmae.cli import build_parser
+    from hf_cellmae.evaluation.options import EvaluateOptions, evaluate_options
 
     parser = build_parser()
     evaluate = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["evaluate"]
     destinations = {action.dest for action in evaluate._actions}
-    # parameters whose option is spelled differently on the command line
-    spelled = {"out_dir": "out", "baselines": "baseline", "on_unusable": "skip_unusable", "plots": "no_plots",
-               "progress": "no_progress", "suite": "no_suite", "probe_labels": "probe", "align_options": "coral",
-               "well_cols": "cells"}  # well_cols: (plate, well, perturbation) when --cells gives rows from cells
-    for name in inspect.signature(evaluate_embeddings).parameters:
-        assert spelled.get(name, name) in destinations, f"evaluate_embeddings({name}=...) has no cellmae evaluate option"
+    assert {f.name for f in dataclasses.fields(EvaluateOptions)} <= destinations
+    # the parameters beside the options: --baseline NAME TABLE, and the replicate unit --cells implies
+    beside = {"baselines": "baseline", "well_cols": "cells"}
+    parameters = set(inspect.signature(evaluate_embeddings).parameters) - {"embeddings", "options", "settings"}
+    assert parameters == set(beside) and set(beside.values()) <= destinations
+    # the Python spelling of a setting (progress=False, align_options=...) sets the option of the same meaning
+    spelled = {"out_dir": ("/tmp/x", "out", "/tmp/x"), "on_unusable": ("skip", "skip_unusable", True),
+               "plots": (False, "no_plots", True), "progress": (False, "no_progress", True),
+               "suite": (False, "no_suite", True), "probe_labels": (("complex",), "probe", ["complex"]),
+               "thresholds": ([(0.1, 0.9)], "thresholds", ["0.1,0.9"]),
+               "align_options": ({"scale_per_batch": False}, "no_scale_per_batch", True)}
+    for setting, (value, option, expected) in spelled.items():
+        assert getattr(evaluate_options(**{setting: value}), option) == expected, setting
+    with pytest.raises(TypeError, match="not a setting of EvaluateOptions"):
+        evaluate_options(probes=["complex"])
+
+
+def test_evaluate_embeddings_takes_the_options_whole_and_refuses_sources_in_their_place():
+    from hf_cellmae.evaluation.options import EvaluateOptions
+
+    table, pairs = _table(signal=1.5)
+    options = EvaluateOptions(sources={"complexes": pairs}, batch_col="Metadata_plate", no_suite=True, no_progress=True)
+    assert evaluate_embeddings(table, options) == evaluate_embeddings(
+        table, sources={"complexes": pairs}, batch_col="Metadata_plate", suite=False, progress=False)
+    with pytest.raises(TypeError, match="options is an EvaluateOptions, not a dict"):
+        evaluate_embeddings(table, {"complexes": pairs})
 
 
 def test_cellmae_evaluate_help_states_each_default():
@@ -201,7 +223,7 @@ def test_suite_figure_draws_chance_for_every_probe_and_the_probes_spread(tmp_pat
     for frame in (table, noise):
         frame["Metadata_complex"] = table["Metadata_perturbation"].str.split("_").str[0]
         frame["Metadata_well"] = [f"W{row}" for row in range(len(frame))]  # each field its own well
-    results = evaluate_embeddings(table, {"complexes": pairs}, dataset="toy", baselines={"random_init": noise},
+    results = evaluate_embeddings(table, sources={"complexes": pairs}, dataset="toy", baselines={"random_init": noise},
                                   batch_col="Metadata_plate", probe_labels=["complex"], progress=False)
     report = results["suite"]
     assert set(suite_chance(report)) == {"probe complex", "kNN complex", "gene-set recall complexes"}
@@ -224,8 +246,9 @@ def test_heatmap_and_projection_name_the_featuriser_and_the_alignment(tmp_path, 
         real = getattr(report, name)
         monkeypatch.setattr(report, name, lambda *a, _real=real, _name=name, **k: (titles.__setitem__(_name, k["title"]), _real(*a, **k))[1])
     table, pairs = _table(signal=1.5)
-    evaluate_embeddings(table, {"complexes": pairs}, out_dir=tmp_path, dataset="toy", batch_col="Metadata_plate",
-                        alignment="center_scale", progress=False, suite=False, model_label="pretrained")
+    evaluate_embeddings(table, sources={"complexes": pairs}, out_dir=tmp_path, dataset="toy",
+                        batch_col="Metadata_plate", alignment="center_scale", progress=False, suite=False,
+                        model_label="pretrained")
     for title in titles.values():
         assert "pretrained profiles after center_scale" in title
     assert set(titles) == {"plot_complex_heatmap", "plot_projection"}

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from hf_cellmae.cli import main
+from hf_cellmae.evaluation.options import EvaluateOptions
 from hf_cellmae.evaluation.report import evaluate_embeddings
 from hf_cellmae.evaluation.suite import evaluate_suite, suite_rows
 
@@ -39,8 +40,8 @@ def screen(signal: float, seed: int = 0, width: int = 12) -> tuple[pd.DataFrame,
 def test_every_evaluation_separates_a_signal_from_noise():
     model, pairs = screen(signal=2.0)
     noise, _ = screen(signal=0.0, seed=1)
-    report = evaluate_suite({"model": model, "noise": noise}, {"complexes": pairs}, probe_labels=["complex"],
-                            consistency_col="complex", batch_col="Metadata_plate", null_size=200)
+    options = EvaluateOptions(probe=["complex"], consistency_col="complex", batch_col="Metadata_plate")
+    report = evaluate_suite({"model": model, "noise": noise}, {"complexes": pairs}, options, null_size=200)
     rows = suite_rows(report)
     for metric in ("probe complex", "kNN complex", "gene-set recall complexes", "replicate mAP", "consistency mAP"):
         assert rows["model"][metric] > rows["noise"][metric] + 0.2, metric
@@ -53,7 +54,7 @@ def test_cellprofiler_table_is_predicted_by_the_others_and_not_scored_against_it
     target = model.copy()
     target = target.rename(columns={f"f{i}": f"Cells_Intensity_Feature{i}__DNA" for i in range(12)})
     report = evaluate_suite({"model": model, "cellprofiler": target}, {"complexes": pairs},
-                            cellprofiler=target, batch_col="Metadata_plate", null_size=200)
+                            EvaluateOptions(batch_col="Metadata_plate"), cellprofiler=target, null_size=200)
     assert report["featurizers"]["model"]["cellprofiler_prediction"]["per_category"]["Intensity"]["median_r2"] > 0.9
     assert "cellprofiler_prediction" not in report["featurizers"]["cellprofiler"]
 
@@ -61,8 +62,9 @@ def test_cellprofiler_table_is_predicted_by_the_others_and_not_scored_against_it
 def test_suite_writes_a_comparison_plot_and_a_per_category_cellprofiler_plot(tmp_path):
     model, pairs = screen(signal=2.0)
     target = model.rename(columns={f"f{i}": f"Cells_Intensity_Feature{i}__DNA" for i in range(12)})
-    report = evaluate_suite({"model": model, "cellprofiler": target}, {"complexes": pairs}, cellprofiler=target,
-                            batch_col="Metadata_plate", null_size=200, out_dir=tmp_path)
+    report = evaluate_suite({"model": model, "cellprofiler": target}, {"complexes": pairs},
+                            EvaluateOptions(batch_col="Metadata_plate"), cellprofiler=target, null_size=200,
+                            out_dir=tmp_path)
     for key in ("plot", "cellprofiler_plot"):
         assert (tmp_path / report[key]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -86,5 +88,6 @@ def test_cli_evaluate_runs_the_suite_on_the_model_and_each_baseline(tmp_path, ca
 
 def test_no_suite_leaves_only_the_recall_benchmark(tmp_path):
     model, pairs = screen(signal=2.0)
-    results = evaluate_embeddings(model, {"complexes": pairs}, batch_col="Metadata_plate", suite=False, progress=False)
+    results = evaluate_embeddings(model, sources={"complexes": pairs}, batch_col="Metadata_plate", suite=False,
+                                  progress=False)
     assert "suite" not in results

@@ -40,13 +40,41 @@ def _token_number(token: str) -> int | None:
     return int(digits.group(1)) if digits else None
 
 
-def _same_stain(a: str, b: str) -> bool:
-    """Case-insensitive, ignoring CellProfiler's ``Orig`` prefix (``OrigDNA`` is ``DNA``)."""
-    def bare(name: str) -> str:
-        name = str(name).strip().lower()
-        return name[4:] if name.startswith("orig") and len(name) > 4 else name
+def stain_key(name: str) -> str:
+    """What two names of one stain share: the name in lower case, without CellProfiler's ``Orig`` prefix
+    (``OrigDNA``, ``dna`` and ``DNA`` are one stain)."""
+    name = str(name).strip().lower()
+    return name[4:] if name.startswith("orig") and len(name) > 4 else name
 
-    return bare(a) == bare(b)
+
+def same_stain(a: str, b: str) -> bool:
+    """Whether ``a`` and ``b`` name one stain (:func:`stain_key`)."""
+    return stain_key(a) == stain_key(b)
+
+
+class ChannelVocabulary:
+    """The channels a model (or a stream) knows, by name: the one rule that matches a plate's channel to one of them.
+
+    A channel is the vocabulary's channel of the identical name, else of the same stain (:func:`same_stain`: any
+    case, ``Orig`` prefix ignored); the first such channel when there are several. The training stream and
+    ``cellmae embed`` both match channels with it.
+    """
+
+    def __init__(self, names):
+        self.names = [str(name) for name in names]
+        self._exact: dict[str, int] = {}
+        self._stain: dict[str, int] = {}
+        for index, name in enumerate(self.names):
+            self._exact.setdefault(name, index)
+            self._stain.setdefault(stain_key(name), index)
+
+    def index(self, name: str) -> int | None:
+        """The index of ``name``'s channel in the vocabulary, or None when the vocabulary has no such stain."""
+        index = self._exact.get(str(name))
+        return index if index is not None else self._stain.get(stain_key(name))
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 def _mapping_text(tokens: list[str], names: list[str]) -> str:
@@ -187,7 +215,7 @@ def resolve_channel_names(tokens: list[str], given=None, from_data: tuple[dict[s
             f"{len(given)} channel names were given ({given}) but the files hold {len(tokens)} channels ({tokens}); "
             f"give one name per channel, in that order, or as TOKEN=NAME (e.g. --channels {_mapping_text(tokens, data_names or given + ['NAME'] * len(tokens))})"
         )
-    if data_names is None or all(_same_stain(a, b) for a, b in zip(given, data_names)):
+    if data_names is None or all(same_stain(a, b) for a, b in zip(given, data_names)):
         return list(given)
     raise UserError(
         f"--channels {','.join(given)} contradicts {from_data[1]}, which names each file's channel:\n"
@@ -205,7 +233,7 @@ def _refuse_swapped_stains(tokens: list[str], names: list[str], from_data: tuple
     """
     data_names = [from_data[0][token] for token in tokens]
     swapped = [token for token, name, data_name in zip(tokens, names, data_names)
-               if not _same_stain(name, data_name) and any(_same_stain(name, other) for other in data_names)]
+               if not same_stain(name, data_name) and any(same_stain(name, other) for other in data_names)]
     if swapped:
         raise UserError(
             f"--channels {_mapping_text(tokens, names)} contradicts {from_data[1]} for file channel(s) {', '.join(swapped)}:\n"

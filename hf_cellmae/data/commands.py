@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli import add_dataclass_options, options_from_namespace
+from ..options import add_dataclass_options, options_from_namespace
 from ..errors import UserError
 from .shards import ShardOptions
 from .synthetic import SyntheticScreenConfig
@@ -43,27 +43,7 @@ def _shard(args: argparse.Namespace) -> int:
         from .shards import parse_part
 
         parse_part(options.part)  # a malformed --part is refused before any image is read
-    manifest = shard_folder(
-        args.input,
-        args.output_dir,
-        layout=options.layout,
-        pattern=options.pattern,
-        channel_names=options.channels,
-        metadata=options.metadata,
-        storage_options=options.storage_options,
-        on_error=options.on_error,
-        max_skipped_share=options.max_skipped_share,
-        min_field_size=options.min_field_size,
-        verify=options.verify,
-        progress=not options.quiet,
-        target_shard_size=options.shard_size,
-        fields_per_row_group=options.fields_per_row_group,
-        compression=options.compression,
-        num_workers=options.num_workers,
-        shuffle=not options.no_shuffle,
-        seed=options.seed,
-        part=options.part,
-    )
+    manifest = shard_folder(args.input, args.output_dir, options)
     if "part" in manifest:
         index, count = manifest["part"]
         written = sum(shard["num_fields"] for shard in manifest["shards"])

@@ -20,9 +20,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from ..errors import UserError
-from .shards import ROW_CHECKSUM_COLUMNS, load_manifest, row_checksum
+from .shards import IDENTITY_COLUMNS, ROW_CHECKSUM_COLUMNS, load_manifest, row_checksum
 
-IDENTITY_COLUMNS = ("experiment", "plate", "well", "site")
 MIN_EXAMPLES_PER_CLASS = 10  # fields; a class with fewer is warned about (it can hardly be learnt or measured)
 
 

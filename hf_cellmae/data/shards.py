@@ -124,7 +124,9 @@ REPAIR_HINT = (
 
 
 # The stored columns a row's checksum covers (``crc32`` stands for the pixels): everything but the pixels themselves.
-ROW_CHECKSUM_COLUMNS = ("field_id", "experiment", "plate", "well", "site", "channels", "dtype", "shape", "crc32", "metadata", "files")
+# Where a field was imaged: with its field_id, a row's identity (embeddings keep both as Metadata_* columns).
+IDENTITY_COLUMNS = ("experiment", "plate", "well", "site")
+ROW_CHECKSUM_COLUMNS = ("field_id", *IDENTITY_COLUMNS, "channels", "dtype", "shape", "crc32", "metadata", "files")
 
 
 def row_checksum(row: dict) -> int:
@@ -664,41 +666,44 @@ def verify_shards(shard_dir: str | Path, progress: bool = True) -> list[Problem]
     return problems
 
 
-def shard_folder(
-    source: str | Path,
-    output_dir: str | Path,
-    *,
-    layout: str = ShardOptions.layout,
-    pattern: str | None = ShardOptions.pattern,
-    channel_names: list[str] | dict[str, str] | str | None = ShardOptions.channels,
-    metadata: str | Path | None = ShardOptions.metadata,
-    on_error: str = ShardOptions.on_error,
-    verify: bool = ShardOptions.verify,
-    progress: bool = True,
-    storage_options: dict | str | None = ShardOptions.storage_options,
-    **write_options,
-) -> dict:
+# shard_folder's keyword spelling of a ShardOptions field -> how it sets the options (the Python API since 0.1).
+_SHARD_SETTINGS = {
+    "channel_names": lambda value: {"channels": value},
+    "target_shard_size": lambda value: {"shard_size": value},
+    "shuffle": lambda value: {"no_shuffle": not value},
+    "progress": lambda value: {"quiet": not value},
+}
+
+
+def shard_folder(source: str | Path, output_dir: str | Path, options: ShardOptions | None = None, **settings) -> dict:
     """Discover fields under ``source``, join ``metadata``, write shards (what ``cellmae shard`` runs).
 
     Args:
         source: input folder (or load_data CSV); see :func:`~hf_cellmae.data.layouts.discover_fields`.
         output_dir: shard folder (created; re-runs reuse finished shards).
-        layout, pattern: how to read ``source``.
-        channel_names: the stain of each file channel: ``{"w1": "AGP", ...}`` or ``"w1=AGP,w2=DNA,..."`` (file
-            token = stain name), or names by position (``["DNA", "ER", ...]``, refused when the metadata table
-            names the files' channels differently). Default: the names the metadata table (or load_data
-            columns) gives each file, else the file tokens (see :mod:`~hf_cellmae.data.channels`).
-        metadata: CSV/TSV/Parquet joined on plate/well(/site) (:func:`~hf_cellmae.data.metadata.join_metadata`);
-            a per-file table with a ``compartment`` / ``channel_name`` / ``stain`` column also names the channels.
-            Default: the table at the root of ``source`` (``metadata.csv``, ``load_data.csv``...:
-            :data:`~hf_cellmae.data.metadata.FOLDER_METADATA_NAMES`), announced on stderr, else none.
-        on_error: ``"skip"`` (count and report bad inputs) or ``"fail"`` (raise ``BadInputError`` on the first).
-        verify: re-read every shard afterwards; problems raise ``BadInputError``.
-        storage_options: fsspec options (dict or JSON text) when ``source`` or ``metadata`` is a URL
-            (``s3://bucket/plate/``). A remote folder is listed once; the listing is recorded in
-            ``output_dir/_source_listing.json`` and re-used by re-runs and by the other ``part``s.
-        write_options: passed to :func:`write_shards` (``target_shard_size``, ``fields_per_row_group``,
-            ``compression``, ``num_workers``, ``shuffle``, ``seed``, ``max_skipped_share``, ``min_field_size``).
+        options: ``cellmae shard``'s options, read whole (default: its defaults); ``merge`` is the command's (it
+            calls :func:`merge_parts`). Among them:
+
+            - ``layout``, ``pattern``: how to read ``source``.
+            - ``channels``: the stain of each file channel: ``{"w1": "AGP", ...}`` or ``"w1=AGP,w2=DNA,..."`` (file
+              token = stain name), or names by position (``["DNA", "ER", ...]``, refused when the metadata table
+              names the files' channels differently). Default: the names the metadata table (or load_data
+              columns) gives each file, else the file tokens (see :mod:`~hf_cellmae.data.channels`).
+            - ``metadata``: CSV/TSV/Parquet joined on plate/well(/site)
+              (:func:`~hf_cellmae.data.metadata.join_metadata`); a per-file table with a ``compartment`` /
+              ``channel_name`` / ``stain`` column also names the channels. Default: the table at the root of
+              ``source`` (``metadata.csv``, ``load_data.csv``...:
+              :data:`~hf_cellmae.data.metadata.FOLDER_METADATA_NAMES`), announced on stderr, else none.
+            - ``on_error``: ``"skip"`` (count and report bad inputs) or ``"fail"`` (raise ``BadInputError`` on the
+              first).
+            - ``verify``: re-read every shard afterwards; problems raise ``BadInputError``.
+            - ``storage_options``: fsspec options (dict or JSON text) when ``source`` or ``metadata`` is a URL
+              (``s3://bucket/plate/``). A remote folder is listed once; the listing is recorded in
+              ``output_dir/_source_listing.json`` and re-used by re-runs and by the other ``part``s.
+            - the rest go to :func:`write_shards` (``shard_size``, ``fields_per_row_group``, ``compression``,
+              ``num_workers``, ``no_shuffle``, ``seed``, ``max_skipped_share``, ``min_field_size``, ``part``).
+        settings: options by keyword, replacing those of ``options``: a field's name, or the spellings this
+            function has always taken (``channel_names``, ``target_shard_size``, ``shuffle``, ``progress``).
 
     Returns:
         The manifest dict.
@@ -708,9 +713,13 @@ def shard_folder(
     from .metadata import find_folder_metadata, join_metadata, read_metadata_table
     from .remote import is_url, parse_storage_options
 
-    problems = ProblemLog(on_error)
-    given = parse_channels_option(channel_names)  # refuse a malformed --channels before reading anything
-    storage_options = parse_storage_options(storage_options)
+    from ..options import replace_options
+
+    options = replace_options(options or ShardOptions(), settings, _SHARD_SETTINGS)
+    layout, metadata, progress = options.layout, options.metadata, not options.quiet
+    problems = ProblemLog(options.on_error)
+    given = parse_channels_option(options.channels)  # refuse a malformed --channels before reading anything
+    storage_options = parse_storage_options(options.storage_options)
     found_in_folder = False
     if metadata is None and layout != "load_data" and not is_url(str(source)):
         metadata = find_folder_metadata(source)
@@ -720,16 +729,22 @@ def shard_folder(
                   file=sys.stderr)
     ignore = [metadata] if metadata else []
     listed = _listed_source(source, output_dir, layout, storage_options)
-    records = discover_fields(listed, layout=layout, pattern=pattern, channel_names=None, problems=problems, ignore=ignore,
-                              storage_options=storage_options)
+    records = discover_fields(listed, layout=layout, pattern=options.pattern, channel_names=None, problems=problems,
+                              ignore=ignore, storage_options=storage_options)
     table = read_metadata_table(metadata, storage_options) if metadata else None
     read_layout = "load_data" if layout == "load_data" or (layout == "auto" and str(source).lower().endswith(".csv")) else layout
     naming = name_channels(records, given, table, source=str(metadata) if metadata else "metadata", root=source, layout=read_layout)
     extra: dict = {"source": str(source), "layout": layout if layout != "auto" else "auto", **naming}
     if metadata:
         extra["metadata"] = {**join_metadata(records, table, problems, source=str(metadata)), "found_in_plate_folder": found_in_folder}
-    manifest = write_shards(records, output_dir, on_error=on_error, problems=problems, manifest_extra=extra, progress=progress,
-                            storage_options=storage_options, **write_options)
+    manifest = write_shards(
+        records, output_dir, target_shard_size=options.shard_size, fields_per_row_group=options.fields_per_row_group,
+        compression=options.compression, shuffle=not options.no_shuffle, seed=options.seed,
+        num_workers=options.num_workers, on_error=options.on_error, max_skipped_share=options.max_skipped_share,
+        min_field_size=options.min_field_size, problems=problems, manifest_extra=extra, progress=progress,
+        part=options.part, storage_options=storage_options,
+    )
+    verify = options.verify
     if verify and "part" in manifest:  # a part: verified once the manifest of every part's shards is merged
         verify = "merged" in manifest
     if verify:

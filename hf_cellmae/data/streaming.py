@@ -69,6 +69,7 @@ from collections import OrderedDict
 
 import numpy as np
 
+from .channels import ChannelVocabulary
 from .problems import BadInputError, ProblemLog
 from .shards import check_field_row, corrupt_shard_error, decode_pixels, load_manifest
 from .standardize import contiguous_copy, rescale_factor_for_dtype, standardize_field_inplace, to_float32_contiguous
@@ -306,11 +307,13 @@ def _decode_sample(descriptor: dict, options: dict) -> dict:
         pixel_values = standardize_field_inplace(to_float32_contiguous(crop), rescale_factor_for_dtype(crop.dtype))
     else:
         pixel_values = contiguous_copy(crop) if options["contiguous"] else crop
-    vocabulary = options["channel_index"]
-    try:
-        channel_ids = np.array([vocabulary[channels[i]] for i in keep], dtype=np.int64)
-    except KeyError as error:
-        raise ValueError(f"channel {error.args[0]!r} of field {columns['field_id'][row]} is not in the channel vocabulary {list(vocabulary)}") from error
+    vocabulary = options["channel_vocabulary"]  # data.channels.ChannelVocabulary: the rule embed matches by too
+    ids = [vocabulary.index(channels[i]) for i in keep]
+    if None in ids:
+        unknown = channels[keep[ids.index(None)]]
+        raise ValueError(f"channel {unknown!r} of field {columns['field_id'][row]} is not in the channel vocabulary "
+                         f"{vocabulary.names}")
+    channel_ids = np.array(ids, dtype=np.int64)
     sample = {
         "pixel_values": pixel_values,
         "channel_ids": channel_ids,
@@ -450,7 +453,7 @@ def stream_fields(
         "channel_subset": channel_subset,
         "standardize": standardize,
         "contiguous": contiguous,
-        "channel_index": {name: index for index, name in enumerate(vocabulary)},
+        "channel_vocabulary": ChannelVocabulary(vocabulary),
         "metadata_fields": metadata_fields,
         "storage_options": storage_options or {},
         "on_error": on_error,

@@ -3,6 +3,7 @@
 - ``embed``: fields of view -> Parquet table of ``Metadata_*`` + feature columns (``cellmae embed``).
 - ``align``: control-based batch correction (center-scale, PCA-center-scale, TVN + CORAL) and aggregation.
 - ``relate``: recall of known relationships, identical to efaar_benchmarking 1.0.
+- ``tables``: an embeddings table read, split into metadata and features, its controls, aligned on them (once).
 - ``report``: the evaluation JSON and plots (``cellmae evaluate``); ``evaluate_synthetic`` for the demo.
 - ``pixel_stats``: per-channel pixel statistics, the baseline featuriser.
 - ``probe``: linear probe / kNN of any metadata column, split by plate (or well).
@@ -14,7 +15,8 @@
 - ``single_cell``: one row per cell (``cellmae embed --single-cell``): cell crops, only the cell's patch tokens.
 - ``cells``: per-cell read-out joined to cells, cells -> (well, perturbation) rows (``--cells`` of evaluate/profiles).
 - ``suite``: all of the above for a model and its baselines side by side (``cellmae evaluate``).
-- ``options``: the options of ``cellmae embed``, ``cellmae evaluate`` and ``cellmae profiles``, one dataclass each (their defaults).
+- ``options``: the options of ``cellmae embed``, ``cellmae evaluate`` and ``cellmae profiles``, one dataclass
+  each (their defaults), passed whole into ``embed_dataset``, ``evaluate_embeddings`` and ``write_profiles``.
 
 Only ``embed`` imports the model (lazily); the rest needs numpy, pandas and matplotlib.
 """
@@ -37,10 +39,11 @@ _EXPORTS = {
     "load_relationships": ".relate",
     "plot_probe": ".probe",
     "probe_embeddings": ".probe",
-    "build_map": ".report",
+    "aligned_profiles": ".tables",
+    "read_embeddings": ".tables",
+    "split_table": ".tables",
     "evaluate_embeddings": ".report",
     "evaluate_synthetic": ".report",
-    "read_embeddings": ".report",
     "relationship_files": ".report",
     "consistency_map": ".retrieval",
     "gene_set_recall": ".retrieval",
@@ -69,7 +72,7 @@ __all__ = [
     "RECALL_THRESHOLDS",
     "aggregate",
     "align",
-    "build_map",
+    "aligned_profiles",
     "center_scale",
     "chance_recall",
     "compute_recall",
@@ -90,6 +93,7 @@ __all__ = [
     "plot_suite",
     "read_embeddings",
     "relationship_files",
+    "split_table",
     "suite_rows",
     "tvn",
     "write_profiles",

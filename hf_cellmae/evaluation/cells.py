@@ -19,6 +19,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .options import EvaluateOptions, ProfilesOptions
+from .tables import METADATA_PREFIX, WELL_COLUMNS, is_metadata, metadata_column, read_embeddings
+
 FIELD_KEYS = ("plate", "well", "site")
 MATCHES = ("centroid", "id")
 GROUP_TABLE = "cell_groups.parquet"
@@ -31,7 +34,7 @@ def read_cell_table(path: str | Path) -> pd.DataFrame:
         raise FileNotFoundError(f"cell read-out table {path} not found; pass --cells with the per-cell table "
                                 "(plate, well, site, cell_id or centroid_y/centroid_x, perturbation...)")
     table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
-    return table.rename(columns={c: c[len("Metadata_"):] for c in table.columns if c.startswith("Metadata_")})
+    return table.rename(columns={c: c.removeprefix(METADATA_PREFIX) for c in table.columns if is_metadata(c)})
 
 
 def join_cell_labels(cells: pd.DataFrame, readout: pd.DataFrame, by: str = "centroid", max_distance: float = 8.0,
@@ -45,14 +48,14 @@ def join_cell_labels(cells: pd.DataFrame, readout: pd.DataFrame, by: str = "cent
     if missing:
         raise ValueError(f"the cell read-out has no column(s) {missing} (it has {list(readout.columns)}); matching by "
                          f"{by} needs {need}")
-    cell_need = [f"Metadata_{c}" for c in need]
+    cell_need = [metadata_column(c) for c in need]
     absent = [c for c in cell_need if c not in cells.columns]
     if absent:
         raise ValueError(f"the embeddings have no column(s) {absent}; are they single-cell embeddings "
                          "(cellmae embed ... --single-cell)?")
     labels = [c for c in readout.columns if c not in (*FIELD_KEYS, "cell_id", "centroid_y", "centroid_x", "experiment")]
     readout = readout.assign(**{k: readout[k].astype(str) for k in FIELD_KEYS})
-    key = [cells[f"Metadata_{k}"].astype(str) for k in FIELD_KEYS]
+    key = [cells[metadata_column(k)].astype(str) for k in FIELD_KEYS]
     matched = np.full(len(cells), -1, dtype=np.int64)  # row of the read-out for each cell
     fields = readout.groupby(list(FIELD_KEYS), sort=False).indices
     cell_fields = pd.DataFrame({k: v.to_numpy() for k, v in zip(FIELD_KEYS, key)}).groupby(list(FIELD_KEYS), sort=False).indices
@@ -76,10 +79,10 @@ def join_cell_labels(cells: pd.DataFrame, readout: pd.DataFrame, by: str = "cent
     keep = matched >= 0
     joined = cells.loc[keep].reset_index(drop=True)
     for column in labels:
-        joined[f"Metadata_{column}"] = readout[column].to_numpy()[matched[keep]]
+        joined[metadata_column(column)] = readout[column].to_numpy()[matched[keep]]
     # label columns go with the other Metadata_ columns, before the features
-    metadata = [c for c in joined.columns if c.startswith("Metadata_")]
-    joined = joined[metadata + [c for c in joined.columns if not c.startswith("Metadata_")]]
+    metadata = [c for c in joined.columns if is_metadata(c)]
+    joined = joined[metadata + [c for c in joined.columns if not is_metadata(c)]]
     return joined, {"cells": len(cells), "matched": int(keep.sum()), "unmatched": int((~keep).sum())}
 
 
@@ -95,11 +98,11 @@ def aggregate_cells(cells: pd.DataFrame, group_cols: Sequence[str], how: str = "
     missing = [c for c in group_cols if c not in cells.columns]
     if missing:
         raise ValueError(f"cannot group cells by {missing}: not columns of the table (has {list(cells.columns)[:12]}...)")
-    features = [c for c in cells.columns if not c.startswith("Metadata_")]
+    features = [c for c in cells.columns if not is_metadata(c)]
     grouped = cells.groupby(list(group_cols), sort=True, dropna=False)
     sizes = grouped.size()
     values = grouped[features].mean() if how == "mean" else grouped[features].median()
-    constant = [c for c in cells.columns if c.startswith("Metadata_") and c not in (*group_cols, "Metadata_num_cells")
+    constant = [c for c in cells.columns if is_metadata(c) and c not in (*group_cols, "Metadata_num_cells")
                 and (grouped[c].nunique(dropna=False) <= 1).all()]
     metadata = grouped[constant].first() if constant else pd.DataFrame(index=values.index)
     table = pd.concat([metadata, values], axis=1)
@@ -110,19 +113,20 @@ def aggregate_cells(cells: pd.DataFrame, group_cols: Sequence[str], how: str = "
                    "cells_dropped": int(sizes.to_numpy()[~kept].sum())}
 
 
-def cells_to_groups(embeddings, cells_table: str | Path, out: str | Path, perturbation_col: str = "Metadata_perturbation",
-                    by: str = "centroid", max_distance: float = 8.0, how: str = "mean", min_cells: int = 5,
-                    well_cols: Sequence[str] = ("Metadata_plate", "Metadata_well")) -> tuple[Path, dict]:
+def cells_to_groups(embeddings, out: str | Path, options: EvaluateOptions | ProfilesOptions,
+                    well_cols: Sequence[str] = WELL_COLUMNS) -> tuple[Path, dict]:
     """Single-cell embeddings -> labelled cells -> one row per (well, perturbation), written to ``out/cell_groups.parquet``.
 
-    Prints what was matched and dropped; raises when nothing is left."""
-    from .report import read_embeddings
-
+    ``options`` are ``cellmae evaluate``'s or ``cellmae profiles``': the read-out ``cells``, joined by ``cell_match``
+    (within ``max_cell_distance`` px), its ``perturbation_col``, groups of at least ``min_cells`` cells aggregated
+    by ``aggregation``. Prints what was matched and dropped; raises when nothing is left."""
+    cells_table, perturbation_col, by = options.cells, options.perturbation_col, options.cell_match
+    max_distance, how, min_cells = options.max_cell_distance, options.aggregation, options.min_cells
     table = embeddings if isinstance(embeddings, pd.DataFrame) else read_embeddings(embeddings)
     joined, matched = join_cell_labels(table, read_cell_table(cells_table), by=by, max_distance=max_distance)
     if perturbation_col not in joined.columns:
         raise ValueError(f"the cell read-out gives no {perturbation_col} (columns: "
-                         f"{[c for c in joined.columns if c.startswith('Metadata_')]}); pass --perturbation-col")
+                         f"{[c for c in joined.columns if is_metadata(c)]}); pass --perturbation-col")
     groups, dropped = aggregate_cells(joined, [*well_cols, perturbation_col], how=how, min_cells=min_cells)
     print(f"cells: {matched['matched']} of {matched['cells']} cells labelled from {cells_table} (by {by}"
           + (f", within {max_distance:g} px" if by == "centroid" else "") + f"; {matched['unmatched']} without a label, left out)")

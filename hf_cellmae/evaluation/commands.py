@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..cli import add_dataclass_options, options_from_namespace
+from ..options import add_dataclass_options, options_from_namespace
 from .annotations import ANNOTATION_FILES, EFAAR_WHEEL, cached_annotations_dir
 from .options import EmbedOptions, EvaluateOptions, ProfilesOptions
 
@@ -77,8 +77,11 @@ def run_embed(args: argparse.Namespace) -> int:
     from ..errors import UserError
     from .embed import ModelFeaturizer, PixelStatsFeaturizer, embed_dataset, parse_part, process_state
 
+    from ..data.channels import parse_channels_option
+
     options = options_from_namespace(EmbedOptions, args)
     parse_part(options.part)  # a malformed --part fails before the model loads
+    parse_channels_option(options.channels)  # and so does a malformed --channels
     if args.model not in ("pixel_stats", "cellprofiler") and _looks_like_a_local_path(args.model) \
             and not Path(args.model).expanduser().exists():
         raise UserError(
@@ -97,29 +100,18 @@ def run_embed(args: argparse.Namespace) -> int:
             num_workers=options.measure_workers,
         )
     else:
-        featurizer = ModelFeaturizer(args.model, device=options.device, dtype=options.dtype, batch_size=options.batch_size,
-                                     crop_mode=options.crop_mode, channelwise=options.channelwise, image_size=options.image_size,
-                                     readout=options.readout, layer=options.layer, by_position=options.by_position,
-                                     compile=options.compile)
+        featurizer = ModelFeaturizer.from_options(args.model, options)
     if options.single_cell:
         from .single_cell import CellOptions, SingleCellFeaturizer
 
         if not isinstance(featurizer, ModelFeaturizer):
             raise UserError(f"--single-cell embeds cells with a CA-MAE model; MODEL is {args.model!r}")
-        featurizer = SingleCellFeaturizer(featurizer, CellOptions(
-            cell_tokens=options.cell_tokens, mask_dilation=options.mask_dilation, border=options.cell_border,
-            masks=options.masks, objects=options.cell_objects, nuclei_channel=options.nuclei_channel,
-            cell_channels=options.cell_channels.split(",") if options.cell_channels else None,
-            nucleus_diameter=options.nucleus_diameter))
+        featurizer = SingleCellFeaturizer(featurizer, CellOptions.from_options(options))
     elif options.masks is not None:
         raise UserError("--masks gives the cells of --single-cell; add --single-cell (or drop --masks)")
     state = process_state()  # under `accelerate launch`: joins the process group, so each process embeds its share
     try:
-        info = embed_dataset(args.data, args.out, featurizer, layout=options.layout, pattern=options.pattern,
-                             metadata=options.metadata, fields_per_batch=options.fields_per_batch,
-                             fields_per_part=options.fields_per_part, progress=not options.no_progress,
-                             on_error=options.on_error, num_workers=options.num_workers, part=options.part,
-                             min_field_size=options.min_field_size, storage_options=options.storage_options)
+        info = embed_dataset(args.data, args.out, featurizer, options)
     finally:
         if state.use_distributed:
             # Destroyed while the interpreter still runs (left to its teardown, gloo can abort the ranks at exit).
@@ -136,32 +128,6 @@ def run_embed(args: argparse.Namespace) -> int:
     return 0
 
 
-def _thresholds(values: list[str]) -> list[tuple[float, float]]:
-    """``["0.05,0.95", ...]`` -> ``[(0.05, 0.95), ...]``; a malformed pair is a one-line error."""
-    pairs = []
-    for value in values:
-        try:
-            lo, hi = (float(part) for part in value.split(","))
-        except ValueError:
-            raise ValueError(f"--thresholds {value!r} is not a pair LO,HI of quantiles; write e.g. 0.05,0.95") from None
-        pairs.append((lo, hi))
-    return pairs
-
-
-def _align_options(options: EvaluateOptions | ProfilesOptions) -> dict:
-    """The keyword options of ``align.align`` the command's flags set (only those given)."""
-    align_options = {}
-    if options.coral:
-        align_options["coral"] = True
-    if options.n_components is not None:
-        align_options["n_components"] = options.n_components
-    if options.coral_eps is not None:
-        align_options["coral_eps"] = options.coral_eps
-    if options.no_scale_per_batch:
-        align_options["scale_per_batch"] = False
-    return align_options
-
-
 def run_evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -170,26 +136,19 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     options = options_from_namespace(EvaluateOptions, args)
     sources = relationship_files(options.synthetic_plate) if options.synthetic_plate else options.sources
-    align_options = _align_options(options)
-    out = Path(options.out) if options.out else Path(str(Path(args.embeddings)).rstrip("/") + "_eval")
+    options.out = options.out or str(Path(str(Path(args.embeddings)).rstrip("/") + "_eval"))
+    options.recall_thresholds()  # a malformed --thresholds fails before any work
+    out = Path(options.out)
     named = sources if isinstance(sources, dict) else {Path(s).stem if Path(s).suffix else s: s for s in sources}
     for name, source in named.items():  # a source may be any path (`--sources ../../x.csv`): say which file is read
         print(f"evaluate: relationship source {name} read from {relationship_source_file(source, options.annotations)}")
-    embeddings, baselines = args.embeddings, dict(args.baseline)
+    embeddings, baselines, well_cols = args.embeddings, dict(args.baseline), None
     if options.cells:  # single-cell tables -> one row per (well, perturbation), written next to the results
         embeddings = _cell_groups(embeddings, out, options)
         baselines = {name: _cell_groups(table, out / "baselines" / name, options) for name, table in baselines.items()}
-    results = evaluate_embeddings(
-        embeddings, sources, out_dir=out, dataset=options.dataset or (Path(args.embeddings).stem if options.cells else None), baselines=baselines,
-        perturbation_col=options.perturbation_col, controls=options.controls, control_col=options.control_col,
-        batch_col=options.batch_col, alignment=options.alignment, aggregation=options.aggregation, align_options=align_options,
-        thresholds=_thresholds(options.thresholds), min_perturbations=options.min_perturbations,
-        null_samples=options.null_samples, seed=options.seed, on_unusable="skip" if options.skip_unusable else "raise",
-        annotations=options.annotations, plots=not options.no_plots, progress=not options.no_progress,
-        suite=not options.no_suite, probe_labels=options.probe, consistency_col=options.consistency_col,
-        cellprofiler=options.cellprofiler, model_label=options.model_label,
-        well_cols=("Metadata_plate", "Metadata_well", options.perturbation_col) if options.cells else None,
-    )
+        options.dataset = options.dataset or Path(args.embeddings).stem
+        well_cols = ("Metadata_plate", "Metadata_well", options.perturbation_col)  # a pooled well holds them all
+    results = evaluate_embeddings(embeddings, options, baselines=baselines, well_cols=well_cols)
     print(f"evaluate: {results['n_perturbations']} perturbations, alignment {results['alignment']}")
     for name, metrics in results["sources"].items():
         cells = "  ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k.startswith("recall"))
@@ -214,9 +173,7 @@ def _cell_groups(embeddings, out, options) -> str:
     from .cells import cells_to_groups
 
     print(f"cells: {embeddings}")
-    path, _ = cells_to_groups(embeddings, options.cells, out, perturbation_col=options.perturbation_col,
-                              by=options.cell_match, max_distance=options.max_cell_distance,
-                              how=options.aggregation, min_cells=options.min_cells)
+    path, _ = cells_to_groups(embeddings, out, options)
     return str(path)
 
 
@@ -224,18 +181,13 @@ def run_profiles(args: argparse.Namespace) -> int:
     from .profiles import write_profiles
 
     options = options_from_namespace(ProfilesOptions, args)
-    embeddings, well_cols = args.embeddings, options.well_cols
+    embeddings = args.embeddings
     if options.cells:  # one row per (well, perturbation) of labelled cells; a "well" is then that group
         from pathlib import Path
 
         embeddings = _cell_groups(embeddings, Path(args.out), options)
-        well_cols = [*well_cols, options.perturbation_col]
-    info = write_profiles(
-        embeddings, args.out, well_cols=well_cols, aggregation=options.aggregation,
-        perturbation_col=options.perturbation_col, controls=options.controls, control_col=options.control_col,
-        batch_col=options.batch_col, alignment=options.alignment, align_options=_align_options(options),
-        perturbations=options.perturbations, format=options.format, progress=not options.no_progress,
-    )
+        options.well_cols = [*options.well_cols, options.perturbation_col]
+    info = write_profiles(embeddings, args.out, options)
     print(f"profiles: {info['n_fields']} fields -> {info['n_wells']} wells ({info['n_control_wells']} control), "
           f"alignment {options.alignment}" + (f" -> {info['n_perturbations']} perturbations" if options.perturbations else ""))
     for column, why in info["left_out_columns"].items():

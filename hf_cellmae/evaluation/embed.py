@@ -40,17 +40,18 @@ import pandas as pd
 from torch.utils.data import IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
+from ..data.shards import IDENTITY_COLUMNS, MANIFEST_NAME
 from ..errors import ensure_writable_folder
-
-from .options import EmbedOptions
+from .options import EmbedOptions, embed_options
 from .pixel_stats import DEFAULT_PERCENTILES, pixel_statistic_names, pixel_statistics
+from .tables import is_metadata, metadata_column
 
 INFO_NAME = "_embedding_info.json"
 READOUTS = ("mean", "cls", "mean_std", "channelwise")
 # The read-out the demo and docs/evidence.md (section 3) evaluate: one mean token per stain beat the pooled mean.
 DEFAULT_READOUT = "channelwise"
-MANIFEST_NAME = "manifest.json"
-IDENTITY_COLUMNS = ("field_id", "experiment", "plate", "well", "site")
+# A field's identity in a shard row and in a table: its id, then where it was imaged (data.shards.IDENTITY_COLUMNS).
+FIELD_IDENTITY = ("field_id", *IDENTITY_COLUMNS)
 
 
 @dataclass
@@ -176,7 +177,7 @@ def _read_shard_groups(path: str, row_groups: tuple[int, ...], storage_options: 
             yield Field(
                 pixels=decode_pixels(values["pixels"], values["dtype"], values["shape"]),
                 channels=list(values["channels"]),
-                identity={key: values[key] for key in IDENTITY_COLUMNS},
+                identity={key: values[key] for key in FIELD_IDENTITY},
                 metadata=json.loads(values["metadata"] or "{}"),
                 file=path,
             )
@@ -214,20 +215,23 @@ def _shard_units(shard_dir: str, fields_per_batch: int, storage_options: dict | 
 
 
 def _layout_units(source: Path, layout: str, pattern: str | None, metadata: str | Path | None,
-                  fields_per_part: int, fields_per_batch: int, min_field_size: int) -> tuple[list[Unit], list[str], dict]:
+                  fields_per_part: int, fields_per_batch: int, min_field_size: int,
+                  channels: str | list[str] | dict[str, str] | None = None) -> tuple[list[Unit], list[str], dict]:
     """Units of ``fields_per_part`` discovered fields, in tasks of ``fields_per_batch`` fields."""
-    from ..data.channels import name_channels
+    from ..data.channels import name_channels, parse_channels_option
     from ..data.layouts import discover_fields
     from ..data.metadata import join_metadata, read_metadata_table
     from ..data.problems import ProblemLog
     from ..data.records import source_fingerprint
 
+    given = parse_channels_option(channels)  # refuse a malformed --channels before reading anything
     found = ProblemLog()  # stray files and incomplete sites lose no readable field: always listed, never fatal
     records = discover_fields(source, layout=layout, pattern=pattern, problems=found)
     table = read_metadata_table(metadata) if metadata is not None else None
     # The same stain names `cellmae shard` would record: a per-file table (or load_data columns) names the channels.
     read_layout = "load_data" if layout == "load_data" or (layout == "auto" and source.suffix.lower() == ".csv") else layout
-    name_channels(records, table=table, source=str(metadata) if metadata else "metadata", root=source, layout=read_layout)
+    name_channels(records, given, table=table, source=str(metadata) if metadata else "metadata", root=source,
+                  layout=read_layout)
     if table is not None:
         join_metadata(records, table, found, source=str(metadata))
     if len(found):
@@ -246,41 +250,47 @@ def _layout_units(source: Path, layout: str, pattern: str | None, metadata: str 
     keys = sorted({key for record in records for key in (*record.tags, *record.metadata)})
     info = {"kind": "layout", "path": str(source), "layout": layout, "pattern": pattern,
             "metadata": str(metadata) if metadata else None, "num_fields": len(records)}
+    if given is not None:  # only when given, so a folder embedded before --channels existed resumes
+        info["channels"] = given
     return units, keys, info
 
 
-def plan_units(data: str | Path, layout: str = "auto", pattern: str | None = None,
-               metadata: str | Path | None = None, fields_per_part: int = 512, fields_per_batch: int = 16,
-               min_field_size: int | None = None, storage_options: dict | str | None = None
-               ) -> tuple[list[Unit], list[str], dict]:
+def plan_units(data: str | Path, options: EmbedOptions | None = None, **settings) -> tuple[list[Unit], list[str], dict]:
     """The resumable units of an input: ``(units, metadata_keys, source_description)``.
 
-    A shard folder (local, or an fsspec URL such as ``s3://bucket/shards`` read with ``storage_options``) gives one
-    unit per shard; a local image folder one unit per ``fields_per_part`` fields, whose fields get the checks
-    ``cellmae shard`` makes (readable, finite, at least ``min_field_size`` px; default: shard's).
+    A shard folder (local, or an fsspec URL such as ``s3://bucket/shards`` read with ``options.storage_options``)
+    gives one unit per shard; a local image folder one unit per ``fields_per_part`` fields, whose fields get the
+    checks ``cellmae shard`` makes (readable, finite, at least ``min_field_size`` px; default: shard's) and whose
+    channels are named as ``cellmae shard`` names them (``channels``, else a per-file metadata table, else the file
+    tokens). ``settings``: options by keyword, as :func:`embed_dataset`'s.
     """
     from ..data.remote import is_url, parse_storage_options
     from ..data.shards import MIN_FIELD_SIZE
 
+    options = embed_options(options, **settings)
+    fields_per_batch, fields_per_part, metadata = options.fields_per_batch, options.fields_per_part, options.metadata
     if fields_per_batch < 1 or fields_per_part < 1:
         raise ValueError(f"fields_per_batch={fields_per_batch} and fields_per_part={fields_per_part} must be >= 1")
+    shard_folder = is_url(str(data)) or (Path(data) / MANIFEST_NAME).is_file()
+    if shard_folder and metadata is not None:
+        raise ValueError(f"{data} is a shard folder: its metadata was joined when sharding; drop --metadata")
+    if shard_folder and options.channels is not None:
+        raise ValueError(f"{data} is a shard folder: its channels were named when sharding (cellmae shard --channels); "
+                         "drop --channels")
     if is_url(str(data)):
-        if metadata is not None:
-            raise ValueError(f"{data} is a shard folder: its metadata was joined when sharding; drop --metadata")
         try:
-            return _shard_units(str(data), fields_per_batch, parse_storage_options(storage_options))
+            return _shard_units(str(data), fields_per_batch, parse_storage_options(options.storage_options))
         except FileNotFoundError as error:
             raise FileNotFoundError(f"{error}. `cellmae embed` reads shard folders from object storage; for an image "
                                     f"folder there, shard it first: cellmae shard {data} SHARDS") from None
     data = Path(data)
     if not data.exists():
         raise FileNotFoundError(f"DATA {data} does not exist; pass a shard folder (cellmae shard) or an image folder")
-    if (data / MANIFEST_NAME).is_file():
-        if metadata is not None:
-            raise ValueError(f"{data} is a shard folder: its metadata was joined when sharding; drop --metadata")
+    if shard_folder:
         return _shard_units(str(data), fields_per_batch)
-    size = MIN_FIELD_SIZE if min_field_size is None else min_field_size
-    return _layout_units(data, layout, pattern, metadata, fields_per_part, fields_per_batch, size)
+    size = MIN_FIELD_SIZE if options.min_field_size is None else options.min_field_size
+    return _layout_units(data, options.layout, options.pattern, metadata, fields_per_part, fields_per_batch, size,
+                         options.channels)
 
 
 def parse_part(part: str | tuple[int, int] | None) -> tuple[int, int]:
@@ -406,6 +416,13 @@ class ModelFeaturizer:
         self.preparer = CropPreparer(self.processor, self.image_size, crop_mode)
         self.by_position = by_position
 
+    @classmethod
+    def from_options(cls, model: str | Path, options: EmbedOptions) -> ModelFeaturizer:
+        """The featuriser ``cellmae embed MODEL ...`` builds: ``options``' model fields (device, read-out...)."""
+        names = ("device", "dtype", "batch_size", "crop_mode", "channelwise", "image_size", "readout", "layer",
+                 "by_position", "compile")
+        return cls(model, **{name: getattr(options, name) for name in names})
+
     def describe(self) -> dict:
         info = {"featurizer": self.name, "model": self.model_path, "dtype": self.dtype, "crop_mode": self.crop_mode,
                 "image_size": self.image_size, "channelwise": self.channelwise, "hidden_size": self.config.hidden_size}
@@ -438,7 +455,9 @@ class ModelFeaturizer:
         return patch_tokens.mean(1)  # (b, D)
 
     def _channel_ids(self, channels: list[str]):
-        """The model's channel id of each of the plate's channels, matched by stain name (``(C,)``, or ``None``).
+        """The model's channel id of each of the plate's channels, matched by stain name (``(C,)``, or ``None``):
+        ``data.channels.ChannelVocabulary``, the identical name or the same stain in another case or with
+        CellProfiler's ``Orig`` prefix.
 
         A plate may hold the model's stains in another order, or a subset of them: each is fed with the id the
         model learnt for that stain. A stain the model does not know is refused (``UserError`` naming it and the
@@ -448,7 +467,7 @@ class ModelFeaturizer:
         """
         import torch
 
-        from ..data.channels import is_channel_token
+        from ..data.channels import ChannelVocabulary, is_channel_token
         from ..errors import UserError
 
         key = tuple(channels)
@@ -467,17 +486,17 @@ class ModelFeaturizer:
             self._warn_positional(channels, model_names)
             self._channel_id_cache[key] = None
             return None
+        vocabulary = ChannelVocabulary(model_names)  # the rule the training stream matches channels by
         ids = []
         for channel in channels:
-            exact = [i for i, name in enumerate(model_names) if name == channel]
-            folded = [i for i, name in enumerate(model_names) if name.lower() == str(channel).lower()]
-            if not (exact or folded):
+            index = vocabulary.index(channel)
+            if index is None:
                 raise UserError(
                     f"the plate's channel {channel!r} is not one of the model's channels ({', '.join(model_names)}); "
                     f"if it is one of those stains under another name, rename it when sharding "
                     f"(cellmae shard ... --channels TOKEN=NAME, e.g. w1={model_names[0]}), otherwise use a model trained on {channel}"
                 )
-            ids.append((exact or folded)[0])
+            ids.append(index)
         self._channel_id_cache[key] = torch.tensor(ids, device=self.device)  # (C,)
         return self._channel_id_cache[key]
 
@@ -656,17 +675,13 @@ def _plan_hash(units: list[Unit], source: dict, options: dict) -> str:
     return hashlib.sha256(json.dumps(plan, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _metadata_column(key: str) -> str:
-    return key if key.startswith("Metadata_") else f"Metadata_{key}"
-
-
 def _rows(owners: list[Field], extra: dict[str, list], features: np.ndarray, metadata_keys: list[str],
           feature_names: list[str]) -> pd.DataFrame:
     """One row per feature vector: its field's identity, the ``extra`` columns, the field's metadata, the features."""
-    columns: dict[str, list] = {f"Metadata_{key}": [f.identity[key] for f in owners] for key in IDENTITY_COLUMNS}
+    columns: dict[str, list] = {metadata_column(key): [f.identity[key] for f in owners] for key in FIELD_IDENTITY}
     columns.update(extra)
     for key in metadata_keys:
-        column = _metadata_column(key)
+        column = metadata_column(key)
         if column not in columns:
             columns[column] = [f.metadata.get(key) for f in owners]
     if features.shape[1] != len(feature_names):
@@ -745,29 +760,15 @@ def _assemble_info(out: Path, units: list[Unit], info: dict) -> dict:
         rows, skipped, names = _part_record(out / f"{unit.name}.parquet", info)
         info["parts"][unit.name], info["skipped"][unit.name] = rows, skipped
         if rows and "feature_columns" not in info:
-            info["feature_columns"] = [c for c in names if not c.startswith("Metadata_")][:3] + ["..."]
+            info["feature_columns"] = [c for c in names if not is_metadata(c)][:3] + ["..."]
     info["num_rows"] = sum(info["parts"].values())
     info["num_skipped"] = sum(len(skips) for skips in info["skipped"].values())
     info["complete"] = True
     return info
 
 
-def embed_dataset(
-    data: str | Path,
-    out: str | Path,
-    featurizer,
-    layout: str = EmbedOptions.layout,
-    pattern: str | None = None,
-    metadata: str | Path | None = None,
-    fields_per_batch: int = EmbedOptions.fields_per_batch,
-    fields_per_part: int = EmbedOptions.fields_per_part,
-    progress: bool = True,
-    on_error: str = EmbedOptions.on_error,
-    num_workers: int | None = EmbedOptions.num_workers,
-    part: str | tuple[int, int] | None = EmbedOptions.part,
-    min_field_size: int | None = EmbedOptions.min_field_size,
-    storage_options: dict | str | None = EmbedOptions.storage_options,
-) -> dict:
+def embed_dataset(data: str | Path, out: str | Path, featurizer, options: EmbedOptions | None = None,
+                  **settings) -> dict:
     """Embed every field of ``data`` into Parquet parts under ``out``; resume a finished-part-wise run.
 
     Many processes: run under ``accelerate launch`` (or any ``torch.distributed`` launcher that sets ``RANK`` and
@@ -789,7 +790,10 @@ def embed_dataset(
             workers). A featuriser with ``per_cell = True`` (``SingleCellFeaturizer``, ``--single-cell``) returns
             ``(features, cells)`` from ``embed_prepared`` and gets one row per cell; its fields without a cell are
             listed under ``skipped`` (stage ``cells``).
-        layout, pattern, metadata: how to read an image folder (see ``discover_fields``).
+        options: ``cellmae embed``'s options, read whole (default: its defaults); those of the featuriser (model,
+            read-out, device, CellProfiler, single cell) are read by whoever builds ``featurizer``. Here:
+        layout, pattern, metadata, channels: how to read an image folder (see ``discover_fields``; ``channels`` as
+            ``cellmae shard --channels``: ``"w1=DNA,w2=ER"`` names each file channel's stain).
         fields_per_batch: fields read and featurised together (bounds memory with the crop batch); a shard is read
             in whole row groups, at least this many fields at a time.
         fields_per_part: fields per output part for an image folder (a shard folder: one part per shard).
@@ -806,6 +810,8 @@ def embed_dataset(
             shard``'s).
         storage_options: fsspec options (dict or JSON) when ``data`` is a shard folder in object storage
             (``s3://bucket/shards``, ``gs://``, ``hf://``...), e.g. ``{"anon": true}``.
+        no_progress: no progress bar.
+        settings: options by keyword, replacing those of ``options``: a field's name, or ``progress``.
 
     Returns:
         The ``_embedding_info.json`` dict: ``{"source", "options", "plan_hash", "parts": {name: rows},
@@ -815,16 +821,16 @@ def embed_dataset(
     """
     from ..data.problems import BadInputError, ProblemLog
 
+    options = embed_options(options, **settings)
     out = Path(out)
-    problems = ProblemLog(on_error)
-    part_index, part_count = parse_part(part)
+    problems = ProblemLog(options.on_error)
+    part_index, part_count = parse_part(options.part)
     state = process_state()
-    units, metadata_keys, source = plan_units(data, layout, pattern, metadata, fields_per_part, fields_per_batch,
-                                              min_field_size, storage_options)
-    options = {**featurizer.describe(), "fields_per_part": fields_per_part}
-    plan_hash = _plan_hash(units, source, options)
+    units, metadata_keys, source = plan_units(data, options)
+    described = {**featurizer.describe(), "fields_per_part": options.fields_per_part}
+    plan_hash = _plan_hash(units, source, described)
     info_path = out / INFO_NAME
-    info = {"source": source, "options": options, "plan_hash": plan_hash, "parts": {}}
+    info = {"source": source, "options": described, "plan_hash": plan_hash, "parts": {}}
     if info_path.is_file():  # every process checks, so every process refuses alike
         info = json.loads(info_path.read_text())
         if info.get("plan_hash") != plan_hash:
@@ -857,16 +863,16 @@ def embed_dataset(
         unit.tasks[-1].last = True
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))  # this machine's, as torchrun sets
     device = getattr(featurizer, "device", None)
-    if num_workers is None:  # on a CPU the model's threads use every core: reading beside them measured slower
-        num_workers = 0 if getattr(device, "type", "cpu") == "cpu" else default_num_workers(local_processes)
-    workers = num_workers
+    workers = options.num_workers
+    if workers is None:  # on a CPU the model's threads use every core: reading beside them measured slower
+        workers = 0 if getattr(device, "type", "cpu") == "cpu" else default_num_workers(local_processes)
     if workers < 0:
         raise ValueError(f"num_workers={workers} must be >= 0 (0: read in the main process)")
     preparer = getattr(featurizer, "preparer", None)
     per_cell = getattr(featurizer, "per_cell", False)
     pin = preparer is not None and getattr(device, "type", "cpu") == "cuda"
     bar = tqdm(total=sum(u.num_fields for u in todo), desc="embed", unit="field",
-               disable=not progress or not state.is_local_main_process)
+               disable=options.no_progress or not state.is_local_main_process)
     started = time.perf_counter()
     with _cpu_threads_beside(workers if getattr(device, "type", "cpu") == "cpu" else 0, local_processes):
         _embed_tasks(tasks, preparer, workers, pin, featurizer, problems, metadata_keys, out, bar, written=len(done),

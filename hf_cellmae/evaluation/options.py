@@ -1,8 +1,11 @@
-"""The options of ``cellmae embed`` and ``cellmae evaluate``: one dataclass per command, the one place their defaults live.
+"""The options of ``cellmae embed``, ``cellmae evaluate`` and ``cellmae profiles``: one dataclass per command, the one
+place their defaults live.
 
-The commands' parsers are built from these fields (``hf_cellmae.cli.add_dataclass_options``), and the library
-functions the commands call (``embed_dataset``, ``ModelFeaturizer``, ``CellProfilerFeaturizer``,
-``evaluate_embeddings``) take their defaults from them. numpy only, so ``cellmae --help`` stays fast.
+The commands' parsers are built from these fields (``hf_cellmae.options.add_dataclass_options``), and the library
+functions the commands call take the dataclass whole (``embed_dataset``, ``evaluate_embeddings``, ``write_profiles``)
+or their defaults from it (``ModelFeaturizer``, ``CellProfilerFeaturizer``). ``embed_options`` and
+``evaluate_options`` turn the keywords those functions have always taken into the options. The alignment and
+``--cells`` fields are shared: ``AlignOptions`` and ``CellLabelOptions``. numpy only, so ``cellmae --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass, field
 
+from ..options import replace_options
 from .align import tvn
 from .relate import BENCHMARK_SOURCES, MIN_PERTURBATIONS, RECALL_THRESHOLDS
 
@@ -27,6 +31,10 @@ class EmbedOptions:
     layout: str = field(default="auto", metadata={"help": "image folder layout: auto, rxrx, pattern, load_data, stack"})
     pattern: str | None = field(default=None, metadata={"help": "file-name regex or preset for --layout pattern"})
     metadata: str | None = field(default=None, metadata={"help": "metadata table (CSV/Parquet) joined on plate/well/site"})
+    channels: str | None = field(default=None, metadata={
+        "help": "image folders: the stain of each file channel, as FILE_TOKEN=NAME (e.g. w1=DNA,w2=ER,w3=RNA), as "
+        "`cellmae shard --channels` (default: the names a per-file --metadata table gives, else the tokens; a shard "
+        "folder's were named when sharding)"})
     device: str = field(default="auto", metadata={
         "help": "torch device, e.g. cpu, cuda, cuda:1 (default: auto, this process's GPU under `accelerate launch`, "
         "else a GPU if there is one, else the CPU)"})
@@ -103,18 +111,18 @@ class EmbedOptions:
     no_progress: bool = field(default=False, metadata={"action": "store_true"})
 
 
-@dataclass
-class EvaluateOptions:
-    """``cellmae evaluate EMBEDDINGS`` options (see each field's help); ``--baseline NAME TABLE`` is written by hand."""
+def embed_options(options: EmbedOptions | None = None, **settings) -> EmbedOptions:
+    """``options`` (default: ``cellmae embed``'s defaults) with ``settings`` replacing fields: a field's name, or
+    ``progress`` (the keyword ``embed_dataset`` has always taken)."""
+    spellings = {"progress": lambda value: {"no_progress": not value}}
+    return replace_options(options if options is not None else EmbedOptions(), settings, spellings)
 
-    out: str | None = field(default=None, metadata={"help": "output folder (default: the EMBEDDINGS path + '_eval')"})
-    sources: list[str] = field(default_factory=lambda: list(BENCHMARK_SOURCES), metadata={
-        "help": "relationship sources: names in the benchmark annotations (`cellmae annotations` fetches "
-        "efaar-benchmarking 1.0's CORUM, HuMAP, Reactome, SIGNOR, StringDB) or CSV files with columns entity1,entity2"})
-    synthetic_plate: str | None = field(default=None, metadata={
-        "help": "use this synthetic plate's relationships/*.csv as sources (default: --sources)"})
-    annotations: str | None = field(default=None, metadata={
-        "help": "folder of named sources (default: efaar-benchmarking's, installed or fetched by `cellmae annotations`)"})
+
+@dataclass
+class AlignOptions:
+    """The batch correction of ``cellmae evaluate`` and ``cellmae profiles``: which rows are controls, and how the
+    correction fitted on them is done (per ``batch_col`` value when given)."""
+
     perturbation_col: str = field(default="Metadata_perturbation", metadata={
         "help": "column naming what was done to each row (gene, compound...); rows with the same value are averaged "
         "into one profile and related pairs are looked up by these names"})
@@ -135,18 +143,25 @@ class EvaluateOptions:
         "help": "TVN: center-scale on all controls at once instead of per batch", "action": "store_true"})
     n_components: int | None = field(default=None, metadata={
         "help": "tvn / pca_center_scale: principal components of the controls kept (tvn: at most; default: all)"})
-    aggregation: str = field(default="mean", metadata={
-        "help": "how the rows of a perturbation become its profile", "choices": ("mean", "median")})
-    thresholds: list[str] = field(default_factory=lambda: [f"{lo},{hi}" for lo, hi in RECALL_THRESHOLDS], metadata={
-        "help": "recall counts a related pair whose similarity is below the LO or above the HI quantile of all pairs",
-        "metavar": "LO,HI"})
-    min_perturbations: int = field(default=MIN_PERTURBATIONS, metadata={
-        "help": "fewest perturbation profiles accepted for a meaningful null"})
-    null_samples: int | None = field(default=None, metadata={
-        "help": "sample a null of this many pairs, for large maps (default: every pair)"})
-    seed: int = field(default=0, metadata={"help": "seed of the sampled null and the suite"})
-    skip_unusable: bool = field(default=False, metadata={
-        "help": "skip (and report) sources without usable pairs", "action": "store_true"})
+
+    def align_keywords(self) -> dict:
+        """The keyword options of ``align.align`` these fields set (only those given, so every method accepts them)."""
+        keywords = {}
+        if self.coral:
+            keywords["coral"] = True
+        if self.n_components is not None:
+            keywords["n_components"] = self.n_components
+        if self.coral_eps is not None:
+            keywords["coral_eps"] = self.coral_eps
+        if self.no_scale_per_batch:
+            keywords["scale_per_batch"] = False
+        return keywords
+
+
+@dataclass
+class CellLabelOptions:
+    """``--cells``: a single-cell table labelled from a per-cell read-out, then aggregated per (well, perturbation)."""
+
     cells: str | None = field(default=None, metadata={
         "help": "single-cell embeddings (embed --single-cell): the per-cell read-out (CSV/Parquet: plate, well, site, "
         "cell_id or centroid_y/centroid_x, perturbation...; e.g. a pooled screen's barcodes) that labels each cell; "
@@ -161,6 +176,32 @@ class EvaluateOptions:
     min_cells: int = field(default=5, metadata={
         "help": "fewest labelled cells for a (well, perturbation) group to be kept (smaller groups are counted and "
         "left out)", "group": CELLS})
+
+
+@dataclass
+class EvaluateOptions(AlignOptions, CellLabelOptions):
+    """``cellmae evaluate EMBEDDINGS`` options (see each field's help); ``--baseline NAME TABLE`` is written by hand."""
+
+    out: str | None = field(default=None, metadata={"help": "output folder (default: the EMBEDDINGS path + '_eval')"})
+    sources: list[str] = field(default_factory=lambda: list(BENCHMARK_SOURCES), metadata={
+        "help": "relationship sources: names in the benchmark annotations (`cellmae annotations` fetches "
+        "efaar-benchmarking 1.0's CORUM, HuMAP, Reactome, SIGNOR, StringDB) or CSV files with columns entity1,entity2"})
+    synthetic_plate: str | None = field(default=None, metadata={
+        "help": "use this synthetic plate's relationships/*.csv as sources (default: --sources)"})
+    annotations: str | None = field(default=None, metadata={
+        "help": "folder of named sources (default: efaar-benchmarking's, installed or fetched by `cellmae annotations`)"})
+    aggregation: str = field(default="mean", metadata={
+        "help": "how the rows of a perturbation become its profile", "choices": ("mean", "median")})
+    thresholds: list[str] = field(default_factory=lambda: [f"{lo},{hi}" for lo, hi in RECALL_THRESHOLDS], metadata={
+        "help": "recall counts a related pair whose similarity is below the LO or above the HI quantile of all pairs",
+        "metavar": "LO,HI"})
+    min_perturbations: int = field(default=MIN_PERTURBATIONS, metadata={
+        "help": "fewest perturbation profiles accepted for a meaningful null"})
+    null_samples: int | None = field(default=None, metadata={
+        "help": "sample a null of this many pairs, for large maps (default: every pair)"})
+    seed: int = field(default=0, metadata={"help": "seed of the sampled null and the suite"})
+    skip_unusable: bool = field(default=False, metadata={
+        "help": "skip (and report) sources without usable pairs", "action": "store_true"})
     dataset: str | None = field(default=None, metadata={"help": "dataset name for the report (default: the EMBEDDINGS file name)"})
     model_label: str = field(default="model", metadata={
         "help": "what the plots call the featuriser of EMBEDDINGS, e.g. pretrained (eval_results.json keeps the key model)"})
@@ -176,34 +217,64 @@ class EvaluateOptions:
     no_plots: bool = field(default=False, metadata={"help": "write eval_results.json only", "action": "store_true"})
     no_progress: bool = field(default=False, metadata={"help": "no progress bars", "action": "store_true"})
 
+    def recall_thresholds(self) -> list[tuple[float, float]]:
+        """``thresholds`` as ``[(0.05, 0.95), ...]``; a malformed pair is a one-line error."""
+        pairs = []
+        for value in self.thresholds:
+            try:
+                lo, hi = (float(part) for part in (value.split(",") if isinstance(value, str) else value))
+            except ValueError:
+                raise ValueError(f"--thresholds {value!r} is not a pair LO,HI of quantiles; "
+                                 "write e.g. 0.05,0.95") from None
+            pairs.append((lo, hi))
+        return pairs
 
-def _as_evaluate(name: str):
-    """A field of ``ProfilesOptions`` that is ``EvaluateOptions``'s field ``name``: the same default and help."""
-    same = EvaluateOptions.__dataclass_fields__[name]
-    return field(default=same.default, metadata=same.metadata)
+
+# ``evaluate_embeddings(table, **settings)``: the Python spelling of a setting -> how it sets EvaluateOptions.
+_EVALUATE_SETTINGS = {
+    "out_dir": lambda value: {"out": None if value is None else str(value)},
+    "on_unusable": lambda value: {"skip_unusable": value == "skip"},
+    "plots": lambda value: {"no_plots": not value},
+    "progress": lambda value: {"no_progress": not value},
+    "suite": lambda value: {"no_suite": not value},
+    "probe_labels": lambda value: {"probe": list(value)},
+    "thresholds": lambda value: {"thresholds": [value if isinstance(value, str) else f"{value[0]},{value[1]}"
+                                                for value in value]},
+    "align_options": lambda value: _align_settings(value or {}),
+}
+
+
+def _align_settings(keywords) -> dict:
+    """``align.align``'s keywords (``{"coral": True, "n_components": 8, "scale_per_batch": False}``) as
+    AlignOptions fields."""
+    fields = {"coral": bool(keywords.get("coral", False)), "coral_eps": keywords.get("coral_eps"),
+              "n_components": keywords.get("n_components"),
+              "no_scale_per_batch": not keywords.get("scale_per_batch", True)}
+    unknown = set(keywords) - {"coral", "coral_eps", "n_components", "scale_per_batch"}
+    if unknown:
+        raise TypeError(f"align_options {sorted(unknown)} are not alignment options; known: coral, coral_eps, "
+                        "n_components, scale_per_batch")
+    return fields
+
+
+def evaluate_options(options: EvaluateOptions | None = None, **settings) -> EvaluateOptions:
+    """``options`` (default: ``cellmae evaluate``'s defaults) with ``settings`` in Python's spelling replacing fields.
+
+    A setting is a field of EvaluateOptions (``batch_col="Metadata_plate"``) or one of the keywords
+    ``evaluate_embeddings`` has always taken: ``out_dir``, ``on_unusable`` ("raise" or "skip"), ``plots``, ``progress``,
+    ``suite``, ``probe_labels``, ``thresholds`` (pairs) and ``align_options`` (``align.align``'s keywords).
+    """
+    return replace_options(options if options is not None else EvaluateOptions(), settings, _EVALUATE_SETTINGS)
 
 
 @dataclass
-class ProfilesOptions:
-    """``cellmae profiles EMBEDDINGS OUT`` options: the alignment options are ``cellmae evaluate``'s."""
+class ProfilesOptions(AlignOptions, CellLabelOptions):
+    """``cellmae profiles EMBEDDINGS OUT`` options: the alignment and ``--cells`` options are ``cellmae evaluate``'s."""
 
     well_cols: list[str] = field(default_factory=lambda: ["Metadata_plate", "Metadata_well"], metadata={
         "help": "columns naming a well: the fields of each well are aggregated into one profile", "metavar": "COLUMN"})
     aggregation: str = field(default="mean", metadata={
         "help": "how the fields of a well (and the wells of a perturbation) become one profile", "choices": ("mean", "median")})
-    perturbation_col: str = _as_evaluate("perturbation_col")
-    controls: list[str] | None = _as_evaluate("controls")
-    control_col: str | None = _as_evaluate("control_col")
-    batch_col: str | None = _as_evaluate("batch_col")
-    alignment: str = _as_evaluate("alignment")
-    coral: bool = _as_evaluate("coral")
-    coral_eps: float | None = _as_evaluate("coral_eps")
-    no_scale_per_batch: bool = _as_evaluate("no_scale_per_batch")
-    n_components: int | None = _as_evaluate("n_components")
-    cells: str | None = _as_evaluate("cells")
-    cell_match: str = _as_evaluate("cell_match")
-    max_cell_distance: float = _as_evaluate("max_cell_distance")
-    min_cells: int = _as_evaluate("min_cells")
     perturbations: bool = field(default=False, metadata={
         "help": "also write one profile per perturbation (control wells left out)", "action": "store_true"})
     format: str = field(default="parquet", metadata={

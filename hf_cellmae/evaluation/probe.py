@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from .align import center_scale
+from .tables import METADATA_PREFIX, metadata_column, split_table, well_profiles
 
 CLASSIFIERS = ("logistic", "knn")
 
@@ -32,7 +33,7 @@ def _labelled(values: pd.Series) -> np.ndarray:
     return (text.notna() & (text.str.strip() != "")).to_numpy()
 
 
-def well_profiles(
+def labelled_wells(
     metadata: pd.DataFrame,
     features: np.ndarray,
     label_col: str,
@@ -40,7 +41,8 @@ def well_profiles(
     batch_col: str | None = "Metadata_plate",
     control_col: str | None = "Metadata_is_control",
 ) -> tuple[pd.DataFrame, np.ndarray]:
-    """Control-aligned features averaged per well: ``(unit metadata, (n_units, D))`` for labelled units.
+    """Control-aligned features averaged per well (``tables.well_profiles``): ``(unit metadata, (n_units, D))`` for
+    labelled units.
 
     Args:
         metadata: ``Metadata_*`` columns, one row per field.
@@ -52,7 +54,7 @@ def well_profiles(
     """
     missing = [c for c in (label_col, *unit_cols) if c not in metadata.columns]
     if missing:
-        available = sorted(c for c in metadata.columns if c.startswith("Metadata_"))
+        available = sorted(c for c in metadata.columns if c.startswith(METADATA_PREFIX))
         raise ValueError(f"the embeddings have no column(s) {missing}; choose among {available}")
     features = np.asarray(features, dtype=np.float64)
     batches = metadata[batch_col].astype(str).to_numpy() if batch_col and batch_col in metadata.columns else None
@@ -62,10 +64,7 @@ def well_profiles(
         controls = np.ones(len(metadata), dtype=bool)
     aligned = center_scale(features, controls, batches)
     keep = _labelled(metadata[label_col])
-    units = metadata.loc[keep, list(unit_cols)].astype(str).agg("/".join, axis=1).to_numpy()
-    frame = pd.DataFrame(aligned[keep]).groupby(units, sort=True).mean()
-    first = metadata.loc[keep].assign(_unit=units).groupby("_unit", sort=True).first()
-    return first.reset_index(drop=True), frame.to_numpy()
+    return well_profiles(metadata.loc[keep], aligned[keep], unit_cols)
 
 
 def _folds(groups: np.ndarray, units: np.ndarray, max_folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -112,13 +111,11 @@ def probe_embeddings(
     from sklearn.neighbors import KNeighborsClassifier
     from sklearn.preprocessing import StandardScaler
 
-    from .report import split_table
-
     if classifier not in CLASSIFIERS:
         raise ValueError(f"classifier={classifier!r} is not one of {CLASSIFIERS}")
-    label_col = label_col if label_col.startswith("Metadata_") else f"Metadata_{label_col}"
+    label_col = metadata_column(label_col)
     metadata, features = split_table(table)
-    units, x = well_profiles(metadata, features, label_col, unit_cols, batch_col, control_col)
+    units, x = labelled_wells(metadata, features, label_col, unit_cols, batch_col, control_col)
     y = units[label_col].astype(str).to_numpy()
     classes = sorted(set(y))
     if len(classes) < 2:
@@ -156,7 +153,8 @@ def probe_embeddings(
         "accuracy_std": float(accuracies.std()), "folds": folds,
         "chance_uniform": 1.0 / len(classes), "chance_majority": float(np.mean([f["majority_accuracy"] for f in folds])),
         "n_units": int(len(y)), "n_classes": len(classes),
-        "split": f"leave one {group_col.removeprefix('Metadata_')} out" if by_group else f"{len(folds)} folds over wells",
+        "split": (f"leave one {group_col.removeprefix(METADATA_PREFIX)} out" if by_group
+                  else f"{len(folds)} folds over wells"),
         "confusion": {"classes": classes, "matrix": confusion.tolist()},
     }
 
@@ -179,7 +177,7 @@ def plot_probe(results: dict, path, title: str | None = None):
         ax.set_yticks(range(len(classes)), classes, fontsize=7)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(title or f"{results['classifier']} probe of {results['label'].removeprefix('Metadata_')}: "
+    ax.set_title(title or f"{results['classifier']} probe of {results['label'].removeprefix(METADATA_PREFIX)}: "
                  f"{results['accuracy']:.2f} (chance {results['chance_uniform']:.2f})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

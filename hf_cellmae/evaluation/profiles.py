@@ -11,7 +11,7 @@ Parquet parts, a Parquet file or a CSV), and writes into ``OUT``::
 ``X`` = the features, the layout scanpy and efaar_benchmarking read.) Column names follow pycytominer
 and copairs: metadata columns start with ``Metadata_``, every other column is a feature.
 
-The steps are small functions that ``cellmae evaluate`` reuses:
+The steps:
 
 - ``group_profiles``: the mean (or median) of the rows of each group (a well, a perturbation), keeping
   the metadata columns that are constant within every group. A table on disk is streamed batch by batch,
@@ -19,7 +19,7 @@ The steps are small functions that ``cellmae evaluate`` reuses:
   pass adds up the features. Memory holds the groups' vectors (and, for the median, only the rows of
   groups not yet complete: one well at a time for a table in well order, as ``cellmae embed`` writes),
   never the whole table.
-- ``align_rows``: batch correction fitted on the control rows (``align.align``: center-scale, PCA,
+- ``tables.align_rows``: batch correction fitted on the control rows (``align.align``: center-scale, PCA,
   TVN, TVN + CORAL), per batch when a batch column is given.
 - ``perturbation_profiles``: wells -> perturbations, control wells left out.
 """
@@ -34,10 +34,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .align import align
-from .report import METADATA_PREFIX, _require_columns, control_mask, split_table
+from .options import ProfilesOptions
+from .tables import WELL_COLUMNS, align_rows, group_keys, is_metadata, open_table, table_columns
 
-WELL_COLUMNS = ("Metadata_plate", "Metadata_well")
 PROFILE_FORMATS = ("parquet", "h5ad")
 WELLS_NAME = "well_profiles"
 PERTURBATIONS_NAME = "perturbation_profiles"
@@ -66,53 +65,6 @@ class Profiles:
         return pd.concat([self.metadata.reset_index(drop=True), features], axis=1)
 
 
-def group_keys(metadata: pd.DataFrame, key_cols: Sequence[str]) -> np.ndarray:
-    """The group of each row: its ``key_cols`` values as text, joined by "/" (``"P1/A01"``)."""
-    missing = {c: int(n) for c, n in metadata[list(key_cols)].isna().sum().items() if n}
-    if missing:
-        raise ValueError(f"{sum(missing.values())} rows have no value in {list(missing)} ({missing}); fill them "
-                         "or drop those rows before aggregating by " + ", ".join(key_cols))
-    keys = metadata[key_cols[0]].astype(str)
-    for column in key_cols[1:]:
-        keys = keys + "/" + metadata[column].astype(str)
-    return keys.to_numpy(dtype=object)
-
-
-@dataclass
-class TableFiles:
-    """The files of an embeddings table on disk, read one after the other (``open_table``)."""
-
-    files: list[Path]
-    csv: bool = False
-
-    @property
-    def schema(self):
-        import pyarrow.csv as pa_csv
-        import pyarrow.parquet as pq
-
-        if self.csv:
-            with pa_csv.open_csv(self.files[0]) as reader:
-                return reader.schema
-        return pq.read_schema(self.files[0])
-
-    def num_rows(self) -> int | None:
-        import pyarrow.parquet as pq
-
-        return None if self.csv else sum(pq.ParquetFile(path).metadata.num_rows for path in self.files)
-
-    def batches(self, columns: list[str], batch_rows: int):
-        """pyarrow record batches of ``columns``, one file at a time (no read-ahead: memory stays at one batch)."""
-        import pyarrow.csv as pa_csv
-        import pyarrow.parquet as pq
-
-        for path in self.files:
-            if self.csv:
-                with pa_csv.open_csv(path, convert_options=pa_csv.ConvertOptions(include_columns=columns)) as reader:
-                    yield from reader
-            else:
-                yield from pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=columns)
-
-
 def _source_batches(source, metadata_cols: list[str], feature_cols: list[str], batch_rows: int) -> Iterator[tuple[pd.DataFrame, np.ndarray]]:
     """(metadata DataFrame, (n, D) features) of ``source`` (a DataFrame or ``TableFiles``), at most ``batch_rows`` rows each."""
     if isinstance(source, pd.DataFrame):
@@ -129,41 +81,6 @@ def _source_batches(source, metadata_cols: list[str], feature_cols: list[str], b
         features = np.column_stack([batch.column(name).to_numpy(zero_copy_only=False) for name in feature_cols]) \
             if width else np.zeros((batch.num_rows, 0))
         yield metadata, features
-
-
-def open_table(embeddings: str | Path) -> TableFiles:
-    """The files of an embeddings table: a ``cellmae embed`` folder of Parquet parts, a Parquet file or a CSV.
-
-    Files whose names start with "." or "_" (``_embedding_info.json``, unfinished parts) are not read.
-    """
-    path = Path(embeddings)
-    if not path.exists():
-        raise FileNotFoundError(f"embeddings {path} not found; write them with `cellmae embed MODEL DATA {path}`")
-    if path.is_dir():
-        files = sorted(p for p in path.glob("*.parquet") if not p.name.startswith((".", "_")))
-        if not files:
-            raise FileNotFoundError(f"no Parquet part in {path}; is it a `cellmae embed` output folder?")
-        return TableFiles(files)
-    return TableFiles([path], csv=path.suffix == ".csv")
-
-
-def _columns(source) -> tuple[list[str], list[str]]:
-    """Metadata and feature column names; a non-numeric feature column is an error naming it."""
-    if isinstance(source, pd.DataFrame):
-        metadata, _ = split_table(source.iloc[:0])
-        return list(metadata.columns), [c for c in source.columns if c not in set(metadata.columns)]
-    import pyarrow as pa
-
-    schema = source.schema
-    metadata = [name for name in schema.names if name.startswith(METADATA_PREFIX)]
-    features = [name for name in schema.names if not name.startswith(METADATA_PREFIX)]
-    if not features:
-        raise ValueError(f"the table has no feature columns (only {metadata}); is it an embeddings table?")
-    not_numeric = [n for n in features if not (pa.types.is_integer(schema.field(n).type) or pa.types.is_floating(schema.field(n).type))]
-    if not_numeric:
-        raise ValueError(f"feature columns must be numeric; {not_numeric[:5]} are not. Prefix metadata columns with "
-                         f"'{METADATA_PREFIX}' so they are not read as features")
-    return metadata, features
 
 
 def _differs(a: pd.DataFrame, b: pd.DataFrame) -> pd.Series:
@@ -199,7 +116,7 @@ def group_profiles(
     if method not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {method!r}; choose one of {AGGREGATIONS}")
     source = rows if isinstance(rows, pd.DataFrame) else open_table(rows)
-    metadata_cols, feature_names = _columns(source)
+    metadata_cols, feature_names = table_columns(source)
     missing = [c for c in key_cols if c not in metadata_cols]
     if missing:
         raise ValueError(f"column(s) {missing} not in the table; metadata columns are {metadata_cols}. Name the "
@@ -270,28 +187,6 @@ def group_profiles(
                     list(feature_names), keys[order], [c for c in metadata_cols if c not in kept])
 
 
-def align_rows(
-    metadata: pd.DataFrame,
-    features: np.ndarray,
-    perturbation_col: str = "Metadata_perturbation",
-    controls: Sequence[str] | None = None,
-    control_col: str | None = None,
-    batch_col: str | None = None,
-    alignment: str = "tvn",
-    align_options: Mapping | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Batch-correct ``features`` (n, D) on the control rows, per ``batch_col`` value when given.
-
-    Returns:
-        (aligned (n, D'), is_control (n,)): D' = D except for a truncating PCA / TVN ``n_components``.
-    """
-    _require_columns(metadata, [perturbation_col, batch_col])
-    is_control = control_mask(metadata, perturbation_col, controls, control_col, required=alignment != "none")
-    batch = metadata[batch_col].astype(str).to_numpy() if batch_col else None
-    aligned = align(features, is_control, batch, method=alignment, **dict(align_options or {}))
-    return aligned, is_control
-
-
 def aligned_feature_names(feature_names: Sequence[str], width: int, alignment: str) -> list[str]:
     """Column names after alignment: the input's for a per-feature correction, ``{alignment}_0000``... after a rotation."""
     if alignment in ("none", "center_scale") and width == len(feature_names):
@@ -309,7 +204,7 @@ def group_rows(
 ) -> Profiles:
     """``group_profiles`` of rows already in memory: ``metadata`` (n rows) and their ``features`` (n, D)."""
     names = list(feature_names) if feature_names is not None else [f"feature_{i:04d}" for i in range(features.shape[1])]
-    meta = metadata[[c for c in metadata.columns if str(c).startswith(METADATA_PREFIX)]].reset_index(drop=True)
+    meta = metadata[[c for c in metadata.columns if is_metadata(c)]].reset_index(drop=True)
     table = pd.concat([meta, pd.DataFrame(features, columns=names)], axis=1)
     return group_profiles(table, key_cols, method=method, count_col=count_col, batch_rows=max(len(table), 1))
 
@@ -368,49 +263,38 @@ def write_profile_table(profiles: Profiles, path: str | Path, format: str = "par
     return path
 
 
-def write_profiles(
-    embeddings: str | Path | pd.DataFrame,
-    out_dir: str | Path,
-    well_cols: Sequence[str] = WELL_COLUMNS,
-    aggregation: str = "mean",
-    perturbation_col: str = "Metadata_perturbation",
-    controls: Sequence[str] | None = None,
-    control_col: str | None = None,
-    batch_col: str | None = None,
-    alignment: str = "tvn",
-    align_options: Mapping | None = None,
-    perturbations: bool = False,
-    format: str = "parquet",
-    progress: bool = True,
-) -> dict:
+def write_profiles(embeddings: str | Path | pd.DataFrame, out_dir: str | Path,
+                   options: ProfilesOptions | None = None) -> dict:
     """Fields -> wells -> aligned wells (-> perturbations), written into ``out_dir`` (see the module docstring).
 
     Args:
         embeddings: a ``cellmae embed`` folder, a Parquet/CSV table, or a DataFrame.
         out_dir: output folder (created).
-        well_cols: the columns naming a well.
-        aggregation: "mean" or "median", for fields -> wells and wells -> perturbations.
-        perturbation_col, controls, control_col, batch_col, alignment, align_options: as ``cellmae evaluate``;
-            the alignment is fitted on the control wells.
-        perturbations: also write one profile per perturbation (control wells left out).
-        format: "parquet" or "h5ad".
+        options: ``cellmae profiles``'s (default: its defaults): ``well_cols`` name a well, ``aggregation`` makes
+            fields -> wells and wells -> perturbations, the alignment is fitted on the control wells,
+            ``perturbations`` also writes one profile per perturbation (control wells left out), ``format`` is
+            parquet or h5ad. ``cells`` is not read here: the command aggregates the cells first.
 
     Returns:
         The ``_profiles_info.json`` dict: options, ``n_fields``, ``n_wells``, ``n_control_wells``,
         ``n_perturbations``, ``left_out_columns`` and the files written.
     """
+    options = options or ProfilesOptions()
+    well_cols, aggregation, format = options.well_cols, options.aggregation, options.format
     if format not in PROFILE_FORMATS:
         raise ValueError(f"unknown --format {format!r}; choose one of {PROFILE_FORMATS}")
-    wells = group_profiles(embeddings, well_cols, method=aggregation, count_col="Metadata_n_fields", progress=progress)
-    aligned, is_control = align_rows(wells.metadata, wells.vectors, perturbation_col, controls, control_col, batch_col,
-                                     alignment, align_options)
-    names = aligned_feature_names(wells.feature_names, aligned.shape[1], alignment)
+    wells = group_profiles(embeddings, well_cols, method=aggregation, count_col="Metadata_n_fields",
+                           progress=not options.no_progress)
+    aligned, is_control = align_rows(wells.metadata, wells.vectors, options)
+    names = aligned_feature_names(wells.feature_names, aligned.shape[1], options.alignment)
     aligned_wells = Profiles(wells.metadata, aligned, names, wells.keys, wells.varying_columns)
     info = {
         "source": str(embeddings) if not isinstance(embeddings, pd.DataFrame) else "DataFrame",
-        "options": {"well_cols": list(well_cols), "aggregation": aggregation, "perturbation_col": perturbation_col,
-                    "controls": list(controls) if controls else None, "control_col": control_col, "batch_col": batch_col,
-                    "alignment": alignment, "align_options": dict(align_options or {}), "format": format},
+        "options": {"well_cols": list(well_cols), "aggregation": aggregation,
+                    "perturbation_col": options.perturbation_col,
+                    "controls": list(options.controls) if options.controls else None,
+                    "control_col": options.control_col, "batch_col": options.batch_col,
+                    "alignment": options.alignment, "align_options": options.align_keywords(), "format": format},
         "n_fields": int(wells.metadata["Metadata_n_fields"].sum()),
         "n_wells": len(wells.keys),
         "n_control_wells": int(is_control.sum()),
@@ -420,8 +304,8 @@ def write_profiles(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     info["files"]["wells"] = write_profile_table(aligned_wells, out_dir / WELLS_NAME, format, info).name
-    if perturbations:
-        per = perturbation_profiles(wells.metadata, aligned, is_control, perturbation_col, aggregation, names)
+    if options.perturbations:
+        per = perturbation_profiles(wells.metadata, aligned, is_control, options.perturbation_col, aggregation, names)
         info["n_perturbations"] = len(per.keys)
         info["left_out_columns"].update({c: "differs between the wells of a perturbation" for c in per.varying_columns
                                          if c not in info["left_out_columns"]})
@@ -432,12 +316,9 @@ def write_profiles(
 
 __all__ = [
     "Profiles",
-    "align_rows",
     "aligned_feature_names",
-    "group_keys",
     "group_profiles",
     "group_rows",
-    "open_table",
     "perturbation_profiles",
     "write_profile_table",
     "write_profiles",

@@ -58,6 +58,15 @@ class CellOptions:
         if self.mask_dilation < 0:
             raise ValueError(f"mask_dilation={self.mask_dilation} must be >= 0 (pixels)")
 
+    @classmethod
+    def from_options(cls, options) -> CellOptions:
+        """The cells ``cellmae embed --single-cell`` describes: an ``EmbedOptions``' single-cell and segmentation
+        fields (``--cell-border``, ``--cell-objects``, comma-separated ``--cell-channels``...)."""
+        return cls(cell_tokens=options.cell_tokens, mask_dilation=options.mask_dilation, border=options.cell_border,
+                   masks=options.masks, objects=options.cell_objects, nuclei_channel=options.nuclei_channel,
+                   cell_channels=options.cell_channels.split(",") if options.cell_channels else None,
+                   nucleus_diameter=options.nucleus_diameter)
+
 
 # ---------------------------------------------------------------- label images
 

@@ -26,84 +26,66 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .options import EvaluateOptions
+from .tables import (METADATA_PREFIX, WELL_COLUMNS, AlignedTable, aligned_profiles, control_mask, metadata_column,
+                     well_profiles)
 
 SUITE_PLOT = "suite.png"
 CELLPROFILER_PLOT = "cellprofiler_r2.png"  # median R² per CellProfiler category, one bar per featuriser
 
 
-def _well_table(metadata: pd.DataFrame, aligned: np.ndarray, well_cols: Sequence[str]) -> tuple[pd.DataFrame, np.ndarray]:
-    """Aligned fields averaged per well (``profiles.group_rows``): (metadata of each well, (n_wells, D)).
-
-    A table without all of ``well_cols`` (already one row per well, or per replicate) is used as is.
-    """
-    from .profiles import group_rows
-
-    if not all(c in metadata.columns for c in well_cols):
-        return metadata, aligned
-    wells = group_rows(metadata, aligned, well_cols)
-    return wells.metadata, wells.vectors
-
-
 def evaluate_suite(
     tables: Mapping[str, pd.DataFrame],
     pairs: Mapping[str, pd.DataFrame] | None = None,
-    probe_labels: Sequence[str] = (),
-    consistency_col: str | None = None,
+    options: EvaluateOptions | None = None,
     cellprofiler: pd.DataFrame | None = None,
-    perturbation_col: str = "Metadata_perturbation",
-    controls: Sequence[str] | None = None,
-    control_col: str | None = None,
-    batch_col: str | None = None,
-    alignment: str = "tvn",
-    align_options: Mapping | None = None,
-    well_cols: Sequence[str] = ("Metadata_plate", "Metadata_well"),
+    well_cols: Sequence[str] = WELL_COLUMNS,
     null_size: int = 1000,
-    seed: int = 0,
     out_dir: str | Path | None = None,
-    model_label: str = "model",
+    aligned: Mapping[str, AlignedTable] | None = None,
 ) -> dict:
     """Every evaluation of the suite for each table in ``tables`` (``{featuriser name: table}``).
 
     Args:
         tables: embedding tables (``Metadata_*`` + feature columns), the model's first.
         pairs: ``{source: DataFrame with entity1, entity2}`` known relationships for gene-set recall.
-        probe_labels: metadata columns to probe (``Metadata_`` prefix optional), e.g. ``["complex"]``.
-        consistency_col: per-perturbation group column for consistency mAP (e.g. ``Metadata_complex``).
+        options: ``cellmae evaluate``'s; the suite reads the alignment (``tables.align_rows``), ``probe`` (metadata
+            columns to probe, ``Metadata_`` prefix optional), ``consistency_col`` (per-perturbation group column
+            for consistency mAP), ``seed`` and ``model_label``.
         cellprofiler: CellProfiler features of the same fields (``cellmae embed cellprofiler``), the
             target of the prediction; a table that *is* this one is not scored against itself.
-        perturbation_col, controls, control_col, batch_col, alignment, align_options: as ``build_map``.
-        well_cols: columns naming a well (the replicate unit).
-        null_size, seed: copairs null distribution.
+        well_cols: columns naming a well (the replicate unit); a table without all of them (already one row per
+            well, or per replicate) is used as is.
+        null_size: copairs null distribution (with ``options.seed``).
         out_dir: where to write the comparison plot ``suite.png`` (None: no plot).
+        aligned: ``{name: tables.aligned_profiles(table, options)}`` already computed (``evaluate_embeddings``
+            aligns each table once for the recall and the suite); the others are aligned here.
     """
     from .cellprofiler import cellprofiler_prediction
     from .probe import probe_embeddings
-    from .profiles import align_rows, perturbation_profiles
-    from .report import control_mask, split_table
     from .retrieval import consistency_map, gene_set_recall, replicate_map
 
+    options = options or EvaluateOptions()
+    perturbation_col, seed, model_label = options.perturbation_col, options.seed, options.model_label
     results = {}
     for name, table in tables.items():
-        metadata, features = split_table(table)
-        aligned, is_control = align_rows(metadata, features, perturbation_col, controls, control_col, batch_col,
-                                         alignment, align_options)
+        rows = (aligned or {}).get(name) or aligned_profiles(table, options)
+        metadata = rows.metadata
         entry: dict = {}
-        if probe_labels:
+        if options.probe:
             entry["probe"] = {}
-            for label in probe_labels:
-                logistic = probe_embeddings(table, label, batch_col=batch_col or "Metadata_plate",
-                                            control_col=control_col or "Metadata_is_control")
-                knn = probe_embeddings(table, label, classifier="knn", batch_col=batch_col or "Metadata_plate",
-                                       control_col=control_col or "Metadata_is_control")
+            for label in options.probe:
+                logistic = probe_embeddings(table, label, batch_col=options.batch_col or "Metadata_plate",
+                                            control_col=options.control_col or "Metadata_is_control")
+                knn = probe_embeddings(table, label, classifier="knn", batch_col=options.batch_col or "Metadata_plate",
+                                       control_col=options.control_col or "Metadata_is_control")
                 entry["probe"][logistic["label"]] = {
                     "logistic": logistic["accuracy"], "logistic_std": logistic["accuracy_std"],
                     "knn": knn["accuracy"], "knn_std": knn["accuracy_std"], "chance": logistic["chance_uniform"],
                     "n_classes": logistic["n_classes"], "n_wells": logistic["n_units"], "split": logistic["split"],
                 }
-        labels = metadata[perturbation_col].astype(str).to_numpy()
-        treated = ~np.isin(labels, np.unique(labels[is_control]))
-        per_gene = perturbation_profiles(metadata, aligned, is_control, perturbation_col)
-        genes, profiles = per_gene.keys.astype(str), per_gene.vectors
+        treated = ~np.isin(rows.labels(), rows.control_labels())
+        genes, profiles = rows.perturbations()
         if pairs:
             entry["gene_set_recall"] = {}
             for source, frame in pairs.items():
@@ -113,13 +95,17 @@ def evaluate_suite(
                     entry["gene_set_recall"][source] = {"skipped": str(error)}
                     continue
                 entry["gene_set_recall"][source] = {k: scored[k] for k in ("recall", "chance", "n_genes_scored")}
-        wells, well_vectors = _well_table(metadata, aligned, well_cols)
-        well_controls = control_mask(wells, perturbation_col, controls, control_col, required=alignment != "none")
+        if all(c in metadata.columns for c in well_cols):
+            wells, well_vectors = well_profiles(metadata, rows.aligned, well_cols)
+        else:
+            wells, well_vectors = metadata, rows.aligned
+        well_controls = control_mask(wells, perturbation_col, options.controls, options.control_col,
+                                     required=options.alignment != "none")
         if well_controls.any() and (~well_controls).any():
             entry["replicate_map"] = replicate_map(wells, well_vectors, perturbation_col, well_controls,
                                                    well_cols=tuple(well_cols), null_size=null_size, seed=seed)
-        if consistency_col:
-            column = consistency_col if consistency_col.startswith("Metadata_") else f"Metadata_{consistency_col}"
+        if options.consistency_col:
+            column = metadata_column(options.consistency_col)
             group_of = metadata[treated].groupby(perturbation_col)[column].first()
             entry["consistency_map"] = consistency_map(profiles, list(genes), [group_of.get(g) for g in genes],
                                                        null_size=null_size, seed=seed)
@@ -131,7 +117,7 @@ def evaluate_suite(
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        plot_suite(report, out_dir / SUITE_PLOT, model_label=model_label, alignment=alignment)
+        plot_suite(report, out_dir / SUITE_PLOT, model_label=model_label, alignment=options.alignment)
         report["plot"] = SUITE_PLOT
         predicted = {(model_label if name == "model" else name): entry["cellprofiler_prediction"]
                      for name, entry in results.items() if "cellprofiler_prediction" in entry}
@@ -149,7 +135,7 @@ def suite_rows(report: dict) -> dict[str, dict[str, float]]:
     for name, entry in report["featurizers"].items():
         row = {}
         for label, probe in entry.get("probe", {}).items():
-            short = label.removeprefix("Metadata_")
+            short = label.removeprefix(METADATA_PREFIX)
             row[f"probe {short}"] = probe["logistic"]
             row[f"kNN {short}"] = probe["knn"]
         for source, scored in entry.get("gene_set_recall", {}).items():
@@ -171,7 +157,7 @@ def suite_spread(report: dict) -> dict[str, dict[str, float]]:
     for name, entry in report["featurizers"].items():
         row = {}
         for label, probe in entry.get("probe", {}).items():
-            short = label.removeprefix("Metadata_")
+            short = label.removeprefix(METADATA_PREFIX)
             row[f"probe {short}"] = probe.get("logistic_std", np.nan)
             row[f"kNN {short}"] = probe.get("knn_std", np.nan)
         spread[name] = row
@@ -183,7 +169,7 @@ def suite_chance(report: dict) -> dict[str, float]:
     first = next(iter(report["featurizers"].values()), {})
     chances = {}
     for label, probe in first.get("probe", {}).items():
-        short = label.removeprefix("Metadata_")
+        short = label.removeprefix(METADATA_PREFIX)
         chances[f"probe {short}"] = chances[f"kNN {short}"] = probe["chance"]
     chances.update({f"gene-set recall {s}": v["chance"] for s, v in first.get("gene_set_recall", {}).items() if "chance" in v})
     return chances

@@ -242,7 +242,7 @@ def build_pretraining_parser():
     """The `cellmae pretrain` argument parser: one option per PretrainingArguments field (standard library only)."""
     import argparse
 
-    from ..cli import _ArgumentParser, accept_both_spellings, add_dataclass_options
+    from ..options import ArgumentParser as _ArgumentParser, accept_both_spellings, add_dataclass_options
 
     parser = _ArgumentParser(
         prog="cellmae pretrain",
