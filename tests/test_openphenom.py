@@ -63,7 +63,7 @@ def test_conversion_refuses_keys_it_does_not_know(openphenom_weights):
         convert_openphenom_state_dict(state_dict)
 
 
-@pytest.mark.parametrize("channels", [3, 6, 11])
+@pytest.mark.parametrize("channels", [3, 6, pytest.param(11, marks=pytest.mark.slow)])  # 11: 7 s on CI
 def test_converted_model_gives_openphenom_embeddings(openphenom_weights, converted, channels):
     state_dict = openphenom_weights[0]
     pixels = torch.from_numpy(np.random.default_rng(channels).integers(0, 256, (1, channels, 256, 256), dtype=np.uint8))

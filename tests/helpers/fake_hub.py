@@ -33,6 +33,8 @@ from urllib.parse import unquote, urlsplit
 
 import yaml
 
+from tests.helpers.data_fixtures import SHARED_DATA
+
 # Licence identifiers the fake accepts in card metadata (a subset of the Hub's list).
 KNOWN_LICENSES = {"apache-2.0", "mit", "bsd-3-clause", "cc-by-4.0", "cc-by-nc-4.0", "cc0-1.0", "other", "unknown"}
 
@@ -314,7 +316,6 @@ class _Handler(BaseHTTPRequestHandler):
 # -- a trained tiny model folder, as training and evaluation write it (for the hub tests) ------------
 
 CHANNELS = ["AGP", "DNA", "ER", "Mito", "RNA"]  # the JUMP crops in ../shared/data, w1..w5
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def real_image_or_none():
