@@ -30,7 +30,7 @@ PRESETS: dict[str, dict] = {
     "vit_l16": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, patch_size=16),
     "vit_l8": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, patch_size=8),
     # OpenPhenom (Phenom-Beta CA-MAE ViT-S/16) exactly as released: per-channel decoder for 6 channels,
-    # no final encoder norm, decoder LayerNorm eps 1e-5 (see OPENPHENOM_SPEC). timm <= 1.0.24 added its
+    # no final encoder norm, decoder LayerNorm eps 1e-5 (as in OpenPhenom's public code). timm <= 1.0.24 added its
     # `mlp_bias` partly to q, k and v: `openphenom.py` converts that into ordinary mlp/qkv biases.
     "openphenom": dict(
         image_size=256, patch_size=16, max_channels=11,

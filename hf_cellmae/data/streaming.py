@@ -18,7 +18,7 @@ How the order is made (and why resume is exact):
   ``fields x crops_per_field`` samples in a permutation drawn from ``(seed, e, unit)``. Each sample's crop
   position, flips/rotation and channel subset come from its own seed ``(seed, e, unit, index)``.
   So the order is a pure function of ``(seed, epoch)``: no shuffle buffer (a buffer loses the examples
-  it holds when you resume: ``HF_NOTES.md`` measured 60 of 256), nothing lost, nothing repeated.
+  it holds when you resume: a measured resume lost 60 of 256), nothing lost, nothing repeated.
 - That epoch sequence is cut into ``world_size * num_workers`` contiguous "pieces" of equal size
   (+-1 sample); pieces are what ``datasets`` calls shards (``stream.n_shards``). Rank ``r`` reads pieces
   ``[r*num_workers, (r+1)*num_workers)`` and each DataLoader worker one of them, so every sample is read
