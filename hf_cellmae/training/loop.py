@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..configuration_cellmae import PRESETS, CellMAEConfig
+from ..configuration_cellmae import CellMAEConfig
 from ..data.labels import IDENTITY_COLUMNS, LabelVocabulary, check_labels, is_missing_label, label_vocabulary, label_warnings
 from ..data.shards import load_manifest
 from ..data.streaming import skipped_fields, stream_fields
@@ -41,6 +41,7 @@ from ..modeling_cellmae import CellMAEForPreTraining
 from .arguments import PretrainingArguments, changed_result_arguments
 from .checkpoints import load_checkpoint, load_data_state, on_every_rank, resolve_checkpoint, save_checkpoint
 from .figures import reconstruction_figure, save_figure
+from .models import build_model
 from .device_defaults import compile_backend, detect_device_defaults
 from .optimization import build_optimizer, build_scheduler, skip_step_if, skips_on_device
 
@@ -49,66 +50,6 @@ logger = logging.getLogger(__name__)
 
 class NonFiniteLossError(RuntimeError):
     """Raised after too many consecutive steps with a NaN or infinite loss."""
-
-
-def build_model(args: PretrainingArguments, manifest: dict, labels: LabelVocabulary | None = None):
-    """A new model from `model_type`, `model_preset` + `model_overrides` (channel names from the shards), or `init_from`;
-    for `wsl`/`classify`, an image classifier over `labels`."""
-    if args.objective != "mae":
-        return build_classifier(args, manifest, labels)
-    if args.model_type == "munet":
-        return build_munet(args, manifest)
-    if args.init_from:
-        return CellMAEForPreTraining.from_pretrained(args.init_from)
-    overrides = args.overrides
-    channels = list(manifest["channels"])
-    overrides.setdefault("channel_names", channels)
-    preset_max = PRESETS.get(args.model_preset, {}).get("max_channels", CellMAEConfig().max_channels)
-    overrides.setdefault("max_channels", max(preset_max, len(overrides["channel_names"])))
-    return CellMAEForPreTraining(CellMAEConfig.from_preset(args.model_preset, **overrides))
-
-
-def build_munet(args: PretrainingArguments, manifest: dict):
-    """A MU-Net: fixed-channel, built for exactly the shards' channels, so every crop must carry all of them."""
-    from ..configuration_munet import CellMUNetConfig
-    from ..modeling_munet import CellMUNetForPreTraining
-
-    if args.channel_subset:
-        raise UserError(
-            f"channel_subset={args.channel_subset} trains on random channel subsets, but a MU-Net is fixed-channel "
-            f"(built for all {len(manifest['channels'])} channels of the shards); drop --channel-subset or use --model-type cellmae"
-        )
-    if args.init_from:
-        return CellMUNetForPreTraining.from_pretrained(args.init_from)
-    channels = list(manifest["channels"])
-    overrides = {"channel_names": channels, "num_channels": len(channels), **args.overrides}
-    return CellMUNetForPreTraining(CellMUNetConfig.from_preset(args.model_preset, **overrides))
-
-
-def build_classifier(args: PretrainingArguments, manifest: dict, labels: LabelVocabulary):
-    """`wsl`: a classifier built from the preset, all weights random; `classify`: the encoder of `args.init_from`
-    (its decoder dropped) with a new head for `labels`."""
-    from transformers import AutoModelForImageClassification
-
-    from ..configuration_munet import CellMUNetConfig
-    from ..modeling_cellmae import CellMAEForImageClassification
-    from ..modeling_munet import CellMUNetForImageClassification
-
-    head = dict(num_labels=len(labels.labels), id2label=labels.id2label, label2id=labels.label2id,
-                classifier_batch_norm=args.batch_norm)
-    if args.objective == "classify":
-        return AutoModelForImageClassification.from_pretrained(args.init_from, **head, **args.overrides)
-    channels = list(manifest["channels"])
-    if args.model_type == "munet":
-        if args.channel_subset:
-            raise UserError(f"channel_subset={args.channel_subset}: a MU-Net is fixed-channel; drop --channel-subset or use --model-type cellmae")
-        overrides = {"channel_names": channels, "num_channels": len(channels), **args.overrides, **head}
-        return CellMUNetForImageClassification(CellMUNetConfig.from_preset(args.model_preset, **overrides))
-    overrides = {**args.overrides, **head}
-    overrides.setdefault("channel_names", channels)
-    preset_max = PRESETS.get(args.model_preset, {}).get("max_channels", CellMAEConfig().max_channels)
-    overrides.setdefault("max_channels", max(preset_max, len(overrides["channel_names"])))
-    return CellMAEForImageClassification(CellMAEConfig.from_preset(args.model_preset, **overrides))
 
 
 def supervision(args: PretrainingArguments) -> LabelVocabulary | None:
@@ -458,7 +399,8 @@ def pretrain(args: PretrainingArguments) -> dict:
         output_dir.mkdir(parents=True, exist_ok=True)
         args.save(output_dir / "training_args.json")
     if trackers:
-        accelerator.init_trackers("cellmae", config={k: v for k, v in args.to_dict().items() if isinstance(v, (int, float, str, bool))})
+        logged = {k: json.dumps(v) if isinstance(v, dict) else v for k, v in args.to_dict().items()}  # model_overrides
+        accelerator.init_trackers("cellmae", config={k: v for k, v in logged.items() if isinstance(v, (int, float, str, bool))})
 
     def save_reconstruction(step: int) -> Path | None:
         if validation is None:  # a classifier reconstructs nothing
