@@ -66,6 +66,7 @@ def _model_class(model_type: str, supervised: bool):
         from ..modeling_munet import CellMUNetForImageClassification, CellMUNetForPreTraining
 
         return CellMUNetForImageClassification if supervised else CellMUNetForPreTraining
-    from ..modeling_cellmae import CellMAEForImageClassification, CellMAEForPreTraining
+    from ..modeling_cellmae import CellMAEForPreTraining
+    from ..modeling_cellmae_heads import CellMAEForImageClassification
 
     return CellMAEForImageClassification if supervised else CellMAEForPreTraining
