@@ -24,7 +24,7 @@ _EXPORTS = {
     "CellMAEModel": ".modeling_cellmae",
     "CellMAEModelOutput": ".modeling_cellmae",
     "CellMAEPreTrainedModel": ".modeling_cellmae",
-    "CellMAEForImageClassification": ".modeling_cellmae",
+    "CellMAEForImageClassification": ".modeling_cellmae_heads",
     "MUNET_PRESETS": ".configuration_munet",
     "CellMUNetConfig": ".configuration_munet",
     "CellMUNetForImageClassification": ".modeling_munet",

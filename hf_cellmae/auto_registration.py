@@ -35,7 +35,8 @@ def register_auto_classes() -> None:
     from .configuration_cellmae import CellMAEConfig
     from .image_processing_cellmae import CellMAEImageProcessor
     from .configuration_munet import CellMUNetConfig
-    from .modeling_cellmae import CellMAEForImageClassification, CellMAEForPreTraining, CellMAEModel
+    from .modeling_cellmae import CellMAEForPreTraining, CellMAEModel
+    from .modeling_cellmae_heads import CellMAEForImageClassification
     from .modeling_munet import CellMUNetForImageClassification, CellMUNetForPreTraining, CellMUNetModel
     from .pipeline_cellmae import CellFeatureExtractionPipeline
 
@@ -73,6 +74,7 @@ _TRIGGERS = (
     "transformers",
     "hf_cellmae.configuration_cellmae",
     "hf_cellmae.modeling_cellmae",
+    "hf_cellmae.modeling_cellmae_heads",
     "hf_cellmae.configuration_munet",
     "hf_cellmae.modeling_munet",
     "hf_cellmae.image_processing_cellmae",

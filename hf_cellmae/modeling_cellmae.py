@@ -6,7 +6,9 @@ patch embedding, so a model sees any number of channels in any order; tokens are
 (channel, patch row, patch column) and every channel gets the same 2-D sin-cos position code.
 
 This file imports only torch, transformers and `configuration_cellmae` (relatively), so
-`save_pretrained` copies it next to the weights and `trust_remote_code=True` loads it anywhere.
+`save_pretrained` copies it next to the weights and `trust_remote_code=True` loads it anywhere. The heads on
+the encoder (the image classifier, plate-wise batch normalisation) are in `modeling_cellmae_heads.py`, copied
+with it; MU-Net (`modeling_munet.py`) shares this file's patches, masking and loss.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ AUTO_MAP = {
     "AutoConfig": "configuration_cellmae.CellMAEConfig",
     "AutoModel": "modeling_cellmae.CellMAEModel",
     "AutoModelForPreTraining": "modeling_cellmae.CellMAEForPreTraining",
-    "AutoModelForImageClassification": "modeling_cellmae.CellMAEForImageClassification",  # fine-tune any folder
+    # fine-tune any folder: the head lives in modeling_cellmae_heads.py, which save_pretrained copies beside this file
+    "AutoModelForImageClassification": "modeling_cellmae_heads.CellMAEForImageClassification",
 }
 
 
@@ -230,6 +233,29 @@ def fourier_loss(
     return fourier_magnitude_l1(
         unpatchify(composite, num_channels, patch_size, grid), unpatchify(target, num_channels, patch_size, grid)
     ).mean()
+
+
+def reconstruction_loss(config, logits, pixel_values, mask, grid, mask_ratio: float):
+    """The MAE loss of CA-MAE and MU-Net: `(1 - w) * mse_loss + w * fourier_loss` over the masked patches, with
+    `w = config.fourier_loss_weight`; returns (loss, mse, fourier).
+
+    `logits (B, L, p*p)`, `pixel_values (B, C, H, W)`, `mask (B, L)`, `grid` the `(rows, cols)` of patches. With
+    nothing masked (`mask_ratio` 0) every patch is scored instead of dividing by zero.
+    """
+    target = patchify(pixel_values, config.patch_size).float()  # (B, L, p*p)
+    prediction = logits.float()
+    if config.norm_pix_loss:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1e-6) ** 0.5
+    weights = mask if mask_ratio > 0 else torch.ones_like(mask)  # (B, L)
+    mse = mse_loss(prediction, target, weights)
+    fourier = fourier_loss(
+        prediction, target, weights, pixel_values.shape[1], config.patch_size, grid,
+        config.fourier_loss_scope, config.mask_fourier_loss,
+    )
+    weight = config.fourier_loss_weight
+    return (1 - weight) * mse + weight * fourier, mse, fourier
 
 
 def legacy_timm_parallel_biases(mlp_bias: torch.Tensor, qkv_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -984,27 +1010,10 @@ class CellMAEForPreTraining(CellMAEPreTrainedModel):
         return unpatchify(patches, num_channels, self.config.patch_size, grid)
 
     def compute_loss(self, logits, pixel_values, mask, grid, mask_ratio: float | None = None):
-        """`(1 - w) * mse_loss + w * fourier_loss` over the masked patches; returns (loss, mse, fourier).
-
-        `logits (B, L, p*p)`, `pixel_values (B, C, H, W)`, `mask (B, L)`. With nothing masked
-        (`mask_ratio` 0) every patch is scored instead of dividing by zero.
-        """
-        config = self.config
-        target = self.patchify(pixel_values).float()  # (B, L, p*p)
-        prediction = logits.float()
-        if config.norm_pix_loss:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + 1e-6) ** 0.5
-        ratio = config.mask_ratio if mask_ratio is None else mask_ratio
-        weights = mask if ratio > 0 else torch.ones_like(mask)
-        mse = mse_loss(prediction, target, weights)
-        fourier = fourier_loss(
-            prediction, target, weights, pixel_values.shape[1], config.patch_size, grid,
-            config.fourier_loss_scope, config.mask_fourier_loss,
-        )
-        weight = config.fourier_loss_weight
-        return (1 - weight) * mse + weight * fourier, mse, fourier
+        """`reconstruction_loss` with this model's config (`mask_ratio` default: `config.mask_ratio`);
+        returns (loss, mse, fourier)."""
+        ratio = self.config.mask_ratio if mask_ratio is None else mask_ratio
+        return reconstruction_loss(self.config, logits, pixel_values, mask, grid, ratio)
 
     def forward(
         self,
@@ -1028,7 +1037,7 @@ class CellMAEForPreTraining(CellMAEPreTrainedModel):
             mask_seed (`int`, *optional*): seed for the masking noise when `noise` is not given.
             validate_inputs (`bool`, *optional*): also check input values (see `CellMAEModel.forward`).
         """
-        ratio = self.config.mask_ratio if mask_ratio is None else mask_ratio
+        ratio = self.config.mask_ratio if mask_ratio is None else mask_ratio  # read once: the mask and the loss use it
         encoded = self.cellmae.forward_masked(
             pixel_values, ratio, noise, mask_seed, channel_ids, output_hidden_states, validate_inputs
         )
@@ -1039,7 +1048,7 @@ class CellMAEForPreTraining(CellMAEPreTrainedModel):
             encoded.last_hidden_state, encoded.ids_restore, encoded.channel_ids, grid,
             host_channel_list(channel_ids, channels), check_values,
         )  # (B, L, p*p)
-        loss, mse, fourier = self.compute_loss(logits, pixel_values, encoded.mask, grid, ratio)
+        loss, mse, fourier = reconstruction_loss(self.config, logits, pixel_values, encoded.mask, grid, ratio)
         output = CellMAEForPreTrainingOutput(
             loss=loss,
             mse_loss=mse,
@@ -1062,133 +1071,17 @@ __all__ = [
     "CellMAEPreTrainedModel",
 ]
 
-
-# ----------------------------------------------------------------------------------------------
-# Classification head (fine-tuning), in the style of transformers' ViTForImageClassification
-# ----------------------------------------------------------------------------------------------
-# (imported here, not at the top, so that this section stays apart from the rest of the file)
-from transformers.modeling_outputs import ImageClassifierOutput  # noqa: E402
-
-class CellMAEAttentionPool(nn.Module):
-    """A learned query attends to the tokens: `(B, L, D)` -> `(B, D)` (attention-pooled read-out)."""
-
-    def __init__(self, dim: int, num_heads: int, eps: float = 1e-6):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"attention pooling width {dim} is not divisible by {num_heads} heads.")
-        self.num_heads = num_heads
-        self.query = nn.Parameter(torch.zeros(1, 1, dim))
-        self.norm = nn.LayerNorm(dim, eps=eps)
-        self.key_value = nn.Linear(dim, 2 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        batch, length, dim = tokens.shape
-        head_dim = dim // self.num_heads
-        key, value = self.key_value(self.norm(tokens)).chunk(2, dim=-1)  # (B, L, D) each
-        query = self.query.to(tokens.dtype).expand(batch, -1, -1)  # (B, 1, D)
-        q = query.reshape(batch, 1, self.num_heads, head_dim).transpose(1, 2)  # (B, H, 1, hd)
-        k = key.reshape(batch, length, self.num_heads, head_dim).transpose(1, 2)  # (B, H, L, hd)
-        v = value.reshape(batch, length, self.num_heads, head_dim).transpose(1, 2)
-        pooled = F.scaled_dot_product_attention(q, k, v)  # (B, H, 1, hd)
-        return self.proj(pooled.transpose(1, 2).reshape(batch, dim))
+# The heads live in modeling_cellmae_heads.py (they subclass this file's classes); `hf_cellmae.modeling_cellmae.X`
+# still finds them. The relative import below is also what makes save_pretrained copy that file beside this one.
+_HEADS = ("CellMAEAttentionPool", "CellMAEForImageClassification", "classifier_input", "plate_batch_norm")
 
 
-def plate_batch_norm(embeddings: torch.Tensor, plate_ids: torch.Tensor | None, scale: bool = True, eps: float = 1e-5):
-    """Plate-wise batch normalisation: each embedding minus the mean (and, with `scale`, over the standard
-    deviation), per feature, of the embeddings of the same plate in this batch.
+def __getattr__(name: str):
+    if name not in _HEADS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from .modeling_cellmae_heads import (
+        CellMAEAttentionPool, CellMAEForImageClassification, classifier_input, plate_batch_norm,
+    )
 
-    Why: a model trained to classify perturbations (weak supervision) can lower its loss by recognising the
-    plate a crop comes from, since plates differ in staining and illumination (batch effects) and not every
-    label is on every plate. Statistics taken per plate remove whatever all samples of a plate share, so the
-    classifier sees only how a sample differs from its plate-mates; this is the idea behind the per-plate /
-    per-experiment batch statistics of weakly supervised cell-image models (e.g. the RxRx1 baselines). Because
-    the statistics come from the batch, train and embed with several samples of each plate per batch; a plate
-    with a single sample in the batch gets a zero embedding.
-
-    Args:
-        embeddings: `(B, D)` pooled embeddings.
-        plate_ids: `(B,)` integer plate of each sample; `None` treats the whole batch as one plate.
-        scale: also divide by the plate's standard deviation (`"plate"`); `False` only centres (`"plate_center"`).
-    Returns:
-        `(B, D)`, computed with a `(B, B)` same-plate matrix (no host synchronisation, unlike `torch.unique`).
-    """
-    if plate_ids is None:
-        plate_ids = torch.zeros(embeddings.shape[0], dtype=torch.long, device=embeddings.device)
-    same = (plate_ids[:, None] == plate_ids[None, :]).to(embeddings.dtype)  # (B, B) 1 where same plate
-    share = same / same.sum(dim=1, keepdim=True)  # (B, B) rows average over one's plate-mates
-    centred = embeddings - share @ embeddings  # (B, D)
-    if not scale:
-        return centred
-    variance = share @ centred.square()  # (B, D): a plate's mates share its mean, so this is the plate's variance
-    return centred * torch.rsqrt(variance + eps)
-
-
-def classifier_input(pooled: torch.Tensor, config, plate_ids: torch.Tensor | None) -> torch.Tensor:
-    """The pooled embedding as the classifier sees it: plate-wise normalised where `config.classifier_batch_norm` says."""
-    mode = getattr(config, "classifier_batch_norm", None)
-    if mode is None:
-        return pooled
-    return plate_batch_norm(pooled, plate_ids, scale=mode == "plate")
-
-
-class CellMAEForImageClassification(CellMAEPreTrainedModel):
-    """CA-MAE encoder + a linear classifier on the pooled patch tokens, for fine-tuning on labelled images.
-
-    `config.num_labels`, `config.id2label` and `config.label2id` describe the classes; `labels` give the
-    cross-entropy loss (or MSE / multi-label BCE following `config.problem_type`, as in transformers).
-    `config.classifier_pooling` chooses the read-out: `"mean"` of the patch tokens (the pooled embedding,
-    default) or `"attention"` (a learned query attending to them). Loading a pre-training folder keeps the
-    encoder, drops the decoder, and initialises only the head:
-
-        >>> model = CellMAEForImageClassification.from_pretrained(
-        ...     "path/to/pretrained", num_labels=3, id2label={0: "control", 1: "geneA", 2: "geneB"})
-    """
-
-    _keys_to_ignore_on_load_unexpected = [r"^decoder\."]
-
-    def __init__(self, config: CellMAEConfig):
-        super().__init__(config)
-        self.num_labels = config.num_labels
-        self.cellmae = CellMAEModel(config)
-        self.pool = (
-            CellMAEAttentionPool(config.hidden_size, config.num_attention_heads, config.layer_norm_eps)
-            if config.classifier_pooling == "attention"
-            else None
-        )
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
-        self.post_init()
-
-    @torch.no_grad()
-    def _init_weights(self, module: nn.Module) -> None:
-        super()._init_weights(module)
-        if isinstance(module, CellMAEAttentionPool):
-            init.normal_(module.query, std=self.config.initializer_range)
-
-    def forward(
-        self,
-        pixel_values: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        channel_ids=None,
-        plate_ids: torch.Tensor | None = None,
-        output_hidden_states: bool = False,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> ImageClassifierOutput:
-        r"""
-        Args:
-            pixel_values (`torch.FloatTensor` of shape `(B, C, H, W)`): standardised pixels.
-            labels (`torch.LongTensor` of shape `(B,)`, *optional*): class indices in `[0, num_labels)`.
-            channel_ids (`(C,)` or `(B, C)` ints, *optional*): stain of each channel (default `0..C-1`).
-            plate_ids (`torch.LongTensor` of shape `(B,)`, *optional*): plate of each sample, for
-                `config.classifier_batch_norm` (without them the batch counts as one plate).
-        """
-        out = self.cellmae(pixel_values, channel_ids=channel_ids, output_hidden_states=output_hidden_states)
-        pooled = out.pooler_output if self.pool is None else self.pool(out.last_hidden_state[:, 1:])  # (B, D)
-        logits = self.classifier(classifier_input(pooled, self.config, plate_ids))  # (B, num_labels)
-        loss = self.loss_function(labels, logits, self.config) if labels is not None else None
-        output = ImageClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
-        return output if return_dict is not False else output.to_tuple()
-
-
-__all__ += ["CellMAEAttentionPool", "CellMAEForImageClassification", "plate_batch_norm"]
+    heads = (CellMAEAttentionPool, CellMAEForImageClassification, classifier_input, plate_batch_norm)
+    return dict(zip(_HEADS, heads))[name]

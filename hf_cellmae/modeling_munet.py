@@ -10,8 +10,9 @@ embedding and multi-scale feature maps.
 Fixed-channel by construction: the first convolution mixes all `config.num_channels` stains, so a MU-Net takes
 exactly those channels (any order, named by `channel_ids`) and refuses any other count.
 
-This file imports only torch, transformers and, relatively, `configuration_munet` and `modeling_cellmae`
-(masking, patch and loss functions), so `save_pretrained` copies them next to the weights and
+This file imports only torch, transformers and, relatively, `configuration_munet`, `modeling_cellmae` (masking,
+patch and loss functions: the same loss and masking noise as CA-MAE's) and `modeling_cellmae_heads` (the
+classifier's read-out and plate-wise normalisation), so `save_pretrained` copies them next to the weights and
 `trust_remote_code=True` loads it anywhere.
 """
 
@@ -20,7 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
@@ -30,15 +30,14 @@ from transformers.utils import ModelOutput
 
 from .configuration_munet import CellMUNetConfig
 from .modeling_cellmae import (
-    CellMAEAttentionPool,
-    classifier_input,
-    fourier_magnitude_l1,
     from_pretrained_refusing_pickles,
-    masked_mean,
+    masking_noise,
     patchify,
     random_masking,
+    reconstruction_loss,
     unpatchify,
 )
+from .modeling_cellmae_heads import CellMAEAttentionPool, classifier_input
 
 # Written into config.json by save_pretrained so that one checkpoint loads through every Auto class.
 AUTO_MAP = {
@@ -105,34 +104,6 @@ def patch_mask_to_pixels(mask: torch.Tensor, channels: int, grid: tuple[int, int
     """`(B, C * N)` patch mask (channel-major, row-major patches) -> `(B, C, H, W)` pixel mask."""
     pixel_mask = mask.reshape(mask.shape[0], channels, *grid)  # (B, C, rows, cols)
     return pixel_mask.repeat_interleave(patch_size, dim=2).repeat_interleave(patch_size, dim=3)
-
-
-def reconstruction_loss(config, logits, pixel_values, mask, grid, mask_ratio: float):
-    """CA-MAE's loss (`CellMAEForPreTraining.compute_loss`), from the same functions: MSE over masked patches
-    mixed `(1 - w) * mse + w * fourier` with the Fourier-magnitude L1. `logits (B, L, p*p)`,
-    `pixel_values (B, C, H, W)`, `mask (B, L)`; returns (loss, mse, fourier)."""
-    target = patchify(pixel_values, config.patch_size).float()  # (B, L, p*p)
-    prediction = logits.float()
-    if config.norm_pix_loss:
-        mean = target.mean(dim=-1, keepdim=True)
-        var = target.var(dim=-1, keepdim=True)
-        target = (target - mean) / (var + 1e-6) ** 0.5
-    weights = mask if mask_ratio > 0 else torch.ones_like(mask)
-    mse = masked_mean(((prediction - target) ** 2).mean(dim=-1), weights)
-    patch = config.patch_size
-    if config.fourier_loss_scope == "patch":
-        per_patch = fourier_magnitude_l1(
-            prediction.reshape(*prediction.shape[:2], patch, patch), target.reshape(*target.shape[:2], patch, patch)
-        )  # (B, L)
-        fourier = masked_mean(per_patch, weights) if config.mask_fourier_loss else per_patch.mean()
-    else:
-        channels = pixel_values.shape[1]
-        composite = target + weights.unsqueeze(-1) * (prediction - target)  # visible patches from the target
-        fourier = fourier_magnitude_l1(
-            unpatchify(composite, channels, patch, grid), unpatchify(target, channels, patch, grid)
-        ).mean()
-    weight = config.fourier_loss_weight
-    return (1 - weight) * mse + weight * fourier, mse, fourier
 
 
 # ----------------------------------------------------------------------------------------------
@@ -378,14 +349,6 @@ class CellMUNetForPreTraining(CellMUNetPreTrainedModel):
         """`(B, C * N, patch_size**2)` (e.g. `logits`) -> `(B, C, H, W)` images."""
         return unpatchify(patches, num_channels, self.config.patch_size, grid)
 
-    def _mask_noise(self, batch, length, device, noise, mask_seed):
-        if noise is not None:
-            if noise.shape != (batch, length):
-                raise ValueError(f"noise has shape {tuple(noise.shape)}; expected ({batch}, {length}) = (B, C * N).")
-            return noise.to(device)
-        generator = torch.Generator(device=device).manual_seed(int(mask_seed)) if mask_seed is not None else None
-        return torch.rand(batch, length, device=device, generator=generator)
-
     def mask_pixels(self, pixel_values: torch.Tensor, mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Replace the masked patches' pixels by the fill: `(B, C, H, W)`, `(B, C * N)` -> `(B, C, H, W)`."""
         channels = pixel_values.shape[1]
@@ -421,7 +384,7 @@ class CellMUNetForPreTraining(CellMUNetPreTrainedModel):
         batch, channels, height, width = pixel_values.shape
         grid = (height // self.config.patch_size, width // self.config.patch_size)
         length = channels * grid[0] * grid[1]
-        noise = self._mask_noise(batch, length, pixel_values.device, noise, mask_seed)
+        noise = masking_noise(batch, length, pixel_values.device, noise, mask_seed)  # (B, L)
         # random_masking on dummy (B, L, 1) tokens: CA-MAE's mask for the same noise and ratio.
         _, mask, _ = random_masking(noise.new_zeros(batch, length, 1), ratio, noise)  # (B, L)
         mask = mask.to(pixel_values.dtype)

@@ -76,7 +76,8 @@ def add_dataclass_options(parser: argparse.ArgumentParser, options_class) -> arg
     that ``options_class(**vars(namespace))`` (or :func:`options_from_namespace`) turns into the options.
     ``bool`` fields take ``--field``, ``--field true|false`` and, when true by default, ``--no-field``;
     ``X | None`` fields take ``none``; ``list[X]`` fields take one or more values (``--field A B``).
-    A field's metadata may also give argparse's ``choices`` and ``metavar``, ``action="store_true"``
+    A field's metadata may also give argparse's ``choices`` and ``metavar``, a ``type`` (the converter of the
+    typed text, for a field such as ``dict`` that has none), ``action="store_true"``
     (a switch: ``--field`` alone, false when absent) and ``group`` (the title of the argument group it
     is listed under). The help ends with ``(default: X)`` unless it already says what the default is.
     Only the standard library is imported, so ``--help`` stays fast.
@@ -113,6 +114,7 @@ def add_dataclass_options(parser: argparse.ArgumentParser, options_class) -> arg
             item = (typing.get_args(kind) or (str,))[0]
             target.add_argument(name, type=item, nargs="+", default=default, **{"metavar": field.name.upper(), **extra}, help=shown)
             continue
+        kind = field.metadata.get("type", kind)  # a converter of the typed text, for a type that has none (dict)
         converter = _optional(kind) if optional else kind
         target.add_argument(name, type=converter, default=default, **extra, help=shown)
     return parser

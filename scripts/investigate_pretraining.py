@@ -153,10 +153,10 @@ def run(out: Path, seeds: list[int], experiments: list[str], readouts: list[str]
             train_overrides, model_overrides = EXPERIMENTS[experiment]
             if experiment == "small":  # a shipped config, measured exactly as shipped
                 values = read_config_file(SMALL_CONFIG)
-                values["model_overrides"] = json.loads(values.get("model_overrides") or "{}")
+                values["model_overrides"] = dict(values.get("model_overrides") or {})
             else:
                 values = read_config_file(DEMO_CONFIG)
-                values["model_overrides"] = {**json.loads(values.get("model_overrides") or "{}"), **REFERENCE_MODEL,
+                values["model_overrides"] = {**(values.get("model_overrides") or {}), **REFERENCE_MODEL,
                                              **model_overrides}
             values.update(data=str(shards), output_dir=str(root / experiment / "run"), seed=seed,
                           report_to="none", figure_steps=0, **train_overrides)

@@ -12,6 +12,7 @@ configs live in ``hf_cellmae/configs/`` (``examples/configs/`` links to them); `
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from dataclasses import asdict, dataclass, field, fields
@@ -37,11 +38,22 @@ OBJECTIVES = ("mae", "wsl", "classify")
 RESULT_ARGUMENTS = (
     "data", "crops_per_field", "channel_subset", "augment", "objective", "label_col", "drop_missing_labels", "unlabeled_class",
     "classifier_batch_norm", "layer_decay", "holdout_plates", "model_type", "model_preset", "decoder_preset",
-    "model_overrides", "init_from", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
-    "optimizer", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "lr_scheduler", "warmup_ratio",
+    "model_overrides", "mask_ratio", "init_from", "max_steps", "per_device_train_batch_size",
+    "gradient_accumulation_steps", "optimizer", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "lr_scheduler", "warmup_ratio",
     "max_grad_norm", "seed",
 )
 CLASSIFIER_BATCH_NORMS = ("auto", "none", "plate", "plate_center")
+
+
+def json_object(text: str) -> dict:
+    """`--model-overrides '{"image_size": 128}'`: the JSON object typed on the command line, as a dict."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({error}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"not a JSON object of model config fields: {text!r}")
+    return value
 
 
 @dataclass
@@ -67,7 +79,13 @@ class PretrainingArguments:
     model_type: str = field(default="cellmae", metadata={"help": "cellmae (channel-agnostic ViT MAE) | munet (fixed-channel masked U-Net)"})
     model_preset: str = field(default="tiny", metadata={"help": "cellmae: tiny | vit_s16 | vit_b16 | vit_l16 | vit_l8 | openphenom; munet: tiny | munet_m | munet_l"})
     decoder_preset: str | None = field(default=None, metadata={"help": "cellmae: the shared decoder's size, light (256 wide x 4 blocks) | mae (512 x 8, MAE's); default: the model preset's (docs/decoder.md)"})
-    model_overrides: str | None = field(default=None, metadata={"help": 'JSON of CellMAEConfig (or CellMUNetConfig) fields, e.g. \'{"image_size": 128, "fourier_loss_weight": 0.01}\''})
+    model_overrides: dict | None = field(default=None, metadata={
+        "type": json_object, "metavar": "JSON",
+        "help": "CellMAEConfig (or CellMUNetConfig) fields set on the model, also over --init-from's config: a mapping in "
+                'a config file, JSON on the command line, e.g. \'{"image_size": 128, "fourier_loss_weight": 0.01}\''})
+    mask_ratio: float | None = field(default=None, metadata={
+        "help": "share of each image's patch tokens hidden from the encoder (MAE's masking); overrides "
+                "model_overrides' mask_ratio; default: the model's (its preset's or --init-from's)"})
     init_from: str | None = field(default=None, metadata={"help": "start from this model folder or Hub id instead of random weights"})
     # ---- optimisation
     max_steps: int = field(default=1000, metadata={"help": "optimizer steps to train for"})
@@ -129,24 +147,27 @@ class PretrainingArguments:
             if self.model_type != "cellmae":
                 raise ValueError(f"--decoder-preset applies to --model-type cellmae, not {self.model_type}.")
             choice("decoder_preset", tuple(DECODER_PRESETS))
-        if self.model_overrides is not None and isinstance(self.model_overrides, str):
+        if isinstance(self.model_overrides, str):  # JSON text: older training_args.json files hold it so
             try:
-                json.loads(self.model_overrides)
+                self.model_overrides = json.loads(self.model_overrides)
             except json.JSONDecodeError as error:
                 raise ValueError(f"model_overrides is not valid JSON ({error}): {self.model_overrides!r}") from None
+        if self.model_overrides is not None and not isinstance(self.model_overrides, dict):
+            raise ValueError(f"model_overrides={self.model_overrides!r} is not a mapping of model config fields.")
+        if self.mask_ratio is not None and not 0 <= self.mask_ratio < 1:
+            raise ValueError(f"mask_ratio={self.mask_ratio} must lie in [0, 1).")
 
     @property
     def overrides(self) -> dict:
-        """Model config fields set by this run: the decoder preset's, then `model_overrides` (which win)."""
+        """Model config fields set by this run (a new dict): the decoder preset's, then `model_overrides`, then
+        `mask_ratio` (each wins over those before it)."""
         decoder = {}
         if self.decoder_preset is not None:
             from ..configuration_cellmae import DECODER_PRESETS
 
-            decoder = dict(DECODER_PRESETS[self.decoder_preset])
-        if not self.model_overrides:
-            return decoder
-        given = json.loads(self.model_overrides) if isinstance(self.model_overrides, str) else self.model_overrides
-        return {**decoder, **given}
+            decoder = DECODER_PRESETS[self.decoder_preset]
+        flags = {} if self.mask_ratio is None else {"mask_ratio": self.mask_ratio}
+        return {**decoder, **(self.model_overrides or {}), **flags}
 
     @property
     def batch_norm(self) -> str | None:
@@ -229,8 +250,8 @@ def read_config_file(path: str | Path) -> dict:
         values = yaml.safe_load(text) or {}
     else:
         values = json.loads(text)
-    if isinstance(values.get("model_overrides"), dict):
-        values["model_overrides"] = json.dumps(values["model_overrides"])
+    if isinstance(values.get("model_overrides"), str):  # a training_args.json written before it became a mapping
+        values["model_overrides"] = json.loads(values["model_overrides"])
     known = {f.name for f in fields(PretrainingArguments)}
     unknown = sorted(set(values) - known)
     if unknown:
@@ -278,10 +299,8 @@ def merge_model_overrides(config_values: dict, given: set[str], command_line: di
     drops the config's decoder sizes (`DECODER_SIZE_KEYS`). Returns the merged overrides
     and the dropped ones (to tell the user).
     """
-    from_config = config_values.get("model_overrides") or {}
-    from_config = json.loads(from_config) if isinstance(from_config, str) else dict(from_config)
-    typed = command_line.get("model_overrides") if "model_overrides" in given else None
-    typed = (json.loads(typed) if isinstance(typed, str) else dict(typed)) if typed else {}
+    from_config = dict(config_values.get("model_overrides") or {})
+    typed = dict(command_line.get("model_overrides") or {}) if "model_overrides" in given else {}
     dropped = {}
     replaced = SIZE_KEYS if "model_preset" in given else DECODER_SIZE_KEYS if "decoder_preset" in given else ()
     if replaced:
@@ -326,7 +345,7 @@ def parse_command_line(argv: list[str] | None = None) -> ParsedCommandLine:
     given = _given_on_command_line(parser, argv)
     if config_values.get("model_overrides") or "model_overrides" in given:
         overrides, dropped = merge_model_overrides(config_values, given, values)
-        values["model_overrides"] = json.dumps(overrides) if overrides else None
+        values["model_overrides"] = overrides or None
         if dropped:
             preset = (f"--model-preset {values['model_preset']} sets the model size" if "model_preset" in given
                       else f"--decoder-preset {values['decoder_preset']} sets the decoder size")

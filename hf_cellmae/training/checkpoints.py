@@ -11,6 +11,10 @@ Resuming never runs code from the folder: every pickle in it is read with `weigh
 The scheduler is not registered with accelerate, whose `custom_checkpoint_*.pkl` files are always
 read with `weights_only=False`. FSDP's sharded checkpoints hold `.metadata` files that torch reads
 with plain `pickle.load`; they are first checked with an allow-list unpickler.
+
+The loadable model folder (`save_model_folder`: weights, config, processor, model code) is written at the end of
+a run and, with `save_model_with_checkpoints`, inside each checkpoint; the FSDP helpers below it are what the
+loop and trainer_state.json need to know of a sharded model.
 """
 
 from __future__ import annotations
@@ -22,8 +26,13 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import UserError, untrusted_pickle_error
+
+if TYPE_CHECKING:
+    from ..modeling_cellmae import CellMAEForPreTraining
+    from .arguments import PretrainingArguments
 
 PREFIX = "checkpoint-"
 _NAME = re.compile(rf"{PREFIX}(\d+)")
@@ -254,3 +263,74 @@ def load_data_state(checkpoint: Path, rank: int) -> dict:
             f"{path} is missing: this checkpoint was written by fewer ranks. Resume with the same number of processes."
         )
     return json.loads(path.read_text())
+
+
+# ---- the loadable model folder, and what FSDP needs of the model to save it
+
+
+def answer_input_embeddings(model: CellMAEForPreTraining) -> None:
+    """accelerate's FSDP2 preparation shards `model.get_input_embeddings()` as its own unit; transformers'
+    default raises for a model without a token-embedding table. Answer the patch embedding (as ViTMAE
+    does) where the model class does not define it."""
+    try:
+        model.get_input_embeddings()
+    except NotImplementedError:
+        model.get_input_embeddings = lambda: model.cellmae.embeddings.patch_embeddings
+
+
+def uses_activation_checkpointing(model) -> bool:
+    """Whether blocks recompute their activations in the backward pass (the model's own switch or FSDP's wrapper)."""
+    unwrapped = model.module if hasattr(model, "module") else model
+    return bool(getattr(unwrapped, "is_activation_checkpointing", False)) or any(
+        "checkpoint_wrapped_module" in name for name, _ in model.named_modules())
+
+
+def fully_sharded_modules(model) -> list[str]:
+    """The class of every module FSDP2's `fully_shard` made a shard unit (blocks, embedding, tail, root); [] without FSDP."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return []
+    units = [getattr(m, "_checkpoint_wrapped_module", m) for m in model.modules() if isinstance(m, FSDPModule)]
+    return sorted(type(m).__name__.removeprefix("FSDP") for m in units)
+
+
+def save_model_folder(accelerator, model, path: Path, args: PretrainingArguments, trainer_state: dict) -> Path:
+    """A loadable folder: safetensors weights, config, processor, model code, training args and state.
+
+    Call it on every rank. A failure to write on any rank (permissions, a full disk) raises `UserError` on every
+    rank, naming the folder, instead of leaving the others waiting for the failed one.
+    """
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    state_dict = accelerator.get_state_dict(model)  # a collective call under FSDP: every rank, before any write
+
+    from ..image_processing_cellmae import CellMAEImageProcessor
+
+    def write() -> None:
+        unwrapped.save_pretrained(path, state_dict=state_dict, is_main_process=accelerator.is_main_process,
+                                  save_function=accelerator.save)
+        if accelerator.is_main_process:
+            config = unwrapped.config
+            processor = CellMAEImageProcessor(image_size=config.image_size, crop_mode="tile",
+                                              channel_names=config.channel_names)
+            processor.save_pretrained(path)
+            args.save(path / "training_args.json")
+            history = trainer_state["log_history"]
+            final = history[-1] if history else {}
+            logged = ("loss", "mse_loss", "fourier_loss") if "mse_loss" in final or not final else ("loss", "accuracy")
+            summary = {**trainer_state, "final_losses": {k: final.get(k) for k in logged}}
+            (path / "trainer_state.json").write_text(json.dumps(summary, indent=2))
+
+    try:
+        on_every_rank(accelerator, write)  # ends in a gather of failure flags: also the closing barrier
+    except OSError as error:
+        step = trainer_state.get("global_step")
+        held = f"checkpoint-{step} holds the trained weights" if step is not None else "the checkpoints are complete"
+        raise UserError(
+            f"could not write the model folder {path}: {error.strerror or error}"
+            f"{f' ({error.filename})' if error.filename else ''}; make the folder writable or free space, then run "
+            f"again with --resume-from-checkpoint latest ({held})"
+        ) from error
+    return path
+

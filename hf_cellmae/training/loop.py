@@ -11,6 +11,10 @@ Both supervised objectives can hold plates out (`--holdout-plates`) and report t
 Single process:            cellmae pretrain --config run.yaml
 Many GPUs / nodes / FSDP:  accelerate launch [--config_file examples/accelerate/ddp.yaml] -m hf_cellmae.cli pretrain --config run.yaml
 
+`pretrain` reads top to bottom: `setup` (accelerator, model, optimizer, data, resume), then each micro-batch
+`train_step`, every `logging_steps` `log_window`, a figure and a checkpoint when due, and `finish` (held-out
+accuracy, the model folder, the summary).
+
 Each rank streams its own disjoint share of the shards (`stream_fields(rank=..., world_size=...)`), so
 the DataLoader is not passed through `accelerator.prepare` (that would shard a second time).
 
@@ -26,22 +30,27 @@ import functools
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from ..configuration_cellmae import PRESETS, CellMAEConfig
+from ..configuration_cellmae import CellMAEConfig
 from ..data.labels import IDENTITY_COLUMNS, LabelVocabulary, check_labels, is_missing_label, label_vocabulary, label_warnings
 from ..data.shards import load_manifest
 from ..data.streaming import skipped_fields, stream_fields
 from ..errors import UserError, ensure_writable_folder
-from ..image_processing_cellmae import CellMAEImageProcessor, default_rescale_factor, standardize_channels
-from ..modeling_cellmae import CellMAEForPreTraining
+from ..image_processing_cellmae import default_rescale_factor, standardize_channels
 from .arguments import PretrainingArguments, changed_result_arguments
-from .checkpoints import load_checkpoint, load_data_state, on_every_rank, resolve_checkpoint, save_checkpoint
+from .checkpoints import (
+    answer_input_embeddings, fully_sharded_modules, load_checkpoint, load_data_state, resolve_checkpoint,
+    save_checkpoint, save_model_folder, uses_activation_checkpointing,
+)
 from .figures import reconstruction_figure, save_figure
-from .device_defaults import compile_backend, detect_device_defaults
+from .models import build_model
+from .device_defaults import DeviceDefaults, compile_backend, detect_device_defaults
 from .optimization import build_optimizer, build_scheduler, skip_step_if, skips_on_device
 
 logger = logging.getLogger(__name__)
@@ -49,66 +58,6 @@ logger = logging.getLogger(__name__)
 
 class NonFiniteLossError(RuntimeError):
     """Raised after too many consecutive steps with a NaN or infinite loss."""
-
-
-def build_model(args: PretrainingArguments, manifest: dict, labels: LabelVocabulary | None = None):
-    """A new model from `model_type`, `model_preset` + `model_overrides` (channel names from the shards), or `init_from`;
-    for `wsl`/`classify`, an image classifier over `labels`."""
-    if args.objective != "mae":
-        return build_classifier(args, manifest, labels)
-    if args.model_type == "munet":
-        return build_munet(args, manifest)
-    if args.init_from:
-        return CellMAEForPreTraining.from_pretrained(args.init_from)
-    overrides = args.overrides
-    channels = list(manifest["channels"])
-    overrides.setdefault("channel_names", channels)
-    preset_max = PRESETS.get(args.model_preset, {}).get("max_channels", CellMAEConfig().max_channels)
-    overrides.setdefault("max_channels", max(preset_max, len(overrides["channel_names"])))
-    return CellMAEForPreTraining(CellMAEConfig.from_preset(args.model_preset, **overrides))
-
-
-def build_munet(args: PretrainingArguments, manifest: dict):
-    """A MU-Net: fixed-channel, built for exactly the shards' channels, so every crop must carry all of them."""
-    from ..configuration_munet import CellMUNetConfig
-    from ..modeling_munet import CellMUNetForPreTraining
-
-    if args.channel_subset:
-        raise UserError(
-            f"channel_subset={args.channel_subset} trains on random channel subsets, but a MU-Net is fixed-channel "
-            f"(built for all {len(manifest['channels'])} channels of the shards); drop --channel-subset or use --model-type cellmae"
-        )
-    if args.init_from:
-        return CellMUNetForPreTraining.from_pretrained(args.init_from)
-    channels = list(manifest["channels"])
-    overrides = {"channel_names": channels, "num_channels": len(channels), **args.overrides}
-    return CellMUNetForPreTraining(CellMUNetConfig.from_preset(args.model_preset, **overrides))
-
-
-def build_classifier(args: PretrainingArguments, manifest: dict, labels: LabelVocabulary):
-    """`wsl`: a classifier built from the preset, all weights random; `classify`: the encoder of `args.init_from`
-    (its decoder dropped) with a new head for `labels`."""
-    from transformers import AutoModelForImageClassification
-
-    from ..configuration_munet import CellMUNetConfig
-    from ..modeling_cellmae import CellMAEForImageClassification
-    from ..modeling_munet import CellMUNetForImageClassification
-
-    head = dict(num_labels=len(labels.labels), id2label=labels.id2label, label2id=labels.label2id,
-                classifier_batch_norm=args.batch_norm)
-    if args.objective == "classify":
-        return AutoModelForImageClassification.from_pretrained(args.init_from, **head, **args.overrides)
-    channels = list(manifest["channels"])
-    if args.model_type == "munet":
-        if args.channel_subset:
-            raise UserError(f"channel_subset={args.channel_subset}: a MU-Net is fixed-channel; drop --channel-subset or use --model-type cellmae")
-        overrides = {"channel_names": channels, "num_channels": len(channels), **args.overrides, **head}
-        return CellMUNetForImageClassification(CellMUNetConfig.from_preset(args.model_preset, **overrides))
-    overrides = {**args.overrides, **head}
-    overrides.setdefault("channel_names", channels)
-    preset_max = PRESETS.get(args.model_preset, {}).get("max_channels", CellMAEConfig().max_channels)
-    overrides.setdefault("max_channels", max(preset_max, len(overrides["channel_names"])))
-    return CellMAEForImageClassification(CellMAEConfig.from_preset(args.model_preset, **overrides))
 
 
 def supervision(args: PretrainingArguments) -> LabelVocabulary | None:
@@ -384,12 +333,100 @@ def fixed_validation_field(args: PretrainingArguments, image_size: int, vocabula
     return collate([next(iter(stream))])
 
 
+@dataclass
+class TrainingRun:
+    """What `setup` makes and the parts of `pretrain` share: the accelerator, the prepared model and optimizer, the
+    data position and `state` (what trainer_state.json holds: step, images seen, runtime, log history)."""
+
+    args: PretrainingArguments
+    accelerator: Any
+    fast: DeviceDefaults
+    manifest: dict
+    labels: LabelVocabulary | None
+    model: Any
+    config: Any  # the model's config, read before `accelerator.prepare` wraps the model
+    optimizer: Any
+    scheduler: Any
+    vocabulary: list[str]
+    data: DataPosition
+    validation: dict | None  # the reconstruction figure's field (None for a classifier)
+    trackers: str | None
+    state: dict
+    clock_start: float = 0.0  # when this process began training (time.perf_counter)
+    runtime_before: float = 0.0  # train_runtime_s of the processes before this one (resumed runs)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.args.output_dir)
+
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.output_dir / "checkpoints"
+
+    @property
+    def images_per_step(self) -> int:
+        args = self.args
+        return args.per_device_train_batch_size * args.gradient_accumulation_steps * self.accelerator.num_processes
+
+    @property
+    def tokens_per_image(self) -> int:
+        return (self.args.channel_subset or len(self.vocabulary)) * self.config.tokens_per_channel
+
+    @property
+    def logged_names(self) -> tuple[str, ...]:
+        return ("loss", "mse_loss", "fourier_loss") if self.labels is None else ("loss", "accuracy")
+
+    def start_clock(self) -> None:
+        self.clock_start, self.runtime_before = time.perf_counter(), self.state["train_runtime_s"]
+
+    def stop_clock(self) -> None:
+        self.state["train_runtime_s"] = self.runtime_before + time.perf_counter() - self.clock_start
+
+
 def pretrain(args: PretrainingArguments) -> dict:
     """Run (or resume) pre-training; returns a summary. Writes into `args.output_dir`:
     `checkpoints/checkpoint-N/`, `model/` (loadable folder), `figures/`, `logs/`."""
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
+
+    run = setup(args)
+    state, accelerator = run.state, run.accelerator
+    progress = tqdm(total=args.max_steps, initial=state["global_step"], desc="pre-training",
+                    disable=not (accelerator.is_main_process and args.progress_bar))
+    window = LoggingWindow(accelerator.device, run.logged_names)
+    run.model.train()
+    batches = iter(run.data.loader)
+    run.start_clock()
+    while state["global_step"] < args.max_steps:
+        wait_start = time.perf_counter()
+        batch = next(batches)
+        window.data_s += time.perf_counter() - wait_start
+        if not train_step(run, batch, window):
+            continue  # a micro-batch of gradient accumulation: no optimizer step yet
+        state["global_step"] += 1
+        state["images_seen"] += run.images_per_step
+        step = state["global_step"]
+        progress.update(1)
+        # A window also ends at each checkpoint, so a resumed run logs the same windows as an uninterrupted one.
+        if step % args.logging_steps == 0 or step == args.max_steps or step % args.save_steps == 0:
+            record = log_window(run, window, step)
+            progress.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.1f}")
+        if args.figure_steps and step % args.figure_steps == 0:
+            save_reconstruction(run, step)
+        if step % args.save_steps == 0 or step == args.max_steps:
+            run.stop_clock()
+            checkpoint = save_checkpoint(accelerator, run.checkpoint_root, step, run.data.state_dict(),
+                                         trainer_state(run), args.save_total_limit, run.scheduler)
+            if args.save_model_with_checkpoints:
+                save_model_folder(accelerator, run.model, checkpoint / "model", args, trainer_state(run))
+    progress.close()
+    run.stop_clock()
+    return finish(run)
+
+
+def setup(args: PretrainingArguments) -> TrainingRun:
+    """Everything before the first step: checks, the accelerator, labels, model, optimizer, schedule, data, the
+    checkpoint resumed from (if any), training_args.json and the trackers."""
+    from accelerate.utils import set_seed
 
     output_dir = Path(args.output_dir)
     # Fail in seconds, not after hours at the first checkpoint (every rank checks: they may not share a disk).
@@ -399,17 +436,7 @@ def pretrain(args: PretrainingArguments) -> dict:
         check_resume_arguments(args, output_dir / "checkpoints")  # before any data or model is read
     trackers = None if args.report_to == "none" else args.report_to
     fast = detect_device_defaults(args)
-    if fast.torch_compile:
-        import torch._dynamo as dynamo
-
-        dynamo.config.suppress_errors = True  # a graph Inductor cannot compile runs eager (with a warning)
-    accelerator = Accelerator(
-        mixed_precision=fast.mixed_precision,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        log_with=trackers,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-        dynamo_backend=compile_backend() if fast.torch_compile else "no",
-    )
+    accelerator = make_accelerator(args, fast, trackers)
     for note in fast.notes:
         accelerator.print(note)
     manifest = load_manifest(args.data)
@@ -421,12 +448,15 @@ def pretrain(args: PretrainingArguments) -> dict:
     config = model.config
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable()
-    optimizer = build_optimizer(model, args.optimizer, args.learning_rate, args.weight_decay, (args.adam_beta1, args.adam_beta2),
-                                device_type=accelerator.device.type, layer_decay=args.layer_decay)
+    optimizer = build_optimizer(model, args.optimizer, args.learning_rate, args.weight_decay,
+                                (args.adam_beta1, args.adam_beta2), device_type=accelerator.device.type,
+                                layer_decay=args.layer_decay)
     scheduler = build_scheduler(optimizer, args.lr_scheduler, args.max_steps, args.warmup_ratio)
     vocabulary = list(config.channel_names or manifest["channels"])
-    stream = training_stream(args, config, vocabulary, accelerator.process_index, accelerator.num_processes, fast.dataloader_num_workers)
-    data = DataPosition(stream, args.per_device_train_batch_size, fast.dataloader_num_workers, pin_memory=fast.pin_memory, labels=labels)
+    stream = training_stream(args, config, vocabulary, accelerator.process_index, accelerator.num_processes,
+                             fast.dataloader_num_workers)
+    data = DataPosition(stream, args.per_device_train_batch_size, fast.dataloader_num_workers,
+                        pin_memory=fast.pin_memory, labels=labels)
     validation = fixed_validation_field(args, config.image_size, vocabulary) if args.objective == "mae" else None
     if accelerator.is_fsdp2:
         answer_input_embeddings(model)
@@ -435,151 +465,181 @@ def pretrain(args: PretrainingArguments) -> dict:
     # with accelerate: accelerate loads registered objects' pickles with weights_only=False.
     set_seed(args.seed, device_specific=True)  # masks and drop-path differ between ranks
 
-    state = {"global_step": 0, "max_steps": args.max_steps, "images_seen": 0, "train_runtime_s": 0.0, "nonfinite_steps": 0,
-             "log_history": []}
-    checkpoint_root = output_dir / "checkpoints"
+    state = {"global_step": 0, "max_steps": args.max_steps, "images_seen": 0, "train_runtime_s": 0.0,
+             "nonfinite_steps": 0, "log_history": []}
+    run = TrainingRun(args, accelerator, fast, manifest, labels, model, config, optimizer, scheduler, vocabulary, data,
+                      validation, trackers, state)
     if args.resume_from_checkpoint:
-        checkpoint = resolve_checkpoint(args.resume_from_checkpoint, checkpoint_root)
-        if checkpoint is None:
-            accelerator.print(f"No checkpoint in {checkpoint_root}; starting from step 0.")
-        else:
-            saved = json.loads((checkpoint / "trainer_state.json").read_text())
-            if args.lr_scheduler == "one_cycle" and saved.get("max_steps", args.max_steps) != args.max_steps:
-                raise ValueError(
-                    f"{checkpoint} was written by a run with max_steps={saved['max_steps']}; the one-cycle schedule is "
-                    f"fixed by it. Resume with --max-steps {saved['max_steps']}, or fine-tune further with --init-from "
-                    f"{output_dir / 'model'} and a new output_dir."
-                )
-            load_checkpoint(accelerator, checkpoint, scheduler)
-            state.update(saved)
-            data.load_state_dict(load_data_state(checkpoint, accelerator.process_index))
-            accelerator.print(f"Resumed from {checkpoint} at step {state['global_step']}.")
+        resume(run)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         args.save(output_dir / "training_args.json")
     if trackers:
-        accelerator.init_trackers("cellmae", config={k: v for k, v in args.to_dict().items() if isinstance(v, (int, float, str, bool))})
+        logged = {k: json.dumps(v) if isinstance(v, dict) else v for k, v in args.to_dict().items()}  # model_overrides
+        accelerator.init_trackers("cellmae", config={k: v for k, v in logged.items()
+                                                     if isinstance(v, (int, float, str, bool))})
+    return run
 
-    def save_reconstruction(step: int) -> Path | None:
-        if validation is None:  # a classifier reconstructs nothing
-            return None
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            pixels = to_model_input(validation["pixel_values"], accelerator.device)
-            out = model(pixels, channel_ids=validation["channel_ids"].to(accelerator.device), mask_seed=0)
-        model.train(was_training)
-        if not accelerator.is_main_process:
-            return None
-        fig = reconstruction_figure(
-            pixels[0].cpu(), out.logits[0].float().cpu(), out.mask[0].float().cpu(), config.patch_size,
-            channel_names=vocabulary, title=f"step {step}: masked-patch MSE {out.mse_loss.item():.3f}",
+
+def make_accelerator(args: PretrainingArguments, fast: DeviceDefaults, trackers: str | None):
+    """The run's `Accelerator`: precision and compilation from `fast`, gradient accumulation, trackers writing
+    into `output_dir/logs`."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    if fast.torch_compile:
+        import torch._dynamo as dynamo
+
+        dynamo.config.suppress_errors = True  # a graph Inductor cannot compile runs eager (with a warning)
+    output_dir = Path(args.output_dir)
+    return Accelerator(
+        mixed_precision=fast.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=trackers,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        dynamo_backend=compile_backend() if fast.torch_compile else "no",
+    )
+
+
+def resume(run: TrainingRun) -> None:
+    """Load the checkpoint of `--resume-from-checkpoint` (weights, optimizer, RNG states, schedule, data position and
+    trainer state), if there is one."""
+    args, accelerator = run.args, run.accelerator
+    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, run.checkpoint_root)
+    if checkpoint is None:
+        accelerator.print(f"No checkpoint in {run.checkpoint_root}; starting from step 0.")
+        return
+    saved = json.loads((checkpoint / "trainer_state.json").read_text())
+    if args.lr_scheduler == "one_cycle" and saved.get("max_steps", args.max_steps) != args.max_steps:
+        raise ValueError(
+            f"{checkpoint} was written by a run with max_steps={saved['max_steps']}; the one-cycle schedule is "
+            f"fixed by it. Resume with --max-steps {saved['max_steps']}, or fine-tune further with --init-from "
+            f"{run.output_dir / 'model'} and a new output_dir."
         )
-        if trackers and "tensorboard" in str(trackers):
-            accelerator.get_tracker("tensorboard", unwrap=True).add_figure("reconstruction", fig, global_step=step)
-        return save_figure(fig, output_dir / "figures" / f"reconstruction-step{step:06d}.png")
+    load_checkpoint(accelerator, checkpoint, run.scheduler)
+    run.state.update(saved)
+    run.data.load_state_dict(load_data_state(checkpoint, accelerator.process_index))
+    accelerator.print(f"Resumed from {checkpoint} at step {run.state['global_step']}.")
 
-    def trainer_state() -> dict:
-        return {
-            **state,
-            "hardware": {"device": str(accelerator.device), "num_processes": accelerator.num_processes, "mixed_precision": fast.mixed_precision,
-                         "distributed_type": accelerator.distributed_type.value, "torch_compile": fast.torch_compile,
-                         "activation_checkpointing": uses_activation_checkpointing(model),
-                         "fully_sharded_modules": fully_sharded_modules(model)},
-            "dataset": dataset_summary(args, manifest),
-            "training_args": args.to_dict(),  # what resume compares (check_resume_arguments)
-        }
 
-    tokens_per_image = (args.channel_subset or len(vocabulary)) * config.tokens_per_channel
-    images_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
-    progress = tqdm(total=args.max_steps, initial=state["global_step"], desc="pre-training", disable=not (accelerator.is_main_process and args.progress_bar))
-    window = LoggingWindow(accelerator.device, ("loss", "mse_loss", "fourier_loss") if labels is None else ("loss", "accuracy"))
+def train_step(run: TrainingRun, batch: dict, window: LoggingWindow) -> bool:
+    """One micro-batch: forward, backward and, at the end of gradient accumulation, the optimizer step (skipped on
+    the device when the gradients hold NaN/inf) and the schedule's. Returns whether an optimizer step ended here."""
+    accelerator, model, optimizer = run.accelerator, run.model, run.optimizer
     # The skip flag is applied by the optimizer on the device (fused AdamW, our Lion); any other optimizer
     # makes the host read it once per optimizer step.
     on_device_skip = skips_on_device(optimizer.optimizer)
-    max_norm = args.max_grad_norm or float("inf")  # the norm is computed anyway: it detects NaN/inf gradients
-    model.train()
-    batches = iter(data.loader)
-    run_start = time.perf_counter()
-    runtime_before = state["train_runtime_s"]
-    while state["global_step"] < args.max_steps:
-        wait_start = time.perf_counter()
-        batch = next(batches)
-        window.data_s += time.perf_counter() - wait_start
-        with accelerator.accumulate(model):
-            inputs = model_inputs(batch, accelerator.device)
-            out = model(**inputs)
-            window.add_losses(logged_values(out, inputs))
-            accelerator.backward(out.loss)
-            if accelerator.sync_gradients:
-                skip = window.add_optimizer_step(accelerator.clip_grad_norm_(model.parameters(), max_norm))
-                if on_device_skip:
-                    skip_step_if(optimizer.optimizer, skip)
-                if on_device_skip or not skip.item():
-                    optimizer.step()
-                scheduler.step()  # a skipped step still counts: the schedule and max_steps stay fixed
-                optimizer.zero_grad(set_to_none=True)
-        if not accelerator.sync_gradients:
-            continue
-        state["global_step"] += 1
-        state["images_seen"] += images_per_step
-        step = state["global_step"]
-        progress.update(1)
-        # A window also ends at each checkpoint, so a resumed run logs the same windows as an uninterrupted one.
-        if step % args.logging_steps == 0 or step == args.max_steps or step % args.save_steps == 0:
-            read = window.read(accelerator)  # the one place the host waits for the device
-            state["nonfinite_steps"] += read["skipped"]
-            if read["skipped"]:
-                accelerator.print(f"Non-finite gradients: {read['skipped']} optimizer step(s) up to step {step} skipped "
-                                  f"(at most {read['most_in_a_row']} in a row).")
-            if read["most_in_a_row"] > args.max_nonfinite_steps:
-                raise NonFiniteLossError(
-                    f"{read['most_in_a_row']} consecutive non-finite losses (max_nonfinite_steps={args.max_nonfinite_steps}); "
-                    "lower the learning rate, enable gradient clipping or use bf16 instead of fp16."
-                )
-            images = read["micro_steps"] * args.per_device_train_batch_size * accelerator.num_processes
-            elapsed = read["elapsed_s"]
-            record = {
-                "step": step,
-                **{name: read[name] for name in window.names},
-                "learning_rate": scheduler.get_last_lr()[0],
-                "grad_norm": read["grad_norm"],
-                "images_per_s": images / elapsed,
-                "tokens_per_s": images * tokens_per_image / elapsed,
-                "data_wait_share": read["data_s"] / elapsed,
-            }
-            state["log_history"].append(record)
-            accelerator.log({k: v for k, v in record.items() if v is not None and k != "step"}, step=step)
-            progress.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.1f}")
-        if args.figure_steps and step % args.figure_steps == 0:
-            save_reconstruction(step)
-        if step % args.save_steps == 0 or step == args.max_steps:
-            state["train_runtime_s"] = runtime_before + time.perf_counter() - run_start
-            checkpoint = save_checkpoint(accelerator, checkpoint_root, step, data.state_dict(), trainer_state(), args.save_total_limit, scheduler)
-            if args.save_model_with_checkpoints:
-                save_model_folder(accelerator, model, checkpoint / "model", args, trainer_state())
-    progress.close()
-    state["train_runtime_s"] = runtime_before + time.perf_counter() - run_start
+    max_norm = run.args.max_grad_norm or float("inf")  # the norm is computed anyway: it detects NaN/inf gradients
+    with accelerator.accumulate(model):
+        inputs = model_inputs(batch, accelerator.device)
+        out = model(**inputs)
+        window.add_losses(logged_values(out, inputs))
+        accelerator.backward(out.loss)
+        if accelerator.sync_gradients:
+            skip = window.add_optimizer_step(accelerator.clip_grad_norm_(model.parameters(), max_norm))
+            if on_device_skip:
+                skip_step_if(optimizer.optimizer, skip)
+            if on_device_skip or not skip.item():
+                optimizer.step()
+            run.scheduler.step()  # a skipped step still counts: the schedule and max_steps stay fixed
+            optimizer.zero_grad(set_to_none=True)
+    return accelerator.sync_gradients
+
+
+def log_window(run: TrainingRun, window: LoggingWindow, step: int) -> dict:
+    """End the logging window at `step`: read it (the one place the host waits for the device), count skipped
+    steps (aborting after `max_nonfinite_steps` in a row), log the record and add it to the log history."""
+    args, accelerator = run.args, run.accelerator
+    read = window.read(accelerator)
+    run.state["nonfinite_steps"] += read["skipped"]
+    if read["skipped"]:
+        accelerator.print(f"Non-finite gradients: {read['skipped']} optimizer step(s) up to step {step} skipped "
+                          f"(at most {read['most_in_a_row']} in a row).")
+    if read["most_in_a_row"] > args.max_nonfinite_steps:
+        raise NonFiniteLossError(
+            f"{read['most_in_a_row']} consecutive non-finite losses (max_nonfinite_steps={args.max_nonfinite_steps}); "
+            "lower the learning rate, enable gradient clipping or use bf16 instead of fp16."
+        )
+    images = read["micro_steps"] * args.per_device_train_batch_size * accelerator.num_processes
+    elapsed = read["elapsed_s"]
+    record = {
+        "step": step,
+        **{name: read[name] for name in window.names},
+        "learning_rate": run.scheduler.get_last_lr()[0],
+        "grad_norm": read["grad_norm"],
+        "images_per_s": images / elapsed,
+        "tokens_per_s": images * run.tokens_per_image / elapsed,
+        "data_wait_share": read["data_s"] / elapsed,
+    }
+    run.state["log_history"].append(record)
+    accelerator.log({k: v for k, v in record.items() if v is not None and k != "step"}, step=step)
+    return record
+
+
+def save_reconstruction(run: TrainingRun, step: int) -> Path | None:
+    """The reconstruction figure of the fixed validation field at `step` (main process; None for a classifier)."""
+    if run.validation is None:  # a classifier reconstructs nothing
+        return None
+    accelerator, model = run.accelerator, run.model
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        pixels = to_model_input(run.validation["pixel_values"], accelerator.device)
+        out = model(pixels, channel_ids=run.validation["channel_ids"].to(accelerator.device), mask_seed=0)
+    model.train(was_training)
+    if not accelerator.is_main_process:
+        return None
+    fig = reconstruction_figure(
+        pixels[0].cpu(), out.logits[0].float().cpu(), out.mask[0].float().cpu(), run.config.patch_size,
+        channel_names=run.vocabulary, title=f"step {step}: masked-patch MSE {out.mse_loss.item():.3f}",
+    )
+    if run.trackers and "tensorboard" in str(run.trackers):
+        accelerator.get_tracker("tensorboard", unwrap=True).add_figure("reconstruction", fig, global_step=step)
+    return save_figure(fig, run.output_dir / "figures" / f"reconstruction-step{step:06d}.png")
+
+
+def trainer_state(run: TrainingRun) -> dict:
+    """trainer_state.json: `run.state`, the hardware, the dataset and the arguments."""
+    accelerator, fast = run.accelerator, run.fast
+    return {
+        **run.state,
+        "hardware": {"device": str(accelerator.device), "num_processes": accelerator.num_processes,
+                     "mixed_precision": fast.mixed_precision, "distributed_type": accelerator.distributed_type.value,
+                     "torch_compile": fast.torch_compile,
+                     "activation_checkpointing": uses_activation_checkpointing(run.model),
+                     "fully_sharded_modules": fully_sharded_modules(run.model)},
+        "dataset": dataset_summary(run.args, run.manifest),
+        "training_args": run.args.to_dict(),  # what resume compares (check_resume_arguments)
+    }
+
+
+def finish(run: TrainingRun) -> dict:
+    """After the last step: the held-out evaluation (if any), the model folder with its reconstruction figure, and
+    the run's summary."""
+    args, accelerator, state = run.args, run.accelerator, run.state
     if args.holdout_plates:
-        state["holdout_evaluation"] = evaluate_holdout(args, model, config, vocabulary, labels, accelerator.device)
-        result = state["holdout_evaluation"]
-        accelerator.print(holdout_line(result))
-    model_dir = save_model_folder(accelerator, model, output_dir / "model", args, trainer_state())  # one line if it cannot
-    figure = output_dir / "figures" / f"reconstruction-step{state['global_step']:06d}.png"
+        state["holdout_evaluation"] = evaluate_holdout(args, run.model, run.config, run.vocabulary, run.labels,
+                                                       accelerator.device)
+        accelerator.print(holdout_line(state["holdout_evaluation"]))
+    # one line if it cannot be written
+    model_dir = save_model_folder(accelerator, run.model, run.output_dir / "model", args, trainer_state(run))
+    figure = run.output_dir / "figures" / f"reconstruction-step{state['global_step']:06d}.png"
     if not figure.exists():  # not already drawn at this step by figure_steps
-        figure = save_reconstruction(state["global_step"])
+        figure = save_reconstruction(run, state["global_step"])
     if accelerator.is_main_process and figure is not None:
         (model_dir / "reconstruction.png").write_bytes(figure.read_bytes())
     accelerator.end_training()
     final = state["log_history"][-1] if state["log_history"] else {}
-    summary = {"model_dir": str(model_dir), "global_step": state["global_step"], "final_loss": final.get("loss"), "figure": str(figure) if figure else None}
+    summary = {"model_dir": str(model_dir), "global_step": state["global_step"], "final_loss": final.get("loss"),
+               "figure": str(figure) if figure else None}
     if "holdout_evaluation" in state:
         summary["holdout_evaluation"] = state["holdout_evaluation"]
     if args.on_error == "skip":
         summary["skipped_fields"] = fields_skipped_in(args.data)
-        if summary["skipped_fields"]:
-            logger.warning("skipped %d corrupt field(s) of %s (--on-error skip): %s", len(summary["skipped_fields"]), args.data,
-                           "; ".join(f"{s['field']} in {Path(s['file']).name}" for s in summary["skipped_fields"]))
+        skipped = summary["skipped_fields"]
+        if skipped:
+            logger.warning("skipped %d corrupt field(s) of %s (--on-error skip): %s", len(skipped), args.data,
+                           "; ".join(f"{s['field']} in {Path(s['file']).name}" for s in skipped))
     return summary
 
 
@@ -591,67 +651,3 @@ def fields_skipped_in(data: str) -> list[dict]:
         return skipped_fields()
     root = Path(data).resolve()
     return [skip for skip in skipped_fields() if Path(skip["file"]).resolve().is_relative_to(root)]
-
-
-def answer_input_embeddings(model: CellMAEForPreTraining) -> None:
-    """accelerate's FSDP2 preparation shards `model.get_input_embeddings()` as its own unit; transformers'
-    default raises for a model without a token-embedding table. Answer the patch embedding (as ViTMAE
-    does) where the model class does not define it."""
-    try:
-        model.get_input_embeddings()
-    except NotImplementedError:
-        model.get_input_embeddings = lambda: model.cellmae.embeddings.patch_embeddings
-
-
-def uses_activation_checkpointing(model) -> bool:
-    """Whether blocks recompute their activations in the backward pass (the model's own switch or FSDP's wrapper)."""
-    unwrapped = model.module if hasattr(model, "module") else model
-    return bool(getattr(unwrapped, "is_activation_checkpointing", False)) or any(
-        "checkpoint_wrapped_module" in name for name, _ in model.named_modules())
-
-
-def fully_sharded_modules(model) -> list[str]:
-    """The class of every module FSDP2's `fully_shard` made a shard unit (blocks, embedding, tail, root); [] without FSDP."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:
-        return []
-    units = [getattr(m, "_checkpoint_wrapped_module", m) for m in model.modules() if isinstance(m, FSDPModule)]
-    return sorted(type(m).__name__.removeprefix("FSDP") for m in units)
-
-
-def save_model_folder(accelerator, model, path: Path, args: PretrainingArguments, trainer_state: dict) -> Path:
-    """A loadable folder: safetensors weights, config, processor, model code, training args and state.
-
-    Call it on every rank. A failure to write on any rank (permissions, a full disk) raises `UserError` on every
-    rank, naming the folder, instead of leaving the others waiting for the failed one.
-    """
-    accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(model)
-    state_dict = accelerator.get_state_dict(model)  # a collective call under FSDP: every rank, before any write
-
-    def write() -> None:
-        unwrapped.save_pretrained(path, state_dict=state_dict, is_main_process=accelerator.is_main_process,
-                                  save_function=accelerator.save)
-        if accelerator.is_main_process:
-            config = unwrapped.config
-            CellMAEImageProcessor(image_size=config.image_size, crop_mode="tile", channel_names=config.channel_names).save_pretrained(path)
-            args.save(path / "training_args.json")
-            history = trainer_state["log_history"]
-            final = history[-1] if history else {}
-            logged = ("loss", "mse_loss", "fourier_loss") if "mse_loss" in final or not final else ("loss", "accuracy")
-            summary = {**trainer_state, "final_losses": {k: final.get(k) for k in logged}}
-            (path / "trainer_state.json").write_text(json.dumps(summary, indent=2))
-
-    try:
-        on_every_rank(accelerator, write)  # ends in a gather of failure flags: also the closing barrier
-    except OSError as error:
-        step = trainer_state.get("global_step")
-        held = f"checkpoint-{step} holds the trained weights" if step is not None else "the checkpoints are complete"
-        raise UserError(
-            f"could not write the model folder {path}: {error.strerror or error}"
-            f"{f' ({error.filename})' if error.filename else ''}; make the folder writable or free space, then run "
-            f"again with --resume-from-checkpoint latest ({held})"
-        ) from error
-    return path
-

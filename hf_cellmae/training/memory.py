@@ -198,9 +198,11 @@ def check_cpu_run_length(args, config_name: str, hardware: str) -> None:
     """
     from ..data.shards import load_manifest
     from ..errors import UserError
+    from .models import model_config
 
-    config = CellMAEConfig.from_pretrained(args.init_from) if args.init_from else CellMAEConfig.from_preset(args.model_preset, **args.overrides)
-    channels = args.channel_subset or len(load_manifest(args.data)["channels"])
+    manifest = load_manifest(args.data)
+    config = model_config(args, manifest)
+    channels = args.channel_subset or len(manifest["channels"])
     batch = args.per_device_train_batch_size * args.gradient_accumulation_steps
     seconds_per_step = step_flops(config, batch, channels) / (STEP_EFFICIENCY * matmul_flops_per_second())
     precision = "no" if args.mixed_precision in (None, "auto") else args.mixed_precision
@@ -227,6 +229,7 @@ def check_training_memory(args, announce=print) -> MemoryEstimate | None:
 
     from ..data.shards import load_manifest
     from ..errors import UserError
+    from .models import model_config
 
     if torch.cuda.is_available():
         return None
@@ -236,11 +239,9 @@ def check_training_memory(args, announce=print) -> MemoryEstimate | None:
     available = available_memory_bytes()
     if available is None:
         return None
-    if args.init_from:
-        config = CellMAEConfig.from_pretrained(args.init_from)
-    else:
-        config = CellMAEConfig.from_preset(args.model_preset, **args.overrides)
-    channels = args.channel_subset or len(load_manifest(args.data)["channels"])
+    manifest = load_manifest(args.data)
+    config = model_config(args, manifest)  # the model the loop builds (without a classifier's head)
+    channels = args.channel_subset or len(manifest["channels"])
     parameters = count_parameters(config)
     processes = processes_on_this_machine()
     # What the loop resolves "auto"/None to on a CPU (training/device_defaults.py): fp32, no worker processes.
