@@ -200,7 +200,7 @@ class CellMAEConfig(PretrainedConfig):
         self._validate()
 
     def _validate(self) -> None:
-        def choice(name: str, allowed: tuple[str, ...]) -> None:
+        def choice(name: str, allowed: tuple[str | None, ...]) -> None:
             value = getattr(self, name)
             if value not in allowed:
                 raise ValueError(f"{name}={value!r} is not one of {allowed}.")
@@ -265,7 +265,8 @@ class CellMAEConfig(PretrainedConfig):
             raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(PRESETS)}.")
         if decoder is not None and decoder not in DECODER_PRESETS:
             raise ValueError(f"Unknown decoder preset {decoder!r}; choose one of {sorted(DECODER_PRESETS)}.")
-        return cls(**{**PRESETS[name], **DECODER_PRESETS.get(decoder, {}), **overrides})
+        decoder_fields = DECODER_PRESETS[decoder] if decoder is not None else {}
+        return cls(**{**PRESETS[name], **decoder_fields, **overrides})
 
     def channel_index(self, names: list[str]) -> list[int]:
         """The `channel_ids` of stains given by name, from `channel_names`."""

@@ -62,11 +62,11 @@ class CellMAEModelOutput(ModelOutput):
             (rows keep different numbers of tokens; padding is attended to by no token and zeroed in the output).
     """
 
-    last_hidden_state: torch.FloatTensor | None = None
-    pooler_output: torch.FloatTensor | None = None
-    channelwise_embeddings: torch.FloatTensor | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    kept_token_ids: torch.LongTensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+    pooler_output: torch.Tensor | None = None
+    channelwise_embeddings: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    kept_token_ids: torch.Tensor | None = None
 
 
 @dataclass
@@ -82,11 +82,11 @@ class CellMAEMaskedEncoderOutput(ModelOutput):
         hidden_states (`tuple(torch.FloatTensor)`, *optional*): input of every block and the final output.
     """
 
-    last_hidden_state: torch.FloatTensor | None = None
-    mask: torch.FloatTensor | None = None
-    ids_restore: torch.LongTensor | None = None
-    channel_ids: torch.LongTensor | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    last_hidden_state: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    ids_restore: torch.Tensor | None = None
+    channel_ids: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass
@@ -106,14 +106,14 @@ class CellMAEForPreTrainingOutput(ModelOutput):
         hidden_states (`tuple(torch.FloatTensor)`, *optional*): encoder hidden states.
     """
 
-    loss: torch.FloatTensor | None = None
-    mse_loss: torch.FloatTensor | None = None
-    fourier_loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    mask: torch.FloatTensor | None = None
-    ids_restore: torch.LongTensor | None = None
-    last_hidden_state: torch.FloatTensor | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    loss: torch.Tensor | None = None
+    mse_loss: torch.Tensor | None = None
+    fourier_loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    ids_restore: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,10 +324,10 @@ def multi_head_attention(module, query, key, value, num_heads: int, q_norm=None,
         attention = matmul_attention if cpu_reduced_precision_training(q) else F.scaled_dot_product_attention
         out = attention(q, k, v, attn_mask=allowed)  # (B, H, Lq, hd)
         return out.transpose(1, 2).reshape(batch, q_len, dim)
-    attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+    interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
     additive = None if allowed is None else torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(
         ~allowed, torch.finfo(q.dtype).min)  # (B, 1, 1, Lk)
-    out, _ = attention(module, q, k, v, additive, scaling=head_dim**-0.5, dropout=0.0)  # (B, Lq, H, hd)
+    out, _ = interface(module, q, k, v, additive, scaling=head_dim**-0.5, dropout=0.0)  # (B, Lq, H, hd)
     return out.reshape(batch, q_len, dim)
 
 
@@ -487,10 +487,10 @@ class CellMAEEncoder(nn.Module):
         self.layers = nn.ModuleList([encoder_block(config, rate) for rate in rates])
 
     def forward(self, hidden_states: torch.Tensor, output_hidden_states: bool = False, key_mask=None):
-        all_states = (hidden_states,) if output_hidden_states else None
+        all_states: tuple[torch.Tensor, ...] | None = (hidden_states,) if output_hidden_states else None
         for layer in self.layers:
             hidden_states = layer(hidden_states) if key_mask is None else layer(hidden_states, key_mask=key_mask)
-            if output_hidden_states:
+            if all_states is not None:
                 all_states = all_states + (hidden_states,)
         return hidden_states, all_states
 
@@ -619,7 +619,7 @@ class CellMAEPerChannelDecoder(nn.Module):
 
     def _decode(self, tokens: torch.Tensor, channel: int) -> torch.Tensor:
         """One channel's `(B, N, E)` tokens through that channel's block stack."""
-        for layer in self.stacks[channel]:
+        for layer in self.stacks[channel]:  # type: ignore[attr-defined]  # torch types ModuleList[i] as Module
             tokens = layer(tokens)
         return tokens
 
@@ -656,7 +656,7 @@ class CellMAEPreTrainedModel(PreTrainedModel):
     config: CellMAEConfig
     base_model_prefix = "cellmae"
     main_input_name = "pixel_values"
-    input_modalities = ("image",)
+    input_modalities = ["image"]
     supports_gradient_checkpointing = True
     _no_split_modules = ["CellMAEParallelBlock", "CellMAEPreNormBlock"]
     _supports_sdpa = True
@@ -670,7 +670,8 @@ class CellMAEPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.bias)
         elif isinstance(module, nn.Conv2d):
             init.trunc_normal_(module.weight, std=std)
-            init.zeros_(module.bias)
+            if module.bias is not None:
+                init.zeros_(module.bias)
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
@@ -692,12 +693,14 @@ class CellMAEPreTrainedModel(PreTrainedModel):
             for name in ("layer_scale", "layer_scale1", "layer_scale2"):
                 scale = getattr(module, name, None)
                 if scale is not None:
+                    assert self.config.layer_scale_init is not None  # blocks carry LayerScale only when it is set
                     init.constant_(scale, self.config.layer_scale_init)
 
     def post_init(self):
         super().post_init()
         if self.config.parallel_mlp_bias_layout == "legacy_timm":
             # A folder in the old layout holds no qkv_bias: `from_pretrained` derives it from mlp_bias.
+            assert isinstance(self._keys_to_ignore_on_load_missing, set)  # made a set by PreTrainedModel.post_init
             self._keys_to_ignore_on_load_missing.add(r"layers\.\d+\.qkv_bias$")
 
     @classmethod
@@ -717,6 +720,7 @@ class CellMAEPreTrainedModel(PreTrainedModel):
     def _convert_legacy_timm_biases(self) -> None:
         for block in self.modules():
             if isinstance(block, CellMAEParallelBlock):
+                assert block.qkv_bias is not None  # the legacy layout implies qkv_bias (CellMAEConfig)
                 mlp_bias, qkv_bias = legacy_timm_parallel_biases(block.mlp_bias, block.qkv_bias.numel())
                 block.mlp_bias.copy_(mlp_bias)
                 block.qkv_bias.copy_(qkv_bias)
@@ -875,7 +879,7 @@ class CellMAEModel(CellMAEPreTrainedModel):
         validate_inputs: bool | None = None,
         keep_mask: torch.Tensor | None = None,
         **kwargs,
-    ) -> CellMAEModelOutput:
+    ) -> tuple | CellMAEModelOutput:
         r"""
         Args:
             pixel_values (`torch.FloatTensor` of shape `(B, C, H, W)`): standardised pixels (see
@@ -975,7 +979,8 @@ class CellMAEModel(CellMAEPreTrainedModel):
         ids = self._checked_channel_ids(pixel_values, channel_ids, validate_inputs)
         ratio = self.config.mask_ratio if mask_ratio is None else mask_ratio
         tokens = self.embeddings(pixel_values, ids)  # (B, L, D), L = C*N
-        noise = masking_noise(*tokens.shape[:2], tokens.device, noise, mask_seed)  # (B, L)
+        batch, length = tokens.shape[:2]
+        noise = masking_noise(batch, length, tokens.device, noise, mask_seed)  # (B, L)
         visible, mask, ids_restore = random_masking(tokens, ratio, noise)  # (B, K, D), (B, L), (B, L)
         latent, all_states = self._run_encoder(visible, output_hidden_states)  # (B, 1 + K, D)
         return CellMAEMaskedEncoderOutput(
@@ -995,6 +1000,7 @@ class CellMAEForPreTraining(CellMAEPreTrainedModel):
     def __init__(self, config: CellMAEConfig):
         super().__init__(config)
         self.cellmae = CellMAEModel(config)
+        self.decoder: CellMAESharedDecoder | CellMAEPerChannelDecoder
         if config.decoder_type == "shared":
             self.decoder = CellMAESharedDecoder(config)
         else:
@@ -1026,7 +1032,7 @@ class CellMAEForPreTraining(CellMAEPreTrainedModel):
         return_dict: bool | None = None,
         validate_inputs: bool | None = None,
         **kwargs,
-    ) -> CellMAEForPreTrainingOutput:
+    ) -> tuple | CellMAEForPreTrainingOutput:
         r"""
         Args:
             pixel_values (`torch.FloatTensor` of shape `(B, C, H, W)`): standardised pixels.

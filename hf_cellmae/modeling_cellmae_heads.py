@@ -100,14 +100,16 @@ class CellMAEForImageClassification(CellMAEPreTrainedModel):
 
     def __init__(self, config: CellMAEConfig):
         super().__init__(config)
-        self.num_labels = config.num_labels
+        num_labels = config.num_labels
+        assert num_labels is not None  # PretrainedConfig.__init__ always sets id2label
+        self.num_labels = num_labels
         self.cellmae = CellMAEModel(config)
         self.pool = (
             CellMAEAttentionPool(config.hidden_size, config.num_attention_heads, config.layer_norm_eps)
             if config.classifier_pooling == "attention"
             else None
         )
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.classifier = nn.Linear(config.hidden_size, num_labels) if num_labels > 0 else nn.Identity()
         self.post_init()
 
     @torch.no_grad()
@@ -125,7 +127,7 @@ class CellMAEForImageClassification(CellMAEPreTrainedModel):
         output_hidden_states: bool = False,
         return_dict: bool | None = None,
         **kwargs,
-    ) -> ImageClassifierOutput:
+    ) -> tuple | ImageClassifierOutput:
         r"""
         Args:
             pixel_values (`torch.FloatTensor` of shape `(B, C, H, W)`): standardised pixels.

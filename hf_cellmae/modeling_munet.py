@@ -63,9 +63,9 @@ class CellMUNetModelOutput(ModelOutput):
             `(B, stage_channels[i], H / 2**i, W / 2**i)`; the last is `last_hidden_state`.
     """
 
-    last_hidden_state: torch.FloatTensor | None = None
-    pooler_output: torch.FloatTensor | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    last_hidden_state: torch.Tensor | None = None
+    pooler_output: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass
@@ -80,13 +80,13 @@ class CellMUNetForPreTrainingOutput(ModelOutput):
         last_hidden_state (`torch.FloatTensor` of shape `(B, D, H / s, W / s)`): bottleneck of the masked input.
     """
 
-    loss: torch.FloatTensor | None = None
-    mse_loss: torch.FloatTensor | None = None
-    fourier_loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    mask: torch.FloatTensor | None = None
-    last_hidden_state: torch.FloatTensor | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    loss: torch.Tensor | None = None
+    mse_loss: torch.Tensor | None = None
+    fourier_loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,7 +147,7 @@ class CellMUNetEncoder(nn.Module):
         for level, blocks in enumerate(self.stages):
             if level > 0:
                 hidden = self.downsample[level - 1](hidden)
-            for block in blocks:
+            for block in blocks:  # type: ignore[attr-defined]  # torch types a ModuleList item as Module
                 hidden = block(hidden)
             features.append(hidden)
         features[-1] = self.norm(features[-1])
@@ -178,7 +178,7 @@ class CellMUNetDecoder(nn.Module):
         hidden = features[-1]
         for upsample, fuse, blocks, skip in zip(self.upsample, self.fuse, self.stages, reversed(features[:-1])):
             hidden = fuse(torch.cat([upsample(hidden), skip], dim=1))  # (B, w_i, H / 2**i, W / 2**i)
-            for block in blocks:
+            for block in blocks:  # type: ignore[attr-defined]  # torch types a ModuleList item as Module
                 hidden = block(hidden)
         return self.head(self.act(self.norm(hidden)))
 
@@ -191,7 +191,7 @@ class CellMUNetPreTrainedModel(PreTrainedModel):
     config: CellMUNetConfig
     base_model_prefix = "munet"
     main_input_name = "pixel_values"
-    input_modalities = ("image",)
+    input_modalities = ["image"]
     supports_gradient_checkpointing = True
     _no_split_modules = ["CellMUNetResidualBlock"]
 
@@ -302,7 +302,7 @@ class CellMUNetModel(CellMUNetPreTrainedModel):
         output_hidden_states: bool = True,
         return_dict: bool | None = None,
         **kwargs,
-    ) -> CellMUNetModelOutput:
+    ) -> tuple | CellMUNetModelOutput:
         r"""
         Args:
             pixel_values (`torch.FloatTensor` of shape `(B, C, H, W)`): standardised pixels, exactly
@@ -368,7 +368,7 @@ class CellMUNetForPreTraining(CellMUNetPreTrainedModel):
         output_hidden_states: bool = False,
         return_dict: bool | None = None,
         **kwargs,
-    ) -> CellMUNetForPreTrainingOutput:
+    ) -> tuple | CellMUNetForPreTrainingOutput:
         r"""
         Args:
             pixel_values (`torch.FloatTensor` of shape `(B, C, H, W)`): standardised pixels, `C = config.num_channels`.
@@ -414,12 +414,14 @@ class CellMUNetForImageClassification(CellMUNetPreTrainedModel):
 
     def __init__(self, config: CellMUNetConfig):
         super().__init__(config)
-        self.num_labels = config.num_labels
+        num_labels = config.num_labels
+        assert num_labels is not None  # PretrainedConfig.__init__ always sets id2label
+        self.num_labels = num_labels
         self.munet = CellMUNetModel(config)
         width = config.hidden_size
         heads = width // 64 if width % 64 == 0 else 1
         self.pool = CellMAEAttentionPool(width, heads) if config.classifier_pooling == "attention" else None
-        self.classifier = nn.Linear(width, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.classifier = nn.Linear(width, num_labels) if num_labels > 0 else nn.Identity()
         self.post_init()
 
     def forward(
@@ -431,7 +433,7 @@ class CellMUNetForImageClassification(CellMUNetPreTrainedModel):
         output_hidden_states: bool = False,
         return_dict: bool | None = None,
         **kwargs,
-    ) -> ImageClassifierOutput:
+    ) -> tuple | ImageClassifierOutput:
         r"""
         Args:
             pixel_values (`torch.FloatTensor` of shape `(B, C, H, W)`): standardised pixels, `C = config.num_channels`.

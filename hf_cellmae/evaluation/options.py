@@ -146,7 +146,7 @@ class AlignOptions:
 
     def align_keywords(self) -> dict:
         """The keyword options of ``align.align`` these fields set (only those given, so every method accepts them)."""
-        keywords = {}
+        keywords: dict[str, bool | int | float] = {}
         if self.coral:
             keywords["coral"] = True
         if self.n_components is not None:

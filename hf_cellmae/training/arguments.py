@@ -61,7 +61,8 @@ class PretrainingArguments:
     """Arguments of `cellmae pretrain` (see each field's help)."""
 
     # ---- data
-    data: str = field(default=None, metadata={"help": "shard folder written by `cellmae shard` (local path or fsspec URL)"})
+    data: str | None = field(default=None, metadata={
+        "help": "shard folder written by `cellmae shard` (local path or fsspec URL)"})
     crops_per_field: int = field(default=1, metadata={"help": "random crops drawn from each field per epoch"})
     channel_subset: int | None = field(default=None, metadata={"help": "train on this many randomly chosen channels per sample (channel-agnostic training); default all"})
     augment: bool = field(default=True, metadata={"help": "random flips and 90-degree rotations"})
