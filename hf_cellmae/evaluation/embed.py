@@ -162,7 +162,7 @@ def _read_shard_groups(path: str, row_groups: tuple[int, ...], storage_options: 
         return
     for group in row_groups:  # one row group in memory at a time
         try:
-            table = with_retries(lambda: parquet.read_row_group(group), f"{path} (row group {group})") if is_url(path) \
+            table = with_retries(lambda group=group: parquet.read_row_group(group), f"{path} (row group {group})") if is_url(path) \
                 else parquet.read_row_group(group)
         except (OSError, ValueError) as error:  # pyarrow: "Invalid page header"...
             yield ReadProblem(str(corrupt_shard_error(path, error)), path, fatal=True)

@@ -261,7 +261,7 @@ def check_training_memory(args, announce=print) -> MemoryEstimate | None:
         return estimate
     suggestion = "no batch of this model fits: use a smaller model (--model-preset tiny, or --config demo_cpu)"
     for workers in dict.fromkeys((default_workers, 0)):  # fewer worker processes free memory too
-        fits = largest_batch_that_fits(lambda b: estimate_for(b, workers), available // processes, batch)
+        fits = largest_batch_that_fits(lambda b, workers=workers: estimate_for(b, workers), available // processes, batch)
         if fits:
             accumulate = math.ceil(batch / fits) * args.gradient_accumulation_steps
             suggestion = (f"pass --per-device-train-batch-size {fits}"
