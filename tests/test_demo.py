@@ -63,7 +63,7 @@ def test_small_recipe_is_the_demo_recipe_trained_longer():
     from hf_cellmae.training.arguments import read_config_file
 
     demo, small = read_config_file(RECIPES["demo"]), read_config_file(RECIPES["small"])
-    assert small["max_steps"] == 8 * demo["max_steps"] == 3200
+    assert small["max_steps"] == 2 * demo["max_steps"] == 3200
     bookkeeping = {"max_steps", "warmup_ratio", "save_steps", "logging_steps", "figure_steps"}
     assert {k: v for k, v in small.items() if k not in bookkeeping} == {k: v for k, v in demo.items() if k not in bookkeeping}
 
