@@ -73,6 +73,21 @@ def test_featurizer_measures_every_category_and_sees_larger_nuclei():
     assert features[1, area] > 2 * features[0, area]
 
 
+def test_intensity_shape_set_measures_only_intensity_and_area_shape_and_the_same_values():
+    """The demo's cheap set: two categories, each feature the same value as in the "fast" set."""
+    cheap = CellProfilerFeaturizer(nucleus_diameter=10, feature_set="intensity_shape")
+    fast = CellProfilerFeaturizer(nucleus_diameter=10)
+    field = Field(cells_field(SEPARATE, nucleus_radius=6.0), CHANNELS, {})
+    names, fast_names = cheap.feature_names(CHANNELS), fast.feature_names(CHANNELS)
+    assert {feature_category(n) for n in names} == {"AreaShape", "Intensity"}
+    assert "Cells_AreaShape_Zernike_0_0" in names and "Nuclei_AreaShape_MaxFeretDiameter" in names
+    shared = [n for n in names if n in fast_names]
+    assert len(shared) > 100
+    values = dict(zip(names, cheap([field])[0][0]))
+    fast_values = dict(zip(fast_names, fast([field])[0][0]))
+    np.testing.assert_allclose([values[n] for n in shared], [fast_values[n] for n in shared], rtol=1e-5)
+
+
 def test_featurizer_finds_the_nuclear_stain_by_name_or_says_which_to_pass():
     field = Field(cells_field(SEPARATE)[[1, 0, 2]], ["ER", "DNA", "Mito"], {})
     _, counts = CellProfilerFeaturizer(nucleus_diameter=10)([field])

@@ -35,11 +35,18 @@ from .options import EmbedOptions
 CATEGORIES = ("AreaShape", "Intensity", "Texture", "Granularity", "RadialDistribution", "Correlation")
 OBJECTS = ("Nuclei", "Cells")
 # "fast" drops the slowest measurements (Zernike moments, Feret diameters, Costes/RWC/Manders
-# colocalisation): ~8x faster, every category still measured.
+# colocalisation): ~8x faster, every category still measured. "intensity_shape" keeps only the two
+# cheapest categories, Intensity and AreaShape (Zernike and Feret included: they cost little on small
+# objects): measured on 128 px demo fields, 1 process, it costs a third of "fast" (seconds per field:
+# segmentation 0.14, intensity 0.31, area/shape 0.11 + Zernike 0.04 + Feret 0.02; left out: texture
+# 0.52, granularity 0.33, radial distribution 0.29 + radial Zernikes 0.11, Pearson correlation 0.14).
 FEATURE_SETS = {
     "fast": dict(zernike=False, radial_zernikes=False, feret=False, correlation_costes=False,
                  correlation_rwc=False, correlation_manders_fold=False),
     "full": dict(correlation_costes_params={"scale_max": 65535}),
+    "intensity_shape": dict(texture=False, granularity=False, radial_distribution=False, radial_zernikes=False,
+                            correlation_pearson=False, correlation_costes=False, correlation_rwc=False,
+                            correlation_manders_fold=False),
 }
 _POSITION = re.compile(r"^(Location|Center|BoundingBoxM(in|ax)imum|Orientation|SpatialMoment)")
 _NUCLEAR_NAMES = ("DNA", "Hoechst", "DAPI", "nuclei", "Nuclei")
@@ -162,7 +169,8 @@ class CellProfilerFeaturizer:
     Args:
         nuclei_channel: name of the nuclear stain (default: the first of DNA/Hoechst/DAPI present).
         cell_channels: names of the stains that fill the cell body (default: all others).
-        feature_set: ``"fast"`` (default; no Zernike, Feret, Costes/RWC/Manders) or ``"full"``.
+        feature_set: ``"fast"`` (default; no Zernike, Feret, Costes/RWC/Manders), ``"full"``, or
+            ``"intensity_shape"`` (only the Intensity and AreaShape categories: a third of ``"fast"``'s cost).
         nucleus_diameter: typical nucleus diameter in pixels (default: field width / 12).
         num_workers: processes measuring fields in parallel (default: 1; 0 = all cores).
     """

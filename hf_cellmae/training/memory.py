@@ -214,7 +214,7 @@ def check_cpu_run_length(args, config_name: str, hardware: str) -> None:
         f"batch {batch} ({config.image_size} px crops, {config.hidden_size}-wide encoder) would take about "
         f"{_duration(args.max_steps * seconds_per_step)} here (~{seconds_per_step:.2g} s a step, a rough estimate from the "
         f"step's FLOPs and this CPU's measured matmul speed) and {memory.total / 2**30:.1f} GiB; pass --max-steps N to train "
-        f"that many steps here (about {an_hour:,} in an hour), or use --config demo_cpu (a tiny model, 400 steps, minutes on a laptop)"
+        f"that many steps here (about {an_hour:,} in an hour), or use --config demo_cpu (a tiny model, 1,600 steps, minutes on a laptop)"
     )
 
 
