@@ -80,8 +80,9 @@ class EmbedOptions:
     cell_channels: str | None = field(default=None, metadata={
         "help": "comma-separated stains filling the cell body (default: all others)", "group": CELLPROFILER})
     feature_set: str = field(default="fast", metadata={
-        "help": "fast (default): no Zernike, Feret, Costes/RWC/Manders; full: every cp-measure feature",
-        "choices": ("fast", "full"), "group": CELLPROFILER})
+        "help": "fast (default): no Zernike, Feret, Costes/RWC/Manders; full: every cp-measure feature; "
+                "intensity_shape: only the Intensity and AreaShape categories (a third of fast's cost)",
+        "choices": ("fast", "full", "intensity_shape"), "group": CELLPROFILER})
     nucleus_diameter: int | None = field(default=None, metadata={
         "help": "typical nucleus diameter in pixels (default: field width / 12)", "group": CELLPROFILER})
     measure_workers: int = field(default=1, metadata={"help": "processes measuring fields (0: all cores)", "group": CELLPROFILER})
