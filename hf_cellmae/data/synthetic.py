@@ -88,8 +88,8 @@ _ROWS, _COLS = 16, 24  # 384-well plate
 # (840 complex pairs, 2,760 pathway pairs), so that recall is a share of hundreds of pairs.
 SCREEN_SIZES = {
     "demo": {},
-    "screen": dict(num_plates=4, num_pathways=10, complexes_per_pathway=3, genes_per_complex=8,
-                   replicates_per_plate=1, control_wells_per_plate=24),
+    "screen": {"num_plates": 4, "num_pathways": 10, "complexes_per_pathway": 3, "genes_per_complex": 8,
+               "replicates_per_plate": 1, "control_wells_per_plate": 24},
 }
 
 
