@@ -250,6 +250,8 @@ def claim_wsl(out: Path, plate: Path, shards: Path, grid: dict, device: str, cha
                                                seed, **{**changes, "max_steps": 0}),
             }
             for model, values in runs.items():
+                if model not in grid.get("models", runs):
+                    continue
                 key = f"wsl/{recipe}/{model}/seed{seed}"
 
                 def compute(values=values, held_out=held_out):
@@ -258,7 +260,31 @@ def claim_wsl(out: Path, plate: Path, shards: Path, grid: dict, device: str, cha
                 row = results.get(key, compute)
                 rows.append({"recipe": recipe, "model": model, "seed": seed, **row})
                 print(_line(rows[-1]), flush=True)
-    return {"claim": "wsl", "rows": rows, "summary": _summarise(rows, ("recipe", "model"))}
+    return {"claim": "wsl", "rows": rows, "summary": _summarise(rows, ("recipe", "model")),
+            "verdict": wsl_verdict(rows)}
+
+
+def wsl_verdict(rows: list[dict]) -> dict:
+    """The test of docs/claims.md: per recipe and metric, d = MAE - WSL per seed; reproduced iff mean d > sd(d) > 0
+    (with one seed: mean d > 0, marked as such). The verdict of the finding is the one of recall of complexes."""
+    verdicts = {}
+    for recipe in dict.fromkeys(row["recipe"] for row in rows):
+        by_seed = {}
+        for row in rows:
+            if row["recipe"] == recipe and row["model"] in ("MAE", "WSL"):
+                by_seed.setdefault(row["seed"], {})[row["model"]] = row
+        paired = [pair for pair in by_seed.values() if len(pair) == 2]
+        if not paired:
+            continue
+        verdicts[recipe] = {}
+        for metric in METRICS:
+            d = np.array([pair["MAE"][metric] - pair["WSL"][metric] for pair in paired])
+            sd = float(d.std(ddof=1)) if len(d) > 1 else 0.0
+            verdicts[recipe][metric] = {
+                "mae_minus_wsl_per_seed": d.tolist(), "mean": float(d.mean()), "sd": sd if len(d) > 1 else None,
+                "word": "reproduced" if d.mean() > 0 and d.mean() > sd else "not reproduced",
+                "wsl_ahead_beyond_spread": bool(d.mean() < 0 and -d.mean() > sd)}
+    return verdicts
 
 
 # ---------------------------------------------------------------- Finding 2: scaling
@@ -295,8 +321,26 @@ def claim_scaling(out: Path, plate: Path, shards: Path, grid: dict, device: str,
                 rows.append({"axis": axis, "model": model, "encoder": encoder, "plates": plates, "seed": seed,
                              "parameters": _encoder_parameters(preset, size), **row})
                 print(_line(rows[-1]), flush=True)
-    return {"claim": "scaling", "rows": rows,
-            "summary": _summarise(rows, ("axis", "model", "encoder", "plates"))}
+    summary = _summarise(rows, ("axis", "model", "encoder", "plates"))
+    return {"claim": "scaling", "rows": rows, "summary": summary, "change": scaling_change(summary, grid)}
+
+
+def scaling_change(summary: list[dict], grid: dict) -> dict:
+    """Per axis, model and metric: the change from the smallest to the largest setting (docs/claims.md's Δ)."""
+    order = {"model": list(grid["encoders"]), "data": list(grid["plates"])}
+    change = {}
+    for entry_axis, sizes in order.items():
+        for model in ("MAE", "WSL"):
+            entries = {e["encoder"] if entry_axis == "model" else e["plates"]: e
+                       for e in summary if e["axis"] == entry_axis and e["model"] == model}
+            present = [size for size in sizes if size in entries]
+            if len(present) < 2:
+                continue
+            small, large = entries[present[0]], entries[present[-1]]
+            change[f"{entry_axis}/{model}"] = {
+                "from": present[0], "to": present[-1],
+                **{metric: large[metric]["mean"] - small[metric]["mean"] for metric in METRICS}}
+    return change
 
 
 def _num_plates(plate: Path) -> int:
@@ -373,8 +417,21 @@ def claim_fourier(out: Path, plate: Path, shards: Path, grid: dict, device: str,
                 rows.append({"learning_rate": chosen, "fourier_weight": weight, "seed": seed, **row})
                 print(f"lr {chosen:g}, Fourier weight {weight:g}, seed {seed}: {row['spikes']} spike(s), "
                       f"diverged {row['diverged']}, final MSE {row['final_mse']}", flush=True)
+    weights = (0.0, 0.01)
+    spikes = {w: {row["seed"]: row["spikes"] for row in rows if row["fourier_weight"] == w} for w in weights}
+    fewer = sum(spikes[0.01][seed] < spikes[0.0][seed] for seed in spikes[0.0] if seed in spikes[0.01])
+    diverged = {w: any(row["diverged"] for row in rows if row["fourier_weight"] == w) for w in weights}
+    fewer_in_total = sum(spikes[0.01].values()) < sum(spikes[0.0].values())
+    if chosen is None:
+        word = "not measurable here"
+    elif (fewer_in_total and fewer >= 2) or (diverged[0.0] and not diverged[0.01]):
+        word = "reproduced"
+    else:
+        word = "not reproduced"
     return {"claim": "fourier", "spike": f"MSE loss non-finite, or > {SPIKE_FACTOR:g}x the median of the previous "
-            f"{SPIKE_WINDOW} logged steps", "pilot": pilot, "learning_rate": chosen, "rows": rows}
+            f"{SPIKE_WINDOW} logged steps", "pilot": pilot, "learning_rate": chosen, "rows": rows,
+            "verdict": {"spikes_mse_only": spikes[0.0], "spikes_fourier": spikes[0.01], "seeds_with_fewer": fewer,
+                        "diverged": {"mse_only": diverged[0.0], "fourier": diverged[0.01]}, "word": word}}
 
 
 # ---------------------------------------------------------------- summaries and figures
@@ -488,6 +545,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the grid's seeds")
     parser.add_argument("--recipes", nargs="+", default=None,
                         help="wsl: override the grid's recipes (demo_cpu, small_cpu)")
+    parser.add_argument("--models", nargs="+", default=None, choices=["MAE", "WSL", "random init"],
+                        help="wsl: run only these models (default all; e.g. WSL in a second process beside MAE)")
     parser.add_argument("--encoders", nargs="+", default=None, choices=list(ENCODERS), help="scaling: encoder sizes")
     parser.add_argument("--plates", type=int, nargs="+", default=None, help="scaling: training plate counts")
     parser.add_argument("--max-steps", type=int, default=None, help="override every run's steps (tests, smoke runs)")
@@ -508,8 +567,8 @@ def main(argv: list[str] | None = None) -> None:
     changes = {} if args.max_steps is None else {"max_steps": args.max_steps}
     for claim in CLAIMS if args.claim == "all" else (args.claim,):
         grid = dict(GRIDS[args.device][claim], tvn_components=args.tvn_components)
-        for name in ("seeds", "recipes", "encoders", "plates", "pilot_lrs"):
-            if getattr(args, name) is not None and name in grid:
+        for name in ("seeds", "recipes", "models", "encoders", "plates", "pilot_lrs"):
+            if getattr(args, name) is not None and (name in grid or name == "models"):
                 grid[name] = getattr(args, name)
         if args.max_steps is not None and "max_steps" in grid:
             grid["max_steps"] = args.max_steps
