@@ -502,20 +502,30 @@ def plot_claim(report: dict, path: Path) -> Path:
                     ax.errorbar([xs[i] for i in order], ys, yerr=errs, marker="o", color=f"C{m}", label=model,
                                 capsize=3)
                 ax.set_xscale("log")
+                if axis == "data":
+                    plates = sorted({e["plates"] for e in report["summary"] if e["axis"] == "data"})
+                    ax.set_xticks(plates, [str(p) for p in plates])
+                    ax.minorticks_off()
                 ax.set_xlabel("encoder parameters" if axis == "model" else "training plates (fixed steps)")
                 ax.set_ylabel(metric.replace("_", " ") + " (held-out genes)")
                 ax.legend(fontsize=8)
         fig.suptitle("Finding 2: scaling model and data size", fontsize=10)
     else:
-        fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+        fig, axes = plt.subplots(1, 2 if report["rows"] else 1, figsize=(11 if report["rows"] else 6, 3.8),
+                                 squeeze=False)
+        axes = axes[0]
         for row in report["pilot"]:
             axes[0].plot(row["mse_loss"], label=f"lr {row['learning_rate']:g}: {row['spikes']} spikes", lw=0.8)
         axes[0].set_title("pilot, MSE only, seed 0", fontsize=9)
+        if not report["rows"]:
+            axes[0].set_title("pilot, MSE only, seed 0: no run spiked, so no Fourier comparison (not measurable)",
+                              fontsize=8)
         for row in report["rows"]:
             color = "C3" if row["fourier_weight"] == 0 else "C0"
             axes[1].plot(row["mse_loss"], color=color, lw=0.7, alpha=0.8,
                          label=f"w={row['fourier_weight']:g} seed {row['seed']}: {row['spikes']} spikes")
-        axes[1].set_title(f"lr {report['learning_rate']}: MSE only (red) vs + Fourier 0.01 (blue)", fontsize=9)
+        if report["rows"]:
+            axes[1].set_title(f"lr {report['learning_rate']}: MSE only (red) vs + Fourier 0.01 (blue)", fontsize=9)
         for ax in axes:
             ax.set_yscale("log")
             ax.set_xlabel("step")
