@@ -50,7 +50,7 @@ def test_every_claim_runs_end_to_end_with_tiny_settings(tmp_path):
     script = _script()
     out = tmp_path / "out"
     script.main(["--claim", "all", "--out", str(out), "--seeds", "0", "--max-steps", "2", "--encoders", "xs", "tiny",
-                 "--plates", "1", "2", "--pilot-lrs", "1e-1", "--tvn-components", "8",
+                 "--plates", "2", "--pilot-lrs", "1e-1", "--tvn-components", "8",
                  "--figures", str(tmp_path / "figs"),
                  "--screen-overrides", json.dumps(TINY_SCREEN)])
     wsl = json.loads((out / "wsl.json").read_text())
@@ -58,7 +58,9 @@ def test_every_claim_runs_end_to_end_with_tiny_settings(tmp_path):
     assert all(0 <= row["recall_complexes"] <= 1 and row["n_held_out_genes"] == 12 for row in wsl["rows"])
     scaling = json.loads((out / "scaling.json").read_text())
     assert {(row["axis"], row["encoder"], row["plates"]) for row in scaling["rows"]} == {
-        ("model", "xs", 2), ("model", "tiny", 2), ("data", "tiny", 1), ("data", "tiny", 2)}
+        ("model", "xs", 2), ("model", "tiny", 2), ("data", "tiny", 2)}  # tiny on 2 plates: Finding 1's runs
+    assert set(scaling["change"]) == {"model/MAE", "model/WSL"}
+    assert wsl["verdict"]["demo_cpu"]["recall_complexes"]["word"] in ("reproduced", "not reproduced")
     fourier = json.loads((out / "fourier.json").read_text())
     assert fourier["pilot"][0]["learning_rate"] == 0.1 and len(fourier["pilot"][0]["mse_loss"]) == 2
     assert np.isfinite(fourier["pilot"][0]["spikes"])
