@@ -302,7 +302,7 @@ def claim_scaling(out: Path, plate: Path, shards: Path, grid: dict, device: str,
         train_half, held_out = split_genes(plate, seed)
         for axis, encoder, plates in settings:
             preset, size = ENCODERS[encoder]
-            for model in ("MAE", "WSL"):
+            for model in [m for m in ("MAE", "WSL") if m in grid.get("models", ("MAE", "WSL"))]:
                 genes = None if model == "MAE" else train_half
                 name = f"{'all' if genes is None else 'train_half'}_seed{seed if genes else 0}_plates{plates}"
                 data = shards if genes is None and plates == total_plates else \
@@ -556,7 +556,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--recipes", nargs="+", default=None,
                         help="wsl: override the grid's recipes (demo_cpu, small_cpu)")
     parser.add_argument("--models", nargs="+", default=None, choices=["MAE", "WSL", "random init"],
-                        help="wsl: run only these models (default all; e.g. WSL in a second process beside MAE)")
+                        help="wsl, scaling: run only these models (default all; e.g. WSL in a second process beside MAE)")
     parser.add_argument("--encoders", nargs="+", default=None, choices=list(ENCODERS), help="scaling: encoder sizes")
     parser.add_argument("--plates", type=int, nargs="+", default=None, help="scaling: training plate counts")
     parser.add_argument("--max-steps", type=int, default=None, help="override every run's steps (tests, smoke runs)")
