@@ -135,3 +135,37 @@ def test_synthetic_into_an_unwritable_folder_fails_in_one_line(tmp_path, capsys)
     error = capsys.readouterr().err.strip()
     assert code == 2 and len(error.splitlines()) == 1
     assert f"cannot write the synthetic screen to {blocker / 'plate'}" in error
+
+
+def test_the_screen_size_holds_240_genes_in_30_complexes_and_10_pathways_on_4_plates():
+    from hf_cellmae.data.synthetic import SCREEN_SIZES, SyntheticScreenConfig, design_screen, true_relationships
+
+    config = SyntheticScreenConfig(**SCREEN_SIZES["screen"])
+    genes = design_screen(config)["genes"]
+    assert config.num_plates == 4 and len(genes) == len({g["gene"] for g in genes}) == 240
+    assert len({g["complex"] for g in genes}) == 30 and len({g["pathway"] for g in genes}) == 10
+    pairs = true_relationships(genes)
+    assert len(pairs["complexes"]) == 30 * 28 and len(pairs["pathways"]) == 10 * (24 * 23 // 2)
+
+
+def test_the_screen_size_draws_the_demo_genes_phenotypes_by_the_same_model():
+    """Only the counts change: the demo's first pathway (the first genes drawn) is the same in both sizes."""
+    from hf_cellmae.data.synthetic import SCREEN_SIZES, SyntheticScreenConfig, design_screen
+
+    demo = design_screen(SyntheticScreenConfig())["genes"]
+    screen = design_screen(SyntheticScreenConfig(**SCREEN_SIZES["screen"]))["genes"]
+    assert [g["gene"] for g in demo[:4]] == [g["gene"] for g in screen[:4]] == ["CPLXA1", "CPLXA2", "CPLXA3", "CPLXA4"]
+    np.testing.assert_allclose(demo[0]["phenotype"], screen[0]["phenotype"])
+
+
+def test_cli_synthetic_size_screen_writes_the_requested_counts(tmp_path, capsys):
+    root = tmp_path / "screen"
+    assert main(["synthetic", str(root), "--size", "screen", "--plates", "1", "--field-size", "32", "--sites", "1",
+                 "--quiet", "--num-workers", "1"]) == 0
+    metadata = pd.read_csv(root / "metadata.csv", keep_default_na=False)
+    treated = metadata[~metadata["is_control"]]
+    assert metadata["plate"].unique().tolist() == ["Plate1"]  # --plates overrides the size's 4
+    assert (treated["gene"].nunique(), treated["complex"].nunique(), treated["pathway"].nunique()) == (240, 30, 10)
+    assert metadata["is_control"].sum() == 24
+    assert len(pd.read_csv(root / "relationships" / "complexes.csv")) == 840
+    assert len(pd.read_csv(root / "relationships" / "pathways.csv")) == 2760

@@ -7,7 +7,7 @@ import argparse
 from ..options import add_dataclass_options, options_from_namespace
 from ..errors import UserError
 from .shards import ShardOptions
-from .synthetic import SyntheticScreenConfig
+from .synthetic import SCREEN_SIZES, SyntheticScreenConfig
 
 # `cellmae synthetic` flags -> (SyntheticScreenConfig field, help); defaults come from the dataclass.
 SYNTHETIC_OPTIONS = {
@@ -71,12 +71,16 @@ def _shard(args: argparse.Namespace) -> int:
 def _synthetic(args: argparse.Namespace) -> int:
     from .synthetic import make_synthetic_screen
 
+    defaults = SyntheticScreenConfig()  # a flag left at its default keeps the --size's value
+    given = {name: getattr(args, name) for name, _ in SYNTHETIC_OPTIONS.values()
+             if getattr(args, name) != getattr(defaults, name)}
     result = make_synthetic_screen(
         args.output_dir,
+        config=SyntheticScreenConfig(**SCREEN_SIZES[args.size]),
         num_workers=args.num_workers,
         progress=not args.quiet,
         pooled=args.pooled,
-        **{name: getattr(args, name) for name, _ in SYNTHETIC_OPTIONS.values()},
+        **given,
     )
     print(
         f"wrote {result['num_fields']} synthetic fields ({', '.join(result['channels'])}, {args.bit_depth}-bit) to "
@@ -118,6 +122,9 @@ def register(subparsers) -> None:
         default = getattr(knobs, name)
         synthetic.add_argument(flag, dest=name, type=type(default), default=default, choices=(8, 16) if name == "bit_depth" else None,
                                help=f"{help_text} (default {default})")
+    synthetic.add_argument("--size", choices=list(SCREEN_SIZES), default="demo",
+                           help="demo: 24 genes, 6 complexes, 3 pathways, 2 plates; screen: 240 genes, 30 complexes, "
+                           "10 pathways, 4 plates (the other flags change the rest; default demo)")
     synthetic.add_argument("--pooled", action="store_true",
                            help="a pooled screen: every cell carries its own perturbation (a guide read from a barcode); "
                            "writes cells.csv, the per-cell read-out, beside metadata.csv (default: arrayed, one per well)")

@@ -81,11 +81,21 @@ _BASE = {
 }
 CONTROL = "non-targeting"
 _ROWS, _COLS = 16, 24  # 384-well plate
+# Named sizes of the screen (`cellmae synthetic --size`): how many genes, complexes, pathways, plates and wells.
+# Only the counts differ; every gene's phenotype is drawn by the same model (``design_screen``).
+# "demo": the defaults, 24 genes in 6 complexes and 3 pathways, 2 plates (36 complex pairs).
+# "screen": 240 genes in 30 complexes of 8 and 10 pathways of 3 complexes, on 4 plates, one well per gene per plate
+# (840 complex pairs, 2,760 pathway pairs), so that recall is a share of hundreds of pairs.
+SCREEN_SIZES = {
+    "demo": {},
+    "screen": {"num_plates": 4, "num_pathways": 10, "complexes_per_pathway": 3, "genes_per_complex": 8,
+               "replicates_per_plate": 1, "control_wells_per_plate": 24},
+}
 
 
 @dataclass
 class SyntheticScreenConfig:
-    """Knobs of the synthetic screen (defaults: the ~20 s, 2-plate demo dataset)."""
+    """Knobs of the synthetic screen (defaults: the ~20 s, 2-plate demo dataset; `SCREEN_SIZES` for larger ones)."""
 
     num_plates: int = 2
     field_size: int = 128
@@ -129,6 +139,16 @@ class SyntheticScreenConfig:
         return self.num_pathways * self.complexes_per_pathway * self.genes_per_complex
 
 
+def complex_label(index: int) -> str:
+    """``CPLXA`` .. ``CPLXZ``, then ``CPLXAA``, ``CPLXAB``, ... (spreadsheet-column letters of ``index``)."""
+    letters = ""
+    index += 1
+    while index:
+        index, remainder = divmod(index - 1, 26)
+        letters = string.ascii_uppercase[remainder] + letters
+    return f"CPLX{letters}"
+
+
 def _unit(vector: np.ndarray) -> np.ndarray:
     return vector / np.linalg.norm(vector)
 
@@ -149,7 +169,7 @@ def design_screen(config: SyntheticScreenConfig) -> dict:
         pathway_direction = direction()
         pathway = f"PATH{p + 1}"
         for c in range(config.complexes_per_pathway):
-            complex_name = f"CPLX{string.ascii_uppercase[p * config.complexes_per_pathway + c]}"
+            complex_name = complex_label(p * config.complexes_per_pathway + c)
             complex_direction = _unit(0.6 * pathway_direction + 0.8 * direction())
             for g in range(config.genes_per_complex):
                 strength = rng.uniform(0.7, 1.3)
