@@ -33,10 +33,16 @@ BBBC022_CHANNELS = ["DNA", "ER", "RNA", "AGP", "Mito"]  # Ch1..Ch5: Hoechst, Con
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default=None, help="model folder or Hub id (default: write a random tiny model)")
-    parser.add_argument("--data-dir", default=str(SHARED_DATA), help="folder holding cellpainting_bbbc022/ (default: ../shared/data)")
-    parser.add_argument("--site", default="plate1_A14_site1", help="BBBC022 site: files {site}_Ch1.tif .. {site}_Ch5.tif")
+    parser.add_argument(
+        "--data-dir", default=str(SHARED_DATA), help="folder holding cellpainting_bbbc022/ (default: ../shared/data)"
+    )
+    parser.add_argument(
+        "--site", default="plate1_A14_site1", help="BBBC022 site: files {site}_Ch1.tif .. {site}_Ch5.tif"
+    )
     parser.add_argument("--out", default="cellmae-embed-example", help="where the random tiny model is written")
     parser.add_argument("--save", default=None, help="also save the embeddings to this .npz file")
     return parser.parse_args(argv)
@@ -66,8 +72,18 @@ def synthetic_field(image_size: int) -> np.ndarray:
     from hf_cellmae.data.image_io import read_field
 
     with tempfile.TemporaryDirectory() as folder:
-        plate = make_synthetic_screen(folder, num_plates=1, field_size=2 * image_size, num_pathways=1, complexes_per_pathway=1,
-                                      genes_per_complex=1, control_wells_per_plate=1, sites_per_well=1, num_workers=1, progress=False)
+        plate = make_synthetic_screen(
+            folder,
+            num_plates=1,
+            field_size=2 * image_size,
+            num_pathways=1,
+            complexes_per_pathway=1,
+            genes_per_complex=1,
+            control_wells_per_plate=1,
+            sites_per_well=1,
+            num_workers=1,
+            progress=False,
+        )
         return read_field(discover_fields(plate["images"])[0])
 
 
@@ -76,8 +92,10 @@ def main(argv=None) -> int:
     model_path = args.model
     if model_path is None:
         model_path = random_tiny_model(Path(args.out) / "random-tiny-model")
-        print(f"No --model given: wrote a RANDOMLY INITIALISED tiny model to {model_path} (no weights can be downloaded "
-              "here); its embeddings have the right shapes but no meaning. Pass --model with a trained folder or Hub id.")
+        print(
+            f"No --model given: wrote a RANDOMLY INITIALISED tiny model to {model_path} (no weights can be downloaded "
+            "here); its embeddings have the right shapes but no meaning. Pass --model with a trained folder or Hub id."
+        )
 
     # ---- the one line
     model = AutoModel.from_pretrained(model_path).eval()

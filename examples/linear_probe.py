@@ -40,19 +40,34 @@ from hf_cellmae.evaluation.embed import ModelFeaturizer, PixelStatsFeaturizer, e
 # The demo's synthetic screen: 24 genes in 6 protein complexes, 16 wells per complex over 2 plates.
 SYNTHETIC_PLATE = dict(num_plates=2, control_wells_per_plate=24, sites_per_well=2)
 # --small-plate: 4 complexes of 3 genes, 64 px fields, for a smoke test in seconds.
-SMALL_PLATE = dict(num_plates=2, field_size=64, num_pathways=2, complexes_per_pathway=2, genes_per_complex=3,
-                   control_wells_per_plate=4, sites_per_well=2)
+SMALL_PLATE = dict(
+    num_plates=2,
+    field_size=64,
+    num_pathways=2,
+    complexes_per_pathway=2,
+    genes_per_complex=3,
+    control_wells_per_plate=4,
+    sites_per_well=2,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default=None, help="model folder or Hub id (default: a random-init tiny encoder)")
     parser.add_argument("--data", default=None, help="shard folder or image folder (default: a synthetic screen)")
-    parser.add_argument("--metadata", default=None, help="metadata table for an image folder (joined on plate/well/site)")
+    parser.add_argument(
+        "--metadata", default=None, help="metadata table for an image folder (joined on plate/well/site)"
+    )
     parser.add_argument("--layout", default="auto", help="image folder layout (see `cellmae shard --help`)")
-    parser.add_argument("--small-plate", action="store_true", help="generate a much smaller synthetic screen (smoke test)")
+    parser.add_argument(
+        "--small-plate", action="store_true", help="generate a much smaller synthetic screen (smoke test)"
+    )
     parser.add_argument("--label", default="complex", help="metadata column to predict (default: complex)")
-    parser.add_argument("--well-cols", nargs="+", default=["plate", "well"], help="columns naming a well (the split unit)")
+    parser.add_argument(
+        "--well-cols", nargs="+", default=["plate", "well"], help="columns naming a well (the split unit)"
+    )
     parser.add_argument("--batch-col", default="plate", help="features are centred and scaled on controls per batch")
     parser.add_argument("--control-col", default="is_control", help="boolean column marking control wells")
     parser.add_argument("--test-fraction", type=float, default=0.3, help="share of each label's wells held out")
@@ -98,7 +113,9 @@ def split_by_well(wells: np.ndarray, labels: np.ndarray, test_fraction: float, s
     return np.array([well in test_wells for well in wells])
 
 
-def fit_linear_probe(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay: float, max_iter: int, seed: int) -> nn.Linear:
+def fit_linear_probe(
+    x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay: float, max_iter: int, seed: int
+) -> nn.Linear:
     """Multinomial logistic regression: `(n, D)` features, `(n,)` class ids -> a fitted `Linear(D, K)`."""
     torch.manual_seed(seed)
     probe = nn.Linear(x.shape[1], num_classes)
@@ -120,7 +137,9 @@ def probe_features(table, split: dict, args, classes: list[str]) -> dict:
     control, batch = column(args.control_col), column(args.batch_col)
     if control in table.columns:
         is_control = table[control].fillna(False).astype(bool).to_numpy()
-        features = align(features, is_control, table[batch].to_numpy() if batch in table.columns else None, method="center_scale")
+        features = align(
+            features, is_control, table[batch].to_numpy() if batch in table.columns else None, method="center_scale"
+        )
     keep, test = split["labelled"], split["test"]
     x, y = features[keep], torch.tensor(split["class_id"][keep])
     train = ~test[keep]
@@ -130,7 +149,11 @@ def probe_features(table, split: dict, args, classes: list[str]) -> dict:
     with torch.no_grad():
         predicted = probe(x).argmax(1)
     correct = (predicted == y).numpy()
-    return {"dim": int(x.shape[1]), "train_accuracy": float(correct[train].mean()), "test_accuracy": float(correct[~train].mean())}
+    return {
+        "dim": int(x.shape[1]),
+        "train_accuracy": float(correct[train].mean()),
+        "test_accuracy": float(correct[~train].mean()),
+    }
 
 
 def main(argv=None) -> int:
@@ -141,7 +164,9 @@ def main(argv=None) -> int:
     data = args.data
     if data is None:
         print("[1] no --data given: generating a synthetic screen with known protein complexes")
-        plate = make_synthetic_screen(out / "plate", seed=args.seed, **(SMALL_PLATE if args.small_plate else SYNTHETIC_PLATE))
+        plate = make_synthetic_screen(
+            out / "plate", seed=args.seed, **(SMALL_PLATE if args.small_plate else SYNTHETIC_PLATE)
+        )
         shard_folder(plate["images"], out / "shards", metadata=plate["metadata"], channel_names=plate["channels"])
         data = out / "shards"
     else:
@@ -150,8 +175,10 @@ def main(argv=None) -> int:
     model = args.model
     if model is None:
         model = random_tiny_model(out / "random_init_model", args.seed)
-        print(f"    no --model given: using a RANDOMLY INITIALISED tiny encoder ({model}); pass --model with a "
-              "pre-trained folder or Hub id for a real result")
+        print(
+            f"    no --model given: using a RANDOMLY INITIALISED tiny encoder ({model}); pass --model with a "
+            "pre-trained folder or Hub id for a real result"
+        )
 
     print("[2] embedding every field (frozen encoder; per-channel pixel statistics as a baseline)")
     tables = {}
@@ -167,13 +194,19 @@ def main(argv=None) -> int:
         raise SystemExit(f"the embeddings have no column(s) {missing}; choose --label / --well-cols among {available}")
     labels = first[label_col].astype("string")
     labelled = (labels.notna() & (labels.str.strip() != "")).to_numpy()
-    print(f"[3] label {args.label!r}: {int(labelled.sum())} labelled fields, {int((~labelled).sum())} without a label left out")
+    print(
+        f"[3] label {args.label!r}: {int(labelled.sum())} labelled fields, {int((~labelled).sum())} without a label left out"
+    )
     wells = first[[column(c) for c in args.well_cols]].astype(str).agg("/".join, axis=1).to_numpy()
     test = np.zeros(len(first), dtype=bool)
-    test[labelled] = split_by_well(wells[labelled], labels.to_numpy()[labelled].astype(str), args.test_fraction, args.seed)
+    test[labelled] = split_by_well(
+        wells[labelled], labels.to_numpy()[labelled].astype(str), args.test_fraction, args.seed
+    )
     classes = sorted(set(labels[labelled].tolist()))
     if len(classes) < 2:
-        raise SystemExit(f"label {args.label!r} has {len(classes)} class(es) among the labelled fields; a probe needs at least 2")
+        raise SystemExit(
+            f"label {args.label!r} has {len(classes)} class(es) among the labelled fields; a probe needs at least 2"
+        )
     class_ids = {name: index for index, name in enumerate(classes)}
     for table in tables.values():
         if not (table["Metadata_field_id"].to_numpy() == first["Metadata_field_id"].to_numpy()).all():
@@ -183,15 +216,23 @@ def main(argv=None) -> int:
     train_labels = labels[labelled & ~test]
     test_labels = labels[labelled & test]
     majority = train_labels.value_counts().idxmax()
-    print(f"    {len(classes)} classes; split by well: {len(set(wells[labelled & ~test]))} training wells "
-          f"({len(train_labels)} fields), {len(set(wells[labelled & test]))} test wells ({len(test_labels)} fields)")
+    print(
+        f"    {len(classes)} classes; split by well: {len(set(wells[labelled & ~test]))} training wells "
+        f"({len(train_labels)} fields), {len(set(wells[labelled & test]))} test wells ({len(test_labels)} fields)"
+    )
 
     print("[4] fitting a linear probe (logistic regression) on each feature set")
     results = {
-        "label": args.label, "classes": classes, "model": str(model), "model_is_random_init": args.model is None,
-        "data": str(data), "unlabelled_fields_left_out": int((~labelled).sum()),
-        "train_fields": int(len(train_labels)), "test_fields": int(len(test_labels)),
-        "train_wells": sorted(set(wells[labelled & ~test])), "test_wells": sorted(set(wells[labelled & test])),
+        "label": args.label,
+        "classes": classes,
+        "model": str(model),
+        "model_is_random_init": args.model is None,
+        "data": str(data),
+        "unlabelled_fields_left_out": int((~labelled).sum()),
+        "train_fields": int(len(train_labels)),
+        "test_fields": int(len(test_labels)),
+        "train_wells": sorted(set(wells[labelled & ~test])),
+        "test_wells": sorted(set(wells[labelled & test])),
         "chance": {"majority": float((test_labels == majority).mean()), "uniform": 1.0 / len(classes)},
         "probes": {name: probe_features(table, split, args, classes) for name, table in tables.items()},
     }

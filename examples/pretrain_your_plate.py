@@ -46,8 +46,15 @@ DEMO_CONFIG = Path(hf_cellmae.__file__).resolve().parent / "configs" / "demo_cpu
 SYNTHETIC_PLATE = dict(num_plates=2, control_wells_per_plate=24, sites_per_well=2)
 # --small-plate: seconds instead of minutes, for a smoke test (too few controls for TVN: use center_scale).
 # 12 genes: the recall benchmark needs at least 10 perturbations for its null distribution.
-SMALL_PLATE = dict(num_plates=2, field_size=64, num_pathways=2, complexes_per_pathway=2, genes_per_complex=3,
-                   control_wells_per_plate=4, sites_per_well=2)
+SMALL_PLATE = dict(
+    num_plates=2,
+    field_size=64,
+    num_pathways=2,
+    complexes_per_pathway=2,
+    genes_per_complex=3,
+    control_wells_per_plate=4,
+    sites_per_well=2,
+)
 
 
 def step(number: int | str, message: str) -> None:
@@ -55,26 +62,44 @@ def step(number: int | str, message: str) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     data = parser.add_argument_group("your plate (default: a synthetic plate is generated)")
-    data.add_argument("--images", default=None, help="folder of images (RxRx, file-name pattern, TIFF stacks) or a load_data CSV")
-    data.add_argument("--metadata", default=None, help="CSV/Parquet with plate, well(, site) and e.g. perturbation, is_control")
-    data.add_argument("--layout", default="auto", help="auto | rxrx | pattern | load_data | stack (see `cellmae shard --help`)")
+    data.add_argument(
+        "--images", default=None, help="folder of images (RxRx, file-name pattern, TIFF stacks) or a load_data CSV"
+    )
+    data.add_argument(
+        "--metadata", default=None, help="CSV/Parquet with plate, well(, site) and e.g. perturbation, is_control"
+    )
+    data.add_argument(
+        "--layout", default="auto", help="auto | rxrx | pattern | load_data | stack (see `cellmae shard --help`)"
+    )
     data.add_argument("--pattern", default=None, help="file-name regex or preset for --layout pattern")
     data.add_argument("--channel-names", nargs="+", default=None, help="stain of each channel, in channel-id order")
-    data.add_argument("--small-plate", action="store_true", help="generate a much smaller synthetic plate (smoke test)")
+    data.add_argument(
+        "--small-plate", action="store_true", help="generate a much smaller synthetic plate (smoke test)"
+    )
     train = parser.add_argument_group("pre-training")
-    train.add_argument("--config", default=str(DEMO_CONFIG), help="YAML of PretrainingArguments (default: the CPU demo recipe)")
+    train.add_argument(
+        "--config", default=str(DEMO_CONFIG), help="YAML of PretrainingArguments (default: the CPU demo recipe)"
+    )
     train.add_argument("--max-steps", type=int, default=None, help="override the recipe's max_steps")
     evaluation = parser.add_argument_group("evaluation (needs a perturbation column in the metadata)")
-    evaluation.add_argument("--relationships", nargs="+", default=None,
-                            help="CSV files of known related pairs (entity1,entity2); default: the synthetic plate's, "
-                            f"or the public benchmark sources {', '.join(BENCHMARK_SOURCES)}")
+    evaluation.add_argument(
+        "--relationships",
+        nargs="+",
+        default=None,
+        help="CSV files of known related pairs (entity1,entity2); default: the synthetic plate's, "
+        f"or the public benchmark sources {', '.join(BENCHMARK_SOURCES)}",
+    )
     evaluation.add_argument("--perturbation-col", default="Metadata_perturbation")
     evaluation.add_argument("--batch-col", default="Metadata_plate", help="align each batch on its own controls")
     evaluation.add_argument("--alignment", default="tvn", choices=["tvn", "pca_center_scale", "center_scale", "none"])
     hub = parser.add_argument_group("sharing")
-    hub.add_argument("--repo-id", default=None, help="push the model folder to this Hub repo (default: stop after the card)")
+    hub.add_argument(
+        "--repo-id", default=None, help="push the model folder to this Hub repo (default: stop after the card)"
+    )
     hub.add_argument("--private", action="store_true", help="create the Hub repo private")
     parser.add_argument("--out", default="cellmae-my-plate", help="output folder (default: ./cellmae-my-plate)")
     parser.add_argument("--overwrite", action="store_true", help="delete --out first if it holds an earlier run")
@@ -104,7 +129,9 @@ def main(argv=None) -> int:
     relationships = args.relationships
     if args.images is None:
         step(0, "no --images given: generating a synthetic Cell-Painting screen (known complexes and pathways)")
-        plate = make_synthetic_screen(out / "plate", seed=args.seed, **(SMALL_PLATE if args.small_plate else SYNTHETIC_PLATE))
+        plate = make_synthetic_screen(
+            out / "plate", seed=args.seed, **(SMALL_PLATE if args.small_plate else SYNTHETIC_PLATE)
+        )
         images, metadata, channel_names = plate["images"], plate["metadata"], plate["channels"]
         relationships = relationships or [str(p) for p in relationship_files(out / "plate").values()]
         print(f"    {plate['num_fields']} fields of {len(channel_names)} channels -> {images}")
@@ -113,12 +140,23 @@ def main(argv=None) -> int:
 
     # ---- 1. shards: every field once, metadata joined, bad files counted and reported (not dropped silently)
     step(1, f"writing streaming shards of {images}")
-    manifest = shard_folder(images, out / "shards", layout=args.layout, pattern=args.pattern,
-                            channel_names=channel_names, metadata=metadata, seed=args.seed)
-    print(f"    {manifest['num_fields']} fields, channels {manifest['channels']}, {manifest['num_shards']} shard(s) "
-          f"-> {out / 'shards'}")
+    manifest = shard_folder(
+        images,
+        out / "shards",
+        layout=args.layout,
+        pattern=args.pattern,
+        channel_names=channel_names,
+        metadata=metadata,
+        seed=args.seed,
+    )
+    print(
+        f"    {manifest['num_fields']} fields, channels {manifest['channels']}, {manifest['num_shards']} shard(s) "
+        f"-> {out / 'shards'}"
+    )
     if manifest["num_skipped"]:
-        print(f"    skipped {manifest['num_skipped']} bad input(s), listed under 'skipped' in {out / 'shards' / 'manifest.json'}")
+        print(
+            f"    skipped {manifest['num_skipped']} bad input(s), listed under 'skipped' in {out / 'shards' / 'manifest.json'}"
+        )
 
     # ---- 2. pre-train: the recipe file, with the data and output folders filled in
     step(2, f"pre-training with {args.config}")
@@ -128,8 +166,10 @@ def main(argv=None) -> int:
         values["max_steps"] = args.max_steps
     summary = pretrain(PretrainingArguments(**values))
     model_dir = Path(summary["model_dir"])
-    print(f"    {summary['global_step']} steps, final loss {summary['final_loss']:.4f} -> {model_dir} "
-          f"(TensorBoard logs: {out / 'run' / 'logs'})")
+    print(
+        f"    {summary['global_step']} steps, final loss {summary['final_loss']:.4f} -> {model_dir} "
+        f"(TensorBoard logs: {out / 'run' / 'logs'})"
+    )
 
     # ---- 3. embed every field with the frozen encoder, and raw pixel statistics as a baseline
     step(3, "embedding every field (model, and pixel statistics as a baseline)")
@@ -143,21 +183,28 @@ def main(argv=None) -> int:
     eval_json = None
     columns = read_embeddings(tables["model"]).columns
     if args.perturbation_col not in columns:
-        step(4, f"evaluation skipped: the embeddings have no {args.perturbation_col} column "
-                "(pass --metadata with a perturbation column to evaluate)")
+        step(
+            4,
+            f"evaluation skipped: the embeddings have no {args.perturbation_col} column "
+            "(pass --metadata with a perturbation column to evaluate)",
+        )
     else:
         step(4, f"evaluating ({args.alignment} alignment, recall of known relationships)")
         options = EvaluateOptions(
-            sources=relationships or list(BENCHMARK_SOURCES), out=str(out / "evaluation"),
-            perturbation_col=args.perturbation_col, batch_col=args.batch_col if args.batch_col in columns else None,
+            sources=relationships or list(BENCHMARK_SOURCES),
+            out=str(out / "evaluation"),
+            perturbation_col=args.perturbation_col,
+            batch_col=args.batch_col if args.batch_col in columns else None,
             alignment=args.alignment,
         )
         results = evaluate_embeddings(tables["model"], options, baselines={"pixel_stats": tables["pixel_stats"]})
         eval_json = out / "evaluation" / "eval_results.json"
         for source, metrics in results["sources"].items():
             baseline = results["baselines"]["pixel_stats"]["sources"][source]["recall_0.05_0.95"]
-            print(f"    {source}: recall {metrics['recall_0.05_0.95']:.3f} (pixel statistics {baseline:.3f}, "
-                  f"chance {results['chance']['recall_0.05_0.95']:.3f})")
+            print(
+                f"    {source}: recall {metrics['recall_0.05_0.95']:.3f} (pixel statistics {baseline:.3f}, "
+                f"chance {results['chance']['recall_0.05_0.95']:.3f})"
+            )
         print(f"    -> {eval_json} (+ plots)")
 
     # ---- 5. model card: README.md written from the folder's own files (config, training, evaluation)

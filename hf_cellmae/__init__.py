@@ -6,9 +6,8 @@ hf_cellmae checkpoint. The registration (and torch/transformers) is deferred unt
 imported, and the classes below are imported on first use, so the `cellmae` command line starts fast.
 """
 
-from .lazy_exports import lazy_exports
-
 from .auto_registration import register_when_transformers_loads
+from .lazy_exports import lazy_exports
 
 __version__ = "0.1.0"
 

@@ -33,8 +33,8 @@ def register_auto_classes() -> None:
     from transformers.pipelines import PIPELINE_REGISTRY
 
     from .configuration_cellmae import CellMAEConfig
-    from .image_processing_cellmae import CellMAEImageProcessor
     from .configuration_munet import CellMUNetConfig
+    from .image_processing_cellmae import CellMAEImageProcessor
     from .modeling_cellmae import CellMAEForPreTraining, CellMAEModel
     from .modeling_cellmae_heads import CellMAEForImageClassification
     from .modeling_munet import CellMUNetForImageClassification, CellMUNetForPreTraining, CellMUNetModel
@@ -51,7 +51,9 @@ def register_auto_classes() -> None:
     AutoModelForImageClassification.register(CellMUNetConfig, CellMUNetForImageClassification, exist_ok=True)
     for config_class in (CellMAEConfig, CellMUNetConfig):
         AutoImageProcessor.register(
-            config_class, image_processor_classes={"pil": CellMAEImageProcessor, "torchvision": CellMAEImageProcessor}, exist_ok=True
+            config_class,
+            image_processor_classes={"pil": CellMAEImageProcessor, "torchvision": CellMAEImageProcessor},
+            exist_ok=True,
         )
     PIPELINE_REGISTRY.register_pipeline(
         "cell-feature-extraction", pipeline_class=CellFeatureExtractionPipeline, pt_model=AutoModel, type="image"

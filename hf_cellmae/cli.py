@@ -66,10 +66,12 @@ def _worker_error_message(text: str) -> str | None:
         return None
     lines = text.splitlines()
     last_frame = max((i for i, line in enumerate(lines) if line.startswith((" ", "\t"))), default=0)
-    original = "\n".join(lines[last_frame + 1:]).strip()
+    original = "\n".join(lines[last_frame + 1 :]).strip()
     original = re.sub(r"^[A-Za-z_][\w.]*: ", "", original, count=1)
-    return (f"in DataLoader worker process {match.group(1)}: {original}\n"
-            "(workers hide the traceback: --debug with --dataloader-num-workers 0 shows it)")
+    return (
+        f"in DataLoader worker process {match.group(1)}: {original}\n"
+        "(workers hide the traceback: --debug with --dataloader-num-workers 0 shows it)"
+    )
 
 
 def one_line(error: BaseException) -> str:
@@ -90,6 +92,7 @@ def _progress_bar_class():
 
 def _warnings_above_progress_bars(show):
     """`warnings.showwarning` that clears the progress bars first, so a warning gets its own line."""
+
     def showwarning(*args, **kwargs):
         bars = _progress_bar_class()
         if bars is None:
@@ -132,7 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         _close_progress_bars()
-        print(f"cellmae {args.command}: error: {one_line(error)} (run `cellmae --debug {args.command} ...` for the traceback)", file=sys.stderr)
+        print(
+            f"cellmae {args.command}: error: {one_line(error)} (run `cellmae --debug {args.command} ...` for the traceback)",
+            file=sys.stderr,
+        )
         return 2
     finally:
         warnings.showwarning = show

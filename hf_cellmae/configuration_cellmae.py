@@ -20,9 +20,15 @@ CLASSIFIER_BATCH_NORMS = (None, "plate", "plate_center")
 PRESETS: dict[str, dict] = {
     # For unit tests and the CPU demo: a few seconds per hundred steps on a laptop core.
     "tiny": dict(
-        image_size=64, patch_size=8, max_channels=8,
-        hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-        decoder_hidden_size=64, decoder_num_hidden_layers=2, decoder_num_attention_heads=4,
+        image_size=64,
+        patch_size=8,
+        max_channels=8,
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        decoder_hidden_size=64,
+        decoder_num_hidden_layers=2,
+        decoder_num_attention_heads=4,
         drop_path_rate=0.0,
     ),
     "vit_s16": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, patch_size=16),
@@ -33,14 +39,30 @@ PRESETS: dict[str, dict] = {
     # no final encoder norm, decoder LayerNorm eps 1e-5 (as in OpenPhenom's public code). timm <= 1.0.24 added its
     # `mlp_bias` partly to q, k and v: `openphenom.py` converts that into ordinary mlp/qkv biases.
     "openphenom": dict(
-        image_size=256, patch_size=16, max_channels=11,
-        hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4.0,
-        block_type="parallel", qkv_bias=True, qk_norm=True, layer_scale_init=1e-4,
-        drop_path_rate=0.1, layer_norm_eps=1e-6, final_layer_norm=False,
-        decoder_type="per_channel", decoder_num_channels=6,
-        decoder_hidden_size=512, decoder_num_hidden_layers=8, decoder_num_attention_heads=16,
-        decoder_cross_attention_heads=8, decoder_layer_norm_eps=1e-5,
-        mask_ratio=0.75, fourier_loss_weight=0.01, fourier_loss_scope="patch",
+        image_size=256,
+        patch_size=16,
+        max_channels=11,
+        hidden_size=384,
+        num_hidden_layers=12,
+        num_attention_heads=6,
+        mlp_ratio=4.0,
+        block_type="parallel",
+        qkv_bias=True,
+        qk_norm=True,
+        layer_scale_init=1e-4,
+        drop_path_rate=0.1,
+        layer_norm_eps=1e-6,
+        final_layer_norm=False,
+        decoder_type="per_channel",
+        decoder_num_channels=6,
+        decoder_hidden_size=512,
+        decoder_num_hidden_layers=8,
+        decoder_num_attention_heads=16,
+        decoder_cross_attention_heads=8,
+        decoder_layer_norm_eps=1e-5,
+        mask_ratio=0.75,
+        fourier_loss_weight=0.01,
+        fourier_loss_scope="patch",
         source_checkpoint="openphenom",
     ),
 }
@@ -257,7 +279,7 @@ class CellMAEConfig(PretrainedConfig):
         return int(self.decoder_hidden_size * self.decoder_mlp_ratio)
 
     @classmethod
-    def from_preset(cls, name: str, decoder: str | None = None, **overrides) -> "CellMAEConfig":
+    def from_preset(cls, name: str, decoder: str | None = None, **overrides) -> CellMAEConfig:
         """A configuration of a named size (`"tiny"`, `"vit_s16"`, `"vit_b16"`, `"vit_l16"`,
         `"vit_l8"`, `"openphenom"`), with the decoder of `DECODER_PRESETS[decoder]` (default: the
         preset's) and any field overridden by keyword."""

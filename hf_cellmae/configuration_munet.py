@@ -99,9 +99,12 @@ class CellMUNetConfig(PretrainedConfig):
         self._validate()
 
     def _validate(self) -> None:
-        for name, allowed in (("mask_fill", MASK_FILLS), ("fourier_loss_scope", FOURIER_SCOPES),
-                              ("classifier_pooling", CLASSIFIER_POOLINGS),
-                              ("classifier_batch_norm", CLASSIFIER_BATCH_NORMS)):
+        for name, allowed in (
+            ("mask_fill", MASK_FILLS),
+            ("fourier_loss_scope", FOURIER_SCOPES),
+            ("classifier_pooling", CLASSIFIER_POOLINGS),
+            ("classifier_batch_norm", CLASSIFIER_BATCH_NORMS),
+        ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}.")
         if not self.stage_channels:
@@ -148,7 +151,7 @@ class CellMUNetConfig(PretrainedConfig):
         return self.grid_size**2
 
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> "CellMUNetConfig":
+    def from_preset(cls, name: str, **overrides) -> CellMUNetConfig:
         """A configuration of a named size (`"tiny"`, `"munet_m"`, `"munet_l"`), any field overridden by keyword."""
         if name not in MUNET_PRESETS:
             raise ValueError(f"Unknown MU-Net preset {name!r}; choose one of {sorted(MUNET_PRESETS)}.")

@@ -31,8 +31,13 @@ def _say(message: str) -> None:
     print(f"[cellmae demo] {message}", flush=True)
 
 
-def run_demo(out: str | Path = "cellmae-demo", max_steps: int | None = None, seed: int = 0,
-             cellprofiler: bool = True, recipe: str = "demo") -> dict:
+def run_demo(
+    out: str | Path = "cellmae-demo",
+    max_steps: int | None = None,
+    seed: int = 0,
+    cellprofiler: bool = True,
+    recipe: str = "demo",
+) -> dict:
     """Run the demo into `out` and return a summary (also written to `out/demo_report.json`).
 
     Args:
@@ -46,12 +51,12 @@ def run_demo(out: str | Path = "cellmae-demo", max_steps: int | None = None, see
     """
     import torch
 
+    from .configuration_cellmae import CellMAEConfig
     from .data.shards import shard_folder
     from .data.synthetic import make_synthetic_screen
     from .evaluation.embed import DEFAULT_READOUT, ModelFeaturizer, PixelStatsFeaturizer, embed_dataset
     from .evaluation.report import evaluate_synthetic
     from .hub.model_card import write_model_card
-    from .configuration_cellmae import CellMAEConfig
     from .modeling_cellmae import CellMAEForPreTraining
     from .training.arguments import PretrainingArguments, read_config_file
     from .training.loop import pretrain
@@ -104,7 +109,8 @@ def run_demo(out: str | Path = "cellmae-demo", max_steps: int | None = None, see
         from .evaluation.cellprofiler import CellProfilerFeaturizer
 
         featurizers["cellprofiler"] = CellProfilerFeaturizer(
-            nuclei_channel="DNA", feature_set=DEMO_CELLPROFILER_FEATURES, num_workers=0)
+            nuclei_channel="DNA", feature_set=DEMO_CELLPROFILER_FEATURES, num_workers=0
+        )
     tables = {}
     for name, featurizer in featurizers.items():
         embed_start = time.perf_counter()
@@ -115,10 +121,16 @@ def run_demo(out: str | Path = "cellmae-demo", max_steps: int | None = None, see
         timings[f"embed_{name}_s"] = time.perf_counter() - embed_start
     embed_end = time.perf_counter()
     results = evaluate_synthetic(
-        tables["pretrained"], out / "plate", out / "evaluation",
+        tables["pretrained"],
+        out / "plate",
+        out / "evaluation",
         baselines={name: path for name, path in tables.items() if name != "pretrained"},
-        batch_col="Metadata_plate", probe_labels=PROBE_LABELS, consistency_col="complex",
-        align_options={"n_components": TVN_COMPONENTS}, progress=False, model_label="pretrained",
+        batch_col="Metadata_plate",
+        probe_labels=PROBE_LABELS,
+        consistency_col="complex",
+        align_options={"n_components": TVN_COMPONENTS},
+        progress=False,
+        model_label="pretrained",
     )
     timings["evaluate_s"] = time.perf_counter() - embed_end
 
@@ -140,12 +152,15 @@ def run_demo(out: str | Path = "cellmae-demo", max_steps: int | None = None, see
         "readout": DEFAULT_READOUT,
         "recall": recall,
         "suite": _suite_table(results),
-        "probe_chance": {label: results["suite"]["featurizers"]["model"]["probe"][f"Metadata_{label}"]["chance"]
-                         for label in PROBE_LABELS},
+        "probe_chance": {
+            label: results["suite"]["featurizers"]["model"]["probe"][f"Metadata_{label}"]["chance"]
+            for label in PROBE_LABELS
+        },
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         # the machine's 1-minute load average at the start and end: timings under load are not idle timings
         "load_average": [round(load, 2) for load in (load_at_start, *os.getloadavg()[:1])]
-        if load_at_start is not None else None,
+        if load_at_start is not None
+        else None,
         "cpu_count": os.cpu_count(),
     }
     (out / "demo_report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -191,8 +206,13 @@ def _print_report(report: dict) -> None:
     metrics = list(dict.fromkeys(m for row in suite.values() for m in row))
     print(f"  {'metric':<28}" + "".join(f"{name:>14}" for name in suite))
     for metric in metrics:
-        print(f"  {metric:<28}" + "".join(f"{row[metric]:>14.3f}" if metric in row else f"{'-':>14}" for row in suite.values()))
-    print(f"  chance: probe complex {report['probe_chance']['complex']:.3f}, probe gene {report['probe_chance']['gene']:.3f}")
+        print(
+            f"  {metric:<28}"
+            + "".join(f"{row[metric]:>14.3f}" if metric in row else f"{'-':>14}" for row in suite.values())
+        )
+    print(
+        f"  chance: probe complex {report['probe_chance']['complex']:.3f}, probe gene {report['probe_chance']['gene']:.3f}"
+    )
     print()
     print(_reading(report))
     print()
@@ -201,7 +221,9 @@ def _print_report(report: dict) -> None:
     print(f"      {report['evaluation']} (+ plots)")
     print(_timing_line(report))
     print("Load the model with:")
-    print(f"  import hf_cellmae; from transformers import AutoModel; model = AutoModel.from_pretrained({report['model_dir']!r})")
+    print(
+        f"  import hf_cellmae; from transformers import AutoModel; model = AutoModel.from_pretrained({report['model_dir']!r})"
+    )
 
 
 def _reading(report: dict) -> str:
@@ -209,8 +231,10 @@ def _reading(report: dict) -> str:
     suite = report["suite"]
     probe = {name: row["probe complex"] for name, row in suite.items()}
     gain = probe["pretrained"] - probe["random_init"]
-    measured = (f"pre-trained {probe['pretrained']:.2f} vs random-init {probe['random_init']:.2f} complex-probe "
-                f"accuracy: {gain:+.2f}")
+    measured = (
+        f"pre-trained {probe['pretrained']:.2f} vs random-init {probe['random_init']:.2f} complex-probe "
+        f"accuracy: {gain:+.2f}"
+    )
     if gain >= 0.10:
         verdict = f"{measured}, pre-training learned what the random weights do not show"
     elif gain > 0:
@@ -220,25 +244,31 @@ def _reading(report: dict) -> str:
     others = [f"pixel statistics {probe['pixel_stats']:.2f}"]
     if "cellprofiler" in probe:
         others.append(f"CellProfiler features {probe['cellprofiler']:.2f}")
-    return (f"Reading: {verdict}; {', '.join(others)} (chance {report['probe_chance']['complex']:.2f}; one seed: "
-            "see docs/evidence.md for the spread over seeds).")
+    return (
+        f"Reading: {verdict}; {', '.join(others)} (chance {report['probe_chance']['complex']:.2f}; one seed: "
+        "see docs/evidence.md for the spread over seeds)."
+    )
 
 
 def _timing_line(report: dict) -> str:
     """Where the run's time went, stage by stage, with the machine's load (timings under load are not idle ones)."""
     t = report["timings_s"]
-    embeds = ", ".join(f"{k[len('embed_'):-len('_s')]} {v:.0f}" for k, v in t.items() if k.startswith("embed_"))
+    embeds = ", ".join(f"{k[len('embed_') : -len('_s')]} {v:.0f}" for k, v in t.items() if k.startswith("embed_"))
     load = report.get("load_average")
     where = f"{report.get('cpu_count')} CPUs, 1-min load {load[0]} at start, {load[1]} at end" if load else ""
-    return (f"Took {t['total_s']:.0f} s: synthetic {t['synthetic_s']:.0f}, shards {t['shard_s']:.0f}, pre-training "
-            f"{t['pretrain_s']:.0f} ({t['pretrain_steps_per_s']:.2f} steps/s), embeddings ({embeds}), evaluation "
-            f"{t['evaluate_s']:.0f}, card {t['card_s']:.0f} ({where}).")
+    return (
+        f"Took {t['total_s']:.0f} s: synthetic {t['synthetic_s']:.0f}, shards {t['shard_s']:.0f}, pre-training "
+        f"{t['pretrain_s']:.0f} ({t['pretrain_steps_per_s']:.2f} steps/s), embeddings ({embeds}), evaluation "
+        f"{t['evaluate_s']:.0f}, card {t['card_s']:.0f} ({where})."
+    )
 
 
 # How long `cellmae demo` takes (the README says the same). Issue 25 spent the budget on training: an estimate from
 # measured parts, not yet one idle run (docs/evidence.md, section 11); each run prints its stages' times and load.
-DEMO_TIME = ("an estimated 9 minutes on 2 idle CPU cores (1,600 steps at the 3.9 steps/s measured there, the rest "
-             "measured by stage; not yet timed idle in one run); the 400-step demo before it took 493 s")
+DEMO_TIME = (
+    "an estimated 9 minutes on 2 idle CPU cores (1,600 steps at the 3.9 steps/s measured there, the rest "
+    "measured by stage; not yet timed idle in one run); the 400-step demo before it took 493 s"
+)
 
 
 def register(subparsers) -> None:
@@ -248,19 +278,28 @@ def register(subparsers) -> None:
         description=f"Runs on a CPU with no download and writes a loadable model folder: {DEMO_TIME}.",
     )
     demo.add_argument("--out", default="cellmae-demo", help="output folder (default: ./cellmae-demo)")
-    demo.add_argument("--recipe", choices=sorted(RECIPES), default="demo",
-                      help="demo: 1,600 steps (default; the whole demo: an estimated 9 minutes on 2 idle cores); "
-                      "small: 3,200 steps (827 s on 2 idle cores with --no-cellprofiler)")
-    demo.add_argument("--max-steps", type=int, default=None,
-                      help="pre-training steps (default: the recipe's: 1,600 or 3,200)")
+    demo.add_argument(
+        "--recipe",
+        choices=sorted(RECIPES),
+        default="demo",
+        help="demo: 1,600 steps (default; the whole demo: an estimated 9 minutes on 2 idle cores); "
+        "small: 3,200 steps (827 s on 2 idle cores with --no-cellprofiler)",
+    )
+    demo.add_argument(
+        "--max-steps", type=int, default=None, help="pre-training steps (default: the recipe's: 1,600 or 3,200)"
+    )
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--no-cellprofiler", action="store_true",
-                      help="skip the CellProfiler-features baseline (Intensity and AreaShape measurements of every "
-                      "field: about a third of the 360 s the full-category baseline took on 2 idle cores)")
+    demo.add_argument(
+        "--no-cellprofiler",
+        action="store_true",
+        help="skip the CellProfiler-features baseline (Intensity and AreaShape measurements of every "
+        "field: about a third of the 360 s the full-category baseline took on 2 idle cores)",
+    )
     demo.set_defaults(func=_run_from_command_line)
 
 
 def _run_from_command_line(args) -> int:
-    run_demo(args.out, max_steps=args.max_steps, seed=args.seed, cellprofiler=not args.no_cellprofiler,
-             recipe=args.recipe)
+    run_demo(
+        args.out, max_steps=args.max_steps, seed=args.seed, cellprofiler=not args.no_cellprofiler, recipe=args.recipe
+    )
     return 0

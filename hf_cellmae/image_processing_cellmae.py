@@ -7,8 +7,6 @@ copied into a Hub repository and loaded with `trust_remote_code=True`.
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import numpy as np
 import torch
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature

@@ -17,9 +17,9 @@ import functools
 import math
 import pickle
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -251,8 +251,14 @@ def reconstruction_loss(config, logits, pixel_values, mask, grid, mask_ratio: fl
     weights = mask if mask_ratio > 0 else torch.ones_like(mask)  # (B, L)
     mse = mse_loss(prediction, target, weights)
     fourier = fourier_loss(
-        prediction, target, weights, pixel_values.shape[1], config.patch_size, grid,
-        config.fourier_loss_scope, config.mask_fourier_loss,
+        prediction,
+        target,
+        weights,
+        pixel_values.shape[1],
+        config.patch_size,
+        grid,
+        config.fourier_loss_scope,
+        config.mask_fourier_loss,
     )
     weight = config.fourier_loss_weight
     return (1 - weight) * mse + weight * fourier, mse, fourier
@@ -325,8 +331,11 @@ def multi_head_attention(module, query, key, value, num_heads: int, q_norm=None,
         out = attention(q, k, v, attn_mask=allowed)  # (B, H, Lq, hd)
         return out.transpose(1, 2).reshape(batch, q_len, dim)
     interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
-    additive = None if allowed is None else torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(
-        ~allowed, torch.finfo(q.dtype).min)  # (B, 1, 1, Lk)
+    additive = (
+        None
+        if allowed is None
+        else torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(~allowed, torch.finfo(q.dtype).min)
+    )  # (B, 1, 1, Lk)
     out, _ = interface(module, q, k, v, additive, scaling=head_dim**-0.5, dropout=0.0)  # (B, Lq, H, hd)
     return out.reshape(batch, q_len, dim)
 
@@ -367,8 +376,9 @@ class CellMAEParallelBlock(GradientCheckpointingLayer):
         # One GEMM with the bias folded in (addmm), rather than a second pass over the (B, L, M + 3D) output.
         fused = F.linear(self.norm(hidden_states), self.in_proj.weight, bias)  # (B, L, M + 3D)
         mlp_hidden, q, k, v = fused.split([self.mlp_hidden_size, dim, dim, dim], dim=-1)
-        attended = multi_head_attention(self, q, k, v, self.config.num_attention_heads, self.q_norm, self.k_norm,
-                                        key_mask)
+        attended = multi_head_attention(
+            self, q, k, v, self.config.num_attention_heads, self.q_norm, self.k_norm, key_mask
+        )
         out = self.attn_out(attended) + self.mlp_out(self.act(mlp_hidden))  # (B, L, D)
         if self.layer_scale is not None:
             out = out * self.layer_scale
@@ -632,7 +642,11 @@ def untrusted_weights_error(model: object, error: Exception) -> OSError:
     with ``weights_only=True``: names the folder, its pickle files and the global asked for. torch's own text is
     dropped on purpose: it suggests retrying with ``weights_only=False``, which would run the code."""
     folder = Path(str(model))
-    pickles = sorted(p.name for p in folder.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")) if folder.is_dir() else []
+    pickles = (
+        sorted(p.name for p in folder.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
+        if folder.is_dir()
+        else []
+    )
     match = re.search(r"GLOBAL ([\w.]+)", str(error))
     asked = f"they ask for {match.group(1)}" if match else "they hold objects other than tensors"
     return OSError(
@@ -902,8 +916,9 @@ class CellMAEModel(CellMAEPreTrainedModel):
         batch, channels = pixel_values.shape[:2]
         tokens = self.embeddings(pixel_values, ids)  # (B, C*N, D)
         if keep_mask is not None:
-            return self._forward_kept(tokens, keep_mask, channels, output_channelwise_embeddings,
-                                      output_hidden_states, return_dict)
+            return self._forward_kept(
+                tokens, keep_mask, channels, output_channelwise_embeddings, output_hidden_states, return_dict
+            )
         hidden, all_states = self._run_encoder(tokens, output_hidden_states)  # (B, 1 + C*N, D)
         patch_tokens = hidden[:, 1:]
         channelwise = None
@@ -917,8 +932,9 @@ class CellMAEModel(CellMAEPreTrainedModel):
         )
         return output if return_dict is not False else output.to_tuple()
 
-    def _forward_kept(self, tokens, keep_mask, channels, output_channelwise_embeddings, output_hidden_states,
-                      return_dict):
+    def _forward_kept(
+        self, tokens, keep_mask, channels, output_channelwise_embeddings, output_hidden_states, return_dict
+    ):
         """`forward` on the tokens `keep_mask` keeps: gathered (in channel-major order), padded, encoded."""
         batch, length, dim = tokens.shape  # (B, C*N, D)
         per_channel = length // channels
@@ -926,12 +942,16 @@ class CellMAEModel(CellMAEPreTrainedModel):
         if keep.shape == (batch, per_channel):
             keep = keep.repeat(1, channels)  # (B, C*N): the same patches of every channel
         if keep.shape != (batch, length):
-            raise ValueError(f"keep_mask has shape {tuple(keep_mask.shape)}; expected ({batch}, {per_channel}) = (B, N) "
-                             f"or ({batch}, {length}) = (B, C * N)")
+            raise ValueError(
+                f"keep_mask has shape {tuple(keep_mask.shape)}; expected ({batch}, {per_channel}) = (B, N) "
+                f"or ({batch}, {length}) = (B, C * N)"
+            )
         counts = keep.sum(1)  # (B,)
         if bool((counts == 0).any()):
-            raise ValueError(f"keep_mask keeps no token in row(s) {torch.nonzero(counts == 0).flatten().tolist()}; "
-                             "keep at least one patch per image (or leave the image out)")
+            raise ValueError(
+                f"keep_mask keeps no token in row(s) {torch.nonzero(counts == 0).flatten().tolist()}; "
+                "keep at least one patch per image (or leave the image out)"
+            )
         width = int(counts.max())
         # Kept tokens first, in their channel-major order (a stable sort of "not kept").
         order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :width]  # (B, K)
@@ -1051,8 +1071,12 @@ class CellMAEForPreTraining(CellMAEPreTrainedModel):
         grid = (height // self.config.patch_size, width // self.config.patch_size)
         check_values = self.config.validate_inputs if validate_inputs is None else validate_inputs
         logits = self.decoder(
-            encoded.last_hidden_state, encoded.ids_restore, encoded.channel_ids, grid,
-            host_channel_list(channel_ids, channels), check_values,
+            encoded.last_hidden_state,
+            encoded.ids_restore,
+            encoded.channel_ids,
+            grid,
+            host_channel_list(channel_ids, channels),
+            check_values,
         )  # (B, L, p*p)
         loss, mse, fourier = reconstruction_loss(self.config, logits, pixel_values, encoded.mask, grid, ratio)
         output = CellMAEForPreTrainingOutput(
@@ -1086,7 +1110,10 @@ def __getattr__(name: str):
     if name not in _HEADS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     from .modeling_cellmae_heads import (
-        CellMAEAttentionPool, CellMAEForImageClassification, classifier_input, plate_batch_norm,
+        CellMAEAttentionPool,
+        CellMAEForImageClassification,
+        classifier_input,
+        plate_batch_norm,
     )
 
     heads = (CellMAEAttentionPool, CellMAEForImageClassification, classifier_input, plate_batch_norm)

@@ -136,7 +136,8 @@ class CellMUNetEncoder(nn.Module):
             nn.Conv2d(widths[i - 1], widths[i], 3, stride=2, padding=1) for i in range(1, len(widths))
         )
         self.stages = nn.ModuleList(
-            nn.ModuleList(CellMUNetResidualBlock(width, groups) for _ in range(config.blocks_per_stage)) for width in widths
+            nn.ModuleList(CellMUNetResidualBlock(width, groups) for _ in range(config.blocks_per_stage))
+            for width in widths
         )
         self.norm = group_norm(widths[-1], groups)
 
@@ -238,9 +239,13 @@ def validate_pixel_values(pixel_values, config: CellMUNetConfig) -> None:
             "prepare images with CellMAEImageProcessor(...)(images, return_tensors='pt')."
         )
     if pixel_values.ndim != 4:
-        raise ValueError(f"pixel_values must have shape (batch, channels, height, width), got {tuple(pixel_values.shape)}.")
+        raise ValueError(
+            f"pixel_values must have shape (batch, channels, height, width), got {tuple(pixel_values.shape)}."
+        )
     if not pixel_values.is_floating_point():
-        raise TypeError(f"pixel_values has dtype {pixel_values.dtype}; run raw images through CellMAEImageProcessor first.")
+        raise TypeError(
+            f"pixel_values has dtype {pixel_values.dtype}; run raw images through CellMAEImageProcessor first."
+        )
     _, channels, height, width = pixel_values.shape
     if channels != config.num_channels:
         names = f" ({', '.join(config.channel_names)})" if config.channel_names else ""
@@ -249,7 +254,12 @@ def validate_pixel_values(pixel_values, config: CellMUNetConfig) -> None:
             "a MU-Net is fixed-channel. Give it all of its channels, or use a channel-agnostic CA-MAE for other channel sets."
         )
     multiple = max(config.patch_size, config.downsampling)
-    if height % config.patch_size or width % config.patch_size or height % config.downsampling or width % config.downsampling:
+    if (
+        height % config.patch_size
+        or width % config.patch_size
+        or height % config.downsampling
+        or width % config.downsampling
+    ):
         raise ValueError(
             f"image size {height}x{width} must be a multiple of patch_size={config.patch_size} and of the U-Net's "
             f"downsampling {config.downsampling}; crop or tile to a multiple of {multiple}."
@@ -338,7 +348,9 @@ class CellMUNetForPreTraining(CellMUNetPreTrainedModel):
         self.decoder = CellMUNetDecoder(config)
         patch = config.patch_size
         # The fill of a masked patch: one learned p x p pattern per channel (or zeros).
-        self.mask_token = nn.Parameter(torch.zeros(config.num_channels, patch, patch)) if config.mask_fill == "learned" else None
+        self.mask_token = (
+            nn.Parameter(torch.zeros(config.num_channels, patch, patch)) if config.mask_fill == "learned" else None
+        )
         self.post_init()
 
     def patchify(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -379,7 +391,9 @@ class CellMUNetForPreTraining(CellMUNetPreTrainedModel):
             mask_seed (`int`, *optional*): seed for the masking noise when `noise` is not given.
         """
         validate_pixel_values(pixel_values, self.config)
-        pixel_values = to_model_channel_order(pixel_values, channel_ids, self.config).to(self.munet.encoder.stem.weight.dtype)
+        pixel_values = to_model_channel_order(pixel_values, channel_ids, self.config).to(
+            self.munet.encoder.stem.weight.dtype
+        )
         ratio = self.config.mask_ratio if mask_ratio is None else mask_ratio
         batch, channels, height, width = pixel_values.shape
         grid = (height // self.config.patch_size, width // self.config.patch_size)

@@ -102,7 +102,9 @@ def convert_openphenom_state_dict(
         else:
             unknown.append(key)
     if unknown:
-        raise KeyError(f"{len(unknown)} keys are not OpenPhenom MAEModel keys, e.g. {unknown[:5]}; is this an OpenPhenom checkpoint?")
+        raise KeyError(
+            f"{len(unknown)} keys are not OpenPhenom MAEModel keys, e.g. {unknown[:5]}; is this an OpenPhenom checkpoint?"
+        )
     if modality_tokens:
         converted["decoder.channel_tokens"] = torch.stack([modality_tokens[i] for i in sorted(modality_tokens)])
     return converted, dropped
@@ -118,7 +120,9 @@ def load_openphenom_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         candidates = [path / n for n in ("model.safetensors", "pytorch_model.bin", "model.pt")]
         path = next((c for c in candidates if c.exists()), candidates[0])
     if not path.exists():
-        raise FileNotFoundError(f"No OpenPhenom weights at {path}; download model.safetensors from the OpenPhenom repo.")
+        raise FileNotFoundError(
+            f"No OpenPhenom weights at {path}; download model.safetensors from the OpenPhenom repo."
+        )
     with open(path, "rb") as handle:
         is_torch_zip = handle.read(4) == b"PK\x03\x04"  # torch.save's zip container, whatever the name
         handle.seek(0)
@@ -127,7 +131,9 @@ def load_openphenom_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             loaded = torch.load(handle, map_location="cpu", weights_only=True) if is_torch_zip else None
         except pickle.UnpicklingError as error:
             raise untrusted_pickle_error(
-                path, error, "OpenPhenom's weights hold only tensors: download model.safetensors again from recursionpharma/OpenPhenom"
+                path,
+                error,
+                "OpenPhenom's weights hold only tensors: download model.safetensors again from recursionpharma/OpenPhenom",
             ) from error
     if not is_torch_zip:
         from safetensors.torch import load_file
@@ -141,16 +147,23 @@ def load_openphenom_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 def check_fixed_tables(state_dict: dict[str, torch.Tensor], config: CellMAEConfig) -> None:
     """Check that the stored sin-cos tables are the ones hf_cellmae recomputes (same position code)."""
-    for key, width in (("encoder.vit_backbone.pos_embed", config.hidden_size), ("decoder.pos_embeddings", config.decoder_hidden_size)):
+    for key, width in (
+        ("encoder.vit_backbone.pos_embed", config.hidden_size),
+        ("decoder.pos_embeddings", config.decoder_hidden_size),
+    ):
         if key not in state_dict:
             continue
         stored = state_dict[key].reshape(-1, width)[1 : 1 + config.tokens_per_channel]  # first channel's grid
         expected = sincos_position_embedding(config.grid_size, config.grid_size, width)
         if not torch.allclose(stored.float(), expected, atol=1e-5):
-            raise ValueError(f"{key} is not the standard 2-D sin-cos table; this checkpoint is not OpenPhenom-compatible.")
+            raise ValueError(
+                f"{key} is not the standard 2-D sin-cos table; this checkpoint is not OpenPhenom-compatible."
+            )
 
 
-def load_openphenom(path: str | Path, mlp_bias_layout: str = "legacy_timm", **config_overrides) -> CellMAEForPreTraining:
+def load_openphenom(
+    path: str | Path, mlp_bias_layout: str = "legacy_timm", **config_overrides
+) -> CellMAEForPreTraining:
     """An hf_cellmae `CellMAEForPreTraining` with OpenPhenom's weights (config preset `"openphenom"`).
 
     `model.cellmae` is the encoder; `model.cellmae(pixels).pooler_output` equals OpenPhenom's `predict`.
@@ -165,8 +178,6 @@ def load_openphenom(path: str | Path, mlp_bias_layout: str = "legacy_timm", **co
     return model.eval()
 
 
-
-
 def convert_openphenom_folder(src: str | Path, dst: str | Path) -> Path:
     """Convert OpenPhenom weights at `src` into a loadable hf_cellmae folder at `dst` (weights in
     safetensors, config, image processor for 256 px crops, model code for `trust_remote_code`)."""
@@ -179,4 +190,9 @@ def convert_openphenom_folder(src: str | Path, dst: str | Path) -> Path:
     return dst
 
 
-__all__ = ["convert_openphenom_folder", "convert_openphenom_state_dict", "load_openphenom", "load_openphenom_state_dict"]
+__all__ = [
+    "convert_openphenom_folder",
+    "convert_openphenom_state_dict",
+    "load_openphenom",
+    "load_openphenom_state_dict",
+]

@@ -44,7 +44,10 @@ def accept_both_spellings(parser: argparse.ArgumentParser) -> argparse.ArgumentP
                 body = option[2:]
                 for spelling in ("--" + body.replace("_", "-"), "--" + body.replace("-", "_")):
                     parser._option_string_actions.setdefault(spelling, action)
-        shown = [("--" + option[2:].replace("_", "-")) if option.startswith("--") else option for option in action.option_strings]
+        shown = [
+            ("--" + option[2:].replace("_", "-")) if option.startswith("--") else option
+            for option in action.option_strings
+        ]
         action.option_strings = list(dict.fromkeys(shown))
     return parser
 
@@ -105,14 +108,22 @@ def add_dataclass_options(parser: argparse.ArgumentParser, options_class) -> arg
             continue
         extra = {key: field.metadata[key] for key in ("choices", "metavar") if key in field.metadata}
         if kind is bool:
-            target.add_argument(name, type=parse_bool, nargs="?", const=True, default=default, metavar="{true,false}", help=shown)
+            target.add_argument(
+                name, type=parse_bool, nargs="?", const=True, default=default, metavar="{true,false}", help=shown
+            )
             if default is True:
-                target.add_argument("--no-" + field.name.replace("_", "-"), dest=field.name, action="store_false",
-                                    help=f"set {name} false")
+                target.add_argument(
+                    "--no-" + field.name.replace("_", "-"),
+                    dest=field.name,
+                    action="store_false",
+                    help=f"set {name} false",
+                )
             continue
         if typing.get_origin(kind) is list:  # list[str]: --field A B C
             item = (typing.get_args(kind) or (str,))[0]
-            target.add_argument(name, type=item, nargs="+", default=default, **{"metavar": field.name.upper(), **extra}, help=shown)
+            target.add_argument(
+                name, type=item, nargs="+", default=default, **{"metavar": field.name.upper(), **extra}, help=shown
+            )
             continue
         kind = field.metadata.get("type", kind)  # a converter of the typed text, for a type that has none (dict)
         converter = _optional(kind) if optional else kind
@@ -154,6 +165,8 @@ def replace_options(options, settings: dict, spellings: dict | None = None):
         elif key in names:
             changes[key] = value
         else:
-            raise TypeError(f"{key!r} is not a setting of {type(options).__name__}; settings are its fields "
-                            f"and {sorted(spellings)}")
+            raise TypeError(
+                f"{key!r} is not a setting of {type(options).__name__}; settings are its fields "
+                f"and {sorted(spellings)}"
+            )
     return dataclasses.replace(options, **changes)

@@ -33,11 +33,15 @@ def write_inputs(root: Path, fields: int, size: int, channels: int) -> int:
     for index in range(fields):
         well = f"{'ABCDEFGHIJKLMNOP'[index // 24 % 16]}{index % 24 + 1:02d}"
         low = np.kron(base + 0.3 * rng.normal(size=base.shape), np.ones((16, 16)))
-        pixels = np.clip(8000 + 3000 * low + rng.normal(0, 300, size=(channels, size, size)), 0, 65535).astype(np.uint16)
+        pixels = np.clip(8000 + 3000 * low + rng.normal(0, 300, size=(channels, size, size)), 0, 65535).astype(
+            np.uint16
+        )
         plate_dir = root / "bench" / f"Plate{index // 384 + 1}"
         plate_dir.mkdir(parents=True, exist_ok=True)
         for c in range(channels):
-            (plate_dir / f"{well}_s{index // 384 + 1}_w{c + 1}.png").write_bytes(imagecodecs.png_encode(pixels[c], level=1))
+            (plate_dir / f"{well}_s{index // 384 + 1}_w{c + 1}.png").write_bytes(
+                imagecodecs.png_encode(pixels[c], level=1)
+            )
         total += pixels.nbytes
     return total
 
@@ -86,31 +90,53 @@ def main() -> None:
 
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="cellmae-bench-"))
     cores = os.cpu_count() or 1
-    print(f"machine: {platform.processor() or platform.machine()}, {cores} cores; workload: {args.fields} fields of "
-          f"{args.channels}x{args.field_size}x{args.field_size} uint16 -> {args.channels}x{args.crop}x{args.crop} crops")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {cores} cores; workload: {args.fields} fields of "
+        f"{args.channels}x{args.field_size}x{args.field_size} uint16 -> {args.channels}x{args.crop}x{args.crop} crops"
+    )
     try:
         pixel_bytes = write_inputs(workdir / "images", args.fields, args.field_size, args.channels)
         for workers in (1, cores):
             out = workdir / f"shards-{workers}"
             shutil.rmtree(out, ignore_errors=True)
             start = time.perf_counter()
-            manifest = shard_folder(workdir / "images", out, num_workers=workers, progress=False, target_shard_size="64MB")
+            manifest = shard_folder(
+                workdir / "images", out, num_workers=workers, progress=False, target_shard_size="64MB"
+            )
             elapsed = time.perf_counter() - start
-            print(f"shard writing, {workers} process(es): {manifest['num_fields'] / elapsed:8.1f} fields/s  "
-                  f"{pixel_bytes / elapsed / 2**20:8.1f} MiB/s of pixels (PNG decode included; {manifest['num_shards']} shards)")
+            print(
+                f"shard writing, {workers} process(es): {manifest['num_fields'] / elapsed:8.1f} fields/s  "
+                f"{pixel_bytes / elapsed / 2**20:8.1f} MiB/s of pixels (PNG decode included; {manifest['num_shards']} shards)"
+            )
         start = time.perf_counter()
         again = shard_folder(workdir / "images", out, num_workers=cores, progress=False, target_shard_size="64MB")
-        print(f"idempotent re-run: {again['shards_reused']}/{again['num_shards']} shards reused in {time.perf_counter() - start:.2f} s")
+        print(
+            f"idempotent re-run: {again['shards_reused']}/{again['num_shards']} shards reused in {time.perf_counter() - start:.2f} s"
+        )
 
         shards = str(out)
         crop = dict(image_size=args.crop, crops_per_field=4)
-        print(f"stream, 1 core, decode+crop only            : {time_stream(shards, args.seconds, augment=False, standardize=False, **crop):8.0f} samples/s")
-        print(f"stream, 1 core, decode+crop+augment          : {time_stream(shards, args.seconds, augment=True, standardize=False, **crop):8.0f} samples/s")
-        print(f"stream, 1 core, decode+crop+augment, views  : {time_stream(shards, args.seconds, augment=True, standardize=False, contiguous=False, **crop):8.0f} samples/s  (what `cellmae pretrain` streams; standardised on the device)")
-        print(f"stream, 1 core, views, on_error='skip'       : {time_stream(shards, args.seconds, augment=True, standardize=False, contiguous=False, on_error='skip', **crop):8.0f} samples/s  (batched map that can drop corrupt fields)")
-        print(f"stream, 1 core, decode+crop+augment+standardise: {time_stream(shards, args.seconds, augment=True, standardize=True, **crop):8.0f} samples/s")
-        print(f"stream, 1 core, + random 3-channel subsets    : {time_stream(shards, args.seconds, augment=True, standardize=True, channel_subset=3, **crop):8.0f} samples/s")
-        print(f"DataLoader, {cores} workers, batch 32, standardised: {time_loader(shards, cores, args.seconds, args.crop):8.0f} samples/s")
+        print(
+            f"stream, 1 core, decode+crop only            : {time_stream(shards, args.seconds, augment=False, standardize=False, **crop):8.0f} samples/s"
+        )
+        print(
+            f"stream, 1 core, decode+crop+augment          : {time_stream(shards, args.seconds, augment=True, standardize=False, **crop):8.0f} samples/s"
+        )
+        print(
+            f"stream, 1 core, decode+crop+augment, views  : {time_stream(shards, args.seconds, augment=True, standardize=False, contiguous=False, **crop):8.0f} samples/s  (what `cellmae pretrain` streams; standardised on the device)"
+        )
+        print(
+            f"stream, 1 core, views, on_error='skip'       : {time_stream(shards, args.seconds, augment=True, standardize=False, contiguous=False, on_error='skip', **crop):8.0f} samples/s  (batched map that can drop corrupt fields)"
+        )
+        print(
+            f"stream, 1 core, decode+crop+augment+standardise: {time_stream(shards, args.seconds, augment=True, standardize=True, **crop):8.0f} samples/s"
+        )
+        print(
+            f"stream, 1 core, + random 3-channel subsets    : {time_stream(shards, args.seconds, augment=True, standardize=True, channel_subset=3, **crop):8.0f} samples/s"
+        )
+        print(
+            f"DataLoader, {cores} workers, batch 32, standardised: {time_loader(shards, cores, args.seconds, args.crop):8.0f} samples/s"
+        )
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -45,27 +45,43 @@ def decoder_attention_flops(config: CellMAEConfig, channels: int, per_channel_to
     return 4 * tokens * tokens * width + channels * config.decoder_num_hidden_layers * 4 * per * per * width
 
 
-def decoder_flops(model: CellMAEForPreTraining, pixels: torch.Tensor, noise: torch.Tensor, add_attention: bool) -> float:
+def decoder_flops(
+    model: CellMAEForPreTraining, pixels: torch.Tensor, noise: torch.Tensor, add_attention: bool
+) -> float:
     """Forward FLOPs per image of the decoder module (counted per module by FlopCounterMode)."""
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(pixels, noise=noise)
     counted = sum(counter.get_flop_counts()[f"{type(model).__name__}.decoder"].values()) / pixels.shape[0]
     per_channel_tokens = (pixels.shape[-2] // model.config.patch_size) * (pixels.shape[-1] // model.config.patch_size)
-    return counted + (decoder_attention_flops(model.config, pixels.shape[1], per_channel_tokens) if add_attention else 0)
+    return counted + (
+        decoder_attention_flops(model.config, pixels.shape[1], per_channel_tokens) if add_attention else 0
+    )
 
 
 def variants(encoder: str, extra: list[str]) -> dict[str, CellMAEConfig]:
-    configs = {"OpenPhenom per-channel 512x8": CellMAEConfig.from_preset(
-        encoder, decoder_type="per_channel", decoder_num_channels=6, decoder_hidden_size=512,
-        decoder_num_hidden_layers=8, decoder_num_attention_heads=16, drop_path_rate=0.0)}
+    configs = {
+        "OpenPhenom per-channel 512x8": CellMAEConfig.from_preset(
+            encoder,
+            decoder_type="per_channel",
+            decoder_num_channels=6,
+            decoder_hidden_size=512,
+            decoder_num_hidden_layers=8,
+            decoder_num_attention_heads=16,
+            drop_path_rate=0.0,
+        )
+    }
     for name, sizes in DECODER_PRESETS.items():
         label = f"shared {sizes['decoder_hidden_size']}x{sizes['decoder_num_hidden_layers']} ({name})"
         configs[label] = CellMAEConfig.from_preset(encoder, decoder=name, drop_path_rate=0.0)
     for size in extra:
         width, depth = (int(v) for v in size.lower().split("x"))
         configs[f"shared {width}x{depth}"] = CellMAEConfig.from_preset(
-            encoder, decoder_hidden_size=width, decoder_num_hidden_layers=depth,
-            decoder_num_attention_heads=max(1, width // 32), drop_path_rate=0.0)
+            encoder,
+            decoder_hidden_size=width,
+            decoder_num_hidden_layers=depth,
+            decoder_num_attention_heads=max(1, width // 32),
+            drop_path_rate=0.0,
+        )
     return configs
 
 
@@ -88,8 +104,11 @@ def main() -> None:
     configs = variants(args.encoder, args.extra)
     models = {name: CellMAEForPreTraining(config).train() for name, config in configs.items()}
     pixels = torch.randn(args.batch, args.channels, args.image_size, args.image_size)
-    noise = torch.rand(args.batch, args.channels * (args.image_size // configs[next(iter(configs))].patch_size) ** 2,
-                       generator=torch.Generator().manual_seed(0))
+    noise = torch.rand(
+        args.batch,
+        args.channels * (args.image_size // configs[next(iter(configs))].patch_size) ** 2,
+        generator=torch.Generator().manual_seed(0),
+    )
     add_attention = not attention_is_counted()
     flops = {name: decoder_flops(model, pixels, noise, add_attention) for name, model in models.items()}
 
@@ -101,15 +120,21 @@ def main() -> None:
 
     reference_flops = flops["OpenPhenom per-channel 512x8"]
     base = next(name for name in models if name.endswith("(mae)"))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; encoder {args.encoder}; images {args.batch} x "
-          f"{args.channels} x {args.image_size} x {args.image_size}, mask {configs[base].mask_ratio}; "
-          f"attention {'added analytically' if add_attention else 'counted'}")
-    print("| decoder | decoder GFLOP / image | vs OpenPhenom's decoder | training step, s (min-max) | step time vs mae |")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; encoder {args.encoder}; images {args.batch} x "
+        f"{args.channels} x {args.image_size} x {args.image_size}, mask {configs[base].mask_ratio}; "
+        f"attention {'added analytically' if add_attention else 'counted'}"
+    )
+    print(
+        "| decoder | decoder GFLOP / image | vs OpenPhenom's decoder | training step, s (min-max) | step time vs mae |"
+    )
     print("|---|---|---|---|---|")
     for name in models:
         median = statistics.median(times[name])
-        print(f"| {name} | {flops[name] / 1e9:.1f} | {flops[name] / reference_flops:.2f}x | "
-              f"{median:.2f} ({min(times[name]):.2f}-{max(times[name]):.2f}) | {median / statistics.median(times[base]):.2f}x |")
+        print(
+            f"| {name} | {flops[name] / 1e9:.1f} | {flops[name] / reference_flops:.2f}x | "
+            f"{median:.2f} ({min(times[name]):.2f}-{max(times[name]):.2f}) | {median / statistics.median(times[base]):.2f}x |"
+        )
 
 
 if __name__ == "__main__":

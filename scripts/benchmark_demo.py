@@ -19,8 +19,10 @@ import numpy as np
 
 
 def summarize(out: Path) -> str:
-    reports = {int(p.parent.name.removeprefix("seed")): json.loads(p.read_text())
-               for p in sorted(out.glob("seed*/demo_report.json"))}
+    reports = {
+        int(p.parent.name.removeprefix("seed")): json.loads(p.read_text())
+        for p in sorted(out.glob("seed*/demo_report.json"))
+    }
     if not reports:
         raise SystemExit(f"no finished seed under {out}")
     first = next(iter(reports.values()))
@@ -28,22 +30,37 @@ def summarize(out: Path) -> str:
     rows = {}
     for name in featurizers:
         for source in first["recall"]["pretrained"]:
-            rows.setdefault(f"recall {source} (0.05, 0.95)", {})[name] = [r["recall"][name][source] for r in reports.values()]
+            rows.setdefault(f"recall {source} (0.05, 0.95)", {})[name] = [
+                r["recall"][name][source] for r in reports.values()
+            ]
         for metric in first["suite"][name]:
             rows.setdefault(metric, {})[name] = [r["suite"][name].get(metric, np.nan) for r in reports.values()]
-    lines = [f"Seeds {sorted(reports)}; steps {first['steps']}; read-out {first.get('readout', 'mean')}; "
-             f"demo wall time {np.mean([r['timings_s']['total_s'] for r in reports.values()]):.0f} s (mean).", "",
-             "| metric | " + " | ".join(featurizers) + " |", "|---|" + "---|" * len(featurizers)]
+    lines = [
+        f"Seeds {sorted(reports)}; steps {first['steps']}; read-out {first.get('readout', 'mean')}; "
+        f"demo wall time {np.mean([r['timings_s']['total_s'] for r in reports.values()]):.0f} s (mean).",
+        "",
+        "| metric | " + " | ".join(featurizers) + " |",
+        "|---|" + "---|" * len(featurizers),
+    ]
     for metric, by_name in rows.items():
         cells = []
         for name in featurizers:
             values = np.array(by_name.get(name, [np.nan]), dtype=float)
-            cells.append("—" if np.isnan(values).all() else f"{np.nanmean(values):.3f} ± {np.nanstd(values, ddof=1) if len(values) > 1 else 0:.3f}")
+            cells.append(
+                "—"
+                if np.isnan(values).all()
+                else f"{np.nanmean(values):.3f} ± {np.nanstd(values, ddof=1) if len(values) > 1 else 0:.3f}"
+            )
         lines.append(f"| {metric} | " + " | ".join(cells) + " |")
-    gains = [r["suite"]["pretrained"]["probe complex"] - r["suite"]["random_init"]["probe complex"] for r in reports.values()]
+    gains = [
+        r["suite"]["pretrained"]["probe complex"] - r["suite"]["random_init"]["probe complex"]
+        for r in reports.values()
+    ]
     lines += ["", f"Pre-trained minus random-init, complex probe, per seed: {', '.join(f'{g:+.3f}' for g in gains)}."]
-    lines.append(f"Chance: probe complex {first['probe_chance']['complex']:.3f}, probe gene {first['probe_chance']['gene']:.3f}, "
-                 f"recall 0.100.")
+    lines.append(
+        f"Chance: probe complex {first['probe_chance']['complex']:.3f}, probe gene {first['probe_chance']['gene']:.3f}, "
+        f"recall 0.100."
+    )
     return "\n".join(lines)
 
 

@@ -53,9 +53,15 @@ def make_shards(root: Path, fields: int, size: int, shards: int = 4) -> Path:
         for c in range(len(CHANNELS)):
             (folder / f"{well}_s1_w{c + 1}.png").write_bytes(imagecodecs.png_encode(pixels[c], level=1))
     per_shard = -(-fields // shards)
-    shard_folder(images, root / "shards", channel_names=",".join(f"w{c + 1}={n}" for c, n in enumerate(CHANNELS)),
-                 target_shard_size=per_shard * len(CHANNELS) * size * size * 2, fields_per_row_group=8,
-                 num_workers=1, progress=False)
+    shard_folder(
+        images,
+        root / "shards",
+        channel_names=",".join(f"w{c + 1}={n}" for c, n in enumerate(CHANNELS)),
+        target_shard_size=per_shard * len(CHANNELS) * size * size * 2,
+        fields_per_row_group=8,
+        num_workers=1,
+        progress=False,
+    )
     return root / "shards"
 
 
@@ -110,20 +116,27 @@ def in_process_table(preset: str, rounds: int, device: str, workdir: Path, field
                 return run()
             finally:
                 torch.set_num_threads(threads)
+
         return timed
 
     variants = {f"model only, {threads} thread(s)": lambda: model_only(featurizer, batches)}
     if device == "cpu" and beside != threads:
         variants[f"model only, {beside} thread(s)"] = at_threads(beside, lambda: model_only(featurizer, batches))
-    variants.update({"embed, 0 workers": lambda: embed_once(featurizer, shards, root, 0, fields_per_batch),
-                     f"embed, {workers} worker(s)": lambda: embed_once(featurizer, shards, root, workers, fields_per_batch)})
+    variants.update(
+        {
+            "embed, 0 workers": lambda: embed_once(featurizer, shards, root, 0, fields_per_batch),
+            f"embed, {workers} worker(s)": lambda: embed_once(featurizer, shards, root, workers, fields_per_batch),
+        }
+    )
     times = interleaved_rounds(variants, rounds, warmup=1, device=device)
     base = min(statistics.median(values) for name, values in times.items() if name.startswith("model only"))
     rows = []
     for name, values in times.items():
         median = statistics.median(values)
-        rows.append(f"| {preset} | {count} x 5 x {size}² | {name} | {count / median:.1f} | {min(values):.2f}-{max(values):.2f} s "
-                    f"| {base / median:.2f} |")
+        rows.append(
+            f"| {preset} | {count} x 5 x {size}² | {name} | {count / median:.1f} | {min(values):.2f}-{max(values):.2f} s "
+            f"| {base / median:.2f} |"
+        )
     return rows
 
 
@@ -142,16 +155,34 @@ def processes_table(preset: str, rounds: int, workdir: Path) -> list[str]:
     shards, model = root / "shards", root / "model"
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     embed = ["-m", "hf_cellmae.cli", "embed", str(model), str(shards)]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-              "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
+    ]
     commands = {"1 process": [sys.executable], "2 processes": launch}
     rates: dict[str, list[float]] = {name: [] for name in commands}
 
     def run(name: str) -> None:
         out = root / f"cli-{name.replace(' ', '')}"
         shutil.rmtree(out, ignore_errors=True)
-        result = subprocess.run([*commands[name], *embed, str(out), "--num-workers", "0", "--no-progress", "--device", "cpu"],
-                                capture_output=True, text=True, env=env)
+        result = subprocess.run(
+            [*commands[name], *embed, str(out), "--num-workers", "0", "--no-progress", "--device", "cpu"],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         if result.returncode != 0:
             raise RuntimeError(f"{name} failed:\n{result.stderr[-3000:]}")
         fields, seconds = loop_rate(result.stdout + result.stderr)
@@ -160,8 +191,10 @@ def processes_table(preset: str, rounds: int, workdir: Path) -> list[str]:
     walls = interleaved_rounds({name: functools.partial(run, name) for name in commands}, rounds, warmup=0)
     one, two = statistics.median(rates["1 process"]), statistics.median(rates["2 processes"])
     wall_one, wall_two = statistics.median(walls["1 process"]), statistics.median(walls["2 processes"])
-    return [f"| {preset} | 1 process | {one:.1f} | {wall_one:.1f} s | 1.00 |",
-            f"| {preset} | 2 processes | {two:.1f} | {wall_two:.1f} s | {two / one:.2f} (wall {wall_one / wall_two:.2f}) |"]
+    return [
+        f"| {preset} | 1 process | {one:.1f} | {wall_one:.1f} s | 1.00 |",
+        f"| {preset} | 2 processes | {two:.1f} | {wall_two:.1f} s | {two / one:.2f} (wall {wall_one / wall_two:.2f}) |",
+    ]
 
 
 def main() -> None:
@@ -178,16 +211,20 @@ def main() -> None:
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="benchmark_embed-"))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"machine: {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), device "
-          f"{args.device}; load average {load:.2f} at start; {args.rounds} interleaved rounds after a warm-up")
+    print(
+        f"machine: {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), device "
+        f"{args.device}; load average {load:.2f} at start; {args.rounds} interleaved rounds after a warm-up"
+    )
     print("\n| preset | fields | run | fields/s (median) | range | / best model only |")
     print("|---|---|---|---|---|---|")
     for preset in args.presets:
         for row in in_process_table(preset, args.rounds, args.device, workdir, args.fields_per_batch):
             print(row, flush=True)
     if not args.no_processes and args.device == "cpu":
-        print("\n`cellmae embed` loop, 1 thread per process, reading in the main process (fields/s = all fields / "
-              "slowest process):\n\n| preset | processes | fields/s (median) | command wall time | speed-up |\n|---|---|---|---|---|")
+        print(
+            "\n`cellmae embed` loop, 1 thread per process, reading in the main process (fields/s = all fields / "
+            "slowest process):\n\n| preset | processes | fields/s (median) | command wall time | speed-up |\n|---|---|---|---|---|"
+        )
         for preset in args.presets:
             for row in processes_table(preset, args.rounds, workdir):
                 print(row, flush=True)

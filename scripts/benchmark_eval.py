@@ -34,11 +34,15 @@ def benchmark_recall(n: int, dim: int) -> None:
     start = time.perf_counter()
     result = known_relationship_recall(vectors, labels, BENCHMARK_SOURCES, progress=False)
     seconds = time.perf_counter() - start
-    print(f"recall: {n} perturbations x {dim} dims (float32), {len(BENCHMARK_SOURCES)} sources, "
-          f"null {result['null']['size']:,} pairs: {seconds:.1f} s (includes reading the 5 pair files)")
+    print(
+        f"recall: {n} perturbations x {dim} dims (float32), {len(BENCHMARK_SOURCES)} sources, "
+        f"null {result['null']['size']:,} pairs: {seconds:.1f} s (includes reading the 5 pair files)"
+    )
     for name, metrics in result["sources"].items():
-        print(f"  {name:<9} query {metrics['query_size']:>6}  recall@.05/.95 {metrics['recall_0.05_0.95']:.3f}  "
-              f"recall@.10/.90 {metrics['recall_0.10_0.90']:.3f}  (random vectors: chance 0.10 / 0.20)")
+        print(
+            f"  {name:<9} query {metrics['query_size']:>6}  recall@.05/.95 {metrics['recall_0.05_0.95']:.3f}  "
+            f"recall@.10/.90 {metrics['recall_0.10_0.90']:.3f}  (random vectors: chance 0.10 / 0.20)"
+        )
     start = time.perf_counter()
     known_relationship_recall(vectors, labels, BENCHMARK_SOURCES, null_samples=1_000_000, progress=False)
     print(f"recall with a sampled null of 1e6 pairs: {time.perf_counter() - start:.1f} s")
@@ -52,7 +56,9 @@ def _write_fields(root: Path, count: int, size: int = 128) -> None:
         well = f"{'ABCDEFGHIJKLMNOP'[k // 24 % 16]}{k % 24 + 1:02d}"
         for channel in range(1, 6):
             plate = f"plate{k // 384 + 1}"
-            tifffile.imwrite(root / f"{plate}_{well}_site1_Ch{channel}.tif", rng.integers(0, 4000, (size, size), dtype=np.uint16))
+            tifffile.imwrite(
+                root / f"{plate}_{well}_site1_Ch{channel}.tif", rng.integers(0, 4000, (size, size), dtype=np.uint16)
+            )
 
 
 def _peak_rss_of_embed(model: Path, data: Path, out: Path) -> tuple[float, float]:
@@ -76,7 +82,9 @@ def benchmark_embed_memory(fields: int) -> None:
             data.mkdir()
             _write_fields(data, count)
             peak, seconds = _peak_rss_of_embed(model, data, tmp / f"emb_{count}")
-            print(f"  {count:>5} fields: peak RSS {peak:.0f} MiB, {seconds:.1f} s ({count / seconds:.1f} fields/s incl. start-up)")
+            print(
+                f"  {count:>5} fields: peak RSS {peak:.0f} MiB, {seconds:.1f} s ({count / seconds:.1f} fields/s incl. start-up)"
+            )
 
 
 def main() -> None:

@@ -144,7 +144,9 @@ def import_maes_microscopy(folder: Path) -> dict:
     try:
         import timm
     except ImportError as error:
-        raise SystemExit(f"--reference needs timm, which OpenPhenom's code is built on (pip install timm): {error}") from None
+        raise SystemExit(
+            f"--reference needs timm, which OpenPhenom's code is built on (pip install timm): {error}"
+        ) from None
     package = "_maes_microscopy_reference"
     module = types.ModuleType(package)
     module.__path__ = [str(folder)]
@@ -152,7 +154,9 @@ def import_maes_microscopy(folder: Path) -> dict:
     for entry in (str(folder.parent), str(folder)):
         if entry not in sys.path:
             sys.path.insert(0, entry)
-    modules = {name: importlib.import_module(f"{package}.{name}") for name in ("vit", "mae_modules", "loss", "mae_utils")}
+    modules = {
+        name: importlib.import_module(f"{package}.{name}") for name in ("vit", "mae_modules", "loss", "mae_utils")
+    }
     modules["timm"] = timm
     return modules
 
@@ -202,8 +206,13 @@ class MaesMicroscopyOpenPhenom:
 
     name = "maes_microscopy"
 
-    def __init__(self, path: str | Path, state_dict: dict[str, torch.Tensor], mask_ratio: float = 0.75,
-                 fourier_weight: float = 0.01):
+    def __init__(
+        self,
+        path: str | Path,
+        state_dict: dict[str, torch.Tensor],
+        mask_ratio: float = 0.75,
+        fourier_weight: float = 0.01,
+    ):
         from torch import nn
 
         self.folder = find_maes_microscopy(path)
@@ -215,16 +224,26 @@ class MaesMicroscopyOpenPhenom:
         model = nn.Module()
         model.encoder = mae_modules.MAEEncoder(backbone, max_in_chans=11, channel_agnostic=True)
         model.decoder = mae_modules.CAMAEDecoder(
-            num_modalities=6, tokens_per_modality=256, embed_dim=512, depth=8, num_heads=16, mlp_ratio=4,
-            qkv_bias=True, norm_layer=nn.LayerNorm,
+            num_modalities=6,
+            tokens_per_modality=256,
+            embed_dim=512,
+            depth=8,
+            num_heads=16,
+            mlp_ratio=4,
+            qkv_bias=True,
+            norm_layer=nn.LayerNorm,
         )
-        model.decoder.pos_embeddings = vit.generate_2d_sincos_pos_embeddings(512, length=16, use_class_token=True, num_modality=6)
+        model.decoder.pos_embeddings = vit.generate_2d_sincos_pos_embeddings(
+            512, length=16, use_class_token=True, num_modality=6
+        )
         model.encoder_decoder_proj = nn.Linear(384, 512)
         model.decoder_pred = nn.Linear(512, 256)
         model.load_state_dict({k: v.detach().clone() for k, v in state_dict.items()}, strict=True)
         self.model, self.mask_ratio, self.fourier_weight = model, mask_ratio, fourier_weight
         self.standardize = getattr(mae_modules, "SelfStandardize", None)
-        self.standardize = self.standardize() if self.standardize else (lambda p: F.instance_norm(p.float() / 255.0, eps=1e-5))
+        self.standardize = (
+            self.standardize() if self.standardize else (lambda p: F.instance_norm(p.float() / 255.0, eps=1e-5))
+        )
         self.fourier = loss.FourierLoss(num_multimodal_modalities=6)
         if not hasattr(self.fourier, "num_bins"):
             self.fourier.num_bins = None  # read by its forward but never set (it raises otherwise)
@@ -276,8 +295,13 @@ def forward_loss(model, **inputs) -> torch.Tensor:
     return model(**inputs).loss
 
 
-def openphenom_side_by_side(batch: int, rounds: int, precisions: tuple[str, ...] = ("fp32", "bf16"),
-                            workloads: tuple[str, ...] = ("embedding", "training"), reference_path: str | None = None) -> None:
+def openphenom_side_by_side(
+    batch: int,
+    rounds: int,
+    precisions: tuple[str, ...] = ("fp32", "bf16"),
+    workloads: tuple[str, ...] = ("embedding", "training"),
+    reference_path: str | None = None,
+) -> None:
     """hf_cellmae vs OpenPhenom at OpenPhenom's architecture (see the module doc): OpenPhenom's own code at
     `reference_path` (a maes_microscopy checkout) or, without it, the functional re-statement; for each of
     `workloads` ("embedding", "training") in each of `precisions` ("fp32", "bf16" = bf16 autocast)."""
@@ -296,11 +320,15 @@ def openphenom_side_by_side(batch: int, rounds: int, precisions: tuple[str, ...]
     # The reference has no stochastic depth: none in hf_cellmae either, so both compute the same thing.
     config = CellMAEConfig.from_preset("openphenom", drop_path_rate=0.0)
     model = CellMAEForPreTraining(config)
-    converted = convert_openphenom_state_dict({k: v.detach() for k, v in reference_sd.items()}, reference.mlp_bias_layout)[0]
+    converted = convert_openphenom_state_dict(
+        {k: v.detach() for k, v in reference_sd.items()}, reference.mlp_bias_layout
+    )[0]
     model.load_state_dict(converted)
     encoder = model.cellmae.eval()
 
-    pixels = torch.randint(0, 256, (batch, channels, size, size), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
+    pixels = torch.randint(0, 256, (batch, channels, size, size), generator=torch.Generator().manual_seed(0)).to(
+        torch.uint8
+    )
     noise = torch.rand(batch, channels * config.tokens_per_channel, generator=torch.Generator().manual_seed(0))
 
     def ours_embed():
@@ -327,16 +355,36 @@ def openphenom_side_by_side(batch: int, rounds: int, precisions: tuple[str, ...]
         reference.eval()
         reference_loss = reference.loss(pixels, noise)
         embed_gap = (ours_embed() - reference_embed()).abs().max().item()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; images {batch} x {channels} x {size} x {size}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; images {batch} x {channels} x {size} x {size}"
+    )
     print(f"OpenPhenom's side ('reference'): {reference.describe()}; mlp_bias layout {reference.mlp_bias_layout}")
-    print(f"same computation: pooled embedding max |diff| {embed_gap:.1e}; loss {ours_loss.item():.6f} vs {reference_loss.item():.6f}")
-    work = {("pooled embedding", impl): counted_gflop(run) for impl, run in (("hf_cellmae", ours_embed), ("reference", reference_embed))}
-    work.update({("training step", impl): counted_gflop(run) for impl, run in (("hf_cellmae", ours_train), ("reference", reference_train))})
-    print("arithmetic per call (FlopCounterMode, attention through the math kernel so that it is counted): " + "; ".join(
-        f"{w} {work[(w, 'hf_cellmae')]:.1f} vs {work[(w, 'reference')]:.1f} GFLOP" for w in ("pooled embedding", "training step")))
+    print(
+        f"same computation: pooled embedding max |diff| {embed_gap:.1e}; loss {ours_loss.item():.6f} vs {reference_loss.item():.6f}"
+    )
+    work = {
+        ("pooled embedding", impl): counted_gflop(run)
+        for impl, run in (("hf_cellmae", ours_embed), ("reference", reference_embed))
+    }
+    work.update(
+        {
+            ("training step", impl): counted_gflop(run)
+            for impl, run in (("hf_cellmae", ours_train), ("reference", reference_train))
+        }
+    )
+    print(
+        "arithmetic per call (FlopCounterMode, attention through the math kernel so that it is counted): "
+        + "; ".join(
+            f"{w} {work[(w, 'hf_cellmae')]:.1f} vs {work[(w, 'reference')]:.1f} GFLOP"
+            for w in ("pooled embedding", "training step")
+        )
+    )
 
     variants = {}
-    pairs = {"embedding": ("pooled embedding", ours_embed, reference_embed), "training": ("training step", ours_train, reference_train)}
+    pairs = {
+        "embedding": ("pooled embedding", ours_embed, reference_embed),
+        "training": ("training step", ours_train, reference_train),
+    }
     for workload, ours, theirs in (pairs[w] for w in workloads):
         for precision in [PRECISION_NAMES[p] for p in precisions]:
             variants[(workload, precision, "hf_cellmae")] = ours
@@ -353,7 +401,10 @@ def openphenom_side_by_side(batch: int, rounds: int, precisions: tuple[str, ...]
     times = interleaved_rounds(timed, rounds, warmup=1, after_round=after_round)
     if not rounds:
         return
-    print("matmul peak, median over rounds: " + ", ".join(f"{p} {statistics.median(v):.1f} GFLOP/s" for p, v in peaks.items()))
+    print(
+        "matmul peak, median over rounds: "
+        + ", ".join(f"{p} {statistics.median(v):.1f} GFLOP/s" for p, v in peaks.items())
+    )
     print(f"{rounds} interleaved rounds, median seconds per call (min-max); reference = {reference.name}:")
     print(f"{'workload':<18}{'precision':<15}{'hf_cellmae':>22}{'reference':>22}{'speed ratio':>13}{'FLOP ratio':>12}")
     for workload in (pairs[w][0] for w in workloads):
@@ -362,11 +413,19 @@ def openphenom_side_by_side(batch: int, rounds: int, precisions: tuple[str, ...]
             spread = lambda t: f"{statistics.median(t):.3f} ({min(t):.2f}-{max(t):.2f})"  # noqa: E731
             ratio = statistics.median(theirs) / statistics.median(ours)
             flop_ratio = work[(workload, "reference")] / work[(workload, "hf_cellmae")]
-            print(f"{workload:<18}{precision:<15}{spread(ours):>22}{spread(theirs):>22}{ratio:>12.2f}x{flop_ratio:>11.2f}x")
-    print("speed ratio = reference median / hf_cellmae median (> 1: hf_cellmae faster); FLOP ratio = reference FLOPs /")
-    print("hf_cellmae FLOPs: the speed ratio that equal work per FLOP would give (above it, hf_cellmae's kernels are faster)")
+            print(
+                f"{workload:<18}{precision:<15}{spread(ours):>22}{spread(theirs):>22}{ratio:>12.2f}x{flop_ratio:>11.2f}x"
+            )
+    print(
+        "speed ratio = reference median / hf_cellmae median (> 1: hf_cellmae faster); FLOP ratio = reference FLOPs /"
+    )
+    print(
+        "hf_cellmae FLOPs: the speed ratio that equal work per FLOP would give (above it, hf_cellmae's kernels are faster)"
+    )
     if reference_path is None:
-        print("(re-statement: unfused encoder attention, the ratio overstates hf_cellmae's speed; see the warning above)")
+        print(
+            "(re-statement: unfused encoder attention, the ratio overstates hf_cellmae's speed; see the warning above)"
+        )
 
 
 def main() -> None:
@@ -376,28 +435,50 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--presets", nargs="+", default=["tiny", "vit_s16"])
-    parser.add_argument("--bf16", action="store_true", help="time under bf16 autocast (FLOP share still vs the fp32 peak)")
-    parser.add_argument("--openphenom", action="store_true",
-                        help="time side by side with OpenPhenom: its own code with --reference, else tests/helpers/openphenom_reference.py")
-    parser.add_argument("--reference", metavar="PATH",
-                        help=f"with --openphenom: a checkout of {MAES_MICROSCOPY_URL} (needs timm) to build OpenPhenom from")
+    parser.add_argument(
+        "--bf16", action="store_true", help="time under bf16 autocast (FLOP share still vs the fp32 peak)"
+    )
+    parser.add_argument(
+        "--openphenom",
+        action="store_true",
+        help="time side by side with OpenPhenom: its own code with --reference, else tests/helpers/openphenom_reference.py",
+    )
+    parser.add_argument(
+        "--reference",
+        metavar="PATH",
+        help=f"with --openphenom: a checkout of {MAES_MICROSCOPY_URL} (needs timm) to build OpenPhenom from",
+    )
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds of --openphenom")
-    parser.add_argument("--precisions", nargs="+", choices=list(PRECISION_NAMES), default=list(PRECISION_NAMES),
-                        help="precisions of --openphenom (bf16 = bf16 autocast; slow on CPUs without bf16 matmul units)")
-    parser.add_argument("--workloads", nargs="+", choices=["embedding", "training"], default=["embedding", "training"],
-                        help="what --openphenom times: the pooled embedding, the training step")
+    parser.add_argument(
+        "--precisions",
+        nargs="+",
+        choices=list(PRECISION_NAMES),
+        default=list(PRECISION_NAMES),
+        help="precisions of --openphenom (bf16 = bf16 autocast; slow on CPUs without bf16 matmul units)",
+    )
+    parser.add_argument(
+        "--workloads",
+        nargs="+",
+        choices=["embedding", "training"],
+        default=["embedding", "training"],
+        help="what --openphenom times: the pooled embedding, the training step",
+    )
     args = parser.parse_args()
     if args.reference is not None and not args.openphenom:
         parser.error("--reference goes with --openphenom")
     torch.manual_seed(0)
     if args.openphenom:
-        openphenom_side_by_side(args.batch_size, args.rounds, tuple(args.precisions), tuple(args.workloads), args.reference)
+        openphenom_side_by_side(
+            args.batch_size, args.rounds, tuple(args.precisions), tuple(args.workloads), args.reference
+        )
         return
     batch, channels, size = args.batch_size, args.channels, args.image_size
     peak = matmul_peak(torch.float32, repeats=5) / 1e9
     add_attention = not attention_is_counted()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fp32 matmul peak {peak:.1f} GFLOP/s")
-    print(f"images: {batch} x {channels} x {size} x {size}; attention FLOPs {'added analytically' if add_attention else 'counted'}")
+    print(
+        f"images: {batch} x {channels} x {size} x {size}; attention FLOPs {'added analytically' if add_attention else 'counted'}"
+    )
     print(f"{'model':<34}{'s/step':>8}{'img/s':>8}{'GFLOP/img':>11}{'GFLOP/s':>9}{'% peak':>8}")
     pixels = torch.randn(batch, channels, size, size)
     results = {}
@@ -411,22 +492,35 @@ def main() -> None:
         # transformers' ViT-MAE at the same encoder/decoder width and depth (not channel-agnostic:
         # one token per 16x16x6 patch, so 6x fewer tokens per image).
         reference = ViTMAEConfig(
-            image_size=size, patch_size=config.patch_size, num_channels=channels,
-            hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
-            num_attention_heads=config.num_attention_heads, intermediate_size=config.intermediate_size,
-            decoder_hidden_size=config.decoder_hidden_size, decoder_num_hidden_layers=config.decoder_num_hidden_layers,
+            image_size=size,
+            patch_size=config.patch_size,
+            num_channels=channels,
+            hidden_size=config.hidden_size,
+            num_hidden_layers=config.num_hidden_layers,
+            num_attention_heads=config.num_attention_heads,
+            intermediate_size=config.intermediate_size,
+            decoder_hidden_size=config.decoder_hidden_size,
+            decoder_num_hidden_layers=config.decoder_num_hidden_layers,
             decoder_num_attention_heads=config.decoder_num_attention_heads,
-            decoder_intermediate_size=config.decoder_intermediate_size, mask_ratio=config.mask_ratio,
+            decoder_intermediate_size=config.decoder_intermediate_size,
+            mask_ratio=config.mask_ratio,
         )
         vit_mae = ViTMAEForPreTraining(reference).train()
         noise = torch.rand(batch, (size // config.patch_size) ** 2, generator=torch.Generator().manual_seed(0))
         ref_step = functools.partial(forward_loss, vit_mae, pixel_values=pixels, noise=noise)
-        ref_flops = count_flops(vit_mae, ref_step) + (3 * vit_mae_attention_flops(reference, batch) if add_attention else 0)
-        results[f"transformers ViTMAE {preset}-size"] = (time_steps(vit_mae, ref_step, args.steps, args.bf16), ref_flops)
+        ref_flops = count_flops(vit_mae, ref_step) + (
+            3 * vit_mae_attention_flops(reference, batch) if add_attention else 0
+        )
+        results[f"transformers ViTMAE {preset}-size"] = (
+            time_steps(vit_mae, ref_step, args.steps, args.bf16),
+            ref_flops,
+        )
         for name in (f"hf_cellmae {preset}", f"transformers ViTMAE {preset}-size"):
             seconds, flops = results[name]
             achieved = flops / seconds / 1e9
-            print(f"{name:<34}{seconds:>8.3f}{batch / seconds:>8.2f}{flops / batch / 1e9:>11.2f}{achieved:>9.1f}{100 * achieved / peak:>7.1f}%")
+            print(
+                f"{name:<34}{seconds:>8.3f}{batch / seconds:>8.2f}{flops / batch / 1e9:>11.2f}{achieved:>9.1f}{100 * achieved / peak:>7.1f}%"
+            )
         ours, theirs = results[f"hf_cellmae {preset}"], results[f"transformers ViTMAE {preset}-size"]
         ratio = (ours[1] / ours[0]) / (theirs[1] / theirs[0])
         print(f"  -> {preset}: hf_cellmae achieves {ratio:.2f}x the FLOP/s of transformers' ViTMAE at the same size")

@@ -81,11 +81,21 @@ def measure(preset: str, precision: str, args, device: torch.device, peak: float
     images_per_s = args.batch / step_s
     achieved = flops / step_s
     return {
-        "model": preset, "precision": precision, "batch": args.batch, "channels": args.channels, "image_size": args.image_size,
-        "compiled": compiled, "step_s": step_s, "images_per_s": images_per_s,
+        "model": preset,
+        "precision": precision,
+        "batch": args.batch,
+        "channels": args.channels,
+        "image_size": args.image_size,
+        "compiled": compiled,
+        "step_s": step_s,
+        "images_per_s": images_per_s,
         "tokens_per_s": images_per_s * args.channels * config.tokens_per_channel,
-        "step_gflop": flops / 1e9, "achieved_tflop_s": achieved / 1e12, "peak_tflop_s": peak / 1e12, "mfu": achieved / peak,
-        "rounds": args.rounds, "steps_per_round": args.steps_per_round,
+        "step_gflop": flops / 1e9,
+        "achieved_tflop_s": achieved / 1e12,
+        "peak_tflop_s": peak / 1e12,
+        "mfu": achieved / peak,
+        "rounds": args.rounds,
+        "steps_per_round": args.steps_per_round,
     }
 
 
@@ -98,20 +108,41 @@ def run_loop(name: str, steps: int, root: Path) -> None:
 
     def shards(field_size: int) -> str:
         plate = make_synthetic_screen(root / f"plate{field_size}", field_size=field_size, num_plates=1, progress=False)
-        shard_folder(plate["images"], root / f"shards{field_size}", metadata=plate["metadata"], channel_names=plate["channels"], progress=False)
+        shard_folder(
+            plate["images"],
+            root / f"shards{field_size}",
+            metadata=plate["metadata"],
+            channel_names=plate["channels"],
+            progress=False,
+        )
         return str(root / f"shards{field_size}")
 
     if name == "demo":
         values = read_config_file(Path(__file__).resolve().parents[1] / "hf_cellmae" / "configs" / "demo_cpu.yaml")
         values["data"] = shards(128)
     elif name == "vit_s16":
-        values = dict(data=shards(256), model_preset="vit_s16", optimizer="lion", per_device_train_batch_size=4, learning_rate=1e-4)
+        values = dict(
+            data=shards(256),
+            model_preset="vit_s16",
+            optimizer="lion",
+            per_device_train_batch_size=4,
+            learning_rate=1e-4,
+        )
     else:
         raise SystemExit(f"unknown loop config {name!r}: use demo or vit_s16")
-    values.update(max_steps=steps, logging_steps=max(1, steps // 4), save_steps=10**9, figure_steps=0, report_to="none",
-                  progress_bar=False, output_dir=str(root / name))
+    values.update(
+        max_steps=steps,
+        logging_steps=max(1, steps // 4),
+        save_steps=10**9,
+        figure_steps=0,
+        report_to="none",
+        progress_bar=False,
+        output_dir=str(root / name),
+    )
     pretrain(PretrainingArguments(**values))
-    history = json.loads((root / name / "model" / "trainer_state.json").read_text())["log_history"][1:]  # skip warm-up window
+    history = json.loads((root / name / "model" / "trainer_state.json").read_text())["log_history"][
+        1:
+    ]  # skip warm-up window
     images = statistics.median(r["images_per_s"] for r in history)
     wait = statistics.median(r["data_wait_share"] for r in history)
     print(f"loop {name:<8} {images:>9.2f} images/s, {100 * wait:.1f}% of wall time waiting for data")
@@ -119,30 +150,48 @@ def run_loop(name: str, steps: int, root: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(MODELS), help=f"presets ({', '.join(MODELS)}, tiny, openphenom)")
+    parser.add_argument(
+        "--models", nargs="+", default=list(MODELS), help=f"presets ({', '.join(MODELS)}, tiny, openphenom)"
+    )
     parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
     parser.add_argument("--batch", type=int, default=None, help="images per step (default 64 on CUDA, 2 on CPU)")
     parser.add_argument("--channels", type=int, default=6)
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--optimizer", default="adamw", choices=("adamw", "lion"))
-    parser.add_argument("--rounds", type=int, default=None, help="timed rounds, median reported (default 10 on CUDA, 3 on CPU)")
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="timed rounds, median reported (default 10 on CUDA, 3 on CPU)"
+    )
     parser.add_argument("--steps-per-round", type=int, default=None, help="default 10 on CUDA, 1 on CPU")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5 on CUDA, 1 on CPU)")
-    parser.add_argument("--compile", default="auto", choices=("auto", "on", "off"), help="auto: on with CUDA, off on CPU")
-    parser.add_argument("--peak-size", type=int, default=None, help="matmul side for the peak (default 8192 on CUDA, 2048 on CPU)")
+    parser.add_argument(
+        "--compile", default="auto", choices=("auto", "on", "off"), help="auto: on with CUDA, off on CPU"
+    )
+    parser.add_argument(
+        "--peak-size", type=int, default=None, help="matmul side for the peak (default 8192 on CUDA, 2048 on CPU)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
-    parser.add_argument("--loop", nargs="*", default=None, metavar="CONFIG", help="also run the real loop: demo and/or vit_s16")
+    parser.add_argument(
+        "--loop", nargs="*", default=None, metavar="CONFIG", help="also run the real loop: demo and/or vit_s16"
+    )
     parser.add_argument("--loop-steps", type=int, default=40)
     args = parser.parse_args()
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
-    for name, gpu, cpu in (("batch", 64, 2), ("rounds", 10, 3), ("steps_per_round", 10, 1), ("warmup", 5, 1), ("peak_size", 8192, 2048)):
+    for name, gpu, cpu in (
+        ("batch", 64, 2),
+        ("rounds", 10, 3),
+        ("steps_per_round", 10, 1),
+        ("warmup", 5, 1),
+        ("peak_size", 8192, 2048),
+    ):
         if getattr(args, name) is None:
             setattr(args, name, gpu if on_gpu else cpu)
     where = torch.cuda.get_device_name(device) if on_gpu else f"CPU, {torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__} on {where}; batch {args.batch} x {args.channels} x {args.image_size}^2, "
-          f"{args.optimizer}, median of {args.rounds} rounds x {args.steps_per_round} steps")
+    print(
+        f"torch {torch.__version__} on {where}; batch {args.batch} x {args.channels} x {args.image_size}^2, "
+        f"{args.optimizer}, median of {args.rounds} rounds x {args.steps_per_round} steps"
+    )
     peaks = {p: matmul_peak(DTYPES[p], device, args.peak_size, repeats=5) for p in args.precisions}
     for precision, peak in peaks.items():
         print(f"measured {precision} matmul peak ({args.peak_size}^2): {peak / 1e12:.3f} TFLOP/s")
@@ -152,8 +201,11 @@ def main() -> None:
         for precision in args.precisions:
             row = measure(preset, precision, args, device, peaks[precision])
             rows.append(row)
-            print(f"{preset:<9} {precision:<5} {row['images_per_s']:>9.2f} {row['tokens_per_s']:>11.0f} {row['step_gflop']:>11.1f} "
-                  f"{row['achieved_tflop_s']:>9.3f} {100 * row['mfu']:>6.1f}%", flush=True)
+            print(
+                f"{preset:<9} {precision:<5} {row['images_per_s']:>9.2f} {row['tokens_per_s']:>11.0f} {row['step_gflop']:>11.1f} "
+                f"{row['achieved_tflop_s']:>9.3f} {100 * row['mfu']:>6.1f}%",
+                flush=True,
+            )
     if args.json:
         args.json.write_text(json.dumps({"device": where, "torch": torch.__version__, "rows": rows}, indent=2) + "\n")
     if args.loop is not None:

@@ -27,7 +27,11 @@ LABELS = ("complex", "gene")
 
 def subset_plate(plate_dir: Path, out: Path) -> Path:
     """Link the images of 3 of the 5 stains into a new RxRx-style folder, renumbered w1..w3."""
-    config = json.loads((plate_dir / "synthetic_config.json").read_text()) if (plate_dir / "synthetic_config.json").is_file() else {}
+    config = (
+        json.loads((plate_dir / "synthetic_config.json").read_text())
+        if (plate_dir / "synthetic_config.json").is_file()
+        else {}
+    )
     stains = list(config.get("channels") or ["DNA", "ER", "RNA", "AGP", "Mito"])
     source_token = {stain: f"w{i + 1}" for i, stain in enumerate(stains)}
     images = plate_dir / "images"
@@ -52,8 +56,16 @@ def score(table_dir: Path, plate_dir: Path) -> dict:
     scores = {f"probe_{label}": probe_embeddings(table, label)["accuracy"] for label in LABELS}
     scores["knn_complex"] = probe_embeddings(table, "complex", classifier="knn")["accuracy"]
     scores["chance_complex"] = probe_embeddings(table, "complex")["chance_uniform"]
-    recall = evaluate_synthetic(table, plate_dir, None, batch_col="Metadata_plate", align_options={"n_components": TVN_COMPONENTS},
-                                progress=False, suite=False, plots=False)
+    recall = evaluate_synthetic(
+        table,
+        plate_dir,
+        None,
+        batch_col="Metadata_plate",
+        align_options={"n_components": TVN_COMPONENTS},
+        progress=False,
+        suite=False,
+        plots=False,
+    )
     scores.update({f"recall_{source}": value["recall_0.05_0.95"] for source, value in recall["sources"].items()})
     return scores
 
@@ -68,8 +80,9 @@ def run(inv: Path, out: Path, seeds: list[int], experiment: str, readout: str) -
         shards3 = work / "shards_3stains"
         if not (shards3 / "manifest.json").is_file():
             images = subset_plate(root / "plate", work / "images_3stains")
-            shard_folder(images, shards3, metadata=root / "plate" / "metadata.csv", channel_names=dict(SUBSET),
-                         progress=False)
+            shard_folder(
+                images, shards3, metadata=root / "plate" / "metadata.csv", channel_names=dict(SUBSET), progress=False
+            )
         manifest = json.loads((shards3 / "manifest.json").read_text())
         assert manifest["channels"] == list(SUBSET.values()), manifest["channels"]
         trained = root / experiment / "run" / "model"
@@ -96,11 +109,19 @@ def summarize(rows: list[dict], experiment: str, readout: str) -> str:
     metrics = ["probe_complex", "probe_gene", "knn_complex", "recall_complexes", "recall_pathways"]
     grouped = frame.groupby(["features", "stains"], sort=False)[metrics]
     mean, std = grouped.mean(), grouped.std().fillna(0)
-    lines = [f"Model: `{experiment}` run, {readout} read-out; seeds {sorted(int(s) for s in frame['seed'].unique())}; "
-             f"mean ± sd over seeds. Chance: complex {frame['chance_complex'].iloc[0]:.3f}, gene {1 / 24:.3f}, recall 0.100.", "",
-             "| features | stains | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+    lines = [
+        f"Model: `{experiment}` run, {readout} read-out; seeds {sorted(int(s) for s in frame['seed'].unique())}; "
+        f"mean ± sd over seeds. Chance: complex {frame['chance_complex'].iloc[0]:.3f}, gene {1 / 24:.3f}, recall 0.100.",
+        "",
+        "| features | stains | " + " | ".join(metrics) + " |",
+        "|---|---|" + "---|" * len(metrics),
+    ]
     for key in mean.index:
-        lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(f"{mean.loc[key, m]:.3f} ± {std.loc[key, m]:.3f}" for m in metrics) + " |")
+        lines.append(
+            f"| {key[0]} | {key[1]} | "
+            + " | ".join(f"{mean.loc[key, m]:.3f} ± {std.loc[key, m]:.3f}" for m in metrics)
+            + " |"
+        )
     return "\n".join(lines)
 
 

@@ -47,7 +47,10 @@ EXPERIMENTS = {
     # the weakly supervised baseline (issue 11): the same encoder trained to classify the perturbation of each
     # crop, plate-wise batch statistics before the head; same optimiser, schedule, crops and augmentation
     "wsl_400": ({"objective": "wsl", "label_col": "perturbation"}, {}),
-    "wsl_3200": ({"objective": "wsl", "label_col": "perturbation", "max_steps": 3200, "warmup_ratio": 0.05}, {}),  # not run yet
+    "wsl_3200": (
+        {"objective": "wsl", "label_col": "perturbation", "max_steps": 3200, "warmup_ratio": 0.05},
+        {},
+    ),  # not run yet
     # issue 13, item 3: the decoder's size, at the demo recipe (mask 0.5). `decoder_heavy` is the full-scale
     # default 512 wide x 8 deep scaled to the tiny encoder by its width ratio (512/384 -> 84 of 64) and
     # `decoder_light` the candidate 256 x 4 (256/384 -> 44 of 64); `mask_0.5` is the tiny preset's 64 x 2.
@@ -63,8 +66,11 @@ EXPERIMENTS = {
     "patch16_crop128": ({"crops_per_field": 1}, {"patch_size": 16, "image_size": 128}),
 }
 READOUTS = {  # name -> ModelFeaturizer options
-    "mean": {}, "cls": {"readout": "cls"}, "mean_std": {"readout": "mean_std"},
-    "channelwise": {"readout": "channelwise"}, "block2_mean": {"layer": 2},
+    "mean": {},
+    "cls": {"readout": "cls"},
+    "mean_std": {"readout": "mean_std"},
+    "channelwise": {"readout": "channelwise"},
+    "block2_mean": {"layer": 2},
 }
 LABELS = ("complex", "gene")
 
@@ -89,8 +95,9 @@ class StandardizedCropStats:
         return [f"{c}_{s}" for c in channels for s in stats]
 
     def __call__(self, fields):
-        batch = self.processor([f.pixels for f in fields], image_size=self.image_size, crop_mode="tile",
-                               return_tensors="np")
+        batch = self.processor(
+            [f.pixels for f in fields], image_size=self.image_size, crop_mode="tile", return_tensors="np"
+        )
         crops, index = np.asarray(batch["pixel_values"]), np.asarray(batch["image_index"])  # (N, C, S, S)
         flat = crops.reshape(*crops.shape[:2], -1)
         gradient = np.abs(np.diff(crops, axis=-1)).mean(-1).mean(-1)[..., None]  # (N, C, 1) texture
@@ -141,12 +148,16 @@ def run(out: Path, seeds: list[int], experiments: list[str], readouts: list[str]
         if not (shards / "manifest.json").is_file():
             plate = make_synthetic_screen(root / "plate", seed=seed, progress=False, **DEMO_PLATE)
             shard_folder(plate["images"], shards, metadata=plate["metadata"], channel_names=plate["channels"])
-        for name, featurizer in (("pixel_stats", PixelStatsFeaturizer()),
-                                 ("standardized_crop_stats", StandardizedCropStats(64))):
+        for name, featurizer in (
+            ("pixel_stats", PixelStatsFeaturizer()),
+            ("standardized_crop_stats", StandardizedCropStats(64)),
+        ):
             if (seed, "baseline", name) not in _done(results):
                 embed_dataset(shards, root / "baseline" / name, featurizer, progress=False)
-                _append(results, {"seed": seed, "experiment": "baseline", "features": name,
-                                  **_score(root / "baseline" / name)})
+                _append(
+                    results,
+                    {"seed": seed, "experiment": "baseline", "features": name, **_score(root / "baseline" / name)},
+                )
         for experiment in experiments:
             if all((seed, experiment, r) in _done(results) for r in readouts):
                 continue
@@ -156,10 +167,19 @@ def run(out: Path, seeds: list[int], experiments: list[str], readouts: list[str]
                 values["model_overrides"] = dict(values.get("model_overrides") or {})
             else:
                 values = read_config_file(DEMO_CONFIG)
-                values["model_overrides"] = {**(values.get("model_overrides") or {}), **REFERENCE_MODEL,
-                                             **model_overrides}
-            values.update(data=str(shards), output_dir=str(root / experiment / "run"), seed=seed,
-                          report_to="none", figure_steps=0, **train_overrides)
+                values["model_overrides"] = {
+                    **(values.get("model_overrides") or {}),
+                    **REFERENCE_MODEL,
+                    **model_overrides,
+                }
+            values.update(
+                data=str(shards),
+                output_dir=str(root / experiment / "run"),
+                seed=seed,
+                report_to="none",
+                figure_steps=0,
+                **train_overrides,
+            )
             start = time.perf_counter()
             if values["max_steps"] > 0:
                 summary = pretrain(PretrainingArguments(**values))
@@ -178,11 +198,22 @@ def run(out: Path, seeds: list[int], experiments: list[str], readouts: list[str]
                     continue
                 table = root / experiment / f"emb_{readout}"
                 embed_dataset(shards, table, ModelFeaturizer(model_dir, **options), progress=False)
-                _append(results, {"seed": seed, "experiment": experiment, "features": readout, "final_loss": loss,
-                                  "train_s": round(train_s, 1), **_score(table)})
-                print(f"seed {seed} {experiment:<16} {readout:<12} "
-                      + json.dumps({k: round(v, 3) for k, v in _score(table).items() if k.startswith(("probe", "knn"))}),
-                      flush=True)
+                _append(
+                    results,
+                    {
+                        "seed": seed,
+                        "experiment": experiment,
+                        "features": readout,
+                        "final_loss": loss,
+                        "train_s": round(train_s, 1),
+                        **_score(table),
+                    },
+                )
+                print(
+                    f"seed {seed} {experiment:<16} {readout:<12} "
+                    + json.dumps({k: round(v, 3) for k, v in _score(table).items() if k.startswith(("probe", "knn"))}),
+                    flush=True,
+                )
 
 
 def suite(out: Path, seeds: list[int], experiment: str, readout: str = "channelwise") -> str:
@@ -196,11 +227,20 @@ def suite(out: Path, seeds: list[int], experiment: str, readout: str = "channelw
         root = out / f"seed{seed}"
         target = root / experiment / f"suite_{readout}"
         if not (target / "eval_results.json").is_file():
-            evaluate_synthetic(root / experiment / f"emb_{readout}", root / "plate", target,
-                               baselines={"random_init": root / "steps_0" / f"emb_{readout}",
-                                          "pixel_stats": root / "baseline" / "pixel_stats"},
-                               batch_col="Metadata_plate", probe_labels=PROBE_LABELS, consistency_col="complex",
-                               align_options={"n_components": TVN_COMPONENTS}, progress=False)
+            evaluate_synthetic(
+                root / experiment / f"emb_{readout}",
+                root / "plate",
+                target,
+                baselines={
+                    "random_init": root / "steps_0" / f"emb_{readout}",
+                    "pixel_stats": root / "baseline" / "pixel_stats",
+                },
+                batch_col="Metadata_plate",
+                probe_labels=PROBE_LABELS,
+                consistency_col="complex",
+                align_options={"n_components": TVN_COMPONENTS},
+                progress=False,
+            )
         results = json.loads((target / "eval_results.json").read_text())
         rows = _suite_table(results)
         for name, recall in _recall_table(results).items():
@@ -209,13 +249,19 @@ def suite(out: Path, seeds: list[int], experiment: str, readout: str = "channelw
         per_seed[seed] = rows
     names = list(next(iter(per_seed.values())))
     metrics = list(dict.fromkeys(m for rows in per_seed.values() for row in rows.values() for m in row))
-    lines = [f"`{experiment}`, {readout} read-out, seeds {seeds}: mean ± sd (pre-trained = {experiment})", "",
-             "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    lines = [
+        f"`{experiment}`, {readout} read-out, seeds {seeds}: mean ± sd (pre-trained = {experiment})",
+        "",
+        "| metric | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
     for metric in metrics:
         cells = []
         for name in names:
             values = np.array([rows[name].get(metric, np.nan) for rows in per_seed.values()], dtype=float)
-            cells.append("—" if np.isnan(values).all() else f"{np.nanmean(values):.3f} ± {np.nanstd(values, ddof=1):.3f}")
+            cells.append(
+                "—" if np.isnan(values).all() else f"{np.nanmean(values):.3f} ± {np.nanstd(values, ddof=1):.3f}"
+            )
         lines.append(f"| {metric} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -227,7 +273,10 @@ def summarize(out: Path) -> str:
     metrics = ["probe_complex", "probe_gene", "knn_complex"]
     grouped = rows.groupby(["experiment", "features"], sort=False)[metrics]
     mean, std, n = grouped.mean(), grouped.std().fillna(0), grouped.size()
-    lines = ["| experiment | features | seeds | " + " | ".join(metrics) + " |", "|---|---|---|" + "---|" * len(metrics)]
+    lines = [
+        "| experiment | features | seeds | " + " | ".join(metrics) + " |",
+        "|---|---|---|" + "---|" * len(metrics),
+    ]
     for key in mean.index:
         cells = " | ".join(f"{mean.loc[key, m]:.3f} ± {std.loc[key, m]:.3f}" for m in metrics)
         lines.append(f"| {key[0]} | {key[1]} | {n.loc[key]} | {cells} |")
@@ -243,8 +292,12 @@ def main() -> None:
     parser.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS), choices=list(EXPERIMENTS))
     parser.add_argument("--readouts", nargs="+", default=list(READOUTS), choices=list(READOUTS))
     parser.add_argument("--summarize", action="store_true", help="print the table of finished results and exit")
-    parser.add_argument("--suite", metavar="EXPERIMENT", default=None,
-                        help="run the demo's whole evaluation (recall + suite) on EXPERIMENT's finished runs and exit")
+    parser.add_argument(
+        "--suite",
+        metavar="EXPERIMENT",
+        default=None,
+        help="run the demo's whole evaluation (recall + suite) on EXPERIMENT's finished runs and exit",
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.suite:

@@ -73,12 +73,16 @@ def main() -> None:
                 data = images
                 if kind == "shards":
                     if not shards.is_dir():
-                        shard_folder(images, shards, layout="rxrx", num_workers=1, progress=False, target_shard_size="4MB")
+                        shard_folder(
+                            images, shards, layout="rxrx", num_workers=1, progress=False, target_shard_size="4MB"
+                        )
                     data = shards
                 out = workdir / f"emb-{kind}-{count}"
                 shutil.rmtree(out, ignore_errors=True)
                 peak, worker, _ = peak_mib_of([sys.executable, __file__, "--one", model, str(data), str(out)])
-                print(f"{kind:>6}, {count:5d} fields: peak {peak:7.1f} MiB (main process), {worker:7.1f} MiB (largest worker)")
+                print(
+                    f"{kind:>6}, {count:5d} fields: peak {peak:7.1f} MiB (main process), {worker:7.1f} MiB (largest worker)"
+                )
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -38,7 +38,9 @@ def write_table(folder: Path, rows: int, features: int, rows_per_part: int) -> N
             "Metadata_plate": pa.array([f"P{p:04d}" for p in well // WELLS_PER_PLATE]),
             "Metadata_well": pa.array([f"W{w:03d}" for w in well % WELLS_PER_PLATE]),
             "Metadata_site": pa.array(index % FIELDS_PER_WELL + 1),
-            "Metadata_perturbation": pa.array(np.where(well % 8 == 0, "ctrl", np.char.add("g", (well % 500).astype(str)))),
+            "Metadata_perturbation": pa.array(
+                np.where(well % 8 == 0, "ctrl", np.char.add("g", (well % 500).astype(str)))
+            ),
         }
         values = rng.standard_normal((len(index), features), dtype=np.float32)
         columns.update({f"emb_{i:04d}": pa.array(values[:, i]) for i in range(features)})
@@ -60,8 +62,20 @@ def main() -> None:
         else:
             from hf_cellmae.cli import main as cli
 
-            code = cli(["profiles", *one, "--no-progress", "--controls", "ctrl", "--alignment", "center_scale",
-                 "--batch-col", "Metadata_plate", "--perturbations"])
+            code = cli(
+                [
+                    "profiles",
+                    *one,
+                    "--no-progress",
+                    "--controls",
+                    "ctrl",
+                    "--alignment",
+                    "center_scale",
+                    "--batch-col",
+                    "Metadata_plate",
+                    "--perturbations",
+                ]
+            )
         report_peak_and_exit(code)
     args = parser.parse_args()
 
@@ -71,11 +85,15 @@ def main() -> None:
         if not table.is_dir():
             write_table(table, args.rows, args.features, args.rows_per_part)
         size = args.rows * args.features * 4 / 2**20
-        print(f"cellmae profiles on {args.rows:,} fields x {args.features} float32 features "
-              f"({size:.0f} MiB of features, {args.rows // FIELDS_PER_WELL:,} wells), one process each")
-        runs = {"profiles, mean": [str(table), str(workdir / "mean")],
-                "profiles, median": [str(table), str(workdir / "median"), "--aggregation", "median"],
-                "whole table in pandas": ["pandas", str(table)]}
+        print(
+            f"cellmae profiles on {args.rows:,} fields x {args.features} float32 features "
+            f"({size:.0f} MiB of features, {args.rows // FIELDS_PER_WELL:,} wells), one process each"
+        )
+        runs = {
+            "profiles, mean": [str(table), str(workdir / "mean")],
+            "profiles, median": [str(table), str(workdir / "median"), "--aggregation", "median"],
+            "whole table in pandas": ["pandas", str(table)],
+        }
         for name, one in runs.items():
             peak, _, seconds = peak_mib_of([sys.executable, __file__, "--one", *one])
             print(f"{name:>22}: peak {peak:7.1f} MiB, {seconds:6.1f} s")

@@ -21,8 +21,28 @@ CASES = [
     ("tiny", {}, 32, 5),
     ("tiny", {"image_size": 128}, 8, 5),
     ("tiny", {"image_size": 128}, 32, 5),
-    ("vit_s16", {"image_size": 64, "decoder_hidden_size": 128, "decoder_num_hidden_layers": 2, "decoder_num_attention_heads": 4}, 16, 5),
-    ("vit_s16", {"image_size": 128, "decoder_hidden_size": 256, "decoder_num_hidden_layers": 4, "decoder_num_attention_heads": 8}, 8, 5),
+    (
+        "vit_s16",
+        {
+            "image_size": 64,
+            "decoder_hidden_size": 128,
+            "decoder_num_hidden_layers": 2,
+            "decoder_num_attention_heads": 4,
+        },
+        16,
+        5,
+    ),
+    (
+        "vit_s16",
+        {
+            "image_size": 128,
+            "decoder_hidden_size": 256,
+            "decoder_num_hidden_layers": 4,
+            "decoder_num_attention_heads": 8,
+        },
+        8,
+        5,
+    ),
 ]
 
 CHILD = r"""
@@ -68,15 +88,28 @@ def main() -> None:
     for preset, overrides, batch, channels in CASES:
         measured = measure((preset, overrides, batch, channels))
         config = CellMAEConfig.from_preset(preset, **overrides)
-        estimate = estimate_training_memory(config, batch, channels, optimizer="adamw", parameters=measured["parameters"])
+        estimate = estimate_training_memory(
+            config, batch, channels, optimizer="adamw", parameters=measured["parameters"]
+        )
         step_measured = measured["peak"] - measured["before"]
         step_estimated = estimate.gradients + estimate.optimizer + estimate.activations
-        row = {"preset": preset, "overrides": overrides, "batch": batch, "channels": channels, "parameters": measured["parameters"],
-               "measured_step_bytes": step_measured, "estimated_step_bytes": step_estimated,
-               "measured_peak_bytes": measured["peak"], "estimated_total_bytes": estimate.total}
+        row = {
+            "preset": preset,
+            "overrides": overrides,
+            "batch": batch,
+            "channels": channels,
+            "parameters": measured["parameters"],
+            "measured_step_bytes": step_measured,
+            "estimated_step_bytes": step_estimated,
+            "measured_peak_bytes": measured["peak"],
+            "estimated_total_bytes": estimate.total,
+        }
         rows.append(row)
-        print(f"| {preset} | {config.image_size} | {batch} | {channels} | {measured['parameters'] / 1e6:.2f} M | "
-              f"{step_measured / 2**20:.0f} | {step_estimated / 2**20:.0f} | {step_estimated / max(step_measured, 1):.2f} |", flush=True)
+        print(
+            f"| {preset} | {config.image_size} | {batch} | {channels} | {measured['parameters'] / 1e6:.2f} M | "
+            f"{step_measured / 2**20:.0f} | {step_estimated / 2**20:.0f} | {step_estimated / max(step_measured, 1):.2f} |",
+            flush=True,
+        )
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(rows, handle, indent=2)

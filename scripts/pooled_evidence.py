@@ -50,11 +50,19 @@ def tile_rows(model_dir: Path, shards: Path, cells: pd.DataFrame, size: int) -> 
         if mine.empty:
             continue
         grid = pixels.shape[-1] // size
-        tiles = [pixels[:, r * size:(r + 1) * size, c * size:(c + 1) * size] for r in range(grid) for c in range(grid)]
+        tiles = [
+            pixels[:, r * size : (r + 1) * size, c * size : (c + 1) * size] for r in range(grid) for c in range(grid)
+        ]
         fields = [Field(t, list(record["channels"]), {}) for t in tiles]
         features, _ = featurizer(fields)  # (tiles, F)
-        which = (np.minimum(mine["Metadata_centroid_y"] // size, grid - 1) * grid
-                 + np.minimum(mine["Metadata_centroid_x"] // size, grid - 1)).astype(int).to_numpy()
+        which = (
+            (
+                np.minimum(mine["Metadata_centroid_y"] // size, grid - 1) * grid
+                + np.minimum(mine["Metadata_centroid_x"] // size, grid - 1)
+            )
+            .astype(int)
+            .to_numpy()
+        )
         metadata = mine[[c for c in mine.columns if c.startswith("Metadata_")]].reset_index(drop=True)
         names = featurizer.feature_names(list(record["channels"]))
         pieces.append(pd.concat([metadata, pd.DataFrame(features[which], columns=names)], axis=1))
@@ -86,16 +94,27 @@ def cellprofiler_rows(shards: Path) -> pd.DataFrame:
             by_object.setdefault(int(label), {})[obj] = values
         found = cells_of_labels(cells)
         width = len(columns)
-        features = np.stack([np.concatenate([by_object.get(c["cell_id"], {}).get(o, np.zeros(width))
-                                             for o in ("nuclei", "cells")]) for c in found])
-        metadata = pd.DataFrame({"Metadata_field_id": record["field_id"], "Metadata_plate": record["plate"],
-                                 "Metadata_well": record["well"], "Metadata_site": record["site"],
-                                 "Metadata_cell_id": [c["cell_id"] for c in found],
-                                 "Metadata_centroid_y": [c["centroid_y"] for c in found],
-                                 "Metadata_centroid_x": [c["centroid_x"] for c in found]})
+        features = np.stack(
+            [
+                np.concatenate([by_object.get(c["cell_id"], {}).get(o, np.zeros(width)) for o in ("nuclei", "cells")])
+                for c in found
+            ]
+        )
+        metadata = pd.DataFrame(
+            {
+                "Metadata_field_id": record["field_id"],
+                "Metadata_plate": record["plate"],
+                "Metadata_well": record["well"],
+                "Metadata_site": record["site"],
+                "Metadata_cell_id": [c["cell_id"] for c in found],
+                "Metadata_centroid_y": [c["centroid_y"] for c in found],
+                "Metadata_centroid_x": [c["centroid_x"] for c in found],
+            }
+        )
         names_out = [f"{o}_{c}" for o in ("Nuclei", "Cells") for c in columns]
-        pieces.append(pd.concat([metadata, pd.DataFrame(np.nan_to_num(features, posinf=0, neginf=0), columns=names_out)],
-                                axis=1))
+        pieces.append(
+            pd.concat([metadata, pd.DataFrame(np.nan_to_num(features, posinf=0, neginf=0), columns=names_out)], axis=1)
+        )
     table = pd.concat(pieces, ignore_index=True)
     constant = [c for c in table.columns if not c.startswith("Metadata_") and table[c].std() == 0]
     return table.drop(columns=constant)
@@ -107,14 +126,25 @@ def evaluate_cells(table: pd.DataFrame, cells_csv: str, relationships: dict, out
     from hf_cellmae.evaluation.report import evaluate_embeddings
 
     path, counts = cells_to_groups(table, out, EvaluateOptions(cells=cells_csv, min_cells=1))
-    results = evaluate_embeddings(str(path), sources=relationships, out_dir=out, batch_col="Metadata_plate",
-                                  control_col="Metadata_is_control", alignment="tvn", plots=False, progress=False,
-                                  well_cols=("Metadata_plate", "Metadata_well", "Metadata_perturbation"))
+    results = evaluate_embeddings(
+        str(path),
+        sources=relationships,
+        out_dir=out,
+        batch_col="Metadata_plate",
+        control_col="Metadata_is_control",
+        alignment="tvn",
+        plots=False,
+        progress=False,
+        well_cols=("Metadata_plate", "Metadata_well", "Metadata_perturbation"),
+    )
     gene_sets = results["suite"]["featurizers"]["model"]["gene_set_recall"]
-    return {"counts": counts, **{name: results["sources"][name][METRIC] for name in relationships},
-            "chance": results["chance"][METRIC],
-            **{f"gene_set_recall_{name}": gene_sets[name]["recall"] for name in relationships},
-            "gene_set_chance": {name: gene_sets[name]["chance"] for name in relationships}}
+    return {
+        "counts": counts,
+        **{name: results["sources"][name][METRIC] for name in relationships},
+        "chance": results["chance"][METRIC],
+        **{f"gene_set_recall_{name}": gene_sets[name]["recall"] for name in relationships},
+        "gene_set_chance": {name: gene_sets[name]["chance"] for name in relationships},
+    }
 
 
 def run_seed(out: Path, seed: int, max_steps: int) -> dict:
@@ -134,7 +164,9 @@ def run_seed(out: Path, seed: int, max_steps: int) -> dict:
     timings, start = {}, time.perf_counter()
     screen = make_synthetic_screen(out / "screen", seed=seed, progress=False, **SCREEN)
     shards = out / "shards"
-    shard_folder(screen["images"], shards, metadata=screen["metadata"], channel_names=screen["channels"], progress=False)
+    shard_folder(
+        screen["images"], shards, metadata=screen["metadata"], channel_names=screen["channels"], progress=False
+    )
     values = read_config_file(RECIPES["demo"])
     values.update(data=str(shards), output_dir=str(out / "run"), seed=seed, max_steps=max_steps, report_to="none")
     model_dir = Path(pretrain(PretrainingArguments(**values))["model_dir"])
@@ -145,8 +177,11 @@ def run_seed(out: Path, seed: int, max_steps: int) -> dict:
     shutil.copy(model_dir / "preprocessor_config.json", random_dir / "preprocessor_config.json")
 
     tables = {}
-    for name, model, tokens in (("a_masked", model_dir, "mask"), ("b_unmasked", model_dir, "all"),
-                                ("e_random_init", random_dir, "mask")):
+    for name, model, tokens in (
+        ("a_masked", model_dir, "mask"),
+        ("b_unmasked", model_dir, "all"),
+        ("e_random_init", random_dir, "mask"),
+    ):
         featurizer = SingleCellFeaturizer(ModelFeaturizer(model, device="cpu"), CellOptions(cell_tokens=tokens))
         embed_dataset(shards, out / "cells" / name, featurizer, progress=False, num_workers=1)
         tables[name] = read_embeddings(out / "cells" / name)
@@ -154,10 +189,18 @@ def run_seed(out: Path, seed: int, max_steps: int) -> dict:
     tables["c_tile"] = tile_rows(model_dir, shards, tables["a_masked"], size)
     tables["d_cellprofiler"] = cellprofiler_rows(shards)
     timings["featurise_s"] = time.perf_counter() - start - timings["screen_and_pretrain_s"]
-    results = {name: evaluate_cells(tables[name], screen["cells"], screen["relationships"], out / "eval" / name)
-               for name in ROWS}
-    report = {"seed": seed, "screen": SCREEN, "max_steps": max_steps, "num_cells_drawn": screen["num_cells"],
-              "rows": results, "timings": timings}
+    results = {
+        name: evaluate_cells(tables[name], screen["cells"], screen["relationships"], out / "eval" / name)
+        for name in ROWS
+    }
+    report = {
+        "seed": seed,
+        "screen": SCREEN,
+        "max_steps": max_steps,
+        "num_cells_drawn": screen["num_cells"],
+        "rows": results,
+        "timings": timings,
+    }
     (out / "results.json").write_text(json.dumps(report, indent=1))
     return report
 
@@ -165,8 +208,11 @@ def run_seed(out: Path, seed: int, max_steps: int) -> dict:
 def summarise(folders: list[Path]) -> str:
     reports = [json.loads((f / "results.json").read_text()) for f in folders]
     keys = ("complexes", "pathways", "gene_set_recall_complexes", "gene_set_recall_pathways")
-    lines = [f"| row | recall complexes ({METRIC}) | recall pathways ({METRIC}) | gene-set recall, complexes | "
-             "gene-set recall, pathways |", "|---|---|---|---|---|"]
+    lines = [
+        f"| row | recall complexes ({METRIC}) | recall pathways ({METRIC}) | gene-set recall, complexes | "
+        "gene-set recall, pathways |",
+        "|---|---|---|---|---|",
+    ]
     for name in ROWS:
         cells = []
         for source in keys:
@@ -174,8 +220,10 @@ def summarise(folders: list[Path]) -> str:
             cells.append(f"{values.mean():.3f} ± {values.std(ddof=1):.3f} ({', '.join(f'{v:.2f}' for v in values)})")
         lines.append(f"| {name} | {' | '.join(cells)} |")
     first = reports[0]["rows"]["a_masked"]
-    lines.append(f"\nseeds {[r['seed'] for r in reports]}; recall chance {first['chance']}; gene-set recall chance "
-                 f"{first['gene_set_chance']}")
+    lines.append(
+        f"\nseeds {[r['seed'] for r in reports]}; recall chance {first['chance']}; gene-set recall chance "
+        f"{first['gene_set_chance']}"
+    )
     return "\n".join(lines)
 
 

@@ -33,16 +33,24 @@ RECALL = "recall_0.05_0.95"
 GRIDS = {
     "cpu": {
         "wsl": {"seeds": [0, 1, 2], "recipes": ["demo_cpu"]},
-        "scaling": {"seeds": [0], "max_steps": 400, "plates": [1, 2, 4],
-                    "encoders": ["xs", "tiny", "s"]},
+        "scaling": {"seeds": [0], "max_steps": 400, "plates": [1, 2, 4], "encoders": ["xs", "tiny", "s"]},
         "fourier": {"seeds": [0, 1, 2], "pilot_lrs": [1e-2, 3e-2, 1e-1], "max_steps": 300, "batch_size": 16},
     },
     "cuda": {
         "wsl": {"seeds": [0, 1, 2], "recipes": ["demo_cpu", "small_cpu"]},
-        "scaling": {"seeds": [0, 1, 2], "max_steps": 3200, "plates": [1, 2, 4],
-                    "encoders": ["tiny", "vit_s16", "vit_b16"]},
-        "fourier": {"seeds": [0, 1, 2], "pilot_lrs": [1e-3, 3e-3, 1e-2, 3e-2], "max_steps": 2000, "batch_size": 64,
-                    "encoder": "vit_b16"},
+        "scaling": {
+            "seeds": [0, 1, 2],
+            "max_steps": 3200,
+            "plates": [1, 2, 4],
+            "encoders": ["tiny", "vit_s16", "vit_b16"],
+        },
+        "fourier": {
+            "seeds": [0, 1, 2],
+            "pilot_lrs": [1e-3, 3e-3, 1e-2, 3e-2],
+            "max_steps": 2000,
+            "batch_size": 64,
+            "encoder": "vit_b16",
+        },
     },
 }
 # Encoder sizes of the scaling grid, as `model_preset` + CellMAEConfig overrides (decoders stay `tiny`'s).
@@ -69,8 +77,9 @@ def prepare_screen(out: Path, screen_overrides: dict) -> tuple[Path, Path]:
         make_synthetic_screen(plate, seed=0, progress=False, **{**SCREEN_SIZES["screen"], **screen_overrides})
     if not (shards / "manifest.json").is_file():
         made = json.loads((plate / "synthetic_config.json").read_text())
-        shard_folder(plate / "images", shards, metadata=plate / "metadata.csv", channel_names=made["channels"],
-                     progress=False)
+        shard_folder(
+            plate / "images", shards, metadata=plate / "metadata.csv", channel_names=made["channels"], progress=False
+        )
     return plate, shards
 
 
@@ -125,8 +134,16 @@ def training_values(recipe: str, data: Path, out: Path, seed: int, **changes) ->
 
     values = read_config_file(recipe)
     overrides = {**json.loads(values.get("model_overrides") or "{}"), **changes.pop("model_overrides", {})}
-    values.update(data=str(data), output_dir=str(out), seed=seed, report_to="none", figure_steps=0,
-                  progress_bar=False, model_overrides=json.dumps(overrides), **changes)
+    values.update(
+        data=str(data),
+        output_dir=str(out),
+        seed=seed,
+        report_to="none",
+        figure_steps=0,
+        progress_bar=False,
+        model_overrides=json.dumps(overrides),
+        **changes,
+    )
     return values
 
 
@@ -148,8 +165,9 @@ def train(values: dict) -> Path:
         return model_dir
     start = time.perf_counter()
     summary = pretrain(PretrainingArguments(**values))
-    (Path(values["output_dir"]) / "wall_s.json").write_text(json.dumps(
-        {"train_s": round(time.perf_counter() - start, 1), "load_1min": os.getloadavg()[0]}))
+    (Path(values["output_dir"]) / "wall_s.json").write_text(
+        json.dumps({"train_s": round(time.perf_counter() - start, 1), "load_1min": os.getloadavg()[0]})
+    )
     return Path(summary["model_dir"])
 
 
@@ -181,8 +199,16 @@ def score(table_dir: Path, plate: Path, held_out: list[str], tvn_components: int
     is_control = table["Metadata_is_control"].astype(str).eq("True")
     table = table[is_control | table["Metadata_gene"].isin(held_out)].reset_index(drop=True)
     pairs = held_out_pairs(plate, held_out)
-    results = evaluate_embeddings(table, pairs, None, batch_col="Metadata_plate", probe_labels=("complex",),
-                                  align_options={"n_components": tvn_components}, plots=False, progress=False)
+    results = evaluate_embeddings(
+        table,
+        pairs,
+        None,
+        batch_col="Metadata_plate",
+        probe_labels=("complex",),
+        align_options={"n_components": tvn_components},
+        plots=False,
+        progress=False,
+    )
     suite = results["suite"]["featurizers"]["model"]
     row = {f"recall_{name}": results["sources"][name][RECALL] for name in pairs}
     row.update({f"gene_set_recall_{name}": suite["gene_set_recall"][name]["recall"] for name in pairs})
@@ -237,17 +263,31 @@ def claim_wsl(out: Path, plate: Path, shards: Path, grid: dict, device: str, cha
     for recipe in grid["recipes"]:
         for seed in grid["seeds"]:
             train_half, held_out = split_genes(plate, seed)
-            wsl_shards = subset_shards(plate, out / "subsets" / f"train_half_seed{seed}_plates{_num_plates(plate)}",
-                                       train_half, None)
+            wsl_shards = subset_shards(
+                plate, out / "subsets" / f"train_half_seed{seed}_plates{_num_plates(plate)}", train_half, None
+            )
             steps = changes.get("max_steps") or read_config_file(recipe)["max_steps"]
             plates = _num_plates(plate)
             runs = {
-                "MAE": training_values(recipe, shards, run_folder(out, recipe, "MAE", "tiny", plates, steps, seed),
-                                       seed, **changes),
-                "WSL": training_values(recipe, wsl_shards, run_folder(out, recipe, "WSL", "tiny", plates, steps, seed),
-                                       seed, objective="wsl", label_col="perturbation", **changes),
-                "random init": training_values(recipe, shards, run_folder(out, "none", "random", "tiny", 0, 0, seed),
-                                               seed, **{**changes, "max_steps": 0}),
+                "MAE": training_values(
+                    recipe, shards, run_folder(out, recipe, "MAE", "tiny", plates, steps, seed), seed, **changes
+                ),
+                "WSL": training_values(
+                    recipe,
+                    wsl_shards,
+                    run_folder(out, recipe, "WSL", "tiny", plates, steps, seed),
+                    seed,
+                    objective="wsl",
+                    label_col="perturbation",
+                    **changes,
+                ),
+                "random init": training_values(
+                    recipe,
+                    shards,
+                    run_folder(out, "none", "random", "tiny", 0, 0, seed),
+                    seed,
+                    **{**changes, "max_steps": 0},
+                ),
             }
             for model, values in runs.items():
                 if model not in grid.get("models", runs):
@@ -260,8 +300,12 @@ def claim_wsl(out: Path, plate: Path, shards: Path, grid: dict, device: str, cha
                 row = results.get(key, compute)
                 rows.append({"recipe": recipe, "model": model, "seed": seed, **row})
                 print(_line(rows[-1]), flush=True)
-    return {"claim": "wsl", "rows": rows, "summary": _summarise(rows, ("recipe", "model")),
-            "verdict": wsl_verdict(rows)}
+    return {
+        "claim": "wsl",
+        "rows": rows,
+        "summary": _summarise(rows, ("recipe", "model")),
+        "verdict": wsl_verdict(rows),
+    }
 
 
 def wsl_verdict(rows: list[dict]) -> dict:
@@ -281,17 +325,21 @@ def wsl_verdict(rows: list[dict]) -> dict:
             d = np.array([pair["MAE"][metric] - pair["WSL"][metric] for pair in paired])
             sd = float(d.std(ddof=1)) if len(d) > 1 else 0.0
             verdicts[recipe][metric] = {
-                "mae_minus_wsl_per_seed": d.tolist(), "mean": float(d.mean()), "sd": sd if len(d) > 1 else None,
+                "mae_minus_wsl_per_seed": d.tolist(),
+                "mean": float(d.mean()),
+                "sd": sd if len(d) > 1 else None,
                 "word": "reproduced" if d.mean() > 0 and d.mean() > sd else "not reproduced",
-                "wsl_ahead_beyond_spread": bool(d.mean() < 0 and -d.mean() > sd)}
+                "wsl_ahead_beyond_spread": bool(d.mean() < 0 and -d.mean() > sd),
+            }
     return verdicts
 
 
 # ---------------------------------------------------------------- Finding 2: scaling
 
 
-def claim_scaling(out: Path, plate: Path, shards: Path, grid: dict, device: str, changes: dict,
-                  results: Results) -> dict:
+def claim_scaling(
+    out: Path, plate: Path, shards: Path, grid: dict, device: str, changes: dict, results: Results
+) -> dict:
     total_plates = _num_plates(plate)
     settings = [("model", name, total_plates) for name in grid["encoders"]]
     settings += [("data", "tiny", plates) for plates in grid["plates"] if plates <= total_plates]
@@ -305,21 +353,43 @@ def claim_scaling(out: Path, plate: Path, shards: Path, grid: dict, device: str,
             for model in [m for m in ("MAE", "WSL") if m in grid.get("models", ("MAE", "WSL"))]:
                 genes = None if model == "MAE" else train_half
                 name = f"{'all' if genes is None else 'train_half'}_seed{seed if genes else 0}_plates{plates}"
-                data = shards if genes is None and plates == total_plates else \
-                    subset_shards(plate, out / "subsets" / name, genes, plates)
+                data = (
+                    shards
+                    if genes is None and plates == total_plates
+                    else subset_shards(plate, out / "subsets" / name, genes, plates)
+                )
                 supervised = {} if model == "MAE" else {"objective": "wsl", "label_col": "perturbation"}
                 run = run_folder(out, "demo_cpu", model, encoder, plates, grid["max_steps"], seed)
-                values = training_values("demo_cpu", data, run, seed, **{
-                    **changes, **supervised, "model_preset": preset, "max_steps": grid["max_steps"],
-                    "model_overrides": {**size, **changes.get("model_overrides", {})}})
+                values = training_values(
+                    "demo_cpu",
+                    data,
+                    run,
+                    seed,
+                    **{
+                        **changes,
+                        **supervised,
+                        "model_preset": preset,
+                        "max_steps": grid["max_steps"],
+                        "model_overrides": {**size, **changes.get("model_overrides", {})},
+                    },
+                )
                 key = f"scaling/{model}/{encoder}/plates{plates}/steps{values['max_steps']}/seed{seed}"
 
                 def compute(values=values, held_out=held_out):
                     return trained_and_scored(values, shards, plate, held_out, grid, device)
 
                 row = results.get(key, compute)
-                rows.append({"axis": axis, "model": model, "encoder": encoder, "plates": plates, "seed": seed,
-                             "parameters": _encoder_parameters(preset, size), **row})
+                rows.append(
+                    {
+                        "axis": axis,
+                        "model": model,
+                        "encoder": encoder,
+                        "plates": plates,
+                        "seed": seed,
+                        "parameters": _encoder_parameters(preset, size),
+                        **row,
+                    }
+                )
                 print(_line(rows[-1]), flush=True)
     summary = _summarise(rows, ("axis", "model", "encoder", "plates"))
     return {"claim": "scaling", "rows": rows, "summary": summary, "change": scaling_change(summary, grid)}
@@ -331,15 +401,20 @@ def scaling_change(summary: list[dict], grid: dict) -> dict:
     change = {}
     for entry_axis, sizes in order.items():
         for model in ("MAE", "WSL"):
-            entries = {e["encoder"] if entry_axis == "model" else e["plates"]: e
-                       for e in summary if e["axis"] == entry_axis and e["model"] == model}
+            entries = {
+                e["encoder"] if entry_axis == "model" else e["plates"]: e
+                for e in summary
+                if e["axis"] == entry_axis and e["model"] == model
+            }
             present = [size for size in sizes if size in entries]
             if len(present) < 2:
                 continue
             small, large = entries[present[0]], entries[present[-1]]
             change[f"{entry_axis}/{model}"] = {
-                "from": present[0], "to": present[-1],
-                **{metric: large[metric]["mean"] - small[metric]["mean"] for metric in METRICS}}
+                "from": present[0],
+                "to": present[-1],
+                **{metric: large[metric]["mean"] - small[metric]["mean"] for metric in METRICS},
+            }
     return change
 
 
@@ -365,7 +440,7 @@ def count_spikes(losses: list[float], factor: float = SPIKE_FACTOR, window: int 
         if not np.isfinite(loss):
             spikes += 1
         elif index >= window:
-            previous = np.asarray(losses[index - window:index], dtype=float)
+            previous = np.asarray(losses[index - window : index], dtype=float)
             previous = previous[np.isfinite(previous)]
             spikes += bool(len(previous) and loss > factor * np.median(previous))
     return spikes
@@ -379,10 +454,24 @@ def fourier_run(out: Path, shards: Path, grid: dict, seed: int, lr: float, weigh
     model_overrides = {"fourier_loss_weight": weight, "mask_ratio": 0.75, **changes.get("model_overrides", {})}
     if grid.get("encoder"):
         model_overrides = {**ENCODERS[grid["encoder"]][1], **model_overrides}
-    values = training_values("demo_cpu", shards, run, seed, **{
-        **changes, "max_steps": changes.get("max_steps", grid["max_steps"]), "learning_rate": lr,
-        "lr_scheduler": "constant", "warmup_ratio": 0.0, "max_grad_norm": None, "logging_steps": 1,
-        "per_device_train_batch_size": grid["batch_size"], "save_steps": 10**6, "model_overrides": model_overrides})
+    values = training_values(
+        "demo_cpu",
+        shards,
+        run,
+        seed,
+        **{
+            **changes,
+            "max_steps": changes.get("max_steps", grid["max_steps"]),
+            "learning_rate": lr,
+            "lr_scheduler": "constant",
+            "warmup_ratio": 0.0,
+            "max_grad_norm": None,
+            "logging_steps": 1,
+            "per_device_train_batch_size": grid["batch_size"],
+            "save_steps": 10**6,
+            "model_overrides": model_overrides,
+        },
+    )
     diverged = False
     try:
         train(values)
@@ -392,16 +481,24 @@ def fourier_run(out: Path, shards: Path, grid: dict, seed: int, lr: float, weigh
     history = json.loads(state_path.read_text())["log_history"] if state_path.is_file() else []
     mse = [float(record["mse_loss"]) for record in history]
     skipped = int(json.loads(state_path.read_text()).get("nonfinite_steps", 0)) if state_path.is_file() else 0
-    return {"mse_loss": mse, "spikes": count_spikes(mse) + skipped, "nonfinite_steps": skipped, "diverged": diverged,
-            "final_mse": mse[-1] if mse else None, **_wall(run)}
+    return {
+        "mse_loss": mse,
+        "spikes": count_spikes(mse) + skipped,
+        "nonfinite_steps": skipped,
+        "diverged": diverged,
+        "final_mse": mse[-1] if mse else None,
+        **_wall(run),
+    }
 
 
-def claim_fourier(out: Path, plate: Path, shards: Path, grid: dict, device: str, changes: dict,
-                  results: Results) -> dict:
+def claim_fourier(
+    out: Path, plate: Path, shards: Path, grid: dict, device: str, changes: dict, results: Results
+) -> dict:
     pilot, chosen = [], None
     for lr in grid["pilot_lrs"]:
-        row = results.get(f"fourier/pilot/lr{lr:g}/w0/seed0",
-                          lambda lr=lr: fourier_run(out, shards, grid, 0, lr, 0.0, changes))
+        row = results.get(
+            f"fourier/pilot/lr{lr:g}/w0/seed0", lambda lr=lr: fourier_run(out, shards, grid, 0, lr, 0.0, changes)
+        )
         pilot.append({"learning_rate": lr, **row})
         print(f"pilot lr {lr:g}, MSE only, seed 0: {row['spikes']} spike(s), diverged {row['diverged']}", flush=True)
         if row["spikes"] or row["diverged"]:
@@ -411,12 +508,16 @@ def claim_fourier(out: Path, plate: Path, shards: Path, grid: dict, device: str,
     if chosen is not None:
         for seed in grid["seeds"]:
             for weight in (0.0, 0.01):
-                row = results.get(f"fourier/lr{chosen:g}/w{weight:g}/seed{seed}",
-                                  lambda seed=seed, weight=weight: fourier_run(out, shards, grid, seed, chosen, weight,
-                                                                               changes))
+                row = results.get(
+                    f"fourier/lr{chosen:g}/w{weight:g}/seed{seed}",
+                    lambda seed=seed, weight=weight: fourier_run(out, shards, grid, seed, chosen, weight, changes),
+                )
                 rows.append({"learning_rate": chosen, "fourier_weight": weight, "seed": seed, **row})
-                print(f"lr {chosen:g}, Fourier weight {weight:g}, seed {seed}: {row['spikes']} spike(s), "
-                      f"diverged {row['diverged']}, final MSE {row['final_mse']}", flush=True)
+                print(
+                    f"lr {chosen:g}, Fourier weight {weight:g}, seed {seed}: {row['spikes']} spike(s), "
+                    f"diverged {row['diverged']}, final MSE {row['final_mse']}",
+                    flush=True,
+                )
     weights = (0.0, 0.01)
     spikes = {w: {row["seed"]: row["spikes"] for row in rows if row["fourier_weight"] == w} for w in weights}
     fewer = sum(spikes[0.01][seed] < spikes[0.0][seed] for seed in spikes[0.0] if seed in spikes[0.01])
@@ -428,23 +529,42 @@ def claim_fourier(out: Path, plate: Path, shards: Path, grid: dict, device: str,
         word = "reproduced"
     else:
         word = "not reproduced"
-    return {"claim": "fourier", "spike": f"MSE loss non-finite, or > {SPIKE_FACTOR:g}x the median of the previous "
-            f"{SPIKE_WINDOW} logged steps", "pilot": pilot, "learning_rate": chosen, "rows": rows,
-            "verdict": {"spikes_mse_only": spikes[0.0], "spikes_fourier": spikes[0.01], "seeds_with_fewer": fewer,
-                        "diverged": {"mse_only": diverged[0.0], "fourier": diverged[0.01]}, "word": word}}
+    return {
+        "claim": "fourier",
+        "spike": f"MSE loss non-finite, or > {SPIKE_FACTOR:g}x the median of the previous {SPIKE_WINDOW} logged steps",
+        "pilot": pilot,
+        "learning_rate": chosen,
+        "rows": rows,
+        "verdict": {
+            "spikes_mse_only": spikes[0.0],
+            "spikes_fourier": spikes[0.01],
+            "seeds_with_fewer": fewer,
+            "diverged": {"mse_only": diverged[0.0], "fourier": diverged[0.01]},
+            "word": word,
+        },
+    }
 
 
 # ---------------------------------------------------------------- summaries and figures
 
 
-METRICS = ("recall_complexes", "recall_pathways", "gene_set_recall_complexes", "gene_set_recall_pathways",
-           "probe_complex")
+METRICS = (
+    "recall_complexes",
+    "recall_pathways",
+    "gene_set_recall_complexes",
+    "gene_set_recall_pathways",
+    "probe_complex",
+)
 
 
 def _line(row: dict) -> str:
     head = " ".join(str(row[k]) for k in ("recipe", "axis", "model", "encoder", "plates", "seed") if k in row)
-    return head + ": " + ", ".join(f"{m} {row[m]:.3f}" for m in METRICS if m in row) + \
-        (f" (train {row['train_s']} s, load {row['load_1min']:.1f})" if "train_s" in row else "")
+    return (
+        head
+        + ": "
+        + ", ".join(f"{m} {row[m]:.3f}" for m in METRICS if m in row)
+        + (f" (train {row['train_s']} s, load {row['load_1min']:.1f})" if "train_s" in row else "")
+    )
 
 
 def _summarise(rows: list[dict], keys: tuple[str, ...]) -> list[dict]:
@@ -457,9 +577,11 @@ def _summarise(rows: list[dict], keys: tuple[str, ...]) -> list[dict]:
         entry = dict(zip(keys, group), seeds=[m["seed"] for m in members])
         for metric in METRICS:
             values = np.array([m[metric] for m in members], dtype=float)
-            entry[metric] = {"mean": float(values.mean()),
-                             "sd": float(values.std(ddof=1)) if len(values) > 1 else None,
-                             "per_seed": values.tolist()}
+            entry[metric] = {
+                "mean": float(values.mean()),
+                "sd": float(values.std(ddof=1)) if len(values) > 1 else None,
+                "per_seed": values.tolist(),
+            }
         summary.append(entry)
     return summary
 
@@ -480,8 +602,14 @@ def plot_claim(report: dict, path: Path) -> Path:
                 for m, model in enumerate(models):
                     entry = next(e for e in report["summary"] if e["model"] == model and e["recipe"] == recipe)
                     x = r * (len(models) + 1) + m
-                    ax.bar(x, entry[metric]["mean"], yerr=entry[metric]["sd"] or 0, color=f"C{m}",
-                           label=model if r == 0 else None, capsize=3)
+                    ax.bar(
+                        x,
+                        entry[metric]["mean"],
+                        yerr=entry[metric]["sd"] or 0,
+                        color=f"C{m}",
+                        label=model if r == 0 else None,
+                        capsize=3,
+                    )
                     seeds = entry[metric]["per_seed"]
                     ax.scatter([x] * len(seeds), seeds, color="k", s=8, zorder=3)
             ax.set_xticks([r * (len(models) + 1) + (len(models) - 1) / 2 for r in range(len(recipes))], recipes)
@@ -499,8 +627,9 @@ def plot_claim(report: dict, path: Path) -> Path:
                     order = np.argsort(xs)
                     ys = [entries[i][metric]["mean"] for i in order]
                     errs = [entries[i][metric]["sd"] or 0 for i in order]
-                    ax.errorbar([xs[i] for i in order], ys, yerr=errs, marker="o", color=f"C{m}", label=model,
-                                capsize=3)
+                    ax.errorbar(
+                        [xs[i] for i in order], ys, yerr=errs, marker="o", color=f"C{m}", label=model, capsize=3
+                    )
                 ax.set_xscale("log")
                 if axis == "data":
                     plates = sorted({e["plates"] for e in report["summary"] if e["axis"] == "data"})
@@ -511,19 +640,26 @@ def plot_claim(report: dict, path: Path) -> Path:
                 ax.legend(fontsize=8)
         fig.suptitle("Finding 2: scaling model and data size", fontsize=10)
     else:
-        fig, axes = plt.subplots(1, 2 if report["rows"] else 1, figsize=(11 if report["rows"] else 6, 3.8),
-                                 squeeze=False)
+        fig, axes = plt.subplots(
+            1, 2 if report["rows"] else 1, figsize=(11 if report["rows"] else 6, 3.8), squeeze=False
+        )
         axes = axes[0]
         for row in report["pilot"]:
             axes[0].plot(row["mse_loss"], label=f"lr {row['learning_rate']:g}: {row['spikes']} spikes", lw=0.8)
         axes[0].set_title("pilot, MSE only, seed 0", fontsize=9)
         if not report["rows"]:
-            axes[0].set_title("pilot, MSE only, seed 0: no run spiked, so no Fourier comparison (not measurable)",
-                              fontsize=8)
+            axes[0].set_title(
+                "pilot, MSE only, seed 0: no run spiked, so no Fourier comparison (not measurable)", fontsize=8
+            )
         for row in report["rows"]:
             color = "C3" if row["fourier_weight"] == 0 else "C0"
-            axes[1].plot(row["mse_loss"], color=color, lw=0.7, alpha=0.8,
-                         label=f"w={row['fourier_weight']:g} seed {row['seed']}: {row['spikes']} spikes")
+            axes[1].plot(
+                row["mse_loss"],
+                color=color,
+                lw=0.7,
+                alpha=0.8,
+                label=f"w={row['fourier_weight']:g} seed {row['seed']}: {row['spikes']} spikes",
+            )
         if report["rows"]:
             axes[1].set_title(f"lr {report['learning_rate']}: MSE only (red) vs + Fourier 0.01 (blue)", fontsize=9)
         for ax in axes:
@@ -549,14 +685,21 @@ RUNNERS = {"wsl": claim_wsl, "scaling": claim_scaling, "fourier": claim_fourier}
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--claim", choices=[*CLAIMS, "all"], required=True)
-    parser.add_argument("--out", type=Path, required=True,
-                        help="work folder (screen, runs, results.jsonl, <claim>.json)")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="work folder (screen, runs, results.jsonl, <claim>.json)"
+    )
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="which grid, and where to embed")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the grid's seeds")
-    parser.add_argument("--recipes", nargs="+", default=None,
-                        help="wsl: override the grid's recipes (demo_cpu, small_cpu)")
-    parser.add_argument("--models", nargs="+", default=None, choices=["MAE", "WSL", "random init"],
-                        help="wsl, scaling: run only these models (default all; e.g. WSL in a second process beside MAE)")
+    parser.add_argument(
+        "--recipes", nargs="+", default=None, help="wsl: override the grid's recipes (demo_cpu, small_cpu)"
+    )
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=None,
+        choices=["MAE", "WSL", "random init"],
+        help="wsl, scaling: run only these models (default all; e.g. WSL in a second process beside MAE)",
+    )
     parser.add_argument("--encoders", nargs="+", default=None, choices=list(ENCODERS), help="scaling: encoder sizes")
     parser.add_argument("--plates", type=int, nargs="+", default=None, help="scaling: training plate counts")
     parser.add_argument("--max-steps", type=int, default=None, help="override every run's steps (tests, smoke runs)")
@@ -564,8 +707,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--screen-overrides", default="{}", help="JSON of SyntheticScreenConfig fields (tests)")
     parser.add_argument("--tvn-components", type=int, default=TVN_COMPONENTS, help="TVN: at most this many components")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on a CPU (default 1: a shared machine)")
-    parser.add_argument("--figures", type=Path, default=Path(__file__).resolve().parents[1] / "docs",
-                        help="where claim_<claim>.png goes (default docs/)")
+    parser.add_argument(
+        "--figures",
+        type=Path,
+        default=Path(__file__).resolve().parents[1] / "docs",
+        help="where claim_<claim>.png goes (default docs/)",
+    )
     args = parser.parse_args(argv)
     if args.device == "cpu":
         import torch
@@ -595,9 +742,13 @@ def _machine() -> dict:
 
     import torch
 
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "load_1min": os.getloadavg()[0],
-            "torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "load_1min": os.getloadavg()[0],
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
 
 
 if __name__ == "__main__":

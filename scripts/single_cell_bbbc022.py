@@ -14,8 +14,8 @@ import argparse
 import numpy as np
 from tqdm.auto import tqdm
 
-from hf_cellmae.data.layouts import discover_fields
 from hf_cellmae.data.image_io import read_field
+from hf_cellmae.data.layouts import discover_fields
 from hf_cellmae.evaluation.cellprofiler import segment_field
 from hf_cellmae.evaluation.single_cell import cells_of_labels, plot_cell_crops
 
@@ -45,9 +45,17 @@ def main() -> None:
     areas = np.array([c["area"] for c in found])
     typical = [c for c in found if np.percentile(areas, 25) <= c["area"] <= np.percentile(areas, 75)]
     chosen = typical[:: max(1, len(typical) // args.num_cells)][: args.num_cells]
-    plot_cell_crops(pixels, cells, chosen, args.image_size, args.patch_size, args.figure, channels=(1, 3, 0),
-                    dilation=args.mask_dilation,
-                    title=f"BBBC022 {record.field_id}: ER / AGP / DNA; white: cell mask, yellow: patch tokens kept")
+    plot_cell_crops(
+        pixels,
+        cells,
+        chosen,
+        args.image_size,
+        args.patch_size,
+        args.figure,
+        channels=(1, 3, 0),
+        dilation=args.mask_dilation,
+        title=f"BBBC022 {record.field_id}: ER / AGP / DNA; white: cell mask, yellow: patch tokens kept",
+    )
     print(f"wrote {args.figure}")
 
 

@@ -23,7 +23,9 @@ class Stop(Exception):
     pass
 
 
-def test_without_reference_the_restatement_is_used_with_a_warning_that_it_overstates_the_speed(script, monkeypatch, capsys):
+def test_without_reference_the_restatement_is_used_with_a_warning_that_it_overstates_the_speed(
+    script, monkeypatch, capsys
+):
     from tests.helpers import openphenom_reference
 
     def stop(*args, **kwargs):  # the benchmark's first real work: stop there
@@ -35,8 +37,14 @@ def test_without_reference_the_restatement_is_used_with_a_warning_that_it_overst
         script.main()
     out = capsys.readouterr().out
     assert out.startswith("WARNING: no --reference given")
-    for words in ("unfused", "overstates", "fused scaled_dot_product_attention", "--reference PATH",
-                  "github.com/recursionpharma/maes_microscopy", "pip install timm"):
+    for words in (
+        "unfused",
+        "overstates",
+        "fused scaled_dot_product_attention",
+        "--reference PATH",
+        "github.com/recursionpharma/maes_microscopy",
+        "pip install timm",
+    ):
         assert words in out, words
     assert isinstance(script.openphenom_reference(None, {}), script.RestatedOpenPhenom)
 
@@ -44,13 +52,19 @@ def test_without_reference_the_restatement_is_used_with_a_warning_that_it_overst
 @pytest.mark.slow
 def test_reference_that_is_not_a_maes_microscopy_checkout_fails_in_one_line(tmp_path):
     (tmp_path / "vit.py").write_text("")  # a folder, but not the code
-    result = subprocess.run([sys.executable, str(SCRIPT), "--openphenom", "--reference", str(tmp_path)],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--openphenom", "--reference", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 1
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith(f"--reference {tmp_path}: not a checkout of https://github.com/recursionpharma/maes_microscopy")
+    assert lines[0].startswith(
+        f"--reference {tmp_path}: not a checkout of https://github.com/recursionpharma/maes_microscopy"
+    )
 
 
 @pytest.mark.parametrize("inner", ["", "maes_microscopy"])

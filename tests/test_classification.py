@@ -84,8 +84,9 @@ def test_loading_a_pretraining_folder_drops_the_decoder_and_initialises_only_the
     handler.emit = lambda record: messages.append(record.getMessage())
     logging.getLogger("transformers").addHandler(handler)  # transformers' loggers do not propagate to the root
     try:
-        model, info = head.from_pretrained(tmp_path, num_labels=3, classifier_pooling=pooling, output_loading_info=True,
-                                           **LABELS)
+        model, info = head.from_pretrained(
+            tmp_path, num_labels=3, classifier_pooling=pooling, output_loading_info=True, **LABELS
+        )
     finally:
         logging.getLogger("transformers").removeHandler(handler)
     head_keys = {"classifier.weight", "classifier.bias"}

@@ -13,7 +13,9 @@ import pytest
 def run_python(code: str, cwd=None) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh interpreter that imports this checkout's hf_cellmae."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env, cwd=cwd
+    )
 
 
 @pytest.mark.slow
@@ -93,11 +95,17 @@ def test_options_accept_the_underscore_spelling_accelerate_users_type():
     from hf_cellmae.cli import build_parser
     from hf_cellmae.training.arguments import parse_pretraining_arguments
 
-    args = build_parser().parse_args(["evaluate", "emb", "--batch_col", "Metadata_plate", "--perturbation-col", "Metadata_gene"])
+    args = build_parser().parse_args(
+        ["evaluate", "emb", "--batch_col", "Metadata_plate", "--perturbation-col", "Metadata_gene"]
+    )
     assert args.batch_col == "Metadata_plate" and args.perturbation_col == "Metadata_gene"
     assert build_parser().parse_args(["evaluate", "emb", "--batch", "P"]).batch_col == "P"  # abbreviations still work
-    dashed = parse_pretraining_arguments(["--data", "shards", "--output-dir", "run", "--max-steps", "3", "--no-augment"])
-    underscored = parse_pretraining_arguments(["--data", "shards", "--output_dir", "run", "--max_steps", "3", "--no_augment"])
+    dashed = parse_pretraining_arguments(
+        ["--data", "shards", "--output-dir", "run", "--max-steps", "3", "--no-augment"]
+    )
+    underscored = parse_pretraining_arguments(
+        ["--data", "shards", "--output_dir", "run", "--max_steps", "3", "--no_augment"]
+    )
     assert dashed == underscored
     assert (dashed.output_dir, dashed.max_steps, dashed.augment) == ("run", 3, False)
 
@@ -105,9 +113,27 @@ def test_options_accept_the_underscore_spelling_accelerate_users_type():
 def test_cellmae_embed_reads_the_folder_cellmae_synthetic_wrote(tmp_path, capsys):
     from hf_cellmae.cli import main
 
-    assert main(["synthetic", str(tmp_path / "plate"), "--plates", "1", "--field-size", "64", "--sites", "1",
-                 "--quiet", "--num-workers", "1"]) == 0
-    code = main(["embed", "pixel_stats", str(tmp_path / "plate"), str(tmp_path / "emb"), "--no-progress", "--on-error", "fail"])
+    assert (
+        main(
+            [
+                "synthetic",
+                str(tmp_path / "plate"),
+                "--plates",
+                "1",
+                "--field-size",
+                "64",
+                "--sites",
+                "1",
+                "--quiet",
+                "--num-workers",
+                "1",
+            ]
+        )
+        == 0
+    )
+    code = main(
+        ["embed", "pixel_stats", str(tmp_path / "plate"), str(tmp_path / "emb"), "--no-progress", "--on-error", "fail"]
+    )
     assert code == 0, capsys.readouterr().err
     assert "embed: 60 fields" in capsys.readouterr().out
 
@@ -154,7 +180,9 @@ def test_an_error_in_a_dataloader_worker_is_one_line_with_its_cause_and_fix():
     assert "Traceback" in str(caught.value)  # torch's wrapped message: the worker's whole traceback
     line = one_line(caught.value)
     assert "\n" not in line and "Traceback" not in line and 'File "' not in line
-    assert line.startswith("in DataLoader worker process 0: shard-00000.parquet field P1/A01/1: pixels fail their CRC-32 check; re-shard it")
+    assert line.startswith(
+        "in DataLoader worker process 0: shard-00000.parquet field P1/A01/1: pixels fail their CRC-32 check; re-shard it"
+    )
     assert "--dataloader-num-workers 0" in line
 
 
@@ -167,7 +195,9 @@ def test_cellmae_synthetic_takes_its_defaults_from_the_screen_dataclass():
 
     args = vars(build_parser().parse_args(["synthetic", "plate"]))
     defaults = asdict(SyntheticScreenConfig())
-    assert {name: args[name] for name, _ in SYNTHETIC_OPTIONS.values()} == {name: defaults[name] for name, _ in SYNTHETIC_OPTIONS.values()}
+    assert {name: args[name] for name, _ in SYNTHETIC_OPTIONS.values()} == {
+        name: defaults[name] for name, _ in SYNTHETIC_OPTIONS.values()
+    }
 
 
 def test_shard_embed_and_evaluate_options_and_their_defaults_come_from_one_dataclass_each():
@@ -182,9 +212,11 @@ def test_shard_embed_and_evaluate_options_and_their_defaults_come_from_one_datac
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
     hand_written = {"evaluate": {"baseline"}}  # --baseline NAME TABLE (repeatable) is not a dataclass field
-    for command, positionals, options_class in (("shard", ["in", "out"], ShardOptions),
-                                                ("embed", ["model", "data", "out"], EmbedOptions),
-                                                ("evaluate", ["table"], EvaluateOptions)):
+    for command, positionals, options_class in (
+        ("shard", ["in", "out"], ShardOptions),
+        ("embed", ["model", "data", "out"], EmbedOptions),
+        ("evaluate", ["table"], EvaluateOptions),
+    ):
         fields = {field.name: field for field in dataclasses.fields(options_class)}
         options = {a.dest: a for a in commands[command]._actions if a.option_strings and a.dest != "help"}
         assert set(options) == set(fields) | hand_written.get(command, set()), command
@@ -203,14 +235,20 @@ def test_the_featurisers_and_write_shards_default_to_the_options_dataclasses():
     from hf_cellmae.evaluation.options import EmbedOptions
 
     def defaults(function) -> dict:
-        return {name: p.default for name, p in inspect.signature(function).parameters.items() if p.default is not p.empty}
+        return {
+            name: p.default for name, p in inspect.signature(function).parameters.items() if p.default is not p.empty
+        }
 
     for function, options, renamed in (
         (write_shards, ShardOptions(), {"target_shard_size": "shard_size"}),
         (ModelFeaturizer, EmbedOptions(), {}),
         (CellProfilerFeaturizer, EmbedOptions(), {"num_workers": "measure_workers"}),
     ):
-        shared = {param: renamed.get(param, param) for param in defaults(function) if hasattr(options, renamed.get(param, param))}
+        shared = {
+            param: renamed.get(param, param)
+            for param in defaults(function)
+            if hasattr(options, renamed.get(param, param))
+        }
         assert len(shared) >= 5, function.__name__
         for param, name in shared.items():
             expected = getattr(options, name)
@@ -230,15 +268,26 @@ def test_shard_folder_embed_dataset_and_evaluate_embeddings_take_the_options_who
     from hf_cellmae.evaluation.report import evaluate_embeddings
     from hf_cellmae.options import replace_options
 
-    for function, options_class in ((shard_folder, ShardOptions), (embed_dataset, EmbedOptions),
-                                    (evaluate_embeddings, EvaluateOptions)):
+    for function, options_class in (
+        (shard_folder, ShardOptions),
+        (embed_dataset, EmbedOptions),
+        (evaluate_embeddings, EvaluateOptions),
+    ):
         parameter = inspect.signature(function).parameters["options"]
         assert parameter.default is None and options_class.__name__ in str(parameter.annotation), function.__name__
     # the keywords Python callers have always passed set the options of the same meaning
-    shard = replace_options(ShardOptions(), {"channel_names": "w1=DNA", "target_shard_size": "4MB", "shuffle": False,
-                                             "progress": False, "num_workers": 1}, _SHARD_SETTINGS)
-    assert (shard.channels, shard.shard_size, shard.no_shuffle, shard.quiet, shard.num_workers) == \
-        ("w1=DNA", "4MB", True, True, 1)
+    shard = replace_options(
+        ShardOptions(),
+        {"channel_names": "w1=DNA", "target_shard_size": "4MB", "shuffle": False, "progress": False, "num_workers": 1},
+        _SHARD_SETTINGS,
+    )
+    assert (shard.channels, shard.shard_size, shard.no_shuffle, shard.quiet, shard.num_workers) == (
+        "w1=DNA",
+        "4MB",
+        True,
+        True,
+        1,
+    )
     assert embed_options(progress=False, channels="w1=DNA").no_progress is True
     assert evaluate_options(progress=False).no_progress is True
     given = EmbedOptions(fields_per_batch=2)
@@ -257,16 +306,19 @@ def test_the_demos_help_and_the_readme_state_the_same_measured_time(capsys):
         main(["demo", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     readme = " ".join(open(os.path.join(os.path.dirname(__file__), os.pardir, "README.md")).read().split())
-    for measured in ("an estimated 9 minutes on 2 idle CPU cores", "not yet timed idle",  # issue 25's 1,600 steps
-                     "400-step demo before it took 493 s"):
+    for measured in (
+        "an estimated 9 minutes on 2 idle CPU cores",
+        "not yet timed idle",  # issue 25's 1,600 steps
+        "400-step demo before it took 493 s",
+    ):
         assert measured in help_text and measured in readme, measured
     assert "few minutes" not in help_text
 
 
 def test_an_error_after_a_progress_bar_starts_on_a_line_of_its_own(tmp_path, capsys):
-    from tests.helpers.data_fixtures import flip_pixel_byte, make_rxrx_plate
     from hf_cellmae.cli import main
     from hf_cellmae.data.shards import shard_folder
+    from tests.helpers.data_fixtures import flip_pixel_byte, make_rxrx_plate
 
     make_rxrx_plate(tmp_path / "images", plates=1, wells=("A01", "A02"), sites=2)
     shard_folder(tmp_path / "images", tmp_path / "shards", num_workers=1, progress=False, shuffle=False)
@@ -286,16 +338,20 @@ def test_a_warning_during_a_progress_bar_gets_a_line_of_its_own(tmp_path):
 
     from hf_cellmae import CellMAEConfig, CellMAEForPreTraining
 
-    CellMAEForPreTraining(CellMAEConfig.from_preset("tiny", hidden_size=32, decoder_hidden_size=32)).save_pretrained(tmp_path / "model")
+    CellMAEForPreTraining(CellMAEConfig.from_preset("tiny", hidden_size=32, decoder_hidden_size=32)).save_pretrained(
+        tmp_path / "model"
+    )
     images = tmp_path / "images"
     images.mkdir()
     for well in ("A01", "A02", "A03"):
         for channel in (1, 2):
-            tifffile.imwrite(images / f"plate1_{well}_site1_Ch{channel}.tif", np.full((64, 64), 100 * channel, np.uint16))
+            tifffile.imwrite(
+                images / f"plate1_{well}_site1_Ch{channel}.tif", np.full((64, 64), 100 * channel, np.uint16)
+            )
     result = run_python(f"""
         import sys
         from hf_cellmae.cli import main
-        sys.exit(main(["embed", {str(tmp_path / 'model')!r}, {str(images)!r}, {str(tmp_path / 'emb')!r}, "--fields-per-batch", "1"]))
+        sys.exit(main(["embed", {str(tmp_path / "model")!r}, {str(images)!r}, {str(tmp_path / "emb")!r}, "--fields-per-batch", "1"]))
     """)
     assert result.returncode == 0, result.stderr
     warning = next(line for line in result.stderr.split("\n") if "matched by position" in line)
@@ -314,7 +370,9 @@ def test_a_model_folder_with_only_a_crafted_pickle_is_refused_in_one_line_withou
         def __reduce__(self):
             return (open, (str(marker), "w"))
 
-    model = CellMAEModel(CellMAEConfig.from_preset("tiny", image_size=32, hidden_size=32, num_hidden_layers=1, num_attention_heads=2))
+    model = CellMAEModel(
+        CellMAEConfig.from_preset("tiny", image_size=32, hidden_size=32, num_hidden_layers=1, num_attention_heads=2)
+    )
     model.config.save_pretrained(tmp_path / "model")
     torch.save({"payload": CreatesMarker(), **model.state_dict()}, tmp_path / "model" / "pytorch_model.bin")
     (tmp_path / "images").mkdir()

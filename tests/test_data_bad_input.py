@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from tests.helpers.data_fixtures import make_rxrx_plate, write_png
 from hf_cellmae.cli import main
 from hf_cellmae.data.problems import BadInputError
-from hf_cellmae.errors import UserError
 from hf_cellmae.data.shards import shard_folder
+from hf_cellmae.errors import UserError
+from tests.helpers.data_fixtures import make_rxrx_plate, write_png
 
 
 @pytest.fixture
@@ -22,7 +22,15 @@ def plate(tmp_path):
 
 def _shard(tmp_path, on_error, **options):
     options.setdefault("max_skipped_share", 0.5)  # these tests break one of four fields on purpose
-    return shard_folder(tmp_path / "images", tmp_path / "shards", layout="rxrx", on_error=on_error, num_workers=1, progress=False, **options)
+    return shard_folder(
+        tmp_path / "images",
+        tmp_path / "shards",
+        layout="rxrx",
+        on_error=on_error,
+        num_workers=1,
+        progress=False,
+        **options,
+    )
 
 
 def _skipped(manifest, stage):
@@ -31,7 +39,9 @@ def _skipped(manifest, stage):
 
 def test_stray_file_is_counted_as_skip(plate):
     tmp_path, fields = plate
-    (tmp_path / "images" / "exp" / "Plate1" / "archive.zip").write_text("not an image")  # a note (.txt) would be a sidecar
+    (tmp_path / "images" / "exp" / "Plate1" / "archive.zip").write_text(
+        "not an image"
+    )  # a note (.txt) would be a sidecar
     manifest = _shard(tmp_path, "skip")
     assert manifest["num_fields"] == len(fields)
     (problem,) = manifest["skipped"]
@@ -59,7 +69,6 @@ def test_truncated_image_skips_its_field_and_names_the_file(plate):
     assert problem["field"] == "exp/Plate1/A02/s1" and "A02_s1_w2.png" in problem["reason"]
 
 
-
 def test_a_repaired_image_is_read_again_on_a_re_run_and_its_skip_goes_away(plate):
     tmp_path, fields = plate
     broken = tmp_path / "images" / "exp" / "Plate1" / "A02_s1_w2.png"
@@ -76,6 +85,7 @@ def test_a_re_run_with_unchanged_inputs_reuses_every_shard(plate):
     first = _shard(tmp_path, "skip")
     again = _shard(tmp_path, "skip")
     assert again["shards_reused"] == first["num_shards"] and again["shards"] == first["shards"]
+
 
 def test_truncated_image_fails_under_fail_policy(plate):
     tmp_path, _ = plate
@@ -160,7 +170,9 @@ def test_unknown_on_error_policy_is_rejected(plate):
 def test_skipping_more_than_five_percent_of_fields_fails_with_the_reasons_tallied(plate):
     tmp_path, _ = plate
     _truncate(tmp_path / "images" / "exp" / "Plate1" / "A02_s1_w2.png")
-    with pytest.raises(UserError, match=r"skipped 1 of 4 fields \(25%\).*max_skipped_share=0.05.*1 x cannot read image") as error:
+    with pytest.raises(
+        UserError, match=r"skipped 1 of 4 fields \(25%\).*max_skipped_share=0.05.*1 x cannot read image"
+    ) as error:
         shard_folder(tmp_path / "images", tmp_path / "shards", layout="rxrx", num_workers=1, progress=False)
     assert "--max-skipped-share" in str(error.value) and "\n" not in str(error.value)
     manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
@@ -200,7 +212,16 @@ def test_max_skipped_share_outside_zero_to_one_is_rejected(plate):
 def test_shard_command_exits_non_zero_when_too_many_fields_are_skipped(plate, capsys):
     tmp_path, _ = plate
     _truncate(tmp_path / "images" / "exp" / "Plate1" / "A02_s1_w2.png")
-    command = ["shard", str(tmp_path / "images"), str(tmp_path / "shards"), "--layout", "rxrx", "--num-workers", "1", "--quiet"]
+    command = [
+        "shard",
+        str(tmp_path / "images"),
+        str(tmp_path / "shards"),
+        "--layout",
+        "rxrx",
+        "--num-workers",
+        "1",
+        "--quiet",
+    ]
     assert main(command) != 0
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "1 of 4 fields" in line and "--max-skipped-share" in line
@@ -221,7 +242,15 @@ def float_stacks(tmp_path):
 
 
 def _shard_stacks(tmp_path, on_error="skip", **options):
-    return shard_folder(tmp_path / "stacks", tmp_path / "shards", layout="stack", on_error=on_error, num_workers=1, progress=False, **options)
+    return shard_folder(
+        tmp_path / "stacks",
+        tmp_path / "shards",
+        layout="stack",
+        on_error=on_error,
+        num_workers=1,
+        progress=False,
+        **options,
+    )
 
 
 def test_non_finite_pixels_skip_their_field_and_name_field_and_file(float_stacks):
@@ -258,7 +287,11 @@ def test_fields_smaller_than_min_field_size_are_skipped_with_their_size(plate):
     assert manifest["num_fields"] == len(fields) - 1
     (problem,) = _skipped(manifest, "read")
     assert problem["field"] == "exp/Plate1/A01/s2" and problem["file"].endswith("A01_s2_w1.png")
-    assert "16x16" in problem["reason"] and "min_field_size=32" in problem["reason"] and "--min-field-size" in problem["reason"]
+    assert (
+        "16x16" in problem["reason"]
+        and "min_field_size=32" in problem["reason"]
+        and "--min-field-size" in problem["reason"]
+    )
 
 
 def test_small_fields_fail_under_fail_policy(plate):
@@ -284,7 +317,16 @@ def test_min_field_size_below_one_pixel_is_rejected(plate):
 def test_shard_command_takes_min_field_size(plate):
     tmp_path, fields = plate
     _shrink_site(tmp_path)
-    command = ["shard", str(tmp_path / "images"), str(tmp_path / "shards"), "--layout", "rxrx", "--num-workers", "1", "--quiet"]
+    command = [
+        "shard",
+        str(tmp_path / "images"),
+        str(tmp_path / "shards"),
+        "--layout",
+        "rxrx",
+        "--num-workers",
+        "1",
+        "--quiet",
+    ]
     assert main(command + ["--min-field-size", "16"]) == 0
     assert json.loads((tmp_path / "shards" / "manifest.json").read_text())["num_fields"] == len(fields)
 
@@ -316,13 +358,24 @@ def test_shard_and_embed_into_an_unwritable_folder_fail_in_one_line_before_readi
     from hf_cellmae.cli import main
     from hf_cellmae.data.synthetic import make_synthetic_screen
 
-    plate = make_synthetic_screen(tmp_path / "plate", num_plates=1, field_size=32, num_pathways=1,
-                                  complexes_per_pathway=1, genes_per_complex=2, control_wells_per_plate=1,
-                                  sites_per_well=1, num_workers=1, progress=False)
+    plate = make_synthetic_screen(
+        tmp_path / "plate",
+        num_plates=1,
+        field_size=32,
+        num_pathways=1,
+        complexes_per_pathway=1,
+        genes_per_complex=2,
+        control_wells_per_plate=1,
+        sites_per_well=1,
+        num_workers=1,
+        progress=False,
+    )
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")  # unwritable for every user, root included (a read-only mount behaves alike)
-    for argv in (["shard", str(plate["images"]), str(blocker / "shards")],
-                 ["embed", "pixel_stats", str(plate["images"]), str(blocker / "emb"), "--no-progress"]):
+    for argv in (
+        ["shard", str(plate["images"]), str(blocker / "shards")],
+        ["embed", "pixel_stats", str(plate["images"]), str(blocker / "emb"), "--no-progress"],
+    ):
         code = main(argv)
         error = capsys.readouterr().err.strip()
         assert code != 0 and len(error.splitlines()) == 1 and "cannot write" in error, (argv, error)

@@ -8,9 +8,9 @@ import json
 import pandas as pd
 import pytest
 
-from tests.helpers.data_fixtures import make_rxrx_plate, shared_folder
 from hf_cellmae.data.shards import shard_folder
 from hf_cellmae.errors import UserError
+from tests.helpers.data_fixtures import make_rxrx_plate, shared_folder
 
 JUMP_STAINS = ["AGP", "DNA", "ER", "Mito", "RNA"]  # w1..w5, as the folder's metadata.csv says
 README_ORDER = "DNA,ER,RNA,AGP,Mito"  # RxRx's order, which the README once gave for every plate
@@ -26,8 +26,16 @@ def _per_file_table(path, fields: dict, stains: list[str]) -> None:
     for field_id in sorted(fields):
         experiment, plate, well, site = field_id.split("/")
         for channel, stain in enumerate(stains, start=1):
-            rows.append({"file": f"{experiment}/{plate}/{well}_{site}_w{channel}.png", "plate": plate, "well": well,
-                         "site": site[1:], "channel": channel, "compartment": stain})
+            rows.append(
+                {
+                    "file": f"{experiment}/{plate}/{well}_{site}_w{channel}.png",
+                    "plate": plate,
+                    "well": well,
+                    "site": site[1:],
+                    "channel": channel,
+                    "compartment": stain,
+                }
+            )
     pd.DataFrame(rows).to_csv(path, index=False)
 
 
@@ -64,8 +72,20 @@ def test_cli_shard_refuses_the_contradicting_order_without_a_traceback(tmp_path,
     from hf_cellmae.cli import main
 
     source = shared_folder("cellpainting_jump_rab30")
-    code = main(["shard", str(source), str(tmp_path / "shards"), "--metadata", str(source / "metadata.csv"),
-                 "--channels", README_ORDER, "--quiet", "--num-workers", "1"])
+    code = main(
+        [
+            "shard",
+            str(source),
+            str(tmp_path / "shards"),
+            "--metadata",
+            str(source / "metadata.csv"),
+            "--channels",
+            README_ORDER,
+            "--quiet",
+            "--num-workers",
+            "1",
+        ]
+    )
     err = capsys.readouterr().err
     assert code != 0 and "Traceback" not in err
     assert "w1=DNA" in err and "w1=AGP" in err
@@ -75,8 +95,18 @@ def test_cli_shard_takes_token_equals_name_in_any_order(tmp_path, capsys):
     from hf_cellmae.cli import main
 
     source = shared_folder("cellpainting_jump_rab30")
-    code = main(["shard", str(source), str(tmp_path / "shards"), "--channels", "w5=RNA,w1=AGP,w2=DNA,w4=Mito,w3=ER",
-                 "--quiet", "--num-workers", "1"])
+    code = main(
+        [
+            "shard",
+            str(source),
+            str(tmp_path / "shards"),
+            "--channels",
+            "w5=RNA,w1=AGP,w2=DNA,w4=Mito,w3=ER",
+            "--quiet",
+            "--num-workers",
+            "1",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
     assert manifest["channels"] == JUMP_STAINS and manifest["channels_named_by"] == "--channels TOKEN=NAME"
@@ -103,16 +133,21 @@ def test_positional_names_are_used_when_the_data_names_no_channel(tmp_path):
 
 def test_explicit_mapping_overrides_the_table_to_rename(plate, tmp_path):
     images, metadata = plate
-    manifest = _shard(images, tmp_path / "shards", metadata=metadata, channel_names="w1=MitoTracker,w2=Hoechst,w3=ConA")
+    manifest = _shard(
+        images, tmp_path / "shards", metadata=metadata, channel_names="w1=MitoTracker,w2=Hoechst,w3=ConA"
+    )
     assert manifest["channels"] == ["MitoTracker", "Hoechst", "ConA"]
 
 
-@pytest.mark.parametrize("channels, words", [
-    ("w1=DNA,w2=ER,w9=RNA", ["'w9'", "w1, w2, w3"]),
-    ("w1=DNA,w2=ER", ["w3", "every one of w1, w2, w3"]),
-    ("w1=DNA,ER,RNA", ["mixes TOKEN=NAME and plain names"]),
-    ("DNA,ER", ["2 channel names", "3 channels"]),
-])
+@pytest.mark.parametrize(
+    "channels, words",
+    [
+        ("w1=DNA,w2=ER,w9=RNA", ["'w9'", "w1, w2, w3"]),
+        ("w1=DNA,w2=ER", ["w3", "every one of w1, w2, w3"]),
+        ("w1=DNA,ER,RNA", ["mixes TOKEN=NAME and plain names"]),
+        ("DNA,ER", ["2 channel names", "3 channels"]),
+    ],
+)
 def test_malformed_channels_option_is_refused_naming_the_value_and_the_fix(tmp_path, channels, words):
     make_rxrx_plate(tmp_path / "images", plates=1, wells=("A01",), sites=1)
     with pytest.raises(UserError) as refused:
@@ -159,16 +194,26 @@ def test_explicit_mapping_is_used_even_when_the_table_names_a_token_two_ways(pla
 def test_channel_column_of_tokens_links_a_table_without_file_names(tmp_path):
     fields = make_rxrx_plate(tmp_path / "images", plates=1, wells=("A01",), sites=1)
     experiment, plate, well, site = sorted(fields)[0].split("/")
-    pd.DataFrame({"plate": plate, "well": well, "site": 1, "channel": ["w1", "w2", "w3"],
-                  "channel_name": ["ER", "RNA", "DNA"]}).to_csv(tmp_path / "channels.csv", index=False)
-    assert _shard(tmp_path / "images", tmp_path / "shards", metadata=tmp_path / "channels.csv")["channels"] == ["ER", "RNA", "DNA"]
+    pd.DataFrame(
+        {"plate": plate, "well": well, "site": 1, "channel": ["w1", "w2", "w3"], "channel_name": ["ER", "RNA", "DNA"]}
+    ).to_csv(tmp_path / "channels.csv", index=False)
+    assert _shard(tmp_path / "images", tmp_path / "shards", metadata=tmp_path / "channels.csv")["channels"] == [
+        "ER",
+        "RNA",
+        "DNA",
+    ]
 
 
 def test_explicit_mapping_that_swaps_the_tables_stains_is_refused_with_both_mappings(tmp_path):
     """The RxRx map on JUMP (issue 24): every name is one the table uses, for another file channel."""
     source = shared_folder("cellpainting_jump_rab30")
     with pytest.raises(UserError) as refused:
-        _shard(source, tmp_path / "shards", metadata=source / "metadata.csv", channel_names="w1=DNA,w2=ER,w3=RNA,w4=AGP,w5=Mito")
+        _shard(
+            source,
+            tmp_path / "shards",
+            metadata=source / "metadata.csv",
+            channel_names="w1=DNA,w2=ER,w3=RNA,w4=AGP,w5=Mito",
+        )
     message = str(refused.value)
     assert "--channels gives:  w1=DNA,w2=ER,w3=RNA,w4=AGP,w5=Mito" in message
     assert "says:  w1=AGP,w2=DNA,w3=ER,w4=Mito,w5=RNA" in message
@@ -180,7 +225,10 @@ def test_metadata_table_at_the_plate_folders_root_is_used_without_metadata_optio
     source = shared_folder("cellpainting_jump_rab30")
     manifest = _shard(source, tmp_path / "shards")
     assert manifest["channels"] == JUMP_STAINS
-    assert manifest["metadata"]["source"] == str(source / "metadata.csv") and manifest["metadata"]["found_in_plate_folder"]
+    assert (
+        manifest["metadata"]["source"] == str(source / "metadata.csv")
+        and manifest["metadata"]["found_in_plate_folder"]
+    )
     assert manifest["metadata"]["fields_without_metadata"] == 0
     assert f"using the metadata table {source / 'metadata.csv'} found in the plate folder" in capsys.readouterr().err
 

@@ -6,10 +6,16 @@ import warnings
 
 import pytest
 
-from tests.helpers.data_fixtures import damage_page_header, flip_metadata_text, flip_pixel_byte, make_rxrx_plate, write_plate_metadata
 from hf_cellmae.data.problems import BadInputError
 from hf_cellmae.data.shards import shard_folder, verify_shards
 from hf_cellmae.data.streaming import CorruptFieldWarning, skipped_fields, stream_fields
+from tests.helpers.data_fixtures import (
+    damage_page_header,
+    flip_metadata_text,
+    flip_pixel_byte,
+    make_rxrx_plate,
+    write_plate_metadata,
+)
 
 SHARD_OPTIONS = dict(layout="rxrx", target_shard_size=3 * 32 * 40 * 2 * 2, num_workers=1, progress=False)
 
@@ -29,7 +35,10 @@ def _read_all(shard_dir, **options):
 def test_stream_fails_on_a_flipped_pixel_byte_naming_shard_and_field(shards):
     tmp_path, _ = shards
     field_id = flip_pixel_byte(tmp_path / "shards" / "shard-00000.parquet")
-    with pytest.raises(BadInputError, match=f"field {field_id} in shard .*shard-00000.parquet fails its CRC-32 check.*re-run the same `cellmae shard`"):
+    with pytest.raises(
+        BadInputError,
+        match=f"field {field_id} in shard .*shard-00000.parquet fails its CRC-32 check.*re-run the same `cellmae shard`",
+    ):
         _read_all(tmp_path / "shards")
 
 
@@ -40,14 +49,18 @@ def test_stream_skips_counts_and_warns_about_a_corrupt_field_under_skip(shards):
         warnings.simplefilter("always")
         samples = _read_all(tmp_path / "shards", on_error="skip")
     assert sorted(s["field_id"] for s in samples) == sorted(set(fields) - {field_id})
-    assert [str(w.message) for w in caught if issubclass(w.category, CorruptFieldWarning)] and field_id in str(caught[0].message)
+    assert [str(w.message) for w in caught if issubclass(w.category, CorruptFieldWarning)] and field_id in str(
+        caught[0].message
+    )
     assert any(skip["field"] == field_id and skip["file"].endswith("shard-00000.parquet") for skip in skipped_fields())
 
 
 def test_stream_names_the_shard_and_the_repair_when_parquet_structure_is_damaged(shards):
     tmp_path, _ = shards
     damage_page_header(tmp_path / "shards" / "shard-00001.parquet")
-    with pytest.raises(BadInputError, match=r"cannot read shard .*shard-00001.parquet .*re-run the same `cellmae shard`.*--verify"):
+    with pytest.raises(
+        BadInputError, match=r"cannot read shard .*shard-00001.parquet .*re-run the same `cellmae shard`.*--verify"
+    ):
         _read_all(tmp_path / "shards")
 
 
@@ -121,7 +134,10 @@ def _flip_first_metadata(shard_path) -> str:
 def test_stream_fails_on_a_changed_metadata_byte_naming_shard_and_field(shards_with_metadata):
     tmp_path, _ = shards_with_metadata
     field_id = _flip_first_metadata(tmp_path / "shards" / "shard-00000.parquet")
-    with pytest.raises(BadInputError, match=f"field {field_id} in shard .*shard-00000.parquet fails its row checksum.*re-run the same `cellmae shard`"):
+    with pytest.raises(
+        BadInputError,
+        match=f"field {field_id} in shard .*shard-00000.parquet fails its row checksum.*re-run the same `cellmae shard`",
+    ):
         _read_all(tmp_path / "shards")
 
 
@@ -139,7 +155,9 @@ def test_verify_lists_a_field_whose_metadata_changed(shards_with_metadata):
     tmp_path, _ = shards_with_metadata
     field_id = _flip_first_metadata(tmp_path / "shards" / "shard-00000.parquet")
     found = verify_shards(tmp_path / "shards", progress=False)
-    assert [(p.field, p.reason) for p in found if p.field] == [(field_id, "row checksum mismatch (metadata or identity columns changed)")]
+    assert [(p.field, p.reason) for p in found if p.field] == [
+        (field_id, "row checksum mismatch (metadata or identity columns changed)")
+    ]
 
 
 @pytest.mark.parametrize("on_error", ["fail", "skip"])
@@ -150,8 +168,12 @@ def test_embed_from_shards_checks_each_rows_metadata(shards_with_metadata, on_er
     field_id = _flip_first_metadata(tmp_path / "shards" / "shard-00000.parquet")
     if on_error == "fail":
         with pytest.raises(BadInputError, match=f"field {field_id} in shard .*fails its row checksum"):
-            embed_dataset(tmp_path / "shards", tmp_path / "emb", PixelStatsFeaturizer(), progress=False, on_error=on_error)
+            embed_dataset(
+                tmp_path / "shards", tmp_path / "emb", PixelStatsFeaturizer(), progress=False, on_error=on_error
+            )
         return
-    info = embed_dataset(tmp_path / "shards", tmp_path / "emb", PixelStatsFeaturizer(), progress=False, on_error=on_error)
+    info = embed_dataset(
+        tmp_path / "shards", tmp_path / "emb", PixelStatsFeaturizer(), progress=False, on_error=on_error
+    )
     assert info["num_rows"] == len(fields) - 1
     assert [skip["field"] for skips in info["skipped"].values() for skip in skips] == [field_id]

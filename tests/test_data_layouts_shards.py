@@ -8,15 +8,18 @@ import numpy as np
 import pytest
 import tifffile
 
-from tests.helpers.data_fixtures import make_rxrx_plate
 from hf_cellmae.data.layouts import discover_fields, discover_load_data, discover_pattern
 from hf_cellmae.data.problems import ProblemLog
 from hf_cellmae.data.shards import shard_folder, verify_shards
 from hf_cellmae.data.streaming import stream_fields
+from tests.helpers.data_fixtures import make_rxrx_plate
 
 
 def _whole_fields(shard_dir):
-    return {s["field_id"]: s for s in stream_fields(str(shard_dir), image_size=None, augment=False, standardize=False, shuffle=False)}
+    return {
+        s["field_id"]: s
+        for s in stream_fields(str(shard_dir), image_size=None, augment=False, standardize=False, shuffle=False)
+    }
 
 
 def test_load_data_csv_reads_channels_and_metadata(tmp_path):
@@ -59,7 +62,9 @@ def test_phenix_names_give_wells_from_row_and_column(tmp_path):
 def test_custom_pattern_with_named_groups(tmp_path):
     for channel in ("DAPI", "GFP"):
         tifffile.imwrite(tmp_path / f"scr1__H7__f4__{channel}.tif", np.zeros((8, 8), np.uint8))
-    (record,) = discover_fields(tmp_path, layout="pattern", pattern=r"(?P<plate>\w+?)__(?P<well>\w+)__f(?P<site>\d+)__(?P<channel>\w+)\.tif")
+    (record,) = discover_fields(
+        tmp_path, layout="pattern", pattern=r"(?P<plate>\w+?)__(?P<well>\w+)__f(?P<site>\d+)__(?P<channel>\w+)\.tif"
+    )
     assert (record.plate, record.well, record.site, record.channels) == ("scr1", "H07", "4", ["DAPI", "GFP"])
 
 
@@ -71,7 +76,9 @@ def test_undetectable_layout_is_a_clear_error(tmp_path):
 
 def test_manifest_counts_channels_dtypes_and_checksums(tmp_path):
     fields = make_rxrx_plate(tmp_path / "images", plates=2, wells=("A01", "A02"), sites=1)
-    manifest = shard_folder(tmp_path / "images", tmp_path / "shards", target_shard_size=3 * 32 * 40 * 2 * 2, num_workers=1, progress=False)
+    manifest = shard_folder(
+        tmp_path / "images", tmp_path / "shards", target_shard_size=3 * 32 * 40 * 2 * 2, num_workers=1, progress=False
+    )
     written = json.loads((tmp_path / "shards" / "manifest.json").read_text())
     assert written == manifest
     assert manifest["num_fields"] == len(fields) == sum(s["num_fields"] for s in manifest["shards"])
@@ -126,7 +133,9 @@ def _load_data_folder(root, path_name=None):
         png.rename(root / "ld" / png.name)
     columns = ",".join(f"FileName_w{c}" + (f",PathName_w{c}" if path_name is not None else "") for c in (1, 2, 3))
     values = ",".join(f"B03_s1_w{c}.png" + (f",{path_name}" if path_name is not None else "") for c in (1, 2, 3))
-    (root / "ld" / "load_data.csv").write_text(f"{columns},Metadata_Plate,Metadata_Well,Metadata_Site\n{values},P1,B03,1\n")
+    (root / "ld" / "load_data.csv").write_text(
+        f"{columns},Metadata_Plate,Metadata_Well,Metadata_Site\n{values},P1,B03,1\n"
+    )
     return fields["exp/Plate1/B03/s1"]
 
 
@@ -142,7 +151,11 @@ def test_load_data_without_path_names_resolves_files_beside_a_relative_csv(tmp_p
 def test_load_data_files_resolve_the_same_from_any_current_folder(tmp_path, monkeypatch):
     _load_data_folder(tmp_path)
     expected = [str(tmp_path / "ld" / f"B03_s1_w{c}.png") for c in (1, 2, 3)]
-    for cwd, csv in ((tmp_path, "ld/load_data.csv"), (tmp_path / "ld", "load_data.csv"), (tmp_path / "ld", tmp_path / "ld" / "load_data.csv")):
+    for cwd, csv in (
+        (tmp_path, "ld/load_data.csv"),
+        (tmp_path / "ld", "load_data.csv"),
+        (tmp_path / "ld", tmp_path / "ld" / "load_data.csv"),
+    ):
         monkeypatch.chdir(cwd)
         (record,) = discover_load_data(csv)
         assert record.files == expected, (cwd, csv)
@@ -166,7 +179,9 @@ def test_load_data_absolute_path_names_are_used_as_they_are(tmp_path, monkeypatc
 def test_symlinked_plate_folder_is_followed(tmp_path):
     fields = make_rxrx_plate(tmp_path / "elsewhere", plates=1, wells=("A01", "A02"), sites=1)
     (tmp_path / "images" / "exp").mkdir(parents=True)
-    (tmp_path / "images" / "exp" / "Plate1").symlink_to(tmp_path / "elsewhere" / "exp" / "Plate1", target_is_directory=True)
+    (tmp_path / "images" / "exp" / "Plate1").symlink_to(
+        tmp_path / "elsewhere" / "exp" / "Plate1", target_is_directory=True
+    )
     problems = ProblemLog()
     records = discover_fields(tmp_path / "images", layout="rxrx", problems=problems)
     assert sorted(r.field_id for r in records) == sorted(fields) and len(problems) == 0
@@ -186,7 +201,9 @@ def test_a_symlink_loop_is_walked_once_and_reported(tmp_path):
 def test_the_folder_cellmae_synthetic_writes_is_detected_and_read_from_its_root(tmp_path):
     from hf_cellmae.data.synthetic import make_synthetic_screen
 
-    plate = make_synthetic_screen(tmp_path / "plate", num_plates=1, field_size=64, sites_per_well=1, num_workers=1, progress=False)
+    plate = make_synthetic_screen(
+        tmp_path / "plate", num_plates=1, field_size=64, sites_per_well=1, num_workers=1, progress=False
+    )
     problems = ProblemLog(on_error="fail")  # metadata.csv and relationships/*.csv sit beside the images
     from_root = discover_fields(tmp_path / "plate", problems=problems)
     from_images = discover_fields(plate["images"])
@@ -194,7 +211,9 @@ def test_the_folder_cellmae_synthetic_writes_is_detected_and_read_from_its_root(
     assert [r.field_id for r in from_root] == [r.field_id for r in from_images]
 
 
-@pytest.mark.parametrize("sidecar", ["metadata.csv", "README", "README.md", "notes.txt", "plate_map.json", "layout.tsv"])
+@pytest.mark.parametrize(
+    "sidecar", ["metadata.csv", "README", "README.md", "notes.txt", "plate_map.json", "layout.tsv"]
+)
 def test_sidecar_tables_and_notes_beside_images_are_not_errors_under_fail(tmp_path, sidecar):
     fields = make_rxrx_plate(tmp_path / "images", plates=1, wells=("A01",), sites=1)
     (tmp_path / "images" / "exp" / "Plate1" / sidecar).write_text("plate,well\n")

@@ -10,9 +10,9 @@ import pytest
 import tifffile
 from PIL import Image
 
-from tests.helpers.data_fixtures import shared_folder
 from hf_cellmae.data.shards import shard_folder
 from hf_cellmae.data.streaming import stream_fields
+from tests.helpers.data_fixtures import shared_folder
 
 
 def _direct_read(path: str) -> np.ndarray:
@@ -36,7 +36,14 @@ def _assert_pixel_exact(sample: dict, files: list[str]) -> None:
 
 def test_bbbc022_tiff_pattern_layout_round_trips_pixel_exact(tmp_path):
     source = shared_folder("cellpainting_bbbc022")
-    manifest = shard_folder(source / "images", tmp_path, metadata=source / "metadata.csv", num_workers=1, progress=False, fields_per_row_group=3)
+    manifest = shard_folder(
+        source / "images",
+        tmp_path,
+        metadata=source / "metadata.csv",
+        num_workers=1,
+        progress=False,
+        fields_per_row_group=3,
+    )
     samples = _stream_whole_fields(tmp_path)
     assert len(samples) == 10 and manifest["dtypes"] == {"uint16": 10}
     assert manifest["channels"] == ["DNA", "ER", "RNA", "AGP", "Mito"]  # the table's compartment, not its stain column
@@ -49,8 +56,15 @@ def test_bbbc022_tiff_pattern_layout_round_trips_pixel_exact(tmp_path):
 
 def test_jump_rab30_png_rxrx_layout_round_trips_with_metadata(tmp_path):
     source = shared_folder("cellpainting_jump_rab30")
-    shard_folder(source, tmp_path, layout="rxrx", metadata=source / "metadata.csv", num_workers=1, progress=False,
-                 channel_names=["AGP", "DNA", "ER", "Mito", "RNA"])
+    shard_folder(
+        source,
+        tmp_path,
+        layout="rxrx",
+        metadata=source / "metadata.csv",
+        num_workers=1,
+        progress=False,
+        channel_names=["AGP", "DNA", "ER", "Mito", "RNA"],
+    )
     samples = _stream_whole_fields(tmp_path)
     assert sorted(samples) == ["BR00123947/G01/s1", "CP-CC9-R1-05/L07/s0"]
     for field_id, sample in samples.items():
@@ -63,9 +77,23 @@ def test_jump_rab30_png_rxrx_layout_round_trips_with_metadata(tmp_path):
 
 def test_six_channel_lzw_tiff_site_keeps_all_six_channels(tmp_path):
     source = shared_folder("cellpainting_6ch_pediatric")
-    manifest = shard_folder(source / "images", tmp_path, layout="pattern", pattern="phenix", metadata=source / "metadata.csv",
-                            num_workers=1, progress=False)
-    assert manifest["channels"] == ["Brightfield", "ER", "AGP", "Mito", "DNA", "RNA"]  # named by metadata.csv, per file
+    manifest = shard_folder(
+        source / "images",
+        tmp_path,
+        layout="pattern",
+        pattern="phenix",
+        metadata=source / "metadata.csv",
+        num_workers=1,
+        progress=False,
+    )
+    assert manifest["channels"] == [
+        "Brightfield",
+        "ER",
+        "AGP",
+        "Mito",
+        "DNA",
+        "RNA",
+    ]  # named by metadata.csv, per file
     assert manifest["channel_map"]["ch1"] == "Brightfield"
     (sample,) = _stream_whole_fields(tmp_path).values()
     _assert_pixel_exact(sample, [str(source / "images" / f"r03c03f03p01-ch{c}sk1fk1fl1.tiff") for c in range(1, 7)])

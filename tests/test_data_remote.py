@@ -16,8 +16,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from tests.helpers.data_fixtures import make_rxrx_plate, write_plate_metadata
 from hf_cellmae.cli import main
+from tests.helpers.data_fixtures import make_rxrx_plate, write_plate_metadata
 
 pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
@@ -51,7 +51,21 @@ def plate(tmp_path, s3):
 
 
 def _shard(source, out, *extra):
-    return main(["shard", str(source), str(out), "--layout", "rxrx", "--shard-size", "10KB", "--num-workers", "1", "--quiet", *extra])
+    return main(
+        [
+            "shard",
+            str(source),
+            str(out),
+            "--layout",
+            "rxrx",
+            "--shard-size",
+            "10KB",
+            "--num-workers",
+            "1",
+            "--quiet",
+            *extra,
+        ]
+    )
 
 
 def _rows(folder):
@@ -72,7 +86,10 @@ def test_a_plate_in_s3_shards_to_the_same_fields_and_manifest_as_the_plate_on_di
     tmp_path, url, fields = plate
     local = tmp_path / "screen"
     assert _shard(local / "images", tmp_path / "disk", "--metadata", str(local / "meta.csv")) == 0
-    assert _shard(f"{url}/images/", tmp_path / "s3", "--metadata", f"{url}/meta.csv", "--storage-options", json.dumps(s3)) == 0
+    assert (
+        _shard(f"{url}/images/", tmp_path / "s3", "--metadata", f"{url}/meta.csv", "--storage-options", json.dumps(s3))
+        == 0
+    )
     disk_manifest, disk_rows, disk_files = _rows(tmp_path / "disk")
     s3_manifest, s3_rows, s3_files = _rows(tmp_path / "s3")
     assert s3_rows == disk_rows  # pixels, CRC-32, ids, channels, joined metadata: row for row, shard for shard
@@ -80,10 +97,15 @@ def test_a_plate_in_s3_shards_to_the_same_fields_and_manifest_as_the_plate_on_di
     assert s3_files[0][0].startswith(f"{url}/images/exp/Plate")  # the records name the objects by URL
     # the manifests differ only where they name the source (and so in the shards' byte counts and digests)
     different = {"source", "total_bytes", "shards", "metadata"}
-    assert {k: v for k, v in s3_manifest.items() if k not in different} == {k: v for k, v in disk_manifest.items() if k not in different}
-    assert [{k: s[k] for k in ("file", "num_fields", "row_groups")} for s in s3_manifest["shards"]] == \
-           [{k: s[k] for k in ("file", "num_fields", "row_groups")} for s in disk_manifest["shards"]]
-    assert json.dumps(s3_manifest["metadata"]).replace(url, "") == json.dumps(disk_manifest["metadata"]).replace(str(local), "")
+    assert {k: v for k, v in s3_manifest.items() if k not in different} == {
+        k: v for k, v in disk_manifest.items() if k not in different
+    }
+    assert [{k: s[k] for k in ("file", "num_fields", "row_groups")} for s in s3_manifest["shards"]] == [
+        {k: s[k] for k in ("file", "num_fields", "row_groups")} for s in disk_manifest["shards"]
+    ]
+    assert json.dumps(s3_manifest["metadata"]).replace(url, "") == json.dumps(disk_manifest["metadata"]).replace(
+        str(local), ""
+    )
     assert s3_manifest["num_fields"] == len(fields) == 8 and "key" not in json.dumps(s3_manifest["options"])
 
 
@@ -104,14 +126,35 @@ def test_a_gzipped_load_data_csv_in_s3_with_url_path_names_reads_the_objects(pla
     import s3fs
 
     _, url, fields = plate
-    lines = ["FileName_DNA,PathName_DNA,FileName_ER,PathName_ER,FileName_RNA,PathName_RNA,Metadata_Plate,Metadata_Well,Metadata_Site"]
+    lines = [
+        "FileName_DNA,PathName_DNA,FileName_ER,PathName_ER,FileName_RNA,PathName_RNA,Metadata_Plate,Metadata_Well,Metadata_Site"
+    ]
     for field_id in sorted(fields):
         _, plate_name, well, site = field_id.split("/")
         folder = f"{url}/images/exp/{plate_name}"
-        lines.append(",".join(f"{well}_{site}_w{c}.png,{folder}" for c in (1, 2, 3)) + f",{plate_name},{well},{site[1:]}")
-    s3fs.S3FileSystem(**s3).pipe(f"{url[5:]}/load_data.csv.gz", gzip.compress(("\n".join(lines) + "\n").encode()))  # as JUMP's
-    assert main(["shard", f"{url}/load_data.csv.gz", str(tmp_path / "ld"), "--layout", "load_data", "--num-workers", "1", "--quiet",
-                 "--storage-options", json.dumps(s3)]) == 0
+        lines.append(
+            ",".join(f"{well}_{site}_w{c}.png,{folder}" for c in (1, 2, 3)) + f",{plate_name},{well},{site[1:]}"
+        )
+    s3fs.S3FileSystem(**s3).pipe(
+        f"{url[5:]}/load_data.csv.gz", gzip.compress(("\n".join(lines) + "\n").encode())
+    )  # as JUMP's
+    assert (
+        main(
+            [
+                "shard",
+                f"{url}/load_data.csv.gz",
+                str(tmp_path / "ld"),
+                "--layout",
+                "load_data",
+                "--num-workers",
+                "1",
+                "--quiet",
+                "--storage-options",
+                json.dumps(s3),
+            ]
+        )
+        == 0
+    )
     manifest, rows, files = _rows(tmp_path / "ld")
     assert manifest["num_fields"] == len(fields) and manifest["channels"] == ["DNA", "ER", "RNA"]
     pixels = {row["field_id"]: row["pixels"] for shard in rows.values() for row in shard}
@@ -121,7 +164,10 @@ def test_a_gzipped_load_data_csv_in_s3_with_url_path_names_reads_the_objects(pla
 
 def test_a_refused_read_stops_the_run_in_one_line_naming_the_object_and_the_fix(plate, s3, tmp_path, capsys):
     _, url, _ = plate
-    anonymous = {"anon": True, "endpoint_url": s3["endpoint_url"]}  # moto lists for anyone, reads only for signed requests
+    anonymous = {
+        "anon": True,
+        "endpoint_url": s3["endpoint_url"],
+    }  # moto lists for anyone, reads only for signed requests
     assert _shard(f"{url}/images", tmp_path / "out", "--storage-options", json.dumps(anonymous)) == 2
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and f"access to {url}/images/exp/Plate1/A01_s1_w1.png is refused" in error
@@ -136,9 +182,14 @@ def test_a_missing_protocol_package_is_one_line_naming_the_extra(tmp_path, capsy
 
 
 def test_malformed_storage_options_are_one_line_with_an_example(tmp_path, capsys):
-    assert main(["shard", "s3://plates/x/", str(tmp_path / "out"), "--storage-options", "{anon: true}", "--quiet"]) == 2
+    assert (
+        main(["shard", "s3://plates/x/", str(tmp_path / "out"), "--storage-options", "{anon: true}", "--quiet"]) == 2
+    )
     error = capsys.readouterr().err
-    assert "storage options '{anon: true}' (--storage-options) are not JSON" in error and """write e.g. --storage-options '{"anon": true}'""" in error
+    assert (
+        "storage options '{anon: true}' (--storage-options) are not JSON" in error
+        and """write e.g. --storage-options '{"anon": true}'""" in error
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -185,11 +236,16 @@ def test_cellmae_embed_reads_a_shard_folder_in_s3_to_the_table_of_the_same_shard
     from hf_cellmae.evaluation.report import read_embeddings
 
     local, url, fields = plate
-    assert _shard(local / "screen" / "images", tmp_path / "shards", "--metadata", str(local / "screen" / "meta.csv")) == 0
+    assert (
+        _shard(local / "screen" / "images", tmp_path / "shards", "--metadata", str(local / "screen" / "meta.csv")) == 0
+    )
     s3fs.S3FileSystem(**s3).put(str(tmp_path / "shards"), f"{url[5:]}/shards", recursive=True)
     embed = ["embed", "pixel_stats", "--no-progress", "--num-workers", "1"]
     assert main([*embed[:2], str(tmp_path / "shards"), str(tmp_path / "from_disk"), *embed[2:]]) == 0
-    assert main([*embed[:2], f"{url}/shards", str(tmp_path / "from_s3"), *embed[2:], "--storage-options", json.dumps(s3)]) == 0
+    assert (
+        main([*embed[:2], f"{url}/shards", str(tmp_path / "from_s3"), *embed[2:], "--storage-options", json.dumps(s3)])
+        == 0
+    )
     from_s3 = read_embeddings(tmp_path / "from_s3")
     assert len(from_s3) == len(fields) and from_s3["Metadata_perturbation"].notna().all()
     pd.testing.assert_frame_equal(from_s3, read_embeddings(tmp_path / "from_disk"))

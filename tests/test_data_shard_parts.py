@@ -6,14 +6,31 @@ import json
 
 import pytest
 
-from tests.helpers.data_fixtures import make_rxrx_plate, write_plate_metadata
 from hf_cellmae.cli import main
 from hf_cellmae.data.shards import part_of_plan
+from tests.helpers.data_fixtures import make_rxrx_plate, write_plate_metadata
 
 
 def _shard(tmp_path, out, *extra):
-    return main(["shard", str(tmp_path / "images"), str(out), "--layout", "rxrx", "--metadata", str(tmp_path / "meta.csv"),
-                 "--shard-size", "10KB", "--fields-per-row-group", "2", "--num-workers", "1", "--quiet", *extra])
+    return main(
+        [
+            "shard",
+            str(tmp_path / "images"),
+            str(out),
+            "--layout",
+            "rxrx",
+            "--metadata",
+            str(tmp_path / "meta.csv"),
+            "--shard-size",
+            "10KB",
+            "--fields-per-row-group",
+            "2",
+            "--num-workers",
+            "1",
+            "--quiet",
+            *extra,
+        ]
+    )
 
 
 @pytest.fixture
@@ -24,7 +41,9 @@ def plate(tmp_path):
 
 
 def _files(folder):
-    return {path.name: path.read_bytes() for path in sorted(folder.iterdir()) if not path.name.startswith("manifest.part-")}
+    return {
+        path.name: path.read_bytes() for path in sorted(folder.iterdir()) if not path.name.startswith("manifest.part-")
+    }
 
 
 def test_three_parts_and_a_merge_write_the_same_shards_and_manifest_as_one_run_byte_for_byte(plate, capsys):

@@ -27,8 +27,12 @@ def test_matches_the_model_image_processor(dtype):
 
     pixels = _sample(dtype)
     np.testing.assert_allclose(standardize_channels(pixels), model_standardize(pixels), atol=2e-5)
-    torch.testing.assert_close(standardize_channels(torch.from_numpy(pixels.astype(np.int32)), rescale_factor=rescale_factor_for_dtype(dtype)),
-                               model_standardize(torch.from_numpy(pixels.astype(np.int32)), rescale_factor=rescale_factor_for_dtype(dtype)))
+    torch.testing.assert_close(
+        standardize_channels(
+            torch.from_numpy(pixels.astype(np.int32)), rescale_factor=rescale_factor_for_dtype(dtype)
+        ),
+        model_standardize(torch.from_numpy(pixels.astype(np.int32)), rescale_factor=rescale_factor_for_dtype(dtype)),
+    )
 
 
 def test_rescale_factor_follows_the_dtype():
@@ -46,10 +50,14 @@ def test_constant_channel_becomes_zero_and_others_unit_variance():
 
 def test_numpy_and_torch_paths_agree():
     pixels = _sample(np.uint8)
-    np.testing.assert_allclose(standardize_channels(pixels), standardize_channels(torch.from_numpy(pixels)).numpy(), atol=1e-5)
+    np.testing.assert_allclose(
+        standardize_channels(pixels), standardize_channels(torch.from_numpy(pixels)).numpy(), atol=1e-5
+    )
 
 
 def test_rescale_matters_through_eps():
     """OpenPhenom's /255 is only visible through eps: the same pixels as float32 (no rescale) differ."""
     pixels = _sample(np.uint8)
-    assert not np.allclose(standardize_channels(pixels), standardize_channels(pixels.astype(np.float32) / 255 * 255), atol=1e-4)
+    assert not np.allclose(
+        standardize_channels(pixels), standardize_channels(pixels.astype(np.float32) / 255 * 255), atol=1e-4
+    )

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers.data_fixtures import make_rxrx_plate, write_plate_metadata
 from hf_cellmae.data.shards import shard_folder
 from hf_cellmae.data.standardize import standardize_channels
 from hf_cellmae.data.streaming import count_samples, stream_fields
+from tests.helpers.data_fixtures import make_rxrx_plate, write_plate_metadata
 
 CROPS = 3
 SIZE = 16
@@ -25,8 +25,15 @@ def plate(tmp_path_factory):
     fields = make_rxrx_plate(root / "images")
     write_plate_metadata(root / "metadata.csv", fields)
     shards = root / "shards"
-    shard_folder(root / "images", shards, metadata=root / "metadata.csv", target_shard_size=3 * 32 * 40 * 2 * 3,
-                 fields_per_row_group=2, num_workers=1, progress=False)
+    shard_folder(
+        root / "images",
+        shards,
+        metadata=root / "metadata.csv",
+        target_shard_size=3 * 32 * 40 * 2 * 3,
+        fields_per_row_group=2,
+        num_workers=1,
+        progress=False,
+    )
     return {"fields": fields, "shards": str(shards)}
 
 
@@ -51,7 +58,9 @@ def _collect(loader) -> list[tuple[str, int]]:
 def test_two_ranks_two_workers_cover_every_sample_once(plate):
     seen = []
     for rank in range(2):
-        stream = stream_fields(plate["shards"], image_size=SIZE, crops_per_field=CROPS, rank=rank, world_size=2, num_workers=2)
+        stream = stream_fields(
+            plate["shards"], image_size=SIZE, crops_per_field=CROPS, rank=rank, world_size=2, num_workers=2
+        )
         loader = torch.utils.data.DataLoader(stream, batch_size=4, num_workers=2)
         keys = _collect(loader)
         assert len(keys) == count_samples(plate["shards"], CROPS, rank=rank, world_size=2, num_workers=2)
@@ -103,7 +112,9 @@ def test_crops_are_the_original_pixels_after_the_reported_transform(plate):
     assert {s["transform"] for s in samples} != {0}
     for sample in samples:
         assert sample["pixel_values"].dtype == np.uint16 and sample["pixel_values"].shape == (3, SIZE, SIZE)
-        np.testing.assert_array_equal(sample["pixel_values"], _undo_nothing_crop(plate["fields"][sample["field_id"]], sample))
+        np.testing.assert_array_equal(
+            sample["pixel_values"], _undo_nothing_crop(plate["fields"][sample["field_id"]], sample)
+        )
 
 
 def test_uncopied_views_hold_the_same_pixels_as_contiguous_copies(plate):
@@ -155,7 +166,9 @@ def test_metadata_fields_are_carried_into_samples(plate):
 
 
 def test_batches_collate_into_tensors(plate):
-    loader = torch.utils.data.DataLoader(stream_fields(plate["shards"], image_size=SIZE, crops_per_field=2), batch_size=5)
+    loader = torch.utils.data.DataLoader(
+        stream_fields(plate["shards"], image_size=SIZE, crops_per_field=2), batch_size=5
+    )
     batch = next(iter(loader))
     assert batch["pixel_values"].shape == (5, 3, SIZE, SIZE) and batch["pixel_values"].dtype == torch.float32
     assert batch["channel_ids"].shape == (5, 3) and len(batch["plate"]) == 5
@@ -186,7 +199,8 @@ def test_a_relative_shard_path_read_from_another_folder_streams_that_folders_fie
         monkeypatch.chdir(tmp_path / name)
         make_rxrx_plate(Path("images"), plates=1, wells=wells, sites=1)
         shard_folder("images", "shards", num_workers=1, progress=False)
-        stream = stream_fields("shards", image_size=16, augment=False, shuffle=False, num_epochs=1, standardize=False,
-                               metadata_fields=[])
+        stream = stream_fields(
+            "shards", image_size=16, augment=False, shuffle=False, num_epochs=1, standardize=False, metadata_fields=[]
+        )
         seen.append(sorted(sample["well"] for sample in stream))
     assert seen == [["A01"], ["B01", "B02", "C01"]]

@@ -13,8 +13,18 @@ from hf_cellmae.cli import main
 from hf_cellmae.data.streaming import stream_fields
 from hf_cellmae.data.synthetic import make_synthetic_screen
 
-TINY = dict(num_plates=1, field_size=48, sites_per_well=1, num_pathways=1, complexes_per_pathway=2, genes_per_complex=2,
-            replicates_per_plate=1, control_wells_per_plate=2, num_workers=1, progress=False)
+TINY = dict(
+    num_plates=1,
+    field_size=48,
+    sites_per_well=1,
+    num_pathways=1,
+    complexes_per_pathway=2,
+    genes_per_complex=2,
+    replicates_per_plate=1,
+    control_wells_per_plate=2,
+    num_workers=1,
+    progress=False,
+)
 
 
 def _read_field(root, row) -> np.ndarray:
@@ -66,7 +76,9 @@ def test_relationship_files_list_the_genes_sharing_a_complex_or_pathway(screen):
     root, metadata = screen
     genes = metadata[~metadata.is_control].drop_duplicates("gene")
     for level, name in (("complex", "complexes"), ("pathway", "pathways")):
-        expected = {tuple(sorted(pair)) for _, group in genes.groupby(level) for pair in itertools.combinations(group.gene, 2)}
+        expected = {
+            tuple(sorted(pair)) for _, group in genes.groupby(level) for pair in itertools.combinations(group.gene, 2)
+        }
         pairs = pd.read_csv(root / "relationships" / f"{name}.csv")
         assert list(pairs.columns) == ["entity1", "entity2"]
         assert set(zip(pairs.entity1, pairs.entity2)) == expected
@@ -77,7 +89,9 @@ def _features(field: np.ndarray) -> np.ndarray:
     out = []
     for channel in field.astype(np.float32):
         mean, std = channel.mean(), channel.std()
-        edges = np.abs(4 * channel[1:-1, 1:-1] - channel[:-2, 1:-1] - channel[2:, 1:-1] - channel[1:-1, :-2] - channel[1:-1, 2:]).mean()
+        edges = np.abs(
+            4 * channel[1:-1, 1:-1] - channel[:-2, 1:-1] - channel[2:, 1:-1] - channel[1:-1, :-2] - channel[1:-1, 2:]
+        ).mean()
         out += [np.log1p(mean), np.log1p(std), (channel > mean + std).mean(), np.log1p(edges)]
     return np.array(out)
 
@@ -101,21 +115,57 @@ def test_genes_of_one_complex_look_alike_and_others_do_not(screen):
 def test_plates_differ_by_a_batch_effect_that_knob_controls(tmp_path):
     def control_ratio(batch_effect):
         root = tmp_path / str(batch_effect)
-        make_synthetic_screen(root, batch_effect=batch_effect, **{**TINY, "num_plates": 2, "control_wells_per_plate": 12, "field_size": 96, "sites_per_well": 2})
+        make_synthetic_screen(
+            root,
+            batch_effect=batch_effect,
+            **{**TINY, "num_plates": 2, "control_wells_per_plate": 12, "field_size": 96, "sites_per_well": 2},
+        )
         metadata = pd.read_csv(root / "metadata.csv")
-        means = {plate: np.mean([_read_field(root, r).mean(axis=(1, 2)) for r in group.itertuples()], axis=0)
-                 for plate, group in metadata[metadata.is_control].groupby("plate")}
+        means = {
+            plate: np.mean([_read_field(root, r).mean(axis=(1, 2)) for r in group.itertuples()], axis=0)
+            for plate, group in metadata[metadata.is_control].groupby("plate")
+        }
         return np.abs(np.log(means["Plate1"] / means["Plate2"])).mean()
 
     assert control_ratio(1.0) > 2 * control_ratio(0.0)
 
 
 def test_cli_synthetic_then_shard_then_stream(tmp_path, capsys):
-    assert main(["synthetic", str(tmp_path / "screen"), "--plates", "1", "--field-size", "64", "--sites", "1", "--quiet", "--num-workers", "1"]) == 0
+    assert (
+        main(
+            [
+                "synthetic",
+                str(tmp_path / "screen"),
+                "--plates",
+                "1",
+                "--field-size",
+                "64",
+                "--sites",
+                "1",
+                "--quiet",
+                "--num-workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     hint = capsys.readouterr().out
     assert "next: cellmae shard" in hint and "--channels w1=DNA,w2=ER,w3=RNA,w4=AGP,w5=Mito" in hint  # per file token
-    code = main(["shard", str(tmp_path / "screen" / "images"), str(tmp_path / "shards"), "--metadata", str(tmp_path / "screen" / "metadata.csv"),
-                 "--channels", "w1=DNA,w2=ER,w3=RNA,w4=AGP,w5=Mito", "--quiet", "--num-workers", "1", "--verify"])
+    code = main(
+        [
+            "shard",
+            str(tmp_path / "screen" / "images"),
+            str(tmp_path / "shards"),
+            "--metadata",
+            str(tmp_path / "screen" / "metadata.csv"),
+            "--channels",
+            "w1=DNA,w2=ER,w3=RNA,w4=AGP,w5=Mito",
+            "--quiet",
+            "--num-workers",
+            "1",
+            "--verify",
+        ]
+    )
     assert code == 0 and "verified" in capsys.readouterr().out
     sample = next(iter(stream_fields(str(tmp_path / "shards"), image_size=32, crops_per_field=2)))
     assert sample["pixel_values"].shape == (5, 32, 32) and sample["perturbation"]
@@ -131,7 +181,9 @@ def test_cli_shard_reports_a_missing_input_folder_in_one_line_with_exit_2(tmp_pa
 def test_synthetic_into_an_unwritable_folder_fails_in_one_line(tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")  # unwritable for every user, root included
-    code = main(["synthetic", str(blocker / "plate"), "--plates", "1", "--field-size", "32", "--quiet", "--num-workers", "1"])
+    code = main(
+        ["synthetic", str(blocker / "plate"), "--plates", "1", "--field-size", "32", "--quiet", "--num-workers", "1"]
+    )
     error = capsys.readouterr().err.strip()
     assert code == 2 and len(error.splitlines()) == 1
     assert f"cannot write the synthetic screen to {blocker / 'plate'}" in error
@@ -160,8 +212,26 @@ def test_the_screen_size_draws_the_demo_genes_phenotypes_by_the_same_model():
 
 def test_cli_synthetic_size_screen_writes_the_requested_counts(tmp_path, capsys):
     root = tmp_path / "screen"
-    assert main(["synthetic", str(root), "--size", "screen", "--plates", "1", "--field-size", "32", "--sites", "1",
-                 "--quiet", "--num-workers", "1"]) == 0
+    assert (
+        main(
+            [
+                "synthetic",
+                str(root),
+                "--size",
+                "screen",
+                "--plates",
+                "1",
+                "--field-size",
+                "32",
+                "--sites",
+                "1",
+                "--quiet",
+                "--num-workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     metadata = pd.read_csv(root / "metadata.csv", keep_default_na=False)
     treated = metadata[~metadata["is_control"]]
     assert metadata["plate"].unique().tolist() == ["Plate1"]  # --plates overrides the size's 4

@@ -28,9 +28,22 @@ def test_kill_9_of_shard_leaves_no_worker_alive(tmp_path):
     busy = tmp_path / "images" / "exp" / "Plate1" / "A02_s2_w1.png"
     busy.unlink()
     os.mkfifo(busy)  # a worker opening it blocks until killed: the run is mid-way when we kill it
-    command = [sys.executable, "-c", "import sys; from hf_cellmae.cli import main; sys.exit(main(sys.argv[1:]))",
-               "shard", str(tmp_path / "images"), str(tmp_path / "shards"), "--layout", "rxrx", "--num-workers", "2",
-               "--shard-size", "1", "--no-shuffle", "--quiet"]
+    command = [
+        sys.executable,
+        "-c",
+        "import sys; from hf_cellmae.cli import main; sys.exit(main(sys.argv[1:]))",
+        "shard",
+        str(tmp_path / "images"),
+        str(tmp_path / "shards"),
+        "--layout",
+        "rxrx",
+        "--num-workers",
+        "2",
+        "--shard-size",
+        "1",
+        "--no-shuffle",
+        "--quiet",
+    ]
     shard = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     workers: list[psutil.Process] = []
     try:

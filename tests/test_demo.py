@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from safetensors import safe_open
 
 
@@ -17,14 +16,26 @@ def test_demo_runs_the_whole_pipeline_and_writes_a_loadable_model_with_card_and_
     out = tmp_path / "demo"
     result = subprocess.run(
         [sys.executable, "-m", "hf_cellmae.cli", "demo", "--out", str(out), "--max-steps", "20"],
-        capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode == 0, result.stderr[-4000:]
     model_dir = out / "run" / "model"
     assert "AutoModel.from_pretrained(" in result.stdout and str(model_dir) in result.stdout
     assert "Recall of the simulator's true relationships" in result.stdout
-    for name in ("model.safetensors", "config.json", "preprocessor_config.json", "modeling_cellmae.py",
-                 "README.md", "eval_results.json", "reconstruction.png", "training_args.json", "trainer_state.json"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "preprocessor_config.json",
+        "modeling_cellmae.py",
+        "README.md",
+        "eval_results.json",
+        "reconstruction.png",
+        "training_args.json",
+        "trainer_state.json",
+    ):
         assert (model_dir / name).is_file(), name
     with safe_open(str(model_dir / "model.safetensors"), framework="pt") as weights:
         assert len(list(weights.keys())) > 10
@@ -40,8 +51,10 @@ def test_demo_runs_the_whole_pipeline_and_writes_a_loadable_model_with_card_and_
     # the reading states this run's measured complex probe, not a sentence written in advance
     probe = {name: row["probe complex"] for name, row in report["suite"].items()}
     gain = probe["pretrained"] - probe["random_init"]
-    assert (f"pre-trained {probe['pretrained']:.2f} vs random-init {probe['random_init']:.2f} complex-probe accuracy: "
-            f"{gain:+.2f}") in result.stdout
+    assert (
+        f"pre-trained {probe['pretrained']:.2f} vs random-init {probe['random_init']:.2f} complex-probe accuracy: "
+        f"{gain:+.2f}"
+    ) in result.stdout
     # where the time went, stage by stage, with the machine's load (the demo's 10 minutes are a budget)
     assert {"pretrain_s", "pretrain_steps_per_s", "embed_cellprofiler_s", "evaluate_s"} <= set(report["timings_s"])
     assert "pre-training" in result.stdout.split("Took ")[-1] and "load" in result.stdout.split("Took ")[-1]
@@ -50,8 +63,9 @@ def test_demo_runs_the_whole_pipeline_and_writes_a_loadable_model_with_card_and_
     results = json.loads((model_dir / "eval_results.json").read_text())
     assert f"{results['sources']['complexes']['recall_0.05_0.95']:.3f}"[:4] in card
 
-    import hf_cellmae  # noqa: F401
     from transformers import AutoModel
+
+    import hf_cellmae  # noqa: F401
 
     assert AutoModel.from_pretrained(model_dir).config.channel_names == ["DNA", "ER", "RNA", "AGP", "Mito"]
     # The random-init baseline is the seed's initial weights (seed 0 by default), not whatever random state
@@ -74,7 +88,9 @@ def test_small_recipe_is_the_demo_recipe_trained_longer():
     demo, small = read_config_file(RECIPES["demo"]), read_config_file(RECIPES["small"])
     assert small["max_steps"] == 2 * demo["max_steps"] == 3200
     bookkeeping = {"max_steps", "warmup_ratio", "save_steps", "logging_steps", "figure_steps"}
-    assert {k: v for k, v in small.items() if k not in bookkeeping} == {k: v for k, v in demo.items() if k not in bookkeeping}
+    assert {k: v for k, v in small.items() if k not in bookkeeping} == {
+        k: v for k, v in demo.items() if k not in bookkeeping
+    }
 
 
 def test_unknown_demo_recipe_is_refused_with_the_choices(tmp_path):

@@ -21,7 +21,12 @@ def test_a_cuda_gpu_gets_bf16_compile_pinned_memory_and_workers_for_its_cores():
 
 def test_a_cpu_trains_in_fp32_eager_with_no_worker_processes():
     chosen = resolve_device_defaults(device_type="cpu", cpus_per_process=16, has_torchdata=True)
-    assert (chosen.mixed_precision, chosen.torch_compile, chosen.dataloader_num_workers, chosen.pin_memory) == ("no", False, 0, False)
+    assert (chosen.mixed_precision, chosen.torch_compile, chosen.dataloader_num_workers, chosen.pin_memory) == (
+        "no",
+        False,
+        0,
+        False,
+    )
 
 
 def test_the_pretraining_arguments_leave_these_settings_to_the_device():
@@ -32,13 +37,17 @@ def test_the_pretraining_arguments_leave_these_settings_to_the_device():
 def test_settings_the_user_chose_are_kept():
     chosen = resolve_device_defaults(**GPU, mixed_precision="no", torch_compile=False, dataloader_num_workers=2)
     assert (chosen.mixed_precision, chosen.torch_compile, chosen.dataloader_num_workers) == ("no", False, 2)
-    on_cpu = resolve_device_defaults(device_type="cpu", mixed_precision="bf16", torch_compile=True, dataloader_num_workers=1)
+    on_cpu = resolve_device_defaults(
+        device_type="cpu", mixed_precision="bf16", torch_compile=True, dataloader_num_workers=1
+    )
     assert (on_cpu.mixed_precision, on_cpu.torch_compile, on_cpu.dataloader_num_workers) == ("bf16", True, 1)
 
 
 @pytest.mark.parametrize("asked", [None, True])
 def test_compile_falls_back_to_eager_with_the_reason_where_it_cannot_run(asked):
-    chosen = resolve_device_defaults(**GPU, torch_compile=asked, compile_problem="Triton is not installed (pip install triton)")
+    chosen = resolve_device_defaults(
+        **GPU, torch_compile=asked, compile_problem="Triton is not installed (pip install triton)"
+    )
     assert chosen.torch_compile is False
     assert any("Triton is not installed" in note and "eager" in note for note in chosen.notes)
 
@@ -63,5 +72,7 @@ def test_what_accelerate_launch_was_told_wins_over_the_device_default_but_not_ov
     assert (from_launcher.mixed_precision, from_launcher.torch_compile) == ("fp16", False)
     cpu = resolve_device_defaults(device_type="cpu", launcher_mixed_precision="bf16")
     assert cpu.mixed_precision == "bf16"
-    chosen = resolve_device_defaults(**GPU, mixed_precision="no", torch_compile=True, launcher_mixed_precision="fp16", launcher_compiles=False)
+    chosen = resolve_device_defaults(
+        **GPU, mixed_precision="no", torch_compile=True, launcher_mixed_precision="fp16", launcher_compiles=False
+    )
     assert (chosen.mixed_precision, chosen.torch_compile) == ("no", True)

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tests.helpers.launching import cpu_launch_env, run_all_or_kill
-from tests.test_training import run_args
 
 from hf_cellmae import CellMAEForPreTraining
+from tests.helpers.launching import cpu_launch_env, run_all_or_kill
+from tests.test_training import run_args
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "examples" / "accelerate"
@@ -30,19 +30,31 @@ CPU_OVERRIDES = ["--num_processes", "2", "--main_process_port", "0"]
 
 
 def launch_pretraining(config: Path, *args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), *CPU_OVERRIDES,
-               str(ON_CPU), "pretrain", *args]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(config),
+        *CPU_OVERRIDES,
+        str(ON_CPU),
+        "pretrain",
+        *args,
+    ]
     return run_all_or_kill(command, cpu_launch_env(), 300, "the 2-process run did not end")
 
 
 def history(run: Path) -> list:
-    return [(r["step"], r["loss"]) for r in json.loads((run / "model" / "trainer_state.json").read_text())["log_history"]]
+    return [
+        (r["step"], r["loss"]) for r in json.loads((run / "model" / "trainer_state.json").read_text())["log_history"]
+    ]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config, distributed_type", [("ddp.yaml", "MULTI_CPU"), ("fsdp_vit_l8.yaml", "FSDP")])
 def test_a_shipped_launch_config_trains_checkpoints_resumes_bit_exactly_and_saves_a_loadable_model(
-        config, distributed_type, synthetic_shards, tmp_path):
+    config, distributed_type, synthetic_shards, tmp_path
+):
     options = run_args(synthetic_shards, tmp_path, max_steps=4, save_steps=2)
     first = launch_pretraining(CONFIGS / config, *options)
     assert first.returncode == 0, first.stderr[-4000:]

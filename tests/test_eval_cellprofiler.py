@@ -66,8 +66,14 @@ def test_featurizer_measures_every_category_and_sees_larger_nuclei():
     names = featurizer.feature_names(CHANNELS)
     assert features.shape == (2, len(names)) and np.isfinite(features).all()
     assert list(counts) == [4, 4]
-    assert {feature_category(n) for n in names} == {"AreaShape", "Intensity", "Texture", "Granularity",
-                                                   "RadialDistribution", "Correlation"}
+    assert {feature_category(n) for n in names} == {
+        "AreaShape",
+        "Intensity",
+        "Texture",
+        "Granularity",
+        "RadialDistribution",
+        "Correlation",
+    }
     assert not any("Location" in n or "Center" in n for n in names)  # where a cell is, not what it is
     area = names.index("Nuclei_AreaShape_Area")
     assert features[1, area] > 2 * features[0, area]
@@ -101,8 +107,9 @@ def test_featurizer_finds_the_nuclear_stain_by_name_or_says_which_to_pass():
 
 def test_a_field_without_nuclei_gets_zero_features_and_is_counted():
     featurizer = CellProfilerFeaturizer(nucleus_diameter=10)
-    features, counts = featurizer([Field(np.zeros((3, 64, 64), np.uint16), CHANNELS, {}),
-                                   Field(cells_field(SEPARATE), CHANNELS, {})])
+    features, counts = featurizer(
+        [Field(np.zeros((3, 64, 64), np.uint16), CHANNELS, {}), Field(cells_field(SEPARATE), CHANNELS, {})]
+    )
     assert counts[0] == 0 and not features[0].any()
     assert featurizer.empty_fields == 1
 
@@ -110,18 +117,38 @@ def test_a_field_without_nuclei_gets_zero_features_and_is_counted():
 def feature_tables(seed=0, fields=120):
     """Embeddings carrying two CellProfiler features linearly; a third feature is pure noise."""
     rng = np.random.default_rng(seed)
-    meta = pd.DataFrame({"Metadata_field_id": [f"f{i}" for i in range(fields)],
-                         "Metadata_plate": "P1", "Metadata_well": [f"W{i // 3}" for i in range(fields)]})
+    meta = pd.DataFrame(
+        {
+            "Metadata_field_id": [f"f{i}" for i in range(fields)],
+            "Metadata_plate": "P1",
+            "Metadata_well": [f"W{i // 3}" for i in range(fields)],
+        }
+    )
     latent = rng.standard_normal((fields, 2))
-    embeddings = pd.concat([meta, pd.DataFrame(np.c_[latent @ rng.standard_normal((2, 8)),
-                                                     0.1 * rng.standard_normal((fields, 8))],
-                                               columns=[f"feature_{i:03d}" for i in range(16)])], axis=1)
-    cellprofiler = pd.concat([meta, pd.DataFrame({
-        "Cells_AreaShape_Area": 3 * latent[:, 0] + 10,
-        "Cells_Intensity_MeanIntensity__ER": latent[:, 1],
-        "Cells_Texture_Contrast_3_00__ER": rng.standard_normal(fields),
-        "Cells_Granularity_1__ER": np.ones(fields),  # constant: skipped
-    })], axis=1)
+    embeddings = pd.concat(
+        [
+            meta,
+            pd.DataFrame(
+                np.c_[latent @ rng.standard_normal((2, 8)), 0.1 * rng.standard_normal((fields, 8))],
+                columns=[f"feature_{i:03d}" for i in range(16)],
+            ),
+        ],
+        axis=1,
+    )
+    cellprofiler = pd.concat(
+        [
+            meta,
+            pd.DataFrame(
+                {
+                    "Cells_AreaShape_Area": 3 * latent[:, 0] + 10,
+                    "Cells_Intensity_MeanIntensity__ER": latent[:, 1],
+                    "Cells_Texture_Contrast_3_00__ER": rng.standard_normal(fields),
+                    "Cells_Granularity_1__ER": np.ones(fields),  # constant: skipped
+                }
+            ),
+        ],
+        axis=1,
+    )
     return embeddings, cellprofiler.sample(frac=1.0, random_state=seed)  # row order must not matter
 
 

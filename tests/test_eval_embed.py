@@ -22,10 +22,18 @@ def plate(tmp_path_factory):
     rng = np.random.default_rng(0)
     for well in WELLS:
         for channel in (1, 2, 3):
-            tifffile.imwrite(root / f"plate1_{well}_site1_Ch{channel}.tif", rng.integers(0, 4000, (64, 128), dtype=np.uint16))
+            tifffile.imwrite(
+                root / f"plate1_{well}_site1_Ch{channel}.tif", rng.integers(0, 4000, (64, 128), dtype=np.uint16)
+            )
     metadata = root.parent / f"{root.name}_metadata.csv"
-    pd.DataFrame({"plate": "plate1", "well": WELLS, "perturbation": ["g1", "g2", "g3", "ctrl", "ctrl"],
-                  "is_control": [False, False, False, True, True]}).to_csv(metadata, index=False)
+    pd.DataFrame(
+        {
+            "plate": "plate1",
+            "well": WELLS,
+            "perturbation": ["g1", "g2", "g3", "ctrl", "ctrl"],
+            "is_control": [False, False, False, True, True],
+        }
+    ).to_csv(metadata, index=False)
     return root, metadata
 
 
@@ -103,7 +111,9 @@ def test_the_default_readout_is_channelwise_the_one_the_evidence_evaluates(plate
     crops = CellMAEImageProcessor(image_size=64, crop_mode="tile")(pixels, return_tensors="pt")["pixel_values"]
     with torch.inference_mode():
         out = CellMAEModel.from_pretrained(tiny_model)(crops, output_channelwise_embeddings=True)
-    np.testing.assert_allclose(features.to_numpy()[0], out.channelwise_embeddings.mean(0).flatten().numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        features.to_numpy()[0], out.channelwise_embeddings.mean(0).flatten().numpy(), rtol=1e-4, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("readout, layer", [("cls", None), ("mean_std", None), ("mean", 2), ("channelwise", -1)])
@@ -122,12 +132,16 @@ def test_each_readout_is_the_documented_function_of_the_tokens(plate, tiny_model
     with torch.inference_mode():
         out = CellMAEModel.from_pretrained(tiny_model)(crops, output_hidden_states=True)
     tokens = out.last_hidden_state if layer is None else out.hidden_states[layer % 5]  # (2, 1 + 3*64, D), 4 blocks
-    expected = {
-        "cls": lambda t: t[:, 0],
-        "mean_std": lambda t: torch.cat([t[:, 1:].mean(1), t[:, 1:].std(1)], 1),
-        "mean": lambda t: t[:, 1:].mean(1),
-        "channelwise": lambda t: t[:, 1:].reshape(2, 3, -1, t.shape[-1]).mean(2).flatten(1),
-    }[readout](tokens).mean(0).numpy()
+    expected = (
+        {
+            "cls": lambda t: t[:, 0],
+            "mean_std": lambda t: torch.cat([t[:, 1:].mean(1), t[:, 1:].std(1)], 1),
+            "mean": lambda t: t[:, 1:].mean(1),
+            "channelwise": lambda t: t[:, 1:].reshape(2, 3, -1, t.shape[-1]).mean(2).flatten(1),
+        }[readout](tokens)
+        .mean(0)
+        .numpy()
+    )
     np.testing.assert_allclose(features[0], expected, rtol=1e-4, atol=1e-5)
 
 
@@ -142,8 +156,15 @@ def test_interrupted_run_resumes_without_redoing_finished_parts(plate, tmp_path)
     root, metadata = plate
     out = tmp_path / "emb"
     with pytest.raises(KeyboardInterrupt):
-        embed_dataset(root, out, CountingFeaturizer(fail_after=3), metadata=metadata, fields_per_part=2,
-                      fields_per_batch=1, progress=False)
+        embed_dataset(
+            root,
+            out,
+            CountingFeaturizer(fail_after=3),
+            metadata=metadata,
+            fields_per_part=2,
+            fields_per_batch=1,
+            progress=False,
+        )
     assert sorted(p.name for p in out.glob("*.parquet")) == ["part-00000.parquet"]
     resumed = CountingFeaturizer()
     info = embed_dataset(root, out, resumed, metadata=metadata, fields_per_part=2, fields_per_batch=1, progress=False)
@@ -169,7 +190,9 @@ def test_shard_folder_gives_the_same_rows_as_the_image_folder(plate, tmp_path):
     root, metadata = plate
     records = discover_fields(root)
     join_metadata(records, read_metadata_table(metadata))
-    write_shards(records, tmp_path / "shards", target_shard_size=1, fields_per_row_group=2, num_workers=1, progress=False)
+    write_shards(
+        records, tmp_path / "shards", target_shard_size=1, fields_per_row_group=2, num_workers=1, progress=False
+    )
     embed_dataset(tmp_path / "shards", tmp_path / "from_shards", PixelStatsFeaturizer(), progress=False)
     embed_dataset(root, tmp_path / "from_images", PixelStatsFeaturizer(), metadata=metadata, progress=False)
     a = read_embeddings(tmp_path / "from_shards").sort_values("Metadata_field_id").reset_index(drop=True)
@@ -199,7 +222,9 @@ def test_cli_embed_writes_pixel_statistics_table(plate, tmp_path):
     from hf_cellmae.cli import main
 
     root, metadata = plate
-    code = main(["embed", "pixel_stats", str(root), str(tmp_path / "emb"), "--metadata", str(metadata), "--no-progress"])
+    code = main(
+        ["embed", "pixel_stats", str(root), str(tmp_path / "emb"), "--metadata", str(metadata), "--no-progress"]
+    )
     assert code == 0
     table = read_embeddings(tmp_path / "emb")
     assert len(table) == 5 and "Ch1_mean" in table.columns and "Metadata_is_control" in table.columns
@@ -209,8 +234,17 @@ def test_cli_embed_names_an_image_folders_channels_with_channels_as_shard_does(p
     from hf_cellmae.cli import main
 
     root, metadata = plate
-    code = main(["embed", "pixel_stats", str(root), str(tmp_path / "emb"), "--channels", "Ch1=DNA,Ch2=ER,Ch3=RNA",
-                 "--no-progress"])
+    code = main(
+        [
+            "embed",
+            "pixel_stats",
+            str(root),
+            str(tmp_path / "emb"),
+            "--channels",
+            "Ch1=DNA,Ch2=ER,Ch3=RNA",
+            "--no-progress",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     columns = read_embeddings(tmp_path / "emb").columns
     assert {"DNA_mean", "ER_mean", "RNA_mean"} <= set(columns) and "Ch1_mean" not in columns
@@ -224,7 +258,9 @@ def test_embed_refuses_channels_for_a_shard_folder_whose_channels_were_named_whe
     root, _ = plate
     shard_folder(root, tmp_path / "shards", channel_names="Ch1=DNA,Ch2=ER,Ch3=RNA", num_workers=1, progress=False)
     with pytest.raises(ValueError, match="its channels were named when sharding"):
-        embed_dataset(tmp_path / "shards", tmp_path / "emb", PixelStatsFeaturizer(), channels="Ch1=DNA", progress=False)
+        embed_dataset(
+            tmp_path / "shards", tmp_path / "emb", PixelStatsFeaturizer(), channels="Ch1=DNA", progress=False
+        )
 
 
 @pytest.fixture
@@ -245,14 +281,20 @@ def _shards_of(images, out):
 
 
 def test_embed_fails_on_a_corrupt_shard_field_naming_shard_and_field(plate_copy, tmp_path):
-    from tests.helpers.data_fixtures import flip_pixel_byte
     from hf_cellmae.data.problems import BadInputError
+    from tests.helpers.data_fixtures import flip_pixel_byte
 
     shards = _shards_of(plate_copy[0], tmp_path / "shards")
     field_id = flip_pixel_byte(shards / "shard-00002.parquet")
-    with pytest.raises(BadInputError, match=f"field {field_id} in shard .*shard-00002.parquet fails its CRC-32 check.*2 part\\(s\\) already written .* are kept"):
+    with pytest.raises(
+        BadInputError,
+        match=f"field {field_id} in shard .*shard-00002.parquet fails its CRC-32 check.*2 part\\(s\\) already written .* are kept",
+    ):
         embed_dataset(shards, tmp_path / "emb", PixelStatsFeaturizer(), progress=False)
-    assert sorted(p.name for p in (tmp_path / "emb").glob("*.parquet")) == ["shard-00000.parquet", "shard-00001.parquet"]
+    assert sorted(p.name for p in (tmp_path / "emb").glob("*.parquet")) == [
+        "shard-00000.parquet",
+        "shard-00001.parquet",
+    ]
 
 
 def test_embed_skips_and_counts_a_corrupt_shard_field_under_skip(plate_copy, tmp_path, capsys):
@@ -264,16 +306,18 @@ def test_embed_skips_and_counts_a_corrupt_shard_field_under_skip(plate_copy, tmp
     assert info["num_rows"] == 4 and info["num_skipped"] == 1
     assert field_id not in set(read_embeddings(tmp_path / "emb")["Metadata_field_id"])
     assert info["skipped"]["shard-00002"][0]["field"] == field_id
-    assert f"skipped 1 field(s)" in capsys.readouterr().out
+    assert "skipped 1 field(s)" in capsys.readouterr().out
 
 
 def test_embed_names_the_shard_and_the_repair_when_its_parquet_structure_is_damaged(plate_copy, tmp_path):
-    from tests.helpers.data_fixtures import damage_page_header
     from hf_cellmae.data.problems import BadInputError
+    from tests.helpers.data_fixtures import damage_page_header
 
     shards = _shards_of(plate_copy[0], tmp_path / "shards")
     damage_page_header(shards / "shard-00001.parquet")
-    with pytest.raises(BadInputError, match=r"cannot read shard .*shard-00001.parquet .*re-run the same `cellmae shard`"):
+    with pytest.raises(
+        BadInputError, match=r"cannot read shard .*shard-00001.parquet .*re-run the same `cellmae shard`"
+    ):
         embed_dataset(shards, tmp_path / "emb", PixelStatsFeaturizer(), progress=False, on_error="skip")
 
 
@@ -285,8 +329,15 @@ def _truncate(path):
 def test_embed_on_an_image_folder_skips_and_counts_a_truncated_image_under_skip(plate_copy, tmp_path, capsys):
     images, metadata = plate_copy
     _truncate(images / "plate1_B01_site1_Ch2.tif")
-    info = embed_dataset(images, tmp_path / "emb", PixelStatsFeaturizer(), metadata=metadata, fields_per_part=2,
-                         progress=False, on_error="skip")
+    info = embed_dataset(
+        images,
+        tmp_path / "emb",
+        PixelStatsFeaturizer(),
+        metadata=metadata,
+        fields_per_part=2,
+        progress=False,
+        on_error="skip",
+    )
     assert info["num_rows"] == 4 and info["num_skipped"] == 1
     (skip,) = info["skipped"]["part-00001"]
     assert skip["field"] == "plate1/B01/s1" and skip["file"].endswith("plate1_B01_site1_Ch2.tif")
@@ -302,7 +353,9 @@ def test_an_image_folder_gets_the_field_checks_of_shard_under_the_same_policy(pl
     nan_field[5, 7] = np.nan
     for channel in (1, 2, 3):  # B01: float pixels with one NaN; C01: an 8 x 8 field
         (images / f"plate1_B01_site1_Ch{channel}.tif").unlink()
-        tifffile.imwrite(images / f"plate1_B01_site1_Ch{channel}.tif", nan_field if channel == 2 else np.ones((64, 128), np.float32))
+        tifffile.imwrite(
+            images / f"plate1_B01_site1_Ch{channel}.tif", nan_field if channel == 2 else np.ones((64, 128), np.float32)
+        )
         tifffile.imwrite(images / f"plate1_C01_site1_Ch{channel}.tif", np.ones((8, 8), np.uint16))
     for featurizer in (PixelStatsFeaturizer(), ModelFeaturizer(tiny_model, image_size=64)):
         out = tmp_path / featurizer.name
@@ -315,7 +368,9 @@ def test_an_image_folder_gets_the_field_checks_of_shard_under_the_same_policy(pl
         table = read_embeddings(out)
         assert set(table["Metadata_well"]) == {"A01", "A02", "B02"}
         assert np.isfinite(table.filter(regex="^(?!Metadata_)").to_numpy()).all()
-    with pytest.raises(BadInputError, match=r"field plate1/B01/s1 has 1 non-finite pixel\(s\) .*plate1_B01_site1_Ch2.tif"):
+    with pytest.raises(
+        BadInputError, match=r"field plate1/B01/s1 has 1 non-finite pixel\(s\) .*plate1_B01_site1_Ch2.tif"
+    ):
         embed_dataset(images, tmp_path / "fail", PixelStatsFeaturizer(), metadata=metadata, progress=False)
 
 
@@ -327,12 +382,19 @@ def test_a_repaired_image_is_embedded_again_on_a_re_run_and_its_skip_goes_away(p
     options = dict(metadata=metadata, fields_per_part=2, progress=False, on_error="skip")
     first = embed_dataset(images, tmp_path / "emb", PixelStatsFeaturizer(), **options)
     assert first["num_rows"] == 4 and first["num_skipped"] == 1
-    untouched = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "emb").glob("*.parquet") if p.name != "part-00001.parquet"}
+    untouched = {
+        p.name: p.stat().st_mtime_ns for p in (tmp_path / "emb").glob("*.parquet") if p.name != "part-00001.parquet"
+    }
     broken.write_bytes(original)  # repaired as the message says
     second = embed_dataset(images, tmp_path / "emb", PixelStatsFeaturizer(), **options)
-    assert "1 part(s) whose input changed since they were written are embedded again: part-00001" in capsys.readouterr().out
+    assert (
+        "1 part(s) whose input changed since they were written are embedded again: part-00001"
+        in capsys.readouterr().out
+    )
     assert second["num_rows"] == 5 and second["num_skipped"] == 0 and second["skipped"]["part-00001"] == []
-    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "emb").glob("*.parquet") if p.name in untouched} == untouched
+    assert {
+        p.name: p.stat().st_mtime_ns for p in (tmp_path / "emb").glob("*.parquet") if p.name in untouched
+    } == untouched
     embed_dataset(images, tmp_path / "fresh", PixelStatsFeaturizer(), **options)
     pd.testing.assert_frame_equal(read_embeddings(tmp_path / "emb"), read_embeddings(tmp_path / "fresh"))
 
@@ -343,16 +405,27 @@ def test_a_run_that_skips_every_field_fails_naming_the_first_reason(plate_copy, 
     images, metadata = plate_copy
     for path in images.glob("*_Ch1.tif"):
         _truncate(path)
-    with pytest.raises(BadInputError, match=r"every one of the 5 fields .* was skipped, so .* holds no embedding; the first reason: .*_Ch1.tif"):
-        embed_dataset(images, tmp_path / "emb", PixelStatsFeaturizer(), metadata=metadata, progress=False, on_error="skip")
+    with pytest.raises(
+        BadInputError,
+        match=r"every one of the 5 fields .* was skipped, so .* holds no embedding; the first reason: .*_Ch1.tif",
+    ):
+        embed_dataset(
+            images, tmp_path / "emb", PixelStatsFeaturizer(), metadata=metadata, progress=False, on_error="skip"
+        )
 
 
 def test_a_field_the_model_cannot_crop_is_skipped_naming_it_not_its_batch_position(plate_copy, tiny_model, tmp_path):
     images, metadata = plate_copy
     for channel in (1, 2, 3):  # A02: 40 x 40, above shard's minimum but smaller than the model's 64 px crop
         tifffile.imwrite(images / f"plate1_A02_site1_Ch{channel}.tif", np.ones((40, 40), np.uint16))
-    info = embed_dataset(images, tmp_path / "emb", ModelFeaturizer(tiny_model, image_size=64), metadata=metadata,
-                         progress=False, on_error="skip")
+    info = embed_dataset(
+        images,
+        tmp_path / "emb",
+        ModelFeaturizer(tiny_model, image_size=64),
+        metadata=metadata,
+        progress=False,
+        on_error="skip",
+    )
     (skip,) = info["skipped"]["part-00000"]
     assert skip["field"] == "plate1/A02/s1" and skip["file"].endswith("plate1_A02_site1_Ch1.tif")
     assert "cannot be prepared for the model: image of 40x40 pixels is smaller than image_size=64" in skip["reason"]
@@ -365,15 +438,19 @@ def test_embed_on_an_image_folder_fails_in_one_line_naming_the_file_and_keeps_wr
     images, metadata = plate_copy
     _truncate(images / "plate1_B01_site1_Ch2.tif")
     with pytest.raises(BadInputError) as error:
-        embed_dataset(images, tmp_path / "emb", PixelStatsFeaturizer(), metadata=metadata, fields_per_part=2, progress=False)
+        embed_dataset(
+            images, tmp_path / "emb", PixelStatsFeaturizer(), metadata=metadata, fields_per_part=2, progress=False
+        )
     message = str(error.value)
     assert "plate1_B01_site1_Ch2.tif" in message and "\n" not in message and "on_error='skip'" in message
     assert [p.name for p in (tmp_path / "emb").glob("*.parquet")] == ["part-00000.parquet"]
 
 
-def test_cli_embed_of_a_corrupt_shard_exits_non_zero_with_one_line_naming_shard_and_field(plate_copy, tmp_path, capsys):
-    from tests.helpers.data_fixtures import flip_pixel_byte
+def test_cli_embed_of_a_corrupt_shard_exits_non_zero_with_one_line_naming_shard_and_field(
+    plate_copy, tmp_path, capsys
+):
     from hf_cellmae.cli import main
+    from tests.helpers.data_fixtures import flip_pixel_byte
 
     shards = _shards_of(plate_copy[0], tmp_path / "shards")
     field_id = flip_pixel_byte(shards / "shard-00000.parquet")
@@ -386,8 +463,8 @@ def test_cli_embed_of_a_corrupt_shard_exits_non_zero_with_one_line_naming_shard_
 def test_cli_embed_on_error_skip_skips_counts_and_lists_a_corrupt_field(plate_copy, tmp_path, capsys):
     import json
 
-    from tests.helpers.data_fixtures import flip_pixel_byte
     from hf_cellmae.cli import main
+    from tests.helpers.data_fixtures import flip_pixel_byte
 
     shards = _shards_of(plate_copy[0], tmp_path / "shards")
     field_id = flip_pixel_byte(shards / "shard-00000.parquet")
@@ -476,14 +553,26 @@ def test_cli_embed_of_unnamed_channels_with_a_named_model_exits_with_one_line(pl
 def test_channels_without_names_are_fed_by_position_with_one_warning_under_by_position(plate, named_model, tmp_path):
     root, _ = plate
     with pytest.warns(UserWarning, match="matched by position") as caught:
-        embed_dataset(root, tmp_path / "emb", ModelFeaturizer(named_model, by_position=True), fields_per_batch=2, progress=False)
+        embed_dataset(
+            root, tmp_path / "emb", ModelFeaturizer(named_model, by_position=True), fields_per_batch=2, progress=False
+        )
     assert len([w for w in caught if "matched by position" in str(w.message)]) == 1
 
 
 def test_image_folder_channels_are_named_by_a_per_file_table(plate, tmp_path):
     root, _ = plate
-    rows = [{"file": f"plate1_{well}_site1_Ch{c}.tif", "plate": "plate1", "well": well, "site": 1, "channel": c,
-             "compartment": stain} for well in WELLS for c, stain in zip((1, 2, 3), ("Mito", "DNA", "ER"))]
+    rows = [
+        {
+            "file": f"plate1_{well}_site1_Ch{c}.tif",
+            "plate": "plate1",
+            "well": well,
+            "site": 1,
+            "channel": c,
+            "compartment": stain,
+        }
+        for well in WELLS
+        for c, stain in zip((1, 2, 3), ("Mito", "DNA", "ER"))
+    ]
     table = tmp_path / "per_file.csv"
     pd.DataFrame(rows).to_csv(table, index=False)
     # The table sits outside the image folder: its relative file names resolve from the image folder.
@@ -504,8 +593,13 @@ def test_jump_shards_embed_with_each_stain_fed_as_the_models_stain(tmp_path, nam
     assert featurizer._channel_ids(["AGP", "DNA", "ER", "Mito", "RNA"]).tolist() == [3, 0, 1, 4, 2]
     embed_dataset(tmp_path / "shards", tmp_path / "emb", featurizer, progress=False)
     table = read_embeddings(tmp_path / "emb").set_index("Metadata_field_id")
-    sample = next(s for s in stream_fields(str(tmp_path / "shards"), image_size=None, augment=False, standardize=False,
-                                         shuffle=False) if s["field_id"] == "BR00123947/G01/s1")
+    sample = next(
+        s
+        for s in stream_fields(
+            str(tmp_path / "shards"), image_size=None, augment=False, standardize=False, shuffle=False
+        )
+        if s["field_id"] == "BR00123947/G01/s1"
+    )
     expected = _direct_embedding(named_model, sample["pixel_values"], [3, 0, 1, 4, 2])
     got = table.loc["BR00123947/G01/s1", [c for c in table.columns if not c.startswith("Metadata_")]].to_numpy(float)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
@@ -522,11 +616,25 @@ def test_jump_stain_names_flow_from_metadata_to_shards_model_folder_and_embeddin
     if not source.is_dir():
         pytest.skip(f"real data not found: {source}")
     jump = ["AGP", "DNA", "ER", "Mito", "RNA"]
-    assert shard_folder(source, tmp_path / "shards", metadata=source / "metadata.csv", num_workers=1,
-                        progress=False)["channels"] == jump
-    values = dict(data=tmp_path / "shards", output_dir=tmp_path / "run", model_preset="tiny", max_steps=2,
-                  per_device_train_batch_size=2, save_steps=2, logging_steps=1, figure_steps=0, report_to="none",
-                  progress_bar=False, crops_per_field=1)
+    assert (
+        shard_folder(source, tmp_path / "shards", metadata=source / "metadata.csv", num_workers=1, progress=False)[
+            "channels"
+        ]
+        == jump
+    )
+    values = dict(
+        data=tmp_path / "shards",
+        output_dir=tmp_path / "run",
+        model_preset="tiny",
+        max_steps=2,
+        per_device_train_batch_size=2,
+        save_steps=2,
+        logging_steps=1,
+        figure_steps=0,
+        report_to="none",
+        progress_bar=False,
+        crops_per_field=1,
+    )
     model_dir = Path(pretrain(parse_pretraining_arguments([f"--{k}={v}" for k, v in values.items()]))["model_dir"])
     assert json.loads((model_dir / "config.json").read_text())["channel_names"] == jump
     assert json.loads((model_dir / "preprocessor_config.json").read_text())["channel_names"] == jump

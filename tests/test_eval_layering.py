@@ -43,7 +43,7 @@ def _a_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
     def visit(node: str) -> list[str] | None:
         if node in path:
-            return path[path.index(node):] + [node]
+            return path[path.index(node) :] + [node]
         if node in done:
             return None
         path.append(node)
@@ -79,7 +79,8 @@ def test_tables_is_imported_by_report_suite_probe_and_imports_none_of_them():
 def test_the_check_sees_an_import_inside_a_function_and_finds_the_circle_it_closes(tmp_path):
     (tmp_path / "report.py").write_text("from .suite import evaluate_suite\n")
     (tmp_path / "suite.py").write_text(
-        "def f():\n    from .report import split_table\n    import hf_cellmae.evaluation.tables\n")
+        "def f():\n    from .report import split_table\n    import hf_cellmae.evaluation.tables\n"
+    )
     (tmp_path / "tables.py").write_text("import numpy\n")
     modules = {"report", "suite", "tables"}
     graph = {name: _imported_siblings(tmp_path / f"{name}.py", modules) for name in modules}

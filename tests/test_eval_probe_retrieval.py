@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from hf_cellmae.evaluation.probe import labelled_wells, plot_probe, probe_embeddings
-from hf_cellmae.evaluation.tables import split_table
 from hf_cellmae.evaluation.retrieval import consistency_map, gene_set_recall, replicate_map
+from hf_cellmae.evaluation.tables import split_table
 
 COMPLEXES = {"A": ["A1", "A2", "A3"], "B": ["B1", "B2", "B3"], "C": ["C1", "C2", "C3"]}
 
@@ -23,14 +23,24 @@ def screen_table(signal: float, seed: int = 0, plates: int = 2, offset: float = 
     for plate in range(plates):
         plate_shift = offset * rng.standard_normal(16)  # a batch effect the control alignment must remove
         wells = iter(f"{r}{c:02d}" for r, c in itertools.product("ABCDEFGH", range(1, 13)))
-        entries = [(g, name) for name, genes in COMPLEXES.items() for g in genes for _ in range(2)] + [("ctrl", "")] * 6
+        entries = [(g, name) for name, genes in COMPLEXES.items() for g in genes for _ in range(2)] + [
+            ("ctrl", "")
+        ] * 6
         for gene, name in entries:
             well = next(wells)
             for site in (1, 2):
                 centre = centres[name] * signal if name else 0.0
                 features.append(plate_shift + centre + rng.standard_normal(16))
-                rows.append({"Metadata_plate": f"P{plate}", "Metadata_well": well, "Metadata_site": site,
-                             "Metadata_perturbation": gene, "Metadata_complex": name, "Metadata_is_control": gene == "ctrl"})
+                rows.append(
+                    {
+                        "Metadata_plate": f"P{plate}",
+                        "Metadata_well": well,
+                        "Metadata_site": site,
+                        "Metadata_perturbation": gene,
+                        "Metadata_complex": name,
+                        "Metadata_is_control": gene == "ctrl",
+                    }
+                )
     table = pd.DataFrame(rows)
     return pd.concat([table, pd.DataFrame(np.array(features), columns=[f"f{i}" for i in range(16)])], axis=1)
 
@@ -91,12 +101,22 @@ def test_copairs_map_is_high_for_separable_replicates_and_groups():
     table = screen_table(signal=3.0)
     metadata, features = split_table(table)
     units, x = labelled_wells(metadata, features, "Metadata_perturbation")
-    activity = replicate_map(units, x, "Metadata_perturbation", units["Metadata_is_control"].to_numpy(bool), null_size=200)
+    activity = replicate_map(
+        units, x, "Metadata_perturbation", units["Metadata_is_control"].to_numpy(bool), null_size=200
+    )
     assert activity["mean_map"] > 0.8 and activity["n_groups"] == 9
-    flat = replicate_map(*labelled_wells(*split_table(screen_table(signal=0.0)), "Metadata_perturbation"),
-                         "Metadata_perturbation", units["Metadata_is_control"].to_numpy(bool), null_size=200)
+    flat = replicate_map(
+        *labelled_wells(*split_table(screen_table(signal=0.0)), "Metadata_perturbation"),
+        "Metadata_perturbation",
+        units["Metadata_is_control"].to_numpy(bool),
+        null_size=200,
+    )
     assert flat["mean_map"] < activity["mean_map"] - 0.3
     genes = units[~units.Metadata_is_control.astype(bool)].drop_duplicates("Metadata_perturbation")
-    profiles = np.stack([x[(units.Metadata_perturbation == g).to_numpy()].mean(0) for g in genes.Metadata_perturbation])
-    consistency = consistency_map(profiles, genes.Metadata_perturbation.tolist(), genes.Metadata_complex.tolist(), null_size=200)
+    profiles = np.stack(
+        [x[(units.Metadata_perturbation == g).to_numpy()].mean(0) for g in genes.Metadata_perturbation]
+    )
+    consistency = consistency_map(
+        profiles, genes.Metadata_perturbation.tolist(), genes.Metadata_complex.tolist(), null_size=200
+    )
     assert consistency["mean_map"] > 0.9 and consistency["n_groups"] == 3

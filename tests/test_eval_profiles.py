@@ -28,13 +28,22 @@ def _embeddings(folder, fields_per_well=3, rows_per_part=10, seed=0):
             gene = "ctrl" if w < 8 else GENES[1 + (w - 8) % 3]
             for site in range(1, fields_per_well + 1):
                 vector = (directions[gene] + rng.standard_normal(len(FEATURES))) * scale + shift
-                rows.append({"Metadata_plate": plate, "Metadata_well": f"{'AB'[w // 8]}{w % 8 + 1:02d}",
-                             "Metadata_site": site, "Metadata_perturbation": gene,
-                             "Metadata_is_control": gene == "ctrl", **dict(zip(FEATURES, vector.astype(np.float32)))})
+                rows.append(
+                    {
+                        "Metadata_plate": plate,
+                        "Metadata_well": f"{'AB'[w // 8]}{w % 8 + 1:02d}",
+                        "Metadata_site": site,
+                        "Metadata_perturbation": gene,
+                        "Metadata_is_control": gene == "ctrl",
+                        **dict(zip(FEATURES, vector.astype(np.float32))),
+                    }
+                )
     table = pd.DataFrame(rows).sample(frac=1.0, random_state=seed).reset_index(drop=True)
     folder.mkdir(parents=True, exist_ok=True)
     for start in range(0, len(table), rows_per_part):
-        table.iloc[start:start + rows_per_part].to_parquet(folder / f"part-{start // rows_per_part:05d}.parquet", index=False)
+        table.iloc[start : start + rows_per_part].to_parquet(
+            folder / f"part-{start // rows_per_part:05d}.parquet", index=False
+        )
     (folder / "_embedding_info.json").write_text("{}")  # cellmae embed's info file is not a part
     return table
 
@@ -52,8 +61,13 @@ def test_well_profiles_are_each_wells_mean_or_median_streamed_in_batches_smaller
 def test_metadata_constant_within_a_well_is_kept_and_varying_columns_are_named(tmp_path):
     _embeddings(tmp_path / "emb")
     wells = group_profiles(tmp_path / "emb", batch_rows=5)
-    assert list(wells.metadata.columns) == ["Metadata_plate", "Metadata_well", "Metadata_perturbation",
-                                            "Metadata_is_control", "Metadata_n_fields"]
+    assert list(wells.metadata.columns) == [
+        "Metadata_plate",
+        "Metadata_well",
+        "Metadata_perturbation",
+        "Metadata_is_control",
+        "Metadata_n_fields",
+    ]
     assert wells.varying_columns == ["Metadata_site"]
 
 
@@ -79,23 +93,47 @@ def test_cli_profiles_writes_parquet_that_pandas_and_copairs_read(tmp_path, caps
 
     _embeddings(tmp_path / "emb")
     out = tmp_path / "profiles"
-    assert main(["profiles", str(tmp_path / "emb"), str(out), "--batch-col", "Metadata_plate", "--alignment", "tvn",
-                 "--coral", "--perturbations", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "profiles",
+                str(tmp_path / "emb"),
+                str(out),
+                "--batch-col",
+                "Metadata_plate",
+                "--alignment",
+                "tvn",
+                "--coral",
+                "--perturbations",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "84 fields -> 28 wells (16 control)" in printed and "left out Metadata_site" in printed
     wells = pd.read_parquet(out / "well_profiles.parquet")
     features = [c for c in wells.columns if not c.startswith("Metadata_")]
     assert len(wells) == 28 and features == [f"tvn_{i:04d}" for i in range(4)]
     treated = wells[~wells["Metadata_is_control"]].reset_index(drop=True)
-    ap = copairs_map.average_precision(treated, treated[features].to_numpy(), pos_sameby=["Metadata_perturbation"],
-                                       pos_diffby=["Metadata_plate"], neg_sameby=[], neg_diffby=["Metadata_perturbation"],
-                                       progress_bar=False)
+    ap = copairs_map.average_precision(
+        treated,
+        treated[features].to_numpy(),
+        pos_sameby=["Metadata_perturbation"],
+        pos_diffby=["Metadata_plate"],
+        neg_sameby=[],
+        neg_diffby=["Metadata_perturbation"],
+        progress_bar=False,
+    )
     assert ap["average_precision"].mean() > 0.9  # the same gene on the other plate is the nearest well
     genes = pd.read_parquet(out / "perturbation_profiles.parquet")
     assert genes["Metadata_perturbation"].tolist() == ["g1", "g2", "g3"]
     assert genes["Metadata_n_wells"].tolist() == [4, 4, 4]
-    np.testing.assert_allclose(genes[features].to_numpy()[0],
-                               treated.loc[treated["Metadata_perturbation"] == "g1", features].mean(), rtol=1e-6)
+    np.testing.assert_allclose(
+        genes[features].to_numpy()[0],
+        treated.loc[treated["Metadata_perturbation"] == "g1", features].mean(),
+        rtol=1e-6,
+    )
     info = json.loads((out / "_profiles_info.json").read_text())
     assert info["options"]["align_options"] == {"coral": True} and info["n_perturbations"] == 3
 
@@ -104,8 +142,16 @@ def test_cli_profiles_h5ad_is_an_anndata_with_the_metadata_as_obs_and_the_featur
     anndata = pytest.importorskip("anndata")
 
     _embeddings(tmp_path / "emb")
-    common = ["--batch-col", "Metadata_plate", "--alignment", "center_scale", "--aggregation", "median",
-              "--perturbations", "--no-progress"]
+    common = [
+        "--batch-col",
+        "Metadata_plate",
+        "--alignment",
+        "center_scale",
+        "--aggregation",
+        "median",
+        "--perturbations",
+        "--no-progress",
+    ]
     assert main(["profiles", str(tmp_path / "emb"), str(tmp_path / "pq"), *common]) == 0
     assert main(["profiles", str(tmp_path / "emb"), str(tmp_path / "h5"), *common, "--format", "h5ad"]) == 0
     for name in ("well_profiles", "perturbation_profiles"):

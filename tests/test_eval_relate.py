@@ -33,7 +33,9 @@ def _random_map(n=40, width=6, seed=0):
 def _random_pairs(labels, n_pairs=80, seed=1):
     rng = np.random.default_rng(seed)
     pairs = rng.choice(labels + ["NOT_IN_MAP"], size=(n_pairs, 2))
-    pairs = np.vstack([pairs, [["G005", "G004"], ["G007", "G008"], ["G001", "G001"], ["G002", "G003"], ["G003", "G002"]]])
+    pairs = np.vstack(
+        [pairs, [["G005", "G004"], ["G007", "G008"], ["G001", "G001"], ["G002", "G003"], ["G003", "G002"]]]
+    )
     return pd.DataFrame(pairs, columns=["entity1", "entity2"])
 
 
@@ -56,7 +58,9 @@ def test_pairs_are_canonicalised_without_self_pairs_or_duplicates(tmp_path):
 def test_recall_matches_independent_quadratic_computation():
     vectors, labels = _random_map()
     pairs = _random_pairs(labels)
-    result = known_relationship_recall(vectors, labels, {"toy": pairs}, thresholds=[(0.05, 0.95), (0.2, 0.8)], progress=False)
+    result = known_relationship_recall(
+        vectors, labels, {"toy": pairs}, thresholds=[(0.05, 0.95), (0.2, 0.8)], progress=False
+    )
 
     # Independent: plain Python cosines, every pair, counting by comparison.
     def cosine(u, v):
@@ -89,7 +93,9 @@ def _import_efaar_benchmarking(monkeypatch):
     if importlib.util.find_spec("efaar_benchmarking") is None:
         wheel = cached_wheel()  # kept by `cellmae annotations`: a pure-Python wheel imports from the zip
         if not wheel.is_file():
-            pytest.skip("efaar-benchmarking's code is not here: run `cellmae annotations` (or pip install --no-deps efaar-benchmarking==1.0)")
+            pytest.skip(
+                "efaar-benchmarking's code is not here: run `cellmae annotations` (or pip install --no-deps efaar-benchmarking==1.0)"
+            )
         monkeypatch.syspath_prepend(str(wheel))
         monkeypatch.delitem(sys.modules, "efaar_benchmarking", raising=False)
 
@@ -181,7 +187,9 @@ def test_source_without_usable_pairs_raises_or_is_reported_when_skipped():
     usable = _random_pairs(labels)
     with pytest.raises(ValueError, match="'other' is unusable"):
         known_relationship_recall(vectors, labels, {"toy": usable, "other": unusable}, progress=False)
-    result = known_relationship_recall(vectors, labels, {"toy": usable, "other": unusable}, on_unusable="skip", progress=False)
+    result = known_relationship_recall(
+        vectors, labels, {"toy": usable, "other": unusable}, on_unusable="skip", progress=False
+    )
     assert list(result["sources"]) == ["toy"] and "other" in result["skipped_sources"]
 
 

@@ -9,7 +9,16 @@ import pytest
 from hf_cellmae.cli import main
 from hf_cellmae.evaluation.report import evaluate_embeddings, evaluate_synthetic
 
-CONTRACT_KEYS = {"dataset", "alignment", "aggregation", "n_perturbations", "embedding_dim", "sources", "chance", "plots"}
+CONTRACT_KEYS = {
+    "dataset",
+    "alignment",
+    "aggregation",
+    "n_perturbations",
+    "embedding_dim",
+    "sources",
+    "chance",
+    "plots",
+}
 
 
 def _table(signal, seed=0, groups=5, genes=4, fields_per_plate=3, width=8, controls_per_plate=30):
@@ -39,8 +48,15 @@ def _table(signal, seed=0, groups=5, genes=4, fields_per_plate=3, width=8, contr
 def test_results_follow_the_contract_and_plots_are_pngs(tmp_path):
     table, pairs = _table(signal=1.5)
     noise, _ = _table(signal=0.0, seed=1)
-    results = evaluate_embeddings(table, sources={"complexes": pairs}, out_dir=tmp_path, dataset="toy",
-                                  baselines={"random_init": noise}, batch_col="Metadata_plate", progress=False)
+    results = evaluate_embeddings(
+        table,
+        sources={"complexes": pairs},
+        out_dir=tmp_path,
+        dataset="toy",
+        baselines={"random_init": noise},
+        batch_col="Metadata_plate",
+        progress=False,
+    )
     written = json.loads((tmp_path / "eval_results.json").read_text())
     assert written == results
     assert set(written) == CONTRACT_KEYS | {"baselines", "suite"}
@@ -57,8 +73,9 @@ def test_results_follow_the_contract_and_plots_are_pngs(tmp_path):
 def test_related_genes_are_recalled_above_chance_and_above_a_signal_free_baseline():
     table, pairs = _table(signal=1.5)
     noise, _ = _table(signal=0.0, seed=1)
-    results = evaluate_embeddings(table, sources={"complexes": pairs}, baselines={"noise": noise},
-                                  batch_col="Metadata_plate", progress=False)
+    results = evaluate_embeddings(
+        table, sources={"complexes": pairs}, baselines={"noise": noise}, batch_col="Metadata_plate", progress=False
+    )
     model = results["sources"]["complexes"]["recall_0.10_0.90"]
     assert model > 0.5
     assert model > results["baselines"]["noise"]["sources"]["complexes"]["recall_0.10_0.90"] + 0.2
@@ -78,9 +95,24 @@ def test_cli_evaluate_writes_results_from_a_table_file(tmp_path, capsys):
     table, pairs = _table(signal=1.0)
     table.drop(columns="Metadata_is_control").to_parquet(tmp_path / "emb.parquet")
     pairs.to_csv(tmp_path / "complexes.csv", index=False)
-    code = main(["evaluate", str(tmp_path / "emb.parquet"), "--sources", str(tmp_path / "complexes.csv"),
-                 "--controls", "non-targeting", "--batch-col", "Metadata_plate", "--alignment", "pca_center_scale",
-                 "--out", str(tmp_path / "eval"), "--no-plots", "--no-progress"])
+    code = main(
+        [
+            "evaluate",
+            str(tmp_path / "emb.parquet"),
+            "--sources",
+            str(tmp_path / "complexes.csv"),
+            "--controls",
+            "non-targeting",
+            "--batch-col",
+            "Metadata_plate",
+            "--alignment",
+            "pca_center_scale",
+            "--out",
+            str(tmp_path / "eval"),
+            "--no-plots",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     results = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
     assert results["alignment"] == "pca_center_scale" and "complexes" in results["sources"]
@@ -94,8 +126,24 @@ def test_cli_evaluate_names_the_file_each_relationship_source_was_read_from(tmp_
     pairs.to_csv(tmp_path / "outside.csv", index=False)  # outside --annotations, reached with ../..
     pairs.to_csv(tmp_path / "work" / "annotations" / "CORUM.txt", index=False)
     monkeypatch.chdir(tmp_path / "work" / "annotations")
-    code = main(["evaluate", "../emb.parquet", "--sources", "../../outside.csv", "CORUM", "--annotations", ".",
-                 "--batch-col", "Metadata_plate", "--out", "../eval", "--no-plots", "--no-progress", "--no-suite"])
+    code = main(
+        [
+            "evaluate",
+            "../emb.parquet",
+            "--sources",
+            "../../outside.csv",
+            "CORUM",
+            "--annotations",
+            ".",
+            "--batch-col",
+            "Metadata_plate",
+            "--out",
+            "../eval",
+            "--no-plots",
+            "--no-progress",
+            "--no-suite",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert f"relationship source outside read from {tmp_path / 'outside.csv'}" in out
@@ -106,8 +154,21 @@ def test_a_plate_that_cannot_support_the_benchmark_is_refused_in_one_line_naming
     table, _ = _table(signal=1.0)
     one_gene = table.drop(columns=["Metadata_perturbation", "Metadata_is_control"]).assign(Metadata_gene="RAB30")
     one_gene.to_parquet(tmp_path / "emb.parquet")
-    assert main(["evaluate", str(tmp_path / "emb.parquet"), "--batch-col", "Metadata_plate", "--out", str(tmp_path / "eval"),
-                 "--no-plots", "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                str(tmp_path / "emb.parquet"),
+                "--batch-col",
+                "Metadata_plate",
+                "--out",
+                str(tmp_path / "eval"),
+                "--no-plots",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "cannot support the benchmark" in err
     assert "--perturbation-col Metadata_gene" in err and "control wells" in err and "it has 1 (RAB30)" in err
@@ -115,7 +176,9 @@ def test_a_plate_that_cannot_support_the_benchmark_is_refused_in_one_line_naming
 
 def test_missing_control_definition_and_text_features_raise(tmp_path):
     table, pairs = _table(signal=1.0)
-    with pytest.raises(ValueError, match="cannot support the benchmark; it lacks control wells .*say which rows are controls"):
+    with pytest.raises(
+        ValueError, match="cannot support the benchmark; it lacks control wells .*say which rows are controls"
+    ):
         evaluate_embeddings(table.drop(columns="Metadata_is_control"), sources={"c": pairs}, progress=False)
     with pytest.raises(ValueError, match="no row of Metadata_perturbation is one of the controls"):
         evaluate_embeddings(table, sources={"c": pairs}, controls=["DMSO"], progress=False)
@@ -127,8 +190,20 @@ def test_cli_evaluate_with_alignment_none_needs_no_controls(tmp_path, capsys):
     table, pairs = _table(signal=1.5, controls_per_plate=0)
     table.drop(columns="Metadata_is_control").to_parquet(tmp_path / "emb.parquet")
     pairs.to_csv(tmp_path / "complexes.csv", index=False)
-    code = main(["evaluate", str(tmp_path / "emb.parquet"), "--sources", str(tmp_path / "complexes.csv"),
-                 "--alignment", "none", "--out", str(tmp_path / "eval"), "--no-plots", "--no-progress"])
+    code = main(
+        [
+            "evaluate",
+            str(tmp_path / "emb.parquet"),
+            "--sources",
+            str(tmp_path / "complexes.csv"),
+            "--alignment",
+            "none",
+            "--out",
+            str(tmp_path / "eval"),
+            "--no-plots",
+            "--no-progress",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     results = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
     assert results["alignment"] == "none" and results["n_perturbations"] == 20
@@ -138,8 +213,19 @@ def test_cli_evaluate_min_perturbations_flag_reaches_the_benchmark(tmp_path, cap
     table, pairs = _table(signal=1.5, groups=2, genes=4)  # 8 perturbations, below the default minimum of 10
     table.to_parquet(tmp_path / "emb.parquet")
     pairs.to_csv(tmp_path / "complexes.csv", index=False)
-    command = ["evaluate", str(tmp_path / "emb.parquet"), "--sources", str(tmp_path / "complexes.csv"),
-               "--out", str(tmp_path / "eval"), "--no-plots", "--no-progress", "--no-suite", "--alignment", "center_scale"]
+    command = [
+        "evaluate",
+        str(tmp_path / "emb.parquet"),
+        "--sources",
+        str(tmp_path / "complexes.csv"),
+        "--out",
+        str(tmp_path / "eval"),
+        "--no-plots",
+        "--no-progress",
+        "--no-suite",
+        "--alignment",
+        "center_scale",
+    ]
     assert main(command) == 2
     assert "--min-perturbations" in capsys.readouterr().err
     assert main([*command, "--min-perturbations", "8"]) == 0
@@ -163,11 +249,16 @@ def test_every_setting_of_evaluate_embeddings_is_a_cellmae_evaluate_option():
     parameters = set(inspect.signature(evaluate_embeddings).parameters) - {"embeddings", "options", "settings"}
     assert parameters == set(beside) and set(beside.values()) <= destinations
     # the Python spelling of a setting (progress=False, align_options=...) sets the option of the same meaning
-    spelled = {"out_dir": ("/tmp/x", "out", "/tmp/x"), "on_unusable": ("skip", "skip_unusable", True),
-               "plots": (False, "no_plots", True), "progress": (False, "no_progress", True),
-               "suite": (False, "no_suite", True), "probe_labels": (("complex",), "probe", ["complex"]),
-               "thresholds": ([(0.1, 0.9)], "thresholds", ["0.1,0.9"]),
-               "align_options": ({"scale_per_batch": False}, "no_scale_per_batch", True)}
+    spelled = {
+        "out_dir": ("/tmp/x", "out", "/tmp/x"),
+        "on_unusable": ("skip", "skip_unusable", True),
+        "plots": (False, "no_plots", True),
+        "progress": (False, "no_progress", True),
+        "suite": (False, "no_suite", True),
+        "probe_labels": (("complex",), "probe", ["complex"]),
+        "thresholds": ([(0.1, 0.9)], "thresholds", ["0.1,0.9"]),
+        "align_options": ({"scale_per_batch": False}, "no_scale_per_batch", True),
+    }
     for setting, (value, option, expected) in spelled.items():
         assert getattr(evaluate_options(**{setting: value}), option) == expected, setting
     with pytest.raises(TypeError, match="not a setting of EvaluateOptions"):
@@ -178,9 +269,12 @@ def test_evaluate_embeddings_takes_the_options_whole_and_refuses_sources_in_thei
     from hf_cellmae.evaluation.options import EvaluateOptions
 
     table, pairs = _table(signal=1.5)
-    options = EvaluateOptions(sources={"complexes": pairs}, batch_col="Metadata_plate", no_suite=True, no_progress=True)
+    options = EvaluateOptions(
+        sources={"complexes": pairs}, batch_col="Metadata_plate", no_suite=True, no_progress=True
+    )
     assert evaluate_embeddings(table, options) == evaluate_embeddings(
-        table, sources={"complexes": pairs}, batch_col="Metadata_plate", suite=False, progress=False)
+        table, sources={"complexes": pairs}, batch_col="Metadata_plate", suite=False, progress=False
+    )
     with pytest.raises(TypeError, match="options is an EvaluateOptions, not a dict"):
         evaluate_embeddings(table, {"complexes": pairs})
 
@@ -204,8 +298,12 @@ def test_recall_figure_names_the_chance_of_each_panel_and_the_model_by_its_label
     from hf_cellmae.evaluation.plots import recall_figure
 
     sources = {"complexes": {"recall_0.05_0.95": 0.3, "recall_0.10_0.90": 0.4}}
-    fig = recall_figure(sources, {"recall_0.05_0.95": 0.1, "recall_0.10_0.90": 0.2},
-                        baselines={"random_init": sources}, model_label="pretrained")
+    fig = recall_figure(
+        sources,
+        {"recall_0.05_0.95": 0.1, "recall_0.10_0.90": 0.2},
+        baselines={"random_init": sources},
+        model_label="pretrained",
+    )
     titles = [ax.get_title() for ax in fig.axes]
     assert titles == ["percentile <= 0.05 or >= 0.95 (chance 0.10)", "percentile <= 0.10 or >= 0.90 (chance 0.20)"]
     legend = [text.get_text() for text in fig.axes[-1].get_legend().get_texts()]
@@ -223,8 +321,15 @@ def test_suite_figure_draws_chance_for_every_probe_and_the_probes_spread(tmp_pat
     for frame in (table, noise):
         frame["Metadata_complex"] = table["Metadata_perturbation"].str.split("_").str[0]
         frame["Metadata_well"] = [f"W{row}" for row in range(len(frame))]  # each field its own well
-    results = evaluate_embeddings(table, sources={"complexes": pairs}, dataset="toy", baselines={"random_init": noise},
-                                  batch_col="Metadata_plate", probe_labels=["complex"], progress=False)
+    results = evaluate_embeddings(
+        table,
+        sources={"complexes": pairs},
+        dataset="toy",
+        baselines={"random_init": noise},
+        batch_col="Metadata_plate",
+        probe_labels=["complex"],
+        progress=False,
+    )
     report = results["suite"]
     assert set(suite_chance(report)) == {"probe complex", "kNN complex", "gene-set recall complexes"}
     fig = suite_figure(report, model_label="pretrained", alignment="tvn")
@@ -244,11 +349,23 @@ def test_heatmap_and_projection_name_the_featuriser_and_the_alignment(tmp_path, 
     titles = {}
     for name in ("plot_complex_heatmap", "plot_projection"):
         real = getattr(report, name)
-        monkeypatch.setattr(report, name, lambda *a, _real=real, _name=name, **k: (titles.__setitem__(_name, k["title"]), _real(*a, **k))[1])
+        monkeypatch.setattr(
+            report,
+            name,
+            lambda *a, _real=real, _name=name, **k: (titles.__setitem__(_name, k["title"]), _real(*a, **k))[1],
+        )
     table, pairs = _table(signal=1.5)
-    evaluate_embeddings(table, sources={"complexes": pairs}, out_dir=tmp_path, dataset="toy",
-                        batch_col="Metadata_plate", alignment="center_scale", progress=False, suite=False,
-                        model_label="pretrained")
+    evaluate_embeddings(
+        table,
+        sources={"complexes": pairs},
+        out_dir=tmp_path,
+        dataset="toy",
+        batch_col="Metadata_plate",
+        alignment="center_scale",
+        progress=False,
+        suite=False,
+        model_label="pretrained",
+    )
     for title in titles.values():
         assert "pretrained profiles after center_scale" in title
     assert set(titles) == {"plot_complex_heatmap", "plot_projection"}
@@ -267,8 +384,20 @@ def test_evaluate_into_an_unwritable_folder_fails_in_one_line_before_the_work(tm
         raise AssertionError("the embeddings were read before the output folder was checked")
 
     monkeypatch.setattr(report, "read_embeddings", no_work)
-    code = main(["evaluate", str(tmp_path / "emb.parquet"), "--sources", str(tmp_path / "complexes.csv"),
-                 "--batch-col", "Metadata_plate", "--out", str(blocker / "eval"), "--no-plots", "--no-progress"])
+    code = main(
+        [
+            "evaluate",
+            str(tmp_path / "emb.parquet"),
+            "--sources",
+            str(tmp_path / "complexes.csv"),
+            "--batch-col",
+            "Metadata_plate",
+            "--out",
+            str(blocker / "eval"),
+            "--no-plots",
+            "--no-progress",
+        ]
+    )
     error = capsys.readouterr().err.strip()
     assert code == 2 and len(error.splitlines()) == 1
     assert f"cannot write evaluation results to {blocker / 'eval'}" in error

@@ -28,12 +28,24 @@ def screen(signal: float, seed: int = 0, width: int = 12) -> tuple[pd.DataFrame,
             for site in (1, 2):
                 centre = 0 if control else signal * directions[int(complex_[1:])]
                 features.append(shift + centre + rng.standard_normal(width))
-                rows.append({"Metadata_plate": plate, "Metadata_well": f"W{w:02d}", "Metadata_site": site,
-                             "Metadata_field_id": f"{plate}-W{w:02d}-{site}", "Metadata_perturbation": gene,
-                             "Metadata_complex": complex_, "Metadata_is_control": control})
-    table = pd.concat([pd.DataFrame(rows), pd.DataFrame(np.array(features), columns=[f"f{i}" for i in range(width)])], axis=1)
-    pairs = pd.DataFrame([(f"G{g}_{a}", f"G{g}_{b}") for g in range(GROUPS) for a in range(GENES) for b in range(a + 1, GENES)],
-                         columns=["entity1", "entity2"])
+                rows.append(
+                    {
+                        "Metadata_plate": plate,
+                        "Metadata_well": f"W{w:02d}",
+                        "Metadata_site": site,
+                        "Metadata_field_id": f"{plate}-W{w:02d}-{site}",
+                        "Metadata_perturbation": gene,
+                        "Metadata_complex": complex_,
+                        "Metadata_is_control": control,
+                    }
+                )
+    table = pd.concat(
+        [pd.DataFrame(rows), pd.DataFrame(np.array(features), columns=[f"f{i}" for i in range(width)])], axis=1
+    )
+    pairs = pd.DataFrame(
+        [(f"G{g}_{a}", f"G{g}_{b}") for g in range(GROUPS) for a in range(GENES) for b in range(a + 1, GENES)],
+        columns=["entity1", "entity2"],
+    )
     return table, pairs
 
 
@@ -53,8 +65,13 @@ def test_cellprofiler_table_is_predicted_by_the_others_and_not_scored_against_it
     model, pairs = screen(signal=2.0)
     target = model.copy()
     target = target.rename(columns={f"f{i}": f"Cells_Intensity_Feature{i}__DNA" for i in range(12)})
-    report = evaluate_suite({"model": model, "cellprofiler": target}, {"complexes": pairs},
-                            EvaluateOptions(batch_col="Metadata_plate"), cellprofiler=target, null_size=200)
+    report = evaluate_suite(
+        {"model": model, "cellprofiler": target},
+        {"complexes": pairs},
+        EvaluateOptions(batch_col="Metadata_plate"),
+        cellprofiler=target,
+        null_size=200,
+    )
     assert report["featurizers"]["model"]["cellprofiler_prediction"]["per_category"]["Intensity"]["median_r2"] > 0.9
     assert "cellprofiler_prediction" not in report["featurizers"]["cellprofiler"]
 
@@ -62,9 +79,14 @@ def test_cellprofiler_table_is_predicted_by_the_others_and_not_scored_against_it
 def test_suite_writes_a_comparison_plot_and_a_per_category_cellprofiler_plot(tmp_path):
     model, pairs = screen(signal=2.0)
     target = model.rename(columns={f"f{i}": f"Cells_Intensity_Feature{i}__DNA" for i in range(12)})
-    report = evaluate_suite({"model": model, "cellprofiler": target}, {"complexes": pairs},
-                            EvaluateOptions(batch_col="Metadata_plate"), cellprofiler=target, null_size=200,
-                            out_dir=tmp_path)
+    report = evaluate_suite(
+        {"model": model, "cellprofiler": target},
+        {"complexes": pairs},
+        EvaluateOptions(batch_col="Metadata_plate"),
+        cellprofiler=target,
+        null_size=200,
+        out_dir=tmp_path,
+    )
     for key in ("plot", "cellprofiler_plot"):
         assert (tmp_path / report[key]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -75,9 +97,26 @@ def test_cli_evaluate_runs_the_suite_on_the_model_and_each_baseline(tmp_path, ca
     model.to_parquet(tmp_path / "model.parquet")
     noise.to_parquet(tmp_path / "noise.parquet")
     pairs.to_csv(tmp_path / "complexes.csv", index=False)
-    code = main(["evaluate", str(tmp_path / "model.parquet"), "--sources", str(tmp_path / "complexes.csv"),
-                 "--batch-col", "Metadata_plate", "--baseline", "noise", str(tmp_path / "noise.parquet"),
-                 "--probe", "complex", "--consistency-col", "complex", "--out", str(tmp_path / "eval"), "--no-progress"])
+    code = main(
+        [
+            "evaluate",
+            str(tmp_path / "model.parquet"),
+            "--sources",
+            str(tmp_path / "complexes.csv"),
+            "--batch-col",
+            "Metadata_plate",
+            "--baseline",
+            "noise",
+            str(tmp_path / "noise.parquet"),
+            "--probe",
+            "complex",
+            "--consistency-col",
+            "complex",
+            "--out",
+            str(tmp_path / "eval"),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     results = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
     assert set(results["suite"]["featurizers"]) == {"model", "noise"}
@@ -88,6 +127,7 @@ def test_cli_evaluate_runs_the_suite_on_the_model_and_each_baseline(tmp_path, ca
 
 def test_no_suite_leaves_only_the_recall_benchmark(tmp_path):
     model, pairs = screen(signal=2.0)
-    results = evaluate_embeddings(model, sources={"complexes": pairs}, batch_col="Metadata_plate", suite=False,
-                                  progress=False)
+    results = evaluate_embeddings(
+        model, sources={"complexes": pairs}, batch_col="Metadata_plate", suite=False, progress=False
+    )
     assert "suite" not in results

@@ -42,8 +42,14 @@ def example_env(hf_home: Path, **extra) -> dict:
 
 
 def run_example(script: str, *args: str, env: dict) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, str(EXAMPLES / script), *args], env=env, cwd=env["HF_HOME"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *args],
+        env=env,
+        cwd=env["HF_HOME"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, f"{script} failed:\n{result.stdout}\n{result.stderr}"
     return result
 
@@ -56,8 +62,9 @@ def real_site_run(tmp_path_factory):
     if not BBBC022.is_dir():
         pytest.skip(f"real BBBC022 images not found: {BBBC022}")
     tmp = tmp_path_factory.mktemp("embed_real")
-    result = run_example("embed_in_one_line.py", "--out", str(tmp / "out"), "--save", str(tmp / "embedding.npz"),
-                         env=example_env(tmp))
+    result = run_example(
+        "embed_in_one_line.py", "--out", str(tmp / "out"), "--save", str(tmp / "embedding.npz"), env=example_env(tmp)
+    )
     return tmp, result.stdout
 
 
@@ -71,8 +78,18 @@ def given_model_run(tmp_path_factory):
     torch.manual_seed(0)
     CellMAEModel(config).save_pretrained(tmp / "model")
     CellMAEImageProcessor(image_size=config.image_size, crop_mode="tile").save_pretrained(tmp / "model")
-    result = run_example("embed_in_one_line.py", "--model", str(tmp / "model"), "--data-dir", str(tmp / "no_data"),
-                         "--out", str(tmp / "out"), "--save", str(tmp / "embedding.npz"), env=example_env(tmp))
+    result = run_example(
+        "embed_in_one_line.py",
+        "--model",
+        str(tmp / "model"),
+        "--data-dir",
+        str(tmp / "no_data"),
+        "--out",
+        str(tmp / "out"),
+        "--save",
+        str(tmp / "embedding.npz"),
+        env=example_env(tmp),
+    )
     return tmp, result.stdout
 
 
@@ -126,32 +143,50 @@ def hub():
 def plate_run(tmp_path_factory, hub):
     """The whole chain without --repo-id, with a Hub endpoint and token available that it must not use."""
     tmp = tmp_path_factory.mktemp("plate_run")
-    result = run_example("pretrain_your_plate.py", *SMALL_RUN, "--out", str(tmp / "run"),
-                         env=example_env(tmp, HF_ENDPOINT=hub.url, HF_TOKEN=TOKEN))
+    result = run_example(
+        "pretrain_your_plate.py",
+        *SMALL_RUN,
+        "--out",
+        str(tmp / "run"),
+        env=example_env(tmp, HF_ENDPOINT=hub.url, HF_TOKEN=TOKEN),
+    )
     return tmp / "run", result.stdout, list(hub.requests)
 
 
 @pytest.fixture(scope="module")
 def pushed_run(tmp_path_factory, hub, plate_run):
     tmp = tmp_path_factory.mktemp("pushed_run")
-    result = run_example("pretrain_your_plate.py", *SMALL_RUN, "--out", str(tmp / "run"), "--repo-id", "org/my-plate",
-                         env=example_env(tmp, HF_ENDPOINT=hub.url, HF_TOKEN=TOKEN))
+    result = run_example(
+        "pretrain_your_plate.py",
+        *SMALL_RUN,
+        "--out",
+        str(tmp / "run"),
+        "--repo-id",
+        "org/my-plate",
+        env=example_env(tmp, HF_ENDPOINT=hub.url, HF_TOKEN=TOKEN),
+    )
     return tmp / "run", result.stdout
 
 
 def test_pretrain_example_prints_every_step_and_its_output_folder(plate_run):
     out, output, _ = plate_run
-    for number, where in ((0, out / "plate" / "images"), (1, out / "shards"), (2, out / "run" / "model"),
-                          (3, out / "embeddings" / "model"), (4, out / "evaluation" / "eval_results.json"),
-                          (5, out / "run" / "model" / "README.md")):
+    for number, where in (
+        (0, out / "plate" / "images"),
+        (1, out / "shards"),
+        (2, out / "run" / "model"),
+        (3, out / "embeddings" / "model"),
+        (4, out / "evaluation" / "eval_results.json"),
+        (5, out / "run" / "model" / "README.md"),
+    ):
         assert f"[{number}]" in output
         assert str(where) in output
     assert "112 fields, channels ['DNA', 'ER', 'RNA', 'AGP', 'Mito']" in output
 
 
 def test_pretrain_example_model_folder_loads_with_automodel(plate_run):
-    import hf_cellmae  # noqa: F401
     from transformers import AutoModel
+
+    import hf_cellmae  # noqa: F401
 
     model = AutoModel.from_pretrained(plate_run[0] / "run" / "model")
     assert type(model).__name__ == "CellMAEModel"
@@ -190,7 +225,9 @@ def test_pretrain_example_does_not_push_without_repo_id(plate_run):
 def test_pretrain_example_pushes_the_model_folder_when_given_a_repo_id(pushed_run, hub):
     out, output = pushed_run
     files = hub.files("org/my-plate")
-    assert {"model.safetensors", "config.json", "preprocessor_config.json", "modeling_cellmae.py", "README.md"} <= set(files)
+    assert {"model.safetensors", "config.json", "preprocessor_config.json", "modeling_cellmae.py", "README.md"} <= set(
+        files
+    )
     assert files["model.safetensors"] == (out / "run" / "model" / "model.safetensors").read_bytes()
     assert b"org/my-plate" in files["README.md"]  # the card's loading snippets name the repo
     assert "pushing" in output and "org/my-plate" in output
@@ -215,8 +252,16 @@ def probe_run(plate_run, tmp_path_factory):
     """The probe on the pre-trained run's model and shards (labels: the synthetic complexes)."""
     tmp = tmp_path_factory.mktemp("probe")
     out = plate_run[0]
-    result = run_example("linear_probe.py", "--model", str(out / "run" / "model"), "--data", str(out / "shards"),
-                         "--out", str(tmp / "probe"), env=example_env(tmp))
+    result = run_example(
+        "linear_probe.py",
+        "--model",
+        str(out / "run" / "model"),
+        "--data",
+        str(out / "shards"),
+        "--out",
+        str(tmp / "probe"),
+        env=example_env(tmp),
+    )
     return json.loads((tmp / "probe" / "probe_results.json").read_text()), result.stdout
 
 

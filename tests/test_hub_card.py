@@ -11,10 +11,10 @@ import pytest
 from huggingface_hub import ModelCard
 from safetensors import safe_open
 
-from tests.helpers.fake_hub import FakeHub, make_trained_model_folder
 from hf_cellmae.cli import main
 from hf_cellmae.hub import render_model_card, template_path
 from hf_cellmae.hub.model_card import GENERATED_MARKER
+from tests.helpers.fake_hub import FakeHub, make_trained_model_folder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,7 +53,12 @@ def test_card_model_index_metrics_equal_the_evaluation_json(folder):
     results = json.loads((folder / "eval_results.json").read_text())
     card = ModelCard(str(render_model_card(folder)), ignore_metadata_errors=False)
     from_card = {(r.dataset_config, r.metric_type): r.metric_value for r in card.data.eval_results}
-    from_json = {(source, metric): value for source, values in results["sources"].items() for metric, value in values.items() if metric.startswith("recall")}
+    from_json = {
+        (source, metric): value
+        for source, values in results["sources"].items()
+        for metric, value in values.items()
+        if metric.startswith("recall")
+    }
     assert from_card == from_json
 
 
@@ -63,9 +68,15 @@ def test_card_evaluation_table_shows_recall_chance_and_baseline_from_the_json(fo
     corum, baseline = results["sources"]["CORUM"], results["baselines"]["random_init"]["sources"]["CORUM"]
     row = next(line for line in text.splitlines() if line.startswith("| CORUM |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells == ["CORUM", f"{corum['recall_0.05_0.95']:.6g}", f"{baseline['recall_0.05_0.95']:.6g}",
-                     f"{corum['recall_0.10_0.90']:.6g}", f"{baseline['recall_0.10_0.90']:.6g}",
-                     str(corum["null_size"]), str(corum["query_size"])]
+    assert cells == [
+        "CORUM",
+        f"{corum['recall_0.05_0.95']:.6g}",
+        f"{baseline['recall_0.05_0.95']:.6g}",
+        f"{corum['recall_0.10_0.90']:.6g}",
+        f"{baseline['recall_0.10_0.90']:.6g}",
+        str(corum["null_size"]),
+        str(corum["query_size"]),
+    ]
     assert f"(chance {results['chance']['recall_0.05_0.95']:.6g})" in text
 
 
@@ -107,8 +118,13 @@ def test_card_of_a_model_evaluated_on_the_simulated_screen_says_its_channels_are
 def test_card_holds_no_machine_path_and_an_install_line_that_works(folder, tmp_path):
     machine = tmp_path / "home" / "alice" / "screens"
     args = json.loads((folder / "training_args.json").read_text())
-    args.update(data=str(machine / "shards"), output_dir=str(machine / "runs" / "b16"), init_from=str(machine / "base"),
-                resume_from_checkpoint=str(machine / "runs" / "b16" / "checkpoints" / "checkpoint-4"), model_preset="tiny")
+    args.update(
+        data=str(machine / "shards"),
+        output_dir=str(machine / "runs" / "b16"),
+        init_from=str(machine / "base"),
+        resume_from_checkpoint=str(machine / "runs" / "b16" / "checkpoints" / "checkpoint-4"),
+        model_preset="tiny",
+    )
     (folder / "training_args.json").write_text(json.dumps(args))
     state = json.loads((folder / "trainer_state.json").read_text())
     state["dataset"] = {"name": "shards", "path": str(machine / "shards"), "num_fields": 2, "channels": ["DNA", "ER"]}
@@ -122,7 +138,9 @@ def test_card_holds_no_machine_path_and_an_install_line_that_works(folder, tmp_p
 def test_card_is_named_after_the_run_not_the_generic_model_folder(folder, tmp_path):
     assert folder.name == "model"
     args = json.loads((folder / "training_args.json").read_text())
-    (folder / "training_args.json").write_text(json.dumps({**args, "output_dir": "runs/camae-b16-jump", "model_preset": "tiny"}))
+    (folder / "training_args.json").write_text(
+        json.dumps({**args, "output_dir": "runs/camae-b16-jump", "model_preset": "tiny"})
+    )
     assert str(render_model_card(folder)).splitlines()[0] == "---"
     assert "\n# camae-b16-jump\n" in str(render_model_card(folder))
     (folder / "training_args.json").write_text(json.dumps({**args, "output_dir": "run", "model_preset": "tiny"}))
@@ -226,7 +244,9 @@ def test_card_command_copies_evaluation_results_and_plots_into_the_folder(folder
     shutil.move(folder / "plots", evaluation / "plots")
     assert main(["card", str(folder), "--eval-results", str(evaluation / "eval_results.json")]) == 0
     assert (folder / "plots" / "recall.png").is_file()
-    assert json.loads((folder / "eval_results.json").read_text()) == json.loads((evaluation / "eval_results.json").read_text())
+    assert json.loads((folder / "eval_results.json").read_text()) == json.loads(
+        (evaluation / "eval_results.json").read_text()
+    )
     assert "![recall](plots/recall.png)" in (folder / "README.md").read_text()
 
 
@@ -245,12 +265,26 @@ def test_card_labels_synthetic_results_as_synthetic_and_shows_the_suite(tmp_path
     model_dir = tmp_path / "model"
     CellMAEForPreTraining(CellMAEConfig.from_preset("tiny")).save_pretrained(model_dir)
     sources = {"complexes": {"recall_0.05_0.95": 0.4, "recall_0.10_0.90": 0.5, "null_size": 10, "query_size": 5}}
-    suite = {"featurizers": {"model": {"probe": {"Metadata_complex": {"logistic": 0.61, "knn": 0.5, "chance": 0.25}}},
-                             "pixel_stats": {"probe": {"Metadata_complex": {"logistic": 0.42, "knn": 0.3, "chance": 0.25}}}}}
-    for dataset, expected in (("synthetic:plate", "Recall of simulated relationships"),
-                              ("rxrx3-core", "Known-relationship recall (EFAAR benchmark)")):
-        results = {"dataset": dataset, "alignment": "tvn", "aggregation": "mean", "n_perturbations": 5,
-                   "embedding_dim": 64, "sources": sources, "chance": {"recall_0.05_0.95": 0.1}, "suite": suite}
+    suite = {
+        "featurizers": {
+            "model": {"probe": {"Metadata_complex": {"logistic": 0.61, "knn": 0.5, "chance": 0.25}}},
+            "pixel_stats": {"probe": {"Metadata_complex": {"logistic": 0.42, "knn": 0.3, "chance": 0.25}}},
+        }
+    }
+    for dataset, expected in (
+        ("synthetic:plate", "Recall of simulated relationships"),
+        ("rxrx3-core", "Known-relationship recall (EFAAR benchmark)"),
+    ):
+        results = {
+            "dataset": dataset,
+            "alignment": "tvn",
+            "aggregation": "mean",
+            "n_perturbations": 5,
+            "embedding_dim": 64,
+            "sources": sources,
+            "chance": {"recall_0.05_0.95": 0.1},
+            "suite": suite,
+        }
         (model_dir / "eval_results.json").write_text(json.dumps(results))
         card = write_model_card(model_dir).read_text()
         header, body = card.split("---", 2)[1:]

@@ -92,7 +92,9 @@ def test_model_code_that_differs_from_the_installed_package_is_refused_naming_th
     with (folder / "modeling_cellmae.py").open("a") as source:
         source.write("\n# edited by hand\n")
     message = refusal(folder)
-    assert "modeling_cellmae.py differs from the installed hf_cellmae" in message and "--allow-modified-code" in message
+    assert (
+        "modeling_cellmae.py differs from the installed hf_cellmae" in message and "--allow-modified-code" in message
+    )
     assert "configuration_cellmae.py" not in message
 
 

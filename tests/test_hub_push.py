@@ -25,11 +25,11 @@ import pytest
 import torch
 from safetensors.torch import load, load_file
 
-from tests.helpers.fake_hub import FakeHub, make_trained_model_folder, real_image_or_none
 from hf_cellmae import CellMAEModel
 from hf_cellmae.cli import main
 from hf_cellmae.hub import push_model_folder
 from hf_cellmae.image_processing_cellmae import CellMAEImageProcessor
+from tests.helpers.fake_hub import FakeHub, make_trained_model_folder, real_image_or_none
 
 REPO_ID = "org/cellmae-tiny"
 TOKEN = "hf_" + "Fake7oken" * 4
@@ -54,12 +54,20 @@ def hf_home(tmp_path_factory) -> Path:
 def hub_env(endpoint: str, hf_home: Path, **extra) -> dict:
     """The environment of a subprocess that talks to ``endpoint`` with its own cache and no inherited token."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
-    env.update(HF_ENDPOINT=endpoint, HF_HOME=str(hf_home), HF_HUB_DISABLE_TELEMETRY="1", TOKENIZERS_PARALLELISM="false", **extra)
+    env.update(
+        HF_ENDPOINT=endpoint,
+        HF_HOME=str(hf_home),
+        HF_HUB_DISABLE_TELEMETRY="1",
+        TOKENIZERS_PARALLELISM="false",
+        **extra,
+    )
     return env
 
 
 def run_python(code: str, env: dict, *args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *args], env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, f"subprocess failed:\n{result.stdout}\n{result.stderr}"
     return result
 
@@ -125,7 +133,9 @@ def local_embedding(model_folder: Path, image: Path) -> np.ndarray:
     model = CellMAEModel.from_pretrained(model_folder).eval()
     processor = CellMAEImageProcessor.from_pretrained(model_folder)
     with torch.no_grad():
-        return model(pixel_values=processor([np.load(image)], return_tensors="pt")["pixel_values"]).pooler_output.numpy()
+        return model(
+            pixel_values=processor([np.load(image)], return_tensors="pt")["pixel_values"]
+        ).pooler_output.numpy()
 
 
 @pytest.fixture(scope="module")
@@ -141,9 +151,18 @@ def test_push_uploads_the_model_folder_in_one_commit(pushed, hub, model_folder):
     repo = hub.repos[REPO_ID]
     assert list(repo.messages.values()) == ["initial commit", "First tiny model"]
     expected = {
-        "README.md", "config.json", "model.safetensors", "preprocessor_config.json", "configuration_cellmae.py",
-        "modeling_cellmae.py", "image_processing_cellmae.py", "training_args.json", "trainer_state.json",
-        "eval_results.json", "plots/recall.png", "training_loss.png",
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "configuration_cellmae.py",
+        "modeling_cellmae.py",
+        "image_processing_cellmae.py",
+        "training_args.json",
+        "trainer_state.json",
+        "eval_results.json",
+        "plots/recall.png",
+        "training_loss.png",
     }
     assert expected <= set(hub.files(REPO_ID))
     assert hub.files(REPO_ID)["model.safetensors"] == (model_folder / "model.safetensors").read_bytes()
@@ -229,7 +248,9 @@ def test_push_to_an_unreachable_hub_is_one_line_naming_the_endpoint(model_folder
     assert TOKEN not in err
 
 
-def test_edited_model_code_is_pushed_only_when_allowed_and_then_named_in_a_warning(local_hub, model_folder, tmp_path, caplog, capsys):
+def test_edited_model_code_is_pushed_only_when_allowed_and_then_named_in_a_warning(
+    local_hub, model_folder, tmp_path, caplog, capsys
+):
     folder = Path(shutil.copytree(model_folder, tmp_path / "model"))
     edited = (folder / "modeling_cellmae.py").read_text() + "\n# edited by hand after training\n"
     (folder / "modeling_cellmae.py").write_text(edited)
@@ -243,7 +264,9 @@ def test_edited_model_code_is_pushed_only_when_allowed_and_then_named_in_a_warni
     assert local_hub.files("org/edited")["modeling_cellmae.py"].decode() == edited
 
 
-def test_a_model_folder_where_the_card_cannot_be_written_is_one_line_with_the_fix(local_hub, model_folder, tmp_path, monkeypatch, capsys):
+def test_a_model_folder_where_the_card_cannot_be_written_is_one_line_with_the_fix(
+    local_hub, model_folder, tmp_path, monkeypatch, capsys
+):
     folder = Path(shutil.copytree(model_folder, tmp_path / "model"))
     (folder / "README.md").unlink(missing_ok=True)
 
@@ -255,7 +278,10 @@ def test_a_model_folder_where_the_card_cannot_be_written_is_one_line_with_the_fi
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("cellmae push")]
     assert code == 2 and len(lines) == 1, err[-3000:]
-    assert f"cannot write the model card {folder / 'README.md'}: Permission denied" in lines[0] and "--no-card" in lines[0]
+    assert (
+        f"cannot write the model card {folder / 'README.md'}: Permission denied" in lines[0]
+        and "--no-card" in lines[0]
+    )
     assert "org/read-only" not in local_hub.repos
 
 

@@ -81,9 +81,16 @@ def test_bad_images_raise_a_clear_error(images, message):
 
 
 def test_processor_round_trips_through_save_pretrained(tmp_path):
-    CellMAEImageProcessor(image_size=48, crop_mode="tile", rescale_factor=1 / 4095, channel_names=["DNA", "ER"]).save_pretrained(tmp_path)
+    CellMAEImageProcessor(
+        image_size=48, crop_mode="tile", rescale_factor=1 / 4095, channel_names=["DNA", "ER"]
+    ).save_pretrained(tmp_path)
     loaded = CellMAEImageProcessor.from_pretrained(tmp_path)
-    assert (loaded.image_size, loaded.crop_mode, loaded.rescale_factor, loaded.channel_names) == (48, "tile", 1 / 4095, ["DNA", "ER"])
+    assert (loaded.image_size, loaded.crop_mode, loaded.rescale_factor, loaded.channel_names) == (
+        48,
+        "tile",
+        1 / 4095,
+        ["DNA", "ER"],
+    )
 
 
 def test_pipeline_returns_the_mean_embedding_of_an_images_crops():
@@ -106,7 +113,9 @@ def test_pipeline_embeds_a_real_16_bit_five_channel_cell_painting_site():
     site = np.stack([tifffile.imread(folder / f"plate1_A14_site1_Ch{c}.tif") for c in range(1, 6)])
     assert site.dtype == np.uint16 and site.shape == (5, 520, 696)
     model = CellMAEModel(CellMAEConfig.from_preset("tiny")).eval()
-    embed = pipeline("cell-feature-extraction", model=model, image_processor=CellMAEImageProcessor(image_size=64, crop_mode="tile"))
+    embed = pipeline(
+        "cell-feature-extraction", model=model, image_processor=CellMAEImageProcessor(image_size=64, crop_mode="tile")
+    )
     vector = embed(site)
     assert vector.shape == (model.config.hidden_size,) and np.isfinite(vector).all()
 

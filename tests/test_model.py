@@ -14,8 +14,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForPreTraining
 
-from hf_cellmae import CellMAEConfig, CellMAEForPreTraining, CellMAEImageProcessor, CellMAEModel
-from hf_cellmae import modeling_cellmae
+from hf_cellmae import CellMAEConfig, CellMAEForPreTraining, CellMAEImageProcessor, CellMAEModel, modeling_cellmae
 from hf_cellmae.modeling_cellmae import fourier_loss, mse_loss, patchify, sincos_position_embedding, unpatchify
 
 
@@ -64,7 +63,9 @@ def test_other_image_sizes_use_a_position_code_for_their_own_grid():
     assert code.shape == (60, 64)
     # Row i, column j: [sin(i w), cos(i w), sin(j w), cos(j w)] - patch (1, 2) is row 12.
     omega = 1.0 / 10000 ** (torch.arange(16) / 16)
-    torch.testing.assert_close(code[12], torch.cat([(1 * omega).sin(), (1 * omega).cos(), (2 * omega).sin(), (2 * omega).cos()]))
+    torch.testing.assert_close(
+        code[12], torch.cat([(1 * omega).sin(), (1 * omega).cos(), (2 * omega).sin(), (2 * omega).cos()])
+    )
 
 
 def test_patchify_and_unpatchify_are_inverse_and_channel_major():
@@ -230,7 +231,9 @@ def test_zero_mask_ratio_scores_every_token_instead_of_nan():
     assert overridden.mask.sum() == 0 and torch.isfinite(overridden.loss)
 
 
-@pytest.mark.parametrize("decoder_type,block_type", [("shared", "parallel"), ("shared", "prenorm"), ("per_channel", "parallel")])
+@pytest.mark.parametrize(
+    "decoder_type,block_type", [("shared", "parallel"), ("shared", "prenorm"), ("per_channel", "parallel")]
+)
 def test_training_steps_reduce_the_loss_on_a_fixed_batch(decoder_type, block_type):
     config = tiny(decoder_type=decoder_type, block_type=block_type, decoder_num_channels=5)
     model = CellMAEForPreTraining(config)
@@ -388,11 +391,16 @@ def test_position_code_is_computed_once_per_grid_not_per_call(monkeypatch):
     modeling_cellmae.cached_position_embedding.cache_clear()
     calls = []
     original = modeling_cellmae.sincos_position_embedding
-    monkeypatch.setattr(modeling_cellmae, "sincos_position_embedding", lambda *a, **k: calls.append(a) or original(*a, **k))
+    monkeypatch.setattr(
+        modeling_cellmae, "sincos_position_embedding", lambda *a, **k: calls.append(a) or original(*a, **k)
+    )
     model = CellMAEForPreTraining(tiny(decoder_hidden_size=32)).eval()
     for _ in range(3):
         model(images(), mask_seed=0)
-    assert sorted(calls) == [(4, 4, 32, torch.device("cpu")), (4, 4, 64, torch.device("cpu"))]  # encoder, decoder widths
+    assert sorted(calls) == [
+        (4, 4, 32, torch.device("cpu")),
+        (4, 4, 64, torch.device("cpu")),
+    ]  # encoder, decoder widths
 
 
 def test_per_channel_decoder_routes_a_channel_id_tensor_per_image():
@@ -409,10 +417,16 @@ def test_per_channel_decoder_routes_a_channel_id_tensor_per_image():
 
 def test_cpu_bf16_training_attends_with_explicit_matmuls_that_equal_the_fused_kernel(monkeypatch):
     q, k, v = (torch.randn(2, 4, 20, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
-    torch.testing.assert_close(modeling_cellmae.matmul_attention(q, k, v), torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    torch.testing.assert_close(
+        modeling_cellmae.matmul_attention(q, k, v), torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    )
     fused_calls = []
     original = torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda *a, **kw: fused_calls.append(1) or original(*a, **kw))
+    monkeypatch.setattr(
+        torch.nn.functional,
+        "scaled_dot_product_attention",
+        lambda *a, **kw: fused_calls.append(1) or original(*a, **kw),
+    )
     model = CellMAEForPreTraining(tiny())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(images(), mask_seed=0).loss.backward()
@@ -463,7 +477,9 @@ def test_the_processor_refuses_non_finite_pixels_with_a_clear_error():
     raw = np.random.default_rng(0).random((5, 40, 40)).astype(np.float32)
     raw[1, 10, 12] = np.nan
     raw[3, 20, 20] = np.inf
-    with pytest.raises(ValueError, match=r"image 0 has 2 non-finite pixel\(s\) \(NaN or inf\) in channel\(s\) \[1, 3\]"):
+    with pytest.raises(
+        ValueError, match=r"image 0 has 2 non-finite pixel\(s\) \(NaN or inf\) in channel\(s\) \[1, 3\]"
+    ):
         CellMAEImageProcessor(image_size=32)(raw)
     batch = torch.rand(2, 2, 32, 32)
     batch[1, 0, 5, 5] = float("nan")
@@ -515,7 +531,11 @@ def test_per_channel_decoder_rejects_channels_it_has_no_stack_for():
 def test_presets_have_the_paper_sizes():
     sizes = {name: CellMAEConfig.from_preset(name) for name in ("vit_s16", "vit_b16", "vit_l16", "vit_l8")}
     assert [(c.hidden_size, c.num_hidden_layers, c.patch_size) for c in sizes.values()] == [
-        (384, 12, 16), (768, 12, 16), (1024, 24, 16), (1024, 24, 8)]
+        (384, 12, 16),
+        (768, 12, 16),
+        (1024, 24, 16),
+        (1024, 24, 8),
+    ]
     assert sizes["vit_l8"].tokens_per_channel == (256 // 8) ** 2
 
 
@@ -554,10 +574,11 @@ def test_keep_mask_encodes_only_the_kept_tokens_as_a_manual_selection_does(block
             ids = torch.cat([patches, patches + n])  # the same patches of both channels, channel-major
             by_hand = _encode_tokens_by_hand(model, pixels[row], ids)  # (K, D)
             torch.testing.assert_close(out.pooler_output[row], by_hand.mean(0), atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(out.channelwise_embeddings[row, 1], by_hand[len(patches):].mean(0),
-                                       atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                out.channelwise_embeddings[row, 1], by_hand[len(patches) :].mean(0), atol=1e-5, rtol=1e-5
+            )
             assert out.kept_token_ids[row, : len(ids)].tolist() == ids.tolist()
-            assert (out.kept_token_ids[row, len(ids):] == -1).all()
+            assert (out.kept_token_ids[row, len(ids) :] == -1).all()
     assert out.last_hidden_state.shape == (3, 1 + 14, config.hidden_size)
 
 

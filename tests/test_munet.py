@@ -13,7 +13,13 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification, AutoModelForPreTraining
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForImageClassification,
+    AutoModelForPreTraining,
+)
 
 from hf_cellmae import (
     CellMAEConfig,
@@ -88,7 +94,9 @@ def test_loss_does_not_depend_on_the_pixels_of_visible_patches_target(mask_fill)
     target = model.patchify(x)
     changed = model.unpatchify(target + 5.0 * visible.unsqueeze(-1), 5)  # visible patches' pixels shifted
     again = reconstruction_loss(model.config, out.logits, changed, out.mask, (4, 4), 0.75)
-    assert [float(v) for v in again] == pytest.approx([float(out.loss), float(out.mse_loss), float(out.fourier_loss)], rel=1e-6)
+    assert [float(v) for v in again] == pytest.approx(
+        [float(out.loss), float(out.mse_loss), float(out.fourier_loss)], rel=1e-6
+    )
 
 
 def test_masked_patches_reach_the_convolutions_as_the_fill_only():
@@ -105,7 +113,9 @@ def test_masked_patches_reach_the_convolutions_as_the_fill_only():
 # ------------------------------------------------------------------------------------------ channels
 def test_a_wrong_channel_count_is_refused_naming_both_counts():
     model = CellMUNetModel(tiny(channel_names=["DNA", "ER", "RNA", "AGP", "Mito"]))
-    with pytest.raises(ValueError, match=r"pixel_values has 3 channels but this MU-Net was built for exactly 5 \(DNA, ER"):
+    with pytest.raises(
+        ValueError, match=r"pixel_values has 3 channels but this MU-Net was built for exactly 5 \(DNA, ER"
+    ):
         model(images(channels=3))
     with pytest.raises(ValueError, match="exactly 5"):
         CellMUNetForPreTraining(tiny())(images(channels=6))
@@ -129,7 +139,9 @@ def test_save_load_round_trip_through_auto_classes_with_safetensors(tmp_path):
     assert (tmp_path / "model.safetensors").is_file() and not (tmp_path / "pytorch_model.bin").exists()
     with safe_open(tmp_path / "model.safetensors", "pt") as weights:
         assert "mask_token" in weights.keys() and any(k.startswith("decoder.") for k in weights.keys())
-    assert {"configuration_munet.py", "modeling_munet.py", "modeling_cellmae.py"} <= {p.name for p in tmp_path.iterdir()}
+    assert {"configuration_munet.py", "modeling_munet.py", "modeling_cellmae.py"} <= {
+        p.name for p in tmp_path.iterdir()
+    }
     assert type(AutoConfig.from_pretrained(tmp_path)) is CellMUNetConfig
     assert type(AutoImageProcessor.from_pretrained(tmp_path)) is CellMAEImageProcessor
     reloaded = AutoModelForPreTraining.from_pretrained(tmp_path).eval()
@@ -139,7 +151,10 @@ def test_save_load_round_trip_through_auto_classes_with_safetensors(tmp_path):
     encoder, info = AutoModel.from_pretrained(tmp_path, output_loading_info=True)
     assert type(encoder) is CellMUNetModel and not info["missing_keys"]
     torch.testing.assert_close(encoder.eval()(images()).pooler_output, model.munet(images()).pooler_output)
-    assert type(AutoModelForImageClassification.from_pretrained(tmp_path, num_labels=3)) is CellMUNetForImageClassification
+    assert (
+        type(AutoModelForImageClassification.from_pretrained(tmp_path, num_labels=3))
+        is CellMUNetForImageClassification
+    )
 
 
 @pytest.mark.slow
@@ -217,10 +232,23 @@ def test_pretrain_with_model_type_munet_checkpoints_resumes_and_embeds(synthetic
     from hf_cellmae.training.loop import pretrain
 
     def args(max_steps, **extra):
-        values = dict(data=str(synthetic_shards), output_dir=str(tmp_path / "run"), model_type="munet",
-                      model_overrides=json.dumps({"image_size": 32}), max_steps=max_steps, per_device_train_batch_size=2,
-                      save_steps=2, logging_steps=1, figure_steps=0, report_to="none", progress_bar=False,
-                      optimizer="adamw", learning_rate=1e-3, lr_scheduler="constant", **extra)
+        values = dict(
+            data=str(synthetic_shards),
+            output_dir=str(tmp_path / "run"),
+            model_type="munet",
+            model_overrides=json.dumps({"image_size": 32}),
+            max_steps=max_steps,
+            per_device_train_batch_size=2,
+            save_steps=2,
+            logging_steps=1,
+            figure_steps=0,
+            report_to="none",
+            progress_bar=False,
+            optimizer="adamw",
+            learning_rate=1e-3,
+            lr_scheduler="constant",
+            **extra,
+        )
         return parse_pretraining_arguments([f"--{k}={v}" for k, v in values.items()])
 
     first = pretrain(args(2))
@@ -245,5 +273,14 @@ def test_pretrain_refuses_a_channel_subset_for_a_fixed_channel_munet(synthetic_s
     from hf_cellmae.training.loop import pretrain
 
     with pytest.raises((UserError, ValueError), match="channel_subset"):
-        pretrain(PretrainingArguments(data=str(synthetic_shards), output_dir=str(tmp_path), model_type="munet",
-                                      channel_subset=3, max_steps=1, report_to="none", progress_bar=False))
+        pretrain(
+            PretrainingArguments(
+                data=str(synthetic_shards),
+                output_dir=str(tmp_path),
+                model_type="munet",
+                channel_subset=3,
+                max_steps=1,
+                report_to="none",
+                progress_bar=False,
+            )
+        )

@@ -18,8 +18,15 @@ from hf_cellmae import CellMAEConfig, CellMAEForImageClassification, CellMAEForP
 from hf_cellmae.training.arguments import parse_pretraining_arguments
 from hf_cellmae.training.loop import pretrain
 
-TINY = {"image_size": 32, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-        "decoder_hidden_size": 32, "decoder_num_hidden_layers": 1, "decoder_num_attention_heads": 2}
+TINY = {
+    "image_size": 32,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "decoder_hidden_size": 32,
+    "decoder_num_hidden_layers": 1,
+    "decoder_num_attention_heads": 2,
+}
 
 
 @pytest.fixture(scope="module")
@@ -30,18 +37,46 @@ def two_plates(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("two_plates")
     plate = make_synthetic_screen(
-        root / "plate", num_plates=2, field_size=64, num_pathways=1, complexes_per_pathway=2, genes_per_complex=2,
-        replicates_per_plate=1, control_wells_per_plate=2, sites_per_well=2, num_workers=1, progress=False,
+        root / "plate",
+        num_plates=2,
+        field_size=64,
+        num_pathways=1,
+        complexes_per_pathway=2,
+        genes_per_complex=2,
+        replicates_per_plate=1,
+        control_wells_per_plate=2,
+        sites_per_well=2,
+        num_workers=1,
+        progress=False,
     )
-    shard_folder(plate["images"], root / "shards", metadata=plate["metadata"], channel_names=plate["channels"],
-                 progress=False, fields_per_row_group=2)
+    shard_folder(
+        plate["images"],
+        root / "shards",
+        metadata=plate["metadata"],
+        channel_names=plate["channels"],
+        progress=False,
+        fields_per_row_group=2,
+    )
     return root / "shards"
 
 
 def run_args(shards, out, **overrides):
-    values = dict(data=str(shards), output_dir=str(out), model_overrides=json.dumps(TINY), max_steps=8,
-                  per_device_train_batch_size=8, save_steps=4, logging_steps=1, figure_steps=0, report_to="none",
-                  progress_bar=False, optimizer="adamw", learning_rate=3e-3, lr_scheduler="constant", warmup_ratio=0)
+    values = dict(
+        data=str(shards),
+        output_dir=str(out),
+        model_overrides=json.dumps(TINY),
+        max_steps=8,
+        per_device_train_batch_size=8,
+        save_steps=4,
+        logging_steps=1,
+        figure_steps=0,
+        report_to="none",
+        progress_bar=False,
+        optimizer="adamw",
+        learning_rate=3e-3,
+        lr_scheduler="constant",
+        warmup_ratio=0,
+    )
     values.update(overrides)
     argv = []
     for key, value in values.items():
@@ -61,7 +96,9 @@ def wsl_run(two_plates, tmp_path_factory) -> tuple[Path, dict]:
 def mae_folder(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("mae") / "model"
     torch.manual_seed(0)
-    CellMAEForPreTraining(CellMAEConfig.from_preset("tiny", **TINY, channel_names=["DNA", "ER", "RNA", "AGP", "Mito"])).save_pretrained(folder)
+    CellMAEForPreTraining(
+        CellMAEConfig.from_preset("tiny", **TINY, channel_names=["DNA", "ER", "RNA", "AGP", "Mito"])
+    ).save_pretrained(folder)
     return folder
 
 
@@ -72,8 +109,14 @@ def test_labels_and_plates_reach_the_batch_as_ids_of_the_sorted_vocabulary(two_p
     from hf_cellmae.training.loop import collate
 
     labels = label_vocabulary(two_plates, "perturbation")
-    assert labels.labels == sorted(labels.labels) and "non-targeting" in labels.labels and labels.plates == ["Plate1", "Plate2"]
-    samples = list(stream_fields(two_plates, image_size=32, num_epochs=1, standardize=False, metadata_fields=["perturbation"]))
+    assert (
+        labels.labels == sorted(labels.labels)
+        and "non-targeting" in labels.labels
+        and labels.plates == ["Plate1", "Plate2"]
+    )
+    samples = list(
+        stream_fields(two_plates, image_size=32, num_epochs=1, standardize=False, metadata_fields=["perturbation"])
+    )
     batch = collate(samples, labels=labels)
     assert batch["labels"].tolist() == [labels.labels.index(s["perturbation"]) for s in samples]
     assert batch["plate_ids"].tolist() == [int(s["plate"] == "Plate2") for s in samples]
@@ -88,15 +131,19 @@ def test_a_missing_label_column_is_refused_naming_the_columns(two_plates, tmp_pa
 
 def _labelled_shards(root: Path, genes: list[str]) -> Path:
     """Eight 32 x 40 fields (2 plates x 2 wells x 2 sites) whose `gene` is `genes[i]` ("" = no value)."""
-    from tests.helpers.data_fixtures import make_rxrx_plate
     from hf_cellmae.data.shards import shard_folder
+    from tests.helpers.data_fixtures import make_rxrx_plate
 
     fields = make_rxrx_plate(root / "images", plates=2, wells=("A01", "A02"), sites=2)
     lines = ["experiment,plate,well,site,gene"]
-    lines += [f"{fid.split('/')[0]},{fid.split('/')[1]},{fid.split('/')[2]},{fid.split('/')[3][1:]},{gene}"
-              for fid, gene in zip(sorted(fields), genes)]
+    lines += [
+        f"{fid.split('/')[0]},{fid.split('/')[1]},{fid.split('/')[2]},{fid.split('/')[3][1:]},{gene}"
+        for fid, gene in zip(sorted(fields), genes)
+    ]
     (root / "metadata.csv").write_text("\n".join(lines) + "\n")
-    shard_folder(root / "images", root / "shards", layout="rxrx", metadata=root / "metadata.csv", num_workers=1, progress=False)
+    shard_folder(
+        root / "images", root / "shards", layout="rxrx", metadata=root / "metadata.csv", num_workers=1, progress=False
+    )
     return root / "shards"
 
 
@@ -139,13 +186,17 @@ def test_classes_with_few_examples_are_warned_about(tmp_path):
 # ------------------------------------------------------------------------------- plate-wise normalisation
 def test_plate_wise_normalisation_makes_logits_blind_to_an_offset_shared_by_a_plate():
     torch.manual_seed(0)
-    model = CellMAEForImageClassification(CellMAEConfig.from_preset("tiny", **TINY, num_labels=3, classifier_batch_norm="plate")).eval()
+    model = CellMAEForImageClassification(
+        CellMAEConfig.from_preset("tiny", **TINY, num_labels=3, classifier_batch_norm="plate")
+    ).eval()
     pixels, plates = torch.randn(6, 3, 32, 32), torch.tensor([0, 0, 0, 1, 1, 1])
     offset = {"on": False}
 
     def add_plate_offset(module, inputs, out):  # the embeddings of plate 1 all move by one vector
         if offset["on"]:
-            out.pooler_output = out.pooler_output + (plates == 1)[:, None] * torch.linspace(-3, 5, out.pooler_output.shape[1])
+            out.pooler_output = out.pooler_output + (plates == 1)[:, None] * torch.linspace(
+                -3, 5, out.pooler_output.shape[1]
+            )
         return out
 
     model.cellmae.register_forward_hook(add_plate_offset)
@@ -190,7 +241,9 @@ def test_held_out_plates_are_never_trained_on_and_are_evaluated_at_the_end(two_p
 def test_a_resumed_wsl_run_ends_with_the_same_weights(two_plates, wsl_run, tmp_path):
     run, _ = wsl_run
     shutil.copytree(run / "checkpoints" / "checkpoint-4", tmp_path / "checkpoints" / "checkpoint-4")
-    pretrain(run_args(two_plates, tmp_path, objective="wsl", holdout_plates=["Plate2"], resume_from_checkpoint="latest"))
+    pretrain(
+        run_args(two_plates, tmp_path, objective="wsl", holdout_plates=["Plate2"], resume_from_checkpoint="latest")
+    )
     expected = load_file(str(run / "model" / "model.safetensors"))
     got = load_file(str(tmp_path / "model" / "model.safetensors"))
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
@@ -205,7 +258,9 @@ def test_a_wsl_model_folder_embeds_like_an_mae(two_plates, wsl_run, tmp_path):
     info = embed_dataset(two_plates, tmp_path / "embeddings", featurizer, progress=False)
     table = read_embeddings(tmp_path / "embeddings")
     features = [c for c in table.columns if not c.startswith("Metadata_")]
-    assert info["num_rows"] == len(table) == 24 and len(features) == 5 * TINY["hidden_size"]  # channel-wise, the default
+    assert (
+        info["num_rows"] == len(table) == 24 and len(features) == 5 * TINY["hidden_size"]
+    )  # channel-wise, the default
     assert np.isfinite(table[features].to_numpy()).all()
 
 
@@ -233,21 +288,36 @@ def test_layer_decay_gives_each_depth_the_documented_learning_rate(mae_folder):
     model = CellMAEForImageClassification.from_pretrained(mae_folder, num_labels=3)
     depth = model.config.num_hidden_layers  # D = 2: embedding at 0, blocks at 1..2, head at 3
     optimizer = build_optimizer(model, "adamw", 1e-3, 0.05, (0.9, 0.95), layer_decay=0.5)
-    lr = {name: group["lr"] for group in optimizer.param_groups for param in group["params"]
-          for name, p in model.named_parameters() if p is param}
+    lr = {
+        name: group["lr"]
+        for group in optimizer.param_groups
+        for param in group["params"]
+        for name, p in model.named_parameters()
+        if p is param
+    }
     assert lr["cellmae.embeddings.patch_embeddings.weight"] == pytest.approx(1e-3 * 0.5 ** (depth + 1))
     assert lr["cellmae.embeddings.cls_token"] == pytest.approx(1e-3 * 0.5 ** (depth + 1))
-    assert lr["cellmae.encoder.layers.0.in_proj.weight"] == pytest.approx(1e-3 * 0.5 ** depth)
+    assert lr["cellmae.encoder.layers.0.in_proj.weight"] == pytest.approx(1e-3 * 0.5**depth)
     assert lr[f"cellmae.encoder.layers.{depth - 1}.in_proj.weight"] == pytest.approx(1e-3 * 0.5)
     assert lr["classifier.weight"] == lr["cellmae.layernorm.weight"] == pytest.approx(1e-3)
     assert len(lr) == len(list(model.parameters()))
 
 
 def test_a_fine_tuning_run_with_layer_decay_resumes_to_the_same_weights(two_plates, mae_folder, tmp_path):
-    options = dict(objective="classify", init_from=str(mae_folder), model_overrides="{}", layer_decay=0.75, max_steps=4,
-                   save_steps=2, per_device_train_batch_size=4, holdout_plates=["Plate1"])
+    options = dict(
+        objective="classify",
+        init_from=str(mae_folder),
+        model_overrides="{}",
+        layer_decay=0.75,
+        max_steps=4,
+        save_steps=2,
+        per_device_train_batch_size=4,
+        holdout_plates=["Plate1"],
+    )
     straight = pretrain(run_args(two_plates, tmp_path / "straight", **options))
-    shutil.copytree(tmp_path / "straight" / "checkpoints" / "checkpoint-2", tmp_path / "resumed" / "checkpoints" / "checkpoint-2")
+    shutil.copytree(
+        tmp_path / "straight" / "checkpoints" / "checkpoint-2", tmp_path / "resumed" / "checkpoints" / "checkpoint-2"
+    )
     resumed = pretrain(run_args(two_plates, tmp_path / "resumed", resume_from_checkpoint="latest", **options))
     expected = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
     got = load_file(str(tmp_path / "resumed" / "model" / "model.safetensors"))
@@ -259,12 +329,26 @@ def test_a_fine_tuning_run_with_layer_decay_resumes_to_the_same_weights(two_plat
 def test_a_munet_wsl_run_trains_a_munet_classifier_that_embeds(two_plates, tmp_path):
     from hf_cellmae.evaluation.embed import ModelFeaturizer, embed_dataset
 
-    summary = pretrain(run_args(two_plates, tmp_path / "run", objective="wsl", model_type="munet",
-                                model_overrides=json.dumps({"image_size": 32}), max_steps=2, save_steps=2, per_device_train_batch_size=4))
+    summary = pretrain(
+        run_args(
+            two_plates,
+            tmp_path / "run",
+            objective="wsl",
+            model_type="munet",
+            model_overrides=json.dumps({"image_size": 32}),
+            max_steps=2,
+            save_steps=2,
+            per_device_train_batch_size=4,
+        )
+    )
     config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
-    assert config["architectures"] == ["CellMUNetForImageClassification"] and config["classifier_batch_norm"] == "plate"
+    assert (
+        config["architectures"] == ["CellMUNetForImageClassification"] and config["classifier_batch_norm"] == "plate"
+    )
     assert np.isfinite(summary["final_loss"])
-    info = embed_dataset(two_plates, tmp_path / "embeddings", ModelFeaturizer(tmp_path / "run" / "model", batch_size=8), progress=False)
+    info = embed_dataset(
+        two_plates, tmp_path / "embeddings", ModelFeaturizer(tmp_path / "run" / "model", batch_size=8), progress=False
+    )
     assert info["num_rows"] == 24
 
 
@@ -272,7 +356,9 @@ def test_holdout_plates_flag_takes_several_whole_plate_names():
     """`--holdout-plates Plate2 Plate3` is two plates (not the letters of one string)."""
     from hf_cellmae.training.arguments import parse_pretraining_arguments
 
-    args = parse_pretraining_arguments(["--data", "shards", "--objective", "wsl", "--holdout-plates", "Plate2", "Plate3"])
+    args = parse_pretraining_arguments(
+        ["--data", "shards", "--objective", "wsl", "--holdout-plates", "Plate2", "Plate3"]
+    )
     assert args.holdout_plates == ["Plate2", "Plate3"]
 
 
@@ -287,9 +373,20 @@ def test_fields_without_a_label_are_no_class_but_counted_unless_a_class_is_named
     assert named.labels == sorted(labels.labels + ["control"]) and named.label_of(None) == "control"
 
 
-def test_a_classification_run_leaves_unlabeled_fields_out_and_reports_majority_and_chance_beside_accuracy(two_plates, tmp_path, capsys):
-    summary = pretrain(run_args(two_plates, tmp_path, objective="wsl", label_col="complex", holdout_plates=["Plate2"], max_steps=2,
-                                drop_missing_labels=True))
+def test_a_classification_run_leaves_unlabeled_fields_out_and_reports_majority_and_chance_beside_accuracy(
+    two_plates, tmp_path, capsys
+):
+    summary = pretrain(
+        run_args(
+            two_plates,
+            tmp_path,
+            objective="wsl",
+            label_col="complex",
+            holdout_plates=["Plate2"],
+            max_steps=2,
+            drop_missing_labels=True,
+        )
+    )
     evaluation = summary["holdout_evaluation"]
     assert evaluation["num_samples"] == 8  # Plate2's 4 gene wells x 2 sites; its 2 control wells left out
     assert evaluation["num_classes"] == 2 and evaluation["chance_rate"] == 0.5
@@ -302,9 +399,22 @@ def test_a_classification_run_leaves_unlabeled_fields_out_and_reports_majority_a
 def test_the_cli_prints_majority_and_chance_beside_held_out_accuracy(two_plates, tmp_path, capsys):
     from hf_cellmae.cli import main
 
-    argv = [f"--{k}={v}" for k, v in dict(data=two_plates, output_dir=tmp_path, model_overrides=json.dumps(TINY), max_steps=1,
-                                          per_device_train_batch_size=4, figure_steps=0, report_to="none", progress_bar=False,
-                                          objective="wsl", label_col="complex", unlabeled_class="control").items()]
+    argv = [
+        f"--{k}={v}"
+        for k, v in dict(
+            data=two_plates,
+            output_dir=tmp_path,
+            model_overrides=json.dumps(TINY),
+            max_steps=1,
+            per_device_train_batch_size=4,
+            figure_steps=0,
+            report_to="none",
+            progress_bar=False,
+            objective="wsl",
+            label_col="complex",
+            unlabeled_class="control",
+        ).items()
+    ]
     assert main(["pretrain", *argv, "--holdout-plates", "Plate2"]) == 0
     out = capsys.readouterr().out
     line = next(line for line in out.splitlines() if line.startswith("Held-out evaluation:"))

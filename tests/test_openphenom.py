@@ -17,7 +17,6 @@ from safetensors.torch import save_file
 
 from hf_cellmae import CellMAEConfig, CellMAEForPreTraining, CellMAEImageProcessor, CellMAEModel
 from hf_cellmae.openphenom import convert_openphenom_state_dict, load_openphenom
-
 from tests.helpers.openphenom_reference import (
     openphenom_key_shapes,
     random_openphenom_state_dict,
@@ -51,9 +50,15 @@ def test_conversion_fills_every_parameter_of_the_openphenom_preset_and_lists_wha
     expected = CellMAEForPreTraining(CellMAEConfig.from_preset("openphenom")).state_dict()
     assert converted.keys() == expected.keys()
     assert all(converted[k].shape == expected[k].shape for k in expected)
-    assert sorted(dropped) == sorted([
-        "decoder.placeholder", "decoder.pos_embeddings", "encoder.vit_backbone.pos_embed",
-        "encoder.vit_backbone.fc_norm.weight", "encoder.vit_backbone.fc_norm.bias"])
+    assert sorted(dropped) == sorted(
+        [
+            "decoder.placeholder",
+            "decoder.pos_embeddings",
+            "encoder.vit_backbone.pos_embed",
+            "encoder.vit_backbone.fc_norm.weight",
+            "encoder.vit_backbone.fc_norm.bias",
+        ]
+    )
 
 
 def test_conversion_refuses_keys_it_does_not_know(openphenom_weights):
@@ -66,7 +71,9 @@ def test_conversion_refuses_keys_it_does_not_know(openphenom_weights):
 @pytest.mark.parametrize("channels", [3, 6, pytest.param(11, marks=pytest.mark.slow)])  # 11: 7 s on CI
 def test_converted_model_gives_openphenom_embeddings(openphenom_weights, converted, channels):
     state_dict = openphenom_weights[0]
-    pixels = torch.from_numpy(np.random.default_rng(channels).integers(0, 256, (1, channels, 256, 256), dtype=np.uint8))
+    pixels = torch.from_numpy(
+        np.random.default_rng(channels).integers(0, 256, (1, channels, 256, 256), dtype=np.uint8)
+    )
     processor = CellMAEImageProcessor(image_size=256)
     with torch.no_grad():
         out = converted.cellmae(**processor(pixels.numpy()), output_channelwise_embeddings=True)
@@ -94,12 +101,16 @@ def test_reading_the_bias_in_timm_1_0_25s_layout_would_break_parity(openphenom_w
     current, _ = convert_openphenom_state_dict(openphenom_weights[0], mlp_bias_layout="current")
     other = CellMAEModel(CellMAEConfig.from_preset("openphenom")).eval()
     other.load_state_dict(encoder_only(current))
-    inputs = CellMAEImageProcessor(image_size=256)(np.random.default_rng(1).integers(0, 256, (1, 256, 256), dtype=np.uint8))
+    inputs = CellMAEImageProcessor(image_size=256)(
+        np.random.default_rng(1).integers(0, 256, (1, 256, 256), dtype=np.uint8)
+    )
     with torch.no_grad():
         assert (converted.cellmae(**inputs).pooler_output - other(**inputs).pooler_output).abs().max() > 1e-3
 
 
-def test_a_folder_saved_in_the_old_legacy_bias_layout_still_loads_with_openphenom_embeddings(openphenom_weights, tmp_path):
+def test_a_folder_saved_in_the_old_legacy_bias_layout_still_loads_with_openphenom_embeddings(
+    openphenom_weights, tmp_path
+):
     """hf_cellmae used to keep OpenPhenom's raw `mlp_bias` and switch on `parallel_mlp_bias_layout` in every
     forward; folders it saved (e.g. by `convert-openphenom`) hold no `qkv_bias`."""
     state_dict = openphenom_weights[0]
@@ -107,7 +118,9 @@ def test_a_folder_saved_in_the_old_legacy_bias_layout_still_loads_with_openpheno
     old = {k: v for k, v in encoder_only(converted_sd).items() if not k.endswith("qkv_bias")}
     for i in range(12):
         old[f"encoder.layers.{i}.mlp_bias"] = state_dict[f"encoder.vit_backbone.blocks.{i}.mlp_bias"]
-    save_file({k: v.contiguous() for k, v in old.items()}, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in old.items()}, str(tmp_path / "model.safetensors"), metadata={"format": "pt"}
+    )
     config = CellMAEConfig.from_preset("openphenom").to_dict()
     config.update(qkv_bias=False, parallel_mlp_bias_layout="legacy_timm", architectures=["CellMAEModel"])
     (tmp_path / "config.json").write_text(json.dumps(config))
@@ -194,7 +207,10 @@ def test_a_read_only_output_folder_is_refused_before_the_weights_are_read(openph
     folder = tmp_path / "read-only"
     folder.mkdir()
     folder.chmod(0o555)
-    for output in (folder / "out", Path("/sys/cellmae-read-only-test")):  # root ignores folder modes; /sys is not writable
+    for output in (
+        folder / "out",
+        Path("/sys/cellmae-read-only-test"),
+    ):  # root ignores folder modes; /sys is not writable
         try:
             output.mkdir()
         except OSError:

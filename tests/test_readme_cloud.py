@@ -27,9 +27,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def readme_block() -> list[list[str]]:
     text = (ROOT / "README.md").read_text()
-    section = text[text.index("### From object storage, on many machines, to profiles"):]
+    section = text[text.index("### From object storage, on many machines, to profiles") :]
     block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
-    return [shlex.split(line, comments=True) for line in block.splitlines() if line.strip() and not line.startswith("#")]
+    return [
+        shlex.split(line, comments=True) for line in block.splitlines() if line.strip() and not line.startswith("#")
+    ]
 
 
 @pytest.fixture
@@ -40,13 +42,25 @@ def bucket(tmp_path):
     from hf_cellmae.data.synthetic import make_synthetic_screen
 
     plate = make_synthetic_screen(
-        tmp_path / "screen", num_plates=2, field_size=48, num_pathways=1, complexes_per_pathway=2, genes_per_complex=2,
-        control_wells_per_plate=4, sites_per_well=2, num_workers=1, progress=False,
+        tmp_path / "screen",
+        num_plates=2,
+        field_size=48,
+        num_pathways=1,
+        complexes_per_pathway=2,
+        genes_per_complex=2,
+        control_wells_per_plate=4,
+        sites_per_well=2,
+        num_workers=1,
+        progress=False,
     )
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    options = {"key": "testing", "secret": "testing", "endpoint_url": f"http://{host}:{port}"}  # moto refuses anonymous reads
+    options = {
+        "key": "testing",
+        "secret": "testing",
+        "endpoint_url": f"http://{host}:{port}",
+    }  # moto refuses anonymous reads
     fs = s3fs.S3FileSystem(**options)
     fs.mkdir("my-bucket")
     fs.put(str(plate["images"]), "my-bucket/screen/images", recursive=True)
@@ -71,7 +85,9 @@ def test_the_readme_cloud_block_runs_as_written(bucket, tmp_path, monkeypatch, c
     assert "part 3/3: every part is done; merged" in printed
 
     one, three = Path("shards"), Path("shards_3")
-    assert sorted(p.name for p in one.iterdir()) == sorted(p.name for p in three.iterdir() if not p.name.startswith("manifest.part-"))
+    assert sorted(p.name for p in one.iterdir()) == sorted(
+        p.name for p in three.iterdir() if not p.name.startswith("manifest.part-")
+    )
     for path in one.iterdir():
         assert path.read_bytes() == (three / path.name).read_bytes(), path.name  # 3 machines == 1, byte for byte
     manifest = json.loads((one / "manifest.json").read_text())

@@ -43,6 +43,7 @@ def test_the_folders_the_readme_commands_write_are_ignored_by_git():
                 written.add(words[4])
     written = {path.rstrip("/").split("/")[0] for path in written}
     assert {"munet", "wsl", "ft", "runs", "shards", "embeddings", "cellmae-demo"} <= written, written
-    ignored = subprocess.run(["git", "check-ignore", *(f"{name}/x" for name in sorted(written))], cwd=ROOT,
-                             capture_output=True, text=True).stdout.split()
+    ignored = subprocess.run(
+        ["git", "check-ignore", *(f"{name}/x" for name in sorted(written))], cwd=ROOT, capture_output=True, text=True
+    ).stdout.split()
     assert sorted(written - {path.split("/")[0] for path in ignored}) == []

@@ -28,27 +28,43 @@ DATA = ROOT.parent / "shared" / "data"
 SHORT_RUN = ["--max-steps", "2", "--report-to", "none", "--progress-bar", "false", "--figure-steps", "0"]
 
 PLATES = {
-    "jump": dict(folder="cellpainting_jump_rab30", images="", channels="w1=AGP,w2=DNA,w3=ER,w4=Mito,w5=RNA",
-                 stains=["AGP", "DNA", "ER", "Mito", "RNA"], cellprofiler=True,
-                 lacks=["--perturbation-col Metadata_gene", "control wells", "it has 1 (RAB30)"]),
-    "bbbc022": dict(folder="cellpainting_bbbc022", images="images", channels="Ch1=DNA,Ch2=ER,Ch3=RNA,Ch4=AGP,Ch5=Mito",
-                    stains=["DNA", "ER", "RNA", "AGP", "Mito"], cellprofiler=False,
-                    lacks=["its metadata names no perturbation", "control wells"]),
+    "jump": dict(
+        folder="cellpainting_jump_rab30",
+        images="",
+        channels="w1=AGP,w2=DNA,w3=ER,w4=Mito,w5=RNA",
+        stains=["AGP", "DNA", "ER", "Mito", "RNA"],
+        cellprofiler=True,
+        lacks=["--perturbation-col Metadata_gene", "control wells", "it has 1 (RAB30)"],
+    ),
+    "bbbc022": dict(
+        folder="cellpainting_bbbc022",
+        images="images",
+        channels="Ch1=DNA,Ch2=ER,Ch3=RNA,Ch4=AGP,Ch5=Mito",
+        stains=["DNA", "ER", "RNA", "AGP", "Mito"],
+        cellprofiler=False,
+        lacks=["its metadata names no perturbation", "control wells"],
+    ),
 }
 
 
 def readme_block() -> list[list[str]]:
     """The commands of the first bash block under "## Your own plates", comments removed."""
     text = (ROOT / "README.md").read_text()
-    section = text[text.index("## Your own plates"):]
+    section = text[text.index("## Your own plates") :]
     block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
     return [shlex.split(line, comments=True) for line in block.splitlines() if line.strip()]
 
 
 def as_run_here(command: list[str], plate: dict, source: Path) -> list[str] | None:
     """The README command with the placeholders filled for `plate`; None for the commands this test skips."""
-    words = [str(source / plate["images"]) if w == "plates/" else str(source / "metadata.csv") if w == "plate_map.csv" else w
-             for w in command]
+    words = [
+        str(source / plate["images"])
+        if w == "plates/"
+        else str(source / "metadata.csv")
+        if w == "plate_map.csv"
+        else w
+        for w in command
+    ]
     if "--channels" in words:
         words[words.index("--channels") + 1] = plate["channels"]
     stage = words[1] if words[1] != "embed" else ("embed cellprofiler" if words[2] == "cellprofiler" else "embed")
@@ -60,7 +76,7 @@ def as_run_here(command: list[str], plate: dict, source: Path) -> list[str] | No
         return None
     if stage == "evaluate" and not plate["cellprofiler"]:
         at = words.index("--baseline")
-        del words[at:at + 3]
+        del words[at : at + 3]
     return words[1:]
 
 
@@ -73,15 +89,23 @@ def test_the_readme_own_plates_block_runs_as_written_on_a_real_plate(name, tmp_p
         pytest.skip(f"real plate not found: {source} (../shared/data beside the repository)")
     monkeypatch.chdir(tmp_path)
     commands = readme_block()
-    assert [c[:2] for c in commands] == [["cellmae", "shard"], ["cellmae", "pretrain"], ["cellmae", "embed"], ["cellmae", "embed"],
-                                         ["cellmae", "annotations"], ["cellmae", "evaluate"], ["cellmae", "card"], ["cellmae", "push"]]
+    assert [c[:2] for c in commands] == [
+        ["cellmae", "shard"],
+        ["cellmae", "pretrain"],
+        ["cellmae", "embed"],
+        ["cellmae", "embed"],
+        ["cellmae", "annotations"],
+        ["cellmae", "evaluate"],
+        ["cellmae", "card"],
+        ["cellmae", "push"],
+    ]
     evaluated = False
     for command in commands:
         argv = as_run_here(command, plate, source)
         if argv is None:
             continue
         if argv[0] == "card" and not evaluated:  # the README: "without --eval-results when evaluate could not run"
-            argv = argv[:argv.index("--eval-results")]
+            argv = argv[: argv.index("--eval-results")]
         code = main(argv)
         err = capsys.readouterr().err
         if argv[0] == "evaluate":

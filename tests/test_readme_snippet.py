@@ -20,7 +20,7 @@ SITE = ROOT.parent / "shared" / "data" / "cellpainting_bbbc022" / "images"
 def readme_python_block(heading: str) -> str:
     """The first python block under `heading` in README.md."""
     text = (ROOT / "README.md").read_text()
-    section = text[text.index(heading):]
+    section = text[text.index(heading) :]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 

@@ -12,8 +12,15 @@ import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "reproduce_paper.py"
 # 24 genes in 6 complexes on 2 plates of 64 px fields: the smallest screen whose held-out half supports recall
-TINY_SCREEN = {"num_plates": 2, "num_pathways": 3, "complexes_per_pathway": 2, "genes_per_complex": 4,
-               "field_size": 64, "sites_per_well": 1, "control_wells_per_plate": 8}
+TINY_SCREEN = {
+    "num_plates": 2,
+    "num_pathways": 3,
+    "complexes_per_pathway": 2,
+    "genes_per_complex": 4,
+    "field_size": 64,
+    "sites_per_well": 1,
+    "control_wells_per_plate": 8,
+}
 
 
 def _script():
@@ -49,20 +56,47 @@ def test_the_held_out_half_holds_half_of_every_complex_and_depends_on_the_seed(t
 def test_every_claim_runs_end_to_end_with_tiny_settings(tmp_path):
     script = _script()
     out = tmp_path / "out"
-    script.main(["--claim", "all", "--out", str(out), "--seeds", "0", "--max-steps", "2", "--encoders", "xs", "tiny",
-                 "--plates", "2", "--pilot-lrs", "1e-1", "--tvn-components", "8",
-                 "--figures", str(tmp_path / "figs"),
-                 "--screen-overrides", json.dumps(TINY_SCREEN)])
+    script.main(
+        [
+            "--claim",
+            "all",
+            "--out",
+            str(out),
+            "--seeds",
+            "0",
+            "--max-steps",
+            "2",
+            "--encoders",
+            "xs",
+            "tiny",
+            "--plates",
+            "2",
+            "--pilot-lrs",
+            "1e-1",
+            "--tvn-components",
+            "8",
+            "--figures",
+            str(tmp_path / "figs"),
+            "--screen-overrides",
+            json.dumps(TINY_SCREEN),
+        ]
+    )
     wsl = json.loads((out / "wsl.json").read_text())
     assert {row["model"] for row in wsl["rows"]} == {"MAE", "WSL", "random init"}
     assert all(0 <= row["recall_complexes"] <= 1 and row["n_held_out_genes"] == 12 for row in wsl["rows"])
     scaling = json.loads((out / "scaling.json").read_text())
     assert {(row["axis"], row["encoder"], row["plates"]) for row in scaling["rows"]} == {
-        ("model", "xs", 2), ("model", "tiny", 2), ("data", "tiny", 2)}  # tiny on 2 plates: Finding 1's runs
+        ("model", "xs", 2),
+        ("model", "tiny", 2),
+        ("data", "tiny", 2),
+    }  # tiny on 2 plates: Finding 1's runs
     assert set(scaling["change"]) == {"model/MAE", "model/WSL"}
     assert wsl["verdict"]["demo_cpu"]["recall_complexes"]["word"] in ("reproduced", "not reproduced")
     fourier = json.loads((out / "fourier.json").read_text())
     assert fourier["pilot"][0]["learning_rate"] == 0.1 and len(fourier["pilot"][0]["mse_loss"]) == 2
     assert np.isfinite(fourier["pilot"][0]["spikes"])
     assert sorted(path.name for path in (tmp_path / "figs").iterdir()) == [
-        "claim_fourier.png", "claim_scaling.png", "claim_wsl.png"]
+        "claim_fourier.png",
+        "claim_scaling.png",
+        "claim_wsl.png",
+    ]

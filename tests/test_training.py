@@ -17,8 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tests.helpers.launching import TWO_CPU_PROCESSES, cpu_launch_env, run_all_or_kill
-from tests.helpers.scripts import load_script
 from safetensors.torch import load_file
 
 from hf_cellmae import CellMAEConfig, CellMAEForPreTraining
@@ -26,23 +24,48 @@ from hf_cellmae.training.arguments import PretrainingArguments, parse_pretrainin
 from hf_cellmae.training.checkpoints import list_checkpoints, resolve_checkpoint
 from hf_cellmae.training.loop import NonFiniteLossError, pretrain
 from hf_cellmae.training.optimization import Lion, build_scheduler, parameter_groups
+from tests.helpers.launching import TWO_CPU_PROCESSES, cpu_launch_env, run_all_or_kill
+from tests.helpers.scripts import load_script
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-TINY = json.dumps({"image_size": 32, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-                   "decoder_hidden_size": 32, "decoder_num_hidden_layers": 1, "decoder_num_attention_heads": 2})
+TINY = json.dumps(
+    {
+        "image_size": 32,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "decoder_hidden_size": 32,
+        "decoder_num_hidden_layers": 1,
+        "decoder_num_attention_heads": 2,
+    }
+)
 
 
 def run_args(shards, out, **overrides) -> list[str]:
-    values = dict(data=str(shards), output_dir=str(out), model_overrides=TINY, max_steps=12, per_device_train_batch_size=4,
-                  save_steps=4, logging_steps=1, figure_steps=0, report_to="none", progress_bar=False,
-                  optimizer="adamw", learning_rate=1e-3, crops_per_field=2)
+    values = dict(
+        data=str(shards),
+        output_dir=str(out),
+        model_overrides=TINY,
+        max_steps=12,
+        per_device_train_batch_size=4,
+        save_steps=4,
+        logging_steps=1,
+        figure_steps=0,
+        report_to="none",
+        progress_bar=False,
+        optimizer="adamw",
+        learning_rate=1e-3,
+        crops_per_field=2,
+    )
     values.update(overrides)
     return [f"--{k}={v}" for k, v in values.items()]
 
 
 def cli(*args: str, env=None, **kwargs) -> subprocess.CompletedProcess:
     environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "hf_cellmae.cli", *args], capture_output=True, text=True, env=environment, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "hf_cellmae.cli", *args], capture_output=True, text=True, env=environment, **kwargs
+    )
 
 
 # ------------------------------------------------------------------------------------------- arguments
@@ -79,7 +102,11 @@ def test_weight_decay_skips_norms_biases_layer_scale_and_tokens():
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
     assert "cellmae.encoder.layers.0.in_proj.weight" in decayed
-    assert not any(k in n for n in decayed for k in ("bias", "norm", "layer_scale", "cls_token", "mask_token", "channel_embeddings"))
+    assert not any(
+        k in n
+        for n in decayed
+        for k in ("bias", "norm", "layer_scale", "cls_token", "mask_token", "channel_embeddings")
+    )
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
@@ -169,26 +196,44 @@ def test_raw_crops_are_standardised_on_the_device_exactly_as_the_processor_does(
     crops16 = [rng.integers(0, 65535, (5, 16, 16)).astype(np.uint16) for _ in range(2)]
     batch = collate([{"pixel_values": c, "channel_ids": np.arange(5)} for c in crops16])
     assert batch["pixel_values"].dtype == torch.uint16  # 2 bytes per pixel through the loader
-    np.testing.assert_allclose(to_model_input(batch["pixel_values"], "cpu").numpy(), standardize_channels(np.stack(crops16)), atol=1e-5)
+    np.testing.assert_allclose(
+        to_model_input(batch["pixel_values"], "cpu").numpy(), standardize_channels(np.stack(crops16)), atol=1e-5
+    )
     mixed = [crops16[0], (crops16[1] // 257).astype(np.uint8)]  # 16- and 8-bit plates in one batch
-    out = to_model_input(collate([{"pixel_values": c, "channel_ids": np.arange(5)} for c in mixed])["pixel_values"], "cpu")
+    out = to_model_input(
+        collate([{"pixel_values": c, "channel_ids": np.arange(5)} for c in mixed])["pixel_values"], "cpu"
+    )
     np.testing.assert_allclose(out[1].numpy(), standardize_channels(mixed[1]), atol=1e-5)
 
 
 @pytest.mark.slow
 def test_pretraining_writes_a_loadable_model_folder_checkpoints_and_logs(synthetic_shards, tmp_path):
-    summary = pretrain(parse_pretraining_arguments(run_args(synthetic_shards, tmp_path, figure_steps=6, save_total_limit=2)))
+    summary = pretrain(
+        parse_pretraining_arguments(run_args(synthetic_shards, tmp_path, figure_steps=6, save_total_limit=2))
+    )
     model_dir = Path(summary["model_dir"])
     assert summary["global_step"] == 12
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["checkpoint-8", "checkpoint-12"]
-    assert {"model.safetensors", "config.json", "preprocessor_config.json", "modeling_cellmae.py",
-            "training_args.json", "trainer_state.json", "reconstruction.png"} <= {p.name for p in model_dir.iterdir()}
+    assert {
+        "model.safetensors",
+        "config.json",
+        "preprocessor_config.json",
+        "modeling_cellmae.py",
+        "training_args.json",
+        "trainer_state.json",
+        "reconstruction.png",
+    } <= {p.name for p in model_dir.iterdir()}
     state = json.loads((model_dir / "trainer_state.json").read_text())
     assert state["global_step"] == 12 and state["images_seen"] == 48
     assert [r["step"] for r in state["log_history"]] == list(range(1, 13))
-    assert {"loss", "mse_loss", "fourier_loss", "learning_rate", "grad_norm", "images_per_s", "tokens_per_s"} <= set(state["log_history"][0])
+    assert {"loss", "mse_loss", "fourier_loss", "learning_rate", "grad_norm", "images_per_s", "tokens_per_s"} <= set(
+        state["log_history"][0]
+    )
     assert state["dataset"]["channels"] == ["DNA", "ER", "RNA", "AGP", "Mito"]
-    assert sorted(p.name for p in (tmp_path / "figures").glob("*.png")) == ["reconstruction-step000006.png", "reconstruction-step000012.png"]
+    assert sorted(p.name for p in (tmp_path / "figures").glob("*.png")) == [
+        "reconstruction-step000006.png",
+        "reconstruction-step000012.png",
+    ]
     model = CellMAEForPreTraining.from_pretrained(model_dir)
     assert model.config.channel_names == ["DNA", "ER", "RNA", "AGP", "Mito"]
 
@@ -226,7 +271,9 @@ MODEL_INPUT_CHECKS = {"validate_pixel_values", "resolve_channel_ids"}
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "lion"])
-def test_a_training_step_reads_nothing_from_the_device_between_logging_boundaries(optimizer, synthetic_shards, tmp_path, monkeypatch):
+def test_a_training_step_reads_nothing_from_the_device_between_logging_boundaries(
+    optimizer, synthetic_shards, tmp_path, monkeypatch
+):
     """Counts every host read of a tensor value during the steady-state steps (after the first logging
     boundary, before the last): only `LoggingWindow.read`, once per window, may read."""
     import traceback
@@ -240,6 +287,7 @@ def test_a_training_step_reads_nothing_from_the_device_between_logging_boundarie
             if recording["on"]:
                 events.append((name, traceback.extract_stack()[:-1]))
             return original(self, *args, **kwargs)
+
         return read_value
 
     for name in HOST_READS:
@@ -258,14 +306,29 @@ def test_a_training_step_reads_nothing_from_the_device_between_logging_boundarie
         return result
 
     monkeypatch.setattr(loop.LoggingWindow, "read", logging_boundary)
-    pretrain(parse_pretraining_arguments(run_args(synthetic_shards, tmp_path, max_steps=6, logging_steps=2, save_steps=6,
-                                                  gradient_accumulation_steps=2, optimizer=optimizer)))
+    pretrain(
+        parse_pretraining_arguments(
+            run_args(
+                synthetic_shards,
+                tmp_path,
+                max_steps=6,
+                logging_steps=2,
+                save_steps=6,
+                gradient_accumulation_steps=2,
+                optimizer=optimizer,
+            )
+        )
+    )
     boundaries = [i for i, (name, _) in enumerate(events) if name == "logging boundary"]
     assert len(boundaries) == 3
-    in_steady_state = [(name, stack) for name, stack in events[boundaries[0]:boundaries[-1]] if stack is not None]
-    loop_reads = [(name, stack) for name, stack in in_steady_state if not MODEL_INPUT_CHECKS & {frame.name for frame in stack}]
+    in_steady_state = [(name, stack) for name, stack in events[boundaries[0] : boundaries[-1]] if stack is not None]
+    loop_reads = [
+        (name, stack) for name, stack in in_steady_state if not MODEL_INPUT_CHECKS & {frame.name for frame in stack}
+    ]
     where = ["".join(traceback.format_list(stack[-4:])) for _, stack in loop_reads[:3]]
-    assert not loop_reads, f"{len(loop_reads)} host reads in 4 steady-state optimizer steps; the first:\n" + "\n".join(where)
+    assert not loop_reads, f"{len(loop_reads)} host reads in 4 steady-state optimizer steps; the first:\n" + "\n".join(
+        where
+    )
 
 
 @pytest.mark.slow
@@ -276,10 +339,18 @@ def test_a_killed_run_resumes_to_the_same_losses_and_weights(synthetic_shards, t
 
     interrupted = tmp_path / "interrupted"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "hf_cellmae.cli", "pretrain", *run_args(synthetic_shards, interrupted), *steps],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "hf_cellmae.cli", "pretrain", *run_args(synthetic_shards, interrupted), *steps],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
     deadline = time.time() + 300
-    while not (interrupted / "checkpoints" / "checkpoint-10").exists() and time.time() < deadline and process.poll() is None:
+    while (
+        not (interrupted / "checkpoints" / "checkpoint-10").exists()
+        and time.time() < deadline
+        and process.poll() is None
+    ):
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)  # a real kill, mid-run
     process.wait()
@@ -288,7 +359,9 @@ def test_a_killed_run_resumes_to_the_same_losses_and_weights(synthetic_shards, t
     resumed_from = resolve_checkpoint("latest", interrupted / "checkpoints")
     assert 10 <= int(resumed_from.name.split("-")[1]) < 40
 
-    resumed = cli("pretrain", *run_args(synthetic_shards, interrupted), *steps, "--resume_from_checkpoint=latest", timeout=600)
+    resumed = cli(
+        "pretrain", *run_args(synthetic_shards, interrupted), *steps, "--resume_from_checkpoint=latest", timeout=600
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Resumed from {resumed_from}" in resumed.stdout + resumed.stderr
 
@@ -299,20 +372,27 @@ def test_a_killed_run_resumes_to_the_same_losses_and_weights(synthetic_shards, t
         assert torch.equal(expected[key], got[key]), key
 
     def history(run):
-        return [(r["step"], r["loss"]) for r in json.loads((run / "model" / "trainer_state.json").read_text())["log_history"]]
+        return [
+            (r["step"], r["loss"])
+            for r in json.loads((run / "model" / "trainer_state.json").read_text())["log_history"]
+        ]
 
     assert history(interrupted) == history(tmp_path / "reference")
 
 
 @pytest.mark.slow
 def test_a_run_with_dataloader_workers_resumes_to_the_same_weights(synthetic_shards, tmp_path):
-    pytest.importorskip("torchdata", reason="exact resume with DataLoader workers needs torchdata (pip install torchdata)")
+    pytest.importorskip(
+        "torchdata", reason="exact resume with DataLoader workers needs torchdata (pip install torchdata)"
+    )
     options = dict(max_steps=8, save_steps=4, dataloader_num_workers=1)
     reference = cli("pretrain", *run_args(synthetic_shards, tmp_path / "reference", **options), timeout=600)
     assert reference.returncode == 0, reference.stderr[-3000:]
     run = tmp_path / "resumed"
     shutil.copytree(tmp_path / "reference" / "checkpoints" / "checkpoint-4", run / "checkpoints" / "checkpoint-4")
-    resumed = cli("pretrain", *run_args(synthetic_shards, run, **options), "--resume_from_checkpoint=latest", timeout=600)
+    resumed = cli(
+        "pretrain", *run_args(synthetic_shards, run, **options), "--resume_from_checkpoint=latest", timeout=600
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     expected = load_file(str(tmp_path / "reference" / "model" / "model.safetensors"))
     got = load_file(str(run / "model" / "model.safetensors"))
@@ -362,8 +442,15 @@ PROBE = textwrap.dedent(
 def test_two_ranks_see_disjoint_data_and_keep_identical_parameters(synthetic_shards, tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
-    command = [sys.executable, "-m", "accelerate.commands.launch", *TWO_CPU_PROCESSES, str(probe), str(tmp_path / "ranks.json"),
-               *run_args(synthetic_shards, tmp_path / "run")]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        *TWO_CPU_PROCESSES,
+        str(probe),
+        str(tmp_path / "ranks.json"),
+        *run_args(synthetic_shards, tmp_path / "run"),
+    ]
     result = run_all_or_kill(command, cpu_launch_env(), 600, "the two ranks did not finish")
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = json.loads((tmp_path / "ranks.json").read_text())
@@ -379,34 +466,62 @@ def test_two_ranks_see_disjoint_data_and_keep_identical_parameters(synthetic_sha
 def test_resuming_a_one_cycle_run_with_other_max_steps_is_refused(synthetic_shards, tmp_path):
     pretrain(parse_pretraining_arguments(run_args(synthetic_shards, tmp_path, max_steps=4, save_steps=2)))
     with pytest.raises(ValueError, match="max_steps=4; the one-cycle schedule is fixed by it"):
-        pretrain(parse_pretraining_arguments(run_args(synthetic_shards, tmp_path, max_steps=8, resume_from_checkpoint="latest")))
+        pretrain(
+            parse_pretraining_arguments(
+                run_args(synthetic_shards, tmp_path, max_steps=8, resume_from_checkpoint="latest")
+            )
+        )
 
 
-def test_resuming_with_arguments_that_change_the_result_is_refused_naming_them(finished_run, synthetic_shards, tmp_path):
+def test_resuming_with_arguments_that_change_the_result_is_refused_naming_them(
+    finished_run, synthetic_shards, tmp_path
+):
     run = tmp_path / "run"
     shutil.copytree(finished_run / "checkpoints" / "checkpoint-2", run / "checkpoints" / "checkpoint-2")
     changed = dict(seed=1, learning_rate=2e-3, per_device_train_batch_size=2, data=str(synthetic_shards) + "_other")
-    with pytest.raises(ValueError, match=r"checkpoint-2 was written with other arguments that change the result: "
-                                         r"data .*_other, per_device_train_batch_size 4 -> 2, learning_rate 0.001 -> 0.002, "
-                                         r"seed 0 -> 1; .*--allow-changed-args"):
-        pretrain(parse_pretraining_arguments(run_args(synthetic_shards, run, max_steps=4, save_steps=2,
-                                                      resume_from_checkpoint="latest", **changed)))
+    with pytest.raises(
+        ValueError,
+        match=r"checkpoint-2 was written with other arguments that change the result: "
+        r"data .*_other, per_device_train_batch_size 4 -> 2, learning_rate 0.001 -> 0.002, "
+        r"seed 0 -> 1; .*--allow-changed-args",
+    ):
+        pretrain(
+            parse_pretraining_arguments(
+                run_args(synthetic_shards, run, max_steps=4, save_steps=2, resume_from_checkpoint="latest", **changed)
+            )
+        )
     assert not (run / "model").exists()
 
 
 def test_resuming_with_changed_arguments_goes_on_with_allow_changed_args(finished_run, synthetic_shards, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(finished_run / "checkpoints" / "checkpoint-2", run / "checkpoints" / "checkpoint-2")
-    summary = pretrain(parse_pretraining_arguments(run_args(synthetic_shards, run, max_steps=4, save_steps=2, seed=1,
-                                                            resume_from_checkpoint="latest", allow_changed_args=True)))
+    summary = pretrain(
+        parse_pretraining_arguments(
+            run_args(
+                synthetic_shards,
+                run,
+                max_steps=4,
+                save_steps=2,
+                seed=1,
+                resume_from_checkpoint="latest",
+                allow_changed_args=True,
+            )
+        )
+    )
     assert summary["global_step"] == 4
 
 
 def test_resuming_with_only_logging_and_saving_options_changed_is_accepted(finished_run, synthetic_shards, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(finished_run / "checkpoints" / "checkpoint-2", run / "checkpoints" / "checkpoint-2")
-    summary = pretrain(parse_pretraining_arguments(run_args(synthetic_shards, run, max_steps=4, save_steps=1, logging_steps=2,
-                                                            resume_from_checkpoint="latest")))
+    summary = pretrain(
+        parse_pretraining_arguments(
+            run_args(
+                synthetic_shards, run, max_steps=4, save_steps=1, logging_steps=2, resume_from_checkpoint="latest"
+            )
+        )
+    )
     assert summary["global_step"] == 4
 
 
@@ -445,30 +560,51 @@ def test_checkpoints_keep_the_scheduler_state_as_json_and_no_accelerate_custom_p
 
 @pytest.mark.parametrize("crafted", ["custom_checkpoint_0.pkl", "optimizer.bin", "random_states_0.pkl"])
 def test_resuming_from_a_crafted_checkpoint_runs_none_of_its_code_and_says_why_in_one_line(
-        crafted, finished_run, synthetic_shards, tmp_path, capsys):
+    crafted, finished_run, synthetic_shards, tmp_path, capsys
+):
     from hf_cellmae.cli import main
 
     run = tmp_path / "run"
-    checkpoint = Path(shutil.copytree(finished_run / "checkpoints" / "checkpoint-2", run / "checkpoints" / "checkpoint-2"))
-    if crafted == "custom_checkpoint_0.pkl":  # how earlier versions stored the scheduler; the JSON state takes precedence
+    checkpoint = Path(
+        shutil.copytree(finished_run / "checkpoints" / "checkpoint-2", run / "checkpoints" / "checkpoint-2")
+    )
+    if (
+        crafted == "custom_checkpoint_0.pkl"
+    ):  # how earlier versions stored the scheduler; the JSON state takes precedence
         (checkpoint / "scheduler_state.json").unlink(missing_ok=True)
     marker = tmp_path / "code-ran"
     torch.save({"state": _CreatesMarkerWhenUnpickled(marker)}, checkpoint / crafted)
-    code = main(["pretrain", *run_args(synthetic_shards, run, max_steps=4, save_steps=2, resume_from_checkpoint="latest")])
+    code = main(
+        ["pretrain", *run_args(synthetic_shards, run, max_steps=4, save_steps=2, resume_from_checkpoint="latest")]
+    )
     assert not marker.exists(), f"resuming ran code from {crafted}"
     message = one_line_error(capsys)
     assert code == 2
-    assert f"{checkpoint / crafted} is not trusted" in message and "io.open" in message and "--resume-from-checkpoint" in message
+    assert (
+        f"{checkpoint / crafted} is not trusted" in message
+        and "io.open" in message
+        and "--resume-from-checkpoint" in message
+    )
     assert "weights_only=False" not in message
 
 
-def test_a_checkpoint_with_the_pickled_scheduler_of_earlier_versions_still_resumes_exactly(finished_run, synthetic_shards, tmp_path):
+def test_a_checkpoint_with_the_pickled_scheduler_of_earlier_versions_still_resumes_exactly(
+    finished_run, synthetic_shards, tmp_path
+):
     run = tmp_path / "run"
-    checkpoint = Path(shutil.copytree(finished_run / "checkpoints" / "checkpoint-2", run / "checkpoints" / "checkpoint-2"))
+    checkpoint = Path(
+        shutil.copytree(finished_run / "checkpoints" / "checkpoint-2", run / "checkpoints" / "checkpoint-2")
+    )
     scheduler_state = json.loads((checkpoint / "scheduler_state.json").read_text())
     (checkpoint / "scheduler_state.json").unlink()
-    torch.save(scheduler_state, checkpoint / "custom_checkpoint_0.pkl")  # as accelerate's register_for_checkpointing wrote it
-    pretrain(parse_pretraining_arguments(run_args(synthetic_shards, run, max_steps=4, save_steps=2, resume_from_checkpoint="latest")))
+    torch.save(
+        scheduler_state, checkpoint / "custom_checkpoint_0.pkl"
+    )  # as accelerate's register_for_checkpointing wrote it
+    pretrain(
+        parse_pretraining_arguments(
+            run_args(synthetic_shards, run, max_steps=4, save_steps=2, resume_from_checkpoint="latest")
+        )
+    )
     expected = load_file(str(finished_run / "model" / "model.safetensors"))
     got = load_file(str(run / "model" / "model.safetensors"))
     assert all(torch.equal(expected[k], got[k]) for k in expected)
@@ -524,7 +660,9 @@ def test_a_read_only_output_folder_fails_in_one_line_before_training(synthetic_s
     assert f"cannot write the run's outputs to {output_dir}" in message and "output folder you can write to" in message
 
 
-def test_a_checkpoint_that_cannot_be_written_after_training_says_how_to_resume(synthetic_shards, tmp_path, monkeypatch, capsys):
+def test_a_checkpoint_that_cannot_be_written_after_training_says_how_to_resume(
+    synthetic_shards, tmp_path, monkeypatch, capsys
+):
     from accelerate import Accelerator
 
     from hf_cellmae.cli import main
@@ -543,7 +681,9 @@ def test_a_checkpoint_that_cannot_be_written_after_training_says_how_to_resume(s
     assert "resume from checkpoint-2 with --resume-from-checkpoint latest" in message
 
 
-def test_a_model_folder_that_cannot_be_written_after_training_says_how_to_resume(synthetic_shards, tmp_path, monkeypatch, capsys):
+def test_a_model_folder_that_cannot_be_written_after_training_says_how_to_resume(
+    synthetic_shards, tmp_path, monkeypatch, capsys
+):
     from hf_cellmae.cli import main
 
     def refused(self, path, **kwargs):
@@ -567,11 +707,19 @@ def test_no_code_in_the_package_loads_a_pickle_unsafely():
             if not isinstance(node, ast.Call):
                 continue
             name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
-            unsafe_keyword = any(k.arg == "weights_only" and not (isinstance(k.value, ast.Constant) and k.value.value is True)
-                                 for k in node.keywords)
-            if unsafe_keyword or name in ("register_for_checkpointing", "load_custom_state") or (
-                    name in ("load", "loads") and getattr(node.func, "value", None) is not None
-                    and getattr(node.func.value, "id", "") in ("pickle", "joblib", "dill")):
+            unsafe_keyword = any(
+                k.arg == "weights_only" and not (isinstance(k.value, ast.Constant) and k.value.value is True)
+                for k in node.keywords
+            )
+            if (
+                unsafe_keyword
+                or name in ("register_for_checkpointing", "load_custom_state")
+                or (
+                    name in ("load", "loads")
+                    and getattr(node.func, "value", None) is not None
+                    and getattr(node.func.value, "id", "") in ("pickle", "joblib", "dill")
+                )
+            ):
                 found.append(f"{path.relative_to(package.parent)}:{node.lineno}")
     assert not found, found
 
@@ -592,15 +740,31 @@ def test_the_same_command_line_pretrains_on_real_cell_painting_images(tmp_path):
     for path in source.glob("*.tif"):
         if f"_{held_out}_" not in path.name:
             (train_images / path.name).symlink_to(path)
-    shard = cli("shard", str(train_images), str(tmp_path / "shards"), "--layout", "pattern", "--pattern", "bbbc", timeout=600)
+    shard = cli(
+        "shard", str(train_images), str(tmp_path / "shards"), "--layout", "pattern", "--pattern", "bbbc", timeout=600
+    )
     assert shard.returncode == 0, shard.stderr[-3000:]
     overrides = json.dumps({"image_size": 64, "fourier_loss_weight": 0.01})
-    run = cli("pretrain", *run_args(tmp_path / "shards", tmp_path / "run", model_overrides=overrides, max_steps=150,
-                                    per_device_train_batch_size=16, crops_per_field=16, save_steps=150, model_preset="tiny"),
-              timeout=900)
+    run = cli(
+        "pretrain",
+        *run_args(
+            tmp_path / "shards",
+            tmp_path / "run",
+            model_overrides=overrides,
+            max_steps=150,
+            per_device_train_batch_size=16,
+            crops_per_field=16,
+            save_steps=150,
+            model_preset="tiny",
+        ),
+        timeout=900,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
 
-    fields = [np.stack([tifffile.imread(source / f"plate1_{held_out}_site{s}_Ch{c}.tif") for c in range(1, 6)]) for s in (1, 2)]
+    fields = [
+        np.stack([tifffile.imread(source / f"plate1_{held_out}_site{s}_Ch{c}.tif") for c in range(1, 6)])
+        for s in (1, 2)
+    ]
     pixels = CellMAEImageProcessor(image_size=64, crop_mode="tile")(fields)["pixel_values"]  # 2 x 80 crops
     trained = CellMAEForPreTraining.from_pretrained(tmp_path / "run" / "model").eval()
     torch.manual_seed(0)
@@ -619,11 +783,36 @@ def test_the_same_command_line_pretrains_on_real_cell_painting_images(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ throughput
-def test_the_training_benchmark_reports_throughput_and_mfu_against_a_peak_measured_in_the_same_run(tmp_path, monkeypatch):
+def test_the_training_benchmark_reports_throughput_and_mfu_against_a_peak_measured_in_the_same_run(
+    tmp_path, monkeypatch
+):
     benchmark = load_script("benchmark_train")
     out = tmp_path / "rows.json"
-    monkeypatch.setattr(sys, "argv", ["benchmark_train.py", "--models", "tiny", "--precisions", "fp32", "--image-size", "32", "--channels", "3", "--batch", "2",
-                                      "--rounds", "1", "--warmup", "0", "--peak-size", "128", "--json", str(out)])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "benchmark_train.py",
+            "--models",
+            "tiny",
+            "--precisions",
+            "fp32",
+            "--image-size",
+            "32",
+            "--channels",
+            "3",
+            "--batch",
+            "2",
+            "--rounds",
+            "1",
+            "--warmup",
+            "0",
+            "--peak-size",
+            "128",
+            "--json",
+            str(out),
+        ],
+    )
     benchmark.main()
     (row,) = json.loads(out.read_text())["rows"]
     assert (row["model"], row["precision"], row["compiled"]) == ("tiny", "fp32", False)  # no compile on a CPU
@@ -643,7 +832,9 @@ def test_the_decoder_benchmark_counts_the_decoder_blocks_and_their_attention():
         # The blocks: qkv + projection + MLP (24 T w^2) and the attention products (4 T^2 w); the small
         # embedding and prediction layers make the rest.
         blocks = depth * (24 * tokens * width**2 + 4 * tokens**2 * width)
-        counted[name] = benchmark.decoder_flops(model, pixels, noise, add_attention=not benchmark.attention_is_counted())
+        counted[name] = benchmark.decoder_flops(
+            model, pixels, noise, add_attention=not benchmark.attention_is_counted()
+        )
         assert blocks < counted[name] < 1.05 * blocks, name
     assert counted["light"] < counted["mae"] / 5
 
@@ -686,9 +877,12 @@ def test_pretrain_on_error_skip_trains_without_the_corrupt_field_and_reports_it(
 
     shards, field_id = corrupt_shards
     # 8 steps x 4 crops = 32 samples, 2 crops per field: every one of the 24 fields is read at least once
-    assert main(["pretrain", *run_args(shards, tmp_path / "run", max_steps=8, save_steps=100), "--on-error", "skip"]) == 0
+    assert (
+        main(["pretrain", *run_args(shards, tmp_path / "run", max_steps=8, save_steps=100), "--on-error", "skip"]) == 0
+    )
     out = capsys.readouterr().out
     assert "Skipped 1 corrupt field(s) (--on-error skip)" in out
-    summary = pretrain(parse_pretraining_arguments(run_args(shards, tmp_path / "again", max_steps=8, save_steps=100,
-                                                            on_error="skip")))
+    summary = pretrain(
+        parse_pretraining_arguments(run_args(shards, tmp_path / "again", max_steps=8, save_steps=100, on_error="skip"))
+    )
     assert [skip["field"] for skip in summary["skipped_fields"]] == [field_id]

@@ -42,18 +42,32 @@ def test_an_unknown_config_name_lists_the_shipped_ones():
 
 
 def test_model_preset_on_the_command_line_drops_the_configs_size_overrides_and_says_so(capsys):
-    args = parse_pretraining_arguments(["--config", "camae_vit_b16_cellpainting", "--data", "shards", "--model-preset", "tiny"])
+    args = parse_pretraining_arguments(
+        ["--config", "camae_vit_b16_cellpainting", "--data", "shards", "--model-preset", "tiny"]
+    )
     assert args.model_preset == "tiny"
     assert "image_size" not in args.overrides  # the config's 256 px no longer wins over the tiny preset's 64 px
-    assert args.overrides["decoder_type"] == "shared" and args.overrides["fourier_loss_weight"] == 0.01  # not size: kept
+    assert (
+        args.overrides["decoder_type"] == "shared" and args.overrides["fourier_loss_weight"] == 0.01
+    )  # not size: kept
     assert CellMAEConfig.from_preset(args.model_preset, **args.overrides).image_size == 64
     err = capsys.readouterr().err
     assert "image_size=256" in err and "dropped" in err
 
 
 def test_model_overrides_typed_with_the_preset_are_kept_and_merge_with_the_configs():
-    args = parse_pretraining_arguments(["--config", "camae_vit_b16_cellpainting", "--data", "shards", "--model-preset", "tiny",
-                                        "--model-overrides", '{"image_size": 32}'])
+    args = parse_pretraining_arguments(
+        [
+            "--config",
+            "camae_vit_b16_cellpainting",
+            "--data",
+            "shards",
+            "--model-preset",
+            "tiny",
+            "--model-overrides",
+            '{"image_size": 32}',
+        ]
+    )
     assert args.overrides["image_size"] == 32 and args.overrides["decoder_type"] == "shared"
     same_preset = parse_pretraining_arguments(["--config", "camae_vit_b16_cellpainting", "--data", "shards"])
     assert same_preset.overrides["image_size"] == 256  # without --model-preset the config stays as written
@@ -64,11 +78,25 @@ def test_decoder_preset_sets_the_decoder_size_over_the_configs_and_model_overrid
     config.write_text("model_preset: vit_s16\nmodel_overrides:\n  decoder_hidden_size: 384\n  mask_ratio: 0.6\n")
     args = parse_pretraining_arguments(["--config", str(config), "--data", "shards", "--decoder-preset", "light"])
     built = CellMAEConfig.from_preset(args.model_preset, **args.overrides)
-    assert (built.decoder_hidden_size, built.decoder_num_hidden_layers, built.decoder_num_attention_heads) == (256, 4, 8)
+    assert (built.decoder_hidden_size, built.decoder_num_hidden_layers, built.decoder_num_attention_heads) == (
+        256,
+        4,
+        8,
+    )
     assert built.mask_ratio == 0.6 and built.hidden_size == 384  # the rest of the config and the encoder stay
     assert "decoder_hidden_size=384" in capsys.readouterr().err
-    typed = parse_pretraining_arguments(["--data", "shards", "--model-preset", "vit_s16", "--decoder-preset", "light",
-                                         "--model-overrides", '{"decoder_num_hidden_layers": 2}'])
+    typed = parse_pretraining_arguments(
+        [
+            "--data",
+            "shards",
+            "--model-preset",
+            "vit_s16",
+            "--decoder-preset",
+            "light",
+            "--model-overrides",
+            '{"decoder_num_hidden_layers": 2}',
+        ]
+    )
     assert CellMAEConfig.from_preset(typed.model_preset, **typed.overrides).decoder_num_hidden_layers == 2
     with pytest.raises(ValueError, match="decoder_preset='huge' is not one of"):
         parse_pretraining_arguments(["--data", "shards", "--decoder-preset", "huge"])
@@ -96,25 +124,58 @@ def test_pretrain_help_imports_neither_torch_nor_transformers():
     assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
-def test_a_cpu_run_that_cannot_fit_is_refused_with_the_estimate_and_a_batch_that_fits(synthetic_shards, tmp_path, monkeypatch, capsys):
+def test_a_cpu_run_that_cannot_fit_is_refused_with_the_estimate_and_a_batch_that_fits(
+    synthetic_shards, tmp_path, monkeypatch, capsys
+):
     from hf_cellmae.cli import main
 
     monkeypatch.setattr(memory, "available_memory_bytes", lambda: 4 * 2**30)
-    code = main(["pretrain", "--config", "camae_vit_b16_cellpainting", "--data", str(synthetic_shards),
-                 "--output-dir", str(tmp_path / "run"), "--mixed-precision", "no"])
+    code = main(
+        [
+            "pretrain",
+            "--config",
+            "camae_vit_b16_cellpainting",
+            "--data",
+            str(synthetic_shards),
+            "--output-dir",
+            str(tmp_path / "run"),
+            "--mixed-precision",
+            "no",
+        ]
+    )
     err = capsys.readouterr().err
-    assert code == 2 and len([line for line in err.splitlines() if "error" in line]) == 1  # (and the CPU's settings line)
+    assert (
+        code == 2 and len([line for line in err.splitlines() if "error" in line]) == 1
+    )  # (and the CPU's settings line)
     assert "GiB" in err and "4.0 GiB available" in err and "--per-device-train-batch-size" in err
     assert not (tmp_path / "run" / "checkpoints").exists()  # refused before anything was written
     monkeypatch.setattr(memory, "available_memory_bytes", lambda: 1 * 2**30)
-    assert main(["pretrain", "--config", "vit_l8_scale", "--data", str(synthetic_shards), "--output-dir", str(tmp_path / "run")]) == 2
+    assert (
+        main(
+            [
+                "pretrain",
+                "--config",
+                "vit_l8_scale",
+                "--data",
+                str(synthetic_shards),
+                "--output-dir",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 2
+    )
     assert "--model-preset tiny" in capsys.readouterr().err
 
 
 def test_the_cpu_demo_config_fits_the_memory_it_states():
     config = shipped_configs()["demo_cpu"]
     args = parse_pretraining_arguments(["--config", str(config), "--data", "shards"])
-    estimate = memory.estimate_training_memory(CellMAEConfig.from_preset(args.model_preset, **args.overrides), args.per_device_train_batch_size, 5, args.optimizer)
+    estimate = memory.estimate_training_memory(
+        CellMAEConfig.from_preset(args.model_preset, **args.overrides),
+        args.per_device_train_batch_size,
+        5,
+        args.optimizer,
+    )
     assert estimate.total < 1.0 * 2**30
 
 
@@ -143,19 +204,41 @@ def test_a_cpu_replaces_the_gpu_configs_precision_compile_and_workers_but_keeps_
     from hf_cellmae.training.device_defaults import settings_for_a_cpu
 
     config = {"mixed_precision": "bf16", "torch_compile": True, "dataloader_num_workers": 8, "max_steps": 200000}
-    assert settings_for_a_cpu(config, typed=set(), cpus=2) == {"mixed_precision": "no", "torch_compile": False,
-                                                               "dataloader_num_workers": 0}
-    assert settings_for_a_cpu(config, typed={"mixed_precision", "dataloader_num_workers"}, cpus=2) == {"torch_compile": False}
+    assert settings_for_a_cpu(config, typed=set(), cpus=2) == {
+        "mixed_precision": "no",
+        "torch_compile": False,
+        "dataloader_num_workers": 0,
+    }
+    assert settings_for_a_cpu(config, typed={"mixed_precision", "dataloader_num_workers"}, cpus=2) == {
+        "torch_compile": False
+    }
     assert settings_for_a_cpu({"dataloader_num_workers": 1}, typed=set(), cpus=2) == {}  # fits beside the compute
 
 
 @CPU_ONLY
-def test_a_gpu_config_on_a_cpu_is_refused_with_time_and_memory_unless_max_steps_is_given(synthetic_shards, tmp_path, capsys):
+def test_a_gpu_config_on_a_cpu_is_refused_with_time_and_memory_unless_max_steps_is_given(
+    synthetic_shards, tmp_path, capsys
+):
     """The README's old CPU advice (issue 24): the ViT-B/16 config with --model-preset tiny started 200,000 steps."""
     from hf_cellmae.cli import main
 
-    run = ["pretrain", "--config", "camae_vit_b16_cellpainting", "--data", str(synthetic_shards), "--model-preset", "tiny",
-           "--output-dir", str(tmp_path / "run"), "--report-to", "none", "--progress-bar", "false", "--figure-steps", "0"]
+    run = [
+        "pretrain",
+        "--config",
+        "camae_vit_b16_cellpainting",
+        "--data",
+        str(synthetic_shards),
+        "--model-preset",
+        "tiny",
+        "--output-dir",
+        str(tmp_path / "run"),
+        "--report-to",
+        "none",
+        "--progress-bar",
+        "false",
+        "--figure-steps",
+        "0",
+    ]
     assert main(run) == 2
     err = capsys.readouterr().err
     error_lines = [line for line in err.splitlines() if "error" in line]
@@ -171,9 +254,32 @@ def test_a_gpu_config_on_a_cpu_is_refused_with_time_and_memory_unless_max_steps_
 def test_a_gpu_config_on_a_cpu_with_max_steps_trains_in_fp32_eager_without_workers(synthetic_shards, tmp_path, capsys):
     from hf_cellmae.cli import main
 
-    assert main(["pretrain", "--config", "camae_vit_b16_cellpainting", "--data", str(synthetic_shards), "--model-preset", "tiny",
-                 "--max-steps", "1", "--per-device-train-batch-size", "4", "--output-dir", str(tmp_path / "run"),
-                 "--report-to", "none", "--progress-bar", "false", "--figure-steps", "0"]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--config",
+                "camae_vit_b16_cellpainting",
+                "--data",
+                str(synthetic_shards),
+                "--model-preset",
+                "tiny",
+                "--max-steps",
+                "1",
+                "--per-device-train-batch-size",
+                "4",
+                "--output-dir",
+                str(tmp_path / "run"),
+                "--report-to",
+                "none",
+                "--progress-bar",
+                "false",
+                "--figure-steps",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert "mixed_precision=bf16 -> no" in capsys.readouterr().err
     args = json.loads((tmp_path / "run" / "model" / "training_args.json").read_text())
     assert args["mixed_precision"] == "no" and args["dataloader_num_workers"] == 0

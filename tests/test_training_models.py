@@ -9,8 +9,15 @@ from hf_cellmae import CellMAEConfig, CellMAEForPreTraining
 from hf_cellmae.training.arguments import PretrainingArguments, parse_pretraining_arguments, read_config_file
 from hf_cellmae.training.models import build_model, model_config
 
-TINY = dict(image_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, decoder_hidden_size=32,
-            decoder_num_hidden_layers=1, decoder_num_attention_heads=2)
+TINY = dict(
+    image_size=32,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    decoder_hidden_size=32,
+    decoder_num_hidden_layers=1,
+    decoder_num_attention_heads=2,
+)
 MANIFEST = {"channels": ["DNA", "RNA", "AGP"]}
 
 
@@ -23,17 +30,21 @@ def mae_folder(tmp_path):
 
 
 def test_model_overrides_reach_the_model_of_init_from_with_the_mae_objective(mae_folder):
-    args = PretrainingArguments(data="shards", init_from=str(mae_folder),
-                                model_overrides={"mask_ratio": 0.5, "fourier_loss_weight": 0.0})
+    args = PretrainingArguments(
+        data="shards", init_from=str(mae_folder), model_overrides={"mask_ratio": 0.5, "fourier_loss_weight": 0.0}
+    )
     model = build_model(args, MANIFEST)
     assert model.config.mask_ratio == 0.5 and model.config.fourier_loss_weight == 0.0
     saved = CellMAEForPreTraining.from_pretrained(mae_folder)
-    assert torch.equal(model.cellmae.embeddings.patch_embeddings.weight, saved.cellmae.embeddings.patch_embeddings.weight)
+    assert torch.equal(
+        model.cellmae.embeddings.patch_embeddings.weight, saved.cellmae.embeddings.patch_embeddings.weight
+    )
 
 
 def test_mask_ratio_flag_wins_over_model_overrides_and_reaches_the_model():
-    args = parse_pretraining_arguments(["--data", "shards", "--model-overrides", json.dumps({**TINY, "mask_ratio": 0.6}),
-                                        "--mask-ratio", "0.5"])
+    args = parse_pretraining_arguments(
+        ["--data", "shards", "--model-overrides", json.dumps({**TINY, "mask_ratio": 0.6}), "--mask-ratio", "0.5"]
+    )
     assert args.mask_ratio == 0.5 and args.overrides["mask_ratio"] == 0.5
     assert args.model_overrides["mask_ratio"] == 0.6  # the typed overrides stay as typed
     assert build_model(args, MANIFEST).config.mask_ratio == 0.5
@@ -57,7 +68,9 @@ def test_model_overrides_are_a_mapping_from_a_config_file_the_command_line_and_a
     old = tmp_path / "training_args.json"  # written when model_overrides was a JSON string
     old.write_text(json.dumps({"data": "shards", "model_overrides": json.dumps({"image_size": 32})}))
     assert read_config_file(old)["model_overrides"] == {"image_size": 32}
-    assert PretrainingArguments(data="shards", model_overrides='{"image_size": 32}').model_overrides == {"image_size": 32}
+    assert PretrainingArguments(data="shards", model_overrides='{"image_size": 32}').model_overrides == {
+        "image_size": 32
+    }
 
 
 def test_model_overrides_that_are_not_a_json_object_are_refused_on_the_command_line(capsys):
@@ -81,7 +94,11 @@ def test_the_memory_estimate_measures_init_from_with_its_overrides(mae_folder, t
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the estimate is made on a CPU only
     monkeypatch.setattr(memory, "available_memory_bytes", lambda: 64 * 2**30)
     said = []
-    args = PretrainingArguments(data=str(tmp_path / "shards"), init_from=str(mae_folder),
-                                model_overrides={"image_size": 64}, per_device_train_batch_size=2)
+    args = PretrainingArguments(
+        data=str(tmp_path / "shards"),
+        init_from=str(mae_folder),
+        model_overrides={"image_size": 64},
+        per_device_train_batch_size=2,
+    )
     memory.check_training_memory(args, announce=said.append)
     assert "3 x 64 x 64 px crops" in said[0]  # the override, not the 32 px of the saved config

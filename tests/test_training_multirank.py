@@ -44,7 +44,14 @@ PROBE = textwrap.dedent(
 def test_a_checkpoint_save_failing_on_one_rank_makes_every_rank_exit_with_the_error(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
-    command = [sys.executable, "-m", "accelerate.commands.launch", *TWO_CPU_PROCESSES, str(probe), str(tmp_path / "checkpoints")]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        *TWO_CPU_PROCESSES,
+        str(probe),
+        str(tmp_path / "checkpoints"),
+    ]
     # before the fix: rank 0 waited in a barrier for rank 1, for ever
     result = run_all_or_kill(command, cpu_launch_env(), 240, "a rank was still waiting after the other failed to save")
     assert result.returncode != 0
@@ -86,8 +93,17 @@ MODEL_PROBE = textwrap.dedent(
 def test_a_model_folder_save_failing_on_the_main_rank_makes_every_rank_exit_with_the_error(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text(MODEL_PROBE)
-    command = [sys.executable, "-m", "accelerate.commands.launch", *TWO_CPU_PROCESSES, str(probe), str(tmp_path / "model")]
-    result = run_all_or_kill(command, cpu_launch_env(), 240, "a rank was still waiting after the main rank failed to write the model folder")
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        *TWO_CPU_PROCESSES,
+        str(probe),
+        str(tmp_path / "model"),
+    ]
+    result = run_all_or_kill(
+        command, cpu_launch_env(), 240, "a rank was still waiting after the main rank failed to write the model folder"
+    )
     output = result.stdout + result.stderr
     assert result.returncode != 0 and "saved" not in result.stdout
     assert "rank 0: could not write the model folder" in output and "Permission denied" in output

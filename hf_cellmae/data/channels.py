@@ -92,7 +92,9 @@ def parse_channels_option(text: str | list[str] | dict[str, str] | None) -> list
     if not explicit:
         return parts
     if len(explicit) != len(parts):
-        raise UserError(f"--channels {text} mixes TOKEN=NAME and plain names; give every channel as TOKEN=NAME (e.g. w1=AGP,w2=DNA)")
+        raise UserError(
+            f"--channels {text} mixes TOKEN=NAME and plain names; give every channel as TOKEN=NAME (e.g. w1=AGP,w2=DNA)"
+        )
     mapping: dict[str, str] = {}
     for part in parts:
         token, _, name = (piece.strip() for piece in part.partition("="))
@@ -109,7 +111,7 @@ def _normalized_columns(table) -> dict[str, str]:
     columns = {}
     for column in table.columns:
         text = str(column)
-        bare = text[len("Metadata_"):] if text.startswith("Metadata_") else text
+        bare = text[len("Metadata_") :] if text.startswith("Metadata_") else text
         columns.setdefault(bare.lower(), column)
     return columns
 
@@ -118,8 +120,9 @@ def _absolute(path: str | Path) -> str:
     return os.path.normpath(os.path.abspath(path))
 
 
-def channel_names_from_table(records: list[FieldRecord], table, source: str = "metadata",
-                             root: str | Path | None = None) -> tuple[dict[str, str], str] | None:
+def channel_names_from_table(
+    records: list[FieldRecord], table, source: str = "metadata", root: str | Path | None = None
+) -> tuple[dict[str, str], str] | None:
     """The stain of each file-channel token as a per-file table names it, or ``None`` when it names none.
 
     Args:
@@ -176,18 +179,24 @@ def channel_names_from_table(records: list[FieldRecord], table, source: str = "m
     where = f"{Path(str(source)).name} column {str(name_column)!r}"
     for token, names in names_by_token.items():
         if len(names) > 1:
-            raise UserError(f"{where} names file channel {token} both {' and '.join(sorted(names))}; one token must be one stain "
-                            f"across the folder: fix the table, or name each channel yourself with --channels {token}=NAME,...")
+            raise UserError(
+                f"{where} names file channel {token} both {' and '.join(sorted(names))}; one token must be one stain "
+                f"across the folder: fix the table, or name each channel yourself with --channels {token}=NAME,..."
+            )
     named = {token: next(iter(names)) for token, names in names_by_token.items() if names}
     unnamed = [token for token in tokens if token not in named]
     if unnamed:
         suggestion = _mapping_text(tokens, [named.get(token, "NAME") for token in tokens])
-        raise UserError(f"{where} names file channel(s) {', '.join(named)} but not {', '.join(unnamed)}; add their rows "
-                        f"to the table, or name every channel with --channels {suggestion}")
+        raise UserError(
+            f"{where} names file channel(s) {', '.join(named)} but not {', '.join(unnamed)}; add their rows "
+            f"to the table, or name every channel with --channels {suggestion}"
+        )
     return named, where
 
 
-def resolve_channel_names(tokens: list[str], given=None, from_data: tuple[dict[str, str], str] | None = None) -> list[str]:
+def resolve_channel_names(
+    tokens: list[str], given=None, from_data: tuple[dict[str, str], str] | None = None
+) -> list[str]:
     """The stain name of each file-channel token (see the module docstring for the order of sources).
 
     Args:
@@ -232,8 +241,11 @@ def _refuse_swapped_stains(tokens: list[str], names: list[str], from_data: tuple
     the data gives to a different file channel (``w1=DNA`` where the table says ``w1=AGP, w2=DNA``) is a contradiction.
     """
     data_names = [from_data[0][token] for token in tokens]
-    swapped = [token for token, name, data_name in zip(tokens, names, data_names)
-               if not same_stain(name, data_name) and any(same_stain(name, other) for other in data_names)]
+    swapped = [
+        token
+        for token, name, data_name in zip(tokens, names, data_names)
+        if not same_stain(name, data_name) and any(same_stain(name, other) for other in data_names)
+    ]
     if swapped:
         raise UserError(
             f"--channels {_mapping_text(tokens, names)} contradicts {from_data[1]} for file channel(s) {', '.join(swapped)}:\n"
@@ -245,9 +257,12 @@ def _refuse_swapped_stains(tokens: list[str], names: list[str], from_data: tuple
 
 def _explicit_names(tokens: list[str], mapping: dict[str, str]) -> list[str]:
     """Names from ``{token: name}``; a key may be the token (any case) or its number (``1`` for ``w1``)."""
+
     def token_of(key: str) -> str | None:
         for token in tokens:
-            if token.lower() == key.lower() or (key.isdigit() and _token_number(token) == int(key) and is_channel_token(token)):
+            if token.lower() == key.lower() or (
+                key.isdigit() and _token_number(token) == int(key) and is_channel_token(token)
+            ):
                 return token
         return None
 
@@ -255,21 +270,33 @@ def _explicit_names(tokens: list[str], mapping: dict[str, str]) -> list[str]:
     for key, name in mapping.items():
         token = token_of(key)
         if token is None:
-            raise UserError(f"--channels names file channel {key!r}, which no file has; the files' channel tokens are "
-                            f"{', '.join(tokens)}: give TOKEN=NAME for each (e.g. --channels {_mapping_text(tokens, ['NAME'] * len(tokens))})")
+            raise UserError(
+                f"--channels names file channel {key!r}, which no file has; the files' channel tokens are "
+                f"{', '.join(tokens)}: give TOKEN=NAME for each (e.g. --channels {_mapping_text(tokens, ['NAME'] * len(tokens))})"
+            )
         names[token] = name
     missing = [token for token in tokens if token not in names]
     if missing:
-        raise UserError(f"--channels {_mapping_text(list(mapping), list(mapping.values()))} does not name file channel(s) "
-                        f"{', '.join(missing)}; give TOKEN=NAME for every one of {', '.join(tokens)}")
+        raise UserError(
+            f"--channels {_mapping_text(list(mapping), list(mapping.values()))} does not name file channel(s) "
+            f"{', '.join(missing)}; give TOKEN=NAME for every one of {', '.join(tokens)}"
+        )
     result = [names[token] for token in tokens]
     if len(set(result)) != len(result):
-        raise UserError(f"--channels {_mapping_text(tokens, result)} gives two file channels the same name; give each stain once")
+        raise UserError(
+            f"--channels {_mapping_text(tokens, result)} gives two file channels the same name; give each stain once"
+        )
     return result
 
 
-def name_channels(records: list[FieldRecord], given=None, table=None, source: str = "metadata",
-                  root: str | Path | None = None, layout: str | None = None) -> dict:
+def name_channels(
+    records: list[FieldRecord],
+    given=None,
+    table=None,
+    source: str = "metadata",
+    root: str | Path | None = None,
+    layout: str | None = None,
+) -> dict:
     """Rename every record's channels from file tokens to stain names, in place.
 
     Args:

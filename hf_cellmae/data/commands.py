@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..options import add_dataclass_options, options_from_namespace
 from ..errors import UserError
+from ..options import add_dataclass_options, options_from_namespace
 from .shards import ShardOptions
 from .synthetic import SCREEN_SIZES, SyntheticScreenConfig
 
@@ -36,8 +36,10 @@ def _shard(args: argparse.Namespace) -> int:
         if options.part:
             raise UserError("--merge and --part go on different runs: --part I/N on each machine, then --merge once")
         manifest = merge_parts(args.output_dir)
-        print(f"merged the parts' manifests: {manifest['num_fields']} fields in {manifest['num_shards']} shard(s) "
-              f"-> {args.output_dir}/manifest.json")
+        print(
+            f"merged the parts' manifests: {manifest['num_fields']} fields in {manifest['num_shards']} shard(s) "
+            f"-> {args.output_dir}/manifest.json"
+        )
         return 0
     if options.part:
         from .shards import parse_part
@@ -47,10 +49,14 @@ def _shard(args: argparse.Namespace) -> int:
     if "part" in manifest:
         index, count = manifest["part"]
         written = sum(shard["num_fields"] for shard in manifest["shards"])
-        print(f"part {index}/{count}: wrote {written} fields into {len(manifest['shards'])} of the plan's "
-              f"{manifest['num_shards_in_plan']} shard(s) in {args.output_dir} ({manifest['shards_reused']} reused)")
+        print(
+            f"part {index}/{count}: wrote {written} fields into {len(manifest['shards'])} of the plan's "
+            f"{manifest['num_shards_in_plan']} shard(s) in {args.output_dir} ({manifest['shards_reused']} reused)"
+        )
         if "merged" not in manifest:
-            print(f"part {index}/{count}: the last part to finish writes manifest.json (or run `cellmae shard ... --merge`)")
+            print(
+                f"part {index}/{count}: the last part to finish writes manifest.json (or run `cellmae shard ... --merge`)"
+            )
             return 0
         manifest = manifest["merged"]
         print(f"part {index}/{count}: every part is done; merged their manifests into {args.output_dir}/manifest.json")
@@ -59,7 +65,9 @@ def _shard(args: argparse.Namespace) -> int:
         f"{manifest['num_shards']} shard(s) in {args.output_dir} ({manifest['shards_reused']} reused from an earlier run)"
     )
     if manifest["num_skipped"]:
-        print(f"skipped {manifest['num_skipped']} input(s) (listed in {args.output_dir}/manifest.json under 'skipped'):")
+        print(
+            f"skipped {manifest['num_skipped']} input(s) (listed in {args.output_dir}/manifest.json under 'skipped'):"
+        )
         for problem in manifest["skipped"][:20]:
             where = ", ".join(part for part in (problem["file"], problem["field"]) if part)
             print(f"  - {problem['reason']} ({where})")
@@ -72,8 +80,11 @@ def _synthetic(args: argparse.Namespace) -> int:
     from .synthetic import make_synthetic_screen
 
     defaults = SyntheticScreenConfig()  # a flag left at its default keeps the --size's value
-    given = {name: getattr(args, name) for name, _ in SYNTHETIC_OPTIONS.values()
-             if getattr(args, name) != getattr(defaults, name)}
+    given = {
+        name: getattr(args, name)
+        for name, _ in SYNTHETIC_OPTIONS.values()
+        if getattr(args, name) != getattr(defaults, name)
+    }
     result = make_synthetic_screen(
         args.output_dir,
         config=SyntheticScreenConfig(**SCREEN_SIZES[args.size]),
@@ -87,8 +98,10 @@ def _synthetic(args: argparse.Namespace) -> int:
         f"{args.output_dir}; metadata: {result['metadata']}; relationships: {', '.join(result['relationships'].values())}"
     )
     if args.pooled:
-        print(f"pooled: {result['num_cells']} cells, each with its own perturbation; barcode read-out: {result['cells']} "
-              "(plate, well, site, cell_id, centroid_y, centroid_x, perturbation, ...)")
+        print(
+            f"pooled: {result['num_cells']} cells, each with its own perturbation; barcode read-out: {result['cells']} "
+            "(plate, well, site, cell_id, centroid_y, centroid_x, perturbation, ...)"
+        )
     print(
         f"next: cellmae shard {result['images']} SHARD_DIR --layout rxrx --metadata {result['metadata']} "
         f"--channels {','.join(f'w{index}={name}' for index, name in enumerate(result['channels'], start=1))}"
@@ -104,8 +117,11 @@ def register(subparsers) -> None:
         description="Discover fields of view under INPUT, join a metadata table, and write Parquet shards that "
         "hf_cellmae.data.streaming.stream_fields streams. Re-runs reuse finished shards.",
     )
-    shard.add_argument("input", help="input folder or load_data CSV (--layout load_data); local or a URL (s3://bucket/plate/, "
-                       "gs://, az://, hf://; see --storage-options)")
+    shard.add_argument(
+        "input",
+        help="input folder or load_data CSV (--layout load_data); local or a URL (s3://bucket/plate/, "
+        "gs://, az://, hf://; see --storage-options)",
+    )
     shard.add_argument("output_dir", help="shard folder to write")
     add_dataclass_options(shard, ShardOptions)
     shard.set_defaults(func=_shard)
@@ -120,14 +136,27 @@ def register(subparsers) -> None:
     knobs = SyntheticScreenConfig()  # the one place the screen's defaults live
     for flag, (name, help_text) in SYNTHETIC_OPTIONS.items():
         default = getattr(knobs, name)
-        synthetic.add_argument(flag, dest=name, type=type(default), default=default, choices=(8, 16) if name == "bit_depth" else None,
-                               help=f"{help_text} (default {default})")
-    synthetic.add_argument("--size", choices=list(SCREEN_SIZES), default="demo",
-                           help="demo: 24 genes, 6 complexes, 3 pathways, 2 plates; screen: 240 genes, 30 complexes, "
-                           "10 pathways, 4 plates (the other flags change the rest; default demo)")
-    synthetic.add_argument("--pooled", action="store_true",
-                           help="a pooled screen: every cell carries its own perturbation (a guide read from a barcode); "
-                           "writes cells.csv, the per-cell read-out, beside metadata.csv (default: arrayed, one per well)")
+        synthetic.add_argument(
+            flag,
+            dest=name,
+            type=type(default),
+            default=default,
+            choices=(8, 16) if name == "bit_depth" else None,
+            help=f"{help_text} (default {default})",
+        )
+    synthetic.add_argument(
+        "--size",
+        choices=list(SCREEN_SIZES),
+        default="demo",
+        help="demo: 24 genes, 6 complexes, 3 pathways, 2 plates; screen: 240 genes, 30 complexes, "
+        "10 pathways, 4 plates (the other flags change the rest; default demo)",
+    )
+    synthetic.add_argument(
+        "--pooled",
+        action="store_true",
+        help="a pooled screen: every cell carries its own perturbation (a guide read from a barcode); "
+        "writes cells.csv, the per-cell read-out, beside metadata.csv (default: arrayed, one per well)",
+    )
     synthetic.add_argument("--num-workers", type=int, default=None, help="processes (default: all cores)")
     synthetic.add_argument("--quiet", action="store_true", help="no progress bar")
     synthetic.set_defaults(func=_synthetic)

@@ -40,7 +40,9 @@ def _remote_bytes(path: str, storage_options) -> bytes:
     try:
         return read_bytes(path, storage_options)
     except FileNotFoundError as error:
-        raise BadInputError(f"cannot read image {path}: {error}; upload it or remove it from the input", file=path) from None
+        raise BadInputError(
+            f"cannot read image {path}: {error}; upload it or remove it from the input", file=path
+        ) from None
 
 
 def read_stack(path: str | Path, storage_options: dict | None = None) -> np.ndarray:

@@ -129,8 +129,16 @@ def label_vocabulary(shard_dir: str, column: str, unlabeled_class: str | None = 
                 counts[label_text(value)] += 1
     if missing and unlabeled_class is not None:
         counts[unlabeled_class] += missing
-    return LabelVocabulary(column=column, labels=sorted(counts), plates=sorted(plates), counts=dict(counts),
-                           missing=missing, num_fields=num_fields, corrupt=corrupt, unlabeled_class=unlabeled_class)
+    return LabelVocabulary(
+        column=column,
+        labels=sorted(counts),
+        plates=sorted(plates),
+        counts=dict(counts),
+        missing=missing,
+        num_fields=num_fields,
+        corrupt=corrupt,
+        unlabeled_class=unlabeled_class,
+    )
 
 
 def check_labels(vocabulary: LabelVocabulary, drop_missing: bool = False) -> None:
@@ -165,6 +173,8 @@ def label_warnings(vocabulary: LabelVocabulary, min_examples: int = MIN_EXAMPLES
             f"{listed}; such classes are hard to learn and their accuracy is noisy (merge them or add fields)"
         )
     if vocabulary.corrupt:
-        notes.append(f"{vocabulary.corrupt} row(s) fail their row checksum and are not counted as labelled; "
-                     "the stream fails or skips them (--on-error)")
+        notes.append(
+            f"{vocabulary.corrupt} row(s) fail their row checksum and are not counted as labelled; "
+            "the stream fails or skips them (--on-error)"
+        )
     return notes

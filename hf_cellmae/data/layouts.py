@@ -32,8 +32,8 @@ from pathlib import Path
 
 from .image_io import is_image_path
 from .problems import ProblemLog
-from .remote import RemoteFolder, is_url, list_folder
 from .records import FieldRecord, normalize_site, normalize_well, well_from_row_col
+from .remote import RemoteFolder, is_url, list_folder
 
 LAYOUTS = ("auto", "rxrx", "pattern", "load_data", "stack")
 
@@ -42,14 +42,36 @@ RXRX_PATTERN = r"(?:(?P<experiment>[^/]+)/)?(?P<plate>[^/]+)/(?P<well>[A-Za-z]{1
 # name -> (regular expression, prefix for numeric channel names)
 PATTERN_PRESETS: dict[str, tuple[str, str]] = {
     "rxrx": (RXRX_PATTERN, "w"),
-    "bbbc": (r"(?P<plate>[^_/]+)_(?P<well>[A-Za-z]{1,2}\d{1,3})_s(?:ite)?(?P<site>\d+)_(?:Ch|w)(?P<channel>\d+)\.tiff?", "Ch"),
-    "phenix": (r"r(?P<row>\d+)c(?P<col>\d+)f(?P<site>\d+)p(?P<plane>\d+)-ch(?P<channel>\d+)sk\d+fk\d+fl\d+\.tiff?", "ch"),
+    "bbbc": (
+        r"(?P<plate>[^_/]+)_(?P<well>[A-Za-z]{1,2}\d{1,3})_s(?:ite)?(?P<site>\d+)_(?:Ch|w)(?P<channel>\d+)\.tiff?",
+        "Ch",
+    ),
+    "phenix": (
+        r"r(?P<row>\d+)c(?P<col>\d+)f(?P<site>\d+)p(?P<plane>\d+)-ch(?P<channel>\d+)sk\d+fk\d+fl\d+\.tiff?",
+        "ch",
+    ),
     "cellomics": (r"(?P<plate>[^/]+)_(?P<well>[A-Za-z]{1,2}\d{2})f(?P<site>\d+)d(?P<channel>\d+)\.tiff?", "d"),
 }
 
 # Tables and notes that sit beside images (metadata.csv, README, plate maps): not part of any layout,
 # never an error. Other files that are not images (an archive, an unsupported format) stay stray files.
-SIDECAR_SUFFIXES = (".csv", ".tsv", ".txt", ".json", ".md", ".rst", ".yaml", ".yml", ".parquet", ".xlsx", ".xls", ".xml", ".html", ".pdf", ".log")
+SIDECAR_SUFFIXES = (
+    ".csv",
+    ".tsv",
+    ".txt",
+    ".json",
+    ".md",
+    ".rst",
+    ".yaml",
+    ".yml",
+    ".parquet",
+    ".xlsx",
+    ".xls",
+    ".xml",
+    ".html",
+    ".pdf",
+    ".log",
+)
 SIDECAR_NAMES = ("readme", "license", "licence", "notice", "changelog")
 
 
@@ -84,9 +106,13 @@ def _walk_files(root: Path, ignore: set[Path], problems: ProblemLog | None = Non
     """
     if isinstance(root, RemoteFolder):  # listed once; hidden objects and sidecar tables left out as below
         ignored = {str(p) for p in ignore}
-        return [path for path in root.files
-                if not any(part.startswith(".") for part in path.relative_to(root).parts)
-                and not is_sidecar_path(path) and root.url_of(path) not in ignored]
+        return [
+            path
+            for path in root.files
+            if not any(part.startswith(".") for part in path.relative_to(root).parts)
+            and not is_sidecar_path(path)
+            and root.url_of(path) not in ignored
+        ]
     files = []
     seen = {os.path.realpath(root)}
     for directory, dirnames, filenames in os.walk(root, followlinks=True):
@@ -95,8 +121,12 @@ def _walk_files(root: Path, ignore: set[Path], problems: ProblemLog | None = Non
             real = os.path.realpath(os.path.join(directory, name))
             if real in seen:  # the loop guard: each real folder is walked once
                 if problems is not None:
-                    problems.report(f"symlinked folder leads to {real}, which is already read (a loop or a second link); "
-                                    "not read twice", file=os.path.join(directory, name), stage="discover")
+                    problems.report(
+                        f"symlinked folder leads to {real}, which is already read (a loop or a second link); "
+                        "not read twice",
+                        file=os.path.join(directory, name),
+                        stage="discover",
+                    )
                 continue
             seen.add(real)
             kept.append(name)
@@ -195,7 +225,9 @@ def discover_pattern(
     problems = problems if problems is not None else ProblemLog()
     regex, prefix = _resolve_pattern(pattern)
     if "channel" not in regex.groupindex:
-        raise ValueError(f"pattern {pattern!r} has no (?P<channel>...) group; per-channel layouts need one (or use layout='stack')")
+        raise ValueError(
+            f"pattern {pattern!r} has no (?P<channel>...) group; per-channel layouts need one (or use layout='stack')"
+        )
     prefix = channel_prefix or prefix
     groups: dict[tuple, dict[str, str]] = defaultdict(dict)
     identities: dict[tuple, dict] = {}
@@ -203,16 +235,27 @@ def discover_pattern(
         relative = path.relative_to(root).as_posix()
         match = _match_path(regex, path, root)
         if match is None:
-            reason = "stray file: not an image" if not is_image_path(path) else f"stray file: does not match the layout pattern {regex.pattern!r}"
+            reason = (
+                "stray file: not an image"
+                if not is_image_path(path)
+                else f"stray file: does not match the layout pattern {regex.pattern!r}"
+            )
             problems.report(reason, file=_location(root, path), stage="discover")
             continue
         identity = _identity_from_match(match, relative, root)
-        key = (identity["experiment"], identity["plate"], identity["well"], identity["site"], tuple(sorted(identity["tags"].items())))
+        key = (
+            identity["experiment"],
+            identity["plate"],
+            identity["well"],
+            identity["site"],
+            tuple(sorted(identity["tags"].items())),
+        )
         channel = match.group("channel")
         if channel in groups[key]:
             problems.report(
                 f"two files for channel {channel} of one site: {groups[key][channel]} and {_location(root, path)}",
-                file=_location(root, path), stage="discover",
+                file=_location(root, path),
+                stage="discover",
             )
             continue
         groups[key][channel] = _location(root, path)
@@ -296,18 +339,22 @@ def discover_load_data(
         compression = "gzip" if str(csv_path).lower().endswith(".gz") else None  # JUMP's load_data.csv.gz
     else:
         csv_path = Path(csv_path)
-        csv_folder = Path(os.path.abspath(csv_path)).parent  # absolute: the records must not depend on the current folder
+        csv_folder = Path(
+            os.path.abspath(csv_path)
+        ).parent  # absolute: the records must not depend on the current folder
         source, compression = csv_path, "infer"
     problems = problems if problems is not None else ProblemLog()
     try:
         table = pd.read_csv(source, dtype=str, keep_default_na=False, compression=compression)
     except Exception as error:
         raise ValueError(f"cannot read load_data CSV {csv_path}: {error}") from error
-    channels = [column[len("FileName_"):] for column in table.columns if column.startswith("FileName_")]
+    channels = [column[len("FileName_") :] for column in table.columns if column.startswith("FileName_")]
     if not channels:
         raise ValueError(f"{csv_path} has no FileName_<channel> columns; it is not a CellProfiler load_data CSV")
     if channel_names is not None and len(channel_names) != len(channels):
-        raise ValueError(f"{len(channel_names)} channel names given but {csv_path} has {len(channels)} FileName_ columns ({channels})")
+        raise ValueError(
+            f"{len(channel_names)} channel names given but {csv_path} has {len(channels)} FileName_ columns ({channels})"
+        )
     names = list(channel_names) if channel_names is not None else channels
     records = []
     for row_number, row in enumerate(table.to_dict("records"), start=2):  # line 1 is the header
@@ -321,20 +368,28 @@ def discover_load_data(
         site = normalize_site(row.get("Metadata_Site", "1") or "1")
         if not plate or not well or not all(files):
             empty = [c for c, f in zip(channels, files) if not f]
-            reason = "unreadable load_data row: " + ("missing Metadata_Plate/Metadata_Well" if not plate or not well else f"empty FileName for channel(s) {empty}")
+            reason = "unreadable load_data row: " + (
+                "missing Metadata_Plate/Metadata_Well"
+                if not plate or not well
+                else f"empty FileName for channel(s) {empty}"
+            )
             # Naming the field counts the row as a lost field (ProblemLog.skipped_fields).
             field_id = f"{plate}/{normalize_well(well)}/s{site}" if plate and well else f"row {row_number}"
             problems.report(reason, file=where, field=field_id, stage="metadata")
             continue
         metadata = {
-            column[len("Metadata_"):]: value
+            column[len("Metadata_") :]: value
             for column, value in row.items()
             if column.startswith("Metadata_") and column not in ("Metadata_Plate", "Metadata_Well", "Metadata_Site")
         }
         records.append(
             FieldRecord(
-                plate=plate, well=normalize_well(well), site=site,
-                channels=names, files=files, metadata=metadata,
+                plate=plate,
+                well=normalize_well(well),
+                site=site,
+                channels=names,
+                files=files,
+                metadata=metadata,
             )
         )
     return records
@@ -369,12 +424,22 @@ def discover_stacks(
         if regex is not None:
             match = regex.fullmatch(relative) or regex.fullmatch(path.name)
             if match is None:
-                problems.report(f"stray file: does not match the layout pattern {regex.pattern!r}", file=_location(root, path), stage="discover")
+                problems.report(
+                    f"stray file: does not match the layout pattern {regex.pattern!r}",
+                    file=_location(root, path),
+                    stage="discover",
+                )
                 continue
             identity = _identity_from_match(match, relative, root)
         else:
             parent = Path(relative).parent
-            identity = {"experiment": "", "plate": parent.name or root.name, "well": path.stem.split(".")[0], "site": "1", "tags": {}}
+            identity = {
+                "experiment": "",
+                "plate": parent.name or root.name,
+                "well": path.stem.split(".")[0],
+                "site": "1",
+                "tags": {},
+            }
         records.append(FieldRecord(channels=[], files=[_location(root, path)], stack=True, **identity))
     if records:
         if channel_names is None:
@@ -395,7 +460,9 @@ def detect_layout(root: str | Path) -> tuple[str, str | None]:
     root = _as_root(root)
     images = [path for path in _walk_files(root, set()) if is_image_path(path)]
     if not images:
-        raise ValueError(f"no image files found under {root}; check the path (supported: {', '.join(('.tif', '.tiff', '.png'))})")
+        raise ValueError(
+            f"no image files found under {root}; check the path (supported: {', '.join(('.tif', '.tiff', '.png'))})"
+        )
     best, best_count = None, 0
     for name, (regex, _) in PATTERN_PRESETS.items():
         compiled = re.compile(regex)
@@ -446,7 +513,9 @@ def discover_fields(
         return discover_rxrx(source, problems, channel_names, ignore)
     if layout == "pattern":
         if not pattern:
-            raise ValueError(f"layout='pattern' needs a pattern: a regex with named groups or one of {sorted(PATTERN_PRESETS)}")
+            raise ValueError(
+                f"layout='pattern' needs a pattern: a regex with named groups or one of {sorted(PATTERN_PRESETS)}"
+            )
         return discover_pattern(source, pattern, problems, channel_names, ignore)
     if layout == "load_data":
         return discover_load_data(source, problems, channel_names, storage_options)

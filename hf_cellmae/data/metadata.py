@@ -41,7 +41,10 @@ def read_metadata_table(path: str | Path, storage_options: dict | None = None):
     from .remote import is_url, read_bytes
 
     if is_url(path):
-        source, suffix = io.BytesIO(read_bytes(str(path), storage_options)), Path(str(path).split("://", 1)[1]).suffix.lower()
+        source, suffix = (
+            io.BytesIO(read_bytes(str(path), storage_options)),
+            Path(str(path).split("://", 1)[1]).suffix.lower(),
+        )
     else:
         path = source = Path(path)
         if not path.is_file():
@@ -96,13 +99,15 @@ def join_metadata(
         table = read_metadata_table(table)
     renamed = {}
     for column in table.columns:
-        bare = str(column)[len("Metadata_"):] if str(column).startswith("Metadata_") else str(column)
+        bare = str(column)[len("Metadata_") :] if str(column).startswith("Metadata_") else str(column)
         if bare.lower() in KEY_COLUMNS:
             renamed[column] = bare.lower()
     table = table.rename(columns=renamed)
     keys = [key for key in KEY_COLUMNS if key in table.columns]
     if "plate" not in keys and "well" not in keys:
-        raise ValueError(f"metadata table {source} has neither a 'plate' nor a 'well' column (columns: {list(table.columns)}); it cannot be joined")
+        raise ValueError(
+            f"metadata table {source} has neither a 'plate' nor a 'well' column (columns: {list(table.columns)}); it cannot be joined"
+        )
     # A layout that cannot tell plates apart (e.g. a Phenix folder) names the plate after its folder:
     # then join on the remaining keys rather than match nothing.
     for key in ("experiment", "plate"):
@@ -118,7 +123,11 @@ def join_metadata(
         key = tuple(normalize_key_value(name, row[name]) for name in keys)
         if any(part == "" for part in key):
             unreadable += 1
-            problems.report(f"unreadable metadata row: empty {[n for n, p in zip(keys, key) if p == '']}", file=f"{source}:{line}", stage="metadata")
+            problems.report(
+                f"unreadable metadata row: empty {[n for n, p in zip(keys, key) if p == '']}",
+                file=f"{source}:{line}",
+                stage="metadata",
+            )
             continue
         rows_by_key[key].append(row)
 

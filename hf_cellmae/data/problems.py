@@ -41,7 +41,11 @@ class Problem:
     stage: str = ""  # "discover" | "read" | "metadata"
 
     def message(self) -> str:
-        where = ", ".join(part for part in (f"file {self.file}" if self.file else "", f"field {self.field}" if self.field else "") if part)
+        where = ", ".join(
+            part
+            for part in (f"file {self.file}" if self.file else "", f"field {self.field}" if self.field else "")
+            if part
+        )
         return f"{self.reason} ({where})" if where else self.reason
 
 
@@ -64,7 +68,9 @@ class ProblemLog:
         """Raise (policy ``fail``) or record a counted skip (policy ``skip``)."""
         problem = Problem(reason=reason, file=str(file), field=field, stage=stage)
         if self.on_error == "fail":
-            raise BadInputError(problem.message() + " [re-run with on_error='skip' (--on-error skip) to skip and count such inputs]")
+            raise BadInputError(
+                problem.message() + " [re-run with on_error='skip' (--on-error skip) to skip and count such inputs]"
+            )
         self.problems.append(problem)
 
     def extend(self, problems: list[Problem] | list[dict]) -> None:
@@ -92,7 +98,9 @@ class ProblemLog:
         if not self.problems:
             return ""
         counts = Counter(problem.stage or "other" for problem in self.problems)
-        lines = [f"skipped {len(self.problems)} input(s): " + ", ".join(f"{n} at {stage}" for stage, n in counts.items())]
+        lines = [
+            f"skipped {len(self.problems)} input(s): " + ", ".join(f"{n} at {stage}" for stage, n in counts.items())
+        ]
         lines += [f"  - {problem.message()}" for problem in self.problems[:20]]
         if len(self.problems) > 20:
             lines.append(f"  ... and {len(self.problems) - 20} more (all listed in manifest.json under 'skipped')")

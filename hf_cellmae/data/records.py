@@ -96,7 +96,7 @@ class FieldRecord:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "FieldRecord":
+    def from_dict(cls, data: dict) -> FieldRecord:
         return cls(**data)
 
 
@@ -122,5 +122,7 @@ def source_fingerprint(records: list[FieldRecord]) -> str:
     finished work can be reused (``cellmae shard`` folds it into each shard's plan hash). Record it per unit of
     work (a shard, an embedding part) so that only the units holding a changed file are redone.
     """
-    text = json.dumps([[record.to_dict(), file_versions(record.files)] for record in records], sort_keys=True, default=str)
+    text = json.dumps(
+        [[record.to_dict(), file_versions(record.files)] for record in records], sort_keys=True, default=str
+    )
     return hashlib.sha256(text.encode()).hexdigest()

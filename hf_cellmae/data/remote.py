@@ -27,12 +27,33 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 # protocol -> the hf-cellmae extra that installs its fsspec implementation
-PROTOCOL_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure", "adl": "azure"}
+PROTOCOL_EXTRAS = {
+    "s3": "s3",
+    "s3a": "s3",
+    "gs": "gcs",
+    "gcs": "gcs",
+    "az": "azure",
+    "abfs": "azure",
+    "abfss": "azure",
+    "adl": "azure",
+}
 RETRIES = 5  # tries of a read before giving up
 BACKOFF_S = 0.5  # first wait; doubled after each failed try
 LISTING_FORMAT = "hf_cellmae.listing/1"
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
-_TRANSIENT_MODULES = ("aiohttp", "botocore", "aiobotocore", "urllib3", "requests", "google", "azure", "fsspec", "s3fs", "gcsfs", "adlfs")
+_TRANSIENT_MODULES = (
+    "aiohttp",
+    "botocore",
+    "aiobotocore",
+    "urllib3",
+    "requests",
+    "google",
+    "azure",
+    "fsspec",
+    "s3fs",
+    "gcsfs",
+    "adlfs",
+)
 
 
 def is_url(path: str | Path | None) -> bool:
@@ -52,9 +73,13 @@ def parse_storage_options(text: str | Mapping | None) -> dict:
     try:
         options = json.loads(text)
     except ValueError as error:
-        raise ValueError(f"storage options {text!r} (--storage-options) are not JSON ({error}); write e.g. --storage-options '{{\"anon\": true}}'") from None
+        raise ValueError(
+            f"storage options {text!r} (--storage-options) are not JSON ({error}); write e.g. --storage-options '{{\"anon\": true}}'"
+        ) from None
     if not isinstance(options, dict):
-        raise ValueError(f"storage options {text!r} (--storage-options) are not a JSON object; write e.g. --storage-options '{{\"anon\": true}}'")
+        raise ValueError(
+            f"storage options {text!r} (--storage-options) are not a JSON object; write e.g. --storage-options '{{\"anon\": true}}'"
+        )
     return options
 
 
@@ -70,10 +95,16 @@ def filesystem(url: str, storage_options: Mapping | None = None):
     except ImportError as error:
         protocol = str(url).split("://", 1)[0]
         extra = PROTOCOL_EXTRAS.get(protocol)
-        install = f"pip install 'hf-cellmae[{extra}]'" if extra else f"install the fsspec implementation of {protocol}://"
-        raise ImportError(f"reading {protocol}:// URLs ({url}) needs a package that is not installed ({error}); {install}") from None
+        install = (
+            f"pip install 'hf-cellmae[{extra}]'" if extra else f"install the fsspec implementation of {protocol}://"
+        )
+        raise ImportError(
+            f"reading {protocol}:// URLs ({url}) needs a package that is not installed ({error}); {install}"
+        ) from None
     except ValueError as error:  # an unknown protocol
-        raise ValueError(f"cannot read {url}: {error}; check the URL's protocol (s3://, gs://, az://, hf://...)") from None
+        raise ValueError(
+            f"cannot read {url}: {error}; check the URL's protocol (s3://, gs://, az://, hf://...)"
+        ) from None
 
 
 def _transient(error: BaseException) -> bool:
@@ -99,12 +130,16 @@ def with_retries(action, what: str, retries: int = RETRIES, backoff_s: float = B
                 raise
             if attempt == retries:
                 detail = " ".join(str(error).split())[:300]
-                raise OSError(f"cannot read {what} after {retries} tries ({type(error).__name__}: {detail}); check the "
-                              "network, the endpoint and the credentials (--storage-options), then re-run") from error
+                raise OSError(
+                    f"cannot read {what} after {retries} tries ({type(error).__name__}: {detail}); check the "
+                    "network, the endpoint and the credentials (--storage-options), then re-run"
+                ) from error
             time.sleep(backoff_s * 2 ** (attempt - 1))
 
 
-def read_bytes(url: str, storage_options: Mapping | None = None, retries: int = RETRIES, backoff_s: float = BACKOFF_S) -> bytes:
+def read_bytes(
+    url: str, storage_options: Mapping | None = None, retries: int = RETRIES, backoff_s: float = BACKOFF_S
+) -> bytes:
     """The bytes of the object at ``url``, retried on transient errors; a missing object names itself."""
     fs, path = filesystem(url, storage_options)
     try:
@@ -116,8 +151,10 @@ def read_bytes(url: str, storage_options: Mapping | None = None, retries: int = 
 
 
 def _refused(url: str, error: PermissionError) -> PermissionError:
-    return PermissionError(f"access to {url} is refused ({' '.join(str(error).split()) or 'forbidden'}); give credentials in "
-                           "--storage-options (or '{\"anon\": true}' for a public bucket)")
+    return PermissionError(
+        f"access to {url} is refused ({' '.join(str(error).split()) or 'forbidden'}); give credentials in "
+        "--storage-options (or '{\"anon\": true}' for a public bucket)"
+    )
 
 
 @dataclass
@@ -163,25 +200,43 @@ class RemoteFolder:
         """The record of the listing: URL, object count, total bytes, digest, and every object (relative path, size)."""
         objects = [[str(path.relative_to(self.root)), size] for path, size in zip(self.files, self.sizes)]
         digest = hashlib.sha256(json.dumps(objects).encode()).hexdigest()
-        return {"format": LISTING_FORMAT, "url": self.url, "num_objects": len(objects),
-                "total_bytes": sum(size for _, size in objects), "sha256": digest, "objects": objects}
+        return {
+            "format": LISTING_FORMAT,
+            "url": self.url,
+            "num_objects": len(objects),
+            "total_bytes": sum(size for _, size in objects),
+            "sha256": digest,
+            "objects": objects,
+        }
 
 
-def list_folder(url: str, storage_options: Mapping | None = None, retries: int = RETRIES, backoff_s: float = BACKOFF_S) -> RemoteFolder:
+def list_folder(
+    url: str, storage_options: Mapping | None = None, retries: int = RETRIES, backoff_s: float = BACKOFF_S
+) -> RemoteFolder:
     """Every object under the folder ``url`` (one recursive listing, retried on transient errors), sorted."""
     fs, path = filesystem(url, storage_options)
     root = PurePosixPath(path.rstrip("/"))
     try:
-        found = with_retries(lambda: fs.find(str(root), withdirs=False, detail=True), f"the listing of {url}", retries, backoff_s)
+        found = with_retries(
+            lambda: fs.find(str(root), withdirs=False, detail=True), f"the listing of {url}", retries, backoff_s
+        )
     except PermissionError as error:
         raise _refused(url, error) from None
     if not found:
-        raise FileNotFoundError(f"no object under {url}; check the URL (a folder prefix such as s3://bucket/plate/) "
-                                "and --storage-options (e.g. '{\"anon\": true}' for a public bucket)")
+        raise FileNotFoundError(
+            f"no object under {url}; check the URL (a folder prefix such as s3://bucket/plate/) "
+            "and --storage-options (e.g. '{\"anon\": true}' for a public bucket)"
+        )
     protocol = url.split("://", 1)[0]
     names = sorted(found)
-    return RemoteFolder(url.rstrip("/"), protocol, root, [PurePosixPath(name) for name in names],
-                        [int(found[name].get("size") or 0) for name in names], dict(storage_options or {}))
+    return RemoteFolder(
+        url.rstrip("/"),
+        protocol,
+        root,
+        [PurePosixPath(name) for name in names],
+        [int(found[name].get("size") or 0) for name in names],
+        dict(storage_options or {}),
+    )
 
 
 def write_listing(folder: RemoteFolder, path: str | Path) -> Path:
@@ -203,8 +258,14 @@ def read_listing(path: str | Path, url: str, storage_options: Mapping | None = N
         return None
     _, root = filesystem(url, storage_options)
     root = PurePosixPath(root.rstrip("/"))
-    return RemoteFolder(record["url"], url.split("://", 1)[0], root, [root / name for name, _ in record["objects"]],
-                        [size for _, size in record["objects"]], dict(storage_options or {}))
+    return RemoteFolder(
+        record["url"],
+        url.split("://", 1)[0],
+        root,
+        [root / name for name, _ in record["objects"]],
+        [size for _, size in record["objects"]],
+        dict(storage_options or {}),
+    )
 
 
 __all__ = [

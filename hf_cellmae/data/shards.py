@@ -66,38 +66,81 @@ class ShardOptions:
     """The options of ``cellmae shard``, the one place their defaults live (:func:`shard_folder` and
     :func:`write_shards` take theirs from here). The command's parser is built from these fields."""
 
-    layout: str = field(default="auto", metadata={"help": "how images are laid out (default: detect)", "choices": LAYOUTS})
-    pattern: str | None = field(default=None, metadata={
-        "help": f"regex with named groups (channel, plate, well or row+col, site) or a preset: {', '.join(PATTERN_PRESETS)}"})
-    channels: str | None = field(default=None, metadata={
-        "help": "the stain of each file channel, as FILE_TOKEN=NAME (e.g. w1=AGP,w2=DNA,w3=ER,w4=Mito,w5=RNA for JUMP); "
-        "default: the names a per-file --metadata table gives (column compartment/channel_name/stain), else the tokens. "
-        "Plain names (DNA,ER,...) are taken in file-token order and refused when the metadata says otherwise"})
-    metadata: str | None = field(default=None, metadata={"help": "CSV/TSV/Parquet table joined on plate/well(/site) "
-                                                         "(default: metadata.csv, metadata.tsv, metadata.parquet or load_data.csv at INPUT's root, if there)"})
-    storage_options: str | None = field(default=None, metadata={
-        "help": "fsspec options (JSON) for an INPUT or --metadata URL (s3://, gs://, az://, hf://), e.g. '{\"anon\": true}' "
-        "for the Cell Painting Gallery (default: none)", "metavar": "JSON"})
+    layout: str = field(
+        default="auto", metadata={"help": "how images are laid out (default: detect)", "choices": LAYOUTS}
+    )
+    pattern: str | None = field(
+        default=None,
+        metadata={
+            "help": f"regex with named groups (channel, plate, well or row+col, site) or a preset: {', '.join(PATTERN_PRESETS)}"
+        },
+    )
+    channels: str | None = field(
+        default=None,
+        metadata={
+            "help": "the stain of each file channel, as FILE_TOKEN=NAME (e.g. w1=AGP,w2=DNA,w3=ER,w4=Mito,w5=RNA for JUMP); "
+            "default: the names a per-file --metadata table gives (column compartment/channel_name/stain), else the tokens. "
+            "Plain names (DNA,ER,...) are taken in file-token order and refused when the metadata says otherwise"
+        },
+    )
+    metadata: str | None = field(
+        default=None,
+        metadata={
+            "help": "CSV/TSV/Parquet table joined on plate/well(/site) "
+            "(default: metadata.csv, metadata.tsv, metadata.parquet or load_data.csv at INPUT's root, if there)"
+        },
+    )
+    storage_options: str | None = field(
+        default=None,
+        metadata={
+            "help": "fsspec options (JSON) for an INPUT or --metadata URL (s3://, gs://, az://, hf://), e.g. '{\"anon\": true}' "
+            "for the Cell Painting Gallery (default: none)",
+            "metavar": "JSON",
+        },
+    )
     shard_size: str = field(default="256MB", metadata={"help": "target pixel bytes per shard"})
     fields_per_row_group: int = field(default=8, metadata={"help": "fields per Parquet row group"})
-    compression: str = field(default="none", metadata={"help": "Parquet codec: none (fastest to stream), zstd, snappy..."})
+    compression: str = field(
+        default="none", metadata={"help": "Parquet codec: none (fastest to stream), zstd, snappy..."}
+    )
     num_workers: int | None = field(default=None, metadata={"help": "processes reading images (default: all cores)"})
-    on_error: str = field(default="skip", metadata={"help": "skip and count bad inputs, or fail on the first", "choices": ON_ERROR_CHOICES})
-    max_skipped_share: float = field(default=MAX_SKIPPED_SHARE, metadata={
-        "help": "fail (after writing the manifest) when more than this share of fields is skipped, or none written"})
-    min_field_size: int = field(default=MIN_FIELD_SIZE, metadata={
-        "help": "skip fields narrower or shorter than this many pixels; set it to your crop size"})
-    verify: bool = field(default=False, metadata={"help": "re-read every shard and check checksums afterwards", "action": "store_true"})
-    no_shuffle: bool = field(default=False, metadata={
-        "help": "keep the discovery order instead of mixing fields across shards", "action": "store_true"})
+    on_error: str = field(
+        default="skip",
+        metadata={"help": "skip and count bad inputs, or fail on the first", "choices": ON_ERROR_CHOICES},
+    )
+    max_skipped_share: float = field(
+        default=MAX_SKIPPED_SHARE,
+        metadata={
+            "help": "fail (after writing the manifest) when more than this share of fields is skipped, or none written"
+        },
+    )
+    min_field_size: int = field(
+        default=MIN_FIELD_SIZE,
+        metadata={"help": "skip fields narrower or shorter than this many pixels; set it to your crop size"},
+    )
+    verify: bool = field(
+        default=False, metadata={"help": "re-read every shard and check checksums afterwards", "action": "store_true"}
+    )
+    no_shuffle: bool = field(
+        default=False,
+        metadata={"help": "keep the discovery order instead of mixing fields across shards", "action": "store_true"},
+    )
     seed: int = field(default=0, metadata={"help": "seed of the order of fields across shards"})
-    part: str | None = field(default=None, metadata={
-        "help": "write only part I of N of the plan (whole shards; e.g. 2/3, one per machine of an array job) with its "
-        "own manifest.part-I-of-N.json; the last part to finish, or --merge, writes manifest.json (default: all)",
-        "metavar": "I/N"})
-    merge: bool = field(default=False, metadata={
-        "help": "write manifest.json from the parts' manifests in OUT (reads no image); refuses naming any missing part",
-        "action": "store_true"})
+    part: str | None = field(
+        default=None,
+        metadata={
+            "help": "write only part I of N of the plan (whole shards; e.g. 2/3, one per machine of an array job) with its "
+            "own manifest.part-I-of-N.json; the last part to finish, or --merge, writes manifest.json (default: all)",
+            "metavar": "I/N",
+        },
+    )
+    merge: bool = field(
+        default=False,
+        metadata={
+            "help": "write manifest.json from the parts' manifests in OUT (reads no image); refuses naming any missing part",
+            "action": "store_true",
+        },
+    )
     quiet: bool = field(default=False, metadata={"help": "no progress bars", "action": "store_true"})
 
 
@@ -154,7 +197,9 @@ def check_field_row(row: dict, shard: str | Path) -> None:
     if row.get("row_crc32") is not None and row_checksum(row) != row["row_crc32"]:
         raise BadInputError(
             f"field {row['field_id']} in shard {shard} fails its row checksum (its metadata or identity columns "
-            f"changed since it was written: the shard is corrupt); {REPAIR_HINT}", file=str(shard))
+            f"changed since it was written: the shard is corrupt); {REPAIR_HINT}",
+            file=str(shard),
+        )
 
 
 def check_field_crc(pixels, crc32: int, shard: str | Path, field_id: str, check_row: bool = True) -> None:
@@ -173,12 +218,18 @@ def check_field_crc(pixels, crc32: int, shard: str | Path, field_id: str, check_
         check_row: also check the field's row checksum.
     """
     if zlib.crc32(pixels) != crc32:
-        raise BadInputError(f"field {field_id} in shard {shard} fails its CRC-32 check (the shard is corrupt); {REPAIR_HINT}", file=str(shard))
+        raise BadInputError(
+            f"field {field_id} in shard {shard} fails its CRC-32 check (the shard is corrupt); {REPAIR_HINT}",
+            file=str(shard),
+        )
     if check_row:
         stored = _stored_rows(str(shard)).get(field_id)
         if not stored:
-            raise BadInputError(f"field {field_id} is not in shard {shard} when it is read again (the file changed while "
-                                f"it was read); {REPAIR_HINT}", file=str(shard))
+            raise BadInputError(
+                f"field {field_id} is not in shard {shard} when it is read again (the file changed while "
+                f"it was read); {REPAIR_HINT}",
+                file=str(shard),
+            )
         for row in stored:
             check_field_row(row, shard)
 
@@ -220,7 +271,10 @@ def _stored_rows(shard: str) -> dict[str, list[dict]]:
 def corrupt_shard_error(shard: str | Path, error: Exception) -> BadInputError:
     """The error for a shard whose Parquet structure cannot be read: names the file and how to repair it."""
     detail = " ".join("".join(ch if ch.isprintable() else " " for ch in str(error)).split())  # one line, no raw bytes
-    return BadInputError(f"cannot read shard {shard} ({type(error).__name__}: {detail}); the file is damaged: {REPAIR_HINT}", file=str(shard))
+    return BadInputError(
+        f"cannot read shard {shard} ({type(error).__name__}: {detail}); the file is damaged: {REPAIR_HINT}",
+        file=str(shard),
+    )
 
 
 def shard_schema():
@@ -288,7 +342,9 @@ def check_field_pixels(record: FieldRecord, pixels: np.ndarray, min_field_size: 
     names = record.channels or [f"ch{c + 1}" for c in range(pixels.shape[0])]
     bad = ~finite.all(axis=(1, 2))  # (C,) channels holding a non-finite pixel
     files = record.files[:1] if record.stack else [path for path, is_bad in zip(record.files, bad) if is_bad]
-    kinds = " and ".join(kind for kind, present in (("NaN", np.isnan(pixels).any()), ("inf", np.isinf(pixels).any())) if present)
+    kinds = " and ".join(
+        kind for kind, present in (("NaN", np.isnan(pixels).any()), ("inf", np.isinf(pixels).any())) if present
+    )
     raise BadInputError(
         f"field {record.field_id} has {int((~finite).sum())} non-finite pixel(s) ({kinds}) in channel(s) "
         f"{[name for name, is_bad in zip(names, bad) if is_bad]} of {', '.join(files)}; replace them with finite values "
@@ -339,7 +395,12 @@ def _write_shard(task: dict) -> dict:
             pixels = read_field(record, task.get("storage_options"))  # (C, H, W)
             check_field_pixels(record, pixels, task["min_field_size"])
         except BadInputError as error:
-            problems.report(str(error), file=error.file or (record.files[0] if record.files else ""), field=record.field_id, stage="read")
+            problems.report(
+                str(error),
+                file=error.file or (record.files[0] if record.files else ""),
+                field=record.field_id,
+                stage="read",
+            )
             continue
         data = pixels.tobytes()
         metadata = {**record.tags, **record.metadata}
@@ -375,7 +436,13 @@ def _write_shard(task: dict) -> dict:
         table = pa.table(rows, schema=shard_schema())
         partial = output_dir / f"{name}.parquet.partial"
         per_group = task["fields_per_row_group"]
-        pq.write_table(table, partial, row_group_size=per_group, compression=task["compression"], use_dictionary=["field_id", "experiment", "plate", "well", "site", "dtype"])
+        pq.write_table(
+            table,
+            partial,
+            row_group_size=per_group,
+            compression=task["compression"],
+            use_dictionary=["field_id", "experiment", "plate", "well", "site", "dtype"],
+        )
         os.replace(partial, output_dir / shard["file"])
         count = shard["num_fields"]
         shard["row_groups"] = [min(per_group, count - start) for start in range(0, count, per_group)]
@@ -401,7 +468,11 @@ def _shard_is_done(output_dir: Path, index: int, plan_hash: str) -> dict | None:
         return None
     if shard["num_fields"]:
         path = output_dir / shard["file"]
-        if not path.is_file() or path.stat().st_size != shard["bytes"] or _sha256(path) != _manifest_sha256(output_dir, shard):
+        if (
+            not path.is_file()
+            or path.stat().st_size != shard["bytes"]
+            or _sha256(path) != _manifest_sha256(output_dir, shard)
+        ):
             return None  # missing, truncated or corrupt: written again
     return shard
 
@@ -469,27 +540,44 @@ def write_shards(
     output_dir = ensure_writable_folder(output_dir, "shards")  # before any image is read
     problems = problems if problems is not None else ProblemLog(on_error)
     if not 0 <= max_skipped_share <= 1:
-        raise UserError(f"max_skipped_share={max_skipped_share} is not a share between 0 and 1; e.g. 0.05 accepts losing up to 5% of the fields")
+        raise UserError(
+            f"max_skipped_share={max_skipped_share} is not a share between 0 and 1; e.g. 0.05 accepts losing up to 5% of the fields"
+        )
     if not isinstance(min_field_size, (int, np.integer)) or min_field_size < 1:
-        raise UserError(f"min_field_size={min_field_size} is not a whole number of pixels >= 1; give the smallest crop size you will use (default {MIN_FIELD_SIZE})")
+        raise UserError(
+            f"min_field_size={min_field_size} is not a whole number of pixels >= 1; give the smallest crop size you will use (default {MIN_FIELD_SIZE})"
+        )
     if not records:
         skipped = f"; {len(problems)} input(s) skipped: {problems.tally()}" if len(problems) else ""
-        raise UserError(f"no fields of view to write to {output_dir}; check the input path and --layout/--pattern{skipped}")
+        raise UserError(
+            f"no fields of view to write to {output_dir}; check the input path and --layout/--pattern{skipped}"
+        )
     if fields_per_row_group < 1:
         raise ValueError(f"fields_per_row_group must be >= 1, got {fields_per_row_group}")
     order = list(range(len(records)))
     if shuffle:
         order = list(np.random.default_rng(seed).permutation(len(records)))
     fields_per_shard = _fields_per_shard(records, parse_size(target_shard_size), fields_per_row_group, storage_options)
-    options = {"fields_per_row_group": fields_per_row_group, "compression": compression, "min_field_size": int(min_field_size), "format": SHARD_FORMAT}
+    options = {
+        "fields_per_row_group": fields_per_row_group,
+        "compression": compression,
+        "min_field_size": int(min_field_size),
+        "format": SHARD_FORMAT,
+    }
     tasks = []
     for index, start in enumerate(range(0, len(order), fields_per_shard)):
         chunk = [records[i] for i in order[start : start + fields_per_shard]]
         tasks.append(
             {
-                "index": index, "records": [record.to_dict() for record in chunk], "output_dir": str(output_dir), "on_error": on_error,
-                "fields_per_row_group": fields_per_row_group, "compression": compression, "min_field_size": int(min_field_size),
-                "plan_hash": _plan_hash(chunk, options), "storage_options": storage_options,
+                "index": index,
+                "records": [record.to_dict() for record in chunk],
+                "output_dir": str(output_dir),
+                "on_error": on_error,
+                "fields_per_row_group": fields_per_row_group,
+                "compression": compression,
+                "min_field_size": int(min_field_size),
+                "plan_hash": _plan_hash(chunk, options),
+                "storage_options": storage_options,
             }
         )
     for stale in sorted(output_dir.glob("shard-*.json")):  # shards of an earlier, longer plan
@@ -525,8 +613,17 @@ def write_shards(
     bar.close()
     shards.sort(key=lambda shard: shard["index"])
     if part is not None:
-        return _write_part_manifest(output_dir, part, all_tasks, shards, discovered, options, manifest_extra or {},
-                                    reused=len(tasks) - len(todo), max_skipped_share=max_skipped_share)
+        return _write_part_manifest(
+            output_dir,
+            part,
+            all_tasks,
+            shards,
+            discovered,
+            options,
+            manifest_extra or {},
+            reused=len(tasks) - len(todo),
+            max_skipped_share=max_skipped_share,
+        )
     for shard in shards:
         problems.extend(shard["skipped"])
     manifest = _build_manifest(shards, problems, options, manifest_extra or {}, reused=len(tasks) - len(todo))
@@ -557,7 +654,9 @@ def _check_skipped_share(written: int, problems: ProblemLog, max_skipped_share: 
         )
 
 
-def _fields_per_shard(records: list[FieldRecord], target_bytes: int, fields_per_row_group: int, storage_options: dict | None = None) -> int:
+def _fields_per_shard(
+    records: list[FieldRecord], target_bytes: int, fields_per_row_group: int, storage_options: dict | None = None
+) -> int:
     bytes_per_field = 0
     for record in records[:8]:  # the first readable field sets the estimate
         try:
@@ -616,9 +715,13 @@ def load_manifest(shard_dir: str, storage_options: dict | None = None) -> dict:
     try:
         manifest = json.loads(read_bytes(url, storage_options))
     except FileNotFoundError as error:
-        raise FileNotFoundError(f"{url} not found: {shard_dir} is not a shard folder; write one with `cellmae shard INPUT {shard_dir}`") from error
+        raise FileNotFoundError(
+            f"{url} not found: {shard_dir} is not a shard folder; write one with `cellmae shard INPUT {shard_dir}`"
+        ) from error
     if manifest.get("format") not in READABLE_FORMATS:
-        raise ValueError(f"{url} has format {manifest.get('format')!r}, expected {SHARD_FORMAT!r}; re-shard with this version of hf_cellmae")
+        raise ValueError(
+            f"{url} has format {manifest.get('format')!r}, expected {SHARD_FORMAT!r}; re-shard with this version of hf_cellmae"
+        )
     return manifest
 
 
@@ -641,7 +744,11 @@ def verify_shards(shard_dir: str | Path, progress: bool = True) -> list[Problem]
             problems.append(Problem("shard file is missing", file=str(path), stage="verify"))
             continue
         if _sha256(path) != shard["sha256"]:
-            problems.append(Problem("shard sha256 differs from the manifest (file changed or corrupt)", file=str(path), stage="verify"))
+            problems.append(
+                Problem(
+                    "shard sha256 differs from the manifest (file changed or corrupt)", file=str(path), stage="verify"
+                )
+            )
         try:
             parquet = pq.ParquetFile(path)
             count = 0
@@ -650,18 +757,42 @@ def verify_shards(shard_dir: str | Path, progress: bool = True) -> list[Problem]
                 for row in table.to_pylist():
                     expected = int(np.prod(row["shape"])) * np.dtype(row["dtype"]).itemsize
                     if len(row["pixels"]) != expected:
-                        problems.append(Problem(f"pixel bytes {len(row['pixels'])} != {expected} for shape {row['shape']} {row['dtype']}", file=str(path), field=row["field_id"], stage="verify"))
+                        problems.append(
+                            Problem(
+                                f"pixel bytes {len(row['pixels'])} != {expected} for shape {row['shape']} {row['dtype']}",
+                                file=str(path),
+                                field=row["field_id"],
+                                stage="verify",
+                            )
+                        )
                     elif zlib.crc32(row["pixels"]) != row["crc32"]:
-                        problems.append(Problem("pixel CRC-32 mismatch", file=str(path), field=row["field_id"], stage="verify"))
+                        problems.append(
+                            Problem("pixel CRC-32 mismatch", file=str(path), field=row["field_id"], stage="verify")
+                        )
                     if row.get("row_crc32") is not None and row_checksum(row) != row["row_crc32"]:
-                        problems.append(Problem("row checksum mismatch (metadata or identity columns changed)", file=str(path), field=row["field_id"], stage="verify"))
+                        problems.append(
+                            Problem(
+                                "row checksum mismatch (metadata or identity columns changed)",
+                                file=str(path),
+                                field=row["field_id"],
+                                stage="verify",
+                            )
+                        )
                     count += 1
                     bar.update(1)
             if count != shard["num_fields"]:
-                problems.append(Problem(f"shard holds {count} fields, manifest says {shard['num_fields']}", file=str(path), stage="verify"))
+                problems.append(
+                    Problem(
+                        f"shard holds {count} fields, manifest says {shard['num_fields']}",
+                        file=str(path),
+                        stage="verify",
+                    )
+                )
         except Exception as error:  # unreadable Parquet
             detail = " ".join("".join(ch if ch.isprintable() else " " for ch in str(error)).split())
-            problems.append(Problem(f"cannot read shard: {type(error).__name__}: {detail}", file=str(path), stage="verify"))
+            problems.append(
+                Problem(f"cannot read shard: {type(error).__name__}: {detail}", file=str(path), stage="verify")
+            )
     bar.close()
     return problems
 
@@ -708,12 +839,11 @@ def shard_folder(source: str | Path, output_dir: str | Path, options: ShardOptio
     Returns:
         The manifest dict.
     """
+    from ..options import replace_options
     from .channels import name_channels, parse_channels_option
     from .layouts import discover_fields
     from .metadata import find_folder_metadata, join_metadata, read_metadata_table
     from .remote import is_url, parse_storage_options
-
-    from ..options import replace_options
 
     options = replace_options(options or ShardOptions(), settings, _SHARD_SETTINGS)
     layout, metadata, progress = options.layout, options.metadata, not options.quiet
@@ -725,24 +855,51 @@ def shard_folder(source: str | Path, output_dir: str | Path, options: ShardOptio
         metadata = find_folder_metadata(source)
         found_in_folder = metadata is not None
         if found_in_folder:
-            print(f"cellmae shard: using the metadata table {metadata} found in the plate folder (--metadata names another)",
-                  file=sys.stderr)
+            print(
+                f"cellmae shard: using the metadata table {metadata} found in the plate folder (--metadata names another)",
+                file=sys.stderr,
+            )
     ignore = [metadata] if metadata else []
     listed = _listed_source(source, output_dir, layout, storage_options)
-    records = discover_fields(listed, layout=layout, pattern=options.pattern, channel_names=None, problems=problems,
-                              ignore=ignore, storage_options=storage_options)
+    records = discover_fields(
+        listed,
+        layout=layout,
+        pattern=options.pattern,
+        channel_names=None,
+        problems=problems,
+        ignore=ignore,
+        storage_options=storage_options,
+    )
     table = read_metadata_table(metadata, storage_options) if metadata else None
-    read_layout = "load_data" if layout == "load_data" or (layout == "auto" and str(source).lower().endswith(".csv")) else layout
-    naming = name_channels(records, given, table, source=str(metadata) if metadata else "metadata", root=source, layout=read_layout)
+    read_layout = (
+        "load_data" if layout == "load_data" or (layout == "auto" and str(source).lower().endswith(".csv")) else layout
+    )
+    naming = name_channels(
+        records, given, table, source=str(metadata) if metadata else "metadata", root=source, layout=read_layout
+    )
     extra: dict = {"source": str(source), "layout": layout if layout != "auto" else "auto", **naming}
     if metadata:
-        extra["metadata"] = {**join_metadata(records, table, problems, source=str(metadata)), "found_in_plate_folder": found_in_folder}
+        extra["metadata"] = {
+            **join_metadata(records, table, problems, source=str(metadata)),
+            "found_in_plate_folder": found_in_folder,
+        }
     manifest = write_shards(
-        records, output_dir, target_shard_size=options.shard_size, fields_per_row_group=options.fields_per_row_group,
-        compression=options.compression, shuffle=not options.no_shuffle, seed=options.seed,
-        num_workers=options.num_workers, on_error=options.on_error, max_skipped_share=options.max_skipped_share,
-        min_field_size=options.min_field_size, problems=problems, manifest_extra=extra, progress=progress,
-        part=options.part, storage_options=storage_options,
+        records,
+        output_dir,
+        target_shard_size=options.shard_size,
+        fields_per_row_group=options.fields_per_row_group,
+        compression=options.compression,
+        shuffle=not options.no_shuffle,
+        seed=options.seed,
+        num_workers=options.num_workers,
+        on_error=options.on_error,
+        max_skipped_share=options.max_skipped_share,
+        min_field_size=options.min_field_size,
+        problems=problems,
+        manifest_extra=extra,
+        progress=progress,
+        part=options.part,
+        storage_options=storage_options,
     )
     verify = options.verify
     if verify and "part" in manifest:  # a part: verified once the manifest of every part's shards is merged
@@ -751,7 +908,8 @@ def shard_folder(source: str | Path, output_dir: str | Path, options: ShardOptio
         found = verify_shards(output_dir, progress=progress)
         if found:
             raise BadInputError(
-                f"{len(found)} problem(s) in the shards of {output_dir}: " + "; ".join(p.message() for p in found[:5])
+                f"{len(found)} problem(s) in the shards of {output_dir}: "
+                + "; ".join(p.message() for p in found[:5])
                 + "; to repair, re-run the same `cellmae shard` command: it rewrites every shard whose checksum differs "
                 "from the manifest (the source images must still be there)"
             )
@@ -767,10 +925,14 @@ def parse_part(part: tuple[int, int] | str) -> tuple[int, int]:
     try:
         index, count = (int(v) for v in (part.split("/") if isinstance(part, str) else part))
     except (ValueError, TypeError):
-        raise UserError(f"part {part!r} (--part) is not I/N; write e.g. --part 1/3 on the first of 3 machines") from None
+        raise UserError(
+            f"part {part!r} (--part) is not I/N; write e.g. --part 1/3 on the first of 3 machines"
+        ) from None
     if not 1 <= index <= count:
-        raise UserError(f"part {index}/{count} (--part I/N): I must be between 1 and N={count}; number the machines "
-                        f"1/{count} ... {count}/{count}")
+        raise UserError(
+            f"part {index}/{count} (--part I/N): I must be between 1 and N={count}; number the machines "
+            f"1/{count} ... {count}/{count}"
+        )
     return index, count
 
 
@@ -789,13 +951,29 @@ def _plan_digest(tasks: list[dict]) -> str:
     return hashlib.sha256("".join(task["plan_hash"] for task in tasks).encode()).hexdigest()
 
 
-def _write_part_manifest(output_dir: Path, part: tuple[int, int], tasks: list[dict], shards: list[dict], discovered: list[dict],
-                         options: dict, extra: dict, reused: int, max_skipped_share: float) -> dict:
+def _write_part_manifest(
+    output_dir: Path,
+    part: tuple[int, int],
+    tasks: list[dict],
+    shards: list[dict],
+    discovered: list[dict],
+    options: dict,
+    extra: dict,
+    reused: int,
+    max_skipped_share: float,
+) -> dict:
     """Write ``manifest.part-I-of-N.json`` (this part's shard records); the part that finds every part present merges."""
     index, count = part
     record = {
-        "format": SHARD_FORMAT, "part": [index, count], "plan": _plan_digest(tasks), "num_shards_in_plan": len(tasks),
-        "shards": shards, "discovered_skips": discovered, "options": options, "manifest_extra": extra, "shards_reused": reused,
+        "format": SHARD_FORMAT,
+        "part": [index, count],
+        "plan": _plan_digest(tasks),
+        "num_shards_in_plan": len(tasks),
+        "shards": shards,
+        "discovered_skips": discovered,
+        "options": options,
+        "manifest_extra": extra,
+        "shards_reused": reused,
         "max_skipped_share": max_skipped_share,
     }
     name = PART_MANIFEST.format(index=index, count=count)
@@ -820,28 +998,42 @@ def merge_parts(output_dir: str | Path) -> dict:
     output_dir = Path(output_dir)
     found = sorted(output_dir.glob("manifest.part-*-of-*.json"))
     if not found:
-        raise UserError(f"no manifest.part-I-of-N.json in {output_dir}; run `cellmae shard INPUT {output_dir} --part I/N` "
-                        "on each machine first")
+        raise UserError(
+            f"no manifest.part-I-of-N.json in {output_dir}; run `cellmae shard INPUT {output_dir} --part I/N` "
+            "on each machine first"
+        )
     records = [json.loads(path.read_text()) for path in found]
     counts = {record["part"][1] for record in records}
     plans = {record["plan"] for record in records}
     if len(counts) > 1 or len(plans) > 1:
-        raise UserError(f"the part manifests in {output_dir} come from different runs ({len(plans)} plans, N in {sorted(counts)}); "
-                        "delete the stale manifest.part-*.json files and re-run the parts with the same command")
+        raise UserError(
+            f"the part manifests in {output_dir} come from different runs ({len(plans)} plans, N in {sorted(counts)}); "
+            "delete the stale manifest.part-*.json files and re-run the parts with the same command"
+        )
     count = counts.pop()
     have = {record["part"][0]: record for record in records}
     missing = [i for i in range(1, count + 1) if i not in have]
     if missing:
-        raise UserError(f"{len(missing)} of {count} parts missing in {output_dir}: " + ", ".join(f"{i}/{count}" for i in missing)
-                        + f"; run `cellmae shard ... --part I/{count}` for each, then `--merge` again")
+        raise UserError(
+            f"{len(missing)} of {count} parts missing in {output_dir}: "
+            + ", ".join(f"{i}/{count}" for i in missing)
+            + f"; run `cellmae shard ... --part I/{count}` for each, then `--merge` again"
+        )
     first = have[1]
     problems = ProblemLog("skip")
     problems.extend(first["discovered_skips"])
-    shards = sorted((shard for record in have.values() for shard in record["shards"]), key=lambda shard: shard["index"])
+    shards = sorted(
+        (shard for record in have.values() for shard in record["shards"]), key=lambda shard: shard["index"]
+    )
     for shard in shards:
         problems.extend(shard["skipped"])
-    manifest = _build_manifest(shards, problems, first["options"], first["manifest_extra"],
-                               reused=sum(record["shards_reused"] for record in have.values()))
+    manifest = _build_manifest(
+        shards,
+        problems,
+        first["options"],
+        first["manifest_extra"],
+        reused=sum(record["shards_reused"] for record in have.values()),
+    )
     with open(output_dir / f"{MANIFEST_NAME}.partial", "w") as handle:
         json.dump(manifest, handle, indent=1)
     os.replace(output_dir / f"{MANIFEST_NAME}.partial", output_dir / MANIFEST_NAME)

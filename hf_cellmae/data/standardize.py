@@ -16,7 +16,7 @@ EPS = 1e-5
 def rescale_factor_for_dtype(dtype) -> float:
     """1 / (largest value of an integer dtype); 1.0 for floats (assumed to be in [0, 1] already)."""
     if not isinstance(dtype, np.dtype) and str(dtype).startswith("torch."):  # torch.uint16 -> numpy uint16
-        dtype = str(dtype)[len("torch."):]
+        dtype = str(dtype)[len("torch.") :]
     dtype = np.dtype(dtype)
     if np.issubdtype(dtype, np.integer):
         return 1.0 / float(np.iinfo(dtype).max)

@@ -240,7 +240,10 @@ def skipped_fields() -> list[dict]:
 
     Each is also reported once, when first met, as a ``CorruptFieldWarning``; DataLoader workers keep their own lists.
     """
-    return [{"reason": reason, "file": shard, "field": field_id, "stage": "stream"} for (shard, field_id), reason in _SKIPPED.items()]
+    return [
+        {"reason": reason, "file": shard, "field": field_id, "stage": "stream"}
+        for (shard, field_id), reason in _SKIPPED.items()
+    ]
 
 
 class CorruptFieldWarning(UserWarning):
@@ -255,10 +258,16 @@ def _check_intact(columns: dict, row: int, path: str, on_error: str) -> bool:
         return True
     field_id = columns["field_id"][row]
     if on_error == "fail":
-        raise BadInputError(f"{error} [or stream with on_error='skip' (--on-error skip) to skip and count corrupt fields]", file=path)
+        raise BadInputError(
+            f"{error} [or stream with on_error='skip' (--on-error skip) to skip and count corrupt fields]", file=path
+        )
     if (path, field_id) not in _SKIPPED:
-        _SKIPPED[(path, field_id)] = "pixel CRC-32 mismatch" if "CRC-32 check" in str(error) else "row checksum mismatch"
-        warnings.warn(f"skipping {error} ({len(_SKIPPED)} corrupt field(s) skipped so far)", CorruptFieldWarning, stacklevel=2)
+        _SKIPPED[(path, field_id)] = (
+            "pixel CRC-32 mismatch" if "CRC-32 check" in str(error) else "row checksum mismatch"
+        )
+        warnings.warn(
+            f"skipping {error} ({len(_SKIPPED)} corrupt field(s) skipped so far)", CorruptFieldWarning, stacklevel=2
+        )
     return False
 
 
@@ -295,7 +304,9 @@ def _decode_sample(descriptor: dict, options: dict) -> dict:
     subset = options["channel_subset"]
     if subset is not None:
         if subset > num_channels:
-            raise ValueError(f"channel_subset={subset} but field {columns['field_id'][row]} has only {num_channels} channels")
+            raise ValueError(
+                f"channel_subset={subset} but field {columns['field_id'][row]} has only {num_channels} channels"
+            )
         keep = np.sort(rng.choice(num_channels, size=subset, replace=False))
         crop = crop[keep]
     transform = int(rng.integers(0, 8)) if options["augment"] else 0
@@ -311,8 +322,10 @@ def _decode_sample(descriptor: dict, options: dict) -> dict:
     ids = [vocabulary.index(channels[i]) for i in keep]
     if None in ids:
         unknown = channels[keep[ids.index(None)]]
-        raise ValueError(f"channel {unknown!r} of field {columns['field_id'][row]} is not in the channel vocabulary "
-                         f"{vocabulary.names}")
+        raise ValueError(
+            f"channel {unknown!r} of field {columns['field_id'][row]} is not in the channel vocabulary "
+            f"{vocabulary.names}"
+        )
     channel_ids = np.array(ids, dtype=np.int64)
     sample = {
         "pixel_values": pixel_values,
@@ -429,7 +442,20 @@ def stream_fields(
     vocabulary = list(channel_vocabulary) if channel_vocabulary is not None else list(manifest["channels"])
     if metadata_fields is None:
         metadata_fields = list(manifest.get("metadata_columns", []))
-    reserved = {"pixel_values", "channel_ids", "field_id", "experiment", "plate", "well", "site", "crop_index", "crop_y", "crop_x", "transform", "epoch"}
+    reserved = {
+        "pixel_values",
+        "channel_ids",
+        "field_id",
+        "experiment",
+        "plate",
+        "well",
+        "site",
+        "crop_index",
+        "crop_y",
+        "crop_x",
+        "transform",
+        "epoch",
+    }
     metadata_fields = [name for name in metadata_fields if name not in reserved]
     context = {
         "units": list_units(manifest, shard_dir),
@@ -444,7 +470,9 @@ def stream_fields(
     pieces = list(range(num_pieces))
     if rank is not None:
         pieces = pieces[rank * num_workers : (rank + 1) * num_workers]
-    stream = datasets.IterableDataset.from_generator(_generate_descriptors, gen_kwargs={"pieces": pieces, "context": context})
+    stream = datasets.IterableDataset.from_generator(
+        _generate_descriptors, gen_kwargs={"pieces": pieces, "context": context}
+    )
     options = {
         "image_size": image_size,
         "crops_per_field": crops_per_field,
@@ -459,12 +487,16 @@ def stream_fields(
         "on_error": on_error,
     }
     if on_error == "skip":  # a batched map may return fewer samples than it was given
-        stream = stream.map(_decode_batch, batched=True, batch_size=1, fn_kwargs={"options": options}, remove_columns=_DESCRIPTOR_KEYS)
+        stream = stream.map(
+            _decode_batch, batched=True, batch_size=1, fn_kwargs={"options": options}, remove_columns=_DESCRIPTOR_KEYS
+        )
     else:
         stream = stream.map(_decode_sample, fn_kwargs={"options": options}, remove_columns=_DESCRIPTOR_KEYS)
     if plates is not None or exclude_plates:
-        stream = stream.filter(_plate_is_kept, fn_kwargs={"keep": None if plates is None else set(plates),
-                                                          "drop": set(exclude_plates or [])})
+        stream = stream.filter(
+            _plate_is_kept,
+            fn_kwargs={"keep": None if plates is None else set(plates), "drop": set(exclude_plates or [])},
+        )
     return stream
 
 

@@ -67,17 +67,42 @@ from ..errors import ensure_writable_folder
 
 CHANNELS = ("DNA", "ER", "RNA", "AGP", "Mito")
 PARAMETERS = (
-    "nucleus_radius", "cell_radius", "density", "elongation", "nuclear_irregularity", "chromatin_condensation",
-    "dna_intensity", "er_intensity", "er_perinuclear", "rna_intensity", "nucleoli", "agp_intensity",
-    "membrane_vs_fibres", "mito_intensity", "mito_puncta", "mito_perinuclear",
+    "nucleus_radius",
+    "cell_radius",
+    "density",
+    "elongation",
+    "nuclear_irregularity",
+    "chromatin_condensation",
+    "dna_intensity",
+    "er_intensity",
+    "er_perinuclear",
+    "rna_intensity",
+    "nucleoli",
+    "agp_intensity",
+    "membrane_vs_fibres",
+    "mito_intensity",
+    "mito_puncta",
+    "mito_perinuclear",
 )
 # The absolute amount of a stain: weakly moved by phenotypes (``absolute_intensity_weight``).
 INTENSITY_PARAMETERS = ("dna_intensity", "er_intensity", "rna_intensity", "agp_intensity", "mito_intensity")
 _BASE = {
-    "nucleus_radius": 5.5, "cell_radius": 12.0, "density": 1.0, "elongation": 1.3, "nuclear_irregularity": 1.0,
-    "chromatin_condensation": 1.0, "dna_intensity": 1.0, "er_intensity": 0.8, "er_perinuclear": 1.0,
-    "rna_intensity": 0.6, "nucleoli": 1.0, "agp_intensity": 0.8, "membrane_vs_fibres": 1.0, "mito_intensity": 0.9,
-    "mito_puncta": 1.0, "mito_perinuclear": 1.0,
+    "nucleus_radius": 5.5,
+    "cell_radius": 12.0,
+    "density": 1.0,
+    "elongation": 1.3,
+    "nuclear_irregularity": 1.0,
+    "chromatin_condensation": 1.0,
+    "dna_intensity": 1.0,
+    "er_intensity": 0.8,
+    "er_perinuclear": 1.0,
+    "rna_intensity": 0.6,
+    "nucleoli": 1.0,
+    "agp_intensity": 0.8,
+    "membrane_vs_fibres": 1.0,
+    "mito_intensity": 0.9,
+    "mito_puncta": 1.0,
+    "mito_perinuclear": 1.0,
 }
 CONTROL = "non-targeting"
 _ROWS, _COLS = 16, 24  # 384-well plate
@@ -88,8 +113,14 @@ _ROWS, _COLS = 16, 24  # 384-well plate
 # (840 complex pairs, 2,760 pathway pairs), so that recall is a share of hundreds of pairs.
 SCREEN_SIZES = {
     "demo": {},
-    "screen": {"num_plates": 4, "num_pathways": 10, "complexes_per_pathway": 3, "genes_per_complex": 8,
-               "replicates_per_plate": 1, "control_wells_per_plate": 24},
+    "screen": {
+        "num_plates": 4,
+        "num_pathways": 10,
+        "complexes_per_pathway": 3,
+        "genes_per_complex": 8,
+        "replicates_per_plate": 1,
+        "control_wells_per_plate": 24,
+    },
 }
 
 
@@ -129,10 +160,15 @@ class SyntheticScreenConfig:
             raise ValueError(f"field_size={self.field_size} is too small to hold cells; use 32 or more")
         if not 0 <= self.pooled_control_fraction < 1:
             raise ValueError(f"pooled_control_fraction={self.pooled_control_fraction} must be in [0, 1)")
-        wells = self.pooled_wells_per_plate if self.pooled else \
-            self.num_genes * self.replicates_per_plate + self.control_wells_per_plate
+        wells = (
+            self.pooled_wells_per_plate
+            if self.pooled
+            else self.num_genes * self.replicates_per_plate + self.control_wells_per_plate
+        )
         if wells > _ROWS * _COLS:
-            raise ValueError(f"{wells} wells per plate do not fit a 384-well plate; lower replicates_per_plate or the number of genes")
+            raise ValueError(
+                f"{wells} wells per plate do not fit a 384-well plate; lower replicates_per_plate or the number of genes"
+            )
 
     @property
     def num_genes(self) -> int:
@@ -159,7 +195,9 @@ def design_screen(config: SyntheticScreenConfig) -> dict:
     dims = len(PARAMETERS)
     scale = config.effect_size * np.sqrt(3.0)  # as if ~3 parameters each moved by effect_size
     # Phenotypes live mostly in morphology, texture and organisation: the stain amounts get a small weight.
-    weight = np.array([config.absolute_intensity_weight if name in INTENSITY_PARAMETERS else 1.0 for name in PARAMETERS])
+    weight = np.array(
+        [config.absolute_intensity_weight if name in INTENSITY_PARAMETERS else 1.0 for name in PARAMETERS]
+    )
 
     def direction() -> np.ndarray:
         return _unit(weight * rng.standard_normal(dims))
@@ -236,9 +274,15 @@ def well_gain(config: SyntheticScreenConfig, plate: int, well: str) -> np.ndarra
     return np.exp(config.well_effect * rng.standard_normal(len(CHANNELS)))
 
 
-def render_field(config: SyntheticScreenConfig, phenotype: np.ndarray | None, effects: dict, field_seed: list[int],
-                 gain: np.ndarray | None = None, library: list[dict] | None = None,
-                 cells: list[dict] | None = None) -> tuple[np.ndarray, int]:
+def render_field(
+    config: SyntheticScreenConfig,
+    phenotype: np.ndarray | None,
+    effects: dict,
+    field_seed: list[int],
+    gain: np.ndarray | None = None,
+    library: list[dict] | None = None,
+    cells: list[dict] | None = None,
+) -> tuple[np.ndarray, int]:
     """Render one field of view: ``(C, S, S)`` at the configured bit depth, and its number of cells.
 
     ``gain`` (C,) is the well's staining gain (:func:`well_gain`); each field adds its own (``field_effect``).
@@ -271,8 +315,14 @@ def render_field(config: SyntheticScreenConfig, phenotype: np.ndarray | None, ef
         half = int(np.ceil(cell_radius * np.sqrt(elongation) * 1.3)) + 2
         cy, cx = rng.uniform(0, size, 2)
         if cells is not None:
-            cells.append({"cell_id": cell_index + 1, "centroid_y": float(cy), "centroid_x": float(cx),
-                          "gene": None if library is None or gene is None else gene})
+            cells.append(
+                {
+                    "cell_id": cell_index + 1,
+                    "centroid_y": float(cy),
+                    "centroid_x": float(cx),
+                    "gene": None if library is None or gene is None else gene,
+                }
+            )
         y0, y1 = max(int(cy) - half, 0), min(int(cy) + half + 1, size)
         x0, x1 = max(int(cx) - half, 0), min(int(cx) + half + 1, size)
         if y0 >= y1 or x0 >= x1:
@@ -300,31 +350,37 @@ def render_field(config: SyntheticScreenConfig, phenotype: np.ndarray | None, ef
             ny, nx = rng.normal(0, p["nucleus_radius"] * 0.35, 2)
             nucleoli += np.exp(-((u - nx) ** 2 + (v - ny) ** 2) / 2.0)
         window = (slice(None), slice(y0, y1), slice(x0, x1))
-        maps[window] += np.stack([
-            p["dna_intensity"] * nucleus,
-            nucleus,
-            p["agp_intensity"] * p["membrane_vs_fibres"] * membrane,
-            p["er_intensity"] * perinuclear,
-            p["rna_intensity"] * nucleoli * nucleus,
-            p["agp_intensity"] * cytoplasm / p["membrane_vs_fibres"],
-            p["er_intensity"] * cytoplasm,
-            p["rna_intensity"] * cytoplasm,
-            p["mito_intensity"] * mito_spread,
-            p["dna_intensity"] * p["chromatin_condensation"] * nucleus,
-        ]).astype(np.float32)
-    dna, nucleus, membrane, perinuclear, nucleoli, fibres, er_cytoplasm, rna_cytoplasm, mito_cytoplasm, condensed = maps
+        maps[window] += np.stack(
+            [
+                p["dna_intensity"] * nucleus,
+                nucleus,
+                p["agp_intensity"] * p["membrane_vs_fibres"] * membrane,
+                p["er_intensity"] * perinuclear,
+                p["rna_intensity"] * nucleoli * nucleus,
+                p["agp_intensity"] * cytoplasm / p["membrane_vs_fibres"],
+                p["er_intensity"] * cytoplasm,
+                p["rna_intensity"] * cytoplasm,
+                p["mito_intensity"] * mito_spread,
+                p["dna_intensity"] * p["chromatin_condensation"] * nucleus,
+            ]
+        ).astype(np.float32)
+    dna, nucleus, membrane, perinuclear, nucleoli, fibres, er_cytoplasm, rna_cytoplasm, mito_cytoplasm, condensed = (
+        maps
+    )
     chromatin = _bandpass_noise(rng, size, 0.15, 0.08)  # condensed chromatin: texture whose depth is per cell
     reticulum = np.clip(1.0 + 0.6 * _bandpass_noise(rng, size, 0.12, 0.06), 0.0, None)
     puncta_frequency = float(np.clip(0.22 * mean_params["mito_puncta"], 0.05, 0.45))
     puncta = np.clip(_bandpass_noise(rng, size, puncta_frequency, 0.05), 0.0, None) ** 1.5
     fibre_texture = np.clip(1.0 + 0.8 * _bandpass_noise(rng, size, 0.1, 0.04), 0.0, None)
-    signal = np.stack([
-        dna + 0.3 * condensed * chromatin,
-        (0.25 * er_cytoplasm + perinuclear) * reticulum,
-        0.35 * rna_cytoplasm + 0.15 * nucleus + 0.8 * nucleoli,
-        membrane + 0.4 * fibres * fibre_texture,
-        mito_cytoplasm * puncta,
-    ])  # (C, S, S)
+    signal = np.stack(
+        [
+            dna + 0.3 * condensed * chromatin,
+            (0.25 * er_cytoplasm + perinuclear) * reticulum,
+            0.35 * rna_cytoplasm + 0.15 * nucleus + 0.8 * nucleoli,
+            membrane + 0.4 * fibres * fibre_texture,
+            mito_cytoplasm * puncta,
+        ]
+    )  # (C, S, S)
     field_gain = np.exp(config.field_effect * rng.standard_normal(len(CHANNELS)))
     gain = effects["gain"] * field_gain * (1.0 if gain is None else gain)  # (C,) plate x well x field
     image = signal * gain[:, None, None] * effects["illumination"] + effects["background"][:, None, None]
@@ -352,22 +408,46 @@ def _render_plate_wells(task: dict) -> list[dict]:
         for site in range(1, config.sites_per_well + 1):
             field_seed = [config.seed, 4, task["plate"], int(well[1:]) + 100 * (ord(well[0]) - 64), site]
             cells = [] if config.pooled else None
-            pixels, num_cells = render_field(config, phenotype, effects, field_seed, gain=well_gain(config, task["plate"], well),
-                                             library=library, cells=cells)
+            pixels, num_cells = render_field(
+                config,
+                phenotype,
+                effects,
+                field_seed,
+                gain=well_gain(config, task["plate"], well),
+                library=library,
+                cells=cells,
+            )
             for index, plane in enumerate(pixels, start=1):
                 path = Path(task["plate_dir"]) / f"{well}_s{site}_w{index}.png"
                 path.write_bytes(imagecodecs.png_encode(plane, level=1))
             if config.pooled:
-                rows.append({"experiment": config.experiment, "plate": plate, "well": well, "site": site,
-                             "perturbation": "pooled", "is_control": False, "batch": f"batch{task['plate'] + 1}",
-                             "num_cells": num_cells, "cells": [_cell_row(config, plate, well, site, c) for c in cells]})
+                rows.append(
+                    {
+                        "experiment": config.experiment,
+                        "plate": plate,
+                        "well": well,
+                        "site": site,
+                        "perturbation": "pooled",
+                        "is_control": False,
+                        "batch": f"batch{task['plate'] + 1}",
+                        "num_cells": num_cells,
+                        "cells": [_cell_row(config, plate, well, site, c) for c in cells],
+                    }
+                )
                 continue
             rows.append(
                 {
-                    "experiment": config.experiment, "plate": plate, "well": well, "site": site,
-                    "perturbation": CONTROL if gene is None else gene["gene"], "gene": "" if gene is None else gene["gene"],
-                    "complex": "" if gene is None else gene["complex"], "pathway": "" if gene is None else gene["pathway"],
-                    "is_control": gene is None, "batch": f"batch{task['plate'] + 1}", "num_cells": num_cells,
+                    "experiment": config.experiment,
+                    "plate": plate,
+                    "well": well,
+                    "site": site,
+                    "perturbation": CONTROL if gene is None else gene["gene"],
+                    "gene": "" if gene is None else gene["gene"],
+                    "complex": "" if gene is None else gene["complex"],
+                    "pathway": "" if gene is None else gene["pathway"],
+                    "is_control": gene is None,
+                    "batch": f"batch{task['plate'] + 1}",
+                    "num_cells": num_cells,
                 }
             )
     return rows
@@ -376,11 +456,20 @@ def _render_plate_wells(task: dict) -> list[dict]:
 def _cell_row(config: SyntheticScreenConfig, plate: str, well: str, site: int, cell: dict) -> dict:
     """One row of a pooled screen's barcode read-out (``cells.csv``)."""
     gene = cell["gene"]
-    return {"experiment": config.experiment, "plate": plate, "well": well, "site": site, "cell_id": cell["cell_id"],
-            "centroid_y": round(cell["centroid_y"], 2), "centroid_x": round(cell["centroid_x"], 2),
-            "perturbation": CONTROL if gene is None else gene["gene"], "gene": "" if gene is None else gene["gene"],
-            "complex": "" if gene is None else gene["complex"], "pathway": "" if gene is None else gene["pathway"],
-            "is_control": gene is None}
+    return {
+        "experiment": config.experiment,
+        "plate": plate,
+        "well": well,
+        "site": site,
+        "cell_id": cell["cell_id"],
+        "centroid_y": round(cell["centroid_y"], 2),
+        "centroid_x": round(cell["centroid_x"], 2),
+        "perturbation": CONTROL if gene is None else gene["gene"],
+        "gene": "" if gene is None else gene["gene"],
+        "complex": "" if gene is None else gene["complex"],
+        "pathway": "" if gene is None else gene["pathway"],
+        "is_control": gene is None,
+    }
 
 
 def make_synthetic_screen(
@@ -416,8 +505,15 @@ def make_synthetic_screen(
         plate_dir.mkdir(parents=True, exist_ok=True)
         layout = _plate_layout(config, genes, plate)
         for start in range(0, len(layout), 8):
-            tasks.append({"config": asdict(config), "plate": plate, "plate_dir": str(plate_dir), "wells": layout[start : start + 8],
-                          "genes": genes})
+            tasks.append(
+                {
+                    "config": asdict(config),
+                    "plate": plate,
+                    "plate_dir": str(plate_dir),
+                    "wells": layout[start : start + 8],
+                    "genes": genes,
+                }
+            )
     rows: list[dict] = []
     bar = tqdm(total=sum(len(t["wells"]) for t in tasks), unit="well", desc="rendering", disable=not progress)
     workers = min(num_workers or os.cpu_count() or 1, len(tasks))
@@ -440,7 +536,9 @@ def make_synthetic_screen(
         cells.to_csv(output_dir / "cells.csv", index=False)
         extra = {"cells": str(output_dir / "cells.csv"), "num_cells": len(cells)}
     relationships = write_relationships(output_dir / "relationships", design["genes"])
-    (output_dir / "synthetic_config.json").write_text(json.dumps({"config": asdict(config), "channels": list(CHANNELS), "genes": genes}, indent=1))
+    (output_dir / "synthetic_config.json").write_text(
+        json.dumps({"config": asdict(config), "channels": list(CHANNELS), "genes": genes}, indent=1)
+    )
     return {
         "output_dir": str(output_dir),
         "images": str(output_dir / "images"),

@@ -32,7 +32,6 @@ drops the control labels.
 from __future__ import annotations
 
 import warnings
-
 from collections.abc import Sequence
 
 import numpy as np
@@ -185,7 +184,8 @@ def tvn(
         # As efaar_benchmarking does with a PCA fitted on the controls: whiten the directions they span.
         warnings.warn(
             f"TVN: {n_controls} control units for {width} dimensions; whitening the first {n_controls - 1} "
-            f"principal components of the controls (set n_components / --n-components to choose)", stacklevel=2,
+            f"principal components of the controls (set n_components / --n-components to choose)",
+            stacklevel=2,
         )
         width = n_controls - 1
     if coral and batch is None:

@@ -122,8 +122,10 @@ def check_annotation_file(path: str | Path) -> None:
         return
     installed = installed_annotations_dir()
     if installed is not None and path.parent.resolve() == installed.resolve():
-        repair = (f"reinstall it (pip install --no-deps --force-reinstall {EFAAR_PACKAGE}=={EFAAR_VERSION}), or uninstall it "
-                  "and run `cellmae annotations`")
+        repair = (
+            f"reinstall it (pip install --no-deps --force-reinstall {EFAAR_PACKAGE}=={EFAAR_VERSION}), or uninstall it "
+            "and run `cellmae annotations`"
+        )
     elif path.parent.resolve() == cached_annotations_dir().resolve():
         repair = "run `cellmae annotations` to fetch and check it again"
     else:
@@ -136,8 +138,19 @@ def check_annotation_file(path: str | Path) -> None:
 
 
 def _download_wheel(folder: Path) -> Path:
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-               "--quiet", f"{EFAAR_PACKAGE}=={EFAAR_VERSION}", "--dest", str(folder)]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--quiet",
+        f"{EFAAR_PACKAGE}=={EFAAR_VERSION}",
+        "--dest",
+        str(folder),
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     wheel = folder / EFAAR_WHEEL
     if result.returncode != 0 or not wheel.is_file():
@@ -164,8 +177,10 @@ def fetch_annotations(wheel: str | Path | None = None, dest: str | Path | None =
         UserError: ``dest`` (or the cache, for the downloaded wheel) cannot be written; checked before downloading.
     """
     dest = Path(dest).expanduser() if dest is not None else cached_annotations_dir()
-    if all((dest / name).is_file() and _sha256((dest / name).read_bytes()) == digest
-           for name, digest in ANNOTATION_FILES.items()):
+    if all(
+        (dest / name).is_file() and _sha256((dest / name).read_bytes()) == digest
+        for name, digest in ANNOTATION_FILES.items()
+    ):
         return dest
     from ..errors import ensure_writable_folder
 
@@ -178,8 +193,11 @@ def fetch_annotations(wheel: str | Path | None = None, dest: str | Path | None =
             source = Path(wheel).expanduser() if wheel is not None else _download_wheel(Path(scratch))
             try:
                 with zipfile.ZipFile(source) as archive:
-                    contents = {name: archive.read(_IN_WHEEL + name) for name in ANNOTATION_FILES
-                                if _IN_WHEEL + name in archive.namelist()}
+                    contents = {
+                        name: archive.read(_IN_WHEEL + name)
+                        for name in ANNOTATION_FILES
+                        if _IN_WHEEL + name in archive.namelist()
+                    }
             except (zipfile.BadZipFile, FileNotFoundError) as error:
                 raise OSError(f"{source} is not a readable wheel ({error}); download {EFAAR_WHEEL} again") from None
             missing = sorted(set(ANNOTATION_FILES) - set(contents))
@@ -187,8 +205,10 @@ def fetch_annotations(wheel: str | Path | None = None, dest: str | Path | None =
                 raise OSError(f"{source} has no {', '.join(missing)}: it is not {EFAAR_WHEEL}")
             for name, data in contents.items():
                 if _sha256(data) != ANNOTATION_FILES[name]:
-                    raise OSError(f"{name} in {source} has SHA-256 {_sha256(data)}, expected {ANNOTATION_FILES[name]} "
-                                  f"({EFAAR_PACKAGE} {EFAAR_VERSION}); nothing was written. Download {EFAAR_WHEEL} again")
+                    raise OSError(
+                        f"{name} in {source} has SHA-256 {_sha256(data)}, expected {ANNOTATION_FILES[name]} "
+                        f"({EFAAR_PACKAGE} {EFAAR_VERSION}); nothing was written. Download {EFAAR_WHEEL} again"
+                    )
             dest.mkdir(parents=True, exist_ok=True)
             for name, data in contents.items():
                 partial = dest / f".{name}.partial"
@@ -202,4 +222,3 @@ def fetch_annotations(wheel: str | Path | None = None, dest: str | Path | None =
             dest.rmdir()  # nothing was written: leave no empty folder behind
         raise
     return dest
-

@@ -41,12 +41,25 @@ OBJECTS = ("Nuclei", "Cells")
 # segmentation 0.14, intensity 0.31, area/shape 0.11 + Zernike 0.04 + Feret 0.02; left out: texture
 # 0.52, granularity 0.33, radial distribution 0.29 + radial Zernikes 0.11, Pearson correlation 0.14).
 FEATURE_SETS = {
-    "fast": dict(zernike=False, radial_zernikes=False, feret=False, correlation_costes=False,
-                 correlation_rwc=False, correlation_manders_fold=False),
+    "fast": dict(
+        zernike=False,
+        radial_zernikes=False,
+        feret=False,
+        correlation_costes=False,
+        correlation_rwc=False,
+        correlation_manders_fold=False,
+    ),
     "full": dict(correlation_costes_params={"scale_max": 65535}),
-    "intensity_shape": dict(texture=False, granularity=False, radial_distribution=False, radial_zernikes=False,
-                            correlation_pearson=False, correlation_costes=False, correlation_rwc=False,
-                            correlation_manders_fold=False),
+    "intensity_shape": dict(
+        texture=False,
+        granularity=False,
+        radial_distribution=False,
+        radial_zernikes=False,
+        correlation_pearson=False,
+        correlation_costes=False,
+        correlation_rwc=False,
+        correlation_manders_fold=False,
+    ),
 }
 _POSITION = re.compile(r"^(Location|Center|BoundingBoxM(in|ax)imum|Orientation|SpatialMoment)")
 _NUCLEAR_NAMES = ("DNA", "Hoechst", "DAPI", "nuclei", "Nuclei")
@@ -177,9 +190,14 @@ class CellProfilerFeaturizer:
 
     name = "cellprofiler"
 
-    def __init__(self, nuclei_channel: str | None = None, cell_channels: Sequence[str] | None = None,
-                 feature_set: str = EmbedOptions.feature_set, nucleus_diameter: int | None = None,
-                 num_workers: int = EmbedOptions.measure_workers):
+    def __init__(
+        self,
+        nuclei_channel: str | None = None,
+        cell_channels: Sequence[str] | None = None,
+        feature_set: str = EmbedOptions.feature_set,
+        nucleus_diameter: int | None = None,
+        num_workers: int = EmbedOptions.measure_workers,
+    ):
         try:
             import cp_measure  # noqa: F401
         except ImportError as error:
@@ -194,20 +212,29 @@ class CellProfilerFeaturizer:
         self._pool = None
 
     def describe(self) -> dict:
-        return {"featurizer": self.name, "nuclei_channel": self.nuclei_channel, "cell_channels": self.cell_channels,
-                "feature_set": self.feature_set, "nucleus_diameter": self.nucleus_diameter}
+        return {
+            "featurizer": self.name,
+            "nuclei_channel": self.nuclei_channel,
+            "cell_channels": self.cell_channels,
+            "feature_set": self.feature_set,
+            "nucleus_diameter": self.nucleus_diameter,
+        }
 
     def _channel_indices(self, channels: list[str]) -> tuple[int, list[int] | None]:
         if self.nuclei_channel is not None:
             if self.nuclei_channel not in channels:
-                raise ValueError(f"nuclei_channel={self.nuclei_channel!r} is not among the channels {channels}; "
-                                 "pass the name of the DNA/Hoechst stain")
+                raise ValueError(
+                    f"nuclei_channel={self.nuclei_channel!r} is not among the channels {channels}; "
+                    "pass the name of the DNA/Hoechst stain"
+                )
             nuclear = channels.index(self.nuclei_channel)
         else:
             found = [c for c in channels if c in _NUCLEAR_NAMES]
             if not found:
-                raise ValueError(f"no nuclear stain among the channels {channels}; pass nuclei_channel=NAME "
-                                 "(--nuclei-channel) naming the DNA/Hoechst channel")
+                raise ValueError(
+                    f"no nuclear stain among the channels {channels}; pass nuclei_channel=NAME "
+                    "(--nuclei-channel) naming the DNA/Hoechst channel"
+                )
             nuclear = channels.index(found[0])
         if self.cell_channels is None:
             return nuclear, None
@@ -308,10 +335,13 @@ def cellprofiler_prediction(
     x_cols = [c for c in embeddings.columns if not c.startswith("Metadata_")]
     y_cols = [c for c in cellprofiler.columns if not c.startswith("Metadata_")]
     joined = embeddings[[on, *[c for c in group_cols if c in embeddings.columns], *x_cols]].merge(
-        cellprofiler[[on, *y_cols]].rename(columns={c: f"target::{c}" for c in y_cols}), on=on, how="inner")
+        cellprofiler[[on, *y_cols]].rename(columns={c: f"target::{c}" for c in y_cols}), on=on, how="inner"
+    )
     if len(joined) < 2 * folds:
-        raise ValueError(f"only {len(joined)} fields are in both tables (matched on {on}); need at least {2 * folds}. "
-                         "Embed the same data with both featurisers.")
+        raise ValueError(
+            f"only {len(joined)} fields are in both tables (matched on {on}); need at least {2 * folds}. "
+            "Embed the same data with both featurisers."
+        )
     x = joined[x_cols].to_numpy(np.float64)
     y = joined[[f"target::{c}" for c in y_cols]].to_numpy(np.float64)
     finite = np.isfinite(y).all(0) & (np.nanstd(y, axis=0) > 0)
@@ -326,20 +356,31 @@ def cellprofiler_prediction(
     for train, test in GroupKFold(n_splits=n_folds, shuffle=True, random_state=seed).split(x, groups=groups):
         x_mean, x_std = x[train].mean(0), x[train].std(0) + 1e-8
         y_mean, y_std = y[train].mean(0), y[train].std(0) + 1e-8
-        model = RidgeCV(alphas=alphas, alpha_per_target=True).fit((x[train] - x_mean) / x_std, (y[train] - y_mean) / y_std)
+        model = RidgeCV(alphas=alphas, alpha_per_target=True).fit(
+            (x[train] - x_mean) / x_std, (y[train] - y_mean) / y_std
+        )
         predicted[test] = model.predict((x[test] - x_mean) / x_std) * y_std + y_mean
     r2 = 1 - ((y - predicted) ** 2).sum(0) / ((y - y.mean(0)) ** 2).sum(0)
     per_feature = dict(zip(y_cols, r2.tolist()))
     categories = np.array([feature_category(c) if c.split("_")[0] in OBJECTS else "other" for c in y_cols])
     per_category = {
-        category: {"median_r2": float(np.median(r2[categories == category])),
-                    "mean_r2": float(np.mean(r2[categories == category])),
-                    "n_features": int((categories == category).sum())}
-        for category in CATEGORIES if (categories == category).any()
+        category: {
+            "median_r2": float(np.median(r2[categories == category])),
+            "mean_r2": float(np.mean(r2[categories == category])),
+            "n_features": int((categories == category).sum()),
+        }
+        for category in CATEGORIES
+        if (categories == category).any()
     }
-    return {"n_fields": int(len(joined)), "n_features": int(len(y_cols)), "folds": n_folds,
-            "split": "GroupKFold over " + ("/".join(present) if present else on),
-            "per_category": per_category, "median_r2": float(np.median(r2)), "per_feature": per_feature}
+    return {
+        "n_fields": int(len(joined)),
+        "n_features": int(len(y_cols)),
+        "folds": n_folds,
+        "split": "GroupKFold over " + ("/".join(present) if present else on),
+        "per_category": per_category,
+        "median_r2": float(np.median(r2)),
+        "per_feature": per_feature,
+    }
 
 
 def plot_cellprofiler_prediction(results: dict, path) -> None:
@@ -369,6 +410,11 @@ def plot_cellprofiler_prediction(results: dict, path) -> None:
 
 
 __all__ = [
-    "CATEGORIES", "FEATURE_SETS", "CellProfilerFeaturizer", "cellprofiler_prediction", "feature_category",
-    "plot_cellprofiler_prediction", "segment_field",
+    "CATEGORIES",
+    "FEATURE_SETS",
+    "CellProfilerFeaturizer",
+    "cellprofiler_prediction",
+    "feature_category",
+    "plot_cellprofiler_prediction",
+    "segment_field",
 ]

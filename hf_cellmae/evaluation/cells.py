@@ -31,14 +31,20 @@ def read_cell_table(path: str | Path) -> pd.DataFrame:
     """A per-cell read-out table (CSV or Parquet), its ``Metadata_`` prefixes removed."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"cell read-out table {path} not found; pass --cells with the per-cell table "
-                                "(plate, well, site, cell_id or centroid_y/centroid_x, perturbation...)")
+        raise FileNotFoundError(
+            f"cell read-out table {path} not found; pass --cells with the per-cell table "
+            "(plate, well, site, cell_id or centroid_y/centroid_x, perturbation...)"
+        )
     table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
     return table.rename(columns={c: c.removeprefix(METADATA_PREFIX) for c in table.columns if is_metadata(c)})
 
 
-def join_cell_labels(cells: pd.DataFrame, readout: pd.DataFrame, by: str = "centroid", max_distance: float = 8.0,
-                     ) -> tuple[pd.DataFrame, dict]:
+def join_cell_labels(
+    cells: pd.DataFrame,
+    readout: pd.DataFrame,
+    by: str = "centroid",
+    max_distance: float = 8.0,
+) -> tuple[pd.DataFrame, dict]:
     """``cells`` (single-cell embeddings) with the read-out's label columns as ``Metadata_<name>``; unmatched cells
     dropped. Returns ``(table, {"cells", "matched", "unmatched"})``."""
     if by not in MATCHES:
@@ -46,19 +52,27 @@ def join_cell_labels(cells: pd.DataFrame, readout: pd.DataFrame, by: str = "cent
     need = [*FIELD_KEYS, *(("cell_id",) if by == "id" else ("centroid_y", "centroid_x"))]
     missing = [c for c in need if c not in readout.columns]
     if missing:
-        raise ValueError(f"the cell read-out has no column(s) {missing} (it has {list(readout.columns)}); matching by "
-                         f"{by} needs {need}")
+        raise ValueError(
+            f"the cell read-out has no column(s) {missing} (it has {list(readout.columns)}); matching by "
+            f"{by} needs {need}"
+        )
     cell_need = [metadata_column(c) for c in need]
     absent = [c for c in cell_need if c not in cells.columns]
     if absent:
-        raise ValueError(f"the embeddings have no column(s) {absent}; are they single-cell embeddings "
-                         "(cellmae embed ... --single-cell)?")
-    labels = [c for c in readout.columns if c not in (*FIELD_KEYS, "cell_id", "centroid_y", "centroid_x", "experiment")]
+        raise ValueError(
+            f"the embeddings have no column(s) {absent}; are they single-cell embeddings "
+            "(cellmae embed ... --single-cell)?"
+        )
+    labels = [
+        c for c in readout.columns if c not in (*FIELD_KEYS, "cell_id", "centroid_y", "centroid_x", "experiment")
+    ]
     readout = readout.assign(**{k: readout[k].astype(str) for k in FIELD_KEYS})
     key = [cells[metadata_column(k)].astype(str) for k in FIELD_KEYS]
     matched = np.full(len(cells), -1, dtype=np.int64)  # row of the read-out for each cell
     fields = readout.groupby(list(FIELD_KEYS), sort=False).indices
-    cell_fields = pd.DataFrame({k: v.to_numpy() for k, v in zip(FIELD_KEYS, key)}).groupby(list(FIELD_KEYS), sort=False).indices
+    cell_fields = (
+        pd.DataFrame({k: v.to_numpy() for k, v in zip(FIELD_KEYS, key)}).groupby(list(FIELD_KEYS), sort=False).indices
+    )
     for field, rows in cell_fields.items():
         candidates = fields.get(field)
         if candidates is None:
@@ -86,8 +100,12 @@ def join_cell_labels(cells: pd.DataFrame, readout: pd.DataFrame, by: str = "cent
     return joined, {"cells": len(cells), "matched": int(keep.sum()), "unmatched": int((~keep).sum())}
 
 
-def aggregate_cells(cells: pd.DataFrame, group_cols: Sequence[str], how: str = "mean", min_cells: int = 1,
-                    ) -> tuple[pd.DataFrame, dict]:
+def aggregate_cells(
+    cells: pd.DataFrame,
+    group_cols: Sequence[str],
+    how: str = "mean",
+    min_cells: int = 1,
+) -> tuple[pd.DataFrame, dict]:
     """One row per group of cells (e.g. plate, well, perturbation): the mean or median of their features, the
     groups' other constant ``Metadata_`` columns, and ``Metadata_num_cells``; groups of fewer than ``min_cells``
     cells are dropped. Returns ``(table, {"groups", "kept", "dropped", "cells_dropped"})``."""
@@ -97,24 +115,36 @@ def aggregate_cells(cells: pd.DataFrame, group_cols: Sequence[str], how: str = "
         raise ValueError(f"min_cells={min_cells} must be >= 1")
     missing = [c for c in group_cols if c not in cells.columns]
     if missing:
-        raise ValueError(f"cannot group cells by {missing}: not columns of the table (has {list(cells.columns)[:12]}...)")
+        raise ValueError(
+            f"cannot group cells by {missing}: not columns of the table (has {list(cells.columns)[:12]}...)"
+        )
     features = [c for c in cells.columns if not is_metadata(c)]
     grouped = cells.groupby(list(group_cols), sort=True, dropna=False)
     sizes = grouped.size()
     values = grouped[features].mean() if how == "mean" else grouped[features].median()
-    constant = [c for c in cells.columns if is_metadata(c) and c not in (*group_cols, "Metadata_num_cells")
-                and (grouped[c].nunique(dropna=False) <= 1).all()]
+    constant = [
+        c
+        for c in cells.columns
+        if is_metadata(c)
+        and c not in (*group_cols, "Metadata_num_cells")
+        and (grouped[c].nunique(dropna=False) <= 1).all()
+    ]
     metadata = grouped[constant].first() if constant else pd.DataFrame(index=values.index)
     table = pd.concat([metadata, values], axis=1)
     table.insert(len(constant), "Metadata_num_cells", sizes.to_numpy())
     kept = sizes.to_numpy() >= min_cells
     table = table[kept].reset_index()
-    return table, {"groups": int(len(sizes)), "kept": int(kept.sum()), "dropped": int((~kept).sum()),
-                   "cells_dropped": int(sizes.to_numpy()[~kept].sum())}
+    return table, {
+        "groups": int(len(sizes)),
+        "kept": int(kept.sum()),
+        "dropped": int((~kept).sum()),
+        "cells_dropped": int(sizes.to_numpy()[~kept].sum()),
+    }
 
 
-def cells_to_groups(embeddings, out: str | Path, options: EvaluateOptions | ProfilesOptions,
-                    well_cols: Sequence[str] = WELL_COLUMNS) -> tuple[Path, dict]:
+def cells_to_groups(
+    embeddings, out: str | Path, options: EvaluateOptions | ProfilesOptions, well_cols: Sequence[str] = WELL_COLUMNS
+) -> tuple[Path, dict]:
     """Single-cell embeddings -> labelled cells -> one row per (well, perturbation), written to ``out/cell_groups.parquet``.
 
     ``options`` are ``cellmae evaluate``'s or ``cellmae profiles``': the read-out ``cells``, joined by ``cell_match``
@@ -125,16 +155,25 @@ def cells_to_groups(embeddings, out: str | Path, options: EvaluateOptions | Prof
     table = embeddings if isinstance(embeddings, pd.DataFrame) else read_embeddings(embeddings)
     joined, matched = join_cell_labels(table, read_cell_table(cells_table), by=by, max_distance=max_distance)
     if perturbation_col not in joined.columns:
-        raise ValueError(f"the cell read-out gives no {perturbation_col} (columns: "
-                         f"{[c for c in joined.columns if is_metadata(c)]}); pass --perturbation-col")
+        raise ValueError(
+            f"the cell read-out gives no {perturbation_col} (columns: "
+            f"{[c for c in joined.columns if is_metadata(c)]}); pass --perturbation-col"
+        )
     groups, dropped = aggregate_cells(joined, [*well_cols, perturbation_col], how=how, min_cells=min_cells)
-    print(f"cells: {matched['matched']} of {matched['cells']} cells labelled from {cells_table} (by {by}"
-          + (f", within {max_distance:g} px" if by == "centroid" else "") + f"; {matched['unmatched']} without a label, left out)")
-    print(f"cells: {dropped['kept']} (well, perturbation) groups of >= {min_cells} cells ({how}); {dropped['dropped']} "
-          f"smaller groups left out ({dropped['cells_dropped']} cells)")
+    print(
+        f"cells: {matched['matched']} of {matched['cells']} cells labelled from {cells_table} (by {by}"
+        + (f", within {max_distance:g} px" if by == "centroid" else "")
+        + f"; {matched['unmatched']} without a label, left out)"
+    )
+    print(
+        f"cells: {dropped['kept']} (well, perturbation) groups of >= {min_cells} cells ({how}); {dropped['dropped']} "
+        f"smaller groups left out ({dropped['cells_dropped']} cells)"
+    )
     if groups.empty:
-        raise ValueError(f"no (well, perturbation) group has {min_cells} labelled cells; lower --min-cells or check "
-                         "the read-out's plate/well/site and centroids against the embeddings")
+        raise ValueError(
+            f"no (well, perturbation) group has {min_cells} labelled cells; lower --min-cells or check "
+            "the read-out's plate/well/site and centroids against the embeddings"
+        )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / GROUP_TABLE

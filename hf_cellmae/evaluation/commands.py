@@ -17,9 +17,12 @@ def register(subparsers) -> None:
         description="Embed every field of DATA with MODEL (or raw pixel statistics) into Parquet parts in OUT: "
         "Metadata_* columns + one column per feature. Re-running resumes, skipping finished parts.",
     )
-    embed.add_argument("model", metavar="MODEL",
-                       help="model folder or Hub id; 'pixel_stats' (pixel-statistics baseline) or 'cellprofiler' "
-                       "(classical segmentation + CellProfiler measurements with cp-measure)")
+    embed.add_argument(
+        "model",
+        metavar="MODEL",
+        help="model folder or Hub id; 'pixel_stats' (pixel-statistics baseline) or 'cellprofiler' "
+        "(classical segmentation + CellProfiler measurements with cp-measure)",
+    )
     embed.add_argument("data", metavar="DATA", help="shard folder (cellmae shard) or image folder / load_data CSV")
     embed.add_argument("out", metavar="OUT", help="output folder")
     add_dataclass_options(embed, EmbedOptions)
@@ -34,10 +37,18 @@ def register(subparsers) -> None:
         "table's Metadata_* columns: a metadata table's 'perturbation' column becomes Metadata_perturbation in "
         "`cellmae embed`'s output.",
     )
-    evaluate.add_argument("embeddings", metavar="EMBEDDINGS", help="embeddings table (cellmae embed folder, Parquet or CSV)")
+    evaluate.add_argument(
+        "embeddings", metavar="EMBEDDINGS", help="embeddings table (cellmae embed folder, Parquet or CSV)"
+    )
     add_dataclass_options(evaluate, EvaluateOptions)
-    evaluate.add_argument("--baseline", nargs=2, action="append", metavar=("NAME", "TABLE"), default=[],
-                          help="also evaluate a baseline table (repeatable), e.g. --baseline pixel_stats px/ (default: none)")
+    evaluate.add_argument(
+        "--baseline",
+        nargs=2,
+        action="append",
+        metavar=("NAME", "TABLE"),
+        default=[],
+        help="also evaluate a baseline table (repeatable), e.g. --baseline pixel_stats px/ (default: none)",
+    )
     evaluate.set_defaults(func=run_evaluate)
 
     profiles = subparsers.add_parser(
@@ -48,7 +59,9 @@ def register(subparsers) -> None:
         "wells of each perturbation, and write OUT/well_profiles.parquet (and perturbation_profiles.parquet): "
         "Metadata_* columns + one column per feature; --format h5ad writes AnnData files (obs = metadata, X = features).",
     )
-    profiles.add_argument("embeddings", metavar="EMBEDDINGS", help="embeddings table (cellmae embed folder, Parquet or CSV)")
+    profiles.add_argument(
+        "embeddings", metavar="EMBEDDINGS", help="embeddings table (cellmae embed folder, Parquet or CSV)"
+    )
     profiles.add_argument("out", metavar="OUT", help="output folder")
     add_dataclass_options(profiles, ProfilesOptions)
     profiles.set_defaults(func=run_profiles)
@@ -61,7 +74,9 @@ def register(subparsers) -> None:
         "`cellmae evaluate` finds them. Prints the folder. Licences differ per file (CORUM and SIGNOR: "
         "CC-BY-NC 4.0); read the LICENSE file next to them.",
     )
-    annotations.add_argument("--wheel", default=None, help=f"read this downloaded {EFAAR_WHEEL} instead of running pip download")
+    annotations.add_argument(
+        "--wheel", default=None, help=f"read this downloaded {EFAAR_WHEEL} instead of running pip download"
+    )
     annotations.add_argument("--dest", default=None, help=f"folder to write (default: {cached_annotations_dir()})")
     annotations.set_defaults(func=run_annotations)
 
@@ -74,16 +89,18 @@ def _looks_like_a_local_path(model: str) -> bool:
 def run_embed(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from ..data.channels import parse_channels_option
     from ..errors import UserError
     from .embed import ModelFeaturizer, PixelStatsFeaturizer, embed_dataset, parse_part, process_state
-
-    from ..data.channels import parse_channels_option
 
     options = options_from_namespace(EmbedOptions, args)
     parse_part(options.part)  # a malformed --part fails before the model loads
     parse_channels_option(options.channels)  # and so does a malformed --channels
-    if args.model not in ("pixel_stats", "cellprofiler") and _looks_like_a_local_path(args.model) \
-            and not Path(args.model).expanduser().exists():
+    if (
+        args.model not in ("pixel_stats", "cellprofiler")
+        and _looks_like_a_local_path(args.model)
+        and not Path(args.model).expanduser().exists()
+    ):
         raise UserError(
             f"model folder {args.model} does not exist; pass the model/ folder a `cellmae pretrain` run wrote "
             "(RUN/model), a converted folder, or a Hub id org/name"
@@ -95,7 +112,9 @@ def run_embed(args: argparse.Namespace) -> int:
         from .cellprofiler import CellProfilerFeaturizer
 
         featurizer = CellProfilerFeaturizer(
-            nuclei_channel=options.nuclei_channel, feature_set=options.feature_set, nucleus_diameter=options.nucleus_diameter,
+            nuclei_channel=options.nuclei_channel,
+            feature_set=options.feature_set,
+            nucleus_diameter=options.nucleus_diameter,
             cell_channels=options.cell_channels.split(",") if options.cell_channels else None,
             num_workers=options.measure_workers,
         )
@@ -123,8 +142,10 @@ def run_embed(args: argparse.Namespace) -> int:
     rows = "cells" if options.single_cell else "fields"
     print(f"embed: {info['num_rows']} {rows} in {len(info['parts'])} parts -> {args.out}")
     if getattr(featurizer, "empty_fields", 0):
-        print(f"embed: {featurizer.empty_fields} field(s) had no segmented nucleus (all-zero features, "
-              "Metadata_num_crops 0); check --nuclei-channel / --nucleus-diameter")
+        print(
+            f"embed: {featurizer.empty_fields} field(s) had no segmented nucleus (all-zero features, "
+            "Metadata_num_crops 0); check --nuclei-channel / --nucleus-diameter"
+        )
     return 0
 
 
@@ -141,7 +162,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     out = Path(options.out)
     named = sources if isinstance(sources, dict) else {Path(s).stem if Path(s).suffix else s: s for s in sources}
     for name, source in named.items():  # a source may be any path (`--sources ../../x.csv`): say which file is read
-        print(f"evaluate: relationship source {name} read from {relationship_source_file(source, options.annotations)}")
+        print(
+            f"evaluate: relationship source {name} read from {relationship_source_file(source, options.annotations)}"
+        )
     embeddings, baselines, well_cols = args.embeddings, dict(args.baseline), None
     if options.cells:  # single-cell tables -> one row per (well, perturbation), written next to the results
         embeddings = _cell_groups(embeddings, out, options)
@@ -188,8 +211,11 @@ def run_profiles(args: argparse.Namespace) -> int:
         embeddings = _cell_groups(embeddings, Path(args.out), options)
         options.well_cols = [*options.well_cols, options.perturbation_col]
     info = write_profiles(embeddings, args.out, options)
-    print(f"profiles: {info['n_fields']} fields -> {info['n_wells']} wells ({info['n_control_wells']} control), "
-          f"alignment {options.alignment}" + (f" -> {info['n_perturbations']} perturbations" if options.perturbations else ""))
+    print(
+        f"profiles: {info['n_fields']} fields -> {info['n_wells']} wells ({info['n_control_wells']} control), "
+        f"alignment {options.alignment}"
+        + (f" -> {info['n_perturbations']} perturbations" if options.perturbations else "")
+    )
     for column, why in info["left_out_columns"].items():
         print(f"profiles: left out {column} ({why})")
     for name in info["files"].values():
@@ -207,8 +233,10 @@ def run_annotations(args: argparse.Namespace) -> int:
         print(f"annotations: efaar_benchmarking is installed; `cellmae evaluate` reads {installed}")
         return 0
     folder = fetch_annotations(wheel=args.wheel, dest=args.dest)
-    print(f"annotations: {len(ANNOTATION_FILES) - 1} files checked in {folder} "
-          f"(licences: {folder / 'LICENSE'}; CORUM and SIGNOR are CC-BY-NC 4.0)")
+    print(
+        f"annotations: {len(ANNOTATION_FILES) - 1} files checked in {folder} "
+        f"(licences: {folder / 'LICENSE'}; CORUM and SIGNOR are CC-BY-NC 4.0)"
+    )
     if args.dest is not None and Path(args.dest).expanduser() != cached_annotations_dir():
         print(f"annotations: pass --annotations {folder} to `cellmae evaluate`")
     return 0

@@ -128,15 +128,21 @@ def _read_task(task: Task) -> Iterator[Field | ReadProblem]:
         yield Field(
             pixels=pixels,
             channels=list(record.channels),
-            identity={"field_id": record.field_id, "experiment": record.experiment, "plate": record.plate,
-                      "well": record.well, "site": record.site},
+            identity={
+                "field_id": record.field_id,
+                "experiment": record.experiment,
+                "plate": record.plate,
+                "well": record.well,
+                "site": record.site,
+            },
             metadata={**record.tags, **record.metadata},
             file=record.files[0],
         )
 
 
-def _read_shard_groups(path: str, row_groups: tuple[int, ...], storage_options: dict | None = None
-                       ) -> Iterator[Field | ReadProblem]:
+def _read_shard_groups(
+    path: str, row_groups: tuple[int, ...], storage_options: dict | None = None
+) -> Iterator[Field | ReadProblem]:
     """Fields of some row groups of a shard (a local file or an fsspec URL); each field's pixels are checked against
     their CRC-32 as they are read. Remote reads are retried with backoff on transient errors."""
     import pyarrow.parquet as pq
@@ -154,16 +160,22 @@ def _read_shard_groups(path: str, row_groups: tuple[int, ...], storage_options: 
     try:
         parquet = with_retries(open_shard, path)
     except FileNotFoundError as error:
-        yield ReadProblem(f"shard {path} is missing ({error}); re-run `cellmae shard` or point DATA at the right folder",
-                          path, fatal=True)
+        yield ReadProblem(
+            f"shard {path} is missing ({error}); re-run `cellmae shard` or point DATA at the right folder",
+            path,
+            fatal=True,
+        )
         return
     except (OSError, ValueError) as error:
         yield ReadProblem(str(corrupt_shard_error(path, error)), path, fatal=True)
         return
     for group in row_groups:  # one row group in memory at a time
         try:
-            table = with_retries(lambda group=group: parquet.read_row_group(group), f"{path} (row group {group})") if is_url(path) \
+            table = (
+                with_retries(lambda group=group: parquet.read_row_group(group), f"{path} (row group {group})")
+                if is_url(path)
                 else parquet.read_row_group(group)
+            )
         except (OSError, ValueError) as error:  # pyarrow: "Invalid page header"...
             yield ReadProblem(str(corrupt_shard_error(path, error)), path, fatal=True)
             return
@@ -184,8 +196,9 @@ def _read_shard_groups(path: str, row_groups: tuple[int, ...], storage_options: 
         del table
 
 
-def _shard_units(shard_dir: str, fields_per_batch: int, storage_options: dict | None = None
-                 ) -> tuple[list[Unit], list[str], dict]:
+def _shard_units(
+    shard_dir: str, fields_per_batch: int, storage_options: dict | None = None
+) -> tuple[list[Unit], list[str], dict]:
     """One unit per shard, cut into tasks of whole row groups holding at least ``fields_per_batch`` fields.
     ``shard_dir`` is a local folder or an fsspec URL (``s3://bucket/shards``)."""
     import pyarrow.parquet as pq
@@ -205,18 +218,36 @@ def _shard_units(shard_dir: str, fields_per_batch: int, storage_options: dict | 
             groups.append(group)
             count += size
             if count >= fields_per_batch or group == len(sizes) - 1:
-                tasks.append(Task(Path(entry["file"]).stem, count, shard=path, row_groups=tuple(groups),
-                                  storage_options=storage_options))
+                tasks.append(
+                    Task(
+                        Path(entry["file"]).stem,
+                        count,
+                        shard=path,
+                        row_groups=tuple(groups),
+                        storage_options=storage_options,
+                    )
+                )
                 groups, count = [], 0
         units.append(Unit(Path(entry["file"]).stem, int(entry["num_fields"]), tasks, fingerprint=entry.get("sha256")))
-    source = {"kind": "shards", "path": str(shard_dir), "num_fields": manifest["num_fields"],
-              "shards": [[entry["file"], entry.get("sha256")] for entry in manifest["shards"]]}
+    source = {
+        "kind": "shards",
+        "path": str(shard_dir),
+        "num_fields": manifest["num_fields"],
+        "shards": [[entry["file"], entry.get("sha256")] for entry in manifest["shards"]],
+    }
     return units, list(manifest.get("metadata_columns", [])), source
 
 
-def _layout_units(source: Path, layout: str, pattern: str | None, metadata: str | Path | None,
-                  fields_per_part: int, fields_per_batch: int, min_field_size: int,
-                  channels: str | list[str] | dict[str, str] | None = None) -> tuple[list[Unit], list[str], dict]:
+def _layout_units(
+    source: Path,
+    layout: str,
+    pattern: str | None,
+    metadata: str | Path | None,
+    fields_per_part: int,
+    fields_per_batch: int,
+    min_field_size: int,
+    channels: str | list[str] | dict[str, str] | None = None,
+) -> tuple[list[Unit], list[str], dict]:
     """Units of ``fields_per_part`` discovered fields, in tasks of ``fields_per_batch`` fields."""
     from ..data.channels import name_channels, parse_channels_option
     from ..data.layouts import discover_fields
@@ -229,9 +260,12 @@ def _layout_units(source: Path, layout: str, pattern: str | None, metadata: str 
     records = discover_fields(source, layout=layout, pattern=pattern, problems=found)
     table = read_metadata_table(metadata) if metadata is not None else None
     # The same stain names `cellmae shard` would record: a per-file table (or load_data columns) names the channels.
-    read_layout = "load_data" if layout == "load_data" or (layout == "auto" and source.suffix.lower() == ".csv") else layout
-    name_channels(records, given, table=table, source=str(metadata) if metadata else "metadata", root=source,
-                  layout=read_layout)
+    read_layout = (
+        "load_data" if layout == "load_data" or (layout == "auto" and source.suffix.lower() == ".csv") else layout
+    )
+    name_channels(
+        records, given, table=table, source=str(metadata) if metadata else "metadata", root=source, layout=read_layout
+    )
     if table is not None:
         join_metadata(records, table, found, source=str(metadata))
     if len(found):
@@ -244,18 +278,33 @@ def _layout_units(source: Path, layout: str, pattern: str | None, metadata: str 
     units = []
     for k, start in enumerate(range(0, len(records), fields_per_part)):
         name, chunk = f"part-{k:05d}", records[start : start + fields_per_part]
-        tasks = [Task(name, len(chunk[i : i + fields_per_batch]), records=chunk[i : i + fields_per_batch],
-                      min_field_size=min_field_size) for i in range(0, len(chunk), fields_per_batch)]
+        tasks = [
+            Task(
+                name,
+                len(chunk[i : i + fields_per_batch]),
+                records=chunk[i : i + fields_per_batch],
+                min_field_size=min_field_size,
+            )
+            for i in range(0, len(chunk), fields_per_batch)
+        ]
         units.append(Unit(name, len(chunk), tasks, [r.field_id for r in chunk], fingerprint=source_fingerprint(chunk)))
     keys = sorted({key for record in records for key in (*record.tags, *record.metadata)})
-    info = {"kind": "layout", "path": str(source), "layout": layout, "pattern": pattern,
-            "metadata": str(metadata) if metadata else None, "num_fields": len(records)}
+    info = {
+        "kind": "layout",
+        "path": str(source),
+        "layout": layout,
+        "pattern": pattern,
+        "metadata": str(metadata) if metadata else None,
+        "num_fields": len(records),
+    }
     if given is not None:  # only when given, so a folder embedded before --channels existed resumes
         info["channels"] = given
     return units, keys, info
 
 
-def plan_units(data: str | Path, options: EmbedOptions | None = None, **settings) -> tuple[list[Unit], list[str], dict]:
+def plan_units(
+    data: str | Path, options: EmbedOptions | None = None, **settings
+) -> tuple[list[Unit], list[str], dict]:
     """The resumable units of an input: ``(units, metadata_keys, source_description)``.
 
     A shard folder (local, or an fsspec URL such as ``s3://bucket/shards`` read with ``options.storage_options``)
@@ -275,22 +324,27 @@ def plan_units(data: str | Path, options: EmbedOptions | None = None, **settings
     if shard_folder and metadata is not None:
         raise ValueError(f"{data} is a shard folder: its metadata was joined when sharding; drop --metadata")
     if shard_folder and options.channels is not None:
-        raise ValueError(f"{data} is a shard folder: its channels were named when sharding (cellmae shard --channels); "
-                         "drop --channels")
+        raise ValueError(
+            f"{data} is a shard folder: its channels were named when sharding (cellmae shard --channels); "
+            "drop --channels"
+        )
     if is_url(str(data)):
         try:
             return _shard_units(str(data), fields_per_batch, parse_storage_options(options.storage_options))
         except FileNotFoundError as error:
-            raise FileNotFoundError(f"{error}. `cellmae embed` reads shard folders from object storage; for an image "
-                                    f"folder there, shard it first: cellmae shard {data} SHARDS") from None
+            raise FileNotFoundError(
+                f"{error}. `cellmae embed` reads shard folders from object storage; for an image "
+                f"folder there, shard it first: cellmae shard {data} SHARDS"
+            ) from None
     data = Path(data)
     if not data.exists():
         raise FileNotFoundError(f"DATA {data} does not exist; pass a shard folder (cellmae shard) or an image folder")
     if shard_folder:
         return _shard_units(str(data), fields_per_batch)
     size = MIN_FIELD_SIZE if options.min_field_size is None else options.min_field_size
-    return _layout_units(data, options.layout, options.pattern, metadata, fields_per_part, fields_per_batch, size,
-                         options.channels)
+    return _layout_units(
+        data, options.layout, options.pattern, metadata, fields_per_part, fields_per_batch, size, options.channels
+    )
 
 
 def parse_part(part: str | tuple[int, int] | None) -> tuple[int, int]:
@@ -364,11 +418,20 @@ class ModelFeaturizer:
 
     name = "model"
 
-    def __init__(self, model: str | Path, device: str = EmbedOptions.device, dtype: str = EmbedOptions.dtype,
-                 batch_size: int = EmbedOptions.batch_size, crop_mode: str = EmbedOptions.crop_mode,
-                 channelwise: bool = EmbedOptions.channelwise, image_size: int | None = None,
-                 readout: str | None = EmbedOptions.readout, layer: int | None = None,
-                 by_position: bool = EmbedOptions.by_position, compile: bool = EmbedOptions.compile):
+    def __init__(
+        self,
+        model: str | Path,
+        device: str = EmbedOptions.device,
+        dtype: str = EmbedOptions.dtype,
+        batch_size: int = EmbedOptions.batch_size,
+        crop_mode: str = EmbedOptions.crop_mode,
+        channelwise: bool = EmbedOptions.channelwise,
+        image_size: int | None = None,
+        readout: str | None = EmbedOptions.readout,
+        layer: int | None = None,
+        by_position: bool = EmbedOptions.by_position,
+        compile: bool = EmbedOptions.compile,
+    ):
         import torch
 
         from .. import CellMAEImageProcessor
@@ -406,8 +469,10 @@ class ModelFeaturizer:
             raise ValueError(f"readout={readout!r} is not one of {READOUTS}")
         depth = getattr(self.config, "num_hidden_layers", 0)
         if layer is not None and not (1 <= abs(layer) <= depth):
-            raise ValueError(f"layer={layer} is outside the encoder's blocks 1..{depth} (or -1..-{depth}); "
-                             "omit it for the encoder's output")
+            raise ValueError(
+                f"layer={layer} is outside the encoder's blocks 1..{depth} (or -1..-{depth}); "
+                "omit it for the encoder's output"
+            )
         self.batch_size, self.crop_mode = batch_size, crop_mode
         self.readout, self.layer = readout, (None if layer is None else layer % (depth + 1) or depth)
         self.channelwise = readout == "channelwise"
@@ -419,13 +484,30 @@ class ModelFeaturizer:
     @classmethod
     def from_options(cls, model: str | Path, options: EmbedOptions) -> ModelFeaturizer:
         """The featuriser ``cellmae embed MODEL ...`` builds: ``options``' model fields (device, read-out...)."""
-        names = ("device", "dtype", "batch_size", "crop_mode", "channelwise", "image_size", "readout", "layer",
-                 "by_position", "compile")
+        names = (
+            "device",
+            "dtype",
+            "batch_size",
+            "crop_mode",
+            "channelwise",
+            "image_size",
+            "readout",
+            "layer",
+            "by_position",
+            "compile",
+        )
         return cls(model, **{name: getattr(options, name) for name in names})
 
     def describe(self) -> dict:
-        info = {"featurizer": self.name, "model": self.model_path, "dtype": self.dtype, "crop_mode": self.crop_mode,
-                "image_size": self.image_size, "channelwise": self.channelwise, "hidden_size": self.config.hidden_size}
+        info = {
+            "featurizer": self.name,
+            "model": self.model_path,
+            "dtype": self.dtype,
+            "crop_mode": self.crop_mode,
+            "image_size": self.image_size,
+            "channelwise": self.channelwise,
+            "hidden_size": self.config.hidden_size,
+        }
         if self.readout not in ("mean", "channelwise") or self.layer is not None:
             info.update(readout=self.readout, layer=self.layer)  # (absent from older plans: they stay resumable)
         return info
@@ -507,12 +589,15 @@ class ModelFeaturizer:
         if self._warned_positional:
             return
         self._warned_positional = True
-        model = f"the model's are {', '.join(model_names)}" if model_names else "the model's config has no channel_names"
+        model = (
+            f"the model's are {', '.join(model_names)}" if model_names else "the model's config has no channel_names"
+        )
         warnings.warn(
             f"channels are matched by position, not by stain: the plate's channels are {', '.join(channels)} and "
             f"{model}; plate channel i is fed as model channel i. Name the plate's stains when sharding "
             "(cellmae shard ... --channels w1=NAME,... or a per-file metadata table) so they are matched by name",
-            UserWarning, stacklevel=3,
+            UserWarning,
+            stacklevel=3,
         )
 
     def __call__(self, fields: list[Field]) -> tuple[np.ndarray, np.ndarray]:
@@ -552,8 +637,9 @@ class CropPreparer:
         self.processor, self.image_size, self.crop_mode = processor, image_size, crop_mode
 
     def __call__(self, fields: list[Field]) -> dict:
-        batch = self.processor([f.pixels for f in fields], image_size=self.image_size, crop_mode=self.crop_mode,
-                               return_tensors="pt")
+        batch = self.processor(
+            [f.pixels for f in fields], image_size=self.image_size, crop_mode=self.crop_mode, return_tensors="pt"
+        )
         return {"pixel_values": batch["pixel_values"], "image_index": batch["image_index"]}
 
 
@@ -625,8 +711,13 @@ def _run_task(task: Task, preparer) -> dict:
                 try:
                     groups.append((_drop_pixels([one]), preparer([one])))
                 except ValueError as error:
-                    problems.append(ReadProblem(f"field {one.identity['field_id']} cannot be prepared for the model: {error}",
-                                                one.file, one.identity["field_id"]))
+                    problems.append(
+                        ReadProblem(
+                            f"field {one.identity['field_id']} cannot be prepared for the model: {error}",
+                            one.file,
+                            one.identity["field_id"],
+                        )
+                    )
     return {"index": task.index, "unit": task.unit, "last": task.last, "problems": problems, "groups": groups}
 
 
@@ -651,8 +742,12 @@ def _task_items(tasks: list[Task], preparer, num_workers: int, pin_memory: bool)
             yield _run_task(task, preparer)
         return
     loader = torch.utils.data.DataLoader(
-        _TaskStream(tasks, preparer), batch_size=None, num_workers=min(num_workers, len(tasks)),
-        collate_fn=_identity, pin_memory=pin_memory, prefetch_factor=2,
+        _TaskStream(tasks, preparer),
+        batch_size=None,
+        num_workers=min(num_workers, len(tasks)),
+        collate_fn=_identity,
+        pin_memory=pin_memory,
+        prefetch_factor=2,
     )
     waiting, expected = {}, 0
     for item in loader:
@@ -670,13 +765,17 @@ def _plan_hash(units: list[Unit], source: dict, options: dict) -> str:
     (its fingerprint), so a repaired input redoes its own part instead of making the folder another run's."""
     if "shards" in source:
         source = {**source, "shards": [name for name, _ in source["shards"]]}
-    plan = {"source": source, "options": options,
-            "units": [[u.name, u.num_fields, u.field_ids] for u in units]}
+    plan = {"source": source, "options": options, "units": [[u.name, u.num_fields, u.field_ids] for u in units]}
     return hashlib.sha256(json.dumps(plan, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _rows(owners: list[Field], extra: dict[str, list], features: np.ndarray, metadata_keys: list[str],
-          feature_names: list[str]) -> pd.DataFrame:
+def _rows(
+    owners: list[Field],
+    extra: dict[str, list],
+    features: np.ndarray,
+    metadata_keys: list[str],
+    feature_names: list[str],
+) -> pd.DataFrame:
     """One row per feature vector: its field's identity, the ``extra`` columns, the field's metadata, the features."""
     columns: dict[str, list] = {metadata_column(key): [f.identity[key] for f in owners] for key in FIELD_IDENTITY}
     columns.update(extra)
@@ -690,14 +789,16 @@ def _rows(owners: list[Field], extra: dict[str, list], features: np.ndarray, met
     return pd.concat([frame, pd.DataFrame(features.astype(np.float32), columns=feature_names)], axis=1)
 
 
-def _frame(fields: list[Field], features: np.ndarray, counts: np.ndarray, metadata_keys: list[str],
-           feature_names: list[str]) -> pd.DataFrame:
+def _frame(
+    fields: list[Field], features: np.ndarray, counts: np.ndarray, metadata_keys: list[str], feature_names: list[str]
+) -> pd.DataFrame:
     """One row per field, with ``Metadata_num_crops``."""
     return _rows(fields, {"Metadata_num_crops": counts.tolist()}, features, metadata_keys, feature_names)
 
 
-def _cell_frame(fields: list[Field], cells: list[dict], features: np.ndarray, metadata_keys: list[str],
-                feature_names: list[str]) -> pd.DataFrame:
+def _cell_frame(
+    fields: list[Field], cells: list[dict], features: np.ndarray, metadata_keys: list[str], feature_names: list[str]
+) -> pd.DataFrame:
     """One row per cell: its field's identity and metadata, ``Metadata_cell_id``, centroid, area, tokens kept, then
     the features."""
     from .single_cell import CELL_COLUMNS
@@ -767,8 +868,9 @@ def _assemble_info(out: Path, units: list[Unit], info: dict) -> dict:
     return info
 
 
-def embed_dataset(data: str | Path, out: str | Path, featurizer, options: EmbedOptions | None = None,
-                  **settings) -> dict:
+def embed_dataset(
+    data: str | Path, out: str | Path, featurizer, options: EmbedOptions | None = None, **settings
+) -> dict:
     """Embed every field of ``data`` into Parquet parts under ``out``; resume a finished-part-wise run.
 
     Many processes: run under ``accelerate launch`` (or any ``torch.distributed`` launcher that sets ``RANK`` and
@@ -849,8 +951,10 @@ def embed_dataset(data: str | Path, out: str | Path, featurizer, options: EmbedO
     todo = [unit for unit in mine if unit.name not in done]
     changed = [unit.name for unit in todo if (out / f"{unit.name}.parquet").is_file()]
     if changed:
-        print(f"embed: {len(changed)} part(s) whose input changed since they were written are embedded again: "
-              f"{', '.join(changed[:10])}{' ...' if len(changed) > 10 else ''}")
+        print(
+            f"embed: {len(changed)} part(s) whose input changed since they were written are embedded again: "
+            f"{', '.join(changed[:10])}{' ...' if len(changed) > 10 else ''}"
+        )
     share = "" if slots == 1 else f" (share {slot + 1} of {slots}: {len(mine)} of {len(units)} parts)"
     if done:
         print(f"embed: resuming{share}, {len(done)} of {len(mine)} parts already written in {out}")
@@ -871,26 +975,48 @@ def embed_dataset(data: str | Path, out: str | Path, featurizer, options: EmbedO
     preparer = getattr(featurizer, "preparer", None)
     per_cell = getattr(featurizer, "per_cell", False)
     pin = preparer is not None and getattr(device, "type", "cpu") == "cuda"
-    bar = tqdm(total=sum(u.num_fields for u in todo), desc="embed", unit="field",
-               disable=options.no_progress or not state.is_local_main_process)
+    bar = tqdm(
+        total=sum(u.num_fields for u in todo),
+        desc="embed",
+        unit="field",
+        disable=options.no_progress or not state.is_local_main_process,
+    )
     started = time.perf_counter()
     with _cpu_threads_beside(workers if getattr(device, "type", "cpu") == "cpu" else 0, local_processes):
-        _embed_tasks(tasks, preparer, workers, pin, featurizer, problems, metadata_keys, out, bar, written=len(done),
-                     fingerprints={unit.name: unit.fingerprint for unit in todo}, per_cell=per_cell)
+        _embed_tasks(
+            tasks,
+            preparer,
+            workers,
+            pin,
+            featurizer,
+            problems,
+            metadata_keys,
+            out,
+            bar,
+            written=len(done),
+            fingerprints={unit.name: unit.fingerprint for unit in todo},
+            per_cell=per_cell,
+        )
     bar.close()
     if todo:
         seconds, count = time.perf_counter() - started, sum(u.num_fields for u in todo)
         where = f" on process {state.process_index} of {state.num_processes}" if state.num_processes > 1 else ""
-        print(f"embed: {count} fields in {seconds:.2f} s ({count / seconds:.1f} fields/s{where}, "
-              f"{workers} reading worker(s))")
+        print(
+            f"embed: {count} fields in {seconds:.2f} s ({count / seconds:.1f} fields/s{where}, "
+            f"{workers} reading worker(s))"
+        )
         if per_cell:
-            nuclei = f" (the segmentation found {featurizer.num_nuclei} nuclei)" if featurizer.options.masks is None else ""
+            nuclei = (
+                f" (the segmentation found {featurizer.num_nuclei} nuclei)" if featurizer.options.masks is None else ""
+            )
             print(f"embed: {featurizer.num_cells} cells from {count} fields{nuclei}")
     state.wait_for_everyone()  # every process's parts are written
     missing = [unit.name for unit in units if not (out / f"{unit.name}.parquet").is_file()]
     if missing:  # a `part` run whose other shares are still running (or not started)
-        print(f"embed: share {part_index}/{part_count} done; {len(missing)} of {len(units)} parts are still to be written "
-              f"by the other shares (e.g. {missing[0]}); the last share to finish writes {info_path}")
+        print(
+            f"embed: share {part_index}/{part_count} done; {len(missing)} of {len(units)} parts are still to be written "
+            f"by the other shares (e.g. {missing[0]}); the last share to finish writes {info_path}"
+        )
         return {**info, "complete": False, "num_rows": None, "missing_parts": missing}
     info = _assemble_info(out, units, {key: value for key, value in info.items() if key != "complete"})
     if state.is_main_process or slots > state.num_processes:  # with --part, whichever share ends last writes it
@@ -900,18 +1026,21 @@ def embed_dataset(data: str | Path, out: str | Path, featurizer, options: EmbedO
         listed = [skip for skips in info["skipped"].values() for skip in skips]
         if state.is_main_process:
             why = "could not be read or held no cell" if per_cell else "could not be read"
-            print(f"embed: skipped {info['num_skipped']} field(s) that {why} "
-                  f"(listed in {info_path} under 'skipped'):")
+            print(f"embed: skipped {info['num_skipped']} field(s) that {why} (listed in {info_path} under 'skipped'):")
             for skip in listed[:20]:
                 print(f"  - {skip['reason']} (field {skip['field']})")
         if info["num_rows"] == 0:
-            raise BadInputError(f"every one of the {info['num_skipped']} fields of {data} was skipped, so {out} holds "
-                                f"no embedding; the first reason: {listed[0]['reason']}", file=listed[0]["file"])
+            raise BadInputError(
+                f"every one of the {info['num_skipped']} fields of {data} was skipped, so {out} holds "
+                f"no embedding; the first reason: {listed[0]['reason']}",
+                file=listed[0]["file"],
+            )
     return info
 
 
-def _embed_tasks(tasks, preparer, workers, pin, featurizer, problems, metadata_keys, out, bar, written, fingerprints,
-                 per_cell=False):
+def _embed_tasks(
+    tasks, preparer, workers, pin, featurizer, problems, metadata_keys, out, bar, written, fingerprints, per_cell=False
+):
     """The main process's loop: each task's item in order -> the policy on its problems, the model on its fields, and a
     part written after the last task of each unit (``written``: the parts there before, named in a failure)."""
     from ..data.problems import BadInputError
@@ -921,13 +1050,19 @@ def _embed_tasks(tasks, preparer, workers, pin, featurizer, problems, metadata_k
         for problem in item["problems"]:
             where = {"file": problem.file, "field": problem.field}
             if problem.fatal:
-                raise BadInputError(f"{problem.reason}; the {written} part(s) already written in {out} are kept "
-                                    "and a re-run resumes after them", file=problem.file)
+                raise BadInputError(
+                    f"{problem.reason}; the {written} part(s) already written in {out} are kept "
+                    "and a re-run resumes after them",
+                    file=problem.file,
+                )
             try:
                 problems.report(problem.reason, stage="embed", **where)
             except BadInputError as error:
-                raise BadInputError(f"{error}; the {written} part(s) already written in {out} are kept and a re-run "
-                                    "resumes after them", file=problem.file) from None
+                raise BadInputError(
+                    f"{error}; the {written} part(s) already written in {out} are kept and a re-run "
+                    "resumes after them",
+                    file=problem.file,
+                ) from None
             skips.append({"reason": problem.reason, **where, "stage": "embed"})
             bar.update(1)
         for fields, prepared in item["groups"]:
@@ -936,16 +1071,30 @@ def _embed_tasks(tasks, preparer, workers, pin, featurizer, problems, metadata_k
                 features, cells = featurizer.embed_prepared(fields, prepared)
                 frames.append(_cell_frame(fields, cells, features, metadata_keys, names))
                 with_cells = {cell["field_index"] for cell in cells}
-                skips += [{"reason": f"no cell found in field {f.identity['field_id']}", "file": f.file,
-                           "field": f.identity["field_id"], "stage": "cells"}
-                          for k, f in enumerate(fields) if k not in with_cells]
+                skips += [
+                    {
+                        "reason": f"no cell found in field {f.identity['field_id']}",
+                        "file": f.file,
+                        "field": f.identity["field_id"],
+                        "stage": "cells",
+                    }
+                    for k, f in enumerate(fields)
+                    if k not in with_cells
+                ]
             else:
-                features, counts = featurizer(fields) if preparer is None else featurizer.embed_prepared(fields, prepared)
+                features, counts = (
+                    featurizer(fields) if preparer is None else featurizer.embed_prepared(fields, prepared)
+                )
                 frames.append(_frame(fields, features, counts, metadata_keys, names))
             bar.update(len(fields))
         if item["last"]:
-            _write_part(out, item["unit"], pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(), skips,
-                        fingerprints.get(item["unit"]))
+            _write_part(
+                out,
+                item["unit"],
+                pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(),
+                skips,
+                fingerprints.get(item["unit"]),
+            )
             frames, skips, written = [], [], written + 1
 
 

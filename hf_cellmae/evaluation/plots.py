@@ -38,8 +38,9 @@ def plot_recall(
     return _save(recall_figure(sources, chance, baselines, title, model_label), path)
 
 
-def recall_figure(sources, chance, baselines=None, title: str = "Recall of known relationships",
-                  model_label: str = "model") -> Figure:
+def recall_figure(
+    sources, chance, baselines=None, title: str = "Recall of known relationships", model_label: str = "model"
+) -> Figure:
     """The figure :func:`plot_recall` writes."""
     runs = {model_label: sources, **(baselines or {})}
     names = list(sources)
@@ -135,7 +136,9 @@ def plot_complex_heatmap(
     ax.set_xticks(range(len(shown)), shown, rotation=90, fontsize=7)
     ax.set_yticks(range(len(shown)), shown, fontsize=7)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="cosine similarity")
-    ax.set_title(f"{title}\n(boxed: {len(complex_genes)} related genes; then {len(others)} random others)", fontsize=10)
+    ax.set_title(
+        f"{title}\n(boxed: {len(complex_genes)} related genes; then {len(others)} random others)", fontsize=10
+    )
     fig.tight_layout()
     return _save(fig, path)
 
@@ -181,4 +184,11 @@ def _save(fig, path) -> Path:
     return path
 
 
-__all__ = ["plot_recall", "recall_figure", "plot_complex_heatmap", "plot_projection", "relationship_groups", "pick_complex"]
+__all__ = [
+    "plot_recall",
+    "recall_figure",
+    "plot_complex_heatmap",
+    "plot_projection",
+    "relationship_groups",
+    "pick_complex",
+]

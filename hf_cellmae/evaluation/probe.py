@@ -140,21 +140,33 @@ def probe_embeddings(
         for truth, guess in zip(y[test], predicted):
             confusion[index[truth], index[guess]] += 1
         majority = pd.Series(y[train]).value_counts().idxmax()
-        folds.append({
-            "held_out": sorted(set(groups[test])) if by_group else f"{len(test)} wells",
-            "accuracy": float((predicted == y[test]).mean()), "n_train": int(len(train)), "n_test": int(len(test)),
-            "majority_accuracy": float((y[test] == majority).mean()),
-        })
+        folds.append(
+            {
+                "held_out": sorted(set(groups[test])) if by_group else f"{len(test)} wells",
+                "accuracy": float((predicted == y[test]).mean()),
+                "n_train": int(len(train)),
+                "n_test": int(len(test)),
+                "majority_accuracy": float((y[test] == majority).mean()),
+            }
+        )
     if not folds:
         raise ValueError(f"no fold could be scored for {label_col}: each class needs wells on both sides of the split")
     accuracies = np.array([f["accuracy"] for f in folds])
     return {
-        "label": label_col, "classifier": classifier, "accuracy": float(accuracies.mean()),
-        "accuracy_std": float(accuracies.std()), "folds": folds,
-        "chance_uniform": 1.0 / len(classes), "chance_majority": float(np.mean([f["majority_accuracy"] for f in folds])),
-        "n_units": int(len(y)), "n_classes": len(classes),
-        "split": (f"leave one {group_col.removeprefix(METADATA_PREFIX)} out" if by_group
-                  else f"{len(folds)} folds over wells"),
+        "label": label_col,
+        "classifier": classifier,
+        "accuracy": float(accuracies.mean()),
+        "accuracy_std": float(accuracies.std()),
+        "folds": folds,
+        "chance_uniform": 1.0 / len(classes),
+        "chance_majority": float(np.mean([f["majority_accuracy"] for f in folds])),
+        "n_units": int(len(y)),
+        "n_classes": len(classes),
+        "split": (
+            f"leave one {group_col.removeprefix(METADATA_PREFIX)} out"
+            if by_group
+            else f"{len(folds)} folds over wells"
+        ),
         "confusion": {"classes": classes, "matrix": confusion.tolist()},
     }
 
@@ -177,8 +189,12 @@ def plot_probe(results: dict, path, title: str | None = None):
         ax.set_yticks(range(len(classes)), classes, fontsize=7)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(title or f"{results['classifier']} probe of {results['label'].removeprefix(METADATA_PREFIX)}: "
-                 f"{results['accuracy']:.2f} (chance {results['chance_uniform']:.2f})", fontsize=9)
+    ax.set_title(
+        title
+        or f"{results['classifier']} probe of {results['label'].removeprefix(METADATA_PREFIX)}: "
+        f"{results['accuracy']:.2f} (chance {results['chance_uniform']:.2f})",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -65,11 +65,13 @@ class Profiles:
         return pd.concat([self.metadata.reset_index(drop=True), features], axis=1)
 
 
-def _source_batches(source, metadata_cols: list[str], feature_cols: list[str], batch_rows: int) -> Iterator[tuple[pd.DataFrame, np.ndarray]]:
+def _source_batches(
+    source, metadata_cols: list[str], feature_cols: list[str], batch_rows: int
+) -> Iterator[tuple[pd.DataFrame, np.ndarray]]:
     """(metadata DataFrame, (n, D) features) of ``source`` (a DataFrame or ``TableFiles``), at most ``batch_rows`` rows each."""
     if isinstance(source, pd.DataFrame):
         for start in range(0, max(len(source), 1), batch_rows):
-            rows = source.iloc[start:start + batch_rows]
+            rows = source.iloc[start : start + batch_rows]
             yield rows[metadata_cols], rows[feature_cols].to_numpy()
         return
     width = len(feature_cols)
@@ -78,8 +80,11 @@ def _source_batches(source, metadata_cols: list[str], feature_cols: list[str], b
             continue
         metadata = batch.select(metadata_cols).to_pandas()
         # column by column into one array: no pandas block copy (the features are most of the memory)
-        features = np.column_stack([batch.column(name).to_numpy(zero_copy_only=False) for name in feature_cols]) \
-            if width else np.zeros((batch.num_rows, 0))
+        features = (
+            np.column_stack([batch.column(name).to_numpy(zero_copy_only=False) for name in feature_cols])
+            if width
+            else np.zeros((batch.num_rows, 0))
+        )
         yield metadata, features
 
 
@@ -119,8 +124,10 @@ def group_profiles(
     metadata_cols, feature_names = table_columns(source)
     missing = [c for c in key_cols if c not in metadata_cols]
     if missing:
-        raise ValueError(f"column(s) {missing} not in the table; metadata columns are {metadata_cols}. Name the "
-                         "columns of a group with --well-cols (or write them with `cellmae embed --metadata`)")
+        raise ValueError(
+            f"column(s) {missing} not in the table; metadata columns are {metadata_cols}. Name the "
+            "columns of a group with --well-cols (or write them with `cellmae embed --metadata`)"
+        )
 
     # Pass 1, metadata only: group sizes, the first row of each group, the columns that vary within one.
     firsts, counts, varying = [], {}, pd.Series(False, index=metadata_cols)
@@ -136,7 +143,9 @@ def group_profiles(
         known = first_rows["_key"].isin(seen).to_numpy()
         if known.any():  # groups that continue from an earlier batch: compare with their first row
             earlier = pd.concat(firsts).set_index("_key").loc[first_rows["_key"][known], metadata_cols]
-            varying |= _differs(first_rows.loc[known, metadata_cols].reset_index(drop=True), earlier.reset_index(drop=True))
+            varying |= _differs(
+                first_rows.loc[known, metadata_cols].reset_index(drop=True), earlier.reset_index(drop=True)
+            )
         for key in first_rows["_key"][~known]:
             seen[key] = len(seen)
         firsts.append(first_rows[~known])
@@ -183,8 +192,13 @@ def group_profiles(
         metadata[count_col] = sizes
     keys = first["_key"].to_numpy(dtype=object)
     order = np.argsort(keys, kind="stable")  # sorted by group key, as align.aggregate
-    return Profiles(metadata.iloc[order].reset_index(drop=True), vectors.astype(dtype, copy=False)[order],
-                    list(feature_names), keys[order], [c for c in metadata_cols if c not in kept])
+    return Profiles(
+        metadata.iloc[order].reset_index(drop=True),
+        vectors.astype(dtype, copy=False)[order],
+        list(feature_names),
+        keys[order],
+        [c for c in metadata_cols if c not in kept],
+    )
 
 
 def aligned_feature_names(feature_names: Sequence[str], width: int, alignment: str) -> list[str]:
@@ -203,7 +217,9 @@ def group_rows(
     feature_names: Sequence[str] | None = None,
 ) -> Profiles:
     """``group_profiles`` of rows already in memory: ``metadata`` (n rows) and their ``features`` (n, D)."""
-    names = list(feature_names) if feature_names is not None else [f"feature_{i:04d}" for i in range(features.shape[1])]
+    names = (
+        list(feature_names) if feature_names is not None else [f"feature_{i:04d}" for i in range(features.shape[1])]
+    )
     meta = metadata[[c for c in metadata.columns if is_metadata(c)]].reset_index(drop=True)
     table = pd.concat([meta, pd.DataFrame(features, columns=names)], axis=1)
     return group_profiles(table, key_cols, method=method, count_col=count_col, batch_rows=max(len(table), 1))
@@ -241,7 +257,9 @@ def _obs(metadata: pd.DataFrame) -> pd.DataFrame:
     return obs
 
 
-def write_profile_table(profiles: Profiles, path: str | Path, format: str = "parquet", info: Mapping | None = None) -> Path:
+def write_profile_table(
+    profiles: Profiles, path: str | Path, format: str = "parquet", info: Mapping | None = None
+) -> Path:
     """Write ``profiles`` to ``path`` + ``.parquet`` (Metadata_* + features) or ``.h5ad`` (AnnData: obs, X, var)."""
     if format not in PROFILE_FORMATS:
         raise ValueError(f"unknown profile format {format!r}; choose one of {PROFILE_FORMATS}")
@@ -253,18 +271,25 @@ def write_profile_table(profiles: Profiles, path: str | Path, format: str = "par
         try:
             import anndata
         except ImportError:
-            raise ImportError("writing h5ad (--format h5ad) needs anndata, which is not installed: pip install 'hf-cellmae[anndata]' "
-                              "(or pip install anndata), or write Parquet (the default)") from None
+            raise ImportError(
+                "writing h5ad (--format h5ad) needs anndata, which is not installed: pip install 'hf-cellmae[anndata]' "
+                "(or pip install anndata), or write Parquet (the default)"
+            ) from None
         var = pd.DataFrame(index=pd.Index([str(n) for n in profiles.feature_names], dtype=object))
-        adata = anndata.AnnData(X=np.asarray(profiles.vectors, dtype=np.float32), obs=_obs(profiles.metadata), var=var,
-                                uns={"hf_cellmae": json.dumps(dict(info or {}), default=str)})
+        adata = anndata.AnnData(
+            X=np.asarray(profiles.vectors, dtype=np.float32),
+            obs=_obs(profiles.metadata),
+            var=var,
+            uns={"hf_cellmae": json.dumps(dict(info or {}), default=str)},
+        )
         adata.write_h5ad(temporary)
     temporary.replace(path)  # a profile file exists only once complete
     return path
 
 
-def write_profiles(embeddings: str | Path | pd.DataFrame, out_dir: str | Path,
-                   options: ProfilesOptions | None = None) -> dict:
+def write_profiles(
+    embeddings: str | Path | pd.DataFrame, out_dir: str | Path, options: ProfilesOptions | None = None
+) -> dict:
     """Fields -> wells -> aligned wells (-> perturbations), written into ``out_dir`` (see the module docstring).
 
     Args:
@@ -283,18 +308,25 @@ def write_profiles(embeddings: str | Path | pd.DataFrame, out_dir: str | Path,
     well_cols, aggregation, format = options.well_cols, options.aggregation, options.format
     if format not in PROFILE_FORMATS:
         raise ValueError(f"unknown --format {format!r}; choose one of {PROFILE_FORMATS}")
-    wells = group_profiles(embeddings, well_cols, method=aggregation, count_col="Metadata_n_fields",
-                           progress=not options.no_progress)
+    wells = group_profiles(
+        embeddings, well_cols, method=aggregation, count_col="Metadata_n_fields", progress=not options.no_progress
+    )
     aligned, is_control = align_rows(wells.metadata, wells.vectors, options)
     names = aligned_feature_names(wells.feature_names, aligned.shape[1], options.alignment)
     aligned_wells = Profiles(wells.metadata, aligned, names, wells.keys, wells.varying_columns)
     info = {
         "source": str(embeddings) if not isinstance(embeddings, pd.DataFrame) else "DataFrame",
-        "options": {"well_cols": list(well_cols), "aggregation": aggregation,
-                    "perturbation_col": options.perturbation_col,
-                    "controls": list(options.controls) if options.controls else None,
-                    "control_col": options.control_col, "batch_col": options.batch_col,
-                    "alignment": options.alignment, "align_options": options.align_keywords(), "format": format},
+        "options": {
+            "well_cols": list(well_cols),
+            "aggregation": aggregation,
+            "perturbation_col": options.perturbation_col,
+            "controls": list(options.controls) if options.controls else None,
+            "control_col": options.control_col,
+            "batch_col": options.batch_col,
+            "alignment": options.alignment,
+            "align_options": options.align_keywords(),
+            "format": format,
+        },
         "n_fields": int(wells.metadata["Metadata_n_fields"].sum()),
         "n_wells": len(wells.keys),
         "n_control_wells": int(is_control.sum()),
@@ -307,8 +339,13 @@ def write_profiles(embeddings: str | Path | pd.DataFrame, out_dir: str | Path,
     if options.perturbations:
         per = perturbation_profiles(wells.metadata, aligned, is_control, options.perturbation_col, aggregation, names)
         info["n_perturbations"] = len(per.keys)
-        info["left_out_columns"].update({c: "differs between the wells of a perturbation" for c in per.varying_columns
-                                         if c not in info["left_out_columns"]})
+        info["left_out_columns"].update(
+            {
+                c: "differs between the wells of a perturbation"
+                for c in per.varying_columns
+                if c not in info["left_out_columns"]
+            }
+        )
         info["files"]["perturbations"] = write_profile_table(per, out_dir / PERTURBATIONS_NAME, format, info).name
     (out_dir / INFO_NAME).write_text(json.dumps(info, indent=2, default=str) + "\n")
     return info

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-
 from typing import TYPE_CHECKING, Union
 
 import numpy as np
@@ -76,9 +75,7 @@ def canonical_pairs(pairs: pd.DataFrame, origin: str = "pairs") -> pd.DataFrame:
         row = int(np.flatnonzero(empty)[0])
         raise ValueError(f"{origin} has {int(empty.sum())} rows with an empty entity (first at data row {row + 1})")
     swap = first > second
-    canonical = pd.DataFrame(
-        {"entity1": np.where(swap, second, first), "entity2": np.where(swap, first, second)}
-    )
+    canonical = pd.DataFrame({"entity1": np.where(swap, second, first), "entity2": np.where(swap, first, second)})
     canonical = canonical[canonical.entity1 != canonical.entity2].drop_duplicates()
     return canonical.reset_index(drop=True)
 
@@ -97,7 +94,9 @@ def relationship_source_file(source: str | Path, folder: str | Path | None = Non
         path = base / f"{source}.txt"
         if not path.is_file():
             known = sorted(p.stem for p in base.glob("*.txt"))
-            raise FileNotFoundError(f"no relationship source {source!r}: {path} does not exist; known sources: {known}")
+            raise FileNotFoundError(
+                f"no relationship source {source!r}: {path} does not exist; known sources: {known}"
+            )
         if folder is None or is_efaar_folder(base):
             check_annotation_file(path)
     return path.resolve()
@@ -246,7 +245,9 @@ def known_relationship_recall(
     vectors = np.asarray(vectors)
     labels = np.asarray(labels, dtype=object)
     if vectors.ndim != 2 or len(vectors) != len(labels):
-        raise ValueError(f"vectors must be (P, D) with one row per label; got {vectors.shape} for {len(labels)} labels")
+        raise ValueError(
+            f"vectors must be (P, D) with one row per label; got {vectors.shape} for {len(labels)} labels"
+        )
     if not np.isfinite(vectors).all():
         raise ValueError("vectors contain NaN or inf; fix the embeddings or the alignment before benchmarking")
     duplicated = pd.Index(labels)[pd.Index(labels).duplicated()].unique().tolist()
@@ -265,9 +266,7 @@ def known_relationship_recall(
         pairs = load_relationships(spec, annotations)
         both = pairs.entity1.isin(index) & pairs.entity2.isin(index)
         if not both.any():
-            reason = (
-                f"none of its {len(pairs)} pairs has both genes among the {len(labels)} perturbations of the map"
-            )
+            reason = f"none of its {len(pairs)} pairs has both genes among the {len(labels)} perturbations of the map"
             if on_unusable == "raise":
                 raise ValueError(
                     f"relationship source {name!r} is unusable: {reason}; give relationships that name your "

@@ -54,9 +54,12 @@ def missing_for_benchmark(table: pd.DataFrame, options: EvaluateOptions) -> list
         candidates = [c for c in metadata.columns if any(w in c.lower() for w in _PERTURBATION_WORDS)]
         missing.append(
             f"a perturbation column ({perturbation_col} is not in the table; "
-            + (f"pass --perturbation-col {candidates[0]}" + (f" or one of {candidates[1:]}" if candidates[1:] else "")
-               if candidates else "its metadata names no perturbation: add one per well to the table given to "
-               "`cellmae shard --metadata`")
+            + (
+                f"pass --perturbation-col {candidates[0]}" + (f" or one of {candidates[1:]}" if candidates[1:] else "")
+                if candidates
+                else "its metadata names no perturbation: add one per well to the table given to "
+                "`cellmae shard --metadata`"
+            )
             + ")"
         )
         labels = metadata[candidates[0]] if candidates else None
@@ -72,13 +75,17 @@ def missing_for_benchmark(table: pd.DataFrame, options: EvaluateOptions) -> list
     except ValueError as error:  # named controls that are not in the table
         is_control, why = np.zeros(len(frame), dtype=bool), f"{error}; "
     if alignment != "none" and not is_control.any():
-        missing.append(f"control wells ({why}alignment {alignment} is fitted on them: say which rows are controls with "
-                       "--controls LABEL or --control-col COLUMN; --alignment none needs none)")
+        missing.append(
+            f"control wells ({why}alignment {alignment} is fitted on them: say which rows are controls with "
+            "--controls LABEL or --control-col COLUMN; --alignment none needs none)"
+        )
     treated = labels[~np.isin(labels, labels[is_control])]
     if treated.nunique() < min_perturbations:
         shown = ", ".join(map(str, treated.unique()[:5]))
-        missing.append(f"perturbations: it has {treated.nunique()} ({shown}) where the null needs min_perturbations="
-                       f"{min_perturbations} (--min-perturbations N for a coarse estimate)")
+        missing.append(
+            f"perturbations: it has {treated.nunique()} ({shown}) where the null needs min_perturbations="
+            f"{min_perturbations} (--min-perturbations N for a coarse estimate)"
+        )
     return missing
 
 
@@ -112,14 +119,20 @@ def evaluate_embeddings(
         The ``eval_results.json`` dict (see the module docstring).
     """
     if options is not None and not isinstance(options, EvaluateOptions):
-        raise TypeError(f"evaluate_embeddings(table, options): options is an EvaluateOptions, not a "
-                        f"{type(options).__name__}; give relationship sources as sources=...")
+        raise TypeError(
+            f"evaluate_embeddings(table, options): options is an EvaluateOptions, not a "
+            f"{type(options).__name__}; give relationship sources as sources=..."
+        )
     options = evaluate_options(options, **settings)
     out_dir, thresholds = options.out, options.recall_thresholds()
     recall_options = dict(
-        thresholds=thresholds, null_samples=options.null_samples, seed=options.seed,
-        on_unusable="skip" if options.skip_unusable else "raise", annotations=options.annotations,
-        min_perturbations=options.min_perturbations, progress=not options.no_progress,
+        thresholds=thresholds,
+        null_samples=options.null_samples,
+        seed=options.seed,
+        on_unusable="skip" if options.skip_unusable else "raise",
+        annotations=options.annotations,
+        min_perturbations=options.min_perturbations,
+        progress=not options.no_progress,
     )
     if out_dir is not None:
         ensure_writable_folder(out_dir, "evaluation results")  # before any work, not after it
@@ -145,8 +158,10 @@ def evaluate_embeddings(
         "sources": recall["sources"],
         "chance": chance_recall(thresholds),
     }
-    baseline_tables = {name: baseline if isinstance(baseline, pd.DataFrame) else read_embeddings(baseline)
-                       for name, baseline in (baselines or {}).items()}
+    baseline_tables = {
+        name: baseline if isinstance(baseline, pd.DataFrame) else read_embeddings(baseline)
+        for name, baseline in (baselines or {}).items()
+    }
     if baseline_tables:
         results["baselines"] = {}
         for name, baseline_table in baseline_tables.items():
@@ -154,8 +169,9 @@ def evaluate_embeddings(
             if not options.no_suite:  # the suite reads it again; without the suite it is not kept
                 aligned[name] = baseline
             baseline_labels, baseline_vectors = baseline.perturbations(options.aggregation)
-            baseline_recall = known_relationship_recall(baseline_vectors, baseline_labels, named_sources,
-                                                        **recall_options)
+            baseline_recall = known_relationship_recall(
+                baseline_vectors, baseline_labels, named_sources, **recall_options
+            )
             results["baselines"][name] = {"sources": baseline_recall["sources"]}
     if recall["skipped_sources"]:
         results["skipped_sources"] = recall["skipped_sources"]
@@ -169,8 +185,13 @@ def evaluate_embeddings(
             cellprofiler = read_embeddings(cellprofiler)
         usable = {name: named_sources[name] for name in recall["sources"]}
         results["suite"] = evaluate_suite(
-            tables, usable, options, cellprofiler=cellprofiler, well_cols=tuple(well_cols or WELL_COLUMNS),
-            out_dir=Path(out_dir) if (out_dir is not None and plots) else None, aligned=aligned,
+            tables,
+            usable,
+            options,
+            cellprofiler=cellprofiler,
+            well_cols=tuple(well_cols or WELL_COLUMNS),
+            out_dir=Path(out_dir) if (out_dir is not None and plots) else None,
+            aligned=aligned,
         )
     if out_dir is not None:
         out_dir = Path(out_dir)
@@ -193,25 +214,46 @@ def _named_sources(sources, annotations) -> dict:
     return {name: load_relationships(spec, annotations) for name, spec in sources.items()}
 
 
-def _write_plots(results: dict, labels: np.ndarray, vectors: np.ndarray, sources: Mapping[str, pd.DataFrame],
-                 out_dir: Path, model_label: str = "model") -> dict:
+def _write_plots(
+    results: dict,
+    labels: np.ndarray,
+    vectors: np.ndarray,
+    sources: Mapping[str, pd.DataFrame],
+    out_dir: Path,
+    model_label: str = "model",
+) -> dict:
     """The recall plot, and the heatmap and projection of the first source with a usable complex, from the model's
     per-perturbation profiles: ``labels`` (P,), ``vectors`` (P, D')."""
     baselines = {name: entry["sources"] for name, entry in results.get("baselines", {}).items()}
     alignment = results["alignment"]
-    plot_recall(results["sources"], out_dir / PLOT_NAMES["recall"], results["chance"], baselines,
-                title=f"Recall of known relationships: {results['dataset']} ({alignment})", model_label=model_label)
+    plot_recall(
+        results["sources"],
+        out_dir / PLOT_NAMES["recall"],
+        results["chance"],
+        baselines,
+        title=f"Recall of known relationships: {results['dataset']} ({alignment})",
+        model_label=model_label,
+    )
     written = {"recall": PLOT_NAMES["recall"]}
     for name in results["sources"]:  # the first source with a usable complex
         pairs = sources[name]
         members = pick_complex(pairs, labels)
         if len(members) >= 2:
-            plot_complex_heatmap(labels, vectors, members, out_dir / PLOT_NAMES["heatmap"],
-                                 title=f"Cosine similarity of {model_label} profiles after {alignment}, "
-                                       f"{name} group around {members[0]}")
-            plot_projection(labels, vectors, relationship_groups(pairs, labels),
-                            out_dir / PLOT_NAMES["projection"],
-                            title=f"{model_label} profiles after {alignment} (PCA), coloured by {name} group")
+            plot_complex_heatmap(
+                labels,
+                vectors,
+                members,
+                out_dir / PLOT_NAMES["heatmap"],
+                title=f"Cosine similarity of {model_label} profiles after {alignment}, "
+                f"{name} group around {members[0]}",
+            )
+            plot_projection(
+                labels,
+                vectors,
+                relationship_groups(pairs, labels),
+                out_dir / PLOT_NAMES["projection"],
+                title=f"{model_label} profiles after {alignment} (PCA), coloured by {name} group",
+            )
             written.update(heatmap=PLOT_NAMES["heatmap"], projection=PLOT_NAMES["projection"])
             break
     return written
@@ -246,5 +288,6 @@ def evaluate_synthetic(
     dataset = options.dataset or f"synthetic:{Path(plate_dir).name}"
     relationship_files(plate_dir)  # a plate without relationships is refused before any work
     where = {} if out_dir is None else {"out_dir": out_dir}
-    return evaluate_embeddings(embeddings, options, baselines=baselines, dataset=dataset,
-                               synthetic_plate=str(plate_dir), **where)
+    return evaluate_embeddings(
+        embeddings, options, baselines=baselines, dataset=dataset, synthetic_plate=str(plate_dir), **where
+    )

@@ -58,22 +58,44 @@ def gene_set_recall(profiles: np.ndarray, genes: list[str], pairs: Iterable[tupl
         nearest = np.argsort(-similarity[index[gene]], kind="stable")[:k]
         per_gene[gene] = len({genes[j] for j in nearest} & mates) / k
         chance.append(k / (len(genes) - 1))
-    return {"recall": float(np.mean(list(per_gene.values()))), "chance": float(np.mean(chance)),
-            "n_genes_scored": len(per_gene), "per_gene": per_gene}
+    return {
+        "recall": float(np.mean(list(per_gene.values()))),
+        "chance": float(np.mean(chance)),
+        "n_genes_scored": len(per_gene),
+        "per_gene": per_gene,
+    }
 
 
-def _copairs_map(meta: pd.DataFrame, features: np.ndarray, pos_sameby, pos_diffby, neg_sameby, neg_diffby,
-                 group_col: str, null_size: int, threshold: float, seed: int) -> dict:
+def _copairs_map(
+    meta: pd.DataFrame,
+    features: np.ndarray,
+    pos_sameby,
+    pos_diffby,
+    neg_sameby,
+    neg_diffby,
+    group_col: str,
+    null_size: int,
+    threshold: float,
+    seed: int,
+) -> dict:
     from copairs import map as copairs_map
 
     meta = meta.reset_index(drop=True)
-    ap = copairs_map.average_precision(meta, features, pos_sameby=pos_sameby, pos_diffby=pos_diffby,
-                                       neg_sameby=neg_sameby, neg_diffby=neg_diffby, progress_bar=False)
+    ap = copairs_map.average_precision(
+        meta,
+        features,
+        pos_sameby=pos_sameby,
+        pos_diffby=pos_diffby,
+        neg_sameby=neg_sameby,
+        neg_diffby=neg_diffby,
+        progress_bar=False,
+    )
     ap = ap.dropna(subset=["average_precision"])
     if ap.empty:
         raise ValueError(f"copairs found no positive pairs for {group_col}: each group needs at least two profiles")
-    maps = copairs_map.mean_average_precision(ap, [group_col], null_size=null_size, threshold=threshold, seed=seed,
-                                              progress_bar=False)
+    maps = copairs_map.mean_average_precision(
+        ap, [group_col], null_size=null_size, threshold=threshold, seed=seed, progress_bar=False
+    )
     return {
         "mean_map": float(maps["mean_average_precision"].mean()),
         "fraction_significant": float(maps["below_corrected_p"].mean()),
@@ -82,9 +104,16 @@ def _copairs_map(meta: pd.DataFrame, features: np.ndarray, pos_sameby, pos_diffb
     }
 
 
-def replicate_map(metadata: pd.DataFrame, features: np.ndarray, perturbation_col: str, control_mask: np.ndarray,
-                  well_cols: tuple[str, ...] = ("Metadata_plate", "Metadata_well"), null_size: int = 1000,
-                  threshold: float = 0.05, seed: int = 0) -> dict:
+def replicate_map(
+    metadata: pd.DataFrame,
+    features: np.ndarray,
+    perturbation_col: str,
+    control_mask: np.ndarray,
+    well_cols: tuple[str, ...] = ("Metadata_plate", "Metadata_well"),
+    null_size: int = 1000,
+    threshold: float = 0.05,
+    seed: int = 0,
+) -> dict:
     """Phenotypic activity: mAP of retrieving a perturbation's replicate wells against control wells.
 
     Args:
@@ -99,21 +128,49 @@ def replicate_map(metadata: pd.DataFrame, features: np.ndarray, perturbation_col
     meta[perturbation_col] = np.where(control_mask, "__control__", meta[perturbation_col])
     meta["_is_control"] = np.asarray(control_mask, dtype=bool)
     # copairs scores groups by pos_sameby; controls must not be positives of each other
-    meta["_query"] = np.where(meta["_is_control"], [f"__control_{i}" for i in range(len(meta))], meta[perturbation_col])
-    return _copairs_map(meta, np.asarray(features, dtype=np.float64), pos_sameby=["_query"], pos_diffby=[],
-                        neg_sameby=[], neg_diffby=["_is_control"], group_col="_query", null_size=null_size,
-                        threshold=threshold, seed=seed) | {"metric": "replicate retrieval against controls"}
+    meta["_query"] = np.where(
+        meta["_is_control"], [f"__control_{i}" for i in range(len(meta))], meta[perturbation_col]
+    )
+    return _copairs_map(
+        meta,
+        np.asarray(features, dtype=np.float64),
+        pos_sameby=["_query"],
+        pos_diffby=[],
+        neg_sameby=[],
+        neg_diffby=["_is_control"],
+        group_col="_query",
+        null_size=null_size,
+        threshold=threshold,
+        seed=seed,
+    ) | {"metric": "replicate retrieval against controls"}
 
 
-def consistency_map(profiles: np.ndarray, genes: list[str], groups: list[str], null_size: int = 1000,
-                    threshold: float = 0.05, seed: int = 0) -> dict:
+def consistency_map(
+    profiles: np.ndarray,
+    genes: list[str],
+    groups: list[str],
+    null_size: int = 1000,
+    threshold: float = 0.05,
+    seed: int = 0,
+) -> dict:
     """Phenotypic consistency: mAP of retrieving same-group genes (e.g. one complex) among all genes.
 
     Args:
         profiles: ``(n_genes, D)``, one profile per gene.
         genes, groups: gene names and their group (empty/None: not in any group, a negative only).
     """
-    meta = pd.DataFrame({"gene": genes, "group": [g if isinstance(g, str) and g else f"__none_{i}" for i, g in enumerate(groups)]})
-    return _copairs_map(meta, np.asarray(profiles, dtype=np.float64), pos_sameby=["group"], pos_diffby=[],
-                        neg_sameby=[], neg_diffby=["group"], group_col="group", null_size=null_size,
-                        threshold=threshold, seed=seed) | {"metric": "same-group retrieval among genes"}
+    meta = pd.DataFrame(
+        {"gene": genes, "group": [g if isinstance(g, str) and g else f"__none_{i}" for i, g in enumerate(groups)]}
+    )
+    return _copairs_map(
+        meta,
+        np.asarray(profiles, dtype=np.float64),
+        pos_sameby=["group"],
+        pos_diffby=[],
+        neg_sameby=[],
+        neg_diffby=["group"],
+        group_col="group",
+        null_size=null_size,
+        threshold=threshold,
+        seed=seed,
+    ) | {"metric": "same-group retrieval among genes"}

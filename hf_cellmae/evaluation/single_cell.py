@@ -62,10 +62,16 @@ class CellOptions:
     def from_options(cls, options) -> CellOptions:
         """The cells ``cellmae embed --single-cell`` describes: an ``EmbedOptions``' single-cell and segmentation
         fields (``--cell-border``, ``--cell-objects``, comma-separated ``--cell-channels``...)."""
-        return cls(cell_tokens=options.cell_tokens, mask_dilation=options.mask_dilation, border=options.cell_border,
-                   masks=options.masks, objects=options.cell_objects, nuclei_channel=options.nuclei_channel,
-                   cell_channels=options.cell_channels.split(",") if options.cell_channels else None,
-                   nucleus_diameter=options.nucleus_diameter)
+        return cls(
+            cell_tokens=options.cell_tokens,
+            mask_dilation=options.mask_dilation,
+            border=options.cell_border,
+            masks=options.masks,
+            objects=options.cell_objects,
+            nuclei_channel=options.nuclei_channel,
+            cell_channels=options.cell_channels.split(",") if options.cell_channels else None,
+            nucleus_diameter=options.nucleus_diameter,
+        )
 
 
 # ---------------------------------------------------------------- label images
@@ -85,8 +91,11 @@ def index_label_images(folder: str | Path) -> list[tuple[tuple[str, ...], str]]:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"--masks {folder} is not a folder; pass the folder of label images (one per field)")
-    found = [(tuple(_tokens(str(p.relative_to(folder).with_suffix("")))), str(p))
-             for p in sorted(folder.rglob("*")) if p.suffix.lower() in LABEL_SUFFIXES and p.is_file()]
+    found = [
+        (tuple(_tokens(str(p.relative_to(folder).with_suffix("")))), str(p))
+        for p in sorted(folder.rglob("*"))
+        if p.suffix.lower() in LABEL_SUFFIXES and p.is_file()
+    ]
     if not found:
         raise FileNotFoundError(f"--masks {folder} holds no label image ({', '.join(LABEL_SUFFIXES)})")
     return found
@@ -98,14 +107,19 @@ def find_label_image(index: list[tuple[tuple[str, ...], str]], identity: dict, f
     plate, well, site = str(identity["plate"]).lower(), str(identity["well"]).lower(), str(identity["site"])
     sites = {f"s{site}", f"site{site}", site}
     plate_tokens = _tokens(plate)
-    matches = [path for tokens, path in index
-               if well in tokens and sites & set(tokens) and all(t in tokens for t in plate_tokens)]
+    matches = [
+        path
+        for tokens, path in index
+        if well in tokens and sites & set(tokens) and all(t in tokens for t in plate_tokens)
+    ]
     if len(matches) == 1:
         return matches[0]
     where = f"plate {identity['plate']}, well {identity['well']}, site {identity['site']}"
     if not matches:
-        raise ValueError(f"no label image for {where} in {folder}; name it like "
-                         f"{identity['plate']}_{identity['well']}_s{identity['site']}_masks.tif")
+        raise ValueError(
+            f"no label image for {where} in {folder}; name it like "
+            f"{identity['plate']}_{identity['well']}_s{identity['site']}_masks.tif"
+        )
     raise ValueError(f"{len(matches)} label images match {where} in {folder} ({', '.join(matches[:3])}); keep one")
 
 
@@ -116,12 +130,16 @@ def read_label_image(path: str, shape: tuple[int, int]) -> np.ndarray:
     labels = np.load(path) if path.endswith(".npy") else read_plane(path)
     labels = np.squeeze(np.asarray(labels))
     if labels.shape != tuple(shape):
-        raise ValueError(f"label image {path} is {labels.shape[0]}x{labels.shape[1] if labels.ndim > 1 else ''} "
-                         f"but the field is {shape[0]}x{shape[1]}; it must be the field's own label image")
+        raise ValueError(
+            f"label image {path} is {labels.shape[0]}x{labels.shape[1] if labels.ndim > 1 else ''} "
+            f"but the field is {shape[0]}x{shape[1]}; it must be the field's own label image"
+        )
     if not np.issubdtype(labels.dtype, np.integer):
         if not np.all(np.mod(labels, 1) == 0):
-            raise ValueError(f"label image {path} has non-integer values ({labels.dtype}); pass a label image "
-                             "(0 = background, one integer per cell), not a probability map")
+            raise ValueError(
+                f"label image {path} has non-integer values ({labels.dtype}); pass a label image "
+                "(0 = background, one integer per cell), not a probability map"
+            )
     return labels.astype(np.int64)
 
 
@@ -138,7 +156,9 @@ def crop_at(pixels: np.ndarray, centre_y: float, centre_x: float, size: int, bor
     return padded[:, top : top + size, left : left + size]
 
 
-def cell_keep_masks(labels: np.ndarray, cells: list[dict], size: int, patch_size: int, dilation: int = 0) -> np.ndarray:
+def cell_keep_masks(
+    labels: np.ndarray, cells: list[dict], size: int, patch_size: int, dilation: int = 0
+) -> np.ndarray:
     """``(M, N)`` bool: for each cell, the patches of its crop that overlap its mask (dilated by ``dilation`` px)."""
     from scipy import ndimage as ndi
 
@@ -163,8 +183,10 @@ def cells_of_labels(labels: np.ndarray) -> list[dict]:
         return []
     areas = ndi.sum_labels(np.ones_like(labels), labels, ids)
     centres = ndi.center_of_mass(np.ones_like(labels), labels, ids)
-    return [{"cell_id": int(i), "centroid_y": float(cy), "centroid_x": float(cx), "area": int(a)}
-            for i, (cy, cx), a in zip(ids, centres, areas)]
+    return [
+        {"cell_id": int(i), "centroid_y": float(cy), "centroid_x": float(cx), "area": int(a)}
+        for i, (cy, cx), a in zip(ids, centres, areas)
+    ]
 
 
 def nuclear_channel_index(channels: list[str], nuclei_channel: str | None) -> int:
@@ -173,13 +195,17 @@ def nuclear_channel_index(channels: list[str], nuclei_channel: str | None) -> in
 
     if nuclei_channel is not None:
         if nuclei_channel not in channels:
-            raise ValueError(f"nuclei_channel={nuclei_channel!r} is not among the channels {channels}; "
-                             "pass --nuclei-channel with the name of the DNA/Hoechst stain")
+            raise ValueError(
+                f"nuclei_channel={nuclei_channel!r} is not among the channels {channels}; "
+                "pass --nuclei-channel with the name of the DNA/Hoechst stain"
+            )
         return channels.index(nuclei_channel)
     found = [c for c in channels if c in _NUCLEAR_NAMES]
     if not found:
-        raise ValueError(f"no nuclear stain among the channels {channels}; pass --nuclei-channel NAME (the DNA/Hoechst "
-                         "channel) to segment, or --masks DIR with your own label images")
+        raise ValueError(
+            f"no nuclear stain among the channels {channels}; pass --nuclei-channel NAME (the DNA/Hoechst "
+            "channel) to segment, or --masks DIR with your own label images"
+        )
     return channels.index(found[0])
 
 
@@ -224,8 +250,12 @@ class CellPreparer:
             masks.append(keep)
             nuclei.append(num_nuclei)
         grid = (self.image_size // self.patch_size) ** 2
-        return {"pixels": [f.pixels for f in fields], "cells": cells, "num_nuclei": nuclei,
-                "keep_mask": np.concatenate(masks) if masks else np.zeros((0, grid), dtype=bool)}
+        return {
+            "pixels": [f.pixels for f in fields],
+            "cells": cells,
+            "num_nuclei": nuclei,
+            "keep_mask": np.concatenate(masks) if masks else np.zeros((0, grid), dtype=bool),
+        }
 
 
 # ---------------------------------------------------------------- featuriser
@@ -250,8 +280,10 @@ class SingleCellFeaturizer:
         if self.model.is_munet:
             raise ValueError("--single-cell needs a CA-MAE (a MU-Net has no patch tokens to keep)")
         if self.model.readout == "mean_std" or self.model.layer is not None:
-            raise ValueError("--single-cell reads out the mean, channel-wise mean or class token of the last layer; "
-                             f"readout={self.model.readout!r}, layer={self.model.layer} are not supported")
+            raise ValueError(
+                "--single-cell reads out the mean, channel-wise mean or class token of the last layer; "
+                f"readout={self.model.readout!r}, layer={self.model.layer} are not supported"
+            )
         self.image_size = self.model.image_size
         self.patch_size = self.model.config.patch_size
         if self.image_size % self.patch_size:
@@ -263,8 +295,12 @@ class SingleCellFeaturizer:
         self.num_cells = 0
 
     def describe(self) -> dict:
-        return {**self.model.describe(), "featurizer": f"{self.name}:{self.model.name}", "readout": self.model.readout,
-                "single_cell": asdict(self.options)}
+        return {
+            **self.model.describe(),
+            "featurizer": f"{self.name}:{self.model.name}",
+            "readout": self.model.readout,
+            "single_cell": asdict(self.options),
+        }
 
     def feature_names(self, channels: list[str]) -> list[str]:
         return self.model.feature_names(channels)
@@ -287,18 +323,25 @@ class SingleCellFeaturizer:
             return np.zeros((0, width), dtype=np.float32), []
         size, batch = self.image_size, self.model.batch_size
         processor = self.model.processor
-        autocast = torch.autocast(self.device.type, dtype=self.model.torch_dtype,
-                                  enabled=self.model.torch_dtype != torch.float32)
+        autocast = torch.autocast(
+            self.device.type, dtype=self.model.torch_dtype, enabled=self.model.torch_dtype != torch.float32
+        )
         outputs = []
         with torch.inference_mode(), autocast:
             for start in range(0, len(cells), batch):
                 chunk = cells[start : start + batch]
-                crops = [crop_at(pixels[c["field_index"]], c["centroid_y"], c["centroid_x"], size, self.options.border)
-                         for c in chunk]
+                crops = [
+                    crop_at(pixels[c["field_index"]], c["centroid_y"], c["centroid_x"], size, self.options.border)
+                    for c in chunk
+                ]
                 pixel_values = processor(crops, image_size=size, crop_mode="none", return_tensors="pt")["pixel_values"]
                 mask = None if self.options.cell_tokens == "all" else keep[start : start + batch].to(self.device)
-                out = self.model.forward(pixel_values.to(self.device), channel_ids=channel_ids, keep_mask=mask,
-                                         output_channelwise_embeddings=self.model.readout == "channelwise")
+                out = self.model.forward(
+                    pixel_values.to(self.device),
+                    channel_ids=channel_ids,
+                    keep_mask=mask,
+                    output_channelwise_embeddings=self.model.readout == "channelwise",
+                )
                 if self.model.readout == "cls":
                     vectors = out.last_hidden_state[:, 0]
                 elif self.model.readout == "channelwise":
@@ -312,9 +355,18 @@ class SingleCellFeaturizer:
 # ---------------------------------------------------------------- figure
 
 
-def plot_cell_crops(pixels: np.ndarray, labels: np.ndarray, cells: list[dict], image_size: int, patch_size: int,
-                    path: str | Path, channels: tuple[int, int, int] = (1, 4, 0), dilation: int = 0,
-                    border: str = "reflect", title: str = "") -> Path:
+def plot_cell_crops(
+    pixels: np.ndarray,
+    labels: np.ndarray,
+    cells: list[dict],
+    image_size: int,
+    patch_size: int,
+    path: str | Path,
+    channels: tuple[int, int, int] = (1, 4, 0),
+    dilation: int = 0,
+    border: str = "reflect",
+    title: str = "",
+) -> Path:
     """A row of cell crops (an RGB composite of three ``channels``, each scaled to its 1st-99.5th percentile) with
     the cell's mask contour and its kept patch tokens outlined, as ``cell_tokens="mask"`` feeds them."""
     import matplotlib
@@ -331,12 +383,22 @@ def plot_cell_crops(pixels: np.ndarray, labels: np.ndarray, cells: list[dict], i
         rgb = np.stack([crop[c] for c in channels], axis=-1)
         low, high = np.percentile(rgb, 1, axis=(0, 1)), np.percentile(rgb, 99.5, axis=(0, 1))
         axis.imshow(np.clip((rgb - low) / np.maximum(high - low, 1e-6), 0, 1))
-        mask = crop_at((labels == cell["cell_id"])[None], cell["centroid_y"], cell["centroid_x"], image_size, "zero")[0]
+        mask = crop_at((labels == cell["cell_id"])[None], cell["centroid_y"], cell["centroid_x"], image_size, "zero")[
+            0
+        ]
         axis.contour(mask, levels=[0.5], colors="white", linewidths=0.8)
         for index in np.flatnonzero(kept):
             row, col = divmod(int(index), grid)
-            axis.add_patch(Rectangle((col * patch_size - 0.5, row * patch_size - 0.5), patch_size, patch_size,
-                                     fill=False, edgecolor="yellow", linewidth=1.0))
+            axis.add_patch(
+                Rectangle(
+                    (col * patch_size - 0.5, row * patch_size - 0.5),
+                    patch_size,
+                    patch_size,
+                    fill=False,
+                    edgecolor="yellow",
+                    linewidth=1.0,
+                )
+            )
         axis.set_title(f"cell {cell['cell_id']}: {int(kept.sum())}/{grid * grid} tokens", fontsize=8)
         axis.set_axis_off()
     if title:

@@ -27,8 +27,15 @@ import numpy as np
 import pandas as pd
 
 from .options import EvaluateOptions
-from .tables import (METADATA_PREFIX, WELL_COLUMNS, AlignedTable, aligned_profiles, control_mask, metadata_column,
-                     well_profiles)
+from .tables import (
+    METADATA_PREFIX,
+    WELL_COLUMNS,
+    AlignedTable,
+    aligned_profiles,
+    control_mask,
+    metadata_column,
+    well_profiles,
+)
 
 SUITE_PLOT = "suite.png"
 CELLPROFILER_PLOT = "cellprofiler_r2.png"  # median R² per CellProfiler category, one bar per featuriser
@@ -75,14 +82,28 @@ def evaluate_suite(
         if options.probe:
             entry["probe"] = {}
             for label in options.probe:
-                logistic = probe_embeddings(table, label, batch_col=options.batch_col or "Metadata_plate",
-                                            control_col=options.control_col or "Metadata_is_control")
-                knn = probe_embeddings(table, label, classifier="knn", batch_col=options.batch_col or "Metadata_plate",
-                                       control_col=options.control_col or "Metadata_is_control")
+                logistic = probe_embeddings(
+                    table,
+                    label,
+                    batch_col=options.batch_col or "Metadata_plate",
+                    control_col=options.control_col or "Metadata_is_control",
+                )
+                knn = probe_embeddings(
+                    table,
+                    label,
+                    classifier="knn",
+                    batch_col=options.batch_col or "Metadata_plate",
+                    control_col=options.control_col or "Metadata_is_control",
+                )
                 entry["probe"][logistic["label"]] = {
-                    "logistic": logistic["accuracy"], "logistic_std": logistic["accuracy_std"],
-                    "knn": knn["accuracy"], "knn_std": knn["accuracy_std"], "chance": logistic["chance_uniform"],
-                    "n_classes": logistic["n_classes"], "n_wells": logistic["n_units"], "split": logistic["split"],
+                    "logistic": logistic["accuracy"],
+                    "logistic_std": logistic["accuracy_std"],
+                    "knn": knn["accuracy"],
+                    "knn_std": knn["accuracy_std"],
+                    "chance": logistic["chance_uniform"],
+                    "n_classes": logistic["n_classes"],
+                    "n_wells": logistic["n_units"],
+                    "split": logistic["split"],
                 }
         treated = ~np.isin(rows.labels(), rows.control_labels())
         genes, profiles = rows.perturbations()
@@ -99,19 +120,30 @@ def evaluate_suite(
             wells, well_vectors = well_profiles(metadata, rows.aligned, well_cols)
         else:
             wells, well_vectors = metadata, rows.aligned
-        well_controls = control_mask(wells, perturbation_col, options.controls, options.control_col,
-                                     required=options.alignment != "none")
+        well_controls = control_mask(
+            wells, perturbation_col, options.controls, options.control_col, required=options.alignment != "none"
+        )
         if well_controls.any() and (~well_controls).any():
-            entry["replicate_map"] = replicate_map(wells, well_vectors, perturbation_col, well_controls,
-                                                   well_cols=tuple(well_cols), null_size=null_size, seed=seed)
+            entry["replicate_map"] = replicate_map(
+                wells,
+                well_vectors,
+                perturbation_col,
+                well_controls,
+                well_cols=tuple(well_cols),
+                null_size=null_size,
+                seed=seed,
+            )
         if options.consistency_col:
             column = metadata_column(options.consistency_col)
             group_of = metadata[treated].groupby(perturbation_col)[column].first()
-            entry["consistency_map"] = consistency_map(profiles, list(genes), [group_of.get(g) for g in genes],
-                                                       null_size=null_size, seed=seed)
+            entry["consistency_map"] = consistency_map(
+                profiles, list(genes), [group_of.get(g) for g in genes], null_size=null_size, seed=seed
+            )
         if cellprofiler is not None and table is not cellprofiler:
             entry["cellprofiler_prediction"] = cellprofiler_prediction(table, cellprofiler, seed=seed)
-            entry["cellprofiler_prediction"].pop("per_feature")  # thousands of numbers; the categories are the read-out
+            entry["cellprofiler_prediction"].pop(
+                "per_feature"
+            )  # thousands of numbers; the categories are the read-out
         results[name] = entry
     report = {"featurizers": results}
     if out_dir is not None:
@@ -119,8 +151,11 @@ def evaluate_suite(
         out_dir.mkdir(parents=True, exist_ok=True)
         plot_suite(report, out_dir / SUITE_PLOT, model_label=model_label, alignment=options.alignment)
         report["plot"] = SUITE_PLOT
-        predicted = {(model_label if name == "model" else name): entry["cellprofiler_prediction"]
-                     for name, entry in results.items() if "cellprofiler_prediction" in entry}
+        predicted = {
+            (model_label if name == "model" else name): entry["cellprofiler_prediction"]
+            for name, entry in results.items()
+            if "cellprofiler_prediction" in entry
+        }
         if predicted:
             from .cellprofiler import plot_cellprofiler_prediction
 
@@ -171,7 +206,9 @@ def suite_chance(report: dict) -> dict[str, float]:
     for label, probe in first.get("probe", {}).items():
         short = label.removeprefix(METADATA_PREFIX)
         chances[f"probe {short}"] = chances[f"kNN {short}"] = probe["chance"]
-    chances.update({f"gene-set recall {s}": v["chance"] for s, v in first.get("gene_set_recall", {}).items() if "chance" in v})
+    chances.update(
+        {f"gene-set recall {s}": v["chance"] for s, v in first.get("gene_set_recall", {}).items() if "chance" in v}
+    )
     return chances
 
 
@@ -198,22 +235,41 @@ def suite_figure(report: dict, model_label: str = "model", alignment: str | None
         values = [rows[name].get(m, np.nan) for m in metrics]
         errors = [spread[name].get(m, np.nan) for m in metrics]
         positions = np.arange(len(metrics)) + (k - (len(names) - 1) / 2) * width
-        bars = ax.bar(positions, values, width, label=model_label if name == "model" else name, color=colormaps["tab10"](k))
+        bars = ax.bar(
+            positions, values, width, label=model_label if name == "model" else name, color=colormaps["tab10"](k)
+        )
         ax.bar_label(bars, fmt="%.2f", fontsize=6, padding=1)
         spread_at = [i for i, error in enumerate(errors) if np.isfinite(error)]
         if spread_at:
-            ax.errorbar(positions[spread_at], np.asarray(values)[spread_at], yerr=np.asarray(errors)[spread_at], fmt="none",
-                        ecolor="black", elinewidth=0.8, capsize=2)
+            ax.errorbar(
+                positions[spread_at],
+                np.asarray(values)[spread_at],
+                yerr=np.asarray(errors)[spread_at],
+                fmt="none",
+                ecolor="black",
+                elinewidth=0.8,
+                capsize=2,
+            )
     for i, metric in enumerate(metrics):
         if metric in chances:
-            ax.hlines(chances[metric], i - 0.45, i + 0.45, colors="black", linestyles="--", linewidth=1,
-                      label="chance" if i == min(j for j, m in enumerate(metrics) if m in chances) else None)
+            ax.hlines(
+                chances[metric],
+                i - 0.45,
+                i + 0.45,
+                colors="black",
+                linestyles="--",
+                linewidth=1,
+                label="chance" if i == min(j for j, m in enumerate(metrics) if m in chances) else None,
+            )
     ax.axhline(0, color="black", linewidth=0.6)
     ax.set_xticks(np.arange(len(metrics)), metrics, rotation=25, ha="right", fontsize=8)
     ax.set_ylabel("score")
     after = f"; recall and mAP after {alignment}" if alignment else ""
-    ax.set_title(f"Evaluation suite: {model_label} and baselines side by side{after}\n"
-                 "dashed: chance; error bars: ± sd of the probes over their held-out folds", fontsize=10)
+    ax.set_title(
+        f"Evaluation suite: {model_label} and baselines side by side{after}\n"
+        "dashed: chance; error bars: ± sd of the probes over their held-out folds",
+        fontsize=10,
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig

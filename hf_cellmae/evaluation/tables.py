@@ -157,8 +157,9 @@ def control_mask(
         mask = metadata[perturbation_col].astype(str).isin([str(c) for c in controls]).to_numpy()
         if not mask.any():
             seen = metadata[perturbation_col].astype(str).value_counts().index[:8].tolist()
-            raise ValueError(f"no row of {perturbation_col} is one of the controls {list(controls)}; "
-                             f"values include {seen}")
+            raise ValueError(
+                f"no row of {perturbation_col} is one of the controls {list(controls)}; values include {seen}"
+            )
         return mask
     default = metadata_column("is_control")
     control_col = control_col or (default if default in metadata else None)
@@ -175,8 +176,9 @@ def control_mask(
     if values.dtype != bool:
         values = values.astype(str).str.lower().map({"true": True, "1": True, "false": False, "0": False})
         if values.isna().any():
-            raise ValueError(f"{control_col} must hold booleans (True/False, 1/0); "
-                             f"found {metadata[control_col].unique()[:5]}")
+            raise ValueError(
+                f"{control_col} must hold booleans (True/False, 1/0); found {metadata[control_col].unique()[:5]}"
+            )
     return values.to_numpy(dtype=bool)
 
 
@@ -184,8 +186,10 @@ def group_keys(metadata: pd.DataFrame, key_cols: Sequence[str]) -> np.ndarray:
     """The group of each row: its ``key_cols`` values as text, joined by "/" (``"P1/A01"``)."""
     missing = {c: int(n) for c, n in metadata[list(key_cols)].isna().sum().items() if n}
     if missing:
-        raise ValueError(f"{sum(missing.values())} rows have no value in {list(missing)} ({missing}); fill them "
-                         "or drop those rows before aggregating by " + ", ".join(key_cols))
+        raise ValueError(
+            f"{sum(missing.values())} rows have no value in {list(missing)} ({missing}); fill them "
+            "or drop those rows before aggregating by " + ", ".join(key_cols)
+        )
     keys = metadata[key_cols[0]].astype(str)
     for column in key_cols[1:]:
         keys = keys + "/" + metadata[column].astype(str)
@@ -193,7 +197,9 @@ def group_keys(metadata: pd.DataFrame, key_cols: Sequence[str]) -> np.ndarray:
 
 
 def well_profiles(
-    metadata: pd.DataFrame, features: np.ndarray, well_cols: Sequence[str] = WELL_COLUMNS,
+    metadata: pd.DataFrame,
+    features: np.ndarray,
+    well_cols: Sequence[str] = WELL_COLUMNS,
 ) -> tuple[pd.DataFrame, np.ndarray]:
     """The mean of the rows of each well: ``(metadata of each well, (n_wells, D))``, sorted by well.
 
@@ -212,8 +218,9 @@ def align_rows(metadata: pd.DataFrame, features: np.ndarray, options: AlignOptio
         (aligned (n, D'), is_control (n,)): D' = D except for a truncating PCA / TVN ``n_components``.
     """
     require_columns(metadata, [options.perturbation_col, options.batch_col])
-    is_control = control_mask(metadata, options.perturbation_col, options.controls, options.control_col,
-                              required=options.alignment != "none")
+    is_control = control_mask(
+        metadata, options.perturbation_col, options.controls, options.control_col, required=options.alignment != "none"
+    )
     batch = metadata[options.batch_col].astype(str).to_numpy() if options.batch_col else None
     aligned = align(features, is_control, batch, method=options.alignment, **options.align_keywords())
     return aligned, is_control
@@ -247,8 +254,9 @@ class AlignedTable:
         labels = self.labels()
         keep = ~np.isin(labels, self.control_labels())
         if not keep.any():
-            raise ValueError(f"no perturbation left to aggregate after leaving out the control rows of "
-                             f"{self.perturbation_col}")
+            raise ValueError(
+                f"no perturbation left to aggregate after leaving out the control rows of {self.perturbation_col}"
+            )
         names, vectors = aggregate(self.aligned[keep], labels[keep], method=method)
         return names.astype(str), vectors
 

@@ -52,7 +52,9 @@ class FolderReport:
     weight_files: list[str]
     remote_code_files: list[str]
     warnings: list[str] = field(default_factory=list)
-    modified_code: dict[str, str] = field(default_factory=dict)  # *.py files that are not the installed hf_cellmae's -> why
+    modified_code: dict[str, str] = field(
+        default_factory=dict
+    )  # *.py files that are not the installed hf_cellmae's -> why
 
 
 def list_upload_files(model_dir: Path, exclude: list[str] | tuple[str, ...] = ()) -> list[str]:
@@ -101,7 +103,9 @@ def find_secrets(model_dir: Path, files: list[str], token: str | None) -> list[s
     for relative in files:
         path = model_dir / relative
         if path.name.lower() in SECRET_FILE_NAMES:
-            problems.append(f"{relative} looks like a credentials file; delete it or exclude it (--exclude '{relative}')")
+            problems.append(
+                f"{relative} looks like a credentials file; delete it or exclude it (--exclude '{relative}')"
+            )
             continue
         if path.suffix.lower() == ".safetensors":
             from .model_card import safetensors_header
@@ -154,7 +158,12 @@ def check_remote_code(model_dir: Path, config: dict) -> tuple[list[str], list[st
             "config.json has no auto_map, so the model cannot load with trust_remote_code=True; "
             "save it with the hf_cellmae model classes (they register for the auto classes) and push again"
         ]
-    wanted = {ref.split("--")[-1].split(".")[0] for refs in auto_map.values() for ref in (refs if isinstance(refs, list) else [refs]) if ref}
+    wanted = {
+        ref.split("--")[-1].split(".")[0]
+        for refs in auto_map.values()
+        for ref in (refs if isinstance(refs, list) else [refs])
+        if ref
+    }
     seen, problems, queue = [], [], sorted(wanted)
     while queue:
         module = queue.pop()
@@ -201,7 +210,9 @@ def check_loads(model_dir: Path, config: dict) -> tuple[str, list[str]]:
     architecture = (config.get("architectures") or ["CellMAEModel"])[0]
     model_class = getattr(hf_cellmae, architecture, None) or getattr(transformers, architecture, None)
     if model_class is None:
-        return architecture, [f"config.json names architecture {architecture!r}, which neither hf_cellmae nor transformers defines"]
+        return architecture, [
+            f"config.json names architecture {architecture!r}, which neither hf_cellmae nor transformers defines"
+        ]
     try:
         _, info = model_class.from_pretrained(model_dir, output_loading_info=True)
     except Exception as err:  # any failure to load is a refusal, reported with its cause
@@ -211,7 +222,9 @@ def check_loads(model_dir: Path, config: dict) -> tuple[str, list[str]]:
         keys = sorted(map(str, info.get(kind) or []))
         if keys:
             shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
-            problems.append(f"loading as {architecture} reports {len(keys)} {kind.replace('_', ' ')} ({shown}); the weights do not match config.json")
+            problems.append(
+                f"loading as {architecture} reports {len(keys)} {kind.replace('_', ' ')} ({shown}); the weights do not match config.json"
+            )
     if (model_dir / "preprocessor_config.json").is_file():
         try:
             transformers.AutoImageProcessor.from_pretrained(model_dir)
@@ -221,7 +234,10 @@ def check_loads(model_dir: Path, config: dict) -> tuple[str, list[str]]:
 
 
 def check_model_folder(
-    model_dir: str | Path, exclude: list[str] | tuple[str, ...] = (), token: str | None = None, allow_modified_code: bool = False
+    model_dir: str | Path,
+    exclude: list[str] | tuple[str, ...] = (),
+    token: str | None = None,
+    allow_modified_code: bool = False,
 ) -> FolderReport:
     """Check a model folder before pushing it; raise ``FolderCheckError`` listing every problem.
 
@@ -248,7 +264,9 @@ def check_model_folder(
 
     config_path = model_dir / "config.json"
     if not config_path.is_file():
-        raise FolderCheckError(model_dir, problems + ["config.json is missing; save the model with model.save_pretrained(folder)"])
+        raise FolderCheckError(
+            model_dir, problems + ["config.json is missing; save the model with model.save_pretrained(folder)"]
+        )
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
@@ -258,7 +276,9 @@ def check_model_folder(
 
     weights = weight_files(model_dir)
     if not weights:
-        problems.append("no model.safetensors (or model.safetensors.index.json) in the folder; save with model.save_pretrained(folder)")
+        problems.append(
+            "no model.safetensors (or model.safetensors.index.json) in the folder; save with model.save_pretrained(folder)"
+        )
     problems += [f"weight shard {w.name} named by the index is missing" for w in weights if not w.is_file()]
     if "preprocessor_config.json" not in files:
         problems.append(
@@ -275,4 +295,6 @@ def check_model_folder(
         raise FolderCheckError(model_dir, problems)
     warnings = [] if "README.md" in files else ["README.md is missing; it will be generated (cellmae card)"]
     warnings += [f"{what}; uploading it as it is (allowed)" for what in modified_code.values()]
-    return FolderReport(model_dir, files, architecture, [w.name for w in weights], remote_code, warnings, modified_code)
+    return FolderReport(
+        model_dir, files, architecture, [w.name for w in weights], remote_code, warnings, modified_code
+    )

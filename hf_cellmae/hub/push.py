@@ -41,7 +41,17 @@ DEFAULT_MAX_SHARD_SIZE = "5GB"
 WEIGHT_PATTERNS = ["*.safetensors", "model.safetensors.index.json"]
 # OS errors that mean "this folder cannot be written" (not a missing input file).
 CANNOT_WRITE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
-SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+}
 
 
 def parse_size(size: int | str) -> int:
@@ -165,13 +175,17 @@ def push_model_folder(
                 ) from error
             report.files = sorted({*report.files, "README.md", *card_images(model_dir)})
         else:
-            logger.warning("keeping the hand-written %s (delete it or run `cellmae card --force` to regenerate)", readme)
+            logger.warning(
+                "keeping the hand-written %s (delete it or run `cellmae card --force` to regenerate)", readme
+            )
 
     from huggingface_hub import HfApi
 
     api = HfApi(token=token, library_name="hf_cellmae", library_version=__version__)
     try:
-        return commit_folder(api, model_dir, report.files, report.weight_files, repo_id, private, revision, commit_message, max_bytes)
+        return commit_folder(
+            api, model_dir, report.files, report.weight_files, repo_id, private, revision, commit_message, max_bytes
+        )
     except connection_errors() as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(
@@ -181,8 +195,15 @@ def push_model_folder(
 
 
 def commit_folder(
-    api: HfApi, model_dir: Path, files: list[str], weight_files: list[str], repo_id: str, private: bool,
-    revision: str | None, commit_message: str | None, max_bytes: int,
+    api: HfApi,
+    model_dir: Path,
+    files: list[str],
+    weight_files: list[str],
+    repo_id: str,
+    private: bool,
+    revision: str | None,
+    commit_message: str | None,
+    max_bytes: int,
 ) -> CommitInfo:
     """Create the repo (and branch) if needed and upload ``files`` in one commit, sharded when larger than ``max_bytes``."""
     api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
@@ -191,7 +212,9 @@ def commit_folder(
 
     title = commit_message or f"Upload {model_dir.resolve().name} with hf_cellmae {__version__}"
     description = "Files: " + ", ".join(files)
-    needs_sharding = weight_files == ["model.safetensors"] and (model_dir / "model.safetensors").stat().st_size > max_bytes
+    needs_sharding = (
+        weight_files == ["model.safetensors"] and (model_dir / "model.safetensors").stat().st_size > max_bytes
+    )
     if needs_sharding:
         with sharded_copy(model_dir, files, max_bytes) as staging:
             staged = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
@@ -199,7 +222,9 @@ def commit_folder(
     return upload(api, model_dir, files, repo_id, revision, title, description)
 
 
-def upload(api: HfApi, folder: Path, files: list[str], repo_id: str, revision: str | None, title: str, description: str) -> CommitInfo:
+def upload(
+    api: HfApi, folder: Path, files: list[str], repo_id: str, revision: str | None, title: str, description: str
+) -> CommitInfo:
     """One ``upload_folder`` commit of exactly ``files``; stale weight files on the branch are deleted in it."""
     return api.upload_folder(
         repo_id=repo_id,

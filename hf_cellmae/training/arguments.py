@@ -26,9 +26,18 @@ SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # model_overrides keys that set the model's size: a --model-preset given on the command line replaces the
 # config's values of these (unless --model-overrides sets them too).
 SIZE_KEYS = (
-    "image_size", "patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "mlp_ratio",
-    "decoder_hidden_size", "decoder_num_hidden_layers", "decoder_num_attention_heads", "decoder_mlp_ratio",
-    "stage_channels", "blocks_per_stage",  # MU-Net
+    "image_size",
+    "patch_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "mlp_ratio",
+    "decoder_hidden_size",
+    "decoder_num_hidden_layers",
+    "decoder_num_attention_heads",
+    "decoder_mlp_ratio",
+    "stage_channels",
+    "blocks_per_stage",  # MU-Net
 )
 DECODER_SIZE_KEYS = ("decoder_hidden_size", "decoder_num_hidden_layers", "decoder_num_attention_heads")
 OBJECTIVES = ("mae", "wsl", "classify")
@@ -36,11 +45,35 @@ OBJECTIVES = ("mae", "wsl", "classify")
 # with other values would silently continue another run, so it is refused unless --allow-changed-args. The others
 # (output, logging, saving, hardware: workers, precision, compile, checkpointing) only change how it runs.
 RESULT_ARGUMENTS = (
-    "data", "crops_per_field", "channel_subset", "augment", "objective", "label_col", "drop_missing_labels", "unlabeled_class",
-    "classifier_batch_norm", "layer_decay", "holdout_plates", "model_type", "model_preset", "decoder_preset",
-    "model_overrides", "mask_ratio", "init_from", "max_steps", "per_device_train_batch_size",
-    "gradient_accumulation_steps", "optimizer", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "lr_scheduler", "warmup_ratio",
-    "max_grad_norm", "seed",
+    "data",
+    "crops_per_field",
+    "channel_subset",
+    "augment",
+    "objective",
+    "label_col",
+    "drop_missing_labels",
+    "unlabeled_class",
+    "classifier_batch_norm",
+    "layer_decay",
+    "holdout_plates",
+    "model_type",
+    "model_preset",
+    "decoder_preset",
+    "model_overrides",
+    "mask_ratio",
+    "init_from",
+    "max_steps",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "optimizer",
+    "learning_rate",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "lr_scheduler",
+    "warmup_ratio",
+    "max_grad_norm",
+    "seed",
 )
 CLASSIFIER_BATCH_NORMS = ("auto", "none", "plate", "plate_center")
 
@@ -61,63 +94,182 @@ class PretrainingArguments:
     """Arguments of `cellmae pretrain` (see each field's help)."""
 
     # ---- data
-    data: str | None = field(default=None, metadata={
-        "help": "shard folder written by `cellmae shard` (local path or fsspec URL)"})
+    data: str | None = field(
+        default=None, metadata={"help": "shard folder written by `cellmae shard` (local path or fsspec URL)"}
+    )
     crops_per_field: int = field(default=1, metadata={"help": "random crops drawn from each field per epoch"})
-    channel_subset: int | None = field(default=None, metadata={"help": "train on this many randomly chosen channels per sample (channel-agnostic training); default all"})
+    channel_subset: int | None = field(
+        default=None,
+        metadata={
+            "help": "train on this many randomly chosen channels per sample (channel-agnostic training); default all"
+        },
+    )
     augment: bool = field(default=True, metadata={"help": "random flips and 90-degree rotations"})
-    on_error: str = field(default="fail", metadata={"help": "a shard field failing its CRC-32 check: fail (stop, naming shard and field) or skip (leave it out, warn, count it in the run summary)"})
-    dataloader_num_workers: int | None = field(default=None, metadata={"help": "DataLoader worker processes per rank (>0 needs torchdata for exact resume); default: CPU cores per rank - 1 (at most 8) on a GPU, 0 on a CPU"})
+    on_error: str = field(
+        default="fail",
+        metadata={
+            "help": "a shard field failing its CRC-32 check: fail (stop, naming shard and field) or skip (leave it out, warn, count it in the run summary)"
+        },
+    )
+    dataloader_num_workers: int | None = field(
+        default=None,
+        metadata={
+            "help": "DataLoader worker processes per rank (>0 needs torchdata for exact resume); default: CPU cores per rank - 1 (at most 8) on a GPU, 0 on a CPU"
+        },
+    )
     # ---- objective
-    objective: str = field(default="mae", metadata={"help": "mae (masked-autoencoder pre-training) | wsl (weakly supervised baseline: classify --label-col from scratch) | classify (fine-tune the encoder of --init-from on --label-col)"})
-    label_col: str = field(default="perturbation", metadata={"help": "wsl/classify: the shard metadata column (or plate/well/experiment) whose values are the classes"})
-    drop_missing_labels: bool = field(default=False, metadata={"help": "wsl/classify: leave out (and count) the fields whose --label-col has no value instead of refusing the run"})
-    classifier_batch_norm: str = field(default="auto", metadata={"help": "wsl/classify: plate (standardise the pooled embedding by its plate's statistics in the batch) | plate_center (centre only) | none; auto: plate for wsl, none for classify"})
-    layer_decay: float | None = field(default=None, metadata={"help": "classify: layer-wise learning-rate decay; depth d of D+1 (0: patch embedding, D+1: head) trains at lr * layer_decay ** (D + 1 - d)"})
-    unlabeled_class: str | None = field(default=None, metadata={"help": "wsl/classify: the class of fields whose --label-col is empty (e.g. control wells without a complex); default: none, such fields are refused unless --drop-missing-labels leaves them out"})
-    holdout_plates: list[str] | None = field(default=None, metadata={"help": "wsl/classify: plates left out of training and evaluated (accuracy) at the end"})
+    objective: str = field(
+        default="mae",
+        metadata={
+            "help": "mae (masked-autoencoder pre-training) | wsl (weakly supervised baseline: classify --label-col from scratch) | classify (fine-tune the encoder of --init-from on --label-col)"
+        },
+    )
+    label_col: str = field(
+        default="perturbation",
+        metadata={
+            "help": "wsl/classify: the shard metadata column (or plate/well/experiment) whose values are the classes"
+        },
+    )
+    drop_missing_labels: bool = field(
+        default=False,
+        metadata={
+            "help": "wsl/classify: leave out (and count) the fields whose --label-col has no value instead of refusing the run"
+        },
+    )
+    classifier_batch_norm: str = field(
+        default="auto",
+        metadata={
+            "help": "wsl/classify: plate (standardise the pooled embedding by its plate's statistics in the batch) | plate_center (centre only) | none; auto: plate for wsl, none for classify"
+        },
+    )
+    layer_decay: float | None = field(
+        default=None,
+        metadata={
+            "help": "classify: layer-wise learning-rate decay; depth d of D+1 (0: patch embedding, D+1: head) trains at lr * layer_decay ** (D + 1 - d)"
+        },
+    )
+    unlabeled_class: str | None = field(
+        default=None,
+        metadata={
+            "help": "wsl/classify: the class of fields whose --label-col is empty (e.g. control wells without a complex); default: none, such fields are refused unless --drop-missing-labels leaves them out"
+        },
+    )
+    holdout_plates: list[str] | None = field(
+        default=None,
+        metadata={"help": "wsl/classify: plates left out of training and evaluated (accuracy) at the end"},
+    )
     # ---- model
-    model_type: str = field(default="cellmae", metadata={"help": "cellmae (channel-agnostic ViT MAE) | munet (fixed-channel masked U-Net)"})
-    model_preset: str = field(default="tiny", metadata={"help": "cellmae: tiny | vit_s16 | vit_b16 | vit_l16 | vit_l8 | openphenom; munet: tiny | munet_m | munet_l"})
-    decoder_preset: str | None = field(default=None, metadata={"help": "cellmae: the shared decoder's size, light (256 wide x 4 blocks) | mae (512 x 8, MAE's); default: the model preset's (docs/decoder.md)"})
-    model_overrides: dict | None = field(default=None, metadata={
-        "type": json_object, "metavar": "JSON",
-        "help": "CellMAEConfig (or CellMUNetConfig) fields set on the model, also over --init-from's config: a mapping in "
-                'a config file, JSON on the command line, e.g. \'{"image_size": 128, "fourier_loss_weight": 0.01}\''})
-    mask_ratio: float | None = field(default=None, metadata={
-        "help": "share of each image's patch tokens hidden from the encoder (MAE's masking); overrides "
-                "model_overrides' mask_ratio; default: the model's (its preset's or --init-from's)"})
-    init_from: str | None = field(default=None, metadata={"help": "start from this model folder or Hub id instead of random weights"})
+    model_type: str = field(
+        default="cellmae", metadata={"help": "cellmae (channel-agnostic ViT MAE) | munet (fixed-channel masked U-Net)"}
+    )
+    model_preset: str = field(
+        default="tiny",
+        metadata={
+            "help": "cellmae: tiny | vit_s16 | vit_b16 | vit_l16 | vit_l8 | openphenom; munet: tiny | munet_m | munet_l"
+        },
+    )
+    decoder_preset: str | None = field(
+        default=None,
+        metadata={
+            "help": "cellmae: the shared decoder's size, light (256 wide x 4 blocks) | mae (512 x 8, MAE's); default: the model preset's (docs/decoder.md)"
+        },
+    )
+    model_overrides: dict | None = field(
+        default=None,
+        metadata={
+            "type": json_object,
+            "metavar": "JSON",
+            "help": "CellMAEConfig (or CellMUNetConfig) fields set on the model, also over --init-from's config: a mapping in "
+            'a config file, JSON on the command line, e.g. \'{"image_size": 128, "fourier_loss_weight": 0.01}\'',
+        },
+    )
+    mask_ratio: float | None = field(
+        default=None,
+        metadata={
+            "help": "share of each image's patch tokens hidden from the encoder (MAE's masking); overrides "
+            "model_overrides' mask_ratio; default: the model's (its preset's or --init-from's)"
+        },
+    )
+    init_from: str | None = field(
+        default=None, metadata={"help": "start from this model folder or Hub id instead of random weights"}
+    )
     # ---- optimisation
     max_steps: int = field(default=1000, metadata={"help": "optimizer steps to train for"})
     per_device_train_batch_size: int = field(default=32, metadata={"help": "images per rank per micro-batch"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     optimizer: str = field(default="lion", metadata={"help": "lion (the paper) | adamw"})
-    learning_rate: float = field(default=1e-4, metadata={"help": "peak learning rate (paper: 1e-4 up to ViT-B, 3e-5 for ViT-L, with Lion)"})
-    weight_decay: float = field(default=0.05, metadata={"help": "decoupled weight decay; never applied to norms, biases and tokens"})
+    learning_rate: float = field(
+        default=1e-4, metadata={"help": "peak learning rate (paper: 1e-4 up to ViT-B, 3e-5 for ViT-L, with Lion)"}
+    )
+    weight_decay: float = field(
+        default=0.05, metadata={"help": "decoupled weight decay; never applied to norms, biases and tokens"}
+    )
     adam_beta1: float = field(default=0.9, metadata={"help": "first beta (Lion and AdamW)"})
     adam_beta2: float = field(default=0.95, metadata={"help": "second beta (Lion and AdamW)"})
-    lr_scheduler: str = field(default="one_cycle", metadata={"help": "one_cycle (paper: warm-up then cosine anneal) | cosine (with warm-up) | constant"})
+    lr_scheduler: str = field(
+        default="one_cycle",
+        metadata={"help": "one_cycle (paper: warm-up then cosine anneal) | cosine (with warm-up) | constant"},
+    )
     warmup_ratio: float = field(default=0.1, metadata={"help": "share of max_steps spent warming up"})
-    max_grad_norm: float | None = field(default=1.0, metadata={"help": "clip the gradient norm to this; None disables"})
-    mixed_precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast with fp32 master weights on a CUDA GPU, no elsewhere) | no | bf16 | fp16"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute block activations in the backward pass"})
-    torch_compile: bool | None = field(default=None, metadata={"help": "true | false: compile the model with torch.compile; default on with CUDA, off on CPU (falls back to eager, saying why, where it cannot run)"})
-    max_nonfinite_steps: int = field(default=10, metadata={"help": "skip optimizer steps whose gradients are NaN/inf (a skipped step still counts as a step); abort after this many in a row (checked every logging_steps)"})
+    max_grad_norm: float | None = field(
+        default=1.0, metadata={"help": "clip the gradient norm to this; None disables"}
+    )
+    mixed_precision: str = field(
+        default="auto",
+        metadata={
+            "help": "auto (bf16 autocast with fp32 master weights on a CUDA GPU, no elsewhere) | no | bf16 | fp16"
+        },
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "recompute block activations in the backward pass"}
+    )
+    torch_compile: bool | None = field(
+        default=None,
+        metadata={
+            "help": "true | false: compile the model with torch.compile; default on with CUDA, off on CPU (falls back to eager, saying why, where it cannot run)"
+        },
+    )
+    max_nonfinite_steps: int = field(
+        default=10,
+        metadata={
+            "help": "skip optimizer steps whose gradients are NaN/inf (a skipped step still counts as a step); abort after this many in a row (checked every logging_steps)"
+        },
+    )
     seed: int = field(default=0, metadata={"help": "seed of weights, data order, crops and masks"})
     # ---- checkpoints and output
-    output_dir: str = field(default="outputs/pretrain", metadata={"help": "run folder: checkpoints/, model/, logs/, figures/"})
+    output_dir: str = field(
+        default="outputs/pretrain", metadata={"help": "run folder: checkpoints/, model/, logs/, figures/"}
+    )
     save_steps: int = field(default=500, metadata={"help": "save a resumable checkpoint every N optimizer steps"})
     save_total_limit: int = field(default=3, metadata={"help": "keep the newest K checkpoints"})
-    save_model_with_checkpoints: bool = field(default=False, metadata={"help": "also write a loadable model folder inside every checkpoint"})
-    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder to continue from"})
-    allow_changed_args: bool = field(default=False, metadata={"help": "resume even though arguments that change the result (RESULT_ARGUMENTS: data, model, batch, schedule, seed...) differ from the checkpoint's"})
+    save_model_with_checkpoints: bool = field(
+        default=False, metadata={"help": "also write a loadable model folder inside every checkpoint"}
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata={"help": "'latest' or a checkpoint folder to continue from"}
+    )
+    allow_changed_args: bool = field(
+        default=False,
+        metadata={
+            "help": "resume even though arguments that change the result (RESULT_ARGUMENTS: data, model, batch, schedule, seed...) differ from the checkpoint's"
+        },
+    )
     # ---- logging
     logging_steps: int = field(default=10, metadata={"help": "log losses, lr, grad norm and throughput every N steps"})
-    figure_steps: int = field(default=200, metadata={"help": "save a reconstruction figure of a fixed field every N steps (0: only at the end)"})
-    report_to: str = field(default="tensorboard", metadata={"help": "accelerate tracker: tensorboard | wandb | all | none"})
+    figure_steps: int = field(
+        default=200,
+        metadata={"help": "save a reconstruction figure of a fixed field every N steps (0: only at the end)"},
+    )
+    report_to: str = field(
+        default="tensorboard", metadata={"help": "accelerate tracker: tensorboard | wandb | all | none"}
+    )
     progress_bar: bool = field(default=True, metadata={"help": "show a tqdm bar on the main process"})
-    check_memory: bool = field(default=True, metadata={"help": "on a CPU, refuse a batch whose estimated memory (hf_cellmae.training.memory) exceeds the available RAM"})
+    check_memory: bool = field(
+        default=True,
+        metadata={
+            "help": "on a CPU, refuse a batch whose estimated memory (hf_cellmae.training.memory) exceeds the available RAM"
+        },
+    )
 
     def __post_init__(self) -> None:
         def choice(name, allowed):
@@ -134,12 +286,22 @@ class PretrainingArguments:
         if self.objective == "mae" and (self.holdout_plates or self.layer_decay is not None):
             raise ValueError("holdout_plates and layer_decay apply to --objective wsl or classify, not mae.")
         if self.objective == "wsl" and self.init_from:
-            raise ValueError(f"--objective wsl trains an encoder from scratch; to start from {self.init_from}, use --objective classify.")
+            raise ValueError(
+                f"--objective wsl trains an encoder from scratch; to start from {self.init_from}, use --objective classify."
+            )
         if self.objective == "classify" and not self.init_from:
-            raise ValueError("--objective classify fine-tunes a pre-trained model: pass --init-from MODEL_FOLDER (or use --objective wsl to train from scratch).")
+            raise ValueError(
+                "--objective classify fine-tunes a pre-trained model: pass --init-from MODEL_FOLDER (or use --objective wsl to train from scratch)."
+            )
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
             raise ValueError(f"layer_decay={self.layer_decay} must lie in (0, 1].")
-        for name in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "save_steps", "logging_steps"):
+        for name in (
+            "max_steps",
+            "per_device_train_batch_size",
+            "gradient_accumulation_steps",
+            "save_steps",
+            "logging_steps",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1.")
         if self.decoder_preset is not None:
@@ -256,7 +418,9 @@ def read_config_file(path: str | Path) -> dict:
     known = {f.name for f in fields(PretrainingArguments)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"{path} has unknown keys {unknown}; valid keys are the PretrainingArguments fields (cellmae pretrain --help).")
+        raise ValueError(
+            f"{path} has unknown keys {unknown}; valid keys are the PretrainingArguments fields (cellmae pretrain --help)."
+        )
     return values
 
 
@@ -264,18 +428,25 @@ def build_pretraining_parser():
     """The `cellmae pretrain` argument parser: one option per PretrainingArguments field (standard library only)."""
     import argparse
 
-    from ..options import ArgumentParser as _ArgumentParser, accept_both_spellings, add_dataclass_options
+    from ..options import ArgumentParser as _ArgumentParser
+    from ..options import accept_both_spellings, add_dataclass_options
 
     parser = _ArgumentParser(
         prog="cellmae pretrain",
         description="Pre-train a CA-MAE on a shard folder. Options come from --config (a YAML/JSON file or a shipped "
         "config's name) and are overridden by flags.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="shipped configs (--config NAME):\n" + "\n".join(
-            f"  {name:<30} {config_hardware(path)}" for name, path in shipped_configs().items()),
+        epilog="shipped configs (--config NAME):\n"
+        + "\n".join(f"  {name:<30} {config_hardware(path)}" for name, path in shipped_configs().items()),
     )
-    parser.add_argument("--config", default=None, help="YAML/JSON file of these options, or a shipped config's name; flags override it")
-    parser.add_argument("--list-configs", action="store_true", help="list the shipped configs and the hardware each is sized for, then exit")
+    parser.add_argument(
+        "--config", default=None, help="YAML/JSON file of these options, or a shipped config's name; flags override it"
+    )
+    parser.add_argument(
+        "--list-configs",
+        action="store_true",
+        help="list the shipped configs and the hardware each is sized for, then exit",
+    )
     add_dataclass_options(parser, PretrainingArguments)
     return accept_both_spellings(parser)  # --output-dir (shown) and --output_dir (accelerate's spelling)
 
@@ -348,13 +519,18 @@ def parse_command_line(argv: list[str] | None = None) -> ParsedCommandLine:
         overrides, dropped = merge_model_overrides(config_values, given, values)
         values["model_overrides"] = overrides or None
         if dropped:
-            preset = (f"--model-preset {values['model_preset']} sets the model size" if "model_preset" in given
-                      else f"--decoder-preset {values['decoder_preset']} sets the decoder size")
-            print(f"cellmae pretrain: {preset}, so the config's "
-                  f"model_overrides {', '.join(f'{k}={json.dumps(v)}' for k, v in dropped.items())} "
-                  f"were dropped (repeat them in --model-overrides to keep them)", file=sys.stderr)
+            preset = (
+                f"--model-preset {values['model_preset']} sets the model size"
+                if "model_preset" in given
+                else f"--decoder-preset {values['decoder_preset']} sets the decoder size"
+            )
+            print(
+                f"cellmae pretrain: {preset}, so the config's "
+                f"model_overrides {', '.join(f'{k}={json.dumps(v)}' for k, v in dropped.items())} "
+                f"were dropped (repeat them in --model-overrides to keep them)",
+                file=sys.stderr,
+            )
     if values.get("data") is None:
         parser.error("--data is required (a shard folder from `cellmae shard`), on the command line or in --config")
     config = resolve_config(known.config) if known.config else None
     return ParsedCommandLine(PretrainingArguments(**values), config, config_values, given)
-

@@ -62,11 +62,15 @@ def resolve_checkpoint(spec: str, root: str | Path) -> Path | None:
         return checkpoints[-1] if checkpoints else None
     path = Path(spec)
     if not (path / "trainer_state.json").exists():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no trainer_state.json); pass 'latest' or a checkpoint-N folder.")
+        raise FileNotFoundError(
+            f"{path} is not a complete checkpoint (no trainer_state.json); pass 'latest' or a checkpoint-N folder."
+        )
     return path
 
 
-def save_checkpoint(accelerator, root: str | Path, step: int, data_state: dict, trainer_state: dict, keep: int, scheduler=None) -> Path:
+def save_checkpoint(
+    accelerator, root: str | Path, step: int, data_state: dict, trainer_state: dict, keep: int, scheduler=None
+) -> Path:
     """Save a resumable checkpoint for `step` on every rank (call it on all ranks).
 
     `scheduler`'s state goes to `scheduler_state.json` (never a pickle). A failure to write (permissions,
@@ -77,7 +81,8 @@ def save_checkpoint(accelerator, root: str | Path, step: int, data_state: dict, 
     except OSError as error:
         complete = list_checkpoints(root)
         resume = (
-            f"then resume from {complete[-1].name} with --resume-from-checkpoint latest" if complete
+            f"then resume from {complete[-1].name} with --resume-from-checkpoint latest"
+            if complete
             else "then run again (no complete checkpoint exists yet)"
         )
         raise UserError(
@@ -86,7 +91,9 @@ def save_checkpoint(accelerator, root: str | Path, step: int, data_state: dict, 
         ) from error
 
 
-def _save_checkpoint(accelerator, root: Path, step: int, data_state: dict, trainer_state: dict, keep: int, scheduler) -> Path:
+def _save_checkpoint(
+    accelerator, root: Path, step: int, data_state: dict, trainer_state: dict, keep: int, scheduler
+) -> Path:
     final = root / f"{PREFIX}{step}"
     partial = root / f".partial-{PREFIX}{step}"
 
@@ -173,8 +180,13 @@ def load_checkpoint(accelerator, checkpoint: Path, scheduler) -> None:
 # What torch.distributed.checkpoint's `.metadata` pickle may name, besides its own metadata classes.
 _DCP_METADATA_MODULE = "torch.distributed.checkpoint.metadata"
 _DCP_METADATA_GLOBALS = {
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"), ("torch.serialization", "_get_layout"),
-    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "PureWindowsPath"),
     ("collections", "OrderedDict"),
 }
 
@@ -186,7 +198,10 @@ class _MetadataUnpickler(pickle.Unpickler):
         import torch
 
         allowed = (
-            (module == _DCP_METADATA_MODULE and isinstance(getattr(torch.distributed.checkpoint.metadata, name, None), type))
+            (
+                module == _DCP_METADATA_MODULE
+                and isinstance(getattr(torch.distributed.checkpoint.metadata, name, None), type)
+            )
             or (module, name) in _DCP_METADATA_GLOBALS
             or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
         )
@@ -231,7 +246,9 @@ def _load_scheduler_state(checkpoint: Path) -> dict:
         return json.loads((checkpoint / SCHEDULER_STATE).read_text())
     legacy = checkpoint / LEGACY_SCHEDULER_STATE
     if not legacy.exists():
-        raise UserError(f"{checkpoint} has no {SCHEDULER_STATE}, so the learning-rate schedule cannot resume; pass a complete checkpoint-N")
+        raise UserError(
+            f"{checkpoint} has no {SCHEDULER_STATE}, so the learning-rate schedule cannot resume; pass a complete checkpoint-N"
+        )
     try:
         return torch.load(legacy, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -282,7 +299,8 @@ def uses_activation_checkpointing(model) -> bool:
     """Whether blocks recompute their activations in the backward pass (the model's own switch or FSDP's wrapper)."""
     unwrapped = model.module if hasattr(model, "module") else model
     return bool(getattr(unwrapped, "is_activation_checkpointing", False)) or any(
-        "checkpoint_wrapped_module" in name for name, _ in model.named_modules())
+        "checkpoint_wrapped_module" in name for name, _ in model.named_modules()
+    )
 
 
 def fully_sharded_modules(model) -> list[str]:
@@ -308,12 +326,14 @@ def save_model_folder(accelerator, model, path: Path, args: PretrainingArguments
     from ..image_processing_cellmae import CellMAEImageProcessor
 
     def write() -> None:
-        unwrapped.save_pretrained(path, state_dict=state_dict, is_main_process=accelerator.is_main_process,
-                                  save_function=accelerator.save)
+        unwrapped.save_pretrained(
+            path, state_dict=state_dict, is_main_process=accelerator.is_main_process, save_function=accelerator.save
+        )
         if accelerator.is_main_process:
             config = unwrapped.config
-            processor = CellMAEImageProcessor(image_size=config.image_size, crop_mode="tile",
-                                              channel_names=config.channel_names)
+            processor = CellMAEImageProcessor(
+                image_size=config.image_size, crop_mode="tile", channel_names=config.channel_names
+            )
             processor.save_pretrained(path)
             args.save(path / "training_args.json")
             history = trainer_state["log_history"]
@@ -333,4 +353,3 @@ def save_model_folder(accelerator, model, path: Path, args: PretrainingArguments
             f"again with --resume-from-checkpoint latest ({held})"
         ) from error
     return path
-

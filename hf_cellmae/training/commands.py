@@ -32,26 +32,37 @@ def _pretrain(args) -> int:
         changes = settings_for_a_cpu(parsed.config_values, parsed.typed, cpus)
         if changes:
             said = ", ".join(f"{name}={parsed.config_values[name]} -> {value}" for name, value in changes.items())
-            print(f"cellmae pretrain: no CUDA GPU, so {parsed.config.stem}'s {said} (a CPU trains in fp32 and eager, "
-                  f"with at most {max(0, cpus - 1)} DataLoader worker(s) on its {cpus} core(s)); options typed on the command "
-                  "line are kept", file=sys.stderr)
+            print(
+                f"cellmae pretrain: no CUDA GPU, so {parsed.config.stem}'s {said} (a CPU trains in fp32 and eager, "
+                f"with at most {max(0, cpus - 1)} DataLoader worker(s) on its {cpus} core(s)); options typed on the command "
+                "line are kept",
+                file=sys.stderr,
+            )
             training_args = dataclasses.replace(training_args, **changes)
     if training_args.check_memory:
         from .memory import check_training_memory
 
         check_training_memory(training_args)
-    if on_cpu and parsed.config is not None and "max_steps" not in parsed.typed \
-            and "gpu" in config_hardware(parsed.config).lower():
+    if (
+        on_cpu
+        and parsed.config is not None
+        and "max_steps" not in parsed.typed
+        and "gpu" in config_hardware(parsed.config).lower()
+    ):
         from .memory import check_cpu_run_length
 
         check_cpu_run_length(training_args, parsed.config.stem, config_hardware(parsed.config))
     from .loop import pretrain
 
     summary = pretrain(training_args)
-    print(f"Model written to {summary['model_dir']} after {summary['global_step']} steps (loss {summary['final_loss']}).")
+    print(
+        f"Model written to {summary['model_dir']} after {summary['global_step']} steps (loss {summary['final_loss']})."
+    )
     if summary.get("skipped_fields"):
-        print(f"Skipped {len(summary['skipped_fields'])} corrupt field(s) (--on-error skip); re-run the same `cellmae shard` "
-              "command to rewrite the damaged shards.")
+        print(
+            f"Skipped {len(summary['skipped_fields'])} corrupt field(s) (--on-error skip); re-run the same `cellmae shard` "
+            "command to rewrite the damaged shards."
+        )
     if "holdout_evaluation" in summary:
         from .loop import holdout_line
 

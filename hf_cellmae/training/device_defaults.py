@@ -81,8 +81,12 @@ def resolve_device_defaults(
             if has_torchdata:
                 dataloader_num_workers = max(1, min(MAX_AUTO_WORKERS, cpus_per_process - 1))
             else:
-                notes.append("dataloader_num_workers=0: pip install torchdata to decode data in worker processes (exact resume needs it)")
-    return DeviceDefaults(mixed_precision, bool(torch_compile), int(dataloader_num_workers), pin_memory=on_gpu, notes=tuple(notes))
+                notes.append(
+                    "dataloader_num_workers=0: pip install torchdata to decode data in worker processes (exact resume needs it)"
+                )
+    return DeviceDefaults(
+        mixed_precision, bool(torch_compile), int(dataloader_num_workers), pin_memory=on_gpu, notes=tuple(notes)
+    )
 
 
 def settings_for_a_cpu(config_values: dict, typed: set[str], cpus: int) -> dict[str, object]:
@@ -132,7 +136,7 @@ def compile_backend() -> str:
 
 
 def training_device_type() -> str:
-    """"cuda" when this process will train on a CUDA GPU (as accelerate decides it), else "cpu"."""
+    """ "cuda" when this process will train on a CUDA GPU (as accelerate decides it), else "cpu"."""
     import torch
     from accelerate.utils import parse_flag_from_env
 

@@ -36,7 +36,9 @@ def reconstruction_figure(pixel_values, logits, mask, patch_size: int, channel_n
     fig, axes = plt.subplots(channels, 3, figsize=(7.5, 2.4 * channels), squeeze=False)
     for c in range(channels):
         low, high = np.percentile(image[c], [1, 99])
-        for col, (panel, label) in enumerate(((image[c], "original"), (masked[c], "masked input"), (pasted[c], "reconstruction"))):
+        for col, (panel, label) in enumerate(
+            ((image[c], "original"), (masked[c], "masked input"), (pasted[c], "reconstruction"))
+        ):
             ax = axes[c, col]
             ax.imshow(panel, cmap="gray", vmin=low, vmax=high)
             ax.set_xticks([])

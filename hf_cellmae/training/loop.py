@@ -38,19 +38,32 @@ import numpy as np
 import torch
 
 from ..configuration_cellmae import CellMAEConfig
-from ..data.labels import IDENTITY_COLUMNS, LabelVocabulary, check_labels, is_missing_label, label_vocabulary, label_warnings
+from ..data.labels import (
+    IDENTITY_COLUMNS,
+    LabelVocabulary,
+    check_labels,
+    is_missing_label,
+    label_vocabulary,
+    label_warnings,
+)
 from ..data.shards import load_manifest
 from ..data.streaming import skipped_fields, stream_fields
 from ..errors import UserError, ensure_writable_folder
 from ..image_processing_cellmae import default_rescale_factor, standardize_channels
 from .arguments import PretrainingArguments, changed_result_arguments
 from .checkpoints import (
-    answer_input_embeddings, fully_sharded_modules, load_checkpoint, load_data_state, resolve_checkpoint,
-    save_checkpoint, save_model_folder, uses_activation_checkpointing,
+    answer_input_embeddings,
+    fully_sharded_modules,
+    load_checkpoint,
+    load_data_state,
+    resolve_checkpoint,
+    save_checkpoint,
+    save_model_folder,
+    uses_activation_checkpointing,
 )
+from .device_defaults import DeviceDefaults, compile_backend, detect_device_defaults
 from .figures import reconstruction_figure, save_figure
 from .models import build_model
-from .device_defaults import DeviceDefaults, compile_backend, detect_device_defaults
 from .optimization import build_optimizer, build_scheduler, skip_step_if, skips_on_device
 
 logger = logging.getLogger(__name__)
@@ -72,7 +85,9 @@ def supervision(args: PretrainingArguments) -> LabelVocabulary | None:
     if unknown:
         raise UserError(f"holdout plates {unknown} are not in {args.data}; its plates are {labels.plates}")
     if args.holdout_plates and set(labels.plates) <= set(args.holdout_plates):
-        raise UserError(f"--holdout-plates {args.holdout_plates} holds out every plate of {args.data}; leave at least one to train on")
+        raise UserError(
+            f"--holdout-plates {args.holdout_plates} holds out every plate of {args.data}; leave at least one to train on"
+        )
     return labels
 
 
@@ -104,11 +119,15 @@ def label_notes(labels: LabelVocabulary | None) -> list[str]:
         return []
     notes = []
     if labels.missing and labels.unlabeled_class is not None:
-        notes.append(f"{labels.missing} of {labels.num_fields} fields have no {labels.column}: trained as the class "
-                     f"{labels.unlabeled_class!r} (--unlabeled-class)")
+        notes.append(
+            f"{labels.missing} of {labels.num_fields} fields have no {labels.column}: trained as the class "
+            f"{labels.unlabeled_class!r} (--unlabeled-class)"
+        )
     elif labels.missing:
-        notes.append(f"left out {labels.missing} of {labels.num_fields} fields without a value in label column "
-                     f"{labels.column!r} (--drop-missing-labels); {labels.num_fields - labels.missing} are trained on")
+        notes.append(
+            f"left out {labels.missing} of {labels.num_fields} fields without a value in label column "
+            f"{labels.column!r} (--drop-missing-labels); {labels.num_fields - labels.missing} are trained on"
+        )
     return notes + [f"warning: {note}" for note in label_warnings(labels)]
 
 
@@ -133,13 +152,25 @@ class DataPosition:
     `StatefulDataLoader` holds each worker's stream state.
     """
 
-    def __init__(self, stream, batch_size: int, num_workers: int, pin_memory: bool = False, labels: LabelVocabulary | None = None):
+    def __init__(
+        self,
+        stream,
+        batch_size: int,
+        num_workers: int,
+        pin_memory: bool = False,
+        labels: LabelVocabulary | None = None,
+    ):
         self.stream = stream
         self.num_workers = num_workers
         # The loader draws a base seed when an iterator starts: from its own generator, never from the
         # global RNG, whose state a resumed run restores from the checkpoint (masks depend on it).
         # Pinned batches let the copy to the GPU run asynchronously (`non_blocking=True` in to_model_input).
-        options = dict(batch_size=batch_size, collate_fn=functools.partial(collate, labels=labels), generator=torch.Generator().manual_seed(0), pin_memory=pin_memory)
+        options = dict(
+            batch_size=batch_size,
+            collate_fn=functools.partial(collate, labels=labels),
+            generator=torch.Generator().manual_seed(0),
+            pin_memory=pin_memory,
+        )
         if num_workers > 0:
             try:
                 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -172,7 +203,9 @@ def collate(samples: list[dict], labels: LabelVocabulary | None = None) -> dict:
     }
     if labels is not None:
         label2id, plate2id = labels.label2id, labels.plate2id
-        batch["labels"] = torch.tensor([label2id[labels.label_of(s[labels.column])] for s in samples], dtype=torch.long)
+        batch["labels"] = torch.tensor(
+            [label2id[labels.label_of(s[labels.column])] for s in samples], dtype=torch.long
+        )
         batch["plate_ids"] = torch.tensor([plate2id[s["plate"]] for s in samples], dtype=torch.long)
     return batch
 
@@ -221,9 +254,15 @@ class LoggingWindow:
         counts = torch.stack([self.skipped, self.most_in_a_row, self.in_a_row, self.grad_norm])
         *totals, finite, skipped, most_in_a_row, in_a_row, grad_norm = torch.cat([sums, counts]).tolist()
         mean = (lambda total: total / finite) if finite else (lambda total: float("nan"))
-        window = {**{name: mean(total) for name, total in zip(self.names, totals)}, "grad_norm": grad_norm,
-                  "skipped": int(skipped), "most_in_a_row": int(most_in_a_row), "micro_steps": self.micro_steps,
-                  "data_s": self.data_s, "elapsed_s": time.perf_counter() - self.start}
+        window = {
+            **{name: mean(total) for name, total in zip(self.names, totals)},
+            "grad_norm": grad_norm,
+            "skipped": int(skipped),
+            "most_in_a_row": int(most_in_a_row),
+            "micro_steps": self.micro_steps,
+            "data_s": self.data_s,
+            "elapsed_s": time.perf_counter() - self.start,
+        }
         self.sums.zero_()
         self.skipped.zero_()
         self.most_in_a_row.copy_(self.in_a_row)
@@ -240,18 +279,36 @@ def to_model_input(pixels: torch.Tensor, device) -> torch.Tensor:
     return standardize_channels(pixels)
 
 
-def training_stream(args: PretrainingArguments, config: CellMAEConfig, vocabulary: list[str], rank: int, world_size: int,
-                    num_workers: int | None = None):
+def training_stream(
+    args: PretrainingArguments,
+    config: CellMAEConfig,
+    vocabulary: list[str],
+    rank: int,
+    world_size: int,
+    num_workers: int | None = None,
+):
     """This rank's endless, disjoint share of the shards, in an order fixed by `args.seed`, split over
     `num_workers` DataLoader workers (default `args.dataloader_num_workers`, or none); without the held-out
     plates, and carrying the label column for the supervised objectives."""
     if num_workers is None:
         num_workers = args.dataloader_num_workers or 0
     stream = stream_fields(
-        args.data, image_size=config.image_size, crops_per_field=args.crops_per_field, augment=args.augment,
-        channel_subset=args.channel_subset, channel_vocabulary=vocabulary, seed=args.seed, num_epochs=None,
-        rank=rank, world_size=world_size, num_workers=num_workers, standardize=False, contiguous=False,
-        metadata_fields=label_fields(args), exclude_plates=args.holdout_plates, on_error=args.on_error,
+        args.data,
+        image_size=config.image_size,
+        crops_per_field=args.crops_per_field,
+        augment=args.augment,
+        channel_subset=args.channel_subset,
+        channel_vocabulary=vocabulary,
+        seed=args.seed,
+        num_epochs=None,
+        rank=rank,
+        world_size=world_size,
+        num_workers=num_workers,
+        standardize=False,
+        contiguous=False,
+        metadata_fields=label_fields(args),
+        exclude_plates=args.holdout_plates,
+        on_error=args.on_error,
     )
     return _without_unlabelled(stream, args)
 
@@ -271,8 +328,10 @@ def label_fields(args: PretrainingArguments) -> list[str]:
 
 def model_inputs(batch: dict, device) -> dict:
     """A collated batch -> the model's keyword arguments on `device` (pixels standardised there)."""
-    inputs = {"pixel_values": to_model_input(batch["pixel_values"], device),
-              "channel_ids": batch["channel_ids"].to(device, non_blocking=True)}
+    inputs = {
+        "pixel_values": to_model_input(batch["pixel_values"], device),
+        "channel_ids": batch["channel_ids"].to(device, non_blocking=True),
+    }
     for name in ("labels", "plate_ids"):
         if name in batch:
             inputs[name] = batch[name].to(device, non_blocking=True)
@@ -287,17 +346,31 @@ def logged_values(out, inputs: dict) -> dict:
 
 
 @torch.no_grad()
-def evaluate_holdout(args: PretrainingArguments, model, config, vocabulary: list[str], labels: LabelVocabulary, device) -> dict:
+def evaluate_holdout(
+    args: PretrainingArguments, model, config, vocabulary: list[str], labels: LabelVocabulary, device
+) -> dict:
     """Accuracy on the held-out plates: one pass over their fields (`crops_per_field` random crops each, no
     augmentation), in batches of `per_device_train_batch_size` in the stream's order, with plate ids for the
     plate-wise normalisation. Every rank evaluates the same samples (the model may be sharded)."""
     stream = stream_fields(
-        args.data, image_size=config.image_size, crops_per_field=args.crops_per_field, augment=False, shuffle=False,
-        num_epochs=1, rank=0, world_size=1, channel_vocabulary=vocabulary, standardize=False,
-        metadata_fields=label_fields(args), plates=args.holdout_plates, on_error=args.on_error,
+        args.data,
+        image_size=config.image_size,
+        crops_per_field=args.crops_per_field,
+        augment=False,
+        shuffle=False,
+        num_epochs=1,
+        rank=0,
+        world_size=1,
+        channel_vocabulary=vocabulary,
+        standardize=False,
+        metadata_fields=label_fields(args),
+        plates=args.holdout_plates,
+        on_error=args.on_error,
     )
     stream = _without_unlabelled(stream, args)
-    loader = torch.utils.data.DataLoader(stream, batch_size=args.per_device_train_batch_size, collate_fn=functools.partial(collate, labels=labels))
+    loader = torch.utils.data.DataLoader(
+        stream, batch_size=args.per_device_train_batch_size, collate_fn=functools.partial(collate, labels=labels)
+    )
     was_training = model.training
     model.eval()
     correct = torch.zeros((), device=device)
@@ -310,25 +383,43 @@ def evaluate_holdout(args: PretrainingArguments, model, config, vocabulary: list
     model.train(was_training)
     count = int(per_class.sum())
     majority = int(per_class.argmax())
-    return {"plates": list(args.holdout_plates), "label_col": args.label_col, "num_samples": count,
-            "accuracy": correct.item() / count if count else float("nan"),
-            # the baselines beside it: always answering the held-out plates' most frequent class, and guessing
-            "majority_class": labels.labels[majority], "majority_class_rate": per_class[majority].item() / count if count else float("nan"),
-            "chance_rate": 1 / len(labels.labels), "num_classes": len(labels.labels)}
+    return {
+        "plates": list(args.holdout_plates),
+        "label_col": args.label_col,
+        "num_samples": count,
+        "accuracy": correct.item() / count if count else float("nan"),
+        # the baselines beside it: always answering the held-out plates' most frequent class, and guessing
+        "majority_class": labels.labels[majority],
+        "majority_class_rate": per_class[majority].item() / count if count else float("nan"),
+        "chance_rate": 1 / len(labels.labels),
+        "num_classes": len(labels.labels),
+    }
 
 
 def holdout_line(result: dict) -> str:
     """Held-out accuracy with the majority-class and chance rates beside it."""
-    return (f"{result['label_col']} accuracy {result['accuracy']:.4f} on {result['num_samples']} crops of held-out plates "
-            f"{result['plates']} ({result['num_classes']} classes; always answering the most frequent, "
-            f"{result['majority_class']!r}: {result['majority_class_rate']:.4f}; chance: {result['chance_rate']:.4f})")
+    return (
+        f"{result['label_col']} accuracy {result['accuracy']:.4f} on {result['num_samples']} crops of held-out plates "
+        f"{result['plates']} ({result['num_classes']} classes; always answering the most frequent, "
+        f"{result['majority_class']!r}: {result['majority_class_rate']:.4f}; chance: {result['chance_rate']:.4f})"
+    )
 
 
 def fixed_validation_field(args: PretrainingArguments, image_size: int, vocabulary: list[str]) -> dict:
     """The first field of the shards, centre-cropped, no augmentation: the figure's subject."""
     stream = stream_fields(
-        args.data, image_size=image_size, crops_per_field=1, augment=False, shuffle=False, num_epochs=1,
-        rank=0, world_size=1, channel_vocabulary=vocabulary, metadata_fields=[], standardize=False, on_error=args.on_error,
+        args.data,
+        image_size=image_size,
+        crops_per_field=1,
+        augment=False,
+        shuffle=False,
+        num_epochs=1,
+        rank=0,
+        world_size=1,
+        channel_vocabulary=vocabulary,
+        metadata_fields=[],
+        standardize=False,
+        on_error=args.on_error,
     )
     return collate([next(iter(stream))])
 
@@ -390,8 +481,12 @@ def pretrain(args: PretrainingArguments) -> dict:
 
     run = setup(args)
     state, accelerator = run.state, run.accelerator
-    progress = tqdm(total=args.max_steps, initial=state["global_step"], desc="pre-training",
-                    disable=not (accelerator.is_main_process and args.progress_bar))
+    progress = tqdm(
+        total=args.max_steps,
+        initial=state["global_step"],
+        desc="pre-training",
+        disable=not (accelerator.is_main_process and args.progress_bar),
+    )
     window = LoggingWindow(accelerator.device, run.logged_names)
     run.model.train()
     batches = iter(run.data.loader)
@@ -414,8 +509,15 @@ def pretrain(args: PretrainingArguments) -> dict:
             save_reconstruction(run, step)
         if step % args.save_steps == 0 or step == args.max_steps:
             run.stop_clock()
-            checkpoint = save_checkpoint(accelerator, run.checkpoint_root, step, run.data.state_dict(),
-                                         trainer_state(run), args.save_total_limit, run.scheduler)
+            checkpoint = save_checkpoint(
+                accelerator,
+                run.checkpoint_root,
+                step,
+                run.data.state_dict(),
+                trainer_state(run),
+                args.save_total_limit,
+                run.scheduler,
+            )
             if args.save_model_with_checkpoints:
                 save_model_folder(accelerator, run.model, checkpoint / "model", args, trainer_state(run))
     progress.close()
@@ -448,15 +550,27 @@ def setup(args: PretrainingArguments) -> TrainingRun:
     config = model.config
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable()
-    optimizer = build_optimizer(model, args.optimizer, args.learning_rate, args.weight_decay,
-                                (args.adam_beta1, args.adam_beta2), device_type=accelerator.device.type,
-                                layer_decay=args.layer_decay)
+    optimizer = build_optimizer(
+        model,
+        args.optimizer,
+        args.learning_rate,
+        args.weight_decay,
+        (args.adam_beta1, args.adam_beta2),
+        device_type=accelerator.device.type,
+        layer_decay=args.layer_decay,
+    )
     scheduler = build_scheduler(optimizer, args.lr_scheduler, args.max_steps, args.warmup_ratio)
     vocabulary = list(config.channel_names or manifest["channels"])
-    stream = training_stream(args, config, vocabulary, accelerator.process_index, accelerator.num_processes,
-                             fast.dataloader_num_workers)
-    data = DataPosition(stream, args.per_device_train_batch_size, fast.dataloader_num_workers,
-                        pin_memory=fast.pin_memory, labels=labels)
+    stream = training_stream(
+        args, config, vocabulary, accelerator.process_index, accelerator.num_processes, fast.dataloader_num_workers
+    )
+    data = DataPosition(
+        stream,
+        args.per_device_train_batch_size,
+        fast.dataloader_num_workers,
+        pin_memory=fast.pin_memory,
+        labels=labels,
+    )
     validation = fixed_validation_field(args, config.image_size, vocabulary) if args.objective == "mae" else None
     if accelerator.is_fsdp2:
         answer_input_embeddings(model)
@@ -465,10 +579,30 @@ def setup(args: PretrainingArguments) -> TrainingRun:
     # with accelerate: accelerate loads registered objects' pickles with weights_only=False.
     set_seed(args.seed, device_specific=True)  # masks and drop-path differ between ranks
 
-    state = {"global_step": 0, "max_steps": args.max_steps, "images_seen": 0, "train_runtime_s": 0.0,
-             "nonfinite_steps": 0, "log_history": []}
-    run = TrainingRun(args, accelerator, fast, manifest, labels, model, config, optimizer, scheduler, vocabulary, data,
-                      validation, trackers, state)
+    state = {
+        "global_step": 0,
+        "max_steps": args.max_steps,
+        "images_seen": 0,
+        "train_runtime_s": 0.0,
+        "nonfinite_steps": 0,
+        "log_history": [],
+    }
+    run = TrainingRun(
+        args,
+        accelerator,
+        fast,
+        manifest,
+        labels,
+        model,
+        config,
+        optimizer,
+        scheduler,
+        vocabulary,
+        data,
+        validation,
+        trackers,
+        state,
+    )
     if args.resume_from_checkpoint:
         resume(run)
     if accelerator.is_main_process:
@@ -476,8 +610,9 @@ def setup(args: PretrainingArguments) -> TrainingRun:
         args.save(output_dir / "training_args.json")
     if trackers:
         logged = {k: json.dumps(v) if isinstance(v, dict) else v for k, v in args.to_dict().items()}  # model_overrides
-        accelerator.init_trackers("cellmae", config={k: v for k, v in logged.items()
-                                                     if isinstance(v, (int, float, str, bool))})
+        accelerator.init_trackers(
+            "cellmae", config={k: v for k, v in logged.items() if isinstance(v, (int, float, str, bool))}
+        )
     return run
 
 
@@ -553,8 +688,10 @@ def log_window(run: TrainingRun, window: LoggingWindow, step: int) -> dict:
     read = window.read(accelerator)
     run.state["nonfinite_steps"] += read["skipped"]
     if read["skipped"]:
-        accelerator.print(f"Non-finite gradients: {read['skipped']} optimizer step(s) up to step {step} skipped "
-                          f"(at most {read['most_in_a_row']} in a row).")
+        accelerator.print(
+            f"Non-finite gradients: {read['skipped']} optimizer step(s) up to step {step} skipped "
+            f"(at most {read['most_in_a_row']} in a row)."
+        )
     if read["most_in_a_row"] > args.max_nonfinite_steps:
         raise NonFiniteLossError(
             f"{read['most_in_a_row']} consecutive non-finite losses (max_nonfinite_steps={args.max_nonfinite_steps}); "
@@ -590,8 +727,12 @@ def save_reconstruction(run: TrainingRun, step: int) -> Path | None:
     if not accelerator.is_main_process:
         return None
     fig = reconstruction_figure(
-        pixels[0].cpu(), out.logits[0].float().cpu(), out.mask[0].float().cpu(), run.config.patch_size,
-        channel_names=run.vocabulary, title=f"step {step}: masked-patch MSE {out.mse_loss.item():.3f}",
+        pixels[0].cpu(),
+        out.logits[0].float().cpu(),
+        out.mask[0].float().cpu(),
+        run.config.patch_size,
+        channel_names=run.vocabulary,
+        title=f"step {step}: masked-patch MSE {out.mse_loss.item():.3f}",
     )
     if run.trackers and "tensorboard" in str(run.trackers):
         accelerator.get_tracker("tensorboard", unwrap=True).add_figure("reconstruction", fig, global_step=step)
@@ -603,11 +744,15 @@ def trainer_state(run: TrainingRun) -> dict:
     accelerator, fast = run.accelerator, run.fast
     return {
         **run.state,
-        "hardware": {"device": str(accelerator.device), "num_processes": accelerator.num_processes,
-                     "mixed_precision": fast.mixed_precision, "distributed_type": accelerator.distributed_type.value,
-                     "torch_compile": fast.torch_compile,
-                     "activation_checkpointing": uses_activation_checkpointing(run.model),
-                     "fully_sharded_modules": fully_sharded_modules(run.model)},
+        "hardware": {
+            "device": str(accelerator.device),
+            "num_processes": accelerator.num_processes,
+            "mixed_precision": fast.mixed_precision,
+            "distributed_type": accelerator.distributed_type.value,
+            "torch_compile": fast.torch_compile,
+            "activation_checkpointing": uses_activation_checkpointing(run.model),
+            "fully_sharded_modules": fully_sharded_modules(run.model),
+        },
         "dataset": dataset_summary(run.args, run.manifest),
         "training_args": run.args.to_dict(),  # what resume compares (check_resume_arguments)
     }
@@ -618,8 +763,9 @@ def finish(run: TrainingRun) -> dict:
     the run's summary."""
     args, accelerator, state = run.args, run.accelerator, run.state
     if args.holdout_plates:
-        state["holdout_evaluation"] = evaluate_holdout(args, run.model, run.config, run.vocabulary, run.labels,
-                                                       accelerator.device)
+        state["holdout_evaluation"] = evaluate_holdout(
+            args, run.model, run.config, run.vocabulary, run.labels, accelerator.device
+        )
         accelerator.print(holdout_line(state["holdout_evaluation"]))
     # one line if it cannot be written
     model_dir = save_model_folder(accelerator, run.model, run.output_dir / "model", args, trainer_state(run))
@@ -630,16 +776,24 @@ def finish(run: TrainingRun) -> dict:
         (model_dir / "reconstruction.png").write_bytes(figure.read_bytes())
     accelerator.end_training()
     final = state["log_history"][-1] if state["log_history"] else {}
-    summary = {"model_dir": str(model_dir), "global_step": state["global_step"], "final_loss": final.get("loss"),
-               "figure": str(figure) if figure else None}
+    summary = {
+        "model_dir": str(model_dir),
+        "global_step": state["global_step"],
+        "final_loss": final.get("loss"),
+        "figure": str(figure) if figure else None,
+    }
     if "holdout_evaluation" in state:
         summary["holdout_evaluation"] = state["holdout_evaluation"]
     if args.on_error == "skip":
         summary["skipped_fields"] = fields_skipped_in(args.data)
         skipped = summary["skipped_fields"]
         if skipped:
-            logger.warning("skipped %d corrupt field(s) of %s (--on-error skip): %s", len(skipped), args.data,
-                           "; ".join(f"{s['field']} in {Path(s['file']).name}" for s in skipped))
+            logger.warning(
+                "skipped %d corrupt field(s) of %s (--on-error skip): %s",
+                len(skipped),
+                args.data,
+                "; ".join(f"{s['field']} in {Path(s['file']).name}" for s in skipped),
+            )
     return summary
 
 

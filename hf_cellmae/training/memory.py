@@ -84,8 +84,13 @@ def count_parameters(config: CellMAEConfig) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def activation_bytes(config: CellMAEConfig, batch_size: int, num_channels: int, mixed_precision: str = "no",
-                     gradient_checkpointing: bool = False) -> int:
+def activation_bytes(
+    config: CellMAEConfig,
+    batch_size: int,
+    num_channels: int,
+    mixed_precision: str = "no",
+    gradient_checkpointing: bool = False,
+) -> int:
     """The activations term of the module docstring's formula."""
     tokens_per_channel = config.tokens_per_channel
     encoder_tokens = 1 + math.ceil((1 - config.mask_ratio) * num_channels * tokens_per_channel)
@@ -95,15 +100,28 @@ def activation_bytes(config: CellMAEConfig, batch_size: int, num_channels: int, 
         encoder_blocks = 1 + encoder_blocks / VALUES_PER_TOKEN_WIDTH
         decoder_blocks = 1 + decoder_blocks / VALUES_PER_TOKEN_WIDTH
     bytes_per_value = 2 if mixed_precision in ("bf16", "fp16") else 4
-    per_image = (encoder_tokens * config.hidden_size * encoder_blocks
-                 + decoder_tokens * config.decoder_hidden_size * decoder_blocks) * VALUES_PER_TOKEN_WIDTH * bytes_per_value
+    per_image = (
+        (
+            encoder_tokens * config.hidden_size * encoder_blocks
+            + decoder_tokens * config.decoder_hidden_size * decoder_blocks
+        )
+        * VALUES_PER_TOKEN_WIDTH
+        * bytes_per_value
+    )
     pixels = num_channels * config.image_size**2 * PIXEL_VALUES * 4
     return int(batch_size * (per_image + pixels))
 
 
-def estimate_training_memory(config: CellMAEConfig, batch_size: int, num_channels: int, optimizer: str = "adamw",
-                             mixed_precision: str = "no", gradient_checkpointing: bool = False, num_workers: int = 0,
-                             parameters: int | None = None) -> MemoryEstimate:
+def estimate_training_memory(
+    config: CellMAEConfig,
+    batch_size: int,
+    num_channels: int,
+    optimizer: str = "adamw",
+    mixed_precision: str = "no",
+    gradient_checkpointing: bool = False,
+    num_workers: int = 0,
+    parameters: int | None = None,
+) -> MemoryEstimate:
     """The memory one training process needs for a step of `batch_size` images (module docstring)."""
     parameters = count_parameters(config) if parameters is None else parameters
     return MemoryEstimate(
@@ -160,8 +178,9 @@ def step_flops(config: CellMAEConfig, batch_size: int, num_channels: int) -> flo
     def blocks(tokens: int, width: int, depth: int, mlp_ratio: float) -> float:
         return depth * tokens * (2 * (4 + 2 * mlp_ratio) * width**2 + 4 * tokens * width)
 
-    forward = (blocks(encoder_tokens, config.hidden_size, config.num_hidden_layers, config.mlp_ratio)
-               + blocks(decoder_tokens, config.decoder_hidden_size, config.decoder_num_hidden_layers, config.decoder_mlp_ratio))
+    forward = blocks(encoder_tokens, config.hidden_size, config.num_hidden_layers, config.mlp_ratio) + blocks(
+        decoder_tokens, config.decoder_hidden_size, config.decoder_num_hidden_layers, config.decoder_mlp_ratio
+    )
     return 3.0 * batch_size * forward
 
 
@@ -206,8 +225,15 @@ def check_cpu_run_length(args, config_name: str, hardware: str) -> None:
     batch = args.per_device_train_batch_size * args.gradient_accumulation_steps
     seconds_per_step = step_flops(config, batch, channels) / (STEP_EFFICIENCY * matmul_flops_per_second())
     precision = "no" if args.mixed_precision in (None, "auto") else args.mixed_precision
-    memory = estimate_training_memory(config, args.per_device_train_batch_size, channels, args.optimizer, precision,
-                                      args.gradient_checkpointing, args.dataloader_num_workers or 0)
+    memory = estimate_training_memory(
+        config,
+        args.per_device_train_batch_size,
+        channels,
+        args.optimizer,
+        precision,
+        args.gradient_checkpointing,
+        args.dataloader_num_workers or 0,
+    )
     an_hour = max(1, int(3600 / seconds_per_step))
     raise UserError(
         f"{config_name} is sized for GPUs ({hardware.split('. ')[0].rstrip('.')}) and this machine has none: its {args.max_steps:,} steps of "
@@ -249,25 +275,32 @@ def check_training_memory(args, announce=print) -> MemoryEstimate | None:
     precision = "no" if args.mixed_precision in (None, "auto") else args.mixed_precision
 
     def estimate_for(batch: int, workers: int = default_workers) -> MemoryEstimate:
-        return estimate_training_memory(config, batch, channels, args.optimizer, precision,
-                                        args.gradient_checkpointing, workers, parameters)
+        return estimate_training_memory(
+            config, batch, channels, args.optimizer, precision, args.gradient_checkpointing, workers, parameters
+        )
 
     batch = args.per_device_train_batch_size
     estimate = estimate_for(batch)
     gib = 2**30
     crops = f"batch {batch} of {channels} x {config.image_size} x {config.image_size} px crops"
     if estimate.total * processes <= available:
-        announce(f"memory: estimated {estimate.total / gib:.1f} GiB per process for {crops}; {available / gib:.1f} GiB available")
+        announce(
+            f"memory: estimated {estimate.total / gib:.1f} GiB per process for {crops}; {available / gib:.1f} GiB available"
+        )
         return estimate
     suggestion = "no batch of this model fits: use a smaller model (--model-preset tiny, or --config demo_cpu)"
     for workers in dict.fromkeys((default_workers, 0)):  # fewer worker processes free memory too
-        fits = largest_batch_that_fits(lambda b, workers=workers: estimate_for(b, workers), available // processes, batch)
+        fits = largest_batch_that_fits(
+            lambda b, workers=workers: estimate_for(b, workers), available // processes, batch
+        )
         if fits:
             accumulate = math.ceil(batch / fits) * args.gradient_accumulation_steps
-            suggestion = (f"pass --per-device-train-batch-size {fits}"
-                          f"{' --dataloader-num-workers 0' if workers != default_workers else ''} "
-                          f"(estimated {estimate_for(fits, workers).total / gib:.1f} GiB; --gradient-accumulation-steps "
-                          f"{accumulate} keeps the effective batch)")
+            suggestion = (
+                f"pass --per-device-train-batch-size {fits}"
+                f"{' --dataloader-num-workers 0' if workers != default_workers else ''} "
+                f"(estimated {estimate_for(fits, workers).total / gib:.1f} GiB; --gradient-accumulation-steps "
+                f"{accumulate} keeps the effective batch)"
+            )
             break
     raise UserError(
         f"this run would need about {estimate.describe()} per process for {crops}"

@@ -16,8 +16,12 @@ from .arguments import PretrainingArguments
 
 def classifier_head(args: PretrainingArguments, labels: LabelVocabulary) -> dict:
     """The config fields of a `wsl`/`classify` head: its classes and the plate-wise normalisation."""
-    return dict(num_labels=len(labels.labels), id2label=labels.id2label, label2id=labels.label2id,
-                classifier_batch_norm=args.batch_norm)
+    return dict(
+        num_labels=len(labels.labels),
+        id2label=labels.id2label,
+        label2id=labels.label2id,
+        classifier_batch_norm=args.batch_norm,
+    )
 
 
 def model_config(args: PretrainingArguments, manifest: dict, labels: LabelVocabulary | None = None):
@@ -40,7 +44,8 @@ def model_config(args: PretrainingArguments, manifest: dict, labels: LabelVocabu
         from ..configuration_munet import CellMUNetConfig
 
         return CellMUNetConfig.from_preset(
-            args.model_preset, **{"channel_names": channels, "num_channels": len(channels), **overrides})
+            args.model_preset, **{"channel_names": channels, "num_channels": len(channels), **overrides}
+        )
     overrides.setdefault("channel_names", channels)
     preset_max = PRESETS.get(args.model_preset, {}).get("max_channels", CellMAEConfig().max_channels)
     overrides.setdefault("max_channels", max(preset_max, len(overrides["channel_names"])))

@@ -62,7 +62,9 @@ class Lion(torch.optim.Optimizer):
                 torch._foreach_add_(momenta, grads, alpha=1 - beta2)
                 continue
             keep = 1 - found_inf.to(params[0].device, torch.float32)  # 0-dim: 1 steps, 0 leaves everything as it was
-            grads = [torch.where(keep > 0, g, 0) for g in grads]  # a skipped step's NaN gradients must not reach the momentum
+            grads = [
+                torch.where(keep > 0, g, 0) for g in grads
+            ]  # a skipped step's NaN gradients must not reach the momentum
             torch._foreach_mul_(params, 1 - decay * keep)
             updates = torch._foreach_mul(momenta, beta1)
             torch._foreach_add_(updates, grads, alpha=1 - beta1)
@@ -122,7 +124,16 @@ def layer_decay_groups(model: nn.Module, lr: float, weight_decay: float, layer_d
             depth = encoder_depth(names[id(param)], num_layers)
             scale = layer_decay ** (num_layers + 1 - depth)
             key = (depth, group["weight_decay"])
-            groups.setdefault(key, {"params": [], "weight_decay": group["weight_decay"], "lr": lr * scale, "lr_scale": scale, "depth": depth})
+            groups.setdefault(
+                key,
+                {
+                    "params": [],
+                    "weight_decay": group["weight_decay"],
+                    "lr": lr * scale,
+                    "lr_scale": scale,
+                    "depth": depth,
+                },
+            )
             groups[key]["params"].append(param)
     return [groups[key] for key in sorted(groups)]
 
@@ -134,11 +145,22 @@ def adamw_kernel(device_type: str) -> dict:
     return {"fused": True} if device_type in _get_fused_kernels_supported_devices() else {"foreach": True}
 
 
-def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, betas: tuple[float, float], device_type: str = "cpu",
-                    layer_decay: float | None = None):
+def build_optimizer(
+    model: nn.Module,
+    name: str,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    device_type: str = "cpu",
+    layer_decay: float | None = None,
+):
     """Lion (foreach kernels) or AdamW (fused where torch has the kernel, foreach elsewhere) for parameters on `device_type`;
     with `layer_decay`, one group per encoder depth (`layer_decay_groups`)."""
-    groups = parameter_groups(model, weight_decay) if layer_decay is None else layer_decay_groups(model, lr, weight_decay, layer_decay)
+    groups = (
+        parameter_groups(model, weight_decay)
+        if layer_decay is None
+        else layer_decay_groups(model, lr, weight_decay, layer_decay)
+    )
     if name == "lion":
         return Lion(groups, lr=lr, betas=betas)
     if name == "adamw":
@@ -165,8 +187,12 @@ def build_scheduler(optimizer, name: str, max_steps: int, warmup_ratio: float):
     if name == "one_cycle":
         max_lrs = [group["lr"] for group in optimizer.param_groups]
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=max_lrs, total_steps=max_steps + 1, pct_start=max(warmup_ratio, 1e-6),
-            anneal_strategy="cos", cycle_momentum=False,
+            optimizer,
+            max_lr=max_lrs,
+            total_steps=max_steps + 1,
+            pct_start=max(warmup_ratio, 1e-6),
+            anneal_strategy="cos",
+            cycle_momentum=False,
         )
     if name == "cosine":
         return get_scheduler("cosine", optimizer, num_warmup_steps=warmup, num_training_steps=max_steps)

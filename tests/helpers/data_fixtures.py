@@ -59,7 +59,9 @@ def write_plate_metadata(path: Path, fields: dict[str, np.ndarray]) -> None:
     for index, field_id in enumerate(sorted(fields)):
         experiment, plate, well, site = field_id.split("/")
         control = index % 3 == 0
-        lines.append(f"{experiment},{plate},{well},{site[1:]},{'non-targeting' if control else 'GENE' + str(index)},{control}")
+        lines.append(
+            f"{experiment},{plate},{well},{site[1:]},{'non-targeting' if control else 'GENE' + str(index)},{control}"
+        )
     path.write_text("\n".join(lines) + "\n")
 
 

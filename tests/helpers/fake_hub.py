@@ -27,8 +27,8 @@ import hashlib
 import json
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import yaml
@@ -52,7 +52,9 @@ class FakeRepo:
     messages: dict[str, str] = field(default_factory=dict)  # sha -> commit title
 
     def new_commit(self, branch: str, files: dict[str, bytes], message: str) -> str:
-        sha = hashlib.sha1(f"{len(self.commits)}:{branch}:{message}".encode() + repr(sorted(files)).encode()).hexdigest()
+        sha = hashlib.sha1(
+            f"{len(self.commits)}:{branch}:{message}".encode() + repr(sorted(files)).encode()
+        ).hexdigest()
         self.commits[sha], self.messages[sha], self.branches[branch] = files, message, sha
         return sha
 
@@ -77,7 +79,7 @@ class FakeHub:
         host, port = self._server.server_address[:2]
         return f"http://{host}:{port}"
 
-    def start(self) -> "FakeHub":
+    def start(self) -> FakeHub:
         hub = self
 
         class Handler(_Handler):
@@ -93,7 +95,7 @@ class FakeHub:
             self._server.server_close()
             self._server = None
 
-    def __enter__(self) -> "FakeHub":
+    def __enter__(self) -> FakeHub:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -202,10 +204,14 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(401, "", "Invalid credentials in Authorization header")
         repo_id = f"{payload['organization']}/{payload['name']}" if payload.get("organization") else payload["name"]
         if repo_id in self.state.repos:
-            return self._json(409, {"error": "You already created this model repo", "url": f"{self.state.url}/{repo_id}"})
+            return self._json(
+                409, {"error": "You already created this model repo", "url": f"{self.state.url}/{repo_id}"}
+            )
         private = payload.get("private", payload.get("visibility") == "private")
         repo = self.state.repos[repo_id] = FakeRepo(private=bool(private))
-        repo.new_commit("main", {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"}, "initial commit")
+        repo.new_commit(
+            "main", {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"}, "initial commit"
+        )
         self._json(200, {"url": f"{self.state.url}/{repo_id}", "name": repo_id})
 
     def _repo_info(self, repo_id: str, action: str, revision: str) -> None:
@@ -215,7 +221,10 @@ class _Handler(BaseHTTPRequestHandler):
         if sha is None:
             return self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
         siblings = [{"rfilename": name} for name in sorted(repo.commits[sha])]
-        self._json(200, {"id": repo_id, "modelId": repo_id, "sha": sha, "private": repo.private, "siblings": siblings, "tags": []})
+        self._json(
+            200,
+            {"id": repo_id, "modelId": repo_id, "sha": sha, "private": repo.private, "siblings": siblings, "tags": []},
+        )
 
     def _tree(self, repo_id: str, revision: str) -> None:
         if (repo := self._repo(repo_id)) is None:
@@ -224,7 +233,9 @@ class _Handler(BaseHTTPRequestHandler):
         if sha is None:
             return self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
         files = repo.commits[sha]
-        self._json_list([{"type": "file", "path": p, "size": len(c), "oid": git_blob_sha1(c)} for p, c in sorted(files.items())])
+        self._json_list(
+            [{"type": "file", "path": p, "size": len(c), "oid": git_blob_sha1(c)} for p, c in sorted(files.items())]
+        )
 
     def _create_branch(self, repo_id: str, branch: str) -> None:
         if (repo := self._repo(repo_id, need_write=True)) is None:
@@ -286,7 +297,7 @@ class _Handler(BaseHTTPRequestHandler):
             errors.append("metadata must be a mapping")
         else:
             if "license" in metadata and metadata["license"] not in KNOWN_LICENSES:
-                errors.append(f"\"license\" must be one of {sorted(KNOWN_LICENSES)}, got {metadata.get('license')!r}")
+                errors.append(f'"license" must be one of {sorted(KNOWN_LICENSES)}, got {metadata.get("license")!r}')
             if metadata.get("license") == "other" and not metadata.get("license_name"):
                 errors.append('"license_name" is required when "license" is "other"')
             for entry in metadata.get("model-index", []) or []:
@@ -367,18 +378,45 @@ def make_trained_model_folder(folder: Path, steps: int = 2, seed: int = 0) -> Pa
     runtime = time.perf_counter() - start
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
-    (folder / "training_args.json").write_text(json.dumps({
-        "preset": "tiny", "learning_rate": 1e-3, "per_device_batch_size": batch_size, "max_steps": steps,
-        "optimizer": "adamw", "data_path": "random uint16 images", "seed": seed, "hub_token": None,
-    }, indent=2))
-    (folder / "trainer_state.json").write_text(json.dumps({
-        "global_step": steps, "images_seen": steps * batch_size, "train_runtime_s": runtime,
-        "hardware": {"device": "cpu", "num_processes": 1, "mixed_precision": "no"},
-        "final_losses": {"loss": output.loss.item(), "mse_loss": output.mse_loss.item(), "fourier_loss": output.fourier_loss.item()},
-        "dataset": {"name": "random-uint16", "path": "(generated in memory)", "num_fields": steps * batch_size,
-                    "channels": CHANNELS, "dtype": "uint16"},
-        "log_history": history,
-    }, indent=2))
+    (folder / "training_args.json").write_text(
+        json.dumps(
+            {
+                "preset": "tiny",
+                "learning_rate": 1e-3,
+                "per_device_batch_size": batch_size,
+                "max_steps": steps,
+                "optimizer": "adamw",
+                "data_path": "random uint16 images",
+                "seed": seed,
+                "hub_token": None,
+            },
+            indent=2,
+        )
+    )
+    (folder / "trainer_state.json").write_text(
+        json.dumps(
+            {
+                "global_step": steps,
+                "images_seen": steps * batch_size,
+                "train_runtime_s": runtime,
+                "hardware": {"device": "cpu", "num_processes": 1, "mixed_precision": "no"},
+                "final_losses": {
+                    "loss": output.loss.item(),
+                    "mse_loss": output.mse_loss.item(),
+                    "fourier_loss": output.fourier_loss.item(),
+                },
+                "dataset": {
+                    "name": "random-uint16",
+                    "path": "(generated in memory)",
+                    "num_fields": steps * batch_size,
+                    "channels": CHANNELS,
+                    "dtype": "uint16",
+                },
+                "log_history": history,
+            },
+            indent=2,
+        )
+    )
     sources = {
         "CORUM": {"recall_0.05_0.95": 0.3171, "recall_0.10_0.90": 0.4243, "null_size": 5000, "query_size": 812},
         "StringDB": {"recall_0.05_0.95": 0.1357, "recall_0.10_0.90": 0.2468, "null_size": 5000, "query_size": 1931},
@@ -388,16 +426,39 @@ def make_trained_model_folder(folder: Path, steps: int = 2, seed: int = 0) -> Pa
     ax.bar(list(sources), [v["recall_0.05_0.95"] for v in sources.values()])
     fig.savefig(folder / "plots" / "recall.png")
     plt.close(fig)
-    (folder / "eval_results.json").write_text(json.dumps({
-        "dataset": "synthetic-plate", "alignment": "tvn", "aggregation": "mean", "n_perturbations": 48,
-        "embedding_dim": config.hidden_size, "sources": sources,
-        "chance": {"recall_0.05_0.95": 0.10, "recall_0.10_0.90": 0.20},
-        "baselines": {"random_init": {"sources": {
-            "CORUM": {"recall_0.05_0.95": 0.1111, "recall_0.10_0.90": 0.2121, "null_size": 5000, "query_size": 812},
-            "StringDB": {"recall_0.05_0.95": 0.0999, "recall_0.10_0.90": 0.1989, "null_size": 5000, "query_size": 1931},
-        }}},
-        "plots": {"recall": "plots/recall.png"},
-    }, indent=2))
+    (folder / "eval_results.json").write_text(
+        json.dumps(
+            {
+                "dataset": "synthetic-plate",
+                "alignment": "tvn",
+                "aggregation": "mean",
+                "n_perturbations": 48,
+                "embedding_dim": config.hidden_size,
+                "sources": sources,
+                "chance": {"recall_0.05_0.95": 0.10, "recall_0.10_0.90": 0.20},
+                "baselines": {
+                    "random_init": {
+                        "sources": {
+                            "CORUM": {
+                                "recall_0.05_0.95": 0.1111,
+                                "recall_0.10_0.90": 0.2121,
+                                "null_size": 5000,
+                                "query_size": 812,
+                            },
+                            "StringDB": {
+                                "recall_0.05_0.95": 0.0999,
+                                "recall_0.10_0.90": 0.1989,
+                                "null_size": 5000,
+                                "query_size": 1931,
+                            },
+                        }
+                    }
+                },
+                "plots": {"recall": "plots/recall.png"},
+            },
+            indent=2,
+        )
+    )
     return folder
 
 

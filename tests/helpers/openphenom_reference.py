@@ -38,47 +38,76 @@ def openphenom_key_shapes() -> dict[str, tuple[int, ...]]:
     }
     for i in range(DEPTH):
         p = f"encoder.vit_backbone.blocks.{i}."
-        shapes.update({
-            p + "mlp_bias": (MLP,), p + "in_norm.weight": (DIM,), p + "in_norm.bias": (DIM,),
-            p + "in_proj.weight": (MLP + 3 * DIM, DIM),
-            p + "q_norm.weight": (DIM // HEADS,), p + "q_norm.bias": (DIM // HEADS,),
-            p + "k_norm.weight": (DIM // HEADS,), p + "k_norm.bias": (DIM // HEADS,),
-            p + "attn_out_proj.weight": (DIM, DIM), p + "attn_out_proj.bias": (DIM,),
-            p + "mlp_out_proj.weight": (DIM, MLP), p + "mlp_out_proj.bias": (DIM,),
-            p + "ls.gamma": (DIM,),
-        })
-    shapes.update({
-        "encoder.vit_backbone.fc_norm.weight": (DIM,), "encoder.vit_backbone.fc_norm.bias": (DIM,),
-        "decoder.mask_token": (1, 1, DEC_DIM), "decoder.placeholder": (1, 1, DEC_DIM),
-        "decoder.pos_embeddings": (1, 1 + DEC_CHANNELS * GRID * GRID, DEC_DIM),
-    })
+        shapes.update(
+            {
+                p + "mlp_bias": (MLP,),
+                p + "in_norm.weight": (DIM,),
+                p + "in_norm.bias": (DIM,),
+                p + "in_proj.weight": (MLP + 3 * DIM, DIM),
+                p + "q_norm.weight": (DIM // HEADS,),
+                p + "q_norm.bias": (DIM // HEADS,),
+                p + "k_norm.weight": (DIM // HEADS,),
+                p + "k_norm.bias": (DIM // HEADS,),
+                p + "attn_out_proj.weight": (DIM, DIM),
+                p + "attn_out_proj.bias": (DIM,),
+                p + "mlp_out_proj.weight": (DIM, MLP),
+                p + "mlp_out_proj.bias": (DIM,),
+                p + "ls.gamma": (DIM,),
+            }
+        )
+    shapes.update(
+        {
+            "encoder.vit_backbone.fc_norm.weight": (DIM,),
+            "encoder.vit_backbone.fc_norm.bias": (DIM,),
+            "decoder.mask_token": (1, 1, DEC_DIM),
+            "decoder.placeholder": (1, 1, DEC_DIM),
+            "decoder.pos_embeddings": (1, 1 + DEC_CHANNELS * GRID * GRID, DEC_DIM),
+        }
+    )
     for m in range(DEC_CHANNELS):
         shapes[f"decoder.modality_tokens.{m}"] = (1, 1, DEC_DIM)
-    shapes.update({
-        "decoder.cross_attention.q.weight": (DEC_DIM, DEC_DIM),
-        "decoder.cross_attention.kv.weight": (2 * DEC_DIM, DEC_DIM),
-        "decoder.cross_attention.proj.weight": (DEC_DIM, DEC_DIM), "decoder.cross_attention.proj.bias": (DEC_DIM,),
-        "decoder.mlp.fc1.weight": (DEC_MLP, DEC_DIM), "decoder.mlp.fc1.bias": (DEC_MLP,),
-        "decoder.mlp.fc2.weight": (DEC_DIM, DEC_MLP), "decoder.mlp.fc2.bias": (DEC_DIM,),
-    })
+    shapes.update(
+        {
+            "decoder.cross_attention.q.weight": (DEC_DIM, DEC_DIM),
+            "decoder.cross_attention.kv.weight": (2 * DEC_DIM, DEC_DIM),
+            "decoder.cross_attention.proj.weight": (DEC_DIM, DEC_DIM),
+            "decoder.cross_attention.proj.bias": (DEC_DIM,),
+            "decoder.mlp.fc1.weight": (DEC_MLP, DEC_DIM),
+            "decoder.mlp.fc1.bias": (DEC_MLP,),
+            "decoder.mlp.fc2.weight": (DEC_DIM, DEC_MLP),
+            "decoder.mlp.fc2.bias": (DEC_DIM,),
+        }
+    )
     for m in range(DEC_CHANNELS):
         for j in range(DEC_DEPTH):
             p = f"decoder.decoders.{m}.{j}."
-            shapes.update({
-                p + "norm1.weight": (DEC_DIM,), p + "norm1.bias": (DEC_DIM,),
-                p + "attn.qkv.weight": (3 * DEC_DIM, DEC_DIM), p + "attn.qkv.bias": (3 * DEC_DIM,),
-                p + "attn.proj.weight": (DEC_DIM, DEC_DIM), p + "attn.proj.bias": (DEC_DIM,),
-                p + "norm2.weight": (DEC_DIM,), p + "norm2.bias": (DEC_DIM,),
-                p + "mlp.fc1.weight": (DEC_MLP, DEC_DIM), p + "mlp.fc1.bias": (DEC_MLP,),
-                p + "mlp.fc2.weight": (DEC_DIM, DEC_MLP), p + "mlp.fc2.bias": (DEC_DIM,),
-            })
+            shapes.update(
+                {
+                    p + "norm1.weight": (DEC_DIM,),
+                    p + "norm1.bias": (DEC_DIM,),
+                    p + "attn.qkv.weight": (3 * DEC_DIM, DEC_DIM),
+                    p + "attn.qkv.bias": (3 * DEC_DIM,),
+                    p + "attn.proj.weight": (DEC_DIM, DEC_DIM),
+                    p + "attn.proj.bias": (DEC_DIM,),
+                    p + "norm2.weight": (DEC_DIM,),
+                    p + "norm2.bias": (DEC_DIM,),
+                    p + "mlp.fc1.weight": (DEC_MLP, DEC_DIM),
+                    p + "mlp.fc1.bias": (DEC_MLP,),
+                    p + "mlp.fc2.weight": (DEC_DIM, DEC_MLP),
+                    p + "mlp.fc2.bias": (DEC_DIM,),
+                }
+            )
     for name in ("context_norm", "query_norm", "out_norm"):
         shapes[f"decoder.{name}.weight"] = (DEC_DIM,)
         shapes[f"decoder.{name}.bias"] = (DEC_DIM,)
-    shapes.update({
-        "encoder_decoder_proj.weight": (DEC_DIM, DIM), "encoder_decoder_proj.bias": (DEC_DIM,),
-        "decoder_pred.weight": (PATCH * PATCH, DEC_DIM), "decoder_pred.bias": (PATCH * PATCH,),
-    })
+    shapes.update(
+        {
+            "encoder_decoder_proj.weight": (DEC_DIM, DIM),
+            "encoder_decoder_proj.bias": (DEC_DIM,),
+            "decoder_pred.weight": (PATCH * PATCH, DEC_DIM),
+            "decoder_pred.bias": (PATCH * PATCH,),
+        }
+    )
     return shapes
 
 
@@ -164,13 +193,21 @@ def _timm_block(sd: dict[str, torch.Tensor], p: str, z: torch.Tensor, eps: float
     a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, t, DEC_DIM)
     z = z + F.linear(a, sd[p + "attn.proj.weight"], sd[p + "attn.proj.bias"])
     y = F.layer_norm(z, (DEC_DIM,), sd[p + "norm2.weight"], sd[p + "norm2.bias"], eps)
-    y = F.linear(F.gelu(F.linear(y, sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"])), sd[p + "mlp.fc2.weight"], sd[p + "mlp.fc2.bias"])
+    y = F.linear(
+        F.gelu(F.linear(y, sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"])),
+        sd[p + "mlp.fc2.weight"],
+        sd[p + "mlp.fc2.bias"],
+    )
     return z + y
 
 
 def reference_pretraining_loss(
-    sd: dict[str, torch.Tensor], pixels: torch.Tensor, noise: torch.Tensor, mask_ratio: float = 0.75,
-    fourier_weight: float = 0.01, decoder_eps: float = 1e-5,
+    sd: dict[str, torch.Tensor],
+    pixels: torch.Tensor,
+    noise: torch.Tensor,
+    mask_ratio: float = 0.75,
+    fourier_weight: float = 0.01,
+    decoder_eps: float = 1e-5,
 ) -> dict[str, torch.Tensor]:
     """OpenPhenom's MAE forward and `compute_MAE_loss` on 0..255 pixels `(N, 6, 256, 256)` (sections 2.5-2.7).
 
@@ -194,7 +231,11 @@ def reference_pretraining_loss(
     filled = torch.cat([z[:, 1:], sd["decoder.mask_token"].expand(n, length - keep, -1)], 1)
     filled = torch.gather(filled, 1, restore[:, :, None].expand(-1, -1, DEC_DIM))
     z = torch.cat([z[:, :1], filled], 1)  # (N, 1 + L, E)
-    modality = torch.cat([sd["decoder.placeholder"]] + [sd[f"decoder.modality_tokens.{m}"].expand(-1, GRID * GRID, -1) for m in range(c)], 1)
+    modality = torch.cat(
+        [sd["decoder.placeholder"]]
+        + [sd[f"decoder.modality_tokens.{m}"].expand(-1, GRID * GRID, -1) for m in range(c)],
+        1,
+    )
     z = z + sd["decoder.pos_embeddings"][:, : 1 + length] + modality
     ctx = z[:, 1:]
     heads, hd = 8, DEC_DIM // 8
@@ -203,13 +244,27 @@ def reference_pretraining_loss(
         zm = ctx[:, m * GRID * GRID : (m + 1) * GRID * GRID]
         # Cross-attention written out per channel, key/value over all tokens recomputed each time (as OpenPhenom).
         qm = F.layer_norm(zm, (DEC_DIM,), sd["decoder.query_norm.weight"], sd["decoder.query_norm.bias"], decoder_eps)
-        cm = F.layer_norm(ctx, (DEC_DIM,), sd["decoder.context_norm.weight"], sd["decoder.context_norm.bias"], decoder_eps)
+        cm = F.layer_norm(
+            ctx, (DEC_DIM,), sd["decoder.context_norm.weight"], sd["decoder.context_norm.bias"], decoder_eps
+        )
         q = F.linear(qm, sd["decoder.cross_attention.q.weight"]).reshape(n, -1, heads, hd).transpose(1, 2)
-        kv = F.linear(cm, sd["decoder.cross_attention.kv.weight"]).reshape(n, length, 2, heads, hd).permute(2, 0, 3, 1, 4)
+        kv = (
+            F.linear(cm, sd["decoder.cross_attention.kv.weight"])
+            .reshape(n, length, 2, heads, hd)
+            .permute(2, 0, 3, 1, 4)
+        )
         weights = torch.softmax(q @ kv[0].transpose(-2, -1) * hd**-0.5, dim=-1)
-        zm = F.linear((weights @ kv[1]).transpose(1, 2).reshape(n, -1, DEC_DIM), sd["decoder.cross_attention.proj.weight"], sd["decoder.cross_attention.proj.bias"])
+        zm = F.linear(
+            (weights @ kv[1]).transpose(1, 2).reshape(n, -1, DEC_DIM),
+            sd["decoder.cross_attention.proj.weight"],
+            sd["decoder.cross_attention.proj.bias"],
+        )
         y = F.layer_norm(zm, (DEC_DIM,), sd["decoder.out_norm.weight"], sd["decoder.out_norm.bias"], decoder_eps)
-        zm = zm + F.linear(F.gelu(F.linear(y, sd["decoder.mlp.fc1.weight"], sd["decoder.mlp.fc1.bias"])), sd["decoder.mlp.fc2.weight"], sd["decoder.mlp.fc2.bias"])
+        zm = zm + F.linear(
+            F.gelu(F.linear(y, sd["decoder.mlp.fc1.weight"], sd["decoder.mlp.fc1.bias"])),
+            sd["decoder.mlp.fc2.weight"],
+            sd["decoder.mlp.fc2.bias"],
+        )
         for j in range(DEC_DEPTH):
             zm = _timm_block(sd, f"decoder.decoders.{m}.{j}.", zm, decoder_eps)
         decoded.append(zm)
