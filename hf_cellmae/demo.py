@@ -263,11 +263,11 @@ def _timing_line(report: dict) -> str:
     )
 
 
-# How long `cellmae demo` takes (the README says the same). Issue 25 spent the budget on training: an estimate from
-# measured parts, not yet one idle run (docs/evidence.md, section 11); each run prints its stages' times and load.
+# How long `cellmae demo` takes (the README says the same): one default run timed on 2 idle CPU cores (seed 31,
+# docs/evidence.md, section 11); each run prints its stages' times and the machine's load.
 DEMO_TIME = (
-    "an estimated 9 minutes on 2 idle CPU cores (1,600 steps at the 3.9 steps/s measured there, the rest "
-    "measured by stage; not yet timed idle in one run); the 400-step demo before it took 493 s"
+    "8 min 42 s on 2 idle CPU cores (516 s in the demo, 490 s of it pre-training at 3.3 steps/s); "
+    "the 400-step demo before it took 493 s"
 )
 
 
@@ -282,7 +282,7 @@ def register(subparsers) -> None:
         "--recipe",
         choices=sorted(RECIPES),
         default="demo",
-        help="demo: 1,600 steps (default; the whole demo: an estimated 9 minutes on 2 idle cores); "
+        help="demo: 1,600 steps (default; the whole demo: 8 min 42 s on 2 idle cores); "
         "small: 3,200 steps (827 s on 2 idle cores with --no-cellprofiler)",
     )
     demo.add_argument(

@@ -307,8 +307,7 @@ def test_the_demos_help_and_the_readme_state_the_same_measured_time(capsys):
     help_text = " ".join(capsys.readouterr().out.split())
     readme = " ".join(open(os.path.join(os.path.dirname(__file__), os.pardir, "README.md")).read().split())
     for measured in (
-        "an estimated 9 minutes on 2 idle CPU cores",
-        "not yet timed idle",  # issue 25's 1,600 steps
+        "8 min 42 s on 2 idle CPU cores",  # issue 25's 1,600 steps, one idle run
         "400-step demo before it took 493 s",
     ):
         assert measured in help_text and measured in readme, measured
