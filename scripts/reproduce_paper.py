@@ -133,7 +133,7 @@ def training_values(recipe: str, data: Path, out: Path, seed: int, **changes) ->
     from hf_cellmae.training.arguments import read_config_file
 
     values = read_config_file(recipe)
-    overrides = {**json.loads(values.get("model_overrides") or "{}"), **changes.pop("model_overrides", {})}
+    overrides = {**(values.get("model_overrides") or {}), **changes.pop("model_overrides", {})}
     values.update(
         data=str(data),
         output_dir=str(out),
@@ -141,7 +141,7 @@ def training_values(recipe: str, data: Path, out: Path, seed: int, **changes) ->
         report_to="none",
         figure_steps=0,
         progress_bar=False,
-        model_overrides=json.dumps(overrides),
+        model_overrides=overrides,
         **changes,
     )
     return values
@@ -160,7 +160,7 @@ def train(values: dict) -> Path:
         return model_dir
     if values["max_steps"] == 0:
         torch.manual_seed(values["seed"])
-        config = CellMAEConfig.from_preset(values["model_preset"], **json.loads(values["model_overrides"]))
+        config = CellMAEConfig.from_preset(values["model_preset"], **values["model_overrides"])
         CellMAEForPreTraining(config).save_pretrained(model_dir)
         return model_dir
     start = time.perf_counter()
@@ -201,8 +201,7 @@ def score(table_dir: Path, plate: Path, held_out: list[str], tvn_components: int
     pairs = held_out_pairs(plate, held_out)
     results = evaluate_embeddings(
         table,
-        pairs,
-        None,
+        sources=pairs,
         batch_col="Metadata_plate",
         probe_labels=("complex",),
         align_options={"n_components": tvn_components},
