@@ -758,6 +758,21 @@ def trainer_state(run: TrainingRun) -> dict:
     }
 
 
+def release_before_end(run: TrainingRun) -> None:
+    """Free the prepared model, optimizer and schedule on every rank while every rank is still alive.
+
+    DDP's reducer holds the process group; freed after `end_training` (when `pretrain` returns), its gloo group
+    was destroyed after the other rank had exited, and that rank hung in the destructor (seen once in CI's
+    2-process test, a rank left in ``~ProcessGroupGloo`` after its model folder was written)."""
+    import gc
+
+    run.accelerator.wait_for_everyone()
+    run.model = run.optimizer = run.scheduler = None
+    run.accelerator.free_memory()
+    gc.collect()
+    run.accelerator.wait_for_everyone()
+
+
 def finish(run: TrainingRun) -> dict:
     """After the last step: the held-out evaluation (if any), the model folder with its reconstruction figure, and
     the run's summary."""
@@ -774,6 +789,7 @@ def finish(run: TrainingRun) -> dict:
         figure = save_reconstruction(run, state["global_step"])
     if accelerator.is_main_process and figure is not None:
         (model_dir / "reconstruction.png").write_bytes(figure.read_bytes())
+    release_before_end(run)
     accelerator.end_training()
     final = state["log_history"][-1] if state["log_history"] else {}
     summary = {
