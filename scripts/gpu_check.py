@@ -34,6 +34,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark_embed import model_only, prepared_batches  # noqa: E402
 
+from _bench import median_seconds  # noqa: E402
+
 TINY_OVERRIDES = {
     "image_size": 32,
     "hidden_size": 32,
@@ -197,9 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     featurizer = ModelFeaturizer(run / "model")
     batches = prepared_batches(featurizer, out / "shards", 16)
     model_only(featurizer, batches[:2])  # warm-up
-    model_once = time.perf_counter()
-    model_only(featurizer, batches)
-    model_s = time.perf_counter() - model_once
+    model_s = median_seconds(lambda: model_only(featurizer, batches), repeats=1, warmup=0, device=device)
     embed_once = time.perf_counter()
     info = embed_dataset(out / "shards", out / "embeddings", featurizer, progress=False)
     embed_s = time.perf_counter() - embed_once
